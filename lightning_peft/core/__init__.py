@@ -1,0 +1,1 @@
+"""The machinery every PEFT method shares: targeting, injection, the callback, checkpoints."""

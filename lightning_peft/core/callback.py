@@ -1,0 +1,89 @@
+"""PEFTCallback: the Lightning side that every PEFT method shares.
+
+At ``setup`` (every stage, idempotent) the method is injected into the LightningModule, before
+the strategy wraps it and before ``configure_optimizers`` runs; a model that the module builds
+in ``configure_model`` is injected right after it is built. Everything that no PEFT method
+owns is frozen. Checkpoints then hold the adapter only (``checkpoint="full"`` keeps all).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Literal
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+from lightning_utilities.core.overrides import is_overridden
+from torch import nn
+
+from lightning_peft.core.checkpointing import install_adapter_checkpointing
+from lightning_peft.core.injection import claim, freeze_unclaimed
+from lightning_peft.core.summary import trainable_summary
+
+CheckpointPolicy = Literal["adapter", "full"]
+
+
+class PEFTCallback(L.Callback):
+    """Base of every PEFT method: injects at setup, freezes the rest, trims checkpoints.
+
+    Subclasses implement :meth:`inject_into`, which adds the method to a module and returns
+    the parameters it trains. :meth:`inject` also works on a plain ``nn.Module`` outside a
+    Trainer.
+    """
+
+    def __init__(self, adapter_name: str = "default", checkpoint: CheckpointPolicy = "adapter") -> None:
+        if checkpoint not in ("adapter", "full"):
+            raise ValueError(f"checkpoint must be 'adapter' or 'full', got {checkpoint!r}")
+        self.adapter_name = adapter_name
+        self.checkpoint = checkpoint
+        self._injected: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+    @property
+    def owner(self) -> str:
+        """The label under which this method's parameters are claimed, e.g. ``LoRA[default]``."""
+        return f"{type(self).__name__}[{self.adapter_name}]"
+
+    def inject_into(self, module: nn.Module) -> list[nn.Parameter]:
+        """Add the method to ``module`` and return the parameters it trains."""
+        raise NotImplementedError
+
+    def inject(self, module: nn.Module) -> nn.Module:
+        """Add the method to ``module`` (once), then train only what PEFT methods own."""
+        if module in self._injected:
+            return module
+        claim(module, self.owner, self.inject_into(module))
+        freeze_unclaimed(module)
+        self._injected.add(module)
+        return module
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        install_adapter_checkpointing(trainer)
+        if is_overridden("configure_model", pl_module, L.LightningModule):
+            self._inject_after_configure_model(pl_module)
+        else:
+            self.inject(pl_module)
+
+    def _inject_after_configure_model(self, pl_module: L.LightningModule) -> None:
+        """Chain injection behind the module's own ``configure_model`` (an instance attribute)."""
+        configure_model = pl_module.configure_model
+        if getattr(configure_model, "_lightning_peft_callback", None) is self:
+            return
+
+        def configure_model_then_inject() -> None:
+            configure_model()
+            self.inject(pl_module)
+
+        configure_model_then_inject._lightning_peft_callback = self  # type: ignore[attr-defined]
+        pl_module.configure_model = configure_model_then_inject
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self is next(cb for cb in trainer.callbacks if isinstance(cb, PEFTCallback)):
+            rank_zero_info(f"lightning_peft: trainable parameters\n{trainable_summary(pl_module)}")
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Leave the user's module as it was: drop the ``configure_model`` wrapper."""
+        pl_module.__dict__.pop("configure_model", None)
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(adapter_name=self.adapter_name)

@@ -1,0 +1,120 @@
+"""Adapter-only Lightning checkpoints: their size follows the adapter, not the base model.
+
+A checkpoint keeps the trainable tensors; the frozen base is rebuilt by the module from its
+original source, so on load the missing entries are taken from the model as it stands.
+Saving goes through a temporary file and a rename, so a crash never leaves a corrupt file.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from torch import nn
+
+from lightning_peft.core.files import PathLike, atomic_write
+from lightning_peft.core.injection import owner_of
+
+CHECKPOINT_KEY = "lightning_peft"
+
+
+def adapter_state_keys(module: nn.Module) -> set[str]:
+    """State-dict keys of the tensors that PEFT methods own or that are trainable."""
+    owned = owner_of(module)
+    return {
+        name
+        for name, param in module.named_parameters(remove_duplicate=False)
+        if param.requires_grad or id(param) in owned
+    }
+
+
+def keep_adapter_only(checkpoint: dict[str, Any], module: nn.Module) -> dict[str, Any]:
+    """A shallow copy of ``checkpoint`` whose state_dict holds the adapter tensors only."""
+    keys = adapter_state_keys(module)
+    trimmed = dict(checkpoint)
+    trimmed["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
+    trimmed[CHECKPOINT_KEY] = {"adapter_only": True}
+    return trimmed
+
+
+def complete_from_model(checkpoint: dict[str, Any], module: nn.Module, path: PathLike) -> None:
+    """Check an adapter-only state_dict against ``module`` and fill in the frozen tensors from it."""
+    saved = checkpoint["state_dict"]
+    current = module.state_dict()
+    expected = adapter_state_keys(module)
+    for key, tensor in saved.items():
+        if key not in current:
+            raise ValueError(
+                f"checkpoint {path} holds '{key}', which this model does not have; the model's adapter "
+                f"tensors are: {_preview(sorted(expected))}. Was it trained with other target_modules?"
+            )
+        if tuple(tensor.shape) != tuple(current[key].shape):
+            raise ValueError(
+                f"checkpoint {path}: tensor '{key}' has shape {tuple(tensor.shape)}, but the model's has "
+                f"{tuple(current[key].shape)}. Was the adapter trained with another r or model?"
+            )
+    missing = sorted(expected - saved.keys())
+    if missing:
+        raise ValueError(
+            f"checkpoint {path} lacks {len(missing)} adapter tensor(s) of this model, first '{missing[0]}'. "
+            "Was it trained with other target_modules or methods?"
+        )
+    for key, tensor in current.items():
+        saved.setdefault(key, tensor)
+
+
+class AdapterCheckpointIO(CheckpointIO):
+    """Wraps the strategy's CheckpointIO: trims what is saved to the adapter and saves atomically."""
+
+    def __init__(self, inner: CheckpointIO, trainer: Any) -> None:
+        super().__init__()
+        self.inner = inner
+        self.trainer = trainer
+
+    def _adapter_only(self) -> bool:
+        from lightning_peft.core.callback import PEFTCallback
+
+        peft = [cb for cb in self.trainer.callbacks if isinstance(cb, PEFTCallback)]
+        return bool(peft) and all(cb.checkpoint == "adapter" for cb in peft)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: PathLike, storage_options: Optional[Any] = None) -> None:
+        if self._adapter_only():
+            checkpoint = keep_adapter_only(checkpoint, self.trainer.lightning_module)
+        if type(self.inner) is TorchCheckpointIO and storage_options is None and _is_local(path):
+            atomic_write(path, lambda f: torch.save(checkpoint, f))
+        else:
+            self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
+
+    def load_checkpoint(self, path: PathLike, map_location: Optional[Any] = None, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        kwargs = {"weights_only": True if weights_only is None else weights_only}
+        if map_location is not None:
+            kwargs["map_location"] = map_location
+        checkpoint = self.inner.load_checkpoint(path, **kwargs)
+        if checkpoint.get(CHECKPOINT_KEY, {}).get("adapter_only") and "state_dict" in checkpoint:
+            complete_from_model(checkpoint, self.trainer.lightning_module, path)
+        return checkpoint
+
+    def remove_checkpoint(self, path: PathLike) -> None:
+        self.inner.remove_checkpoint(path)
+
+    def teardown(self) -> None:
+        self.inner.teardown()
+
+
+def install_adapter_checkpointing(trainer: Any) -> None:
+    """Route the trainer's checkpoint saving and loading through :class:`AdapterCheckpointIO` (once)."""
+    strategy = trainer.strategy
+    if not isinstance(strategy.checkpoint_io, AdapterCheckpointIO):
+        strategy.checkpoint_io = AdapterCheckpointIO(strategy.checkpoint_io, trainer)
+
+
+def _is_local(path: PathLike) -> bool:
+    return isinstance(get_filesystem(path), LocalFileSystem)
+
+
+def _preview(names: list[str], limit: int = 8) -> str:
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more if names else "(none)"

@@ -1,0 +1,48 @@
+"""The base of every layer that a PEFT method puts in place of a base-model layer."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+class PEFTLayer(nn.Module):
+    """A frozen ``base_layer`` plus named adapters of one method, of which some are active.
+
+    Subclasses add adapters with their own ``add_adapter`` and compute the forward; the
+    bookkeeping of names, activity and merging lives here so every method shares it.
+    """
+
+    method: str = "PEFT"
+    mergeable: bool = False
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+
+    def register_adapter(self, name: str, adapter: nn.Module) -> None:
+        """Store ``adapter`` under ``name`` and make it active."""
+        if name in self.adapters:
+            raise ValueError(f"{self.method} adapter '{name}' is already injected here; use another adapter_name")
+        self.adapters[name] = adapter
+        self.active_adapters.append(name)
+
+    def delete_adapter(self, name: str) -> None:
+        del self.adapters[name]
+        if name in self.active_adapters:
+            self.active_adapters.remove(name)
+
+    def set_active(self, names: list[str]) -> None:
+        self.active_adapters = [n for n in names if n in self.adapters]
+
+    def merged_base_layer(self) -> nn.Module:
+        """Fold the active adapters into ``base_layer`` in place and return it."""
+        raise NotImplementedError(f"{self.method} adapters cannot be merged into the base weights")
+
+    def unmerge(self) -> None:
+        """Take the active adapters' deltas back out of ``base_layer`` (the inverse of a merge)."""
+        raise NotImplementedError(f"{self.method} adapters cannot be unmerged")
+
+    def extra_repr(self) -> str:
+        return f"active={self.active_adapters}"

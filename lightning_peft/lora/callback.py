@@ -1,0 +1,95 @@
+"""LoRA as a Lightning callback: low-rank updates of frozen weights (rsLoRA, DoRA, PiSSA)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from lightning_peft.core.callback import CheckpointPolicy, PEFTCallback
+from lightning_peft.core.injection import wrap_modules
+from lightning_peft.core.targeting import Targets, linear_types, select_modules
+from lightning_peft.lora.layers import INITS, LoRALayer, lora_layer_for
+
+
+class LoRA(PEFTCallback):
+    """Train ``scale * B @ A`` beside each targeted weight; scale = alpha / r (alpha / sqrt(r) with rsLoRA).
+
+    Args:
+        r: rank of the update.
+        alpha: scaling numerator.
+        dropout: dropout on the adapter's input.
+        target_modules: module-name suffixes, a full-match regex, or ``"all-linear"``.
+        exclude_modules: the same forms, taken out of the targets.
+        layers: block indices to adapt (all when ``None``).
+        use_dora: DoRA, a learned magnitude per output feature (linear layers).
+        use_rslora: scale by ``alpha / sqrt(r)``.
+        init: ``"default"`` (B = 0), ``"gaussian"`` or ``"pissa"`` (principal singular components).
+        modules_to_save: whole modules trained and saved with the adapter, e.g. ``["classifier"]``.
+        adapter_name: name of this adapter; several can live on one model.
+        checkpoint: ``"adapter"`` keeps checkpoints to the trainable tensors, ``"full"`` keeps all.
+    """
+
+    def __init__(
+        self,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        target_modules: Targets = "all-linear",
+        exclude_modules: Targets = None,
+        layers: Sequence[int] | None = None,
+        use_dora: bool = False,
+        use_rslora: bool = False,
+        init: str = "default",
+        modules_to_save: Sequence[str] | None = None,
+        adapter_name: str = "default",
+        checkpoint: CheckpointPolicy = "adapter",
+    ) -> None:
+        super().__init__(adapter_name=adapter_name, checkpoint=checkpoint)
+        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+            raise ValueError(f"LoRA r must be a positive integer, got {r!r}")
+        if not alpha > 0:
+            raise ValueError(f"LoRA alpha must be > 0, got {alpha!r}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+        if init not in INITS:
+            raise ValueError(f"LoRA init must be one of {INITS}, got {init!r}")
+        self.r, self.alpha, self.dropout = r, alpha, dropout
+        self.target_modules, self.exclude_modules, self.layers = target_modules, exclude_modules, layers
+        self.use_dora, self.use_rslora, self.init = use_dora, use_rslora, init
+        self.modules_to_save = list(modules_to_save or [])
+
+    def inject_into(self, module: nn.Module) -> list[nn.Parameter]:
+        chosen = select_modules(
+            module, self.target_modules, self.exclude_modules, self.layers,
+            supported=(*linear_types(), nn.Embedding, nn.Conv1d, nn.Conv2d), method="LoRA",
+        )
+        saved = self._modules_to_save(module)
+        self._check_before_injecting(chosen)
+        layers = wrap_modules(module, chosen, lora_layer_for, LoRALayer)
+        params = [p for _, m in saved for p in m.parameters()]
+        for _, layer in layers:
+            adapter = layer.add_adapter(self.adapter_name, self.r, self.alpha, self.dropout, self.use_rslora,
+                                        self.use_dora, self.init)
+            params.extend(adapter.parameters())
+        return params
+
+    def _modules_to_save(self, module: nn.Module) -> list[tuple[str, nn.Module]]:
+        if not self.modules_to_save:
+            return []
+        return select_modules(module, self.modules_to_save, supported=(nn.Module,), method="LoRA modules_to_save")
+
+    def _check_before_injecting(self, chosen: list[tuple[str, nn.Module]]) -> None:
+        """Refuse what would fail half-way, so a refused injection leaves the model untouched."""
+        for name, module in chosen:
+            if isinstance(module, LoRALayer) and self.adapter_name in module.adapters:
+                raise ValueError(
+                    f"LoRA adapter '{self.adapter_name}' is already injected into '{name}'; "
+                    "pass another adapter_name to add a second adapter"
+                )
+            base = module.base_layer if isinstance(module, LoRALayer) else module
+            if (self.use_dora or self.init == "pissa") and not isinstance(base, linear_types()):
+                what = "DoRA" if self.use_dora else "init='pissa'"
+                raise TypeError(f"LoRA {what} needs linear layers; '{name}' is {type(base).__name__}")
+            if isinstance(base, (nn.Conv1d, nn.Conv2d)) and (base.groups != 1 or base.padding_mode != "zeros"):
+                raise TypeError(f"LoRA adapts convolutions with groups=1 and padding_mode='zeros'; '{name}' is not")

@@ -1,0 +1,265 @@
+"""LoRA layers: output = base(x) + scale * B(A(dropout(x))), with the DoRA and rsLoRA variants.
+
+Every kind of base layer (linear, GPT-2 Conv1D, embedding, convolution) keeps A as
+``(r, fan_in...)`` and B as ``(out, r, ...)``, the shapes Hugging Face peft uses, so the
+update ``B @ A`` reads the same everywhere; each kind only says how to apply A and B to an
+input and how to lay the update out like its base weight.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_peft.core.layer import PEFTLayer
+
+INITS = ("default", "gaussian", "pissa")
+
+
+class LoRAAdapter(nn.Module):
+    """One low-rank update ``scale * B @ A`` with its input dropout and DoRA's magnitude."""
+
+    def __init__(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], alpha: float, dropout: float,
+                 use_rslora: bool, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        r = a_shape[0]
+        self.lora_A = nn.Parameter(torch.zeros(a_shape, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(b_shape, dtype=dtype, device=device))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scale = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.magnitude: nn.Parameter | None = None  # DoRA: one learned norm per output feature
+
+    def update(self) -> Tensor:
+        """The dense update ``scale * B @ A`` as an ``(out, fan_in)`` matrix."""
+        return (self.lora_B.flatten(1) @ self.lora_A.flatten(1)) * self.scale
+
+
+class LoRALayer(PEFTLayer):
+    """A base layer plus LoRA adapters; subclasses define how A and B meet the input."""
+
+    method = "LoRA"
+    mergeable = True
+
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                    use_dora: bool = False, init: str = "default") -> LoRAAdapter:
+        weight = self.base_layer.weight
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        adapter = LoRAAdapter(self.a_shape(r), self.b_shape(r), alpha, dropout, use_rslora, dtype, weight.device)
+        self.initialize(adapter, init)
+        if use_dora:
+            adapter.magnitude = nn.Parameter(self.row_norm(adapter).to(dtype))
+        self.register_adapter(name, adapter)
+        return adapter
+
+    # --- what a kind of base layer defines -------------------------------------------------
+    def a_shape(self, r: int) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def b_shape(self, r: int) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def lora_output(self, x: Tensor, adapter: LoRAAdapter) -> Tensor:
+        """``scale * B(A(x))`` for an input of this layer."""
+        raise NotImplementedError
+
+    def to_weight_layout(self, update: Tensor) -> Tensor:
+        """Reshape an ``(out, fan_in)`` update like ``base_layer.weight``."""
+        raise NotImplementedError
+
+    def from_weight_layout(self, weight: Tensor) -> Tensor:
+        """``base_layer.weight`` as an ``(out, fan_in)`` matrix."""
+        raise NotImplementedError
+
+    # --- shared --------------------------------------------------------------------------------
+    def initialize(self, adapter: LoRAAdapter, init: str) -> None:
+        """Default: A like nn.Linear's init and B = 0, so the layer starts as its base."""
+        if init == "default":
+            nn.init.kaiming_uniform_(adapter.lora_A, a=math.sqrt(5))
+        elif init == "gaussian":
+            nn.init.normal_(adapter.lora_A, std=1 / adapter.lora_A.shape[0])
+        else:
+            raise ValueError(f"LoRA init={init!r} is not supported on {type(self.base_layer).__name__}")
+
+    def row_norm(self, adapter: LoRAAdapter) -> Tensor:
+        """DoRA's per-output norm of ``W + scale * B @ A``."""
+        weight = self.from_weight_layout(self.base_layer.weight).to(adapter.lora_A.dtype)
+        return torch.linalg.norm(weight + adapter.update(), dim=1)
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        for name in self.active_adapters:
+            out = out + self.delta(x, out, self.adapters[name]).to(out.dtype)
+        return out
+
+    def delta(self, x: Tensor, out: Tensor, adapter: LoRAAdapter) -> Tensor:
+        """What ``adapter`` adds to the base output ``out`` for the input ``x``."""
+        return self.lora_output(_to_adapter_dtype(adapter.dropout(x), adapter), adapter)
+
+    def merge_update(self, adapter: LoRAAdapter) -> Tensor:
+        """The ``(out, fan_in)`` change that merging ``adapter`` makes to the base weight."""
+        return adapter.update()
+
+    def unmerge_update(self, adapter: LoRAAdapter) -> Tensor:
+        """The change that takes a merged ``adapter`` back out of the base weight."""
+        return -adapter.update()
+
+    @torch.no_grad()
+    def merged_base_layer(self) -> nn.Module:
+        for name in self.active_adapters:
+            self._add_to_weight(self.merge_update(self.adapters[name]))
+        return self.base_layer
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        for name in reversed(self.active_adapters):
+            self._add_to_weight(self.unmerge_update(self.adapters[name]))
+
+    def _add_to_weight(self, update: Tensor) -> None:
+        weight = self.base_layer.weight
+        weight.add_(self.to_weight_layout(update).to(weight.dtype))
+
+
+class LoRALinear(LoRALayer):
+    """LoRA on nn.Linear, or on transformers' Conv1D (GPT-2), whose weight is stored transposed."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.transposed = not isinstance(base_layer, nn.Linear)  # Conv1D: weight is (in, out)
+        self.in_features, self.out_features = self.from_weight_layout(base_layer.weight).shape[::-1]
+
+    def a_shape(self, r: int) -> tuple[int, ...]:
+        return (r, self.in_features)
+
+    def b_shape(self, r: int) -> tuple[int, ...]:
+        return (self.out_features, r)
+
+    def lora_output(self, x: Tensor, adapter: LoRAAdapter) -> Tensor:
+        return F.linear(F.linear(x, adapter.lora_A) * adapter.scale, adapter.lora_B)
+
+    def to_weight_layout(self, update: Tensor) -> Tensor:
+        return update.T if self.transposed else update
+
+    def from_weight_layout(self, weight: Tensor) -> Tensor:
+        return weight.T if self.transposed else weight
+
+    def initialize(self, adapter: LoRAAdapter, init: str) -> None:
+        if init != "pissa":
+            return super().initialize(adapter, init)
+        self.initialize_pissa(adapter)
+
+    @torch.no_grad()
+    def initialize_pissa(self, adapter: LoRAAdapter) -> None:
+        """PiSSA: A, B from the top-r singular triplets of W; the rest stays in the base weight."""
+        weight = self.from_weight_layout(self.base_layer.weight)
+        u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
+        r = adapter.lora_A.shape[0]
+        root_s = torch.sqrt(s[:r] / adapter.scale)
+        adapter.lora_A.copy_(root_s[:, None] * vh[:r])
+        adapter.lora_B.copy_(u[:, :r] * root_s[None, :])
+        residual = weight.float() - adapter.update()
+        self.base_layer.weight.copy_(self.to_weight_layout(residual).to(weight.dtype))
+
+    def delta(self, x: Tensor, out: Tensor, adapter: LoRAAdapter) -> Tensor:
+        if adapter.magnitude is None:
+            return super().delta(x, out, adapter)
+        return self.dora_delta(_to_adapter_dtype(adapter.dropout(x), adapter), out, adapter)
+
+    def dora_delta(self, x: Tensor, out: Tensor, adapter: LoRAAdapter) -> Tensor:
+        """DoRA: rescale ``W + scale * B @ A`` row-wise to the learned magnitude (norm detached)."""
+        norm_scale = (adapter.magnitude / self.row_norm(adapter).detach()).to(x.dtype)
+        if isinstance(adapter.dropout, nn.Identity) or not self.training:
+            bias = getattr(self.base_layer, "bias", None)
+            base = out.to(x.dtype) if bias is None else out.to(x.dtype) - bias.to(x.dtype)
+        else:  # the base output saw the undropped input: recompute it on the dropped one
+            base = F.linear(x, self.from_weight_layout(self.base_layer.weight).to(x.dtype))
+        return (norm_scale - 1) * base + norm_scale * self.lora_output(x, adapter)
+
+    def merge_update(self, adapter: LoRAAdapter) -> Tensor:
+        if adapter.magnitude is None:
+            return adapter.update()
+        weight = self.from_weight_layout(self.base_layer.weight).to(adapter.lora_A.dtype)
+        adapter.merged_norm_scale = (adapter.magnitude / self.row_norm(adapter))[:, None]
+        return adapter.merged_norm_scale * (weight + adapter.update()) - weight
+
+    def unmerge_update(self, adapter: LoRAAdapter) -> Tensor:
+        if adapter.magnitude is None:
+            return -adapter.update()
+        merged = self.from_weight_layout(self.base_layer.weight).to(adapter.lora_A.dtype)
+        return merged / adapter.merged_norm_scale - adapter.update() - merged
+
+
+class LoRAEmbedding(LoRALayer):
+    """LoRA on nn.Embedding: A is looked up like an embedding table, then B projects it."""
+
+    def a_shape(self, r: int) -> tuple[int, ...]:
+        return (r, self.base_layer.num_embeddings)
+
+    def b_shape(self, r: int) -> tuple[int, ...]:
+        return (self.base_layer.embedding_dim, r)
+
+    def initialize(self, adapter: LoRAAdapter, init: str) -> None:
+        """A = 0 and B random (peft's choice for embeddings), so the layer starts as its base."""
+        if init == "pissa":
+            raise ValueError("LoRA init='pissa' needs a linear layer, not nn.Embedding")
+        nn.init.normal_(adapter.lora_B, std=1.0 if init == "default" else 1 / adapter.lora_A.shape[0])
+
+    def delta(self, x: Tensor, out: Tensor, adapter: LoRAAdapter) -> Tensor:
+        return self.lora_output(x, adapter)  # token ids: no dropout, no cast
+
+    def lora_output(self, x: Tensor, adapter: LoRAAdapter) -> Tensor:
+        base = self.base_layer
+        rows = F.embedding(x, adapter.lora_A.T, base.padding_idx, base.max_norm, base.norm_type,
+                           base.scale_grad_by_freq, base.sparse)
+        return F.linear(rows, adapter.lora_B) * adapter.scale
+
+    def to_weight_layout(self, update: Tensor) -> Tensor:
+        return update.T
+
+    def from_weight_layout(self, weight: Tensor) -> Tensor:
+        return weight.T
+
+
+class LoRAConv(LoRALayer):
+    """LoRA on nn.Conv1d/Conv2d: A is a convolution like the base's with r filters, B a 1x1 one."""
+
+    def a_shape(self, r: int) -> tuple[int, ...]:
+        return (r, *self.base_layer.weight.shape[1:])
+
+    def b_shape(self, r: int) -> tuple[int, ...]:
+        return (self.base_layer.out_channels, r) + (1,) * (self.base_layer.weight.dim() - 2)
+
+    def initialize(self, adapter: LoRAAdapter, init: str) -> None:
+        if init == "pissa":
+            raise ValueError("LoRA init='pissa' needs a linear layer, not a convolution")
+        super().initialize(adapter, init)
+
+    def lora_output(self, x: Tensor, adapter: LoRAAdapter) -> Tensor:
+        base = self.base_layer
+        conv = F.conv1d if base.weight.dim() == 3 else F.conv2d
+        hidden = conv(x, adapter.lora_A, None, base.stride, base.padding, base.dilation)
+        return conv(hidden, adapter.lora_B) * adapter.scale
+
+    def to_weight_layout(self, update: Tensor) -> Tensor:
+        return update.view(self.base_layer.weight.shape)
+
+    def from_weight_layout(self, weight: Tensor) -> Tensor:
+        return weight.flatten(1)
+
+
+def lora_layer_for(module: nn.Module) -> LoRALayer:
+    """The LoRA layer that wraps ``module``."""
+    if isinstance(module, nn.Embedding):
+        return LoRAEmbedding(module)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return LoRAConv(module)
+    return LoRALinear(module)
+
+
+def _to_adapter_dtype(x: Tensor, adapter: LoRAAdapter) -> Tensor:
+    """Cast the input to the adapter's dtype unless autocast already picks the compute dtype."""
+    if x.dtype == adapter.lora_A.dtype or torch.is_autocast_enabled(x.device.type):
+        return x
+    return x.to(adapter.lora_A.dtype)
