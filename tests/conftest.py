@@ -1,0 +1,106 @@
+"""Tiny models and a plain LightningModule shared by the tests."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+VOCAB = 128
+
+
+def tiny_llama(vocab: int = VOCAB, hidden: int = 32, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config)
+
+
+def tiny_bert(num_labels: int = 2):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=64, num_labels=num_labels)
+    return BertForSequenceClassification(config)
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    return GPT2LMHeadModel(config)
+
+
+class ConvMLP(nn.Module):
+    """A plain torch model: a Conv2d stem and an MLP head on 8x8 single-channel images."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, kernel_size=3, padding=1)
+        self.fc1 = nn.Linear(4 * 8 * 8, 32)
+        self.fc2 = nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(torch.relu(self.conv(x)).flatten(1))))
+
+
+class TokenModule(L.LightningModule):
+    """An ordinary LightningModule around a transformers model fed random token batches."""
+
+    def __init__(self, model: nn.Module | None = None, build=None, lr: float = 1e-2) -> None:
+        super().__init__()
+        self.model = model
+        self.build = build
+        self.lr = lr
+
+    def forward(self, input_ids):
+        out = self.model(input_ids=input_ids)
+        return out.logits
+
+    def training_step(self, batch, batch_idx):
+        (input_ids,) = batch
+        logits = self(input_ids)
+        if logits.dim() == 3:  # causal LM: predict the next token
+            return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten())
+        return nn.functional.cross_entropy(logits, input_ids[:, 0] % logits.shape[-1])
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+
+class ImageModule(TokenModule):
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+
+def token_loader(n: int = 16, seq: int = 12, batch: int = 4, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    data = torch.utils.data.TensorDataset(torch.randint(0, VOCAB, (n, seq), generator=g))
+    return torch.utils.data.DataLoader(data, batch_size=batch)
+
+
+def image_loader(n: int = 16, batch: int = 4, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    data = torch.utils.data.TensorDataset(torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 3, (n,), generator=g))
+    return torch.utils.data.DataLoader(data, batch_size=batch)
+
+
+def make_trainer(callbacks, **kwargs) -> L.Trainer:
+    defaults = dict(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False)
+    defaults.update(kwargs)
+    return L.Trainer(callbacks=callbacks, **defaults)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,192 @@
+"""LoRA through the Trainer: what trains, what stays, what a step-0 model computes."""
+
+import logging
+
+import lightning as L
+import pytest
+import torch
+from conftest import (ConvMLP, ImageModule, TokenModule, image_loader, make_trainer, tiny_bert, tiny_gpt2,
+                      tiny_llama, token_loader)
+
+from lightning_peft import LoRA, merge, trainable_summary, unmerge
+from lightning_peft.lora import LoRALayer
+
+R = 4
+H = 32  # hidden size of the tiny transformers models
+KV = 16  # tiny Llama: 2 key/value heads of 8
+
+
+def llama_case():
+    formula = 2 * (R * (H + H) + R * (H + KV))  # q_proj (H->H) and v_proj (H->KV) in 2 blocks
+    return TokenModule(tiny_llama()), token_loader(), dict(target_modules=["q_proj", "v_proj"]), formula
+
+
+def bert_case():
+    per_block = 4 * R * (H + H) + R * (H + 2 * H) + R * (2 * H + H)  # q,k,v,o; intermediate; output
+    pooler, classifier = R * (H + H), H * 2 + 2
+    return (TokenModule(tiny_bert()), token_loader(),
+            dict(target_modules="all-linear", modules_to_save=["classifier"]), 2 * per_block + pooler + classifier)
+
+
+def gpt2_case():
+    formula = 2 * R * (H + 3 * H)  # Conv1D c_attn: H -> 3H
+    return TokenModule(tiny_gpt2()), token_loader(), dict(target_modules=["c_attn"]), formula
+
+
+def conv_mlp_case():
+    formula = (R * 1 * 3 * 3 + 4 * R) + R * (4 * 8 * 8 + 32)  # conv: A (r,1,3,3), B (4,r,1,1); fc1
+    return ImageModule(ConvMLP()), image_loader(), dict(target_modules=["conv", "fc1"]), formula
+
+
+CASES = {"llama": llama_case, "bert": bert_case, "gpt2": gpt2_case, "conv_mlp": conv_mlp_case}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_training_changes_only_adapter_parameters(case):
+    module, loader, lora_kwargs, formula = CASES[case]()
+    base_before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    lora = LoRA(r=R, alpha=8, **lora_kwargs)
+    make_trainer([lora], max_steps=3).fit(module, loader)
+
+    assert trainable_summary(module).trainable == formula
+    assert trainable_summary(module).methods[0].params == formula
+    changed_adapter = 0
+    for name, param in module.named_parameters():
+        original_name = name.replace(".base_layer", "")
+        if original_name in base_before and not any(s in name for s in lora_kwargs.get("modules_to_save", [])):
+            assert torch.equal(param, base_before[original_name]), f"base weight {name} changed"
+            assert not param.requires_grad
+        else:
+            assert param.requires_grad, name
+            changed_adapter += int(not torch.equal(param, base_before.get(original_name, torch.zeros_like(param))))
+    assert changed_adapter > 0
+    if "modules_to_save" in lora_kwargs:  # the classifier head trained too
+        assert not torch.equal(module.model.classifier.weight, base_before["model.classifier.weight"])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_step_zero_output_equals_base(case):
+    module, loader, lora_kwargs, _ = CASES[case]()
+    module.eval()
+    batch = next(iter(loader))[0]
+    before = module(batch)
+    LoRA(r=R, alpha=8, **lora_kwargs).inject(module)
+    assert torch.equal(module(batch), before)
+
+
+def test_merge_and_unmerge_after_training():
+    module, loader, lora_kwargs, _ = llama_case()
+    make_trainer([LoRA(r=R, alpha=8, **lora_kwargs)], max_steps=4).fit(module, loader)
+    module.eval()
+    batch = next(iter(loader))[0]
+    base_weights = {n.replace(".base_layer", ""): p.detach().clone() for n, p in module.named_parameters()
+                    if not p.requires_grad}
+    unmerged_logits = module(batch)
+
+    merge(module)
+    assert not any(isinstance(m, LoRALayer) for m in module.modules())
+    assert not any("adapters" in n for n, _ in module.named_parameters())
+    assert torch.allclose(module(batch), unmerged_logits, atol=1e-5)
+
+    unmerge(module)
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            assert torch.allclose(param, base_weights[name.replace(".base_layer", "")], atol=1e-6)
+    assert torch.allclose(module(batch), unmerged_logits, atol=1e-6)
+
+
+class BuiltInConfigureModel(TokenModule):
+    """Builds its transformers model in ``configure_model``, as large-model users do."""
+
+    def configure_model(self):
+        if self.model is None:
+            self.model = tiny_llama()
+
+
+def test_model_built_in_configure_model():
+    module = BuiltInConfigureModel()
+    lora = LoRA(r=R, alpha=8, target_modules=["q_proj", "v_proj"])
+    make_trainer([lora], max_steps=2).fit(module, token_loader())
+    assert trainable_summary(module).trainable == llama_case()[3]
+    assert sum(isinstance(m, LoRALayer) for m in module.modules()) == 4
+    assert "configure_model" not in module.__dict__  # the wrapper is gone after teardown
+    # Setting up again (another fit on the same module) is idempotent: nothing is injected twice.
+    make_trainer([lora], max_steps=3).fit(module, token_loader())
+    assert sum(isinstance(m, LoRALayer) for m in module.modules()) == 4
+    assert trainable_summary(module).trainable == llama_case()[3]
+
+
+def test_two_lora_callbacks_train_the_union():
+    module = TokenModule(tiny_llama())
+    first = LoRA(r=R, alpha=8, target_modules=["q_proj"], adapter_name="q")
+    second = LoRA(r=2, alpha=8, target_modules=["v_proj"], adapter_name="v")
+    make_trainer([first, second], max_steps=2).fit(module, token_loader())
+    summary = trainable_summary(module)
+    assert {row.method: row.params for row in summary.methods} == {
+        "LoRA[q]": 2 * R * (H + H), "LoRA[v]": 2 * 2 * (H + KV)}
+    assert summary.trainable == 2 * R * (H + H) + 2 * 2 * (H + KV)
+
+
+def test_summary_is_logged_at_fit_start(caplog):
+    module = TokenModule(tiny_llama())
+    with caplog.at_level(logging.INFO):
+        make_trainer([LoRA(r=R, target_modules=["q_proj"])], max_steps=1).fit(module, token_loader())
+    text = caplog.text
+    assert "LoRA[default]" in text and f"{2 * R * (H + H):,}" in text
+
+
+class CountingModule(TokenModule):
+    steps = 0
+
+    def training_step(self, batch, batch_idx):
+        CountingModule.steps += 1
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    (dict(target_modules=["q_porj"]), ValueError, ["q_porj", "q_proj (Linear)", "matched no module"]),
+    (dict(target_modules=["input_layernorm"]), TypeError, ["input_layernorm", "LlamaRMSNorm"]),
+    (dict(target_modules=["q_proj"], layers=[7]), ValueError, ["layers=[7]"]),
+])
+def test_bad_targets_fail_at_setup_before_any_step(kwargs, error, words):
+    CountingModule.steps = 0
+    module = CountingModule(tiny_llama())
+    state_before = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(error) as info:
+        make_trainer([LoRA(**kwargs)], max_steps=2).fit(module, token_loader())
+    for word in words:
+        assert word in str(info.value)
+    assert CountingModule.steps == 0
+    assert module.state_dict().keys() == state_before.keys()  # nothing was injected
+
+
+@pytest.mark.parametrize("kwargs", [dict(r=0), dict(r=-1), dict(r=2.5), dict(alpha=0), dict(dropout=1.0),
+                                    dict(dropout=-0.1), dict(init="bogus"), dict(checkpoint="half")])
+def test_bad_hyperparameters_fail_at_construction(kwargs):
+    with pytest.raises(ValueError):
+        LoRA(**kwargs)
+
+
+def test_injecting_the_same_adapter_twice_is_an_error():
+    model = tiny_llama()
+    LoRA(target_modules=["q_proj"]).inject(model)
+    keys = set(model.state_dict())
+    with pytest.raises(ValueError, match="already injected"):
+        LoRA(target_modules=["q_proj"]).inject(model)
+    assert set(model.state_dict()) == keys
+
+
+@pytest.mark.parametrize("precision, adapter_dtype", [
+    ("32-true", torch.float32),
+    ("bf16-mixed", torch.float32),
+    ("16-mixed", torch.float32),  # Lightning runs it as bf16-mixed on CPU
+    ("bf16-true", torch.bfloat16),
+])
+def test_precision_settings(precision, adapter_dtype):
+    module = TokenModule(tiny_llama())
+    make_trainer([LoRA(r=R, target_modules=["q_proj", "v_proj"])], max_steps=2, precision=precision).fit(
+        module, token_loader())
+    adapters = [p for n, p in module.named_parameters() if "adapters" in n]
+    assert adapters and all(p.dtype == adapter_dtype for p in adapters)
+    assert all(torch.isfinite(p).all() for p in adapters)
+    assert any(p.abs().sum() > 0 for n, p in module.named_parameters() if n.endswith("lora_B"))

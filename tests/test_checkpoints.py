@@ -1,0 +1,126 @@
+"""Adapter-only Lightning checkpoints: size, exact resume, mismatches, crash safety."""
+
+import os
+
+import pytest
+import torch
+from conftest import TokenModule, make_trainer, tiny_llama, token_loader
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+import lightning_peft.core.checkpointing as checkpointing
+from lightning_peft import LoRA, trainable_summary
+
+MB = 1024 * 1024
+
+
+def big_vocab_llama():
+    """Tiny blocks but a 4096-token vocabulary: the base (about 2 MB) dwarfs the adapter."""
+    torch.manual_seed(0)
+    return tiny_llama(vocab=4096, hidden=64)
+
+
+def lora():
+    return LoRA(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+
+
+def adapter_tensors(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def test_checkpoint_size_follows_the_adapter(tmp_path):
+    module = TokenModule(big_vocab_llama())
+    trainer = make_trainer([lora()], max_steps=3, default_root_dir=tmp_path)
+    trainer.fit(module, token_loader())
+    path = tmp_path / "adapter.ckpt"
+    trainer.save_checkpoint(path)
+
+    adapter_bytes = trainable_summary(module).adapter_bytes
+    base_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    assert base_bytes > 2 * adapter_bytes + MB  # the bound below could not hold with the base inside
+    assert os.path.getsize(path) <= 2 * adapter_bytes + MB
+    saved = torch.load(path, weights_only=True)
+    assert set(saved["state_dict"]) == set(adapter_tensors(module))
+    assert saved["optimizer_states"]  # a full training checkpoint, just without the frozen base
+
+
+def test_full_checkpoints_on_request(tmp_path):
+    module = TokenModule(big_vocab_llama())
+    trainer = make_trainer([LoRA(r=4, target_modules=["q_proj"], checkpoint="full")], max_steps=1)
+    trainer.fit(module, token_loader())
+    trainer.save_checkpoint(tmp_path / "full.ckpt")
+    assert set(torch.load(tmp_path / "full.ckpt", weights_only=True)["state_dict"]) == set(module.state_dict())
+
+
+def test_weights_only_checkpoints_are_adapter_only(tmp_path):
+    module = TokenModule(big_vocab_llama())
+    saver = ModelCheckpoint(dirpath=tmp_path, save_weights_only=True, every_n_train_steps=2)
+    make_trainer([lora(), saver], max_steps=2, enable_checkpointing=True).fit(module, token_loader())
+    (path,) = tmp_path.glob("*.ckpt")
+    saved = torch.load(path, weights_only=True)
+    assert set(saved["state_dict"]) == set(adapter_tensors(module))
+    assert "optimizer_states" not in saved
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    uninterrupted = TokenModule(big_vocab_llama())
+    make_trainer([lora()], max_epochs=2, max_steps=-1).fit(uninterrupted, token_loader())
+
+    first = TokenModule(big_vocab_llama())
+    trainer = make_trainer([lora()], max_epochs=1, max_steps=-1)
+    trainer.fit(first, token_loader())
+    trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
+
+    resumed = TokenModule(big_vocab_llama())  # the base rebuilt from its source (same seed)
+    trainer = make_trainer([lora()], max_epochs=2, max_steps=-1)
+    trainer.fit(resumed, token_loader(), ckpt_path=tmp_path / "epoch1.ckpt")
+    assert trainer.global_step == 8
+    expected, got = adapter_tensors(uninterrupted), adapter_tensors(resumed)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.allclose(got[name], expected[name], atol=1e-7), name
+    assert not torch.equal(got["model.model.layers.0.self_attn.q_proj.adapters.default.lora_B"],
+                           adapter_tensors(first)["model.model.layers.0.self_attn.q_proj.adapters.default.lora_B"])
+
+
+def test_mismatched_checkpoint_names_the_tensor_and_both_shapes(tmp_path):
+    module = TokenModule(big_vocab_llama())
+    trainer = make_trainer([lora()], max_steps=1)
+    trainer.fit(module, token_loader())
+    trainer.save_checkpoint(tmp_path / "r4.ckpt")
+
+    other = TokenModule(big_vocab_llama())
+    with pytest.raises(ValueError) as info:
+        make_trainer([LoRA(r=8, alpha=8, target_modules=["q_proj", "v_proj"])], max_steps=2).fit(
+            other, token_loader(), ckpt_path=tmp_path / "r4.ckpt")
+    message = str(info.value)
+    assert "model.model.layers.0.self_attn.q_proj.adapters.default.lora_A" in message
+    assert "(4, 64)" in message and "(8, 64)" in message
+
+
+def test_checkpoint_with_other_targets_is_refused(tmp_path):
+    module = TokenModule(big_vocab_llama())
+    trainer = make_trainer([lora()], max_steps=1)
+    trainer.fit(module, token_loader())
+    trainer.save_checkpoint(tmp_path / "qv.ckpt")
+    with pytest.raises(ValueError, match="k_proj"):
+        make_trainer([LoRA(r=4, target_modules=["q_proj", "v_proj", "k_proj"])], max_steps=2).fit(
+            TokenModule(big_vocab_llama()), token_loader(), ckpt_path=tmp_path / "qv.ckpt")
+
+
+def test_a_crash_during_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    module = TokenModule(big_vocab_llama())
+    trainer = make_trainer([lora()], max_steps=1)
+    trainer.fit(module, token_loader())
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    before = path.read_bytes()
+
+    def crash_half_way(obj, f):
+        f.write(b"partial bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpointing.torch, "save", crash_half_way)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save_checkpoint(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temporary file left
