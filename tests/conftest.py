@@ -104,3 +104,12 @@ def make_trainer(callbacks, **kwargs) -> L.Trainer:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny matmuls run faster on one thread, and far faster when other processes load the CPUs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

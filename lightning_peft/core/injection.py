@@ -46,10 +46,9 @@ def peft_layers(root: nn.Module) -> Iterator[tuple[str, PEFTLayer]]:
             yield name, module
 
 
-def claim(root: nn.Module, owner: str, params: Iterable[nn.Parameter]) -> None:
-    """Record that ``owner`` (e.g. ``"LoRA[default]"``) trains ``params``; a second owner is an error."""
-    owners: dict[int, tuple[str, nn.Parameter]] = root.__dict__.setdefault(_OWNERS, {})
-    params = list(params)
+def check_unclaimed(root: nn.Module, owner: str, params: Iterable[nn.Parameter]) -> None:
+    """Raise if another owner than ``owner`` already trains one of ``params``."""
+    owners: dict[int, tuple[str, nn.Parameter]] = root.__dict__.get(_OWNERS, {})
     for param in params:
         previous = owners.get(id(param))
         if previous is not None and previous[0] != owner:
@@ -57,6 +56,13 @@ def claim(root: nn.Module, owner: str, params: Iterable[nn.Parameter]) -> None:
                 f"parameter '{_name_of(root, param)}' is claimed by both {previous[0]} and {owner}; "
                 "a parameter can be trained by one PEFT method only"
             )
+
+
+def claim(root: nn.Module, owner: str, params: Iterable[nn.Parameter]) -> None:
+    """Record that ``owner`` (e.g. ``"LoRA[default]"``) trains ``params``; a second owner is an error."""
+    params = list(params)
+    check_unclaimed(root, owner, params)
+    owners: dict[int, tuple[str, nn.Parameter]] = root.__dict__.setdefault(_OWNERS, {})
     for param in params:
         owners[id(param)] = (owner, param)
 

@@ -61,6 +61,12 @@ def _head_names(root: nn.Module) -> set[str]:
     return heads
 
 
+def _attribute_read_layers(root: nn.Module) -> set[str]:
+    """Layers whose parent reads their weight directly (nn.MultiheadAttention's out_proj): unwrappable."""
+    return {f"{name}.out_proj" if name else "out_proj"
+            for name, m in root.named_modules() if isinstance(m, nn.MultiheadAttention)}
+
+
 def candidate_modules(root: nn.Module) -> list[tuple[str, nn.Module]]:
     """Named modules of ``root`` that belong to the base model (adapter internals excluded)."""
     skipped: list[str] = []
@@ -90,8 +96,9 @@ def select_modules(
     another type is an error, while ``"all-linear"`` silently takes linear-like layers only.
     """
     candidates = candidate_modules(root)
+    unwrappable = _attribute_read_layers(root)
     if target_modules == ALL_LINEAR:
-        heads = _head_names(root)
+        heads = _head_names(root) | unwrappable
         linear = linear_types()
         chosen = [
             (n, m)
@@ -112,6 +119,8 @@ def select_modules(
             + f" matched no module. Module names that exist: {_name_overview(candidates)}"
         )
     for name, module in chosen:
+        if name in unwrappable:
+            raise TypeError(f"{method} cannot adapt '{name}': nn.MultiheadAttention reads its weight directly")
         if not isinstance(_base_of(module), supported):
             kinds = ", ".join(t.__name__ for t in supported)
             raise TypeError(

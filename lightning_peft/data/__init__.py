@@ -1,0 +1,5 @@
+"""Data modules for recipes: built-in sources from the package registries, or your own files."""
+
+from lightning_peft.data.text_classification import TextClassificationData
+
+__all__ = ["TextClassificationData"]

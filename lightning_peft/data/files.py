@@ -1,0 +1,40 @@
+"""Reading tabular text files (CSV, TSV, JSONL) into rows, with one clear error per problem."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+READERS = (".csv", ".tsv", ".jsonl", ".json")
+
+
+def read_rows(path: str | Path, columns: list[str]) -> list[dict]:
+    """Rows of ``path`` as dicts; the file must exist, be non-empty and have ``columns``."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix not in READERS:
+        raise ValueError(f"data file {path}: unknown format {suffix!r}; use one of {', '.join(READERS)}")
+    with path.open(encoding="utf-8", newline="") as f:
+        if suffix in (".jsonl", ".json"):
+            rows = [_json_line(line, path, number) for number, line in enumerate(f, 1) if line.strip()]
+        else:
+            rows = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+    if not rows:
+        raise ValueError(f"data file {path} has no rows")
+    missing = [c for c in columns if c not in rows[0]]
+    if missing:
+        raise ValueError(f"data file {path} has no column {missing[0]!r}; its columns are: {', '.join(rows[0])}")
+    return rows
+
+
+def _json_line(line: str, path: Path, number: int) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"data file {path}, line {number}: not valid JSON ({err.msg})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"data file {path}, line {number}: expected a JSON object")
+    return row

@@ -1,0 +1,121 @@
+"""Text classification data: a built-in source or CSV/TSV/JSONL files, tokenized by the task's tokenizer."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from lightning_peft import assets
+from lightning_peft.data.files import read_rows
+
+SOURCES = {"movie-snippets": assets.movie_snippets_split}
+Example = tuple[str, object]
+
+
+class TextClassificationData(L.LightningDataModule):
+    """Texts with labels. Labels may be integers or strings (mapped to ids, names kept in ``labels``).
+
+    Args:
+        source: a built-in data set (``"movie-snippets"``), or None to read files.
+        train_file, val_file, test_file: CSV, TSV or JSONL files with ``text_column`` and ``label_column``.
+        max_length: tokens per text (longer texts are cut).
+        val_fraction: share of the training rows held out for validation when there is no val set.
+        tokenizer: None takes the tokenizer of the task model this data trains with.
+    """
+
+    def __init__(self, source: str | None = None, train_file: str | None = None, val_file: str | None = None,
+                 test_file: str | None = None, text_column: str = "text", label_column: str = "label",
+                 max_length: int = 128, batch_size: int = 32, val_fraction: float = 0.1, seed: int = 0,
+                 tokenizer: PreTrainedTokenizerBase | None = None, num_workers: int = 0) -> None:
+        super().__init__()
+        if source is not None and source not in SOURCES:
+            raise ValueError(f"unknown source {source!r}; built-in sources: {', '.join(SOURCES)}")
+        if source is None and train_file is None and test_file is None:
+            raise ValueError("give a built-in source or at least a train_file or test_file")
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.source, self.files = source, {"train": train_file, "val": val_file, "test": test_file}
+        self.text_column, self.label_column = text_column, label_column
+        self.max_length, self.batch_size, self.num_workers = max_length, batch_size, num_workers
+        self.val_fraction, self.seed = val_fraction, seed
+        self.tokenizer = tokenizer
+        self.splits: dict[str, list[Example]] = {}
+        self.labels: list[str] | None = None
+
+    def prepare_data(self) -> None:
+        if self.source is not None:
+            SOURCES[self.source]()  # fetch into the cache once, on one process
+
+    def setup(self, stage: str) -> None:
+        if not self.splits:
+            self.splits = self._read_splits()
+            self.labels = _label_names(self.splits.get("train", []))
+            self._check_labels()
+        if self.tokenizer is None:
+            self.tokenizer = self.trainer.lightning_module.tokenizer
+
+    def _read_splits(self) -> dict[str, list[Example]]:
+        if self.source is not None:
+            train, test = SOURCES[self.source](seed=self.seed)
+            splits = {"train": list(train), "test": list(test)}
+        else:
+            columns = [self.text_column, self.label_column]
+            splits = {
+                name: [(row[self.text_column], row[self.label_column]) for row in read_rows(path, columns)]
+                for name, path in self.files.items() if path is not None
+            }
+        if "val" not in splits and "train" in splits and self.val_fraction > 0:
+            rows = splits["train"][:]
+            random.Random(self.seed).shuffle(rows)
+            cut = max(1, int(len(rows) * self.val_fraction))
+            splits["val"], splits["train"] = rows[:cut], rows[cut:]
+        return splits
+
+    def _check_labels(self) -> None:
+        known = set(self.labels) if self.labels else None
+        for name, rows in self.splits.items():
+            for text, label in rows:
+                if known is not None and str(label) not in known:
+                    raise ValueError(f"{name} data has label {label!r} that training never saw; "
+                                     f"known labels: {', '.join(self.labels)}")
+                if known is None and not _is_int(label):
+                    raise ValueError(f"{name} data has label {label!r}, but training labels are integers")
+
+    def label_id(self, label: object) -> int:
+        return self.labels.index(str(label)) if self.labels else int(label)
+
+    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        if split not in self.splits:
+            raise ValueError(f"no {split} data: give {split}_file" + (" or a source" if split != "val" else ""))
+        rows = self.splits[split]
+        encoded = self.tokenizer([text for text, _ in rows], truncation=True, max_length=self.max_length)
+        examples = [{"input_ids": ids, "attention_mask": mask, "labels": self.label_id(label)}
+                    for ids, mask, (_, label) in zip(encoded["input_ids"], encoded["attention_mask"], rows)]
+        return DataLoader(examples, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          collate_fn=DataCollatorWithPadding(self.tokenizer, return_tensors="pt"),
+                          generator=torch.Generator().manual_seed(self.seed) if shuffle else None)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("-").isdigit())
+
+
+def _label_names(rows: Sequence[Example]) -> list[str] | None:
+    """Sorted label names when the training labels are strings; None when they are integers."""
+    if not rows or all(_is_int(label) for _, label in rows):
+        return None
+    return sorted({str(label) for _, label in rows})

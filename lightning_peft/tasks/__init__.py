@@ -1,0 +1,5 @@
+"""Ready LightningModules around transformers models, for recipes and quick starts."""
+
+from lightning_peft.tasks.sequence_classification import SequenceClassification
+
+__all__ = ["SequenceClassification"]

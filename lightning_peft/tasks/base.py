@@ -1,0 +1,35 @@
+"""What the tasks share: a transformers model, its tokenizer, and an optimizer over trainable parameters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+
+from lightning_peft.tasks.models import resolve_model
+
+OPTIMIZERS = ("adamw",)
+
+
+class TransformersTask(L.LightningModule):
+    """A LightningModule around a transformers model; subclasses load the model and define the steps."""
+
+    def __init__(self, model: str, learning_rate: float, weight_decay: float, warmup_steps: int,
+                 optimizer: str, trust_remote_code: bool) -> None:
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        self.model_path = resolve_model(model)
+        self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
+            self.model_path, trust_remote_code=trust_remote_code)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW over the trainable parameters only, linear warmup then linear decay to zero."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        schedule = get_linear_schedule_with_warmup(optimizer, min(hp.warmup_steps, total), total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -1,0 +1,650 @@
+"""Our LoRA layers on every kind of base layer, checked against closed forms computed here.
+
+Kinds: nn.Linear, transformers' Conv1D (GPT-2, weight stored (in, out)), nn.Embedding,
+nn.Conv1d and nn.Conv2d, each inside a small plain module ``Net`` whose ``layer`` is adapted
+and whose ``tail`` (an nn.Linear on the feature dimension) is not.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import VOCAB, tiny_bert, tiny_llama
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lightning_peft import LoRA, merge, trainable_summary, unmerge
+from lightning_peft.lora import LoRAAdapter, LoRALayer
+
+
+# kind -> (base-layer factory, input maker, number of output features)
+KINDS = {
+    "linear": (lambda: nn.Linear(12, 20), lambda g: torch.randn(3, 5, 12, generator=g), 20),
+    "gpt2_conv1d": (lambda: Conv1D(20, 12), lambda g: torch.randn(3, 5, 12, generator=g), 20),
+    "embedding": (lambda: nn.Embedding(30, 16, padding_idx=0), lambda g: torch.randint(0, 30, (3, 7), generator=g),
+                  16),
+    "conv1d": (lambda: nn.Conv1d(3, 6, kernel_size=3, stride=2, padding=1),
+               lambda g: torch.randn(2, 3, 11, generator=g), 6),
+    "conv2d": (lambda: nn.Conv2d(3, 6, kernel_size=(3, 2), stride=(2, 1), padding=1, dilation=(1, 2)),
+               lambda g: torch.randn(2, 3, 9, 8, generator=g), 6),
+}
+LINEAR_KINDS = ["linear", "gpt2_conv1d"]
+
+
+class Net(nn.Module):
+    """``tail(layer(x))``: the adapted ``layer`` of one kind and an untargeted ``tail``."""
+
+    def __init__(self, kind: str, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        factory, _, out = KINDS[kind]
+        self.kind = kind
+        self.layer = factory()
+        self.tail = nn.Linear(out, 3)
+        with torch.no_grad():  # non-trivial weights and biases everywhere (Conv1D starts with bias 0)
+            for p in self.parameters():
+                p.copy_(torch.randn_like(p) * 0.5)
+
+    def forward(self, x):
+        y = self.layer(x)
+        if self.kind.startswith("conv"):
+            y = y.movedim(1, -1)  # channels last, for the tail
+        return self.tail(y)
+
+
+def _input(kind: str, seed: int = 1) -> torch.Tensor:
+    return KINDS[kind][1](torch.Generator().manual_seed(seed))
+
+
+def _lora_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALayer)]
+
+
+@torch.no_grad()
+def _randomize(model: nn.Module, seed: int = 3, std: float = 0.3) -> None:
+    """Random non-zero A and B in every adapter; DoRA magnitudes perturbed away from their init."""
+    g = torch.Generator().manual_seed(seed)
+    for _, layer in _lora_layers(model):
+        for adapter in layer.adapters.values():
+            adapter.lora_A.copy_(torch.randn(adapter.lora_A.shape, generator=g) * std)
+            adapter.lora_B.copy_(torch.randn(adapter.lora_B.shape, generator=g) * std)
+            if adapter.magnitude is not None:
+                adapter.magnitude.mul_(1 + 0.3 * torch.rand(adapter.magnitude.shape, generator=g))
+
+
+def _updated_weight(kind: str, weight: torch.Tensor, adapter: LoRAAdapter, dora: bool = False) -> torch.Tensor:
+    """The base weight plus ``scale * B @ A`` (DoRA: renormalised rows), written out per kind."""
+    a, b, s = adapter.lora_A.detach(), adapter.lora_B.detach(), adapter.scale
+    if kind == "linear":
+        w = weight + s * b @ a
+    elif kind == "gpt2_conv1d":  # weight (in, out)
+        w = (weight.T + s * b @ a).T
+    elif kind == "embedding":  # weight (num_embeddings, dim); A (r, num_embeddings), B (dim, r)
+        w = weight + s * (b @ a).T
+    else:  # conv: A (r, in, *k), B (out, r, 1...)
+        w = weight + s * (b.flatten(1) @ a.flatten(1)).view(weight.shape)
+    if dora:
+        rows = w.T if kind == "gpt2_conv1d" else w
+        rows = rows * (adapter.magnitude.detach() / torch.linalg.norm(rows, dim=1))[:, None]
+        w = rows.T if kind == "gpt2_conv1d" else rows
+    return w
+
+
+def _reference_output(net: nn.Module, base: nn.Module, kind: str, x: torch.Tensor, dora: bool = False):
+    """What ``net`` must compute: the untouched copy ``base`` with the merged weight written by hand."""
+    ref = copy.deepcopy(base)
+    layer = net.layer
+    weight = ref.layer.weight
+    with torch.no_grad():
+        for name in layer.active_adapters:
+            weight.copy_(_updated_weight(kind, weight, layer.adapters[name], dora))
+    with torch.no_grad():
+        return ref(x)
+
+
+def _inject(net: nn.Module, **kwargs) -> nn.Module:
+    kwargs.setdefault("target_modules", ["layer"])
+    return LoRA(**kwargs).inject(net)
+
+
+# --- (a) step 0 is the base model -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("init", ["default", "gaussian"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_initial_output_equals_base_exactly(kind, init):
+    net = Net(kind)
+    x = _input(kind)
+    with torch.no_grad():
+        expected = net(x)
+    _inject(net, r=4, alpha=8, init=init)
+    assert isinstance(net.layer, LoRALayer)
+    adapter = net.layer.adapters["default"]
+    # One factor starts at zero and the other does not, so training can move away from the base.
+    zero = [t for t in (adapter.lora_A, adapter.lora_B) if not t.any()]
+    assert len(zero) == 1
+    with torch.no_grad():
+        assert torch.equal(net(x), expected)
+
+
+# --- (b) merge / unmerge --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("kind", "dora"), [(k, False) for k in KINDS] + [(k, True) for k in LINEAR_KINDS])
+def test_merge_then_unmerge(kind, dora):
+    net = Net(kind)
+    base = copy.deepcopy(net)
+    x = _input(kind)
+    _inject(net, r=3, alpha=5, use_dora=dora)
+    _randomize(net)
+    with torch.no_grad():
+        adapted = net(x)
+        expected = _reference_output(net, base, kind, x, dora)
+    # The adapter's output is the closed form, and it differs from the base output.
+    torch.testing.assert_close(adapted, expected, rtol=0, atol=1e-5)
+    assert (adapted - base(x)).abs().max() > 1e-2
+
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    lora_layer = net.layer
+    merge(net)
+    assert not any(isinstance(m, LoRALayer) for m in net.modules())
+    assert type(net.layer) is type(base.layer)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), adapted, rtol=0, atol=1e-5)
+
+    unmerge(net)
+    assert net.layer is lora_layer
+    torch.testing.assert_close(net.layer.base_layer.weight.detach(), before["layer.weight"], rtol=0, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), adapted, rtol=0, atol=1e-5)
+
+
+def test_unmerge_without_merge_raises():
+    net = _inject(Net("linear"), r=2)
+    with pytest.raises(ValueError, match="no merged adapters"):
+        unmerge(net)
+
+
+def test_merge_llama_matches_unmerged_logits():
+    model = tiny_llama().eval()
+    ids = torch.randint(0, VOCAB, (2, 9))
+    LoRA(r=4, alpha=8, target_modules="all-linear").inject(model)
+    _randomize(model)
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        merge(model)
+        assert not _lora_layers(model)
+        torch.testing.assert_close(model(input_ids=ids).logits, adapted, rtol=0, atol=1e-5)
+        unmerge(model)
+        assert len(_lora_layers(model)) == 14
+        torch.testing.assert_close(model(input_ids=ids).logits, adapted, rtol=0, atol=1e-5)
+
+
+# --- (c) trainable counts in closed form -------------------------------------------------------------
+
+
+def _expected_count(kind: str, r: int, dora: bool) -> int:
+    base = KINDS[kind][0]()
+    if kind == "linear":
+        n = r * (base.in_features + base.out_features)
+    elif kind == "gpt2_conv1d":
+        n = r * (base.nx + base.nf)
+    elif kind == "embedding":
+        n = r * (base.num_embeddings + base.embedding_dim)
+    else:
+        n = r * base.in_channels * math.prod(base.kernel_size) + base.out_channels * r
+    return n + (KINDS[kind][2] if dora else 0)
+
+
+@pytest.mark.parametrize(("kind", "dora"), [(k, False) for k in KINDS] + [(k, True) for k in LINEAR_KINDS])
+@pytest.mark.parametrize("r", [1, 5])
+def test_trainable_count_closed_form(kind, dora, r):
+    net = _inject(Net(kind), r=r, use_dora=dora)
+    expected = _expected_count(kind, r, dora)
+    summary = trainable_summary(net)
+    assert summary.trainable == expected
+    assert sum(p.numel() for p in net.parameters() if p.requires_grad) == expected
+    assert [(row.method, row.params) for row in summary.methods] == [("LoRA[default]", expected)]
+    base_total = sum(p.numel() for p in Net(kind).parameters())
+    assert summary.total == base_total + expected
+
+
+def test_trainable_count_llama_closed_form():
+    model = tiny_llama()
+    LoRA(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"]).inject(model)
+    cfg = model.config
+    head = cfg.hidden_size // cfg.num_attention_heads
+    per_block = 4 * (cfg.hidden_size + cfg.hidden_size) + 4 * (cfg.hidden_size + cfg.num_key_value_heads * head)
+    expected = cfg.num_hidden_layers * per_block + 4 * (cfg.vocab_size + cfg.hidden_size)
+    assert trainable_summary(model).trainable == expected
+
+
+# --- (d) scale ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_scale(kind, use_rslora):
+    r, alpha = 4, 6
+    net = _inject(Net(kind), r=r, alpha=alpha, use_rslora=use_rslora)
+    adapter = net.layer.adapters["default"]
+    expected = alpha / math.sqrt(r) if use_rslora else alpha / r
+    assert adapter.scale == pytest.approx(expected)
+    assert adapter.scale != pytest.approx(alpha / r if use_rslora else alpha / math.sqrt(r))
+    # The output uses that scale: doubling B doubles the change from the base output.
+    base = copy.deepcopy(net.layer.base_layer)
+    _randomize(net)
+    x = _input(kind)
+    with torch.no_grad():
+        d1 = net.layer(x) - base(x)
+        adapter.lora_B.mul_(2)
+        d2 = net.layer(x) - base(x)
+        adapter.lora_B.div_(2)
+    torch.testing.assert_close(d2, 2 * d1, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(net(x), _reference_output(net, Net(kind), kind, x), rtol=0, atol=1e-5)
+
+
+# --- (e) gradients reach only the adapter ---------------------------------------------------------------
+
+
+def _check_grads_only_on_adapters(model: nn.Module) -> None:
+    adapter_params = {id(p) for _, layer in _lora_layers(model) for p in layer.adapters.parameters()}
+    assert adapter_params
+    for name, p in model.named_parameters():
+        if id(p) in adapter_params:
+            assert p.requires_grad, name
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert not p.requires_grad, name
+            assert p.grad is None, name
+
+
+@pytest.mark.parametrize(("kind", "dora"), [(k, False) for k in KINDS] + [(k, True) for k in LINEAR_KINDS])
+def test_gradients_reach_only_adapters(kind, dora):
+    net = _inject(Net(kind), r=3, use_dora=dora)
+    _randomize(net)  # B != 0, so A gets a gradient too
+    net(_input(kind)).square().mean().backward()
+    _check_grads_only_on_adapters(net)
+
+
+def test_gradients_reach_only_adapters_llama():
+    model = tiny_llama()
+    LoRA(r=4, target_modules="all-linear").inject(model)
+    _randomize(model)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    model(input_ids=ids, labels=ids).loss.backward()
+    _check_grads_only_on_adapters(model)
+
+
+def test_default_init_first_step_gradient_is_on_b():
+    """With B = 0 the first gradient of A is zero and that of B is not (the standard LoRA start)."""
+    net = _inject(Net("linear"), r=3)
+    net(_input("linear")).square().mean().backward()
+    adapter = net.layer.adapters["default"]
+    assert adapter.lora_B.grad.abs().sum() > 0
+    assert adapter.lora_A.grad.abs().sum() == 0
+
+
+# --- (f) bf16 base, (g) autocast ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("kind", "dora"), [(k, False) for k in KINDS] + [(k, True) for k in LINEAR_KINDS])
+def test_bf16_base_gets_fp32_adapters(kind, dora):
+    net = Net(kind)
+    reference = copy.deepcopy(net).to(torch.bfloat16).float()  # fp32 copy of the bf16-rounded base
+    net = net.to(torch.bfloat16)
+    _inject(net, r=3, use_dora=dora)
+    _randomize(net)
+    adapter = net.layer.adapters["default"]
+    assert all(p.dtype == torch.float32 for p in adapter.parameters())
+    assert net.layer.base_layer.weight.dtype == torch.bfloat16
+    x = _input(kind)
+    if x.is_floating_point():
+        x = x.to(torch.bfloat16)
+    with torch.no_grad():
+        out = net(x)
+    assert out.dtype == torch.bfloat16
+    assert torch.isfinite(out).all()
+    # Close to the fp32 closed form on the same (bf16-rounded) base weights.
+    x32 = x.float() if x.is_floating_point() else x
+    with torch.no_grad():
+        expected = _reference_output(net, reference, kind, x32, dora)
+        assert (expected - reference(x32)).abs().max() > 1.0  # the adapter matters at this tolerance
+    torch.testing.assert_close(out.float(), expected, rtol=0.05, atol=0.1)
+    # A backward pass in bf16 gives fp32 adapter grads.
+    net(x).float().square().mean().backward()
+    assert adapter.lora_B.grad is not None and adapter.lora_B.grad.dtype == torch.float32
+
+
+def test_bf16_llama_forward_without_autocast():
+    model = tiny_llama().to(torch.bfloat16)
+    LoRA(r=4, target_modules="all-linear", use_dora=True).inject(model)
+    _randomize(model)
+    for _, layer in _lora_layers(model):
+        assert layer.adapters["default"].lora_A.dtype == torch.float32
+        assert layer.adapters["default"].magnitude.dtype == torch.float32
+    with torch.no_grad():
+        logits = model(input_ids=torch.randint(0, VOCAB, (2, 9))).logits
+    assert logits.dtype == torch.bfloat16
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize(("kind", "dora"), [(k, False) for k in KINDS] + [(k, True) for k in LINEAR_KINDS])
+def test_autocast_bf16_forward_backward(kind, dora):
+    base = Net(kind)
+    net = _inject(copy.deepcopy(base), r=3, use_dora=dora)
+    _randomize(net)
+    x = _input(kind)
+    with torch.no_grad():
+        fp32 = net(x)
+        assert (fp32 - base(x)).abs().max() > 1.0  # the adapter matters at the tolerance below
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), fp32, rtol=0.05, atol=0.1)
+    out.float().square().mean().backward()
+    adapter = net.layer.adapters["default"]
+    for p in adapter.parameters():
+        assert p.dtype == torch.float32
+        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+        assert p.grad.abs().sum() > 0
+
+
+def test_autocast_bf16_llama():
+    model = tiny_llama()
+    LoRA(r=4, target_modules="all-linear").inject(model)
+    _randomize(model)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    for _, layer in _lora_layers(model):
+        for p in layer.adapters.parameters():
+            assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+
+
+# --- (h) argument checks and targeting ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs", [dict(r=0), dict(r=-2), dict(r=2.0), dict(alpha=0), dict(alpha=-1.0),
+                                    dict(dropout=1.0), dict(dropout=-0.1), dict(init="bogus")])
+def test_bad_arguments_raise_at_construction(kwargs):
+    with pytest.raises(ValueError):
+        LoRA(**kwargs)
+
+
+def test_unknown_target_lists_real_names():
+    model = tiny_llama()
+    keys = set(model.state_dict())
+    with pytest.raises(ValueError, match="nonexistent") as info:
+        LoRA(target_modules=["nonexistent"]).inject(model)
+    assert "q_proj" in str(info.value) and "down_proj" in str(info.value)
+    assert set(model.state_dict()) == keys
+
+
+@pytest.mark.parametrize("target", ["input_layernorm", "norm"])
+def test_targeting_a_norm_raises_type_error(target):
+    model = tiny_llama()
+    with pytest.raises(TypeError, match="RMSNorm") as info:
+        LoRA(target_modules=[target]).inject(model)
+    assert target in str(info.value)
+    assert not _lora_layers(model)
+
+
+def test_targeting_bert_layernorm_raises_type_error():
+    with pytest.raises(TypeError, match="LayerNorm") as info:
+        LoRA(target_modules=["LayerNorm"]).inject(tiny_bert())
+    assert "LayerNorm" in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs", [dict(use_dora=True), dict(init="pissa")])
+def test_dora_and_pissa_refuse_non_linear_layers(kwargs):
+    net = Net("embedding")
+    keys = set(net.state_dict())
+    with pytest.raises(TypeError, match="Embedding"):
+        _inject(net, **kwargs)
+    assert set(net.state_dict()) == keys
+
+
+def test_grouped_convolution_is_refused():
+    class Grouped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, groups=2)
+
+    with pytest.raises(TypeError, match="groups"):
+        LoRA(target_modules=["conv"]).inject(Grouped())
+
+
+def test_same_adapter_name_twice_raises_and_leaves_model_unchanged():
+    model = tiny_llama()
+    LoRA(r=4, target_modules=["q_proj"]).inject(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="default"):
+        LoRA(r=2, target_modules=["q_proj", "k_proj"]).inject(model)
+    after = model.state_dict()
+    assert set(after) == set(state)
+    assert all(torch.equal(after[k], v) for k, v in state.items())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    assert not isinstance(model.model.layers[0].self_attn.k_proj, LoRALayer)
+
+
+def test_same_callback_injected_twice_is_a_no_op():
+    model = tiny_llama()
+    callback = LoRA(r=4, target_modules=["q_proj"])
+    callback.inject(model)
+    keys = set(model.state_dict())
+    assert callback.inject(model) is model
+    assert set(model.state_dict()) == keys
+    assert list(model.model.layers[0].self_attn.q_proj.adapters) == ["default"]
+
+
+def test_second_adapter_name_adds_a_second_active_adapter():
+    net = _inject(Net("linear"), r=2, alpha=4)
+    base = copy.deepcopy(net.layer.base_layer)
+    _inject(net, r=3, alpha=3, adapter_name="second")
+    assert list(net.layer.adapters) == ["default", "second"]
+    assert net.layer.active_adapters == ["default", "second"]
+    _randomize(net)
+    first, second = (net.layer.adapters[n] for n in ("default", "second"))
+    assert first.scale == 2.0 and second.scale == 1.0
+    # Both are trained and counted.
+    assert all(p.requires_grad for p in net.layer.adapters.parameters())
+    assert trainable_summary(net).trainable == 2 * (12 + 20) + 3 * (12 + 20)
+    assert {row.method for row in trainable_summary(net).methods} == {"LoRA[default]", "LoRA[second]"}
+    # Both contribute to the output.
+    x = _input("linear")
+    weight = base.weight + first.scale * first.lora_B @ first.lora_A + second.scale * second.lora_B @ second.lora_A
+    with torch.no_grad():
+        torch.testing.assert_close(net.layer(x), F.linear(x, weight, base.bias), rtol=0, atol=1e-5)
+
+
+def test_layers_selects_blocks():
+    model = tiny_llama()
+    LoRA(target_modules="all-linear", layers=[1]).inject(model)
+    names = [n for n, _ in _lora_layers(model)]
+    assert len(names) == 7
+    assert all(n.startswith("model.layers.1.") for n in names)
+
+
+def test_layers_with_no_match_raises():
+    with pytest.raises(ValueError, match="layers"):
+        LoRA(target_modules=["q_proj"], layers=[5]).inject(tiny_llama())
+
+
+def test_exclude_modules():
+    model = tiny_llama()
+    LoRA(target_modules="all-linear", exclude_modules=["o_proj", "down_proj"]).inject(model)
+    leaves = {n.rsplit(".", 1)[-1] for n, _ in _lora_layers(model)}
+    assert leaves == {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+    assert len(_lora_layers(model)) == 10
+
+
+def test_regex_target():
+    model = tiny_llama()
+    LoRA(target_modules=r".*layers\.0\.self_attn\.(q|v)_proj").inject(model)
+    assert [n for n, _ in _lora_layers(model)] == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+
+
+def test_all_linear_excludes_heads():
+    llama = tiny_llama()
+    LoRA(target_modules="all-linear").inject(llama)
+    names = {n for n, _ in _lora_layers(llama)}
+    assert "lm_head" not in names and not isinstance(llama.lm_head, LoRALayer)
+    assert len(names) == 14  # 7 linear layers per block, 2 blocks
+
+    bert = tiny_bert()
+    LoRA(target_modules="all-linear").inject(bert)
+    names = {n for n, _ in _lora_layers(bert)}
+    assert not isinstance(bert.classifier, LoRALayer)
+    assert "bert.pooler.dense" in names
+    assert len(names) == 2 * 6 + 1  # query, key, value, 3 dense per block; the pooler
+    assert not any(isinstance(m, LoRALayer) for m in bert.bert.embeddings.modules())
+
+
+def test_modules_to_save_trains_and_counts_the_classifier():
+    bert = tiny_bert()
+    LoRA(r=2, target_modules=["query", "value"], modules_to_save=["classifier"]).inject(bert)
+    assert all(p.requires_grad for p in bert.classifier.parameters())
+    classifier = sum(p.numel() for p in bert.classifier.parameters())
+    lora = 2 * 2 * 2 * (32 + 32)  # 2 blocks x 2 layers x r * (in + out)
+    assert trainable_summary(bert).trainable == lora + classifier
+    frozen = [n for n, p in bert.named_parameters() if not p.requires_grad]
+    assert "bert.pooler.dense.weight" in frozen and "bert.embeddings.word_embeddings.weight" in frozen
+    bert(input_ids=torch.randint(0, VOCAB, (2, 5)), labels=torch.tensor([0, 1])).loss.backward()
+    assert bert.classifier.weight.grad is not None
+
+
+def test_dropout_in_train_mode_only():
+    net = _inject(Net("linear"), r=4, dropout=0.5)
+    _randomize(net)
+    x = _input("linear")
+    with torch.no_grad():
+        net.eval()
+        expected = _reference_output(net, Net("linear"), "linear", x)
+        torch.testing.assert_close(net(x), expected, rtol=0, atol=1e-5)
+        net.train()
+        torch.manual_seed(0)
+        assert (net(x) - expected).abs().max() > 1e-3
+
+
+# --- (i) torch.compile ----------------------------------------------------------------------------------
+
+
+def test_compile_eager_backend_llama():
+    model = tiny_llama().eval()
+    LoRA(r=4, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True).inject(model)
+    _randomize(model)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        got = compiled(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_compile_inductor_small_model():
+    """Inductor on the tiny Llama takes about a minute cold here: a small LoRA + DoRA MLP instead."""
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(16, 32)
+            self.fc2 = nn.Linear(32, 8)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    model = MLP().eval()
+    LoRA(r=4, target_modules=["fc1"]).inject(model)
+    LoRA(r=2, target_modules=["fc2"], use_dora=True, adapter_name="dora").inject(model)
+    _randomize(model)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        expected = model(x)
+        torch._dynamo.reset()
+        got = torch.compile(model, fullgraph=True)(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+# --- library bugs: these fail until the library is fixed --------------------------------------------------
+
+
+@pytest.mark.parametrize("first_dora", [False, True])
+def test_merge_preserves_output_with_a_stacked_dora_adapter(first_dora):
+    """Two active adapters on one layer, the second DoRA: merging must not change the output.
+
+    The forward normalises each DoRA adapter by ||W + s B A|| of the *unmerged* base weight, but
+    ``LoRALinear.merge_update`` normalises by the weight as already changed by the adapters merged
+    before it.
+    """
+    net = _inject(Net("linear"), r=2, use_dora=first_dora)
+    _inject(net, r=2, use_dora=True, adapter_name="dora")
+    _randomize(net)
+    x = _input("linear")
+    with torch.no_grad():
+        adapted = net(x)
+        merge(net)
+        merged = net(x)
+    torch.testing.assert_close(merged, adapted, rtol=0, atol=1e-5)
+
+
+def test_all_linear_on_multihead_attention_keeps_the_model_working():
+    """nn.MultiheadAttention reads ``out_proj.weight`` itself, so wrapping out_proj breaks its forward."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.fc(self.attn(x, x, x)[0])
+
+    model = Block().eval()
+    x = torch.randn(2, 3, 8)
+    with torch.no_grad():
+        expected = model(x)
+    LoRA(r=2, target_modules="all-linear").inject(model)
+    assert isinstance(model.fc, LoRALayer)
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+
+
+def test_failed_injection_for_a_claimed_module_to_save_leaves_model_unchanged():
+    """A second adapter that also saves ``classifier`` is refused, but only after it was injected."""
+    bert = tiny_bert()
+    LoRA(r=2, target_modules=["query"], modules_to_save=["classifier"]).inject(bert)
+    keys = set(bert.state_dict())
+    with pytest.raises(ValueError, match="classifier"):
+        LoRA(r=2, target_modules=["value"], modules_to_save=["classifier"], adapter_name="b").inject(bert)
+    assert set(bert.state_dict()) == keys
+    assert not _lora_layers(bert.bert.encoder.layer[0].attention.self.value)
+
+
+def test_forward_does_not_change_embedding_adapter_with_max_norm():
+    """The base's ``max_norm`` is passed to the lookup of A's columns, which renormalises A in place."""
+
+    class Emb(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4, max_norm=1.0)
+
+        def forward(self, x):
+            return self.emb(x)
+
+    model = LoRA(r=3, target_modules=["emb"]).inject(Emb())
+    adapter = model.emb.adapters["default"]
+    with torch.no_grad():
+        adapter.lora_A.normal_(std=3.0)
+    before = adapter.lora_A.detach().clone()
+    model(torch.tensor([[1, 2, 3]]))
+    assert torch.equal(adapter.lora_A.detach(), before)

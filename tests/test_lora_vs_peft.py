@@ -1,0 +1,225 @@
+"""Numerical equivalence of our LoRA layers with Hugging Face peft on the same tiny models.
+
+Each test builds one randomly initialised base model, deep-copies it, applies peft's LoRA to one
+copy and ours to the other with matching settings, copies the same random non-zero adapter values
+into both, and compares the outputs (and, for PiSSA, the initial factors and residual weights).
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import copy
+import warnings
+
+import pytest
+import torch
+from conftest import VOCAB, tiny_bert, tiny_gpt2, tiny_llama
+from torch import nn
+
+from lightning_peft import LoRA, trainable_summary
+from lightning_peft.lora import LoRALayer
+
+from peft import LoraConfig, get_peft_model  # noqa: E402
+
+
+
+BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
+# Targets given to both libraries; "dense" on BERT hits attention.output, intermediate, output and pooler.
+TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "bert": ["query", "key", "value", "dense"],
+}
+VARIANTS = {
+    "lora": dict(use_rslora=False, use_dora=False),
+    "rslora": dict(use_rslora=True, use_dora=False),
+    "dora": dict(use_rslora=False, use_dora=True),
+}
+
+
+def _build(kind: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = BUILDERS[kind]()
+    return model.eval()
+
+
+def _pair(kind, target_modules, r=4, alpha=8, use_rslora=False, use_dora=False, init="default", **peft_extra):
+    """(base, peft model, our model) from one base; both adapted copies in eval mode."""
+    base = _build(kind)
+    peft_init = {"default": True, "pissa": "pissa"}[init]
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=target_modules, lora_dropout=0.0,
+                        use_rslora=use_rslora, use_dora=use_dora, init_lora_weights=peft_init, **peft_extra)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = get_peft_model(copy.deepcopy(base), config).eval()
+    ours = LoRA(r=r, alpha=alpha, target_modules=target_modules, use_rslora=use_rslora, use_dora=use_dora,
+                init=init).inject(copy.deepcopy(base)).eval()
+    return base, theirs, ours
+
+
+def _peft_key(theirs_params: dict, layer_name: str, what: str, adapter: str = "default") -> str:
+    """peft's parameter name for one of our adapter tensors on the layer ``layer_name``."""
+    prefix = f"base_model.model.{layer_name}."
+    candidates = {
+        "lora_A": [f"lora_A.{adapter}.weight", f"lora_embedding_A.{adapter}"],
+        "lora_B": [f"lora_B.{adapter}.weight", f"lora_embedding_B.{adapter}"],
+        "magnitude": [f"lora_magnitude_vector.{adapter}.weight"],
+    }[what]
+    found = [prefix + c for c in candidates if prefix + c in theirs_params]
+    assert len(found) == 1, f"no peft tensor for {layer_name}.{what}: tried {candidates}"
+    return found[0]
+
+
+def _their_adapter_tensors(theirs: nn.Module) -> set[str]:
+    return {n for n, _ in theirs.named_parameters() if ".lora_" in n}
+
+
+@torch.no_grad()
+def _copy_random_adapters(theirs: nn.Module, ours: nn.Module, seed: int = 1, std: float = 0.3) -> int:
+    """Give our adapters random non-zero A, B (and perturbed DoRA magnitudes); copy them into peft's."""
+    g = torch.Generator().manual_seed(seed)
+    their_params = dict(theirs.named_parameters())
+    used = set()
+    for name, layer in ours.named_modules():
+        if not isinstance(layer, LoRALayer):
+            continue
+        adapter = layer.adapters["default"]
+        adapter.lora_A.copy_(torch.randn(adapter.lora_A.shape, generator=g) * std)
+        adapter.lora_B.copy_(torch.randn(adapter.lora_B.shape, generator=g) * std)
+        tensors = {"lora_A": adapter.lora_A, "lora_B": adapter.lora_B}
+        if adapter.magnitude is not None:
+            adapter.magnitude.mul_(1 + 0.2 * torch.randn(adapter.magnitude.shape, generator=g))
+            tensors["magnitude"] = adapter.magnitude
+        for what, value in tensors.items():
+            key = _peft_key(their_params, name, what)
+            assert their_params[key].shape == value.shape, (key, their_params[key].shape, value.shape)
+            their_params[key].copy_(value)
+            used.add(key)
+    # Every adapter tensor that peft created got a value: the two libraries adapted the same layers.
+    assert used == _their_adapter_tensors(theirs)
+    return len(used)
+
+
+def _inputs(kind: str, seed: int = 2) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (2, 9), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, kind: str) -> torch.Tensor:
+    return model(**_inputs(kind)).logits
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_logits_match_peft(kind, variant):
+    base, theirs, ours = _pair(kind, TARGETS[kind], **VARIANTS[variant])
+    # Before any change both start as the base model.
+    torch.testing.assert_close(_logits(ours, kind), _logits(base, kind), rtol=0, atol=1e-6)
+    n = _copy_random_adapters(theirs, ours)
+    assert n > 0
+    expected, got = _logits(theirs, kind), _logits(ours, kind)
+    # The adapters do change the output, so the comparison below is not vacuous.
+    assert (got - _logits(base, kind)).abs().max() > 1e-2
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_embedding_lora_matches_peft(use_rslora):
+    base, theirs, ours = _pair("llama", ["embed_tokens", "q_proj"], use_rslora=use_rslora)
+    torch.testing.assert_close(_logits(ours, "llama"), _logits(base, "llama"), rtol=0, atol=1e-6)
+    their_params = dict(theirs.named_parameters())
+    # peft's embedding shapes are ours: A (r, num_embeddings), B (dim, r).
+    ours_adapter = ours.model.embed_tokens.adapters["default"]
+    assert tuple(ours_adapter.lora_A.shape) == (4, VOCAB)
+    key_a = _peft_key(their_params, "model.embed_tokens", "lora_A")
+    key_b = _peft_key(their_params, "model.embed_tokens", "lora_B")
+    assert their_params[key_a].shape == ours_adapter.lora_A.shape
+    assert their_params[key_b].shape == ours_adapter.lora_B.shape
+    _copy_random_adapters(theirs, ours)
+    got = _logits(ours, "llama")
+    assert (got - _logits(base, "llama")).abs().max() > 1e-2
+    torch.testing.assert_close(got, _logits(theirs, "llama"), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_pissa_matches_peft(kind, use_rslora):
+    targets = ["q_proj", "v_proj", "down_proj"] if kind == "llama" else ["c_attn", "c_fc"]
+    base, theirs, ours = _pair(kind, targets, r=4, alpha=8, use_rslora=use_rslora, init="pissa")
+    their_params = dict(theirs.named_parameters())
+    layers = [(n, m) for n, m in ours.named_modules() if isinstance(m, LoRALayer)]
+    assert len(layers) == 2 * len(targets)
+    for name, layer in layers:
+        adapter = layer.adapters["default"]
+        a = their_params[_peft_key(their_params, name, "lora_A")]
+        b = their_params[_peft_key(their_params, name, "lora_B")]
+        # Singular vectors may flip sign: compare the product B @ A, which does not.
+        torch.testing.assert_close(adapter.lora_B @ adapter.lora_A, b @ a, rtol=0, atol=1e-5)
+        # B @ A is not small: PiSSA moved the top-r part of W into the adapter ...
+        original = base.get_submodule(name).weight
+        assert (adapter.lora_B @ adapter.lora_A).abs().max() > 0.1 * original.abs().max()
+        their_residual = their_params[f"base_model.model.{name}.base_layer.weight"]
+        torch.testing.assert_close(layer.base_layer.weight, their_residual, rtol=0, atol=1e-5)
+        # ... and out of the base weight, which is now the residual.
+        assert (layer.base_layer.weight - original).abs().max() > 0.1 * original.abs().max()
+        torch.testing.assert_close(layer.base_layer.weight + layer.to_weight_layout(adapter.update()), original,
+                                   rtol=0, atol=1e-5)
+    # Residual + adapter is the original model, in both libraries.
+    torch.testing.assert_close(_logits(ours, kind), _logits(theirs, kind), rtol=0, atol=1e-5)
+    torch.testing.assert_close(_logits(ours, kind), _logits(base, kind), rtol=0, atol=1e-4)
+
+
+COUNT_CASES = [
+    ("llama", ["q_proj", "v_proj"], {}),
+    ("llama", "all-linear", {}),
+    ("llama", "all-linear", {"use_dora": True}),
+    ("llama", ["embed_tokens"], {}),
+    ("llama", ["embed_tokens", "down_proj"], {"r": 2}),
+    ("llama", r".*layers\.1\.self_attn\.[qk]_proj", {}),
+    ("llama", ["q_proj", "k_proj", "o_proj"], {"use_dora": True, "r": 8}),
+    ("gpt2", "all-linear", {}),
+    ("gpt2", ["c_attn"], {"use_dora": True}),
+    ("bert", ["query", "value"], {}),
+]
+
+
+@pytest.mark.parametrize(("kind", "targets", "extra"), COUNT_CASES)
+def test_trainable_count_matches_peft(kind, targets, extra):
+    _, theirs, ours = _pair(kind, targets, **extra)
+    their_trainable, their_total = theirs.get_nb_trainable_parameters()
+    summary = trainable_summary(ours)
+    assert summary.trainable == their_trainable
+    assert sum(p.numel() for p in ours.parameters() if p.requires_grad) == their_trainable
+    assert summary.total == their_total
+    # The adapter is the only trainable thing and is owned by LoRA[default].
+    assert [(row.method, row.params) for row in summary.methods] == [("LoRA[default]", their_trainable)]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_all_linear_selects_the_same_layers_as_peft(kind):
+    _, theirs, ours = _pair(kind, "all-linear")
+    prefix = "base_model.model."
+    their_layers = {n[len(prefix):].rsplit(".lora_A", 1)[0] for n in _their_adapter_tensors(theirs) if ".lora_A." in n}
+    our_layers = {n for n, m in ours.named_modules() if isinstance(m, LoRALayer)}
+    assert our_layers == their_layers
+    assert "lm_head" not in our_layers
+    assert len(our_layers) == (14 if kind == "llama" else 8)
+
+
+def test_all_linear_with_classifier_saved_matches_peft_seq_cls():
+    """peft's SEQ_CLS task keeps the classifier out of "all-linear" and trains it whole: so do we."""
+    base = _build("bert")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = get_peft_model(copy.deepcopy(base), LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
+                                                                target_modules="all-linear"))
+    ours = LoRA(r=4, alpha=8, target_modules="all-linear", modules_to_save=["classifier"]).inject(copy.deepcopy(base))
+    their_trainable, _ = theirs.get_nb_trainable_parameters()
+    assert trainable_summary(ours).trainable == their_trainable
+    assert not isinstance(ours.classifier, LoRALayer)
+    assert all(p.requires_grad for p in ours.classifier.parameters())
