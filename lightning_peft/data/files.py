@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 READERS = (".csv", ".tsv", ".jsonl", ".json")
@@ -38,3 +39,18 @@ def _json_line(line: str, path: Path, number: int) -> dict:
     if not isinstance(row, dict):
         raise ValueError(f"data file {path}, line {number}: expected a JSON object")
     return row
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """Non-empty lines of a text file, or of standard input when ``path`` is ``-``."""
+    if str(path) == "-":
+        lines = sys.stdin.read().splitlines()
+    else:
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"predict file {path} does not exist")
+        lines = path.read_text(encoding="utf-8").splitlines()
+    texts = [line.strip() for line in lines if line.strip()]
+    if not texts:
+        raise ValueError(f"no texts to predict in {'standard input' if str(path) == '-' else path}")
+    return texts

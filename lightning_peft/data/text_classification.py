@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from lightning_peft import assets
-from lightning_peft.data.files import read_rows
+from lightning_peft.data.files import read_lines, read_rows
 
 SOURCES = {"movie-snippets": assets.movie_snippets_split}
 Example = tuple[str, object]
@@ -23,23 +23,26 @@ class TextClassificationData(L.LightningDataModule):
     Args:
         source: a built-in data set (``"movie-snippets"``), or None to read files.
         train_file, val_file, test_file: CSV, TSV or JSONL files with ``text_column`` and ``label_column``.
+        predict_file: raw texts to label, one per line (``-`` reads standard input).
         max_length: tokens per text (longer texts are cut).
         val_fraction: share of the training rows held out for validation when there is no val set.
         tokenizer: None takes the tokenizer of the task model this data trains with.
     """
 
     def __init__(self, source: str | None = None, train_file: str | None = None, val_file: str | None = None,
-                 test_file: str | None = None, text_column: str = "text", label_column: str = "label",
+                 test_file: str | None = None, predict_file: str | None = None, text_column: str = "text",
+                 label_column: str = "label",
                  max_length: int = 128, batch_size: int = 32, val_fraction: float = 0.1, seed: int = 0,
                  tokenizer: PreTrainedTokenizerBase | None = None, num_workers: int = 0) -> None:
         super().__init__()
         if source is not None and source not in SOURCES:
             raise ValueError(f"unknown source {source!r}; built-in sources: {', '.join(SOURCES)}")
-        if source is None and train_file is None and test_file is None:
-            raise ValueError("give a built-in source or at least a train_file or test_file")
+        if source is None and train_file is None and test_file is None and predict_file is None:
+            raise ValueError("give a built-in source or a train_file, test_file or predict_file")
         if not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.source, self.files = source, {"train": train_file, "val": val_file, "test": test_file}
+        self.predict_file = predict_file
         self.text_column, self.label_column = text_column, label_column
         self.max_length, self.batch_size, self.num_workers = max_length, batch_size, num_workers
         self.val_fraction, self.seed = val_fraction, seed
@@ -92,7 +95,9 @@ class TextClassificationData(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
         if split not in self.splits:
             raise ValueError(f"no {split} data: give {split}_file" + (" or a source" if split != "val" else ""))
-        rows = self.splits[split]
+        return self._encode(self.splits[split], shuffle)
+
+    def _encode(self, rows: Sequence[Example], shuffle: bool = False) -> DataLoader:
         encoded = self.tokenizer([text for text, _ in rows], truncation=True, max_length=self.max_length)
         examples = [{"input_ids": ids, "attention_mask": mask, "labels": self.label_id(label)}
                     for ids, mask, (_, label) in zip(encoded["input_ids"], encoded["attention_mask"], rows)]
@@ -103,11 +108,17 @@ class TextClassificationData(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader("val") if "val" in self.splits else []
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        if self.predict_file is None:
+            raise ValueError("no texts to predict: give data.predict_file (a text file, one text per line, or -)")
+        texts = read_lines(self.predict_file)
+        return self._encode([(text, self.labels[0] if self.labels else 0) for text in texts])
 
 
 def _is_int(value: object) -> bool:

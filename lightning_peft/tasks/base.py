@@ -6,24 +6,35 @@ from typing import Any
 
 import lightning as L
 import torch
+from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from lightning_peft.tasks.models import resolve_model
 
-OPTIMIZERS = ("adamw",)
-
 
 class TransformersTask(L.LightningModule):
-    """A LightningModule around a transformers model; subclasses load the model and define the steps."""
+    """A LightningModule around a transformers model, built in ``configure_model``.
+
+    Building there (not in ``__init__``) lets the model take facts from the data, such as the
+    label names, and lets large models be created inside the strategy's init context.
+    Subclasses implement :meth:`build_model` and the steps.
+    """
 
     def __init__(self, model: str, learning_rate: float, weight_decay: float, warmup_steps: int,
-                 optimizer: str, trust_remote_code: bool) -> None:
+                 trust_remote_code: bool) -> None:
         super().__init__()
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
         self.model_path = resolve_model(model)
+        self.trust_remote_code = trust_remote_code
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
             self.model_path, trust_remote_code=trust_remote_code)
+        self.model: nn.Module | None = None
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = self.build_model()
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW over the trainable parameters only, linear warmup then linear decay to zero."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import AutoModelForSequenceClassification
@@ -13,35 +14,45 @@ from lightning_peft.tasks.base import TransformersTask
 
 
 class SequenceClassification(TransformersTask):
-    """Classify texts into ``num_labels`` classes (or the names in ``labels``).
+    """Classify texts into ``num_labels`` classes, or into the names in ``labels``.
 
     Args:
         model: a built-in name (``"minilm-l6"``) or a transformers model folder.
-        num_labels: number of classes; taken from ``labels`` when given.
-        labels: class names, in id order; they travel with checkpoints and name predictions.
+        num_labels: number of classes, when the labels are integers.
+        labels: class names in id order; by default taken from the data module's training
+            labels. They travel with checkpoints and name the predictions.
         learning_rate, weight_decay, warmup_steps: AdamW with linear warmup then decay to zero.
-        optimizer: ``"adamw"``.
+        trust_remote_code: allow model code from the model folder (off: safe by default).
     """
 
     def __init__(self, model: str = "minilm-l6", num_labels: int = 2, labels: Sequence[str] | None = None,
                  learning_rate: float = 5e-4, weight_decay: float = 0.01, warmup_steps: int = 30,
-                 optimizer: str = "adamw", trust_remote_code: bool = False) -> None:
-        super().__init__(model, learning_rate, weight_decay, warmup_steps, optimizer, trust_remote_code)
+                 trust_remote_code: bool = False) -> None:
+        super().__init__(model, learning_rate, weight_decay, warmup_steps, trust_remote_code)
         self.save_hyperparameters()
-        self.labels = list(labels) if labels else None
-        num_labels = len(self.labels) if self.labels else num_labels
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            self.model_path, num_labels=num_labels, trust_remote_code=trust_remote_code)
+
+    @property
+    def labels(self) -> list[str] | None:
+        return self.hparams.labels
+
+    def build_model(self) -> nn.Module:
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        if self.labels is None and getattr(datamodule, "labels", None):
+            self.hparams.labels = list(datamodule.labels)  # saved with checkpoints
+        num_labels = len(self.labels) if self.labels else self.hparams.num_labels
         metrics = MetricCollection({"acc": MulticlassAccuracy(num_labels, average="micro"),
                                     "f1": MulticlassF1Score(num_labels, average="macro")})
         self.val_metrics = metrics.clone(prefix="val_")
         self.test_metrics = metrics.clone(prefix="test_")
+        model = AutoModelForSequenceClassification.from_pretrained(
+            self.model_path, num_labels=num_labels, trust_remote_code=self.trust_remote_code)
+        return model.train()  # from_pretrained returns eval mode; Lightning keeps modes as they are
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = torch.nn.functional.cross_entropy(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        loss = nn.functional.cross_entropy(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
         self.log("train_loss", loss, prog_bar=True)
         return loss
 

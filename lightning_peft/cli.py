@@ -1,0 +1,75 @@
+"""The ``lightning-peft`` command: LightningCLI recipes (fit, validate, test, predict).
+
+PEFT methods are configured as ``trainer.callbacks`` with ``class_path`` in the YAML recipe;
+every key can be overridden on the command line. Bad input ends with one line on stderr and
+a non-zero exit, before any training step.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import lightning as L
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_peft.assets import AssetError
+from lightning_peft.core.summary import trainable_summary
+
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, AssetError)
+
+
+class PrintPredictions(BasePredictionWriter):
+    """Print each prediction (a label name, an id or a generated text) on its own line."""
+
+    def __init__(self) -> None:
+        super().__init__(write_interval="batch")
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        for item in prediction:
+            print(item, flush=True)
+
+
+class PEFTCLI(LightningCLI):
+    """LightningCLI that tests after fit when there is test data, then prints a short summary."""
+
+    def after_fit(self) -> None:
+        trainer, module = self.trainer, self.model
+        if trainer.interrupted:
+            return
+        results = {}
+        if _has_test_data(self.datamodule):
+            results = trainer.test(module, datamodule=self.datamodule, verbose=False)[0]
+        summary = trainable_summary(module)
+        lines = [f"{name}: {value:.4f}" for name, value in results.items()]
+        lines.append(f"trainable parameters: {summary.trainable:,} of {summary.total:,} ({summary.percent:.3f}%)")
+        checkpoint = trainer.checkpoint_callback
+        path = checkpoint and (checkpoint.best_model_path or checkpoint.last_model_path)
+        if path:
+            lines.append(f"checkpoint: {path}")
+        if trainer.is_global_zero:
+            print("\n".join(["", "lightning-peft fit summary:", *("  " + line for line in lines)]), flush=True)
+
+
+def _has_test_data(datamodule: L.LightningDataModule | None) -> bool:
+    splits = getattr(datamodule, "splits", {})
+    return "test" in splits
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``lightning-peft`` console script."""
+    try:
+        PEFTCLI(
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            trainer_defaults={"callbacks": [PrintPredictions()]},
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
+    except USER_ERRORS as err:
+        print(f"lightning-peft: error: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""The lightning-peft command in a subprocess: fit then predict on tiny data, and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+WORDS = ["good", "great", "fine", "bad", "awful", "poor", "movie", "plot", "the", "was", "very", "not"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny BERT classifier folder with a word-level tokenizer, as `model:` takes it."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)}).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=32)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    return folder
+
+
+def write_data(folder: Path, name: str, rows: list[tuple[str, str]], fmt: str = "csv") -> Path:
+    path = folder / f"{name}.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
+    else:
+        path.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    return path
+
+
+def sentiment_rows(n: int, seed: int) -> list[tuple[str, str]]:
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        positive = i % 2 == 0
+        word = ["good", "great", "fine"] if positive else ["bad", "awful", "poor"]
+        pick = word[int(torch.randint(0, 3, (1,), generator=g))]
+        rows.append((f"the movie was very {pick}", "positive" if positive else "negative"))
+    return rows
+
+
+def recipe(tmp_path: Path, model_dir: Path, train: Path, test: Path | None = None, **data_extra) -> Path:
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "max_steps": 60, "logger": False, "enable_progress_bar": False,
+            "enable_model_summary": False, "default_root_dir": str(tmp_path),
+            "callbacks": [{"class_path": "lightning_peft.LoRA", "init_args": {
+                "r": 4, "alpha": 8, "target_modules": ["query", "value"], "modules_to_save": ["classifier"]}}],
+        },
+        "model": {"class_path": "lightning_peft.tasks.SequenceClassification",
+                  "init_args": {"model": str(model_dir), "learning_rate": 1e-1, "warmup_steps": 2}},
+        "data": {"class_path": "lightning_peft.data.TextClassificationData",
+                 "init_args": {"train_file": str(train), "batch_size": 8, "max_length": 16,
+                               **({"test_file": str(test)} if test else {}), **data_extra}},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "lightning_peft.cli", *args], input=stdin, capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+def test_fit_then_predict_with_string_labels(tmp_path, tiny_model_dir):
+    train = write_data(tmp_path, "train", sentiment_rows(64, 0))
+    test = write_data(tmp_path, "test", sentiment_rows(16, 1), fmt="jsonl")
+    config = recipe(tmp_path, tiny_model_dir, train, test)
+
+    fit = run_cli("fit", "--config", str(config))
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert "lightning-peft fit summary" in fit.stdout
+    accuracy = float(fit.stdout.split("test_acc: ")[1].split()[0])
+    assert accuracy >= 0.9  # the words decide the label: a trained model gets it right
+    (ckpt,) = Path(tmp_path).rglob("*.ckpt")
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["hyper_parameters"]["labels"] == ["negative", "positive"]
+    assert all("adapters" in k or "classifier" in k for k in saved["state_dict"])
+
+    texts = "the movie was very great\nthe plot was awful\n"
+    predict = run_cli("predict", "--config", str(config), "--data.init_args.predict_file", "-",
+                      "--ckpt_path", str(ckpt), stdin=texts)
+    assert predict.returncode == 0, predict.stderr[-3000:]
+    assert predict.stdout.split()[-2:] == ["positive", "negative"]
+
+
+def test_command_line_overrides_recipe_keys(tmp_path, tiny_model_dir):
+    train = write_data(tmp_path, "train", sentiment_rows(16, 0))
+    config = recipe(tmp_path, tiny_model_dir, train)
+    fit = run_cli("fit", "--config", str(config), "--trainer.max_steps", "2",
+                  "--trainer.callbacks.init_args.r", "2")
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    # rank 2 on query and value (32 -> 32) in 2 blocks, plus the classifier (32 x 2 + 2)
+    assert f"trainable parameters: {2 * 2 * 2 * (32 + 32) + 66:,}" in fit.stdout
+
+
+@pytest.mark.parametrize("problem", ["missing_column", "empty_file", "unseen_label", "no_model", "bad_key",
+                                     "bad_target"])
+def test_bad_input_gives_one_clear_error(tmp_path, tiny_model_dir, problem):
+    train = write_data(tmp_path, "train", sentiment_rows(16, 0))
+    args = []
+    expected = {
+        "missing_column": "has no column 'label'; its columns are: text, sentiment",
+        "empty_file": "has no rows",
+        "unseen_label": "label 'neutral' that training never saw",
+        "no_model": "is neither a built-in name",
+        "bad_key": "lr_typo",
+        "bad_target": "matched no module",
+    }[problem]
+    if problem == "missing_column":
+        train.write_text("text,sentiment\nthe movie,positive\n")
+    elif problem == "empty_file":
+        train.write_text("text,label\n")
+    config = recipe(tmp_path, tiny_model_dir if problem != "no_model" else tmp_path / "nowhere", train,
+                    write_data(tmp_path, "test", [("the plot", "neutral")]) if problem == "unseen_label" else None)
+    if problem == "bad_key":
+        args = ["--model.init_args.lr_typo", "1"]
+    if problem == "bad_target":
+        args = ["--trainer.callbacks.init_args.target_modules", "[nothing]"]
+    result = run_cli("fit", "--config", str(config), *args)
+    assert result.returncode != 0
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list(Path(tmp_path).rglob("*.ckpt"))  # nothing half-written
