@@ -1,19 +1,23 @@
-"""The base of every layer that a PEFT method puts in place of a base-model layer."""
+"""The bases of what PEFT methods add to a model: wrapping layers and other added parts."""
 
 from __future__ import annotations
 
 from torch import nn
 
 
-class PEFTLayer(nn.Module):
+class PEFTModule(nn.Module):
+    """A part that a PEFT method adds to a model (a prompt encoder, say); merging refuses it."""
+
+    method: str = "PEFT"
+    mergeable: bool = False
+
+
+class PEFTLayer(PEFTModule):
     """A frozen ``base_layer`` plus named adapters of one method, of which some are active.
 
     Subclasses add adapters with their own ``add_adapter`` and compute the forward; the
     bookkeeping of names, activity and merging lives here so every method shares it.
     """
-
-    method: str = "PEFT"
-    mergeable: bool = False
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from lightning_peft.core.injection import peft_layers, replace_module
+from lightning_peft.core.layer import PEFTModule
 
 _MERGED = "_lightning_peft_merged"
 
@@ -16,7 +17,7 @@ def merge(module: nn.Module) -> nn.Module:
     them. A method that cannot merge raises before anything changes.
     """
     layers = list(peft_layers(module))
-    unmergeable = sorted({layer.method for _, layer in layers if not layer.mergeable})
+    unmergeable = sorted({m.method for m in module.modules() if isinstance(m, PEFTModule) and not m.mergeable})
     if unmergeable:
         raise ValueError(f"{', '.join(unmergeable)} adapters cannot be merged into the base weights")
     merged = module.__dict__.setdefault(_MERGED, [])
