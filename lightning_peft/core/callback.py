@@ -8,8 +8,10 @@ owns is frozen. Checkpoints then hold the adapter only (``checkpoint="full"`` ke
 
 from __future__ import annotations
 
+import inspect
 import weakref
-from typing import Literal
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
@@ -17,7 +19,8 @@ from lightning_utilities.core.overrides import is_overridden
 from torch import nn
 
 from lightning_peft.core.checkpointing import install_adapter_checkpointing
-from lightning_peft.core.injection import claim, freeze_unclaimed
+from lightning_peft.core.injection import adapter_records, check_unclaimed, claim, freeze_unclaimed, record_adapter
+from lightning_peft.core.targeting import select_modules
 from lightning_peft.core.summary import trainable_summary
 
 CheckpointPolicy = Literal["adapter", "full"]
@@ -28,14 +31,17 @@ class PEFTCallback(L.Callback):
 
     Subclasses implement :meth:`inject_into`, which adds the method to a module and returns
     the parameters it trains. :meth:`inject` also works on a plain ``nn.Module`` outside a
-    Trainer.
+    Trainer. ``modules_to_save`` names whole modules (a new classification head, say) that
+    train fully alongside the method and are saved with its adapter.
     """
 
-    def __init__(self, adapter_name: str = "default", checkpoint: CheckpointPolicy = "adapter") -> None:
+    def __init__(self, adapter_name: str = "default", checkpoint: CheckpointPolicy = "adapter",
+                 modules_to_save: Sequence[str] | None = None) -> None:
         if checkpoint not in ("adapter", "full"):
             raise ValueError(f"checkpoint must be 'adapter' or 'full', got {checkpoint!r}")
         self.adapter_name = adapter_name
         self.checkpoint = checkpoint
+        self.modules_to_save = list(modules_to_save or [])
         self._injected: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
     @property
@@ -51,10 +57,26 @@ class PEFTCallback(L.Callback):
         """Add the method to ``module`` (once), then train only what PEFT methods own."""
         if module in self._injected:
             return module
-        claim(module, self.owner, self.inject_into(module))
+        if self.owner in adapter_records(module):
+            raise ValueError(f"{self.owner} is already injected into this model; pass another adapter_name")
+        saved = [p for _, m in self._modules_to_save(module) for p in m.parameters()]
+        check_unclaimed(module, self.owner, saved)
+        claim(module, self.owner, self.inject_into(module) + saved)
+        record_adapter(module, self.owner, type(self).__name__, self.adapter_name, self.config())
         freeze_unclaimed(module)
         self._injected.add(module)
         return module
+
+    def _modules_to_save(self, module: nn.Module) -> list[tuple[str, nn.Module]]:
+        if not self.modules_to_save:
+            return []
+        return select_modules(module, self.modules_to_save, supported=(nn.Module,),
+                              method=f"{type(self).__name__} modules_to_save")
+
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments of this method, as stored attributes (saved with adapters)."""
+        names = inspect.signature(type(self).__init__).parameters
+        return {name: getattr(self, name) for name in names if name != "self" and hasattr(self, name)}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         install_adapter_checkpointing(trainer)

@@ -14,6 +14,7 @@ from torch import nn
 from lightning_peft.core.layer import PEFTLayer
 
 _OWNERS = "_lightning_peft_owners"
+_ADAPTERS = "_lightning_peft_adapters"
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -28,10 +29,17 @@ def wrap_modules(
     chosen: list[tuple[str, nn.Module]],
     layer_for: Callable[[nn.Module], PEFTLayer],
     layer_type: type[PEFTLayer],
+    innermost: bool = False,
 ) -> list[tuple[str, PEFTLayer]]:
-    """Wrap each chosen module in a ``layer_type`` layer (reusing one that is already there)."""
+    """Wrap each chosen module in a ``layer_type`` layer, reusing one that is already there.
+
+    A module already wrapped by another method is wrapped again on the outside, or, with
+    ``innermost`` (methods that change the weight itself, like LoRA), right around its base layer.
+    """
     layers = []
     for name, module in chosen:
+        while innermost and isinstance(module, PEFTLayer) and not isinstance(module, layer_type):
+            name, module = f"{name}.base_layer", module.base_layer
         layer = module if isinstance(module, layer_type) else layer_for(module)
         if layer is not module:
             replace_module(root, name, layer)
@@ -90,3 +98,17 @@ def freeze_unclaimed(root: nn.Module) -> None:
 
 def _name_of(root: nn.Module, param: nn.Parameter) -> str:
     return next((n for n, p in root.named_parameters() if p is param), "<unnamed>")
+
+
+def record_adapter(root: nn.Module, owner: str, method: str, adapter_name: str, config: dict) -> None:
+    """Remember which method and settings made the adapter ``owner``, for saving it later."""
+    root.__dict__.setdefault(_ADAPTERS, {})[owner] = {"method": method, "name": adapter_name, "config": config}
+
+
+def adapter_records(root: nn.Module) -> dict[str, dict]:
+    """Every adapter injected into ``root``: owner -> {"method", "name", "config"}."""
+    return root.__dict__.get(_ADAPTERS, {})
+
+
+def forget_adapter(root: nn.Module, owner: str) -> None:
+    root.__dict__.get(_ADAPTERS, {}).pop(owner, None)

@@ -6,22 +6,17 @@ from torch import nn
 
 
 class PEFTModule(nn.Module):
-    """A part that a PEFT method adds to a model (a prompt encoder, say); merging refuses it."""
+    """A part that a PEFT method adds to a model, holding named adapters of which some are active.
+
+    ``method`` is the name of the method's callback class (e.g. ``"LoRA"``). Parts that are not
+    wrapped layers (a prompt encoder, say) subclass this directly; merging refuses them.
+    """
 
     method: str = "PEFT"
     mergeable: bool = False
 
-
-class PEFTLayer(PEFTModule):
-    """A frozen ``base_layer`` plus named adapters of one method, of which some are active.
-
-    Subclasses add adapters with their own ``add_adapter`` and compute the forward; the
-    bookkeeping of names, activity and merging lives here so every method shares it.
-    """
-
-    def __init__(self, base_layer: nn.Module) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.base_layer = base_layer
         self.adapters = nn.ModuleDict()
         self.active_adapters: list[str] = []
 
@@ -40,6 +35,17 @@ class PEFTLayer(PEFTModule):
     def set_active(self, names: list[str]) -> None:
         self.active_adapters = [n for n in names if n in self.adapters]
 
+    def extra_repr(self) -> str:
+        return f"active={self.active_adapters}"
+
+
+class PEFTLayer(PEFTModule):
+    """A frozen ``base_layer`` plus named adapters; subclasses add adapters and compute the forward."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+
     def merged_base_layer(self) -> nn.Module:
         """Fold the active adapters into ``base_layer`` in place and return it."""
         raise NotImplementedError(f"{self.method} adapters cannot be merged into the base weights")
@@ -48,5 +54,9 @@ class PEFTLayer(PEFTModule):
         """Take the active adapters' deltas back out of ``base_layer`` (the inverse of a merge)."""
         raise NotImplementedError(f"{self.method} adapters cannot be unmerged")
 
-    def extra_repr(self) -> str:
-        return f"active={self.active_adapters}"
+
+def innermost_base(module: nn.Module) -> nn.Module:
+    """The base-model layer under any number of nested PEFT layers."""
+    while isinstance(module, PEFTLayer):
+        module = module.base_layer
+    return module

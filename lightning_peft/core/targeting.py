@@ -13,7 +13,7 @@ from typing import Union
 
 from torch import nn
 
-from lightning_peft.core.layer import PEFTLayer
+from lightning_peft.core.layer import PEFTLayer, innermost_base
 
 Targets = Union[str, Sequence[str], None]
 
@@ -103,7 +103,7 @@ def select_modules(
         chosen = [
             (n, m)
             for n, m in candidates
-            if isinstance(_base_of(m), linear) and n not in heads and isinstance(_base_of(m), supported)
+            if isinstance(innermost_base(m), linear) and n not in heads and isinstance(innermost_base(m), supported)
         ]
     else:
         chosen = [(n, m) for n, m in candidates if _matches(n, target_modules)]
@@ -121,18 +121,14 @@ def select_modules(
     for name, module in chosen:
         if name in unwrappable:
             raise TypeError(f"{method} cannot adapt '{name}': nn.MultiheadAttention reads its weight directly")
-        if not isinstance(_base_of(module), supported):
+        if not isinstance(innermost_base(module), supported):
             kinds = ", ".join(t.__name__ for t in supported)
             raise TypeError(
-                f"{method} cannot adapt '{name}' of type {type(_base_of(module)).__name__}; "
+                f"{method} cannot adapt '{name}' of type {type(innermost_base(module)).__name__}; "
                 f"it adapts {kinds}. Name the layers inside it instead, e.g. "
                 f"{_name_overview([(n, m) for n, m in candidates if n.startswith(name + '.')], 5)}"
             )
     return chosen
-
-
-def _base_of(module: nn.Module) -> nn.Module:
-    return module.base_layer if isinstance(module, PEFTLayer) else module
 
 
 def _name_overview(named: list[tuple[str, nn.Module]], limit: int = 40) -> str:
@@ -141,7 +137,7 @@ def _name_overview(named: list[tuple[str, nn.Module]], limit: int = 40) -> str:
     for name, module in named:
         leaf = name.rsplit(".", 1)[-1]
         if not leaf.isdigit():
-            seen.setdefault(leaf, type(_base_of(module)).__name__)
+            seen.setdefault(leaf, type(innermost_base(module)).__name__)
     items = [f"{leaf} ({kind})" for leaf, kind in seen.items()]
     more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
     return ", ".join(items[:limit]) + more if items else "(none)"

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from torch import nn
 
 from lightning_peft.core.callback import CheckpointPolicy, PEFTCallback
-from lightning_peft.core.injection import check_unclaimed, peft_layers, wrap_modules
+from lightning_peft.core.layer import innermost_base
+from lightning_peft.core.injection import peft_layers, wrap_modules
 from lightning_peft.core.targeting import Targets, linear_types, select_modules
 from lightning_peft.lora.layers import INITS, LoRALayer, lora_layer_for
 
@@ -45,7 +46,7 @@ class LoRA(PEFTCallback):
         adapter_name: str = "default",
         checkpoint: CheckpointPolicy = "adapter",
     ) -> None:
-        super().__init__(adapter_name=adapter_name, checkpoint=checkpoint)
+        super().__init__(adapter_name=adapter_name, checkpoint=checkpoint, modules_to_save=modules_to_save)
         if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
             raise ValueError(f"LoRA r must be a positive integer, got {r!r}")
         if not alpha > 0:
@@ -57,28 +58,20 @@ class LoRA(PEFTCallback):
         self.r, self.alpha, self.dropout = r, alpha, dropout
         self.target_modules, self.exclude_modules, self.layers = target_modules, exclude_modules, layers
         self.use_dora, self.use_rslora, self.init = use_dora, use_rslora, init
-        self.modules_to_save = list(modules_to_save or [])
 
     def inject_into(self, module: nn.Module) -> list[nn.Parameter]:
         chosen = select_modules(
             module, self.target_modules, self.exclude_modules, self.layers,
             supported=(*linear_types(), nn.Embedding, nn.Conv1d, nn.Conv2d), method="LoRA",
         )
-        saved = self._modules_to_save(module)
         self._check_before_injecting(module, chosen)
-        check_unclaimed(module, self.owner, (p for _, m in saved for p in m.parameters()))
-        layers = wrap_modules(module, chosen, lora_layer_for, LoRALayer)
-        params = [p for _, m in saved for p in m.parameters()]
+        layers = wrap_modules(module, chosen, lora_layer_for, LoRALayer, innermost=True)
+        params = []
         for _, layer in layers:
             adapter = layer.add_adapter(self.adapter_name, self.r, self.alpha, self.dropout, self.use_rslora,
                                         self.use_dora, self.init)
             params.extend(adapter.parameters())
         return params
-
-    def _modules_to_save(self, module: nn.Module) -> list[tuple[str, nn.Module]]:
-        if not self.modules_to_save:
-            return []
-        return select_modules(module, self.modules_to_save, supported=(nn.Module,), method="LoRA modules_to_save")
 
     def _check_before_injecting(self, root: nn.Module, chosen: list[tuple[str, nn.Module]]) -> None:
         """Refuse what would fail half-way, so a refused injection leaves the model untouched."""
@@ -89,7 +82,7 @@ class LoRA(PEFTCallback):
                     "pass another adapter_name to add a second adapter"
                 )
         for name, module in chosen:
-            base = module.base_layer if isinstance(module, LoRALayer) else module
+            base = innermost_base(module)
             if (self.use_dora or self.init == "pissa") and not isinstance(base, linear_types()):
                 what = "DoRA" if self.use_dora else "init='pissa'"
                 raise TypeError(f"LoRA {what} needs linear layers; '{name}' is {type(base).__name__}")

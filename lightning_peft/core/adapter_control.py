@@ -1,0 +1,68 @@
+"""Named adapters on one model: choose the active one, switch all off for a while, delete one."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from torch import nn
+
+from lightning_peft.core.injection import (adapter_records, forget_adapter, freeze_unclaimed, peft_layers, release,
+                                           replace_module)
+from lightning_peft.core.layer import PEFTLayer, PEFTModule
+
+
+def adapter_names(module: nn.Module) -> list[str]:
+    """Names of the adapters injected into ``module``, in injection order."""
+    return list(dict.fromkeys(record["name"] for record in adapter_records(module).values()))
+
+
+def _check_known(module: nn.Module, adapter_name: str) -> None:
+    if adapter_name not in adapter_names(module):
+        raise ValueError(f"no adapter named '{adapter_name}'; this model has: {', '.join(adapter_names(module)) or 'none'}")
+
+
+def set_adapter(module: nn.Module, adapter_name: str) -> None:
+    """Make ``adapter_name`` the only active adapter in every PEFT part of ``module``."""
+    _check_known(module, adapter_name)
+    for part in _peft_parts(module):
+        part.set_active([adapter_name])
+
+
+@contextmanager
+def disable_adapters(module: nn.Module) -> Iterator[nn.Module]:
+    """Inside this block ``module`` computes what its base model computes."""
+    saved = [(part, list(part.active_adapters)) for part in _peft_parts(module)]
+    try:
+        for part, _ in saved:
+            part.set_active([])
+        yield module
+    finally:
+        for part, active in saved:
+            part.set_active(active)
+
+
+def delete_adapter(module: nn.Module, adapter_name: str, method: str | None = None) -> None:
+    """Remove an adapter; a layer left with no adapter becomes its plain base layer again."""
+    owners = [o for o, r in adapter_records(module).items()
+              if r["name"] == adapter_name and method in (None, r["method"])]
+    if not owners:
+        _check_known(module, adapter_name)
+        raise ValueError(f"no {method} adapter named '{adapter_name}'")
+    for name, layer in reversed(list(peft_layers(module))):
+        if adapter_name in layer.adapters and method in (None, layer.method):
+            layer.delete_adapter(adapter_name)
+            if not layer.adapters:
+                replace_module(module, name, layer.base_layer)
+    for name, part in reversed(list(module.named_modules())):
+        if isinstance(part, PEFTModule) and not isinstance(part, PEFTLayer) and adapter_name in part.adapters \
+                and method in (None, part.method):
+            part.delete_adapter(adapter_name)
+    for owner in owners:
+        release(module, owner)
+        forget_adapter(module, owner)
+    freeze_unclaimed(module)
+
+
+def _peft_parts(module: nn.Module) -> list[PEFTModule]:
+    return [m for m in module.modules() if isinstance(m, PEFTModule)]

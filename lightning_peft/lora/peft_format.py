@@ -1,0 +1,72 @@
+"""LoRA adapters in Hugging Face peft's layout (adapter_config.json + adapter_model.safetensors)."""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from lightning_peft.core.adapter_files import AdapterFormat, register_format
+from lightning_peft.lora.callback import LoRA
+from lightning_peft.lora.layers import LoRAEmbedding, LoRALinear
+
+_ADAPTER_TENSOR = re.compile(r"^(?P<layer>.+)\.adapters\.[^.]+\.(?P<tensor>lora_A|lora_B|magnitude)$")
+PREFIX = "base_model.model."
+
+
+def file_key(name: str, root: nn.Module) -> str:
+    """peft's key for one of our tensor names: ``x.q_proj.adapters.default.lora_A`` -> ``...q_proj.lora_A.weight``."""
+    match = _ADAPTER_TENSOR.match(name)
+    if match is None:  # a modules_to_save parameter keeps its own name
+        return PREFIX + name.replace(".base_layer.", ".")
+    layer, tensor = match["layer"], match["tensor"]
+    if tensor == "magnitude":
+        return f"{PREFIX}{layer}.lora_magnitude_vector"
+    if isinstance(root.get_submodule(layer), LoRAEmbedding):
+        return f"{PREFIX}{layer}.lora_embedding_{tensor[-1]}"
+    return f"{PREFIX}{layer}.{tensor}.weight"
+
+
+def to_config(config: dict, root: nn.Module, names: list[str]) -> dict:
+    """peft's LoraConfig fields; the targets are listed by their full names, which peft matches exactly."""
+    layers = sorted({m["layer"] for m in map(_ADAPTER_TENSOR.match, names) if m})
+    transposed = any(isinstance(root.get_submodule(n), LoRALinear) and root.get_submodule(n).transposed
+                     for n in layers)
+    name_or_path = getattr(getattr(root, "config", None), "_name_or_path", None) or None
+    return {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": name_or_path, "inference_mode": True,
+        "r": config["r"], "lora_alpha": config["alpha"], "lora_dropout": config["dropout"],
+        "target_modules": layers, "use_rslora": config["use_rslora"], "use_dora": config["use_dora"],
+        "fan_in_fan_out": transposed, "bias": "none", "init_lora_weights": True,
+        "modules_to_save": config["modules_to_save"] or None,
+    }
+
+
+def to_callback(config: dict, adapter_name: str) -> LoRA:
+    """Our LoRA callback for a peft LoraConfig (its targets, exclusions and layers included)."""
+    unsupported = {k: config[k] for k in ("rank_pattern", "alpha_pattern") if config.get(k)}
+    if unsupported:
+        raise ValueError(f"peft LoRA option(s) {', '.join(unsupported)} are not supported: {unsupported}")
+    targets = config["target_modules"]
+    return LoRA(
+        r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
+        target_modules=_anchored(targets) if isinstance(targets, str) else list(targets),
+        exclude_modules=_anchored(config["exclude_modules"]) if isinstance(config.get("exclude_modules"), str)
+        else config.get("exclude_modules"),
+        layers=_layers(config.get("layers_to_transform")),
+        use_dora=bool(config.get("use_dora")), use_rslora=bool(config.get("use_rslora")),
+        modules_to_save=config.get("modules_to_save"), adapter_name=adapter_name,
+    )
+
+
+def _anchored(pattern: str) -> str:
+    """peft matches a regex against names inside the transformers model; ours may sit under a prefix."""
+    return rf"(?:.*\.)?(?:{pattern})"
+
+
+def _layers(value: int | list[int] | None) -> list[int] | None:
+    return [value] if isinstance(value, int) else value
+
+
+register_format(AdapterFormat(method="LoRA", peft_type="LORA", to_config=to_config, to_callback=to_callback,
+                              file_key=file_key))

@@ -1,0 +1,189 @@
+"""Adapter folders in peft's layout, both directions; named adapters; bad files."""
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import VOCAB, tiny_bert, tiny_gpt2, tiny_llama
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from lightning_peft import (LoRA, delete_adapter, disable_adapters, load_adapter, save_adapter, set_adapter,
+                            trainable_summary)
+from lightning_peft.lora import LoRALayer
+
+CASES = {
+    "llama": (tiny_llama, dict(target_modules=["q_proj", "v_proj", "embed_tokens"])),
+    "llama-dora-rslora": (tiny_llama, dict(target_modules=["q_proj", "o_proj"], use_dora=True, use_rslora=True)),
+    "bert-head": (tiny_bert, dict(target_modules=["query", "value"], modules_to_save=["classifier"])),
+    "gpt2-conv1d": (tiny_gpt2, dict(target_modules=["c_attn", "c_proj"])),
+}
+IDS = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
+
+
+def logits(model):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def randomize_trainable(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_ours_to_peft(case, tmp_path):
+    build, kwargs = CASES[case]
+    base = build()
+    ours = copy.deepcopy(base)
+    LoRA(r=4, alpha=8, **kwargs).inject(ours)
+    randomize_trainable(ours)
+    save_adapter(ours, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+
+    theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert torch.allclose(logits(theirs), logits(ours), atol=1e-5)
+    assert not torch.allclose(logits(base), logits(ours), atol=1e-3)  # the adapter matters
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_peft_to_ours(case, tmp_path):
+    build, kwargs = CASES[case]
+    base = build()
+    peft_kwargs = dict(r=4, lora_alpha=8, target_modules=kwargs["target_modules"], use_dora=kwargs.get("use_dora", False),
+                       use_rslora=kwargs.get("use_rslora", False), modules_to_save=kwargs.get("modules_to_save"))
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(**peft_kwargs))
+    randomize_trainable(theirs)
+    theirs.save_pretrained(tmp_path)
+
+    ours = load_adapter(copy.deepcopy(base), tmp_path)
+    assert torch.allclose(logits(ours), logits(theirs), atol=1e-5)
+    # Loaded adapters train on: they are the trainable parameters, the base is frozen.
+    assert trainable_summary(ours).trainable == theirs.get_nb_trainable_parameters()[0]
+
+
+def test_round_trip_through_our_own_files(tmp_path):
+    model = tiny_llama()
+    base = copy.deepcopy(model)
+    LoRA(r=4, target_modules=["q_proj"], use_dora=True).inject(model)
+    randomize_trainable(model)
+    save_adapter(model, tmp_path / "adapter")
+    again = load_adapter(base, tmp_path / "adapter")
+    assert torch.allclose(logits(again), logits(model), atol=1e-6)
+
+
+def two_adapter_model():
+    model = tiny_llama()
+    LoRA(r=4, target_modules=["q_proj", "v_proj"], adapter_name="a").inject(model)
+    LoRA(r=2, target_modules=["q_proj"], adapter_name="b").inject(model)
+    randomize_trainable(model)
+    return model
+
+
+def test_named_adapters_switch_and_disable():
+    model = two_adapter_model()
+    base = copy.deepcopy(model)
+    for layer in base.modules():
+        if isinstance(layer, LoRALayer):
+            layer.set_active([])
+    both = logits(model)
+    set_adapter(model, "a")
+    only_a = logits(model)
+    set_adapter(model, "b")
+    only_b = logits(model)
+    assert not torch.allclose(only_a, only_b, atol=1e-4)
+    assert not torch.allclose(only_a, both, atol=1e-4)
+    with disable_adapters(model):
+        assert torch.equal(logits(model), logits(base))
+    assert torch.equal(logits(model), only_b)  # the context restores what was active
+    with pytest.raises(ValueError, match="no adapter named 'c'; this model has: a, b"):
+        set_adapter(model, "c")
+
+
+def test_each_named_adapter_saves_on_its_own(tmp_path):
+    model = two_adapter_model()
+    set_adapter(model, "a")
+    expected_a = logits(model)
+    save_adapter(model, tmp_path / "a", adapter_name="a")
+    fresh = tiny_llama()
+    fresh.load_state_dict({k.replace(".base_layer", ""): v for k, v in model.state_dict().items()
+                           if "adapters" not in k})
+    assert torch.allclose(logits(load_adapter(fresh, tmp_path / "a", adapter_name="a")), expected_a, atol=1e-6)
+
+
+def test_delete_adapter_restores_plain_layers():
+    model = two_adapter_model()
+    delete_adapter(model, "b")
+    assert {n for n, _ in model.named_parameters() if "adapters.b" in n} == set()
+    assert sum(isinstance(m, LoRALayer) for m in model.modules()) == 4  # q and v still carry "a"
+    delete_adapter(model, "a")
+    assert not any(isinstance(m, LoRALayer) for m in model.modules())
+    assert set(tiny_llama().state_dict()) == set(model.state_dict())
+    assert trainable_summary(model).methods == []
+
+
+def saved_adapter(tmp_path):
+    model = tiny_llama()
+    LoRA(r=4, target_modules=["q_proj"]).inject(model)
+    save_adapter(model, tmp_path)
+    return tmp_path
+
+
+def assert_untouched(model, keys, flags):
+    assert set(model.state_dict()) == keys
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda d: (d / "adapter_model.safetensors").write_bytes((d / "adapter_model.safetensors").read_bytes()[:100]),
+     ["adapter_model.safetensors", "not a valid safetensors file"]),
+    (lambda d: (d / "adapter_config.json").write_text("{not json"), ["adapter_config.json", "not valid JSON"]),
+    (lambda d: (d / "adapter_config.json").unlink(), ["adapter_config.json", "does not exist"]),
+    (lambda d: (d / "adapter_config.json").write_text(json.dumps(
+        {**json.loads((d / "adapter_config.json").read_text()), "r": 8})),
+     ["lora_A.weight", "(4, 32)", "(8, 32)"]),
+    (lambda d: (d / "adapter_config.json").write_text(json.dumps(
+        {**json.loads((d / "adapter_config.json").read_text()), "peft_type": "LOHA"})), ["LOHA", "not supported"]),
+])
+def test_bad_adapter_files_name_the_problem_and_leave_the_model(tmp_path, damage, words):
+    folder = saved_adapter(tmp_path)
+    damage(folder)
+    model = tiny_llama()
+    keys, flags = set(model.state_dict()), [p.requires_grad for p in model.parameters()]
+    with pytest.raises((ValueError, FileNotFoundError)) as info:
+        load_adapter(model, folder)
+    for word in words:
+        assert word in str(info.value)
+    assert_untouched(model, keys, flags)
+
+
+def test_adapter_for_another_model_is_refused(tmp_path):
+    folder = saved_adapter(tmp_path)
+    model = tiny_gpt2()
+    keys, flags = set(model.state_dict()), [p.requires_grad for p in model.parameters()]
+    with pytest.raises(ValueError, match="matched no module"):
+        load_adapter(model, folder)
+    assert_untouched(model, keys, flags)
+
+
+def test_a_failed_save_leaves_the_previous_files(tmp_path, monkeypatch):
+    folder = saved_adapter(tmp_path)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    model = tiny_llama()
+    LoRA(r=4, target_modules=["q_proj"]).inject(model)
+    randomize_trainable(model)
+
+    import lightning_peft.core.adapter_files as adapter_files
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(adapter_files, "save", fail)
+    with pytest.raises(OSError):
+        save_adapter(model, folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
