@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 
 class PEFTModule(nn.Module):
@@ -60,3 +61,10 @@ def innermost_base(module: nn.Module) -> nn.Module:
     while isinstance(module, PEFTLayer):
         module = module.base_layer
     return module
+
+
+def to_adapter_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """Cast an adapter's input to its parameters' dtype, unless autocast picks the compute dtype."""
+    if x.dtype == dtype or torch.is_autocast_enabled(x.device.type):
+        return x
+    return x.to(dtype)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_peft.core.layer import PEFTLayer
+from lightning_peft.core.layer import PEFTLayer, to_adapter_dtype
 
 INITS = ("default", "gaussian", "pissa")
 
@@ -96,7 +96,7 @@ class LoRALayer(PEFTLayer):
 
     def delta(self, x: Tensor, out: Tensor, adapter: LoRAAdapter) -> Tensor:
         """What ``adapter`` adds to the base output ``out`` for the input ``x``."""
-        return self.lora_output(_to_adapter_dtype(adapter.dropout(x), adapter), adapter)
+        return self.lora_output(to_adapter_dtype(adapter.dropout(x), adapter.lora_A.dtype), adapter)
 
     def merge_update(self, adapter: LoRAAdapter) -> Tensor:
         """The ``(out, fan_in)`` change that merging ``adapter`` makes to the base weight."""
@@ -165,7 +165,7 @@ class LoRALinear(LoRALayer):
     def delta(self, x: Tensor, out: Tensor, adapter: LoRAAdapter) -> Tensor:
         if adapter.magnitude is None:
             return super().delta(x, out, adapter)
-        return self.dora_delta(_to_adapter_dtype(adapter.dropout(x), adapter), out, adapter)
+        return self.dora_delta(to_adapter_dtype(adapter.dropout(x), adapter.lora_A.dtype), out, adapter)
 
     def dora_delta(self, x: Tensor, out: Tensor, adapter: LoRAAdapter) -> Tensor:
         """DoRA: rescale ``W + scale * B @ A`` row-wise to the learned magnitude (norm detached)."""
@@ -264,10 +264,3 @@ def lora_layer_for(module: nn.Module) -> LoRALayer:
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         return LoRAConv(module)
     return LoRALinear(module)
-
-
-def _to_adapter_dtype(x: Tensor, adapter: LoRAAdapter) -> Tensor:
-    """Cast the input to the adapter's dtype unless autocast already picks the compute dtype."""
-    if x.dtype == adapter.lora_A.dtype or torch.is_autocast_enabled(x.device.type):
-        return x
-    return x.to(adapter.lora_A.dtype)

@@ -1,0 +1,105 @@
+"""Bottleneck adapters as a Lightning callback: small trainable MLPs after each block's output projections."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lightning_peft.additive.adapter_layers import ACTIVATIONS, AdapterLayer
+from lightning_peft.core.callback import CheckpointPolicy, PEFTCallback
+from lightning_peft.core.injection import peft_layers, wrap_modules
+from lightning_peft.core.targeting import Targets, linear_types, select_modules
+
+PLACEMENTS = ("houlsby", "pfeiffer")
+
+# Each architecture's (attention output, feed-forward output) projections, as full-match regexes.
+# BERT's block output ``layer.N.output.dense`` must not also take ``layer.N.attention.output.dense``.
+OUTPUT_PROJECTIONS: dict[str, tuple[str, str]] = {
+    "llama": (r"(?:.*\.)?self_attn\.o_proj", r"(?:.*\.)?mlp\.down_proj"),
+    "bert": (r"(?:.*\.)?layer\.\d+\.attention\.output\.dense", r"(?:.*\.)?layer\.\d+\.output\.dense"),
+    "gpt2": (r"(?:.*\.)?h\.\d+\.attn\.c_proj", r"(?:.*\.)?h\.\d+\.mlp\.c_proj"),
+}
+
+
+class Adapter(PEFTCallback):
+    """Insert ``h + up(act(down(h)))`` after output projections; the up-projection starts at zero.
+
+    Args:
+        bottleneck_dim: width of the bottleneck.
+        placement: ``"houlsby"`` (after the attention and the feed-forward output of each block)
+            or ``"pfeiffer"`` (after the feed-forward output only); built in for Llama, BERT, GPT-2.
+        activation: ``"gelu"``, ``"relu"``, ``"silu"`` or ``"tanh"``.
+        dropout: dropout on the adapter's update, before the residual add.
+        target_modules: module-name suffixes or a full-match regex of the layers whose output the
+            adapters take; needed for other models, and overrides ``placement`` when given.
+        adapter_name: name of this adapter; several can live on one layer and apply in turn.
+        checkpoint: ``"adapter"`` keeps checkpoints to the trainable tensors, ``"full"`` keeps all.
+    """
+
+    def __init__(
+        self,
+        bottleneck_dim: int = 64,
+        placement: str = "houlsby",
+        activation: str = "gelu",
+        dropout: float = 0.0,
+        target_modules: Targets = None,
+        adapter_name: str = "default",
+        checkpoint: CheckpointPolicy = "adapter",
+    ) -> None:
+        super().__init__(adapter_name=adapter_name, checkpoint=checkpoint)
+        if not isinstance(bottleneck_dim, int) or isinstance(bottleneck_dim, bool) or bottleneck_dim <= 0:
+            raise ValueError(f"Adapter bottleneck_dim must be a positive integer, got {bottleneck_dim!r}")
+        if placement not in PLACEMENTS:
+            raise ValueError(f"Adapter placement must be one of {PLACEMENTS}, got {placement!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"Adapter activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"Adapter dropout must be in [0, 1), got {dropout!r}")
+        self.bottleneck_dim, self.placement, self.activation = bottleneck_dim, placement, activation
+        self.dropout, self.target_modules = dropout, target_modules
+
+    def inject_into(self, module: nn.Module) -> list[nn.Parameter]:
+        chosen = select_modules(module, self.targets_in(module), supported=linear_types(), method="Adapter")
+        self._check_not_injected(module)
+        layers = wrap_modules(module, chosen, AdapterLayer, AdapterLayer)
+        params = []
+        for _, layer in layers:
+            adapter = layer.add_adapter(self.adapter_name, self.bottleneck_dim, self.activation, self.dropout)
+            params.extend(adapter.parameters())
+        return params
+
+    def targets_in(self, module: nn.Module) -> Targets:
+        """``target_modules`` when given, else the placement's output projections of the model inside."""
+        if self.target_modules is not None:
+            return self.target_modules
+        model_type = transformers_model_type(module)
+        if model_type not in OUTPUT_PROJECTIONS:
+            found = f"model_type {model_type!r}" if model_type else "no transformers model"
+            raise ValueError(
+                f"Adapter knows where to insert adapters in {', '.join(sorted(OUTPUT_PROJECTIONS))} models, but "
+                f"found {found}. Pass target_modules with the output projections of each block, e.g. "
+                "Adapter(target_modules=['attn.out_proj', 'mlp.fc2']) (name suffixes or a full-match regex)"
+            )
+        return placement_pattern(model_type, self.placement)
+
+    def _check_not_injected(self, root: nn.Module) -> None:
+        """Refuse a second adapter of this name before anything is wrapped, leaving the model untouched."""
+        for name, layer in peft_layers(root):
+            if isinstance(layer, AdapterLayer) and self.adapter_name in layer.adapters:
+                raise ValueError(
+                    f"Adapter '{self.adapter_name}' is already injected (into '{name}', ...); "
+                    "pass another adapter_name to add a second adapter"
+                )
+
+
+def placement_pattern(model_type: str, placement: str) -> str:
+    """The regex of the module names that ``placement`` puts adapters after in a ``model_type`` model."""
+    attention, feedforward = OUTPUT_PROJECTIONS[model_type]
+    return f"(?:{attention})|(?:{feedforward})" if placement == "houlsby" else feedforward
+
+
+def transformers_model_type(module: nn.Module) -> str | None:
+    """The config ``model_type`` of the outermost transformers model in ``module``, if any."""
+    from transformers import PreTrainedModel
+
+    model = next((m for m in module.modules() if isinstance(m, PreTrainedModel)), None)
+    return model.config.model_type if model is not None else None

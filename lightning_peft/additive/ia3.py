@@ -1,0 +1,122 @@
+"""IA3 as a Lightning callback: learned vectors that rescale chosen activations (Liu et al., 2022).
+
+A target that is not a feed-forward module has its output scaled by a vector of out_features;
+a feed-forward one has its input scaled by a vector of in_features. The vectors start at ones,
+so a freshly injected model computes what its base computes, and they merge into the weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from lightning_peft.additive.ia3_layers import IA3Layer
+from lightning_peft.core.adapter_files import model_root
+from lightning_peft.core.callback import CheckpointPolicy, PEFTCallback
+from lightning_peft.core.injection import wrap_modules
+from lightning_peft.core.targeting import Targets, linear_types, select_modules
+
+# model_type -> (target_modules, feedforward_modules): Hugging Face peft 0.21's IA3 defaults.
+DEFAULT_TARGETS: dict[str, tuple[list[str], list[str]]] = {
+    "t5": (["k", "v", "wo"], ["wo"]),
+    "mt5": (["k", "v", "wi_1"], []),
+    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+    "bloom": (["query_key_value", "mlp.dense_4h_to_h"], ["mlp.dense_4h_to_h"]),
+    "roberta": (["key", "value", "output.dense"], ["output.dense"]),
+    "opt": (["q_proj", "k_proj", "fc2"], ["fc2"]),
+    "gptj": (["q_proj", "v_proj", "fc_out"], ["fc_out"]),
+    "gpt_neox": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),
+    "gpt_neo": (["q_proj", "v_proj", "c_proj"], ["c_proj"]),
+    "bart": (["q_proj", "v_proj", "fc2"], ["fc2"]),
+    "gpt_bigcode": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+    "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "llama4": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "mistral": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "mixtral": (["k_proj", "v_proj", "w2"], ["w2"]),
+    "bert": (["key", "value", "output.dense"], ["output.dense"]),
+    "deberta-v2": (["key_proj", "value_proj", "output.dense"], ["output.dense"]),
+    "deberta": (["in_proj", "output.dense"], ["output.dense"]),
+    "falcon": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),
+    "phi": (["q_proj", "v_proj", "fc2"], ["fc2"]),
+    "gemma": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "gemma2": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "gemma3_text": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "qwen2": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "qwen3": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
+}
+
+
+class IA3(PEFTCallback):
+    """Train one scaling vector per targeted linear layer: on its output, or on its input for feed-forward ones.
+
+    Args:
+        target_modules: module-name suffixes or a full-match regex; ``None`` takes the defaults
+            of the transformers model's architecture (``DEFAULT_TARGETS``, as peft).
+        feedforward_modules: the targets whose input is scaled; they must be targets. ``None``
+            takes the architecture's defaults (that are targets), or none for an unknown one.
+        exclude_modules: the same forms, taken out of the targets.
+        layers: block indices to adapt (all when ``None``).
+        modules_to_save: whole modules trained and saved with the adapter, e.g. ``["classifier"]``.
+        adapter_name: name of this adapter; several can live on one model.
+        checkpoint: ``"adapter"`` keeps checkpoints to the trainable tensors, ``"full"`` keeps all.
+    """
+
+    def __init__(
+        self,
+        target_modules: Targets = None,
+        feedforward_modules: Targets = None,
+        exclude_modules: Targets = None,
+        layers: Sequence[int] | None = None,
+        modules_to_save: Sequence[str] | None = None,
+        adapter_name: str = "default",
+        checkpoint: CheckpointPolicy = "adapter",
+    ) -> None:
+        super().__init__(adapter_name=adapter_name, checkpoint=checkpoint, modules_to_save=modules_to_save)
+        self.target_modules, self.feedforward_modules = target_modules, feedforward_modules
+        self.exclude_modules, self.layers = exclude_modules, layers
+
+    def inject_into(self, module: nn.Module) -> list[nn.Parameter]:
+        chosen = select_modules(module, self._target_modules(module), self.exclude_modules, self.layers,
+                                supported=linear_types(), method="IA3")
+        feedforward = self._feedforward_names(module, {name for name, _ in chosen})
+        layers = wrap_modules(module, chosen, IA3Layer, IA3Layer)
+        return [p for name, layer in layers
+                for p in layer.add_adapter(self.adapter_name, name in feedforward).parameters()]
+
+    def _target_modules(self, root: nn.Module) -> Targets:
+        return self.target_modules if self.target_modules is not None else self._defaults(root)[0]
+
+    def _feedforward_names(self, root: nn.Module, targets: set[str]) -> set[str]:
+        """Names of the targets whose input is scaled; explicit feed-forward modules must be targets."""
+        given = self.feedforward_modules
+        patterns = given if given is not None else self._default_feedforward(root)
+        if not patterns:
+            return set()
+        filters = (self.exclude_modules, self.layers) if given is not None else (None, None)
+        named = {name for name, _ in select_modules(root, patterns, *filters, supported=(nn.Module,),
+                                                    method="IA3 feedforward_modules")}
+        stray = sorted(named - targets)
+        if given is not None and stray:
+            raise ValueError(f"IA3 feedforward_modules must be among the targets; these are not: {stray[:8]}")
+        return named & targets
+
+    def _default_feedforward(self, root: nn.Module) -> list[str]:
+        """The architecture's feed-forward defaults, or none when targets were given for an unknown one."""
+        if self.target_modules is not None and model_type(root) not in DEFAULT_TARGETS:
+            return []
+        return self._defaults(root)[1]
+
+    def _defaults(self, root: nn.Module) -> tuple[list[str], list[str]]:
+        kind = model_type(root)
+        if kind not in DEFAULT_TARGETS:
+            found = f"model type {kind!r}" if kind else "no transformers model"
+            raise ValueError(f"IA3 has no default targets for {found}; pass target_modules (and "
+                             f"feedforward_modules). Defaults exist for: {', '.join(sorted(DEFAULT_TARGETS))}")
+        return DEFAULT_TARGETS[kind]
+
+
+def model_type(root: nn.Module) -> str | None:
+    """The ``config.model_type`` of the transformers model inside ``root``, if there is one."""
+    _, model = model_root(root)
+    return getattr(getattr(model, "config", None), "model_type", None)

@@ -1,0 +1,88 @@
+"""IA3 layers: learned vectors that rescale a linear layer's output, or its input for feed-forward layers.
+
+As in Hugging Face peft, a vector ``ia3_l`` starts at ones and is stored as ``(out, 1)`` when
+it scales the output and as ``(1, in)`` when it scales the input, so either shape multiplies
+the ``(out, in)`` weight directly; the output scaling also scales the bias.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lightning_peft.core.layer import PEFTLayer, innermost_base
+
+
+class IA3Adapter(nn.Module):
+    """One learned scaling vector, on the layer's input (``feedforward``) or on its output."""
+
+    def __init__(self, width: int, feedforward: bool, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.feedforward = feedforward
+        shape = (1, width) if feedforward else (width, 1)
+        self.ia3_l = nn.Parameter(torch.ones(shape, dtype=dtype, device=device))
+
+
+class IA3Layer(PEFTLayer):
+    """nn.Linear or transformers' Conv1D (GPT-2, weight stored transposed) with IA3 vectors."""
+
+    method = "IA3"
+    mergeable = True
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        base = innermost_base(base_layer)
+        self.transposed = not isinstance(base, nn.Linear)  # Conv1D: weight is (in, out)
+        self.out_features, self.in_features = self._as_out_in(base.weight).shape
+
+    def add_adapter(self, name: str, feedforward: bool) -> IA3Adapter:
+        weight = innermost_base(self.base_layer).weight
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        width = self.in_features if feedforward else self.out_features
+        adapter = IA3Adapter(width, feedforward, dtype, weight.device)
+        self.register_adapter(name, adapter)
+        return adapter
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        input_scale = self._active_scale(feedforward=True)
+        if input_scale is not None:
+            x = (x.to(input_scale.dtype) * input_scale).to(x.dtype)
+        out = self.base_layer(x, *args, **kwargs)
+        output_scale = self._active_scale(feedforward=False)
+        if output_scale is not None:
+            out = (out * output_scale).to(out.dtype)
+        return out
+
+    def _active_scale(self, feedforward: bool) -> Tensor | None:
+        """The product of the active vectors on the input (``feedforward``) or output, if any."""
+        scale = None
+        for name in self.active_adapters:
+            adapter = self.adapters[name]
+            if adapter.feedforward == feedforward:
+                vector = adapter.ia3_l.flatten()
+                scale = vector if scale is None else scale * vector
+        return scale
+
+    @torch.no_grad()
+    def merged_base_layer(self) -> nn.Module:
+        for name in self.active_adapters:
+            self._scale_base(self.adapters[name], self.adapters[name].ia3_l)
+        return self.base_layer
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        for name in reversed(self.active_adapters):
+            self._scale_base(self.adapters[name], 1 / self.adapters[name].ia3_l)
+
+    def _scale_base(self, adapter: IA3Adapter, factor: Tensor) -> None:
+        """Multiply the weight's columns (input scaling) or rows and bias (output scaling) by ``factor``."""
+        weight = self.base_layer.weight
+        self._as_out_in(weight).mul_(factor.to(weight.dtype))
+        bias = getattr(self.base_layer, "bias", None)
+        if not adapter.feedforward and bias is not None:
+            bias.mul_(factor.flatten().to(bias.dtype))
+
+    def _as_out_in(self, weight: Tensor) -> Tensor:
+        """``weight`` as an ``(out, in)`` view (a view, so in-place changes reach the weight)."""
+        return weight.T if self.transposed else weight
+

@@ -1,0 +1,149 @@
+"""Selective fine-tuning: train a named subset of the parameters the model already has.
+
+Nothing is added to the model, so its forward stays the base's and there is nothing to merge;
+the method only claims parameters, which the base callback then leaves trainable. Names are
+matched as the base model spells them: the ``.base_layer`` of a wrapping PEFT layer is invisible.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from torch import nn
+
+from lightning_peft.core.callback import CheckpointPolicy, PEFTCallback
+from lightning_peft.core.layer import PEFTLayer, PEFTModule
+from lightning_peft.core.targeting import Targets, block_index, select_modules
+
+PARAM_TYPES = ("bias", "norm", "embedding")
+
+
+class BaseParameter(NamedTuple):
+    """A parameter of the base model, its name without ``.base_layer`` and its kinds (see PARAM_TYPES)."""
+
+    name: str
+    kinds: frozenset[str]
+    param: nn.Parameter
+
+
+class Selective(PEFTCallback):
+    """Train the existing parameters that pass every given filter (their intersection).
+
+    Args:
+        modules: module-name suffixes or a full-match regex (as ``target_modules``); every
+            parameter inside a matching module passes.
+        layers: block indices whose parameters pass.
+        param_types: kinds of parameter that pass, any of ``"bias"`` (every parameter named
+            ``bias``), ``"norm"`` (parameters of LayerNorm/RMSNorm-like modules) and
+            ``"embedding"`` (``nn.Embedding`` weights).
+        modules_to_save: whole modules trained as well, whatever the filters, e.g. ``["classifier"]``.
+        adapter_name: name under which the parameters are claimed.
+        checkpoint: ``"adapter"`` keeps checkpoints to the trainable tensors, ``"full"`` keeps all.
+    """
+
+    def __init__(
+        self,
+        modules: Targets = None,
+        layers: Sequence[int] | None = None,
+        param_types: Sequence[str] | None = None,
+        modules_to_save: Sequence[str] | None = None,
+        adapter_name: str = "default",
+        checkpoint: CheckpointPolicy = "adapter",
+    ) -> None:
+        super().__init__(adapter_name=adapter_name, checkpoint=checkpoint, modules_to_save=modules_to_save)
+        param_types = [param_types] if isinstance(param_types, str) else list(param_types or [])
+        unknown = sorted(set(param_types) - set(PARAM_TYPES))
+        if unknown:
+            raise ValueError(f"{type(self).__name__} param_types must be among {PARAM_TYPES}, got {unknown}")
+        if modules is None and layers is None and not param_types:
+            raise ValueError(f"{type(self).__name__} needs modules, layers or param_types; "
+                             "training every parameter is full fine-tuning")
+        self.modules = modules
+        self.layers = None if layers is None else list(layers)
+        self.param_types = param_types
+
+    def inject_into(self, module: nn.Module) -> list[nn.Parameter]:
+        """The base parameters that pass every filter, or a ValueError saying what exists."""
+        base = base_parameters(module)
+        passing = self._passing_per_filter(module, base)
+        chosen = [b.param for b in base if all(id(b.param) in ids for ids in passing.values())]
+        if not chosen:
+            raise ValueError(self._nothing_matched(base, passing))
+        return chosen
+
+    def _passing_per_filter(self, root: nn.Module, base: list[BaseParameter]) -> dict[str, set[int]]:
+        """For each given filter, described as it was given, the ids of the base parameters that pass it."""
+        passing = {}
+        if self.modules is not None:
+            chosen = select_modules(root, self.modules, supported=(nn.Module,), method=f"{self.owner} modules")
+            inside = {id(p) for _, m in chosen for p in m.parameters()}
+            passing[f"modules={self.modules!r}"] = {id(b.param) for b in base if id(b.param) in inside}
+        if self.layers is not None:
+            wanted = set(self.layers)
+            passing[f"layers={self.layers!r}"] = {id(b.param) for b in base if block_index(b.name) in wanted}
+        if self.param_types:
+            wanted = set(self.param_types)
+            passing[f"param_types={self.param_types!r}"] = {id(b.param) for b in base if b.kinds & wanted}
+        return passing
+
+    def _nothing_matched(self, base: list[BaseParameter], passing: dict[str, set[int]]) -> str:
+        each = "; ".join(f"{label} selects {len(ids)} tensor(s)" for label, ids in passing.items())
+        kinds = Counter(kind for b in base for kind in b.kinds)
+        blocks = sorted({block_index(b.name) for b in base} - {None})
+        return (
+            f"{self.owner}: no parameter passes all filters ({each}). The model has "
+            + ", ".join(f"{kinds[kind]} {kind} tensor(s)" for kind in PARAM_TYPES)
+            + f" and blocks {blocks or '(none)'}"
+        )
+
+
+class BitFit(Selective):
+    """Train every bias of the model (BitFit, Ben Zaken et al. 2022), plus whole ``modules_to_save``.
+
+    Args:
+        modules_to_save: whole modules trained and saved with the biases, e.g. ``["classifier"]``.
+        adapter_name: name under which the parameters are claimed.
+        checkpoint: ``"adapter"`` keeps checkpoints to the trainable tensors, ``"full"`` keeps all.
+    """
+
+    def __init__(
+        self,
+        modules_to_save: Sequence[str] | None = None,
+        adapter_name: str = "default",
+        checkpoint: CheckpointPolicy = "adapter",
+    ) -> None:
+        super().__init__(param_types=["bias"], modules_to_save=modules_to_save, adapter_name=adapter_name,
+                         checkpoint=checkpoint)
+
+
+def base_parameters(root: nn.Module) -> list[BaseParameter]:
+    """Every parameter of the base model in ``root`` (none that a PEFT method added), once each."""
+    added = {id(p) for m in root.modules() if isinstance(m, PEFTModule) for p in _added_by(m)}
+    seen: set[int] = set()
+    found = []
+    for module_name, module in root.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if id(param) in added or id(param) in seen:
+                continue
+            seen.add(id(param))
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            found.append(BaseParameter(name.replace(".base_layer", ""), _kinds(module, param_name), param))
+    return found
+
+
+def _added_by(module: PEFTModule) -> list[nn.Parameter]:
+    """What a PEFT part added: a layer's adapters (its base layer is the model's), or all of it."""
+    return list(module.adapters.parameters() if isinstance(module, PEFTLayer) else module.parameters())
+
+
+def _kinds(module: nn.Module, param_name: str) -> frozenset[str]:
+    kinds = set()
+    if param_name == "bias":
+        kinds.add("bias")
+    if isinstance(module, nn.LayerNorm) or "Norm" in type(module).__name__:
+        kinds.add("norm")
+    if isinstance(module, nn.Embedding) and param_name == "weight":
+        kinds.add("embedding")
+    return frozenset(kinds)

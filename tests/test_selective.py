@@ -1,0 +1,167 @@
+"""Selective and BitFit through the Trainer: exactly the chosen existing parameters train."""
+
+import pytest
+import torch
+from torch import nn
+from conftest import VOCAB, TokenModule, make_trainer, tiny_bert, tiny_gpt2, tiny_llama, token_loader
+
+from lightning_peft import LoRA, trainable_summary
+from lightning_peft.selective import BitFit, Selective
+
+H, L = 32, 2  # hidden size and blocks of the tiny models
+BERT_FFN, LLAMA_FFN, GPT2_FFN = 64, 2 * H, 4 * H
+POSITIONS, LABELS = 64, 2
+# Every bias of the tiny BERT: per block q, k, v, attention output, its LayerNorm, intermediate, output and
+# its LayerNorm; then the embeddings' LayerNorm, the pooler and the classifier.
+BERT_BIASES = L * (4 * H + H + BERT_FFN + H + H) + H + H + LABELS
+# Tiny GPT-2: per block ln_1, c_attn (3H), attn.c_proj, ln_2, c_fc (4H), mlp.c_proj; then ln_f.
+GPT2_BIASES = L * (H + 3 * H + H + H + GPT2_FFN + H) + H
+
+
+def is_bias(name):
+    return name.endswith(".bias")
+
+
+CASES = {
+    "bert_bitfit": (tiny_bert, lambda: BitFit(modules_to_save=["classifier"]), BERT_BIASES + H * LABELS,
+                    lambda n: is_bias(n) or ".classifier." in n),
+    "gpt2_bitfit": (tiny_gpt2, lambda: BitFit(), GPT2_BIASES, is_bias),
+    "gpt2_embeddings": (tiny_gpt2, lambda: Selective(param_types=["embedding"]), VOCAB * H + POSITIONS * H,
+                        lambda n: n.endswith((".wte.weight", ".wpe.weight"))),
+    "llama_norms": (tiny_llama, lambda: Selective(param_types=["norm"]), (2 * L + 1) * H,
+                    lambda n: "norm" in n),
+    "llama_mlp_of_block_1": (tiny_llama, lambda: Selective(modules=["mlp"], layers=[1]), 3 * H * LLAMA_FFN,
+                             lambda n: ".layers.1.mlp." in n),
+    "llama_regex_and_kind": (tiny_llama, lambda: Selective(modules=r".*\.layers\.\d+\.(input_layernorm|self_attn)",
+                                                           param_types=["norm"]), L * H,
+                             lambda n: "input_layernorm" in n),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_training_changes_exactly_the_selected_parameters(case):
+    build, method, formula, expected = CASES[case]
+    module = TokenModule(build())
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    make_trainer([method()], max_steps=3).fit(module, token_loader())
+
+    assert trainable_summary(module).trainable == formula
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in before if expected(n)}
+    for name, param in module.named_parameters():
+        assert torch.equal(param, before[name]) != (name in trainable), name
+
+
+def test_step_zero_output_equals_base():
+    module = TokenModule(tiny_bert()).eval()
+    batch = next(iter(token_loader()))[0]
+    before = module(batch)
+    BitFit(modules_to_save=["classifier"]).inject(module)
+    assert torch.equal(module(batch), before)
+    assert trainable_summary(module).trainable == BERT_BIASES + H * LABELS
+
+
+def biases(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    def gpt2():
+        torch.manual_seed(0)
+        model = tiny_gpt2()
+        for dropout in (m for m in model.modules() if isinstance(m, nn.Dropout)):
+            dropout.p = 0.0  # no random draws, which a checkpoint does not restore
+        return TokenModule(model)
+
+    uninterrupted = gpt2()
+    make_trainer([BitFit()], max_epochs=2, max_steps=-1).fit(uninterrupted, token_loader())
+
+    first = gpt2()
+    trainer = make_trainer([BitFit()], max_epochs=1, max_steps=-1)
+    trainer.fit(first, token_loader())
+    trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
+    saved = torch.load(tmp_path / "epoch1.ckpt", weights_only=True)["state_dict"]
+    assert set(saved) == set(biases(first)) and all(is_bias(n) for n in saved)  # adapter-only
+
+    resumed = gpt2()
+    trainer = make_trainer([BitFit()], max_epochs=2, max_steps=-1)
+    trainer.fit(resumed, token_loader(), ckpt_path=tmp_path / "epoch1.ckpt")
+    assert trainer.global_step == 8
+    expected, got = biases(uninterrupted), biases(resumed)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.allclose(got[name], expected[name], atol=1e-7), name
+    name = "model.transformer.h.0.attn.c_attn.bias"
+    assert not torch.equal(got[name], biases(first)[name])
+
+
+@pytest.mark.parametrize("lora_first", [True, False])
+def test_lora_and_bitfit_train_the_union(lora_first):
+    module = TokenModule(tiny_bert())
+    names = [n for n, _ in module.named_parameters()]
+    lora, bitfit = LoRA(r=4, target_modules=["query", "value"]), BitFit(modules_to_save=["classifier"])
+    make_trainer([lora, bitfit] if lora_first else [bitfit, lora], max_steps=2).fit(module, token_loader())
+
+    lora_params = L * 2 * 4 * (H + H)
+    summary = trainable_summary(module)
+    assert {r.method: r.params for r in summary.methods} == {"LoRA[default]": lora_params,
+                                                             "BitFit[default]": BERT_BIASES + H * LABELS}
+    assert summary.trainable == lora_params + BERT_BIASES + H * LABELS
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    lora_names = {n for n in trainable if ".adapters." in n}
+    assert len(lora_names) == L * 2 * 2  # A and B on query and value of each block
+    assert {n.replace(".base_layer", "") for n in trainable - lora_names} == {
+        n for n in names if is_bias(n) or ".classifier." in n}
+    assert "model.bert.encoder.layer.0.attention.self.query.base_layer.bias" in trainable  # seen through the wrapper
+
+
+@pytest.mark.parametrize("selective, expected, count", [
+    (lambda: Selective(modules=r"bert\.encoder\.layer\.\d+\.attention\.self\.query", layers=[0],
+                       param_types=["bias"]), {"layer.0.attention.self.query.base_layer.bias"}, H),
+    (lambda: Selective(modules=["query"], layers=[1]),  # the LoRA factors inside are not the model's
+     {"layer.1.attention.self.query.base_layer.weight", "layer.1.attention.self.query.base_layer.bias"}, H * H + H),
+])
+def test_selective_matches_names_through_a_lora_wrapper(selective, expected, count):
+    model = tiny_bert()
+    LoRA(r=4, target_modules=["query"]).inject(model)
+    selective().inject(model)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad and ".adapters." not in n}
+    assert trained == {"bert.encoder." + n for n in expected}
+    rows = {r.method: r.params for r in trainable_summary(model).methods}
+    assert rows == {"LoRA[default]": L * 4 * (H + H), "Selective[default]": count}
+
+
+@pytest.mark.parametrize("first, second", [
+    (lambda: Selective(modules=["classifier"], param_types=["bias"]), lambda: BitFit()),
+    (lambda: LoRA(r=4, target_modules=["query"], modules_to_save=["classifier"]),
+     lambda: BitFit(modules_to_save=["classifier"])),
+])
+def test_a_parameter_claimed_twice_is_an_error(first, second):
+    module = TokenModule(tiny_bert())
+    first, second = first(), second()
+    with pytest.raises(ValueError) as info:
+        make_trainer([first, second], max_steps=1).fit(module, token_loader())
+    assert "model.classifier." in str(info.value)
+    assert first.owner in str(info.value) and second.owner in str(info.value)
+    assert {r.method for r in trainable_summary(module).methods} == {first.owner}  # the second claimed nothing
+
+
+@pytest.mark.parametrize("method, words", [
+    (lambda: BitFit(), ["param_types=['bias'] selects 0", "0 bias", "5 norm", "1 embedding"]),
+    (lambda: Selective(modules=["q_porj"]), ["q_porj", "q_proj (Linear)"]),
+    (lambda: Selective(modules=["q_proj"], layers=[7]), ["layers=[7] selects 0", "modules=['q_proj'] selects 2",
+                                                         "blocks [0, 1]"]),
+])
+def test_nothing_matching_says_what_exists(method, words):
+    model = tiny_llama()
+    with pytest.raises(ValueError) as info:
+        method().inject(model)
+    for word in words:
+        assert word in str(info.value)
+    assert all(p.requires_grad for p in model.parameters())  # nothing was frozen
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(param_types=["weights"]), dict(layers=[0], checkpoint="half")])
+def test_bad_arguments_fail_at_construction(kwargs):
+    with pytest.raises(ValueError):
+        Selective(**kwargs)
