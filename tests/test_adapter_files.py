@@ -27,12 +27,18 @@ def logits(model):
         return model(input_ids=IDS).logits
 
 
-def randomize_trainable(model, seed=0):
+def last_hidden(model):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=IDS, output_hidden_states=True).hidden_states[-1]
+
+
+def randomize_trainable(model, seed=0, scale=0.1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+                p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -187,3 +193,28 @@ def test_a_failed_save_leaves_the_previous_files(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save_adapter(model, folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_bert, tiny_gpt2])
+def test_ia3_both_directions(build, tmp_path):
+    from peft import IA3Config
+
+    from lightning_peft import IA3
+
+    base = build()
+    ours = copy.deepcopy(base)
+    IA3().inject(ours)  # the architecture's default targets
+    randomize_trainable(ours, scale=0.5)
+    save_adapter(ours, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["peft_type"] == "IA3"
+    theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    assert torch.allclose(logits(theirs), logits(ours), atol=1e-6)
+    assert (last_hidden(base) - last_hidden(ours)).abs().max() > 1e-2  # the adapter matters
+
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    peft_model = get_peft_model(copy.deepcopy(base), IA3Config(target_modules=config["target_modules"],
+                                                                feedforward_modules=config["feedforward_modules"]))
+    randomize_trainable(peft_model, seed=3)
+    peft_model.save_pretrained(tmp_path / "theirs")
+    loaded = load_adapter(copy.deepcopy(base), tmp_path / "theirs")
+    assert torch.allclose(logits(loaded), logits(peft_model), atol=1e-5)

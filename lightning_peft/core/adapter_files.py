@@ -8,6 +8,7 @@ written in the native layout: its own settings and tensor names. Files are safet
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ from torch import nn
 from lightning_peft.core.files import PathLike, atomic_write
 from lightning_peft.core.injection import adapter_records, owner_of
 
+PEFT_PREFIX = "base_model.model."  # peft holds the transformers model as base_model.model
+_LAYER_TENSOR = re.compile(r"^(?P<layer>.+)\.adapters\.(?P<adapter>[^.]+)\.(?P<tensor>[^.]+)$")
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 NATIVE_KEY = "lightning_peft_method"
@@ -47,6 +50,17 @@ PEFT_FORMATS: dict[str, AdapterFormat] = {}
 
 def register_format(adapter_format: AdapterFormat) -> None:
     PEFT_FORMATS[adapter_format.method] = adapter_format
+
+
+def split_layer_tensor(name: str) -> tuple[str, str, str] | None:
+    """``(layer, adapter, tensor)`` for a tensor of a PEFT layer (``x.q_proj.adapters.default.lora_A``)."""
+    match = _LAYER_TENSOR.match(name)
+    return (match["layer"], match["adapter"], match["tensor"]) if match else None
+
+
+def anchored(pattern: str) -> str:
+    """peft matches a regex against names inside the transformers model; ours may sit under a prefix."""
+    return rf"(?:.*\.)?(?:{pattern})"
 
 
 def model_root(module: nn.Module) -> tuple[str, nn.Module]:

@@ -13,7 +13,7 @@ from typing import Union
 
 from torch import nn
 
-from lightning_peft.core.layer import PEFTLayer, innermost_base
+from lightning_peft.core.layer import PEFTLayer, PEFTModule, innermost_base
 
 Targets = Union[str, Sequence[str], None]
 
@@ -77,6 +77,9 @@ def candidate_modules(root: nn.Module) -> list[tuple[str, nn.Module]]:
         if isinstance(module, PEFTLayer):
             # The wrapper stands for the base layer; its adapters are never targets.
             skipped.append(name + ".")
+        elif isinstance(module, PEFTModule):  # a method's own part (a prompt encoder): not base model
+            skipped.append(name + ".")
+            continue
         found.append((name, module))
     return found
 

@@ -2,34 +2,30 @@
 
 from __future__ import annotations
 
-import re
-
 from torch import nn
 
-from lightning_peft.core.adapter_files import AdapterFormat, register_format
+from lightning_peft.core.adapter_files import (PEFT_PREFIX, AdapterFormat, anchored, register_format,
+                                               split_layer_tensor)
 from lightning_peft.lora.callback import LoRA
 from lightning_peft.lora.layers import LoRAEmbedding, LoRALinear
-
-_ADAPTER_TENSOR = re.compile(r"^(?P<layer>.+)\.adapters\.[^.]+\.(?P<tensor>lora_A|lora_B|magnitude)$")
-PREFIX = "base_model.model."
 
 
 def file_key(name: str, root: nn.Module) -> str:
     """peft's key for one of our tensor names: ``x.q_proj.adapters.default.lora_A`` -> ``...q_proj.lora_A.weight``."""
-    match = _ADAPTER_TENSOR.match(name)
-    if match is None:  # a modules_to_save parameter keeps its own name
-        return PREFIX + name.replace(".base_layer.", ".")
-    layer, tensor = match["layer"], match["tensor"]
+    parts = split_layer_tensor(name)
+    if parts is None:  # a modules_to_save parameter keeps its own name
+        return PEFT_PREFIX + name.replace(".base_layer.", ".")
+    layer, _, tensor = parts
     if tensor == "magnitude":
-        return f"{PREFIX}{layer}.lora_magnitude_vector"
+        return f"{PEFT_PREFIX}{layer}.lora_magnitude_vector"
     if isinstance(root.get_submodule(layer), LoRAEmbedding):
-        return f"{PREFIX}{layer}.lora_embedding_{tensor[-1]}"
-    return f"{PREFIX}{layer}.{tensor}.weight"
+        return f"{PEFT_PREFIX}{layer}.lora_embedding_{tensor[-1]}"
+    return f"{PEFT_PREFIX}{layer}.{tensor}.weight"
 
 
 def to_config(config: dict, root: nn.Module, names: list[str]) -> dict:
     """peft's LoraConfig fields; the targets are listed by their full names, which peft matches exactly."""
-    layers = sorted({m["layer"] for m in map(_ADAPTER_TENSOR.match, names) if m})
+    layers = sorted({parts[0] for parts in map(split_layer_tensor, names) if parts})
     transposed = any(isinstance(root.get_submodule(n), LoRALinear) and root.get_submodule(n).transposed
                      for n in layers)
     name_or_path = getattr(getattr(root, "config", None), "_name_or_path", None) or None
@@ -50,18 +46,13 @@ def to_callback(config: dict, adapter_name: str) -> LoRA:
     targets = config["target_modules"]
     return LoRA(
         r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
-        target_modules=_anchored(targets) if isinstance(targets, str) else list(targets),
-        exclude_modules=_anchored(config["exclude_modules"]) if isinstance(config.get("exclude_modules"), str)
+        target_modules=anchored(targets) if isinstance(targets, str) else list(targets),
+        exclude_modules=anchored(config["exclude_modules"]) if isinstance(config.get("exclude_modules"), str)
         else config.get("exclude_modules"),
         layers=_layers(config.get("layers_to_transform")),
         use_dora=bool(config.get("use_dora")), use_rslora=bool(config.get("use_rslora")),
         modules_to_save=config.get("modules_to_save"), adapter_name=adapter_name,
     )
-
-
-def _anchored(pattern: str) -> str:
-    """peft matches a regex against names inside the transformers model; ours may sit under a prefix."""
-    return rf"(?:.*\.)?(?:{pattern})"
 
 
 def _layers(value: int | list[int] | None) -> list[int] | None:

@@ -1,0 +1,234 @@
+"""Prefix tuning: trainable keys and values of virtual tokens in front of every attention layer.
+
+A forward pre-hook on the transformers model passes the prefix as a fresh key/value cache
+(transformers' ``DynamicCache``, one per call, since the model appends to it) and widens the
+attention mask by the prefix length; the sequence itself is untouched, so outputs keep their
+shape. With ``projection=True`` the prefix is computed by an MLP from virtual-token embeddings
+(peft's reparameterization, steadier to train); :meth:`PrefixTuning.fold` computes it once and
+keeps the plain prefix, as ``projection=False`` would hold it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_peft.additive.soft_prompts import (CACHE_ARGUMENTS, cache_argument, cached_length,
+                                                  find_transformers_model, given_cache, input_embedding_weight,
+                                                  input_shape, named_forward_arguments, shift_position_ids,
+                                                  widen_attention_mask)
+from lightning_peft.core.callback import CheckpointPolicy, PEFTCallback
+from lightning_peft.core.injection import claim
+from lightning_peft.core.layer import PEFTModule
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """The key/value geometry of a decoder: layers, key/value heads (fewer with GQA) and head size."""
+
+    layers: int
+    heads: int
+    head_dim: int
+
+    @property
+    def width(self) -> int:
+        """Prefix values per virtual token: a key and a value per layer, ``layers * 2 * kv_dim``."""
+        return self.layers * 2 * self.heads * self.head_dim
+
+    @classmethod
+    def of(cls, config: Any) -> KVShape:
+        text = config.get_text_config()
+        heads = text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        return cls(text.num_hidden_layers, getattr(text, "num_key_value_heads", None) or heads, head_dim)
+
+
+class PrefixEncoder(nn.Module):
+    """One adapter's prefix, ``(num_virtual_tokens, layers * 2 * kv_dim)``: plain, or computed by an MLP.
+
+    The layout matches peft's: per virtual token, layer by layer, the key then the value, each
+    ``kv_heads x head_dim``.
+    """
+
+    def __init__(self, num_virtual_tokens: int, width: int, hidden: int, projection_dim: int | None,
+                 device: torch.device) -> None:
+        super().__init__()
+        self.prefix: nn.Parameter | None = None
+        self.embedding: nn.Parameter | None = None
+        self.transform: nn.Sequential | None = None
+        if projection_dim is None:
+            self.prefix = nn.Parameter(torch.randn(num_virtual_tokens, width, device=device))
+        else:
+            self.embedding = nn.Parameter(torch.randn(num_virtual_tokens, hidden, device=device))
+            self.transform = nn.Sequential(nn.Linear(hidden, projection_dim, device=device), nn.Tanh(),
+                                           nn.Linear(projection_dim, width, device=device))
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return (self.embedding if self.prefix is None else self.prefix).shape[0]
+
+    def values(self) -> Tensor:
+        """The prefix, ``(num_virtual_tokens, layers * 2 * kv_dim)``."""
+        return self.prefix if self.transform is None else self.transform(self.embedding)
+
+    @torch.no_grad()
+    def fold(self) -> nn.Parameter:
+        """Compute the prefix once and keep it in place of the MLP; return the new parameter."""
+        if self.transform is not None:
+            trainable = self.embedding.requires_grad
+            self.prefix = nn.Parameter(self.values().detach().clone(), requires_grad=trainable)
+            self.embedding, self.transform = None, None
+        return self.prefix
+
+
+class PrefixInjector(PEFTModule):
+    """The prefixes of one transformers model, and the hook that passes the active ones as its cache.
+
+    Active prefixes are attended in the order they are active; with none active
+    (``disable_adapters``) the model computes what its base computes.
+    """
+
+    method = "PrefixTuning"
+
+    def __init__(self, model: nn.Module, shape: KVShape) -> None:
+        super().__init__()
+        self.shape = shape
+        self._cache_argument = cache_argument(model)
+        model.register_forward_pre_hook(self.before_forward, with_kwargs=True)
+        model.register_forward_hook(self.after_forward, with_kwargs=True)
+
+    def active_virtual_tokens(self) -> int:
+        return sum(self.adapters[name].num_virtual_tokens for name in self.active_adapters)
+
+    def active_values(self) -> Tensor:
+        """The active prefixes one after the other, ``(virtual tokens, width)``."""
+        return torch.cat([self.adapters[name].values() for name in self.active_adapters])
+
+    def key_values(self, values: Tensor, batch: int) -> list[tuple[Tensor, Tensor]]:
+        """Per layer, the prefix key and value, each ``(batch, kv_heads, virtual tokens, head_dim)``."""
+        shape = self.shape
+        per_layer = values.view(values.shape[0], shape.layers, 2, shape.heads, shape.head_dim).permute(1, 2, 3, 0, 4)
+        return [(kv[0].expand(batch, -1, -1, -1), kv[1].expand(batch, -1, -1, -1)) for kv in per_layer]
+
+    def before_forward(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        kwargs = named_forward_arguments(model, args, kwargs)
+        shape = input_shape(kwargs)
+        if not self.active_adapters or shape is None:  # no prefix, or nothing to attend from
+            return (), kwargs
+        if model.training and getattr(model, "is_gradient_checkpointing", False):
+            raise ValueError("PrefixTuning does not work with gradient checkpointing: transformers drops the cache "
+                             "in checkpointed layers, so the prefix would be ignored")
+        cache = given_cache(kwargs)
+        for name in CACHE_ARGUMENTS:
+            kwargs.pop(name, None)
+        if not cached_length(cache):  # a first step (or no generation at all): the prefix goes in first
+            cache = self.fill(cache, model, shape[0])
+        kwargs[self._cache_argument] = cache
+        n = self.active_virtual_tokens()
+        widen_attention_mask(kwargs, n, cached_length(cache) + shape[1])
+        shift_position_ids(kwargs, n, with_virtual=False)
+        return (), kwargs
+
+    def after_forward(self, model: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        """Keep the prefix cache private to a call made with ``use_cache=False``, as the base model keeps its own."""
+        if self.active_adapters and kwargs.get("use_cache") is False and isinstance(output, dict):
+            for name in CACHE_ARGUMENTS:
+                if output.get(name) is not None:
+                    output[name] = None
+        return output
+
+    def fill(self, cache: Any, model: nn.Module, batch: int) -> Any:
+        """Write the active prefixes into an empty ``cache``, or into a new ``DynamicCache`` when none is given."""
+        from transformers import DynamicCache
+
+        if cache is None:
+            cache = DynamicCache(config=model.config)
+        values = self.active_values().to(input_embedding_weight(model).dtype)
+        for layer, (key, value) in enumerate(self.key_values(values, batch)):
+            cache.update(key, value, layer)
+        return cache
+
+
+class PrefixTuning(PEFTCallback):
+    """Train keys and values of ``num_virtual_tokens`` virtual tokens in every attention layer.
+
+    Trains ``tokens * layers * 2 * kv_dim`` values (``kv_dim`` = key/value heads x head size), or
+    with ``projection=True`` an embedding ``tokens x hidden`` and the MLP
+    ``Linear(hidden, p) -> tanh -> Linear(p, layers * 2 * kv_dim)`` (``p = projection_dim or hidden``)
+    that computes them; call :meth:`fold` after training to keep only the computed prefix.
+    For decoder-only transformers models (Llama, GPT-2, ...).
+
+    Args:
+        num_virtual_tokens: length of the prefix.
+        projection: train the prefix through the MLP (peft's ``prefix_projection``).
+        projection_dim: the MLP's hidden width; ``hidden`` when ``None``.
+        modules_to_save: whole modules (a new head, say) trained and saved with the prefix.
+        adapter_name: name of this prefix; several can live on one model.
+        checkpoint: ``"adapter"`` keeps checkpoints to the trainable tensors, ``"full"`` keeps all.
+    """
+
+    def __init__(
+        self,
+        num_virtual_tokens: int = 20,
+        projection: bool = True,
+        projection_dim: int | None = None,
+        modules_to_save: Sequence[str] | None = None,
+        adapter_name: str = "default",
+        checkpoint: CheckpointPolicy = "adapter",
+    ) -> None:
+        super().__init__(adapter_name=adapter_name, checkpoint=checkpoint, modules_to_save=modules_to_save)
+        _check_positive_int("num_virtual_tokens", num_virtual_tokens)
+        if projection_dim is not None:
+            _check_positive_int("projection_dim", projection_dim)
+        if projection_dim is not None and not projection:
+            raise ValueError("PrefixTuning projection_dim needs projection=True")
+        self.num_virtual_tokens, self.projection, self.projection_dim = num_virtual_tokens, projection, projection_dim
+
+    def inject_into(self, module: nn.Module) -> list[nn.Parameter]:
+        model = find_transformers_model(module, "PrefixTuning")
+        _check_decoder_with_cache(model)
+        injector = prefix_injector(model)
+        embedding = input_embedding_weight(model)
+        width = (self.projection_dim or embedding.shape[1]) if self.projection else None
+        encoder = PrefixEncoder(self.num_virtual_tokens, injector.shape.width, embedding.shape[1], width,
+                                embedding.device)
+        injector.register_adapter(self.adapter_name, encoder)
+        return list(encoder.parameters())
+
+    def fold(self, module: nn.Module) -> nn.Module:
+        """Replace this adapter's MLP in ``module`` by the prefix it computes (outputs stay the same).
+
+        Afterwards the adapter holds what ``projection=False`` holds, ``tokens * layers * 2 * kv_dim``
+        values, and saves and loads like it. Fold after training: an optimizer built before keeps
+        the MLP's parameters.
+        """
+        encoder = prefix_injector(find_transformers_model(module, "PrefixTuning")).adapters[self.adapter_name]
+        claim(module, self.owner, [encoder.fold()])
+        return module
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"PrefixTuning {name} must be a positive integer, got {value!r}")
+
+
+def _check_decoder_with_cache(model: nn.Module) -> None:
+    """Refuse models where a prefix cache cannot go: encoder-decoders and forwards that take no cache."""
+    name = type(model).__name__
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise TypeError(f"PrefixTuning supports decoder-only models; {name} is an encoder-decoder, whose encoder "
+                        "and decoder would each need their own prefix")
+    if cache_argument(model) is None:
+        raise TypeError(f"PrefixTuning needs a model whose forward takes a key/value cache (decoder-only models such "
+                        f"as Llama or GPT-2); {name}.forward takes none. Use PromptTuning instead")
+
+
+def prefix_injector(model: nn.Module) -> PrefixInjector:
+    """The ``prefix_tuning`` part of ``model``, created (and its hooks installed) on first use."""
+    if not isinstance(getattr(model, "prefix_tuning", None), PrefixInjector):
+        model.prefix_tuning = PrefixInjector(model, KVShape.of(model.config))
+    return model.prefix_tuning

@@ -1,0 +1,95 @@
+"""Prompt and prefix tuning adapters in Hugging Face peft's layout.
+
+peft stores a prompt-learning adapter as one tensor, ``prompt_embeddings``: the prompt, or the
+computed prefix (never its MLP), plus the ``modules_to_save`` tensors under ``base_model.``.
+So a prefix trained with ``projection=True`` is saved after :meth:`PrefixTuning.fold`, and a
+peft prefix adapter loads as ``projection=False``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lightning_peft.additive.prefix_tuning import KVShape, PrefixTuning
+from lightning_peft.additive.prompt_tuning import PromptTuning
+from lightning_peft.additive.soft_prompts import input_embedding_weight
+from lightning_peft.core.adapter_files import AdapterFormat, register_format
+
+TENSOR = "prompt_embeddings"
+SAVED_MODULE_PREFIX = "base_model."  # peft's prompt-learning models hold the transformers model as base_model
+HEAD_TASKS = {"ForSequenceClassification": "SEQ_CLS", "ForTokenClassification": "TOKEN_CLS",
+              "ForQuestionAnswering": "QUESTION_ANS"}
+
+
+def file_key(name: str, root: nn.Module) -> str:
+    """peft's key for one of our tensor names: the prompt or prefix is ``prompt_embeddings``."""
+    if name.startswith(("prompt_tuning.", "prefix_tuning.")):
+        return TENSOR
+    return SAVED_MODULE_PREFIX + name
+
+
+def task_type(root: nn.Module) -> str:
+    """peft's task type for a transformers model, which picks the PeftModel class that loads it."""
+    name = type(root).__name__
+    if getattr(root.config, "is_encoder_decoder", False):
+        raise ValueError(f"{name} is an encoder-decoder: peft's prompt learning puts virtual tokens in its encoder and "
+                         "decoder, ours in front of the inputs only, so this adapter has no peft layout")
+    task = next((task for suffix, task in HEAD_TASKS.items() if name.endswith(suffix)), None)
+    return task or ("CAUSAL_LM" if root.can_generate() else "FEATURE_EXTRACTION")
+
+
+def common_config(config: dict, root: nn.Module) -> dict:
+    """The fields every peft prompt-learning config has."""
+    name_or_path = getattr(root.config, "_name_or_path", None) or None
+    return {"task_type": task_type(root), "base_model_name_or_path": name_or_path, "inference_mode": True,
+            "num_virtual_tokens": config["num_virtual_tokens"], "num_transformer_submodules": 1,
+            "modules_to_save": config["modules_to_save"] or None}
+
+
+def prompt_config(config: dict, root: nn.Module, names: list[str]) -> dict:
+    """peft's PromptTuningConfig; the initialization is moot once the trained prompt is loaded."""
+    text = root.config.get_text_config()
+    return {"peft_type": "PROMPT_TUNING", **common_config(config, root),
+            "token_dim": input_embedding_weight(root).shape[1], "num_attention_heads": text.num_attention_heads,
+            "num_layers": text.num_hidden_layers, "prompt_tuning_init": "RANDOM"}
+
+
+def prefix_config(config: dict, root: nn.Module, names: list[str]) -> dict:
+    """peft's PrefixTuningConfig, with the key/value geometry peft derives for grouped-query attention."""
+    if any(".transform." in name or name.endswith(".embedding") for name in names):
+        raise ValueError("peft stores a prefix as computed values, not its projection MLP: call "
+                         "PrefixTuning.fold(module) before save_adapter")
+    shape = KVShape.of(root.config)
+    return {"peft_type": "PREFIX_TUNING", **common_config(config, root),
+            "token_dim": shape.heads * shape.head_dim, "num_attention_heads": shape.heads,
+            "num_layers": shape.layers, "encoder_hidden_size": input_embedding_weight(root).shape[1],
+            "prefix_projection": False}
+
+
+def checked_tokens(config: dict) -> int:
+    """The number of virtual tokens of a peft config that puts them in front of the inputs only."""
+    if (config.get("num_transformer_submodules") or 1) != 1:
+        raise ValueError("peft adapter for an encoder-decoder (num_transformer_submodules=2) is not supported")
+    return config["num_virtual_tokens"]
+
+
+def saved_modules(config: dict) -> list[str] | None:
+    """peft's modules_to_save, repeats removed (peft lists its default heads twice)."""
+    return list(dict.fromkeys(config.get("modules_to_save") or [])) or None
+
+
+def to_prompt_tuning(config: dict, adapter_name: str) -> PromptTuning:
+    return PromptTuning(num_virtual_tokens=checked_tokens(config), init="random",
+                        modules_to_save=saved_modules(config), adapter_name=adapter_name)
+
+
+def to_prefix_tuning(config: dict, adapter_name: str) -> PrefixTuning:
+    """A plain prefix, whatever ``prefix_projection`` says: peft's file holds the computed values."""
+    return PrefixTuning(num_virtual_tokens=checked_tokens(config), projection=False,
+                        modules_to_save=saved_modules(config), adapter_name=adapter_name)
+
+
+register_format(AdapterFormat(method="PromptTuning", peft_type="PROMPT_TUNING", to_config=prompt_config,
+                              to_callback=to_prompt_tuning, file_key=file_key))
+register_format(AdapterFormat(method="PrefixTuning", peft_type="PREFIX_TUNING", to_config=prefix_config,
+                              to_callback=to_prefix_tuning, file_key=file_key))

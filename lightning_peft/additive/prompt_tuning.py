@@ -1,0 +1,166 @@
+"""Prompt tuning: trainable embeddings of virtual tokens, put before the input embeddings.
+
+A forward pre-hook on the transformers model turns ``input_ids`` into ``inputs_embeds`` with the
+prompt in front (attention mask, position and token-type ids widened, labels padded with -100),
+and a forward hook cuts the virtual positions back off the outputs that have a sequence
+dimension, so logits keep the input's shape and existing training code runs unchanged.
+Generation works too: a call whose cache already holds positions is a later decoding step, whose
+cache already contains the prompt, so only its mask and positions are widened.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_peft.additive.soft_prompts import (cached_length, find_transformers_model, given_cache,
+                                                  input_embedding_weight, input_shape, keep_last_positions,
+                                                  named_forward_arguments, prepend_to_token_inputs,
+                                                  shift_position_ids, widen_attention_mask)
+from lightning_peft.core.callback import CheckpointPolicy, PEFTCallback
+from lightning_peft.core.layer import PEFTModule
+
+PromptInit = Literal["random", "vocab", "text"]
+INITS = ("random", "vocab", "text")
+
+
+class Prompt(nn.Module):
+    """One adapter's soft prompt: ``(num_virtual_tokens, hidden)`` trainable embeddings."""
+
+    def __init__(self, prompt: Tensor) -> None:
+        super().__init__()
+        self.prompt = nn.Parameter(prompt)
+
+
+class PromptInjector(PEFTModule):
+    """The prompts of one transformers model, and the hooks that put the active ones before its inputs.
+
+    Active prompts go in front in the order they are active; with none active (``disable_adapters``)
+    the model computes what its base computes.
+    """
+
+    method = "PromptTuning"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self._lengths: list[tuple[int, int] | None] = []  # (prompted, real) length per call in flight
+        model.register_forward_pre_hook(self.before_forward, with_kwargs=True)
+        model.register_forward_hook(self.after_forward, with_kwargs=True, always_call=True)
+
+    def active_prompt(self) -> Tensor | None:
+        """The active prompts one after the other, ``(virtual tokens, hidden)``, or None when none is active."""
+        prompts = [self.adapters[name].prompt for name in self.active_adapters]
+        return torch.cat(prompts) if prompts else None
+
+    def before_forward(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        prompt = self.active_prompt()
+        kwargs = named_forward_arguments(model, args, kwargs)
+        shape = input_shape(kwargs)
+        cached = cached_length(given_cache(kwargs))
+        prompted = prompt is not None and shape is not None and not cached
+        self._lengths.append((prompt.shape[0] + shape[1], shape[1]) if prompted else None)
+        if prompt is None or shape is None:  # nothing to put in front, or nothing to put it before
+            return (), kwargs
+        if cached:  # a later decoding step: the cache holds the prompt already
+            widen_attention_mask(kwargs, prompt.shape[0], cached + shape[1])
+            shift_position_ids(kwargs, prompt.shape[0], with_virtual=False)
+        else:
+            prepend(model, kwargs, prompt, shape)
+        return (), kwargs
+
+    def after_forward(self, model: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        lengths = self._lengths.pop() if self._lengths else None
+        if lengths is None or output is None:
+            return output
+        return keep_last_positions(output, *lengths)
+
+
+def prepend(model: nn.Module, kwargs: dict[str, Any], prompt: Tensor, shape: tuple[int, int]) -> None:
+    """Put ``prompt`` before the input embeddings and widen everything aligned with them."""
+    n = prompt.shape[0]
+    embeds = kwargs.pop("inputs_embeds", None)
+    ids = kwargs.pop("input_ids", None)
+    if embeds is None:
+        embeds = model.get_input_embeddings()(ids)
+    kwargs["inputs_embeds"] = torch.cat([prompt.to(embeds.dtype).unsqueeze(0).expand(shape[0], -1, -1), embeds], 1)
+    widen_attention_mask(kwargs, n, n + shape[1])
+    shift_position_ids(kwargs, n, with_virtual=True)
+    prepend_to_token_inputs(kwargs, n, shape)
+
+
+class PromptTuning(PEFTCallback):
+    """Train ``num_virtual_tokens`` embeddings put before every input: tokens x hidden parameters.
+
+    Args:
+        num_virtual_tokens: length of the soft prompt.
+        init_text: text whose token embeddings start the prompt (repeated or cut to length).
+        init: ``"random"`` (normal with the embedding matrix's std), ``"vocab"`` (rows of random
+            vocabulary entries) or ``"text"``; ``None`` means ``"text"`` when ``init_text`` is given.
+        tokenizer: tokenizes ``init_text``; by default the LightningModule's ``tokenizer`` attribute.
+        modules_to_save: whole modules (a new classification head, say) trained and saved with the prompt.
+        adapter_name: name of this prompt; several can live on one model.
+        checkpoint: ``"adapter"`` keeps checkpoints to the trainable tensors, ``"full"`` keeps all.
+    """
+
+    def __init__(
+        self,
+        num_virtual_tokens: int = 20,
+        init_text: str | None = None,
+        init: PromptInit | None = None,
+        tokenizer: Any = None,
+        modules_to_save: Sequence[str] | None = None,
+        adapter_name: str = "default",
+        checkpoint: CheckpointPolicy = "adapter",
+    ) -> None:
+        super().__init__(adapter_name=adapter_name, checkpoint=checkpoint, modules_to_save=modules_to_save)
+        if not isinstance(num_virtual_tokens, int) or isinstance(num_virtual_tokens, bool) or num_virtual_tokens <= 0:
+            raise ValueError(f"PromptTuning num_virtual_tokens must be a positive integer, got {num_virtual_tokens!r}")
+        init = init or ("text" if init_text is not None else "random")
+        if init not in INITS:
+            raise ValueError(f"PromptTuning init must be one of {INITS}, got {init!r}")
+        if init == "text" and not init_text:
+            raise ValueError("PromptTuning init='text' needs init_text")
+        self.num_virtual_tokens, self.init_text, self.init = num_virtual_tokens, init_text, init
+        self._tokenizer = tokenizer  # a tool, not a setting: kept out of the saved config
+
+    def inject_into(self, module: nn.Module) -> list[nn.Parameter]:
+        model = find_transformers_model(module, "PromptTuning")
+        prompt = Prompt(self.initial_prompt(model, module))
+        prompt_injector(model).register_adapter(self.adapter_name, prompt)
+        return [prompt.prompt]
+
+    @torch.no_grad()
+    def initial_prompt(self, model: nn.Module, module: nn.Module) -> Tensor:
+        """The starting prompt, ``(num_virtual_tokens, hidden)``, in float32 unless the embedding is wider."""
+        weight = input_embedding_weight(model)
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        n = self.num_virtual_tokens
+        if self.init == "random":
+            return torch.randn(n, weight.shape[1], device=weight.device, dtype=dtype) * weight.float().std()
+        if self.init == "vocab":
+            ids = torch.randint(0, weight.shape[0], (n,), device=weight.device)
+        else:
+            ids = torch.tensor(self.text_token_ids(module), device=weight.device)
+        return model.get_input_embeddings()(ids).to(dtype).clone()
+
+    def text_token_ids(self, module: nn.Module) -> list[int]:
+        """``init_text`` tokenized, repeated or cut to ``num_virtual_tokens`` ids (as peft does)."""
+        tokenizer = self._tokenizer or getattr(module, "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError("PromptTuning init='text' needs a tokenizer: pass PromptTuning(tokenizer=...) or give "
+                             "the LightningModule a `tokenizer` attribute")
+        ids = list(tokenizer(self.init_text)["input_ids"])
+        if not ids:
+            raise ValueError(f"PromptTuning init_text {self.init_text!r} tokenizes to no tokens")
+        return (ids * math.ceil(self.num_virtual_tokens / len(ids)))[: self.num_virtual_tokens]
+
+
+def prompt_injector(model: nn.Module) -> PromptInjector:
+    """The ``prompt_tuning`` part of ``model``, created (and its hooks installed) on first use."""
+    if not isinstance(getattr(model, "prompt_tuning", None), PromptInjector):
+        model.prompt_tuning = PromptInjector(model)
+    return model.prompt_tuning

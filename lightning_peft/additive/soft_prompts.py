@@ -1,0 +1,125 @@
+"""What prompt and prefix tuning share: the transformers model they hook, and its reshaped inputs.
+
+Both methods change what a transformers model sees through a forward pre-hook, so that user code
+that calls ``model(input_ids=...)`` or ``model.generate(...)`` works unchanged. The helpers here
+name every argument of a forward call, read the cache it carries, and widen the 2D masks and
+position/token-type ids by ``n`` virtual positions placed before the real ones.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+CACHE_ARGUMENTS = ("cache", "past_key_values")  # transformers 5 name, then the deprecated one
+
+
+def find_transformers_model(module: nn.Module, method: str) -> nn.Module:
+    """The outermost transformers ``PreTrainedModel`` in ``module`` (``module`` itself included)."""
+    from transformers import PreTrainedModel
+
+    found = next((m for m in module.modules() if isinstance(m, PreTrainedModel)), None)
+    if found is None:
+        raise TypeError(f"{method} needs a transformers PreTrainedModel inside the module; "
+                        f"{type(module).__name__} holds none")
+    return found
+
+
+def input_embedding_weight(model: nn.Module) -> Tensor:
+    """The token embedding matrix of ``model``, also when another method wraps the embedding layer."""
+    embedding = model.get_input_embeddings()
+    return getattr(embedding, "base_layer", embedding).weight
+
+
+def named_forward_arguments(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of a forward call, all by name, so that a hook can read and replace any of them."""
+    if not args:
+        return dict(kwargs)
+    positional = [p.name for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(args) > len(positional):
+        raise TypeError(f"{type(model).__name__}.forward takes {len(positional)} positional arguments, got {len(args)}")
+    return {**dict(zip(positional, args)), **kwargs}
+
+
+def cache_argument(model: nn.Module) -> str | None:
+    """The name under which ``model.forward`` takes a key/value cache, or None if it takes none."""
+    parameters = inspect.signature(model.forward).parameters
+    return next((name for name in CACHE_ARGUMENTS if name in parameters), None)
+
+
+def given_cache(kwargs: dict[str, Any]) -> Any:
+    """The cache passed to the call, under either name, or None."""
+    return next((kwargs[name] for name in CACHE_ARGUMENTS if kwargs.get(name) is not None), None)
+
+
+def cached_length(cache: Any) -> int:
+    """How many positions ``cache`` already holds (0 for no cache or an empty one)."""
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return cache.get_seq_length()
+    return cache[0][0].shape[-2]  # legacy tuple of (key, value) per layer
+
+
+def input_shape(kwargs: dict[str, Any]) -> tuple[int, int] | None:
+    """(batch, sequence length) of the call's tokens, from ``input_ids`` or ``inputs_embeds``."""
+    tokens = kwargs.get("input_ids")
+    if tokens is None:
+        tokens = kwargs.get("inputs_embeds")
+    return None if tokens is None else (tokens.shape[0], tokens.shape[1])
+
+
+def widen_attention_mask(kwargs: dict[str, Any], n: int, attended_length: int) -> None:
+    """Let the tokens attend to ``n`` virtual positions: prepend ones to a 2D mask shorter than ``attended_length``."""
+    mask = kwargs.get("attention_mask")
+    if mask is None:
+        return
+    if mask.dim() != 2:
+        raise ValueError(f"soft prompts extend 2D attention masks only; got one of shape {tuple(mask.shape)}")
+    if mask.shape[1] < attended_length:
+        kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
+
+
+def shift_position_ids(kwargs: dict[str, Any], n: int, with_virtual: bool) -> None:
+    """Move given position ids ``n`` places on; with ``with_virtual``, number the virtual positions 0..n-1 first."""
+    positions = kwargs.get("position_ids")
+    if positions is None:
+        return
+    shifted = positions + n
+    if with_virtual:
+        virtual = torch.arange(n, dtype=positions.dtype, device=positions.device).expand(*positions.shape[:-1], n)
+        shifted = torch.cat([virtual, shifted], dim=-1)
+    kwargs["position_ids"] = shifted
+
+
+def prepend_to_token_inputs(kwargs: dict[str, Any], n: int, shape: tuple[int, int]) -> None:
+    """Give ``n`` virtual positions token type 0 and label -100 (no loss), beside given token types and labels."""
+    batch, length = shape
+    token_types = kwargs.get("token_type_ids")
+    if token_types is not None:
+        kwargs["token_type_ids"] = torch.cat([token_types.new_zeros(batch, n), token_types], dim=1)
+    labels = kwargs.get("labels")
+    if _is_token_labels(labels, shape):  # sequence-level labels (classification) stay as they are
+        kwargs["labels"] = torch.cat([labels.new_full((batch, n), -100), labels], dim=1)
+
+
+def keep_last_positions(output: Any, total: int, length: int) -> Any:
+    """Cut every tensor of ``output`` whose dim 1 has ``total`` positions to its last ``length`` ones."""
+    if isinstance(output, Tensor):
+        return output[:, -length:] if output.dim() >= 3 and output.shape[1] == total else output
+    if isinstance(output, dict):  # transformers' ModelOutput; its attention maps keep all positions
+        for key in [k for k in output if k not in ("attentions", "cache", "past_key_values")]:
+            output[key] = keep_last_positions(output[key], total, length)
+        return output
+    if isinstance(output, tuple) and not hasattr(output, "get_seq_length"):
+        return type(output)(keep_last_positions(item, total, length) for item in output)
+    return output
+
+
+def _is_token_labels(labels: Any, shape: tuple[int, int]) -> bool:
+    return (isinstance(labels, Tensor) and not labels.is_floating_point() and labels.dim() == 2
+            and tuple(labels.shape) == shape)

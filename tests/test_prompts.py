@@ -1,0 +1,394 @@
+"""Soft prompts: prompt tuning and prefix tuning through the Trainer, against peft, in generation.
+
+peft 0.21.2 computes the same forward as ours on transformers 5.24, so logits are compared
+directly. Its ``generate`` is broken there for both methods (it looks for ``past_key_values``,
+which transformers 5 renamed ``cache``: prompt tuning prepends the prompt again at every
+decoding step, prefix tuning drops the prefix), so generation is checked against greedy
+decoding through peft's forward instead, plus peft's first generated token.
+"""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from conftest import VOCAB, TokenModule, make_trainer, tiny_bert, tiny_gpt2, tiny_llama, token_loader
+from torch import nn
+
+from lightning_peft import (LoRA, delete_adapter, disable_adapters, load_adapter, merge, save_adapter, set_adapter,
+                            trainable_summary)
+from lightning_peft.additive import PrefixTuning, PromptTuning
+
+N = 4  # virtual tokens
+H = 32  # hidden size of the tiny models
+LAYERS = 2
+KV = {"llama": 16, "gpt2": 32}  # key/value width per layer: tiny Llama has 2 KV heads of 8 (GQA)
+BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
+
+
+def build(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return BUILDERS[kind]()
+
+
+def prompt_case(kind):
+    return kind, PromptTuning(num_virtual_tokens=N), N * H
+
+
+def prefix_case(kind, **kwargs):
+    width = LAYERS * 2 * KV[kind]
+    if not kwargs.get("projection", True):
+        return kind, PrefixTuning(num_virtual_tokens=N, **kwargs), N * width
+    p = kwargs.get("projection_dim") or H
+    return kind, PrefixTuning(num_virtual_tokens=N, **kwargs), N * H + (H * p + p) + (p * width + width)
+
+
+CASES = {
+    "prompt-llama": lambda: prompt_case("llama"),
+    "prompt-gpt2": lambda: prompt_case("gpt2"),
+    "prompt-bert": lambda: prompt_case("bert"),
+    "prompt-bert-head": lambda: ("bert", PromptTuning(N, modules_to_save=["classifier"]), N * H + H * 2 + 2),
+    "prefix-llama": lambda: prefix_case("llama", projection=False),
+    "prefix-gpt2": lambda: prefix_case("gpt2", projection=False),
+    "prefix-llama-projection": lambda: prefix_case("llama"),
+    "prefix-gpt2-projection-8": lambda: prefix_case("gpt2", projection_dim=8),
+}
+
+
+def batch(seed: int = 2, length: int = 7, padded: bool = True) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (2, length), generator=g)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, :2] = 0  # left padding in the first row
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_training_changes_only_the_method_parameters(case):
+    kind, method, formula = CASES[case]()
+    module = method.inject(TokenModule(build(kind)))  # injected now to record the initial prompt; setup skips it
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    make_trainer([method], max_steps=3).fit(module, token_loader())
+
+    summary = trainable_summary(module)
+    assert summary.trainable == formula
+    assert [(row.method, row.params) for row in summary.methods] == [(method.owner, formula)]
+    for name, param in module.named_parameters():
+        if name in before and not param.requires_grad:
+            assert torch.equal(param, before[name]), f"base weight {name} changed"
+        else:
+            assert param.requires_grad and not torch.equal(param, before[name]), f"{name} did not train"
+    module.eval()
+    ids = batch()["input_ids"]
+    expected = (2, 7, VOCAB) if kind != "bert" else (2, 2)
+    assert module(ids).shape == expected  # the virtual positions are cut off the logits
+
+
+@pytest.mark.parametrize("case", ["prompt-llama", "prefix-llama-projection"])
+def test_resume_reproduces_the_uninterrupted_run(case, tmp_path):
+    def fresh():
+        kind, method, _ = CASES[case]()
+        return TokenModule(build(kind)), method
+
+    uninterrupted, method = fresh()
+    make_trainer([method], max_epochs=2, max_steps=-1).fit(uninterrupted, token_loader())
+
+    first, method = fresh()
+    trainer = make_trainer([method], max_epochs=1, max_steps=-1)
+    trainer.fit(first, token_loader())
+    trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
+    saved = torch.load(tmp_path / "epoch1.ckpt", weights_only=True)["state_dict"]
+    assert set(saved) == {n for n, p in first.named_parameters() if p.requires_grad}
+
+    resumed, method = fresh()
+    trainer = make_trainer([method], max_epochs=2, max_steps=-1)
+    trainer.fit(resumed, token_loader(), ckpt_path=tmp_path / "epoch1.ckpt")
+    assert trainer.global_step == 8
+    expected = {n: p for n, p in uninterrupted.named_parameters() if p.requires_grad}
+    got = {n: p for n, p in resumed.named_parameters() if p.requires_grad}
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.allclose(got[name], expected[name], atol=1e-7), name
+        assert not torch.equal(got[name], saved[name]), name  # the second epoch did train
+
+
+def peft_pair(kind: str, method):
+    """(peft model, our model) from one base, holding the same prompt or prefix values, in eval mode."""
+    from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
+
+    base = build(kind).eval()
+    task = "SEQ_CLS" if kind == "bert" else "CAUSAL_LM"
+    prompt = isinstance(method, PromptTuning)
+    config = (PromptTuningConfig if prompt else PrefixTuningConfig)(task_type=task, num_virtual_tokens=N)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = get_peft_model(copy.deepcopy(base), config).eval()
+    ours = method.inject(copy.deepcopy(base)).eval()
+    values = ours.prompt_tuning.adapters["default"].prompt if prompt else ours.prefix_tuning.adapters["default"].prefix
+    with torch.no_grad():
+        values.normal_(generator=torch.Generator().manual_seed(1))  # not the init, so nothing matches by chance
+        their_values = theirs.prompt_encoder["default"].embedding.weight
+        assert their_values.shape == values.shape
+        their_values.copy_(values)
+    return theirs, ours
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
+def test_prompt_tuning_logits_equal_peft(kind):
+    theirs, ours = peft_pair(kind, PromptTuning(num_virtual_tokens=N))
+    inputs = batch()
+    with torch.no_grad():
+        got, expected = ours(**inputs).logits, theirs(**inputs).logits
+    if kind != "bert":  # peft returns the virtual positions too; ours cuts them off
+        expected = expected[:, N:]
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_prompt_tuning_loss_and_token_inputs_equal_peft():
+    """Labels get -100 on the virtual positions; token type ids 0; default position ids stay default."""
+    theirs, ours = peft_pair("llama", PromptTuning(num_virtual_tokens=N))
+    inputs = batch()
+    with torch.no_grad():
+        got, expected = ours(**inputs, labels=inputs["input_ids"]), theirs(**inputs, labels=inputs["input_ids"])
+    assert torch.allclose(got.loss, expected.loss, atol=1e-6)
+
+    theirs, ours = peft_pair("bert", PromptTuning(num_virtual_tokens=N))
+    token_types = torch.ones_like(inputs["input_ids"])
+    positions = torch.arange(7).expand(2, 7)
+    labels = torch.tensor([0, 1])
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        expected = theirs(**inputs, token_type_ids=token_types, labels=labels)
+        got = ours(**inputs, token_type_ids=token_types, position_ids=positions, labels=labels)
+    assert torch.allclose(got.logits, expected.logits, atol=1e-5)
+    assert torch.allclose(got.loss, expected.loss, atol=1e-6)
+
+
+def test_hidden_states_and_positional_calls_keep_the_input_shape():
+    model = PromptTuning(num_virtual_tokens=N).inject(build("llama")).eval()
+    ids = batch()["input_ids"]
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)  # input_ids passed positionally
+        out_tuple = model(ids, return_dict=False)
+    assert out.logits.shape == (2, 7, VOCAB)
+    assert all(h.shape == (2, 7, H) for h in out.hidden_states)
+    assert torch.allclose(out_tuple[0], out.logits)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_prefix_tuning_logits_equal_peft(kind):
+    theirs, ours = peft_pair(kind, PrefixTuning(num_virtual_tokens=N, projection=False))
+    inputs = batch()
+    with torch.no_grad():
+        got, expected = ours(**inputs).logits, theirs(**inputs).logits
+        base = build(kind).eval()(**inputs).logits
+    assert got.shape == expected.shape == (2, 7, VOCAB)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(got, base, atol=1e-3)  # the prefix does change the output
+
+
+def greedy(model: nn.Module, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy decoding without a cache: the whole sequence through ``model`` at every step."""
+    for _ in range(steps):
+        next_id = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, next_id], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_generate_equals_greedy_decoding_through_peft(method):
+    adapter = PromptTuning(num_virtual_tokens=N) if method == "prompt" else PrefixTuning(N, projection=False)
+    theirs, ours = peft_pair("llama", adapter)
+    ours.generation_config.eos_token_id = None  # tiny random models emit "eos" early; decode all 5 steps
+    ids = batch(padded=False)["input_ids"]
+    with torch.no_grad():
+        expected = greedy(theirs, ids, 5)
+        cached = ours.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
+        uncached = ours.generate(input_ids=ids, max_new_tokens=5, do_sample=False, use_cache=False)
+        their_first = theirs.generate(input_ids=ids, max_new_tokens=1, do_sample=False)
+    assert torch.equal(cached, expected)
+    assert torch.equal(uncached, expected)
+    if method == "prompt":  # peft's own generate gets the first step (the only one it runs correctly) right
+        assert torch.equal(their_first, expected[:, :8])
+
+
+@pytest.mark.parametrize("method", [PromptTuning(num_virtual_tokens=N), PrefixTuning(num_virtual_tokens=N)])
+def test_merge_refuses_soft_prompts(method):
+    model = method.inject(build("llama"))
+    keys = set(model.state_dict())
+    with pytest.raises(ValueError, match=f"{type(method).__name__} adapters cannot be merged"):
+        merge(model)
+    assert set(model.state_dict()) == keys
+
+
+def test_lora_and_prompt_tuning_train_the_union():
+    module = TokenModule(build("llama"))
+    lora = LoRA(r=4, alpha=8, target_modules=["q_proj", "embed_tokens"])  # the prompt meets a wrapped embedding
+    prompt = PromptTuning(num_virtual_tokens=N)
+    prompt.inject(lora.inject(module))
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    make_trainer([lora, prompt], max_steps=3).fit(module, token_loader())
+    rows = {row.method: row.params for row in trainable_summary(module).methods}
+    assert rows == {"LoRA[default]": LAYERS * 4 * (H + H) + 4 * (VOCAB + H), "PromptTuning[default]": N * H}
+    assert trainable_summary(module).trainable == sum(rows.values())
+    trained = {n for n, p in module.named_parameters() if not torch.equal(p, before[n])}
+    assert "model.prompt_tuning.adapters.default.prompt" in trained
+    assert any("lora_B" in n for n in trained)
+    assert all(module.get_parameter(n).requires_grad for n in trained)
+
+
+def test_fold_keeps_the_outputs_and_leaves_a_plain_prefix():
+    method = PrefixTuning(num_virtual_tokens=N, projection_dim=8)
+    model = method.inject(build("gpt2")).eval()
+    inputs = batch()
+    with torch.no_grad():
+        before = model(**inputs).logits
+    method.fold(model)
+    assert trainable_summary(model).trainable == N * LAYERS * 2 * KV["gpt2"]
+    with torch.no_grad():
+        assert torch.allclose(model(**inputs).logits, before, atol=1e-6)
+
+    plain = PrefixTuning(num_virtual_tokens=N, projection=False).inject(build("gpt2")).eval()
+    adapter = {k: v for k, v in model.state_dict().items() if "prefix_tuning" in k}
+    assert list(adapter) == ["prefix_tuning.adapters.default.prefix"]
+    plain.load_state_dict(adapter, strict=False)
+    with torch.no_grad():
+        assert torch.allclose(plain(**inputs).logits, before, atol=1e-6)
+
+
+class FakeTokenizer:
+    """Splits on spaces and numbers words by a fixed list: enough to tokenize an init text."""
+
+    words = ["classify", "the", "review"]
+
+    def __call__(self, text: str) -> dict:
+        return {"input_ids": [self.words.index(w) + 10 for w in text.split()]}
+
+
+def test_prompt_initialisations():
+    model = build("llama")
+    table = model.get_input_embeddings().weight.detach().clone()
+
+    vocab = PromptTuning(num_virtual_tokens=N, init="vocab").inject(copy.deepcopy(model))
+    prompt = vocab.prompt_tuning.adapters["default"].prompt
+    assert all(any(torch.equal(row, entry) for entry in table) for row in prompt)
+
+    text = PromptTuning(num_virtual_tokens=5, init_text="classify the review", tokenizer=FakeTokenizer())
+    prompt = text.inject(copy.deepcopy(model)).prompt_tuning.adapters["default"].prompt
+    assert torch.equal(prompt, table[[10, 11, 12, 10, 11]])  # the text repeated to length
+
+    module = TokenModule(copy.deepcopy(model))
+    module.tokenizer = FakeTokenizer()  # the module's tokenizer is taken when none is passed
+    PromptTuning(num_virtual_tokens=2, init_text="the review").inject(module)
+    assert torch.equal(module.model.prompt_tuning.adapters["default"].prompt, table[[11, 12]])
+
+    random = PromptTuning(num_virtual_tokens=200).inject(copy.deepcopy(model)).prompt_tuning.adapters["default"]
+    random = random.prompt
+    assert abs(random.std().item() - table.std().item()) < 0.1 * table.std().item()
+
+
+def test_errors_are_clear():
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        PromptTuning(init_text="classify the review").inject(build("llama"))
+    with pytest.raises(ValueError, match="init='text' needs init_text"):
+        PromptTuning(init="text")
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        PromptTuning().inject(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="takes none. Use PromptTuning"):
+        PrefixTuning().inject(build("bert"))
+    for bad in (dict(num_virtual_tokens=0), dict(projection_dim=-1), dict(projection=False, projection_dim=8)):
+        with pytest.raises(ValueError):
+            PrefixTuning(**bad)
+    model = PrefixTuning(num_virtual_tokens=N).inject(build("llama")).train()
+    model.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        model(**batch())
+
+
+@pytest.mark.parametrize("method", [PromptTuning, PrefixTuning])
+def test_named_adapters_switch_disable_and_delete(method):
+    """Two adapters in front one after the other; set_adapter, disable_adapters and delete_adapter act on them."""
+    part = "prompt_tuning" if method is PromptTuning else "prefix_tuning"
+    base = build("llama").eval()
+    model = method(num_virtual_tokens=N, adapter_name="a").inject(copy.deepcopy(base))
+    method(num_virtual_tokens=2, adapter_name="b").inject(model)
+    b_alone = method(num_virtual_tokens=2, adapter_name="b").inject(copy.deepcopy(base))
+    getattr(b_alone, part).load_state_dict(getattr(model, part).state_dict(), strict=False)
+    inputs = batch()
+    with torch.no_grad():
+        base_logits, both = base(**inputs).logits, model(**inputs).logits
+        with disable_adapters(model):
+            assert torch.equal(model(**inputs).logits, base_logits)
+        set_adapter(model, "b")
+        only_b = model(**inputs).logits
+        assert torch.allclose(only_b, b_alone(**inputs).logits, atol=1e-6)
+        assert not torch.allclose(only_b, both, atol=1e-4)
+        delete_adapter(model, "a")
+        delete_adapter(model, "b")
+        assert torch.equal(model(**inputs).logits, base_logits)
+    assert trainable_summary(model).trainable == 0
+
+
+SAVE_CASES = {
+    "prompt-llama": ("llama", lambda: PromptTuning(num_virtual_tokens=N)),
+    "prompt-bert-head": ("bert", lambda: PromptTuning(num_virtual_tokens=N, modules_to_save=["classifier"])),
+    "prefix-llama": ("llama", lambda: PrefixTuning(num_virtual_tokens=N, projection=False)),
+    "prefix-gpt2-folded": ("gpt2", lambda: PrefixTuning(num_virtual_tokens=N, projection_dim=8)),
+}
+
+
+def their_logits(theirs, kind: str) -> torch.Tensor:
+    with torch.no_grad():
+        logits = theirs.eval()(**batch()).logits
+    return logits if kind == "bert" or logits.shape[1] == 7 else logits[:, N:]
+
+
+@pytest.mark.parametrize("case", SAVE_CASES)
+def test_saved_adapter_loads_in_peft(case, tmp_path):
+    from peft import PeftModel
+
+    kind, make = SAVE_CASES[case]
+    base = build(kind).eval()
+    method = make()
+    ours = method.inject(copy.deepcopy(base)).eval()
+    with torch.no_grad():
+        for param in ours.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.5)
+    if isinstance(method, PrefixTuning) and method.projection:
+        with pytest.raises(ValueError, match="fold"):
+            save_adapter(ours, tmp_path)
+        method.fold(ours)
+    save_adapter(ours, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    with torch.no_grad():
+        expected = ours(**batch()).logits
+    assert torch.allclose(their_logits(theirs, kind), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["prompt-llama", "prompt-bert", "prefix-llama-projection"])
+def test_peft_saved_adapter_loads_into_ours(case, tmp_path):
+    from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
+
+    kind = case.split("-")[1]
+    config = (PromptTuningConfig if case.startswith("prompt") else PrefixTuningConfig)(
+        task_type="SEQ_CLS" if kind == "bert" else "CAUSAL_LM", num_virtual_tokens=N)
+    base = build(kind).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = get_peft_model(copy.deepcopy(base), config)
+        with torch.no_grad():
+            for param in theirs.parameters():
+                if param.requires_grad:
+                    param.add_(torch.randn_like(param) * 0.5)
+        theirs.save_pretrained(tmp_path)
+    ours = load_adapter(copy.deepcopy(base), tmp_path).eval()
+    with torch.no_grad():
+        got = ours(**batch()).logits
+    assert torch.allclose(got, their_logits(theirs, kind), atol=1e-5)
