@@ -1,4 +1,4 @@
-"""The ``lightning-peft`` command: LightningCLI recipes (fit, validate, test, predict).
+"""The ``lightning-peft`` command: LightningCLI recipes (fit, validate, test, predict) and export.
 
 PEFT methods are configured as ``trainer.callbacks`` with ``class_path`` in the YAML recipe;
 every key can be overridden on the command line. Bad input ends with one line on stderr and
@@ -7,6 +7,7 @@ a non-zero exit, before any training step.
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import lightning as L
@@ -15,6 +16,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from lightning_peft.assets import AssetError
 from lightning_peft.core.summary import trainable_summary
+from lightning_peft.export import export_checkpoint
 
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, AssetError)
 
@@ -56,9 +58,25 @@ def _has_test_data(datamodule: L.LightningDataModule | None) -> bool:
     return "test" in splits
 
 
+def export_main(args: list[str]) -> None:
+    """``lightning-peft export CKPT --out DIR [--merged]``."""
+    parser = argparse.ArgumentParser(prog="lightning-peft export",
+                                     description="Write a checkpoint's adapter in the Hugging Face PEFT layout, "
+                                                 "or with --merged a full transformers model folder.")
+    parser.add_argument("checkpoint", help="a Lightning checkpoint of a lightning-peft recipe")
+    parser.add_argument("--out", required=True, help="the folder to write")
+    parser.add_argument("--merged", action="store_true", help="fold the adapter into the base weights")
+    options = parser.parse_args(args)
+    out = export_checkpoint(options.checkpoint, options.out, merged=options.merged)
+    print(f"exported {'merged model' if options.merged else 'adapter'} to {out}")
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-peft`` console script."""
+    args = sys.argv[1:] if args is None else args
     try:
+        if args[:1] == ["export"]:
+            return export_main(args[1:])
         PEFTCLI(
             subclass_mode_model=True,
             subclass_mode_data=True,

@@ -134,3 +134,38 @@ def test_bad_input_gives_one_clear_error(tmp_path, tiny_model_dir, problem):
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
     assert not list(Path(tmp_path).rglob("*.ckpt"))  # nothing half-written
+
+
+def test_export_adapter_and_merged_model(tmp_path, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from lightning_peft.export import rebuild_from_checkpoint
+
+    train = write_data(tmp_path, "train", sentiment_rows(32, 0))
+    config = recipe(tmp_path, tiny_model_dir, train)
+    fit = run_cli("fit", "--config", str(config), "--trainer.max_steps", "5")
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    (ckpt,) = Path(tmp_path).rglob("*.ckpt")
+
+    trained = rebuild_from_checkpoint(ckpt)
+    ids = torch.tensor([[2, 13, 11, 14, 15, 6, 3]])
+    with torch.no_grad():
+        expected = trained(ids)
+
+    adapter = run_cli("export", str(ckpt), "--out", str(tmp_path / "adapter"))
+    assert adapter.returncode == 0, adapter.stderr[-3000:]
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert torch.allclose(peft_model(input_ids=ids).logits, expected, atol=1e-5)
+
+    merged = run_cli("export", str(ckpt), "--out", str(tmp_path / "merged"), "--merged")
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert not any("lora" in name or "adapters" in name for name, _ in plain.named_parameters())
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=ids).logits, expected, atol=1e-5)
+
+    missing = run_cli("export", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "x"))
+    assert missing.returncode == 1 and "does not exist" in missing.stderr

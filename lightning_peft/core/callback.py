@@ -106,6 +106,10 @@ class PEFTCallback(L.Callback):
         """Leave the user's module as it was: drop the ``configure_model`` wrapper."""
         pl_module.__dict__.pop("configure_model", None)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The method and its settings, so ``lightning-peft export`` can rebuild the adapter."""
+        return {"method": type(self).__name__, "config": self.config()}
+
     @property
     def state_key(self) -> str:
         return self._generate_state_key(adapter_name=self.adapter_name)

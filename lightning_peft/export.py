@@ -1,0 +1,63 @@
+"""``lightning-peft export``: a Lightning checkpoint to an adapter folder or a merged model folder."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import lightning as L
+import torch
+
+import lightning_peft
+from lightning_peft.core.adapter_files import model_root, save_adapter
+from lightning_peft.core.checkpointing import CHECKPOINT_KEY, complete_from_model
+from lightning_peft.core.injection import adapter_records
+from lightning_peft.core.merging import merge
+
+
+def rebuild_from_checkpoint(ckpt_path: str | Path) -> L.LightningModule:
+    """The task module of a lightning-peft checkpoint, with its adapters injected and loaded."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    module = _task_from_hyperparameters(checkpoint, path)
+    module.configure_model()
+    methods = [state for state in checkpoint.get("callbacks", {}).values() if "method" in state]
+    if not methods:
+        raise ValueError(f"checkpoint {path} records no lightning_peft method: was it trained with one?")
+    for state in methods:
+        getattr(lightning_peft, state["method"])(**state["config"]).inject(module)
+    if checkpoint.get(CHECKPOINT_KEY, {}).get("adapter_only"):
+        complete_from_model(checkpoint, module, path)
+    module.load_state_dict(checkpoint["state_dict"])
+    return module.eval()
+
+
+def _task_from_hyperparameters(checkpoint: dict, path: Path) -> L.LightningModule:
+    hparams = dict(checkpoint.get("hyper_parameters", {}))
+    class_path = hparams.pop("_class_path", None)
+    if class_path is None:
+        raise ValueError(f"checkpoint {path} does not name its LightningModule class: export works on checkpoints "
+                         "of lightning-peft recipes (lightning_peft.tasks)")
+    hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}
+    module_name, _, class_name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module_name), class_name)(**hparams)
+
+
+def export_checkpoint(ckpt_path: str | Path, out: str | Path, merged: bool = False) -> Path:
+    """Write the checkpoint's adapter(s) in the Hugging Face PEFT layout, or a merged transformers model."""
+    module = rebuild_from_checkpoint(ckpt_path)
+    out = Path(out)
+    if merged:
+        merge(module)
+        _, model = model_root(module)
+        model.save_pretrained(out)
+        if getattr(module, "tokenizer", None) is not None:
+            module.tokenizer.save_pretrained(out)
+        return out
+    records = adapter_records(module).values()
+    for record in records:  # one adapter: straight into out; several: a folder each
+        folder = out if len(records) == 1 else out / f"{record['method']}-{record['name']}"
+        save_adapter(module, folder, adapter_name=record["name"], method=record["method"])
+    return out
