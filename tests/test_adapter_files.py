@@ -218,3 +218,21 @@ def test_ia3_both_directions(build, tmp_path):
     peft_model.save_pretrained(tmp_path / "theirs")
     loaded = load_adapter(copy.deepcopy(base), tmp_path / "theirs")
     assert torch.allclose(logits(loaded), logits(peft_model), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["Adapter", "BitFit"])
+def test_native_layout_round_trip_under_another_name(method, tmp_path):
+    import lightning_peft
+
+    base = tiny_bert()
+    ours = copy.deepcopy(base)
+    callback = getattr(lightning_peft, method)(**({"bottleneck_dim": 4} if method == "Adapter" else {}))
+    callback.inject(ours)
+    randomize_trainable(ours)
+    save_adapter(ours, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["lightning_peft_method"] == method
+
+    again = load_adapter(copy.deepcopy(base), tmp_path, adapter_name="other")
+    assert torch.allclose(last_hidden(again), last_hidden(ours), atol=1e-6)
+    assert (last_hidden(again) - last_hidden(base)).abs().max() > 1e-2
+    assert [r.method for r in trainable_summary(again).methods] == [f"{method}[other]"]

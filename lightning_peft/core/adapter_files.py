@@ -58,6 +58,11 @@ def split_layer_tensor(name: str) -> tuple[str, str, str] | None:
     return (match["layer"], match["adapter"], match["tensor"]) if match else None
 
 
+def native_key(name: str, root: nn.Module) -> str:
+    """Our tensor name without the adapter's name, so a file loads under any adapter_name."""
+    return re.sub(r"\.adapters\.[^.]+\.", ".adapter.", name)
+
+
 def anchored(pattern: str) -> str:
     """peft matches a regex against names inside the transformers model; ours may sit under a prefix."""
     return rf"(?:.*\.)?(?:{pattern})"
@@ -107,6 +112,7 @@ def save_adapter(module: nn.Module, path: PathLike, adapter_name: str = "default
         tensors = {adapter_format.file_key(name, root): t for name, t in tensors.items()}
     else:
         config = {NATIVE_KEY: record["method"], **record["config"]}
+        tensors = {native_key(name, root): t for name, t in tensors.items()}
     folder = Path(path)
     payload = save({k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()})
     atomic_write(folder / WEIGHTS_FILE, lambda f: f.write(payload))
@@ -180,7 +186,7 @@ def _copy_tensors(module: nn.Module, callback: Any, tensors: dict[str, torch.Ten
     params = adapter_tensors(module, callback.owner)
     adapter_format = PEFT_FORMATS.get(type(callback).__name__)
     _, root = model_root(module)
-    key = adapter_format.file_key if adapter_format else (lambda name, _: name)
+    key = adapter_format.file_key if adapter_format else native_key
     expected = {key(name, root): param for name, param in params.items()}
     missing = sorted(expected.keys() - tensors.keys())
     if missing:
