@@ -6,14 +6,14 @@ from torch import nn
 
 from lightning_peft.additive.ia3 import IA3
 from lightning_peft.core.adapter_files import (PEFT_PREFIX, AdapterFormat, anchored, register_format,
-                                               split_layer_tensor)
+                                               saved_module_key, split_layer_tensor)
 
 
 def file_key(name: str, root: nn.Module) -> str:
     """peft's key: ``x.k_proj.adapters.default.ia3_l`` -> ``base_model.model.x.k_proj.ia3_l``."""
     parts = split_layer_tensor(name)
-    if parts is None:  # a modules_to_save parameter keeps its own name
-        return PEFT_PREFIX + name.replace(".base_layer.", ".")
+    if parts is None:
+        return saved_module_key(name)
     layer, _, tensor = parts
     return f"{PEFT_PREFIX}{layer}.{tensor}"
 

@@ -58,6 +58,11 @@ def split_layer_tensor(name: str) -> tuple[str, str, str] | None:
     return (match["layer"], match["adapter"], match["tensor"]) if match else None
 
 
+def saved_module_key(name: str) -> str:
+    """peft's key for a ``modules_to_save`` tensor: its own name under the model root."""
+    return PEFT_PREFIX + name.replace(".base_layer.", ".")
+
+
 def native_key(name: str, root: nn.Module) -> str:
     """Our tensor name without the adapter's name, so a file loads under any adapter_name."""
     return re.sub(r"\.adapters\.[^.]+\.", ".adapter.", name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from lightning_peft.core.adapter_files import (PEFT_PREFIX, AdapterFormat, anchored, register_format,
-                                               split_layer_tensor)
+                                               saved_module_key, split_layer_tensor)
 from lightning_peft.lora.callback import LoRA
 from lightning_peft.lora.layers import LoRAEmbedding, LoRALinear
 
@@ -13,8 +13,8 @@ from lightning_peft.lora.layers import LoRAEmbedding, LoRALinear
 def file_key(name: str, root: nn.Module) -> str:
     """peft's key for one of our tensor names: ``x.q_proj.adapters.default.lora_A`` -> ``...q_proj.lora_A.weight``."""
     parts = split_layer_tensor(name)
-    if parts is None:  # a modules_to_save parameter keeps its own name
-        return PEFT_PREFIX + name.replace(".base_layer.", ".")
+    if parts is None:
+        return saved_module_key(name)
     layer, _, tensor = parts
     if tensor == "magnitude":
         return f"{PEFT_PREFIX}{layer}.lora_magnitude_vector"
