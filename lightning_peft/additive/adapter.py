@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import nn
 
 from lightning_peft.additive.adapter_layers import ACTIVATIONS, AdapterLayer
@@ -31,6 +33,7 @@ class Adapter(PEFTCallback):
         dropout: dropout on the adapter's update, before the residual add.
         target_modules: module-name suffixes or a full-match regex of the layers whose output the
             adapters take; needed for other models, and overrides ``placement`` when given.
+        modules_to_save: whole modules trained and saved with the adapter, e.g. ``["classifier"]``.
         adapter_name: name of this adapter; several can live on one layer and apply in turn.
         checkpoint: ``"adapter"`` keeps checkpoints to the trainable tensors, ``"full"`` keeps all.
     """
@@ -42,10 +45,11 @@ class Adapter(PEFTCallback):
         activation: str = "gelu",
         dropout: float = 0.0,
         target_modules: Targets = None,
+        modules_to_save: Sequence[str] | None = None,
         adapter_name: str = "default",
         checkpoint: CheckpointPolicy = "adapter",
     ) -> None:
-        super().__init__(adapter_name=adapter_name, checkpoint=checkpoint)
+        super().__init__(adapter_name=adapter_name, checkpoint=checkpoint, modules_to_save=modules_to_save)
         if not isinstance(bottleneck_dim, int) or isinstance(bottleneck_dim, bool) or bottleneck_dim <= 0:
             raise ValueError(f"Adapter bottleneck_dim must be a positive integer, got {bottleneck_dim!r}")
         if placement not in PLACEMENTS:
