@@ -216,6 +216,8 @@ def main() -> None:
     if args.worker:
         return worker(args)
     print(header(args), flush=True)
+    # First, while this process is small: Linux carries the parent's RSS peak into a spawned child's ru_maxrss.
+    memory = peak_rss_interleaved(args)
     base = base_model(args.quick)
     ids = token_batch(base.config.vocab_size, args.batch, args.seq)
     models = {side: with_lora(side, copy.deepcopy(base), args.dropout) for side in SIDES}
@@ -226,8 +228,6 @@ def main() -> None:
     models = {side: merged(side, model) for side, model in models.items()}
     merged_ = time_interleaved({"base": eval_forward(base, ids)}
                                | {side: eval_forward(model, ids) for side, model in models.items()}, args.reps)
-    del base, models
-    memory = peak_rss_interleaved(args)
     results = summarize(params, steps, memory, unmerged, merged_)
     print("\n" + table(results))
     if args.json:
