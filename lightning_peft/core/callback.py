@@ -4,6 +4,9 @@ At ``setup`` (every stage, idempotent) the method is injected into the Lightning
 the strategy wraps it and before ``configure_optimizers`` runs; a model that the module builds
 in ``configure_model`` is injected right after it is built. Everything that no PEFT method
 owns is frozen. Checkpoints then hold the adapter only (``checkpoint="full"`` keeps all).
+Under FSDP (``ModelParallelStrategy``, ``FSDPStrategy``) the last PEFT callback then prepares
+the sharding (see :mod:`lightning_peft.distributed`). After the first backward, a trainable
+parameter without a gradient is named: an error under DDP, which could not train it, else a warning.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ from lightning_utilities.core.overrides import is_overridden
 from torch import nn
 
 from lightning_peft.core.checkpointing import install_adapter_checkpointing
+from lightning_peft.core.gradient_checkpointing import enable_input_grads_for_checkpointing
 from lightning_peft.core.injection import adapter_records, check_unclaimed, claim, freeze_unclaimed, record_adapter
 from lightning_peft.core.targeting import select_modules
 from lightning_peft.core.summary import trainable_summary
+from lightning_peft.distributed import check_gradients_reached, prepare_sharding, shards_after_injection
 
 CheckpointPolicy = Literal["adapter", "full"]
 
@@ -80,13 +85,13 @@ class PEFTCallback(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         install_adapter_checkpointing(trainer)
-        if is_overridden("configure_model", pl_module, L.LightningModule):
-            self._inject_after_configure_model(pl_module)
+        if is_overridden("configure_model", pl_module, L.LightningModule) or shards_after_injection(trainer.strategy):
+            self._inject_after_configure_model(trainer, pl_module)
         else:
             self.inject(pl_module)
 
-    def _inject_after_configure_model(self, pl_module: L.LightningModule) -> None:
-        """Chain injection behind the module's own ``configure_model`` (an instance attribute)."""
+    def _inject_after_configure_model(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Chain injection (and by the last PEFT callback, sharding) behind the module's own ``configure_model``."""
         configure_model = pl_module.configure_model
         if getattr(configure_model, "_lightning_peft_callback", None) is self:
             return
@@ -94,13 +99,22 @@ class PEFTCallback(L.Callback):
         def configure_model_then_inject() -> None:
             configure_model()
             self.inject(pl_module)
+            callbacks = peft_callbacks(trainer)
+            if self is callbacks[-1]:
+                adapter_only = all(cb.checkpoint == "adapter" for cb in callbacks)
+                prepare_sharding(trainer, pl_module, adapter_checkpoints=adapter_only)
 
         configure_model_then_inject._lightning_peft_callback = self  # type: ignore[attr-defined]
         pl_module.configure_model = configure_model_then_inject
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self is next(cb for cb in trainer.callbacks if isinstance(cb, PEFTCallback)):
+        if self is peft_callbacks(trainer)[0]:
+            enable_input_grads_for_checkpointing(pl_module)
             rank_zero_info(f"lightning_peft: trainable parameters\n{trainable_summary(pl_module)}")
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step == 0 and self is peft_callbacks(trainer)[0]:
+            check_gradients_reached(trainer, pl_module)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Leave the user's module as it was: drop the ``configure_model`` wrapper."""
@@ -113,3 +127,8 @@ class PEFTCallback(L.Callback):
     @property
     def state_key(self) -> str:
         return self._generate_state_key(adapter_name=self.adapter_name)
+
+
+def peft_callbacks(trainer: L.Trainer) -> list[PEFTCallback]:
+    """The trainer's PEFT callbacks, in order."""
+    return [cb for cb in trainer.callbacks if isinstance(cb, PEFTCallback)]

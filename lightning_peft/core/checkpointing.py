@@ -19,16 +19,24 @@ from lightning_peft.core.files import PathLike, atomic_write
 from lightning_peft.core.injection import owner_of
 
 CHECKPOINT_KEY = "lightning_peft"
+WRAPPER_NAMES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")  # FSDP1 and activation checkpointing
 
 
 def adapter_state_keys(module: nn.Module) -> set[str]:
     """State-dict keys of the tensors that PEFT methods own or that are trainable."""
     owned = owner_of(module)
     return {
-        name
+        state_key(name)
         for name, param in module.named_parameters(remove_duplicate=False)
         if param.requires_grad or id(param) in owned
     }
+
+
+def state_key(parameter_name: str) -> str:
+    """The state-dict key of a parameter: its name without the wrapper modules that state dicts leave out."""
+    for wrapper in WRAPPER_NAMES:
+        parameter_name = parameter_name.replace(wrapper, "")
+    return parameter_name
 
 
 def keep_adapter_only(checkpoint: dict[str, Any], module: nn.Module) -> dict[str, Any]:
@@ -44,17 +52,25 @@ def complete_from_model(checkpoint: dict[str, Any], module: nn.Module, path: Pat
     """Check an adapter-only state_dict against ``module`` and fill in the frozen tensors from it."""
     saved = checkpoint["state_dict"]
     current = module.state_dict()
-    expected = adapter_state_keys(module)
+    shapes = {key: tuple(tensor.shape) for key, tensor in current.items()}
+    check_adapter_state(saved, shapes, adapter_state_keys(module), path)
+    for key, tensor in current.items():
+        saved.setdefault(key, tensor)
+
+
+def check_adapter_state(saved: dict[str, Any], shapes: dict[str, tuple[int, ...]], expected: set[str],
+                        path: PathLike) -> None:
+    """Raise unless ``saved`` fits a model of these tensor ``shapes`` and holds its ``expected`` adapter keys."""
     for key, tensor in saved.items():
-        if key not in current:
+        if key not in shapes:
             raise ValueError(
                 f"checkpoint {path} holds '{key}', which this model does not have; the model's adapter "
                 f"tensors are: {_preview(sorted(expected))}. Was it trained with other target_modules?"
             )
-        if tuple(tensor.shape) != tuple(current[key].shape):
+        if tuple(tensor.shape) != shapes[key]:
             raise ValueError(
                 f"checkpoint {path}: tensor '{key}' has shape {tuple(tensor.shape)}, but the model's has "
-                f"{tuple(current[key].shape)}. Was the adapter trained with another r or model?"
+                f"{shapes[key]}. Was the adapter trained with another r or model?"
             )
     missing = sorted(expected - saved.keys())
     if missing:
@@ -62,8 +78,6 @@ def complete_from_model(checkpoint: dict[str, Any], module: nn.Module, path: Pat
             f"checkpoint {path} lacks {len(missing)} adapter tensor(s) of this model, first '{missing[0]}'. "
             "Was it trained with other target_modules or methods?"
         )
-    for key, tensor in current.items():
-        saved.setdefault(key, tensor)
 
 
 class AdapterCheckpointIO(CheckpointIO):

@@ -1,0 +1,241 @@
+"""PEFT models under DDP, FSDP2 (``ModelParallelStrategy``) and FSDP1 (``FSDPStrategy``).
+
+Sharded units never mix frozen and trainable parameters: each PEFT layer's base layer is a unit,
+the PEFT layer around it is another (then holding its adapters only), fully trainable modules
+(``modules_to_save``) and the blocks (members of every ``nn.ModuleList``) follow, the root last.
+The PEFT callback applies this itself after injecting: under ``ModelParallelStrategy`` it calls
+:func:`fully_shard_peft` on the data-parallel mesh (the module's ``configure_model`` only builds
+the model), under ``FSDPStrategy`` it supplies :func:`fsdp_auto_wrap_policy`. Checkpoints of
+both stay adapter-only files of full tensors, written by rank 0, that load back into the shards.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel, fully_shard
+from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
+
+from lightning_peft.core.checkpointing import CHECKPOINT_KEY, adapter_state_keys, check_adapter_state, state_key
+from lightning_peft.core.files import PathLike
+from lightning_peft.core.injection import claim, owner_of, release
+from lightning_peft.core.layer import PEFTLayer
+
+_SHARDED = "_lightning_peft_fully_sharded"
+_PATCHED = "_lightning_peft_adapter_loading"
+
+
+# --- sharded units ----------------------------------------------------------------------------
+def sharding_units(model: nn.Module) -> list[nn.Module]:
+    """The submodules to shard before ``model`` itself, every module after the ones inside it."""
+    chosen: set[nn.Module] = set()
+    for module in model.modules():
+        if isinstance(module, PEFTLayer):
+            chosen.update((module, module.base_layer))
+        elif isinstance(module, nn.ModuleList):
+            chosen.update(module)
+    chosen.update(_trainable_modules(model))
+    return [m for m in reversed(list(model.modules())) if m in chosen and m is not model]
+
+
+def _trainable_modules(module: nn.Module) -> Iterator[nn.Module]:
+    """The largest submodules (outside PEFT layers) whose parameters all train, e.g. ``modules_to_save``."""
+    for child in module.children():
+        params = list(child.parameters())
+        if isinstance(child, PEFTLayer) or not params:
+            continue
+        if all(p.requires_grad for p in params):
+            yield child
+        else:
+            yield from _trainable_modules(child)
+
+
+def check_units_do_not_mix(model: nn.Module, units: list[nn.Module]) -> None:
+    """Raise if a unit (``units`` in sharding order, then ``model``) would hold frozen and trainable parameters."""
+    names = {module: name for name, module in model.named_modules()}
+    taken: set[int] = set()
+    for unit in [*units, model]:
+        own = [(name, p) for name, p in unit.named_parameters() if id(p) not in taken]
+        frozen = [name for name, p in own if not p.requires_grad]
+        trainable = [name for name, p in own if p.requires_grad]
+        if frozen and trainable:
+            raise ValueError(
+                f"cannot shard '{names[unit] or 'the root module'}' apart: it holds frozen ({frozen[0]}, ...) and "
+                f"trainable ({trainable[0]}, ...) parameters directly. Sharded units are whole modules: train "
+                "whole modules (modules_to_save) or use a method that adds its own, such as LoRA"
+            )
+        taken.update(id(p) for _, p in own)
+
+
+# --- FSDP2 ------------------------------------------------------------------------------------
+def fully_shard_peft(model: nn.Module, mesh: DeviceMesh | None = None, **fully_shard_kwargs: Any) -> nn.Module:
+    """Shard ``model``, adapters already injected, with FSDP2 so that no unit mixes frozen and trainable tensors.
+
+    ``fully_shard_kwargs`` go to every ``torch.distributed.fsdp.fully_shard`` call (e.g. ``mp_policy``).
+    """
+    if any(isinstance(m, FSDPModule) for m in model.modules()):
+        raise ValueError("the model is already sharded: inject the adapters first, then call fully_shard_peft "
+                         "(instead of fully_shard) once; under ModelParallelStrategy the PEFT callback does both")
+    units = sharding_units(model)
+    check_units_do_not_mix(model, units)
+    owners = _owners_by_name(model)
+    read_by_layer = _bases_read_outside_their_forward(model)
+    for unit in [*units, model]:
+        keep_unsharded = {"reshard_after_forward": False} if unit in read_by_layer else {}
+        fully_shard(unit, mesh=mesh, **{**fully_shard_kwargs, **keep_unsharded})
+    _claim_by_name(model, owners)
+    model.__dict__[_SHARDED] = True
+    return model
+
+
+def _bases_read_outside_their_forward(model: nn.Module) -> set[nn.Module]:
+    """Base layers whose weight a DoRA adapter (one with a ``magnitude``) reads in the PEFT layer's forward.
+
+    These stay unsharded from their forward until the backward, when FSDP2 would otherwise have resharded them.
+    """
+    return {layer.base_layer for layer in model.modules() if isinstance(layer, PEFTLayer)
+            and any(getattr(adapter, "magnitude", None) is not None for adapter in layer.adapters.values())}
+
+
+def _owners_by_name(model: nn.Module) -> dict[str, str]:
+    owners = owner_of(model)
+    return {name: owners[id(p)] for name, p in model.named_parameters() if id(p) in owners}
+
+
+def _claim_by_name(model: nn.Module, owners: dict[str, str]) -> None:
+    """Claim again by name: sharding replaces every parameter with a new (DTensor) one."""
+    params = dict(model.named_parameters())
+    for owner in set(owners.values()):
+        release(model, owner)
+    for name, owner in owners.items():
+        claim(model, owner, [params[name]])
+
+
+def full_adapter_state_dict(module: nn.Module) -> dict[str, Tensor]:
+    """The adapter tensors of ``module`` as full CPU tensors; gathering shards, so every rank must call it."""
+    keys = adapter_state_keys(module)
+    named = ((state_key(name), param) for name, param in module.named_parameters())
+    return {key: _full_tensor(param) for key, param in named if key in keys}
+
+
+def _full_tensor(tensor: Tensor) -> Tensor:
+    tensor = tensor.detach()
+    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).cpu()
+
+
+# --- FSDP1 ------------------------------------------------------------------------------------
+def fsdp_auto_wrap_policy(model: nn.Module) -> Callable[..., bool]:
+    """An FSDP1 ``auto_wrap_policy`` that wraps the :func:`sharding_units` of ``model`` (adapters injected)."""
+    units = sharding_units(model)
+    check_units_do_not_mix(model, units)
+    return functools.partial(lambda_auto_wrap_policy, lambda_fn=set(units).__contains__)
+
+
+# --- Lightning strategies ---------------------------------------------------------------------
+def shards_after_injection(strategy: Strategy) -> bool:
+    """Whether the PEFT callback prepares this strategy's sharding (once the model is built and injected)."""
+    return isinstance(strategy, (ModelParallelStrategy, FSDPStrategy))
+
+
+def prepare_sharding(trainer: L.Trainer, module: L.LightningModule, adapter_checkpoints: bool) -> None:
+    """Called once PEFT is injected: shard for ModelParallelStrategy, or give FSDPStrategy its units."""
+    strategy = trainer.strategy
+    if isinstance(strategy, ModelParallelStrategy) and not module.__dict__.get(_SHARDED):
+        _shard_with_fsdp2(strategy, module, adapter_checkpoints)
+    elif isinstance(strategy, FSDPStrategy) and not _wrapped_by_fsdp1(module):
+        _give_fsdp1_its_units(strategy, module, adapter_checkpoints)
+
+
+def _shard_with_fsdp2(strategy: ModelParallelStrategy, module: L.LightningModule, adapter_checkpoints: bool) -> None:
+    if strategy.device_mesh["tensor_parallel"].size() > 1:
+        raise ValueError("lightning_peft shards PEFT models with FSDP2 over data parallelism only: "
+                         "use ModelParallelStrategy(data_parallel_size=..., tensor_parallel_size=1)")
+    if adapter_checkpoints:  # one file of full adapter tensors, written by rank 0 through CheckpointIO
+        strategy._save_distributed_checkpoint = False
+        strategy.lightning_module_state_dict = functools.partial(full_adapter_state_dict, module)
+        load_adapter_checkpoints_into_shards(strategy, module)
+    fully_shard_peft(module, strategy.device_mesh["data_parallel"])
+
+
+def _give_fsdp1_its_units(strategy: FSDPStrategy, module: L.LightningModule, adapter_checkpoints: bool) -> None:
+    if not strategy.kwargs.get("use_orig_params"):
+        raise ValueError("PEFT models need FSDPStrategy(use_orig_params=True) (Lightning's default): with flat "
+                         "parameters, adapters can be neither found nor saved by name")
+    strategy.kwargs.setdefault("auto_wrap_policy", fsdp_auto_wrap_policy(module))
+    if adapter_checkpoints:
+        load_adapter_checkpoints_into_shards(strategy, module)
+
+
+def _wrapped_by_fsdp1(module: nn.Module) -> bool:
+    return any(isinstance(m, FullyShardedDataParallel) for m in module.modules())
+
+
+def load_adapter_checkpoints_into_shards(strategy: Strategy, module: L.LightningModule) -> None:
+    """Let the strategy load adapter-only files: checked against the model, then loaded with non-strict keys.
+
+    Sharded strategies load checkpoints themselves, without CheckpointIO, so the frozen tensors
+    cannot be filled in from the model as for other strategies. Call before the model is sharded.
+    """
+    load = strategy.load_checkpoint
+    if getattr(load, _PATCHED, False):
+        return
+    shapes = {key: tuple(tensor.shape) for key, tensor in module.state_dict().items()}
+    expected = adapter_state_keys(module)
+
+    def load_checkpoint(checkpoint_path: PathLike, weights_only: bool | None = None) -> dict[str, Any]:
+        saved = _adapter_state(checkpoint_path)
+        if saved is None:
+            return load(checkpoint_path, weights_only=weights_only)
+        check_adapter_state(saved, shapes, expected, checkpoint_path)
+        strict, module.strict_loading = module.strict_loading, False
+        try:
+            return load(checkpoint_path, weights_only=weights_only)
+        finally:
+            module.strict_loading = strict
+
+    setattr(load_checkpoint, _PATCHED, True)
+    strategy.load_checkpoint = load_checkpoint
+
+
+def _adapter_state(path: PathLike) -> dict[str, Tensor] | None:
+    """The state_dict of an adapter-only checkpoint file; None for any other checkpoint."""
+    if not Path(path).is_file():
+        return None
+    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    return checkpoint["state_dict"] if checkpoint.get(CHECKPOINT_KEY, {}).get("adapter_only") else None
+
+
+# --- DDP --------------------------------------------------------------------------------------
+def check_gradients_reached(trainer: L.Trainer, module: nn.Module) -> None:
+    """After the first backward: name every trainable parameter without a gradient.
+
+    DDP (without ``find_unused_parameters``) would fail on them with "Expected to have finished
+    reduction" at the next step, so there it is an error; elsewhere a warning.
+    """
+    missing = [state_key(name) for name, p in module.named_parameters() if p.requires_grad and p.grad is None]
+    if not missing:
+        return
+    message = (
+        f"{len(missing)} trainable parameter(s) got no gradient in the first training step, so they never "
+        f"reached the loss: {', '.join(missing[:8])}{', ...' if len(missing) > 8 else ''}. Exclude their modules "
+        "from target_modules / modules_to_save, or use them in the loss."
+    )
+    if _reducer_needs_every_gradient(trainer.strategy):
+        raise RuntimeError(f"{message} DDP cannot train parameters that get no gradient.")
+    rank_zero_warn(message)
+
+
+def _reducer_needs_every_gradient(strategy: Strategy) -> bool:
+    model = strategy.model
+    return isinstance(model, DistributedDataParallel) and not (model.find_unused_parameters or model.static_graph)

@@ -1,0 +1,103 @@
+"""The two-process runs of test_distributed.py, in one launch: DDP and FSDP2 fits, resumes, DoRA, an unused adapter.
+
+Run as ``python distributed_worker.py OUT_DIR``; Lightning starts the second process itself. Every
+rank writes its adapter (full tensors) after each fit, so the test compares ranks and runs.
+"""
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from conftest import TokenModule, tiny_llama, token_loader  # noqa: E402
+from lightning.pytorch.strategies import ModelParallelStrategy, Strategy  # noqa: E402
+from torch import nn  # noqa: E402
+
+from lightning_peft import LoRA  # noqa: E402
+from lightning_peft.distributed import full_adapter_state_dict  # noqa: E402
+
+EPOCHS = 2  # of 8 sequences in global batches of 4 (2 per rank): 4 steps
+SEQUENCES = 8
+PER_RANK_BATCH = 2
+
+
+def lora(**kwargs) -> LoRA:
+    return LoRA(r=4, alpha=8, target_modules=["q_proj", "v_proj"], **kwargs)
+
+
+class SeededLlama(TokenModule):
+    """A tiny Llama built in ``configure_model`` from a fixed seed: the same base and adapter init everywhere."""
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            torch.manual_seed(0)
+            with torch.device("cpu"):  # the CPU generator, on whichever device the strategy would build
+                self.model = tiny_llama()
+
+
+class WithUnusedHead(SeededLlama):
+    """A LoRA-adapted head that the loss never uses."""
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        self.unused_head = nn.Linear(32, 4)
+
+
+class SaveAdapterPerRank(L.Callback):
+    """After fit, every rank writes its adapter as ``{dirpath}/{name}_rank{global_rank}.pt``."""
+
+    def __init__(self, dirpath: str, name: str = "adapter") -> None:
+        self.dirpath, self.name = Path(dirpath), name
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        state = full_adapter_state_dict(pl_module)  # every rank gathers
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        torch.save(state, self.dirpath / f"{self.name}_rank{trainer.global_rank}.pt")
+
+
+def trainer(strategy: Strategy | str, callbacks: list[L.Callback], **kwargs) -> L.Trainer:
+    settings = dict(accelerator="cpu", devices=2, strategy=strategy, max_epochs=EPOCHS, logger=False,
+                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    return L.Trainer(callbacks=callbacks, **{**settings, **kwargs})
+
+
+def loader() -> torch.utils.data.DataLoader:
+    return token_loader(n=SEQUENCES, batch=PER_RANK_BATCH)
+
+
+def fit_save_resume(name: str, strategy_factory: Callable[[], Strategy | str], out: Path) -> None:
+    """Fit two epochs; fit one epoch and save a checkpoint; resume from it for the second epoch."""
+    folder = out / name
+    trainer(strategy_factory(), [lora(), SaveAdapterPerRank(folder)]).fit(SeededLlama(), loader())
+    first_epoch = trainer(strategy_factory(), [lora()], max_epochs=1)
+    first_epoch.fit(SeededLlama(), loader())
+    first_epoch.save_checkpoint(folder / "epoch1.ckpt")
+    trainer(strategy_factory(), [lora(), SaveAdapterPerRank(folder, "resumed")]).fit(
+        SeededLlama(), loader(), ckpt_path=folder / "epoch1.ckpt")
+
+
+def unused_adapter_fails_first(out: Path) -> None:
+    """DDP with a LoRA layer outside the loss: record the error every rank raises."""
+    run = trainer("ddp", [LoRA(r=4, target_modules=["q_proj", "unused_head"])])
+    try:
+        run.fit(WithUnusedHead(), loader())
+    except RuntimeError as error:
+        (out / f"unused_rank{run.global_rank}.txt").write_text(f"step {run.global_step}: {error}")
+
+
+def fsdp2() -> ModelParallelStrategy:
+    return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+
+
+def main(out: Path) -> None:
+    fit_save_resume("ddp", lambda: "ddp", out)
+    fit_save_resume("fsdp2", fsdp2, out)
+    trainer(fsdp2(), [lora(use_dora=True), SaveAdapterPerRank(out / "fsdp2_dora")]).fit(SeededLlama(), loader())
+    unused_adapter_fails_first(out)  # last: a failed fit tears the process group down
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,354 @@
+"""LoRA under DDP, FSDP2 and two torchrun nodes (two processes on CPU, gloo, 127.0.0.1); FSDP1 on CUDA.
+
+The multi-process runs are launched once per module (distributed_worker.py) and checked by
+several tests; each launch has a timeout, so a hang fails instead of blocking.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+import torch.distributed as dist
+import yaml
+from conftest import (ImageModule, TokenModule, image_loader, make_trainer, tiny_bert, tiny_llama,
+                      token_loader)
+from distributed_worker import PER_RANK_BATCH, SeededLlama, loader, lora
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.utils.data import DataLoader, DistributedSampler
+
+from lightning_peft import BitFit, LoRA, trainable_summary
+from lightning_peft.distributed import (check_units_do_not_mix, fsdp_auto_wrap_policy, full_adapter_state_dict,
+                                        fully_shard_peft, prepare_sharding, sharding_units)
+
+TESTS = Path(__file__).parent
+LAUNCH_TIMEOUT = 300  # seconds; each launch takes 60-90 on two loaded cores
+TOLERANCE = 1e-5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Launch:
+    """Commands started side by side, each in its own process group, with output to files (a full pipe blocks)."""
+
+    def __init__(self, commands: list[list[str]], timeout: float = LAUNCH_TIMEOUT, **env: str) -> None:
+        pythonpath = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "PYTHONPATH": pythonpath, "PYTHONUNBUFFERED": "1", **env}
+        self.logs = [tempfile.TemporaryFile("w+") for _ in commands]
+        self.procs = [subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                      for cmd, log in zip(commands, self.logs)]
+        self.deadline = time.monotonic() + timeout
+
+    def outputs(self) -> list[str]:
+        """Wait for every process and return their outputs; fail when one fails or is still running at the deadline."""
+        try:
+            for proc in self.procs:
+                proc.wait(timeout=max(0.0, self.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"{[proc.args for proc in self.procs]} still running at the deadline (a hang?)")
+        outputs = []
+        for proc, log in zip(self.procs, self.logs):
+            log.seek(0)
+            outputs.append(log.read())
+            assert proc.returncode == 0, outputs[-1][-4000:]
+        return outputs
+
+    def kill(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+# --- two processes, one launch: DDP and FSDP2 ---------------------------------------------------
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, two_nodes) -> Path:
+    """The worker's results; asks for ``two_nodes`` so that both launches run side by side."""
+    out = tmp_path_factory.mktemp("two_processes")
+    launch = Launch([[sys.executable, str(TESTS / "distributed_worker.py"), str(out)]], MASTER_PORT=str(free_port()))
+    try:
+        launch.outputs()
+    finally:
+        launch.kill()
+    return out
+
+
+def same_global_batches() -> DataLoader:
+    """Lightning shuffles training data with DistributedSampler(seed=0): one replica of it reads the same batches."""
+    dataset = loader().dataset
+    sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0)
+    return DataLoader(dataset, batch_size=2 * PER_RANK_BATCH, sampler=sampler)
+
+
+def single_process_adapter(**lora_kwargs) -> dict[str, torch.Tensor]:
+    module = SeededLlama()
+    make_trainer([lora(**lora_kwargs)], max_epochs=2, max_steps=-1).fit(module, same_global_batches())
+    return full_adapter_state_dict(module)
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, torch.Tensor]:
+    return single_process_adapter()
+
+
+def assert_close(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], atol: float = TOLERANCE) -> None:
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert torch.allclose(got[name], expected[name], atol=atol), (name, (got[name] - expected[name]).abs().max())
+
+
+def rank_files(folder: Path, name: str) -> list[dict[str, torch.Tensor]]:
+    return [torch.load(folder / f"{name}_rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_processes_match_one_with_the_same_global_batch(runs, reference, strategy):
+    for adapter in rank_files(runs / strategy, "adapter"):
+        assert_close(adapter, reference)
+    assert all(t.abs().sum() > 0 for n, t in reference.items() if n.endswith("lora_B"))  # B starts at 0
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_checkpoints_hold_the_adapter_as_full_tensors(runs, reference, strategy):
+    path = runs / strategy / "epoch1.ckpt"
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["lightning_peft"] == {"adapter_only": True}
+    assert {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items()} == \
+        {k: tuple(v.shape) for k, v in reference.items()}
+    assert all(type(v) is torch.Tensor for v in checkpoint["state_dict"].values())  # gathered, not DTensor
+    assert checkpoint["optimizer_states"] and checkpoint["global_step"] == 2
+    assert path.stat().st_size < 100_000  # the base (27,680 - 896 parameters) is left out
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_resume_from_an_adapter_checkpoint_continues_exactly(runs, strategy):
+    uninterrupted = rank_files(runs / strategy, "adapter")[0]
+    for resumed in rank_files(runs / strategy, "resumed"):
+        assert_close(resumed, uninterrupted, atol=1e-6)
+
+
+def test_dora_under_fsdp2_matches_one_process(runs):
+    expected = single_process_adapter(use_dora=True)
+    for adapter in rank_files(runs / "fsdp2_dora", "adapter"):
+        assert_close(adapter, expected)
+
+
+def test_ddp_names_an_adapter_outside_the_loss_before_its_reducer_fails(runs):
+    for rank in (0, 1):
+        message = (runs / f"unused_rank{rank}.txt").read_text()
+        assert message.startswith("step 0: ")  # after the first backward, before any optimizer step
+        assert "unused_head.adapters.default.lora_A, unused_head.adapters.default.lora_B" in message
+        assert "q_proj" not in message and "Expected to have finished reduction" not in message
+
+
+# --- two nodes with torchrun, running a recipe --------------------------------------------------
+WORDS = ["good", "great", "fine", "bad", "awful", "poor", "the", "movie", "was", "very"]
+
+
+def tiny_bert_folder(folder: Path) -> Path:
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)}).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=32)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    return folder
+
+
+def two_node_recipe(tmp_path: Path) -> Path:
+    rows = [(f"the movie was very {WORDS[i % 6]}", "positive" if i % 6 < 3 else "negative") for i in range(32)]
+    train = tmp_path / "train.csv"
+    train.write_text("text,label\n" + "".join(f"{text},{label}\n" for text, label in rows))
+    recipe = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "strategy": "ddp", "num_nodes": 2, "devices": 1, "max_steps": 4,
+            "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "callbacks": [
+                {"class_path": "lightning_peft.LoRA", "init_args": {
+                    "r": 4, "alpha": 8, "target_modules": ["query", "value"], "modules_to_save": ["classifier"]}},
+                {"class_path": "distributed_worker.SaveAdapterPerRank", "init_args": {"dirpath": str(tmp_path)}},
+            ],
+        },
+        "model": {"class_path": "lightning_peft.tasks.SequenceClassification",
+                  "init_args": {"model": str(tiny_bert_folder(tmp_path / "bert")), "learning_rate": 0.1,
+                                "warmup_steps": 0}},
+        "data": {"class_path": "lightning_peft.data.TextClassificationData",
+                 "init_args": {"train_file": str(train), "batch_size": 4, "max_length": 16, "val_fraction": 0}},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory) -> Iterator[tuple[Launch, Path]]:
+    """Two torchrun "nodes" of one process each, rendezvous on 127.0.0.1, running the recipe."""
+    folder = tmp_path_factory.mktemp("two_nodes")
+    recipe, port = two_node_recipe(folder), free_port()
+    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+            "--master-addr=127.0.0.1", f"--master-port={port}"]
+    launch = Launch([[*node, f"--node-rank={rank}", "-m", "lightning_peft.cli", "fit", "--config", str(recipe)]
+                     for rank in (0, 1)])
+    yield launch, folder
+    launch.kill()
+
+
+def test_two_torchrun_nodes_train_one_adapter(two_nodes):
+    launch, folder = two_nodes
+    outputs = launch.outputs()
+    assert "MEMBER: 1/2" in outputs[0] and "MEMBER: 2/2" in outputs[1]  # one world of two processes
+    first, second = rank_files(folder, "adapter")
+    assert_close(second, first, atol=0)
+    assert any(name.endswith("lora_B") for name in first)
+    assert all(t.abs().sum() > 0 for n, t in first.items() if n.endswith("lora_B"))  # trained away from B = 0
+
+
+# --- in one process -----------------------------------------------------------------------------
+def injected_llama(**lora_kwargs) -> torch.nn.Module:
+    model = tiny_llama()
+    LoRA(r=4, target_modules=["q_proj", "v_proj"], **lora_kwargs).inject(model)
+    return model
+
+
+def test_units_put_frozen_and_trainable_parameters_apart():
+    model = injected_llama(modules_to_save=["lm_head"])
+    names = {module: name for name, module in model.named_modules()}
+    units = [names[unit] for unit in sharding_units(model)]
+    assert units[:5] == ["lm_head", "model.layers.1.self_attn.v_proj.base_layer", "model.layers.1.self_attn.v_proj",
+                         "model.layers.1.self_attn.q_proj.base_layer", "model.layers.1.self_attn.q_proj"]
+    assert units[5] == "model.layers.1" and units[-1] == "model.layers.0"
+    check_units_do_not_mix(model, sharding_units(model))
+    policy = fsdp_auto_wrap_policy(model)
+    assert policy(module=model.model.layers[0].self_attn.q_proj, recurse=False, nonwrapped_numel=0)
+    assert not policy(module=model.model.layers[0].self_attn, recurse=False, nonwrapped_numel=0)
+
+
+@pytest.fixture
+def one_process_mesh():
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield init_device_mesh("cpu", (1,))
+    dist.destroy_process_group()
+
+
+def test_fully_shard_peft_keeps_ownership_and_refuses_a_sharded_model(one_process_mesh):
+    model = injected_llama()
+    methods = trainable_summary(model).methods
+    fully_shard_peft(model, one_process_mesh)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, FSDPModule) and isinstance(layer.base_layer, FSDPModule)
+    assert trainable_summary(model).methods == methods  # claims follow the new (DTensor) parameters
+    sharded = tiny_llama()
+    fully_shard(sharded, mesh=one_process_mesh)
+    with pytest.raises(ValueError, match="already sharded"):
+        fully_shard_peft(sharded, one_process_mesh)
+
+
+@pytest.fixture
+def lightning_launch_in_this_process():
+    """Lightning's launcher sets rank variables, threads and a process group in this process: undo them after."""
+    environment, threads = dict(os.environ), torch.get_num_threads()
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(environment)
+    torch.set_num_threads(threads)
+
+
+def test_a_model_built_in_init_is_sharded_after_injection(lightning_launch_in_this_process, tmp_path):
+    module = TokenModule(tiny_llama())  # built here, so not in configure_model
+    trainer = make_trainer([LoRA(r=4, target_modules=["q_proj"])], max_steps=2,
+                           strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1))
+    trainer.fit(module, token_loader())
+    layer = module.model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, FSDPModule) and isinstance(layer.base_layer, FSDPModule)
+    trainer.save_checkpoint(tmp_path / "adapter.ckpt")
+    saved = torch.load(tmp_path / "adapter.ckpt", weights_only=True)["state_dict"]
+    assert sorted(saved) == sorted(full_adapter_state_dict(module)) and len(saved) == 4
+
+
+def test_fsdp1_strategy_gets_the_wrap_policy_and_needs_original_parameters():
+    module = TokenModule(injected_llama())
+    flat = FSDPStrategy(use_orig_params=False)
+    with pytest.raises(ValueError, match="use_orig_params=True"):
+        prepare_sharding(SimpleNamespace(strategy=flat), module, adapter_checkpoints=True)
+    strategy = FSDPStrategy()  # Lightning's default: use_orig_params=True
+    prepare_sharding(SimpleNamespace(strategy=strategy), module, adapter_checkpoints=True)
+    policy = strategy.kwargs["auto_wrap_policy"]
+    assert policy(module=module.model.model.layers[1].self_attn.v_proj.base_layer, recurse=False, nonwrapped_numel=0)
+
+
+def test_a_module_holding_frozen_and_trainable_parameters_is_refused():
+    model = tiny_bert()
+    BitFit().inject(model)  # trains the biases beside frozen weights, in the same modules
+    with pytest.raises(ValueError, match="cannot shard .* frozen .* trainable"):
+        fsdp_auto_wrap_policy(model)
+
+
+def test_an_unused_adapter_is_a_warning_without_ddp():
+    class WithUnusedHead(TokenModule):
+        def __init__(self):
+            super().__init__(tiny_llama())
+            self.unused_head = torch.nn.Linear(32, 4)
+
+    with pytest.warns(UserWarning, match="unused_head.adapters.default.lora_A"):
+        make_trainer([LoRA(r=4, target_modules=["q_proj", "unused_head"])], max_steps=2).fit(
+            WithUnusedHead(), token_loader())
+
+
+# --- gradient checkpointing with frozen embeddings ----------------------------------------------
+class TinyViT(ImageModule):
+    """A ViT classifier (inputs are pixel values: transformers does not enable input gradients for it)."""
+
+    def __init__(self):
+        from transformers import ViTConfig, ViTForImageClassification
+
+        config = ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=4, intermediate_size=64, num_labels=3)
+        super().__init__(ViTForImageClassification(config))
+
+    def forward(self, x):
+        return self.model(pixel_values=x).logits
+
+
+class RecordGradients(L.Callback):
+    def __init__(self):
+        self.reached: dict[str, bool] = {}
+
+    def on_after_backward(self, trainer, pl_module):
+        self.reached = {n: p.grad is not None for n, p in pl_module.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_with_frozen_embeddings_reaches_the_adapters(reentrant):
+    module, record = TinyViT(), RecordGradients()
+    module.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    make_trainer([LoRA(r=4, target_modules=["q_proj", "v_proj"]), record], max_steps=1).fit(module, image_loader())
+    assert record.reached and all(record.reached.values()), record.reached
+
+
+# --- FSDP1 (GPU) ---------------------------------------------------------------------------------
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP1 needs CUDA")
+def test_fsdp1_wraps_adapters_apart_and_trains(tmp_path):
+    outputs = Launch([[sys.executable, str(TESTS.parent / "benchmarks" / "gpu" / "fsdp1_check.py"), str(tmp_path)]],
+                     timeout=600).outputs()
+    assert outputs[0].count("PASS") == 4, outputs[0][-4000:]
