@@ -8,10 +8,11 @@ from lightning_peft.core.merging import merge, unmerge
 from lightning_peft.core.summary import trainable_summary
 from lightning_peft.distributed import fsdp_auto_wrap_policy, full_adapter_state_dict, fully_shard_peft
 from lightning_peft.lora import LoRA
+from lightning_peft.quantization import QuantizeBase
 from lightning_peft.selective import BitFit, Selective
 
 __version__ = "0.1.0"
 
-__all__ = ["IA3", "Adapter", "BitFit", "LoRA", "PEFTCallback", "PrefixTuning", "PromptTuning", "Selective", "delete_adapter", "disable_adapters", "fsdp_auto_wrap_policy",
+__all__ = ["IA3", "Adapter", "BitFit", "LoRA", "PEFTCallback", "PrefixTuning", "PromptTuning", "QuantizeBase", "Selective", "delete_adapter", "disable_adapters", "fsdp_auto_wrap_policy",
            "full_adapter_state_dict", "fully_shard_peft", "load_adapter", "merge", "save_adapter",
            "set_adapter", "trainable_summary", "unmerge"]

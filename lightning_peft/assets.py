@@ -1,14 +1,18 @@
 """Real models and data that reach an offline machine through package registries only.
 
 MiniLM-L6 and SmolLM2-135M-Instruct come from PyPI packages; the movie review snippets come
-from the vaderSentiment sdist. Everything derived is cached under :func:`cache_dir`.
+from the vaderSentiment sdist; Jane Austen's novels come from Debian's r-cran-janeaustenr.
+Everything derived is cached under :func:`cache_dir`.
 """
 
+import bz2
 import copy
 import fcntl
 import importlib.util
+import gzip
 import io
 import logging
+import lzma
 import os
 import random
 import shutil
@@ -17,12 +21,16 @@ import sys
 import tarfile
 import tempfile
 import time
+import warnings
+import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lightning_peft.core.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +50,13 @@ _SNIPPETS_MEMBER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
 _SNIPPETS_LINES = 10_605  # rows in the file; 37 of them score exactly 0
 _SNIPPETS_ROWS = 10_568  # rows kept once the zero scores are dropped
 _SNIPPETS_CACHE = "movie_snippets.tsv"
+
+_AUSTEN_PACKAGE = "r-cran-janeaustenr"
+_AUSTEN_DOWNLOAD = f"apt-get download {_AUSTEN_PACKAGE}"
+_AUSTEN_DATA = "usr/lib/R/site-library/janeaustenr/data/Rdata"  # .rdx index and .rdb values, in the .deb
+_AUSTEN_NOVELS = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey", "persuasion")
+_AUSTEN_LINES = 73_422  # lines of the six novels, as janeaustenr stores them
+_AUSTEN_CACHE = "austen.txt"
 
 
 class AssetError(RuntimeError):
@@ -235,3 +250,91 @@ def movie_snippets_split(seed: int = 0, test_size: int = 2000) -> tuple[list[Sni
     random.Random(seed).shuffle(rows)
     cut = len(rows) - test_size
     return rows[:cut], rows[cut:]
+
+
+def austen_text() -> str:
+    """Return Jane Austen's six novels in publication order, one line of the printed text per line (73,422 lines).
+
+    Parsed once from Debian's ``r-cran-janeaustenr`` (fetched with ``apt-get download``, or a .deb put in
+    :func:`cache_dir`) and cached there as UTF-8 text; a lock and an atomic write keep concurrent callers safe.
+    """
+    cached = cache_dir() / _AUSTEN_CACHE
+    if not cached.is_file():
+        with _exclusive_lock(cached.with_name(f"{_AUSTEN_CACHE}.lock")):
+            if not cached.is_file():
+                with tempfile.TemporaryDirectory() as work:
+                    text = _parse_austen(_austen_deb(Path(work)), Path(work))
+                atomic_write(cached, lambda handle: handle.write(text.encode("utf-8")))
+    text = cached.read_text(encoding="utf-8")
+    lines = text.count("\n")
+    if lines != _AUSTEN_LINES:
+        raise AssetError(f"{cached} holds {lines} lines, not {_AUSTEN_LINES}; delete it to rebuild it")
+    return text
+
+
+def _austen_deb(download_dir: Path) -> Path:
+    """Return the r-cran-janeaustenr .deb: one pre-seeded in the cache, else one apt-get downloads now."""
+    seeded = sorted(cache_dir().glob(f"{_AUSTEN_PACKAGE}_*.deb"))
+    if seeded:
+        return seeded[-1]
+    instructions = (
+        f"On a Debian or Ubuntu machine run `apt-get update && {_AUSTEN_DOWNLOAD}` and copy the "
+        f"{_AUSTEN_PACKAGE}_*.deb it writes into {cache_dir()} (set LIGHTNING_PEFT_CACHE to use another folder)."
+    )
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        raise AssetError(f"Jane Austen's novels come from the Debian package {_AUSTEN_PACKAGE}, "
+                         f"but apt-get or dpkg-deb is not here. {instructions}")
+    logger.info("Downloading the Debian package %s for Jane Austen's novels", _AUSTEN_PACKAGE)
+    done = subprocess.run(_AUSTEN_DOWNLOAD.split(), cwd=download_dir, capture_output=True, text=True, check=False)
+    debs = list(download_dir.glob(f"{_AUSTEN_PACKAGE}_*.deb"))
+    if done.returncode != 0 or not debs:
+        reason = (done.stderr.strip().splitlines() or ["no .deb written"])[-1]
+        raise AssetError(f"`{_AUSTEN_DOWNLOAD}` failed ({reason}). {instructions}")
+    return debs[0]
+
+
+def _parse_austen(deb: Path, work: Path) -> str:
+    """Unpack the .deb and read the six novels' lines from janeaustenr's R lazy-load database."""
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(work / "deb")], check=True)
+    data = work / "deb" / _AUSTEN_DATA
+    index = _parse_r(gzip.decompress(data.with_suffix(".rdx").read_bytes()))
+    values = data.with_suffix(".rdb").read_bytes()
+    missing = [name for name in _AUSTEN_NOVELS if name not in index["variables"]]
+    if missing:
+        raise AssetError(f"{deb.name} has no {', '.join(missing)} in its data; found {', '.join(index['variables'])}")
+    lines = []
+    for name in _AUSTEN_NOVELS:
+        offset, length = (int(n) for n in index["variables"][name])
+        serialized = _rdb_value(values[offset:offset + length], zlib_only=index["compressed"].dtype == bool)
+        lines.extend(str(line) for line in _parse_r(serialized))
+    if len(lines) != _AUSTEN_LINES:
+        raise AssetError(f"{deb.name} holds {len(lines)} lines of the novels; expected {_AUSTEN_LINES}")
+    return "".join(f"{line}\n" for line in lines)
+
+
+def _parse_r(serialized: bytes) -> object:
+    """Convert one R-serialized object (``X\\n`` format, no file header) to Python with ``rdata``."""
+    import rdata  # imports pandas and xarray: only when parsing, once
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Unknown file type", UserWarning)  # a bare object, not an .rds file
+        return rdata.conversion.convert(rdata.parser.parse_data(serialized))
+
+
+_RDB_DECOMPRESS = {
+    b"0": bytes,
+    b"1": zlib.decompress,
+    b"2": bz2.decompress,
+    b"Z": lambda raw: lzma.decompress(raw, lzma.FORMAT_RAW, filters=[
+        {"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]),
+}
+
+
+def _rdb_value(entry: bytes, zlib_only: bool) -> bytes:
+    """Decompress one lazy-load entry: a 4-byte big-endian size, then zlib data (``compress = TRUE``) or,
+    for ``compress = 2`` or ``3``, a type byte (``0`` stored, ``1`` zlib, ``2`` bzip2, ``Z`` raw LZMA2) and data."""
+    size = int.from_bytes(entry[:4], "big")
+    raw = zlib.decompress(entry[4:]) if zlib_only else _RDB_DECOMPRESS[entry[4:5]](entry[5:])
+    if len(raw) != size:
+        raise AssetError(f"an R lazy-load entry unpacked to {len(raw)} bytes, not {size}")
+    return raw

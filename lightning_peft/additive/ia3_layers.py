@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_peft.core.layer import PEFTLayer, innermost_base
+from lightning_peft.quantization.layers import dequantized_weight, is_quantized, replace_weight
 
 
 class IA3Adapter(nn.Module):
@@ -33,7 +34,10 @@ class IA3Layer(PEFTLayer):
         super().__init__(base_layer)
         base = innermost_base(base_layer)
         self.transposed = not isinstance(base, nn.Linear)  # Conv1D: weight is (in, out)
-        self.out_features, self.in_features = self._as_out_in(base.weight).shape
+        if self.transposed:
+            self.in_features, self.out_features = base.weight.shape
+        else:  # from the attributes: a bitsandbytes 4-bit weight is packed into (out * in / 2, 1)
+            self.in_features, self.out_features = base.in_features, base.out_features
 
     def add_adapter(self, name: str, feedforward: bool) -> IA3Adapter:
         weight = innermost_base(self.base_layer).weight
@@ -76,8 +80,12 @@ class IA3Layer(PEFTLayer):
 
     def _scale_base(self, adapter: IA3Adapter, factor: Tensor) -> None:
         """Multiply the weight's columns (input scaling) or rows and bias (output scaling) by ``factor``."""
-        weight = self.base_layer.weight
-        self._as_out_in(weight).mul_(factor.to(weight.dtype))
+        if is_quantized(self.base_layer):  # dequantize, scale, quantize again (rounds, and warns so)
+            weight = dequantized_weight(self.base_layer)
+            replace_weight(self.base_layer, weight.mul_(factor.to(weight.dtype)))
+        else:
+            weight = self.base_layer.weight
+            self._as_out_in(weight).mul_(factor.to(weight.dtype))
         bias = getattr(self.base_layer, "bias", None)
         if not adapter.feedforward and bias is not None:
             bias.mul_(factor.flatten().to(bias.dtype))

@@ -1,4 +1,4 @@
-"""Reading tabular text files (CSV, TSV, JSONL) into rows, with one clear error per problem."""
+"""Reading text files (CSV, TSV, JSONL rows; plain text; lines) with one clear error per problem."""
 
 from __future__ import annotations
 
@@ -39,6 +39,17 @@ def _json_line(line: str, path: Path, number: int) -> dict:
     if not isinstance(row, dict):
         raise ValueError(f"data file {path}, line {number}: expected a JSON object")
     return row
+
+
+def read_text(path: str | Path) -> str:
+    """The whole text of a UTF-8 file, which must exist and hold more than whitespace."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"data file {path} is empty")
+    return text
 
 
 def read_lines(path: str | Path) -> list[str]:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_peft.core.layer import PEFTLayer, to_adapter_dtype
+from lightning_peft.quantization.layers import dequantized_weight, is_quantized, replace_weight
 
 INITS = ("default", "gaussian", "pissa")
 
@@ -83,9 +84,13 @@ class LoRALayer(PEFTLayer):
         else:
             raise ValueError(f"LoRA init={init!r} is not supported on {type(self.base_layer).__name__}")
 
+    def base_weight(self) -> Tensor:
+        """``base_layer.weight``, dequantized to float32 when bitsandbytes stores it in 8 or 4 bits."""
+        return dequantized_weight(self.base_layer) if is_quantized(self.base_layer) else self.base_layer.weight
+
     def row_norm(self, adapter: LoRAAdapter) -> Tensor:
         """DoRA's per-output norm of ``W + scale * B @ A``."""
-        weight = self.from_weight_layout(self.base_layer.weight).to(adapter.lora_A.dtype)
+        weight = self.from_weight_layout(self.base_weight()).to(adapter.lora_A.dtype)
         return torch.linalg.norm(weight + adapter.update(), dim=1)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
@@ -118,6 +123,9 @@ class LoRALayer(PEFTLayer):
             self._add_to_weight(self.unmerge_update(self.adapters[name]))
 
     def _add_to_weight(self, update: Tensor) -> None:
+        if is_quantized(self.base_layer):  # dequantize, add, quantize again (rounds, and warns so)
+            replace_weight(self.base_layer, self.base_weight() + self.to_weight_layout(update))
+            return
         weight = self.base_layer.weight
         weight.add_(self.to_weight_layout(update).to(weight.dtype))
 
@@ -128,7 +136,10 @@ class LoRALinear(LoRALayer):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.transposed = not isinstance(base_layer, nn.Linear)  # Conv1D: weight is (in, out)
-        self.in_features, self.out_features = self.from_weight_layout(base_layer.weight).shape[::-1]
+        if self.transposed:
+            self.in_features, self.out_features = base_layer.weight.shape
+        else:  # from the attributes: a bitsandbytes 4-bit weight is packed into (out * in / 2, 1)
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
 
     def a_shape(self, r: int) -> tuple[int, ...]:
         return (r, self.in_features)
@@ -153,14 +164,17 @@ class LoRALinear(LoRALayer):
     @torch.no_grad()
     def initialize_pissa(self, adapter: LoRAAdapter) -> None:
         """PiSSA: A, B from the top-r singular triplets of W; the rest stays in the base weight."""
-        weight = self.from_weight_layout(self.base_layer.weight)
+        weight = self.from_weight_layout(self.base_weight())
         u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
         r = adapter.lora_A.shape[0]
         root_s = torch.sqrt(s[:r] / adapter.scale)
         adapter.lora_A.copy_(root_s[:, None] * vh[:r])
         adapter.lora_B.copy_(u[:, :r] * root_s[None, :])
         residual = weight.float() - adapter.update()
-        self.base_layer.weight.copy_(self.to_weight_layout(residual).to(weight.dtype))
+        if is_quantized(self.base_layer):
+            replace_weight(self.base_layer, residual, warn=False)  # QLoRA-style PiSSA: the residual is quantized
+        else:
+            self.base_layer.weight.copy_(self.to_weight_layout(residual).to(weight.dtype))
 
     def delta(self, x: Tensor, out: Tensor, adapter: LoRAAdapter) -> Tensor:
         if adapter.magnitude is None:
@@ -174,7 +188,7 @@ class LoRALinear(LoRALayer):
             bias = getattr(self.base_layer, "bias", None)
             base = out.to(x.dtype) if bias is None else out.to(x.dtype) - bias.to(x.dtype)
         else:  # the base output saw the undropped input: recompute it on the dropped one
-            base = F.linear(x, self.from_weight_layout(self.base_layer.weight).to(x.dtype))
+            base = F.linear(x, self.from_weight_layout(self.base_weight()).to(x.dtype))
         return (norm_scale - 1) * base + norm_scale * self.lora_output(x, adapter)
 
     @torch.no_grad()
@@ -189,13 +203,13 @@ class LoRALinear(LoRALayer):
     def merge_update(self, adapter: LoRAAdapter) -> Tensor:
         if adapter.magnitude is None:
             return adapter.update()
-        weight = self.from_weight_layout(self.base_layer.weight).to(adapter.lora_A.dtype)
+        weight = self.from_weight_layout(self.base_weight()).to(adapter.lora_A.dtype)
         return adapter.merged_norm_scale * (weight + adapter.update()) - weight
 
     def unmerge_update(self, adapter: LoRAAdapter) -> Tensor:
         if adapter.magnitude is None:
             return -adapter.update()
-        merged = self.from_weight_layout(self.base_layer.weight).to(adapter.lora_A.dtype)
+        merged = self.from_weight_layout(self.base_weight()).to(adapter.lora_A.dtype)
         return merged / adapter.merged_norm_scale - adapter.update() - merged
 
 

@@ -9,7 +9,17 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
+from lightning_peft.quantization.layers import import_bitsandbytes
 from lightning_peft.tasks.models import resolve_model
+
+OPTIMIZERS = ("adamw", "adamw8bit")
+
+
+def adamw_class(optimizer: str) -> type[torch.optim.Optimizer]:
+    """torch's AdamW, or for ``"adamw8bit"`` bitsandbytes' AdamW8bit, whose moment estimates take 8 bits."""
+    if optimizer == "adamw8bit":
+        return import_bitsandbytes("optimizer='adamw8bit'").optim.AdamW8bit
+    return torch.optim.AdamW
 
 
 class TransformersTask(L.LightningModule):
@@ -21,8 +31,12 @@ class TransformersTask(L.LightningModule):
     """
 
     def __init__(self, model: str, learning_rate: float, weight_decay: float, warmup_steps: int,
-                 trust_remote_code: bool) -> None:
+                 trust_remote_code: bool, optimizer: str = "adamw") -> None:
         super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+        adamw_class(optimizer)  # bitsandbytes missing: say so now, not after the model is built
+        self.optimizer_name = optimizer
         self.model_path = resolve_model(model)
         self.trust_remote_code = trust_remote_code
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
@@ -37,10 +51,10 @@ class TransformersTask(L.LightningModule):
             self.model = self.build_model()
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW over the trainable parameters only, linear warmup then linear decay to zero."""
+        """AdamW (or 8-bit AdamW) over the trainable parameters only, linear warmup then linear decay to zero."""
         params = [p for p in self.parameters() if p.requires_grad]
         hp = self.hparams
-        optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        optimizer = adamw_class(self.optimizer_name)(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         schedule = get_linear_schedule_with_warmup(optimizer, min(hp.warmup_steps, total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -22,13 +22,14 @@ class SequenceClassification(TransformersTask):
         labels: class names in id order; by default taken from the data module's training
             labels. They travel with checkpoints and name the predictions.
         learning_rate, weight_decay, warmup_steps: AdamW with linear warmup then decay to zero.
+        optimizer: ``"adamw"`` (torch) or ``"adamw8bit"`` (bitsandbytes, 8-bit moment estimates).
         trust_remote_code: allow model code from the model folder (off: safe by default).
     """
 
     def __init__(self, model: str = "minilm-l6", num_labels: int = 2, labels: Sequence[str] | None = None,
                  learning_rate: float = 5e-4, weight_decay: float = 0.01, warmup_steps: int = 30,
-                 trust_remote_code: bool = False) -> None:
-        super().__init__(model, learning_rate, weight_decay, warmup_steps, trust_remote_code)
+                 trust_remote_code: bool = False, optimizer: str = "adamw") -> None:
+        super().__init__(model, learning_rate, weight_decay, warmup_steps, trust_remote_code, optimizer)
         self.save_hyperparameters()
 
     @property

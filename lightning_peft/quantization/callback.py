@@ -1,0 +1,128 @@
+"""QuantizeBase: the frozen base model's linear layers stored in 8 or 4 bits through bitsandbytes (QLoRA)."""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from lightning_peft.core.callback import PEFTCallback
+from lightning_peft.core.injection import owner_of, replace_module
+from lightning_peft.core.layer import PEFTLayer
+from lightning_peft.core.summary import _size
+from lightning_peft.core.targeting import ALL_LINEAR, Targets, select_modules
+from lightning_peft.quantization.layers import MODES, import_bitsandbytes, is_quantized, quantize_linear, statistics_bytes
+from lightning_peft.quantization.memory import release_file_pages, return_freed_memory
+
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ADAPTER_NAME = "quantized-base"  # not "default", so save_adapter(model, path) still finds the one adapter
+
+
+class QuantizeBase(PEFTCallback):
+    """Store the frozen linear layers of the base in int8, nf4 or fp4 (bitsandbytes), one layer at a time.
+
+    Works before or after the PEFT methods: a layer that a method already wraps has its innermost
+    base quantized, and a method injected later wraps the quantized layer. The output head, the
+    methods' own layers, modules they train and ``skip_modules`` stay in full precision. Each
+    layer's full-precision weight is freed as soon as it is quantized. Trains nothing itself.
+
+    Args:
+        mode: ``"int8"`` (LLM.int8() weights, ``bnb.nn.Linear8bitLt``), ``"nf4"`` or ``"fp4"``
+            (``bnb.nn.Linear4bit``).
+        double_quant: 4-bit modes: quantize the per-block scales too (QLoRA's double quantization).
+        compute_dtype: 4-bit modes: dtype of the matmuls (``"float32"``, ``"bfloat16"``,
+            ``"float16"`` or a torch.dtype); ``None`` follows the input.
+        skip_modules: module-name suffixes or a full-match regex to keep in full precision.
+    """
+
+    def __init__(self, mode: str = "nf4", double_quant: bool = True, compute_dtype: str | torch.dtype | None = None,
+                 skip_modules: Targets = None) -> None:
+        super().__init__(adapter_name=ADAPTER_NAME)
+        if mode not in MODES:
+            raise ValueError(f"QuantizeBase mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if mode == "int8" and compute_dtype is not None:
+            raise ValueError("QuantizeBase compute_dtype applies to the 4-bit modes; int8 computes in the input's dtype")
+        import_bitsandbytes("QuantizeBase")
+        self.mode, self.double_quant, self.skip_modules = mode, double_quant, skip_modules
+        self._compute_dtype = _as_compute_dtype(compute_dtype)
+        self.compute_dtype = None if compute_dtype is None else str(self._compute_dtype).removeprefix("torch.")
+        self._device: torch.device | None = None
+        self.base_bytes: tuple[int, int] | None = None  # frozen base weights before and after quantizing
+        self.quantized_layers = 0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._device = trainer.strategy.root_device  # quantize on the device it trains on, before it moves there
+        super().setup(trainer, pl_module, stage)
+
+    def inject_into(self, module: nn.Module) -> list[nn.Parameter]:
+        names = self._layers_to_quantize(module)
+        if names:
+            self._warn_if_slow(self._device or module.get_submodule(names[0]).weight.device)
+        before = base_weight_bytes(module)
+        for name in names:
+            self._quantize(module, name)
+            return_freed_memory()
+        self.base_bytes, self.quantized_layers = (before, base_weight_bytes(module)), len(names)
+        return []
+
+    def summary(self) -> str:
+        """One line: how many layers were quantized and the frozen base's bytes before and after."""
+        if self.base_bytes is None:
+            return f"QuantizeBase({self.mode}): not injected yet"
+        before, after = self.base_bytes
+        return (f"QuantizeBase({self.mode}): {self.quantized_layers} linear layers quantized; frozen base weights "
+                f"{_size(before)} -> {_size(after)} ({after / max(before, 1):.2f}x)")
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        rank_zero_info(f"lightning_peft: {self.summary()}")
+
+    def _layers_to_quantize(self, module: nn.Module) -> list[str]:
+        """Names of the base's full-precision nn.Linear layers to quantize, innermost under any PEFT layer."""
+        if self.skip_modules is not None:  # a name that matches nothing is a typo: the error lists what exists
+            select_modules(module, self.skip_modules, supported=(nn.Module,), method="QuantizeBase skip_modules")
+        try:
+            chosen = select_modules(module, ALL_LINEAR, self.skip_modules, supported=(nn.Linear,), method="QuantizeBase")
+        except ValueError:
+            raise ValueError("QuantizeBase found no nn.Linear layer to quantize outside the output head and "
+                             "skip_modules (transformers' Conv1D, as in GPT-2, is not quantized)") from None
+        trained = owner_of(module)
+        names = []
+        for name, layer in chosen:
+            while isinstance(layer, PEFTLayer):
+                name, layer = f"{name}.base_layer", layer.base_layer
+            if not is_quantized(layer) and id(layer.weight) not in trained:
+                names.append(name)
+        return names
+
+    def _quantize(self, root: nn.Module, name: str) -> None:
+        """Replace one layer by its quantized copy; the full-precision weight leaves memory on return."""
+        layer = root.get_submodule(name)
+        device = self._device or layer.weight.device
+        replace_module(root, name, quantize_linear(layer, self.mode, self.double_quant, self._compute_dtype, device))
+        release_file_pages(layer.weight)  # a memory-mapped checkpoint's pages would stay resident otherwise
+
+    def _warn_if_slow(self, device: torch.device) -> None:
+        """Half-precision 4-bit matmuls work on CPU but measured 11-14x slower than float32 ones: say so."""
+        if self._compute_dtype in (torch.bfloat16, torch.float16) and torch.device(device).type == "cpu":
+            warnings.warn(f"QuantizeBase compute_dtype={self.compute_dtype} on CPU: bitsandbytes runs half-precision "
+                          "4-bit matmuls about 10x slower there than float32 ones; leave compute_dtype=None on CPU")
+
+
+def base_weight_bytes(module: nn.Module) -> int:
+    """Bytes of the frozen base: the parameters that no PEFT method trains, plus quantization statistics."""
+    trained = owner_of(module)
+    params = sum(p.nbytes for p in module.parameters() if id(p) not in trained)
+    return params + sum(statistics_bytes(m) for m in module.modules() if is_quantized(m))
+
+
+def _as_compute_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+    """The torch dtype that ``compute_dtype`` names, or a ValueError listing the choices."""
+    if value is None or value in COMPUTE_DTYPES.values():
+        return value
+    if value not in COMPUTE_DTYPES:
+        raise ValueError(f"QuantizeBase compute_dtype must be one of {', '.join(COMPUTE_DTYPES)} or None, got {value!r}")
+    return COMPUTE_DTYPES[value]

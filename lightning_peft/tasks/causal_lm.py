@@ -1,0 +1,72 @@
+"""Causal language modelling: a transformers decoder trained on next tokens, with perplexity, that generates text."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchmetrics.text import Perplexity
+from transformers import AutoModelForCausalLM
+
+from lightning_peft.data.causal_lm import IGNORE_INDEX
+from lightning_peft.tasks.base import TransformersTask
+
+
+class CausalLM(TransformersTask):
+    """Tune a causal language model; validate and test by loss and perplexity; predict by greedy generation.
+
+    Args:
+        model: a built-in name (``"smollm2-135m"``) or a transformers model folder.
+        learning_rate, weight_decay, warmup_steps: AdamW with linear warmup then decay to zero.
+        max_new_tokens: the most tokens generated per prompt in ``predict``.
+        trust_remote_code: allow model code from the model folder (off: safe by default).
+        optimizer: ``"adamw"`` (torch) or ``"adamw8bit"`` (bitsandbytes, 8-bit moment estimates).
+    """
+
+    def __init__(self, model: str = "smollm2-135m", learning_rate: float = 2e-4, weight_decay: float = 0.0,
+                 warmup_steps: int = 20, max_new_tokens: int = 64, trust_remote_code: bool = False,
+                 optimizer: str = "adamw") -> None:
+        super().__init__(model=model, learning_rate=learning_rate, weight_decay=weight_decay,
+                         warmup_steps=warmup_steps, trust_remote_code=trust_remote_code, optimizer=optimizer)
+        self.save_hyperparameters()
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token  # batched generation pads prompts
+        self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
+        self.test_ppl = Perplexity(ignore_index=IGNORE_INDEX)
+
+    def build_model(self) -> nn.Module:
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, trust_remote_code=self.trust_remote_code)
+        return model.train()  # from_pretrained returns eval mode; Lightning keeps modes as they are
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None):
+        """The model's output: logits, and the mean next-token loss over labels that are not -100."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self(**batch).loss
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, perplexity: Perplexity) -> None:
+        output = self(**batch)
+        perplexity.update(output.logits[:, :-1], batch["labels"][:, 1:])  # token t predicts token t + 1
+        self.log(f"{stage}_loss", output.loss, prog_bar=True, batch_size=len(batch["input_ids"]))
+        self.log(f"{stage}_ppl", perplexity, prog_bar=True)
+
+    def on_validation_epoch_start(self) -> None:
+        # Fresh states in this loop's grad mode: a `validate` (inference mode) before `fit` (no_grad) would
+        # leave inference tensors that fit's validation cannot update in place.
+        self.val_ppl.reset()
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_ppl)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_ppl)
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[str]:
+        """Greedy continuations of the (left-padded) prompts, decoded without the prompts."""
+        generated = self.model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                        max_new_tokens=self.hparams.max_new_tokens, do_sample=False,
+                                        pad_token_id=self.tokenizer.pad_token_id)
+        return self.tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)

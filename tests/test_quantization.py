@@ -1,0 +1,331 @@
+"""QuantizeBase: a bitsandbytes 8-bit or 4-bit frozen base under LoRA and the other methods (QLoRA)."""
+
+import copy
+import logging
+import math
+import sys
+import warnings
+
+import lightning as L
+import pytest
+import torch
+from conftest import TokenModule, make_trainer, tiny_llama, token_loader
+from torch import nn
+
+from lightning_peft import IA3, Adapter, LoRA, PromptTuning, merge, unmerge
+from lightning_peft.quantization import QuantizeBase, base_weight_bytes, dequantize_base, dequantized_weight
+from lightning_peft.quantization.layers import statistics_bytes
+
+import bitsandbytes as bnb  # noqa: E402  (the [bitsandbytes] extra; installed by make test)
+
+H = 128  # hidden size: 4-bit blocks hold 64 values, and the fixed statistics stay small next to the weight
+LINEARS_PER_BLOCK = 7  # q, k, v, o, gate, up, down
+MAX_SHARE = {"int8": 0.30, "nf4": 0.18, "fp4": 0.18}  # quantized weight + statistics, as a share of fp32
+# Largest |merged - unmerged| logit, as a multiple of the base's own quantization error (measured 0.7-1.4x):
+# writing W + BA back rounds it afresh, about as much as quantizing W did.
+MERGE_TOLERANCE = 1.5
+
+
+def llama():
+    return tiny_llama(hidden=H)
+
+
+def ids(seed: int = 0):
+    return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(seed))
+
+
+def quantized_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))]
+
+
+def randomize_lora_b(module: nn.Module) -> None:
+    """Give LoRA a non-zero update, as training would."""
+    for name, param in module.named_parameters():
+        if name.endswith("lora_B"):
+            nn.init.normal_(param, std=0.02)
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4", "fp4"])
+def test_quantized_layers_hold_low_bit_storage(mode):
+    model = llama()
+    shapes = {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    QuantizeBase(mode).inject(model)
+    layers = quantized_layers(model)
+    assert len(layers) == 2 * LINEARS_PER_BLOCK  # every linear layer of both blocks; the head is not among them
+    for name, layer in layers:
+        out_features, in_features = shapes[name]
+        if mode == "int8":
+            assert layer.weight.dtype == torch.int8 and layer.weight.shape == (out_features, in_features)
+        else:
+            assert layer.weight.dtype == torch.uint8 and layer.weight.shape == (out_features * in_features // 2, 1)
+        stored = layer.weight.nbytes + statistics_bytes(layer)
+        assert stored <= MAX_SHARE[mode] * out_features * in_features * 4, (name, stored)
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight.dtype == torch.float32
+    assert model.model.embed_tokens.weight.dtype == torch.float32
+
+
+def test_skip_modules_stay_full_precision():
+    model = llama()
+    QuantizeBase("nf4", skip_modules=["down_proj"]).inject(model)
+    assert all(type(block.mlp.down_proj) is nn.Linear for block in model.model.layers)
+    assert len(quantized_layers(model)) == 2 * (LINEARS_PER_BLOCK - 1)
+
+
+def test_base_bytes_before_and_after_are_reported():
+    model = llama()
+    fp32_bytes = sum(p.nbytes for p in model.parameters())
+    quantize = QuantizeBase("nf4")
+    quantize.inject(model)
+    before, after = quantize.base_bytes
+    assert before == fp32_bytes and after == base_weight_bytes(model) < before
+    assert "QuantizeBase(nf4): 14 linear layers quantized" in quantize.summary()
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+@pytest.mark.parametrize("quantize_first", [True, False], ids=["quantize-then-lora", "lora-then-quantize"])
+def test_lora_trains_on_a_quantized_base(mode, quantize_first, tmp_path, caplog):
+    module = LossRecorder(llama())
+    quantize, lora = QuantizeBase(mode), LoRA(r=4, alpha=8, target_modules="all-linear")
+    trainer = make_trainer([quantize, lora] if quantize_first else [lora, quantize], max_steps=20,
+                           default_root_dir=tmp_path)
+    with caplog.at_level(logging.INFO):
+        trainer.fit(module, token_loader())
+
+    layers = quantized_layers(module)
+    assert len(layers) == 2 * LINEARS_PER_BLOCK and all(".base_layer" in name for name, _ in layers)
+    assert sum(module.losses[-4:]) < 0.9 * sum(module.losses[:4])  # the loss goes down
+    adapters = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    assert adapters and all("lora_" in n for n in adapters)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapters.values())  # gradients reach them
+    assert f"QuantizeBase({mode}): 14 linear layers quantized" in caplog.text
+
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
+    assert set(saved) == set(adapters)  # the adapter only: no base weight, no quantization statistics
+
+
+class LossRecorder(TokenModule):
+    def __init__(self, model):
+        super().__init__(model)
+        self.losses = []
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.losses.append(loss.item())
+        return loss
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_resume_from_an_adapter_checkpoint(mode, tmp_path):
+    def run(max_steps, **fit_kwargs):
+        torch.manual_seed(0)
+        module = TokenModule(llama())
+        trainer = make_trainer([QuantizeBase(mode), LoRA(r=4)], max_steps=max_steps, default_root_dir=tmp_path)
+        trainer.fit(module, token_loader(), **fit_kwargs)
+        return module, trainer
+
+    first, trainer = run(2)
+    trainer.save_checkpoint(tmp_path / "two.ckpt")
+    resumed, _ = run(3, ckpt_path=tmp_path / "two.ckpt")
+    assert resumed.model(ids()).logits.isfinite().all()
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+@pytest.mark.parametrize("quantize_first", [True, False], ids=["quantize-then-lora", "lora-then-quantize"])
+def test_step_zero_output_equals_the_quantized_base(mode, quantize_first):
+    base = llama().eval()
+    quantized = copy.deepcopy(base)
+    QuantizeBase(mode).inject(quantized)
+    callbacks = [QuantizeBase(mode), LoRA(r=4, target_modules="all-linear")]
+    for callback in callbacks if quantize_first else callbacks[::-1]:
+        callback.inject(base)
+    assert torch.equal(base(ids()).logits, quantized(ids()).logits)
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_merged_output_stays_within_the_stated_tolerance(mode):
+    model = llama().eval()
+    full_precision = model(ids()).logits
+    QuantizeBase(mode).inject(model)
+    quantized = model(ids()).logits
+    LoRA(r=4, target_modules="all-linear").inject(model)
+    randomize_lora_b(model)
+    unmerged = model(ids()).logits
+    with pytest.warns(UserWarning, match=f"rounded to {mode}"):
+        merge(model)
+    assert quantized_layers(model) and not any("lora" in n for n, _ in model.named_parameters())
+    quantization_error = (quantized - full_precision).abs().max()
+    assert (model(ids()).logits - unmerged).abs().max() <= MERGE_TOLERANCE * quantization_error
+    with pytest.warns(UserWarning):
+        unmerge(model)
+    assert (model(ids()).logits - unmerged).abs().max() <= MERGE_TOLERANCE * quantization_error
+
+
+def test_dequantize_base_then_merge_is_exact():
+    model = llama().eval()
+    QuantizeBase("nf4").inject(model)
+    LoRA(r=4, target_modules="all-linear").inject(model)
+    randomize_lora_b(model)
+    unmerged = model(ids()).logits
+    dequantize_base(model)
+    assert not quantized_layers(model)
+    torch.testing.assert_close(model(ids()).logits, unmerged, rtol=0, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is rounded
+        merge(model)
+    torch.testing.assert_close(model(ids()).logits, unmerged, rtol=0, atol=1e-5)
+
+
+def test_dequantized_weight_undoes_the_cpu_inference_layout():
+    """AVX512-BF16 CPUs repack 4-bit weights at an eval forward; reading the weight must not depend on it."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    model = llama()
+    QuantizeBase("nf4").inject(model)
+    layer = model.model.layers[0].self_attn.q_proj
+    expected = dequantized_weight(layer)
+    layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu(layer.weight.data,
+                                                                                 layer.weight.quant_state)
+    torch.testing.assert_close(dequantized_weight(layer), expected, rtol=0.01, atol=1e-3)  # absmax kept in bf16
+
+
+def method_cases():
+    return {
+        "dora": lambda: LoRA(r=4, target_modules=["q_proj", "v_proj"], use_dora=True),
+        "ia3": lambda: IA3(),  # k_proj, v_proj and down_proj (input scaled) on Llama
+        "adapter": lambda: Adapter(bottleneck_dim=8, target_modules=["o_proj", "down_proj"]),
+        "prompt": lambda: PromptTuning(num_virtual_tokens=4),
+    }
+
+
+@pytest.mark.parametrize("method", method_cases())
+@pytest.mark.parametrize("quantize_first", [True, False], ids=["quantize-first", "method-first"])
+def test_other_methods_compose_in_either_order(method, quantize_first):
+    model = llama()
+    expected = copy.deepcopy(model).eval()
+    QuantizeBase("nf4").inject(expected)
+    callbacks = [QuantizeBase("nf4"), method_cases()[method]()]
+    for callback in callbacks if quantize_first else callbacks[::-1]:
+        callback.inject(model)
+
+    assert len(quantized_layers(model)) == 2 * LINEARS_PER_BLOCK
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 for p in trained)
+    # A prompt changes the input. DoRA injected first keeps the full-precision row norms as magnitudes, so it
+    # starts as the quantized base with each row rescaled to its full-precision norm. The others start as the base.
+    if method != "prompt" and (quantize_first or method != "dora"):
+        torch.testing.assert_close(model.eval()(ids()).logits, expected(ids()).logits, rtol=0, atol=1e-5)
+    model.train()(ids(), labels=ids()).loss.backward()
+    assert all(p.grad is not None for p in trained)
+
+
+def test_ia3_merges_into_a_quantized_base():
+    model = llama().eval()
+    QuantizeBase("int8").inject(model)
+    IA3().inject(model)
+    for name, param in model.named_parameters():
+        if name.endswith("ia3_l"):
+            nn.init.uniform_(param, 0.9, 1.1)
+    unmerged = model(ids()).logits
+    with pytest.warns(UserWarning, match="rounded to int8"):
+        merge(model)
+    assert (model(ids()).logits - unmerged).abs().max() < 0.05
+
+
+def test_eight_bit_adamw_trains_the_adapter():
+    from lightning_peft.tasks.base import adamw_class
+
+    class EightBit(TokenModule):
+        def configure_optimizers(self):
+            return adamw_class("adamw8bit")([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+    module = EightBit(llama())
+    make_trainer([QuantizeBase("nf4"), LoRA(r=4)], max_steps=2).fit(module, token_loader())
+    assert isinstance(module.trainer.optimizers[0], bnb.optim.AdamW8bit)
+    assert any(p.abs().sum() > 0 for n, p in module.named_parameters() if n.endswith("lora_B"))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(mode="int4"), "mode must be one of int8, nf4, fp4"),
+    (dict(mode="int8", compute_dtype="bfloat16"), "compute_dtype applies to the 4-bit modes"),
+    (dict(compute_dtype="float8"), "compute_dtype must be one of float32, bfloat16, float16"),
+])
+def test_bad_settings_fail_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        QuantizeBase(**kwargs)
+
+
+def test_a_skip_module_that_matches_nothing_is_an_error():
+    with pytest.raises(ValueError, match="down_prj.*down_proj"):
+        QuantizeBase(skip_modules=["down_prj"]).inject(llama())
+
+
+def test_half_precision_compute_on_cpu_warns_that_it_is_slow():
+    model = llama()
+    with pytest.warns(UserWarning, match="about 10x slower"):
+        QuantizeBase("nf4", compute_dtype=torch.bfloat16).inject(model)
+    assert torch.isfinite(model(ids()).logits).all()  # it works, only slowly
+
+
+def test_missing_bitsandbytes_names_the_extra(monkeypatch):
+    from lightning_peft.tasks.base import adamw_class
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import now raises ImportError
+    with pytest.raises(ImportError, match=r'QuantizeBase needs bitsandbytes.*pip install "lightning-peft\[bitsandbytes\]"'):
+        QuantizeBase("nf4")
+    with pytest.raises(ImportError, match=r"optimizer='adamw8bit' needs bitsandbytes"):
+        adamw_class("adamw8bit")
+
+
+def test_unknown_optimizer_is_refused():
+    from lightning_peft.tasks import SequenceClassification
+
+    with pytest.raises(ValueError, match="optimizer must be one of adamw, adamw8bit"):
+        SequenceClassification(optimizer="sgd")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_quantizes_on_the_gpu_it_trains_on(mode):
+    module = LossRecorder(llama())
+    make_trainer([QuantizeBase(mode), LoRA(r=4)], accelerator="gpu", max_steps=5).fit(module, token_loader())
+    assert all(layer.weight.device.type == "cuda" for _, layer in quantized_layers(module))
+    assert all(math.isfinite(loss) for loss in module.losses)
+
+
+def resident_pages(tensor: torch.Tensor) -> int:
+    """How many of ``tensor``'s whole pages are resident, from /proc/self/pagemap."""
+    from lightning_peft.quantization.memory import PAGE
+
+    start, end = -(-tensor.data_ptr() // PAGE) * PAGE, (tensor.data_ptr() + tensor.nbytes) // PAGE * PAGE
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        pagemap.seek(start // PAGE * 8)
+        return sum(entry >> 63 for entry in memoryview(pagemap.read((end - start) // PAGE * 8)).cast("Q"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/pagemap")
+def test_released_file_pages_leave_rss_and_nothing_is_lost(tmp_path):
+    from lightning_peft.quantization.memory import release_file_pages
+
+    path = tmp_path / "weights.bin"
+    torch.arange(256 * 1024, dtype=torch.float32).numpy().tofile(path)
+    mapped = torch.from_file(str(path), shared=False, size=256 * 1024)  # a private mapping, as transformers loads
+    total = mapped.sum()
+    assert resident_pages(mapped) > 0
+    release_file_pages(mapped)
+    assert resident_pages(mapped) == 0
+    assert mapped.sum() == total  # read from the file again
+    mapped[0] = -1.0  # the first page is now the process's own copy: releasing would lose it
+    release_file_pages(mapped)
+    assert mapped[0] == -1.0 and resident_pages(mapped) > 0
+    heap = torch.ones(256 * 1024)
+    release_file_pages(heap)  # anonymous memory: left alone
+    assert heap.sum() == 256 * 1024
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_precision_settings_keep_the_quantized_storage(precision):
+    module = LossRecorder(llama())
+    make_trainer([QuantizeBase("nf4"), LoRA(r=4)], max_steps=2, precision=precision).fit(module, token_loader())
+    assert all(layer.weight.dtype == torch.uint8 for _, layer in quantized_layers(module))
+    assert all(math.isfinite(loss) for loss in module.losses)
