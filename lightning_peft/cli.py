@@ -73,10 +73,10 @@ def export_main(args: list[str]) -> None:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-peft`` console script."""
-    args = sys.argv[1:] if args is None else args
+    argv = sys.argv[1:] if args is None else args
     try:
-        if args[:1] == ["export"]:
-            return export_main(args[1:])
+        if argv[:1] == ["export"]:
+            return export_main(argv[1:])
         PEFTCLI(
             subclass_mode_model=True,
             subclass_mode_data=True,
