@@ -9,6 +9,11 @@ and after training, and its median step time; rounds alternate the order of the 
 
     python benchmarks/qlora_memory.py --quick       # small random Llama, batch 2 x seq 32, about a minute
     python benchmarks/qlora_memory.py               # SmolLM2-135M, batch 8 x seq 128, about 10 minutes
+    python benchmarks/qlora_memory.py --mmap-threshold 131072   # the same, glibc's mmap threshold fixed
+
+glibc raises its mmap threshold as large blocks are freed, after which freed activations and
+temporaries stay in its heap and in RSS; ``--mmap-threshold`` sets ``MALLOC_MMAP_THRESHOLD_``
+for every configuration alike, which fixes the threshold (blocks above it go back to the OS).
 
 The parent process imports neither torch nor transformers: Linux carries a parent's RSS peak
 into the ``ru_maxrss`` of the children it spawns, so it must stay smaller than any of them.
@@ -41,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq", type=int, help="default 128 (32 with --quick)")
     parser.add_argument("--steps", type=int, default=3, help="timed training steps per subprocess, after 1 warm-up")
     parser.add_argument("--rounds", type=int, default=2, help="subprocesses per configuration")
+    parser.add_argument("--mmap-threshold", type=int, metavar="BYTES",
+                        help="run every configuration with MALLOC_MMAP_THRESHOLD_=BYTES")
     parser.add_argument("--json", metavar="PATH", help="also write the raw numbers to this JSON file")
     parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)  # internal: one measured subprocess
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)  # internal: the model folder the workers load
@@ -135,7 +142,10 @@ def run_worker(config: str, model_dir: str, args: argparse.Namespace) -> dict:
     """One configuration in a fresh subprocess; its JSON line of measurements."""
     command = [sys.executable, os.path.abspath(__file__), "--worker", config, "--model-dir", model_dir,
                "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
-    out = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
+    env = dict(os.environ)
+    if args.mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
+    out = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True, env=env).stdout
     return json.loads(out.splitlines()[-1])
 
 
@@ -171,7 +181,9 @@ def header(args: argparse.Namespace) -> str:
         f"- {model}; LoRA r={R} alpha={ALPHA} dropout 0 on {'/'.join(TARGETS)}; AdamW; batch {args.batch} x seq "
         f"{args.seq}; {os.cpu_count()} CPUs, {THREADS} torch threads",
         f"- median of {args.rounds} subprocesses per configuration; step: median of {args.steps} after 1 warm-up; "
-        "peak RSS: ru_maxrss of the whole process, after setup (load + quantize + adapter) and after training",
+        "peak RSS: ru_maxrss of the whole process, after setup (load + quantize + adapter) and after training; "
+        + (f"MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}" if args.mmap_threshold is not None
+           else "glibc's default (dynamic) mmap threshold"),
         f"- command: `python {shlex.join(sys.argv)}`",
     ])
 
