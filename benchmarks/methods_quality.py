@@ -1,11 +1,18 @@
 """Every method on MiniLM-L6 + movie review snippets at one budget: trainable %, accuracy, time, memory.
 
-The protocol of ../shared/ANCHORS.md: label = score > 0, rows shuffled with seed 0, the last
-2,000 rows test, max_len 64, batch 32, 300 AdamW steps (weight decay 0.01), 30 warmup steps
-then linear decay, the classifier head always trainable, accuracy on the whole test set.
-Each method runs in its own process so that its peak RSS is its own.
+Each row is a recipe in recipes/ run as ``lightning-peft fit --config`` runs it (the same CLI,
+seed and settings), so a recipe's opening comment and this table report the same run. The
+protocol is ../shared/ANCHORS.md's: label = score > 0, rows shuffled with seed 0, the last 2,000
+rows test, max_len 64, batch 32, 300 AdamW steps (weight decay 0.01), 30 warmup steps then
+linear decay, the classifier head always trainable, accuracy on the whole test set. Each run
+is its own process, so its peak RSS is its own.
 
-    python benchmarks/methods_quality.py [--steps 300] [--methods lora_qv,bitfit] [--json out.json]
+    python benchmarks/methods_quality.py                       # the table, about 40 minutes on 2 cores
+    python benchmarks/methods_quality.py --methods lora,bitfit --json out.json
+    python benchmarks/methods_quality.py --methods ia3 --lrs 3e-3,1e-2 --jobs 2 --threads 1
+
+``--lrs`` tunes instead: it trains on 90% of the training rows at each learning rate and reports
+the accuracy on the held-out 10% (the test rows stay unseen), to choose a recipe's rate.
 """
 
 from __future__ import annotations
@@ -16,88 +23,103 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
-HEAD = ["classifier"]
-# name -> (learning rate, callback class name or None for full fine-tuning, its arguments)
-METHODS: dict[str, tuple[float, str | None, dict]] = {
-    "full": (5e-5, None, {}),
-    "head_only": (1e-3, "Selective", {"modules": HEAD}),
-    "lora_qv": (5e-4, "LoRA", {"r": 8, "alpha": 16, "dropout": 0.1, "target_modules": ["query", "value"],
-                               "modules_to_save": HEAD}),
-    "lora_all_linear": (5e-4, "LoRA", {"r": 8, "alpha": 16, "dropout": 0.1, "target_modules": "all-linear",
-                                       "exclude_modules": ["pooler.dense"], "modules_to_save": HEAD}),
-    "ia3": (3e-3, "IA3", {"target_modules": r".*\.(key|value|layer\.\d+\.output\.dense)",
-                          "feedforward_modules": r".*\.layer\.\d+\.output\.dense", "modules_to_save": HEAD}),
-    "bitfit": (1e-3, "BitFit", {"modules_to_save": HEAD}),
-    "adapter": (1e-3, "Adapter", {"bottleneck_dim": 64, "placement": "houlsby", "modules_to_save": HEAD}),
-    "prompt_tuning": (3e-2, "PromptTuning", {"num_virtual_tokens": 20, "modules_to_save": HEAD}),
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+METHODS = {  # table row -> recipe
+    "full": "full_finetune_sentiment.yaml",
+    "head_only": "head_only_sentiment.yaml",
+    "lora": "lora_sentiment.yaml",
+    "ia3": "ia3_sentiment.yaml",
+    "bitfit": "bitfit_sentiment.yaml",
+    "adapter": "adapter_sentiment.yaml",
+    "prompt_tuning": "prompt_tuning_sentiment.yaml",
 }
+QUIET = ["--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
+         "--trainer.enable_model_summary=false"]
 
 
-def run_one(name: str, steps: int) -> dict:
-    """Train and test one method in this process; return its row."""
-    import lightning as L
+def run_one(name: str, lr: float | None, threads: int, steps: int | None = None) -> dict:
+    """Fit one recipe in this process (on 90% of train when ``lr`` is given), then evaluate."""
     import torch
 
-    import lightning_peft
-    from lightning_peft.data import TextClassificationData
-    from lightning_peft.tasks import SequenceClassification
+    from lightning_peft import trainable_summary
+    from lightning_peft.cli import build_cli
 
-    torch.set_num_threads(2)
-    L.seed_everything(0)
-    lr, method, kwargs = METHODS[name]
-    callbacks = [getattr(lightning_peft, method)(**kwargs)] if method else []
-    task = SequenceClassification("minilm-l6", num_labels=2, learning_rate=lr, warmup_steps=30)
-    data = TextClassificationData(source="movie-snippets", max_length=64, batch_size=32, val_fraction=0)
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, callbacks=callbacks, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    start = time.perf_counter()
-    trainer.fit(task, data)
-    fit_seconds = time.perf_counter() - start
-    (result,) = trainer.test(task, data, verbose=False)
-    summary = lightning_peft.trainable_summary(task)
-    return {"method": name, "lr": lr, "trainable": summary.trainable, "percent": summary.percent,
-            "test_acc": result["test_acc"], "fit_s": fit_seconds,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        extra = [f"--model.init_args.learning_rate={lr}", "--data.init_args.val_fraction=0.1"] if lr is not None else []
+        extra += [f"--trainer.max_steps={steps}"] if steps else []
+        cli = build_cli(["--config", str(RECIPES / METHODS[name]), *QUIET, f"--trainer.default_root_dir={tmp}",
+                         *extra], run=False)
+        start = time.perf_counter()
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        fit_seconds = time.perf_counter() - start
+        cli.trainer.limit_val_batches = 1.0  # the recipes skip validation during fit; tuning validates at the end
+        evaluate = cli.trainer.validate if lr is not None else cli.trainer.test
+        (metrics,) = evaluate(cli.model, datamodule=cli.datamodule, verbose=False)
+    summary = trainable_summary(cli.model)
+    return {"method": name, "lr": cli.model.hparams.learning_rate, "trainable": summary.trainable,
+            "percent": summary.percent, **{k: v for k, v in metrics.items() if k.endswith("_acc")},
+            "fit_s": fit_seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def run_in_subprocess(name: str, steps: int) -> dict:
+def run_in_subprocess(name: str, lr: float | None, threads: int, steps: int | None) -> dict:
+    """``run_one`` in a fresh process; its row."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, __file__, "--one", name, "--steps", str(steps)], env=env,
+    command = [sys.executable, __file__, "--one", name, "--threads", str(threads)]
+    command += (["--lr", str(lr)] if lr is not None else []) + (["--steps", str(steps)] if steps else [])
+    out = subprocess.run(command, env=env,
                          capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"done: {row}", file=sys.stderr, flush=True)
+    return row
 
 
-def table(rows: list[dict], steps: int) -> str:
-    lines = [f"MiniLM-L6 + movie review snippets, {steps} steps, batch 32, max_len 64 ({os.cpu_count()} CPUs)",
-             "", "| method | lr | trainable | test acc | fit time | peak RSS |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+def table(rows: list[dict], metric: str) -> str:
+    """Markdown table of the rows, and each accuracy's distance to full fine-tuning when it ran."""
+    full = next((r[metric] for r in rows if r["method"] == "full"), None)
+    lines = [f"| method | recipe | lr | trainable | {metric.replace('_', ' ')} | vs full | fit time | peak RSS |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['lr']:g} | {r['trainable']:,} ({r['percent']:.2f}%) | "
-                     f"{r['test_acc']:.4f} | {r['fit_s']:.0f} s | {r['peak_rss_mb']:.0f} MB |")
+        gap = f"{100 * (r[metric] - full):+.1f} pts" if full is not None else "-"
+        lines.append(f"| {r['method']} | {METHODS[r['method']]} | {r['lr']:g} | {r['trainable']:,} "
+                     f"({r['percent']:.3f}%) | {r[metric]:.4f} | {gap} | {r['fit_s']:.0f} s | "
+                     f"{r['peak_rss_mb']:.0f} MB |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    parser.add_argument("--lrs", help="comma-separated learning rates to compare on a validation split")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (timings are only fair with 1)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    parser.add_argument("--steps", type=int, help="optimizer steps instead of the recipes' 300 (a quick check)")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--lr", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one, args.steps)))
-        return
-    rows = []
-    for name in args.methods.split(","):
-        rows.append(run_in_subprocess(name, args.steps))
-        print(f"done: {rows[-1]}", file=sys.stderr, flush=True)
-    print(table(rows, args.steps))
+        return print(json.dumps(run_one(args.one, args.lr, args.threads, args.steps)))
+    names = args.methods.split(",")
+    unknown = sorted(set(names) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    lrs = [float(lr) for lr in args.lrs.split(",")] if args.lrs else [None]
+    runs = [(name, lr) for name in names for lr in lrs]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        rows = list(pool.map(lambda run: run_in_subprocess(*run, args.threads, args.steps), runs))
+    print(f"MiniLM-L6 + movie review snippets, {args.steps or 300} steps, batch 32, max_len 64; {os.cpu_count()} CPUs, "
+          f"{args.threads} torch threads, {args.jobs} run(s) at once\n")
+    print(table(rows, "val_acc" if args.lrs else "test_acc"))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        Path(args.json).write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

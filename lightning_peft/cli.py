@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
@@ -16,7 +17,8 @@ from lightning.pytorch.cli import LightningCLI
 
 from lightning_peft.assets import AssetError
 from lightning_peft.core.summary import trainable_summary
-from lightning_peft.export import export_checkpoint
+from lightning_peft.core.injection import adapter_records
+from lightning_peft.export import export_adapters, export_checkpoint
 
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, AssetError)
 
@@ -49,8 +51,19 @@ class PEFTCLI(LightningCLI):
         path = checkpoint and (checkpoint.best_model_path or checkpoint.last_model_path)
         if path:
             lines.append(f"checkpoint: {path}")
+        if adapter_records(module):
+            lines.append(_export_after_fit(trainer, module, path))
         if trainer.is_global_zero:
             print("\n".join(["", "lightning-peft fit summary:", *("  " + line for line in lines)]), flush=True)
+
+
+def _export_after_fit(trainer: L.Trainer, module: L.LightningModule, checkpoint: str | None) -> str:
+    """Save the trained adapters next to the run (single process), or say how to export them."""
+    if trainer.world_size == 1:
+        out = export_adapters(module, Path(trainer.default_root_dir) / "adapter")
+        return f"adapter: {out}"
+    source = checkpoint or "CHECKPOINT"
+    return f"adapter: export it with `lightning-peft export {source} --out DIR`"
 
 
 def _has_test_data(datamodule: L.LightningDataModule | None) -> bool:
@@ -71,19 +84,25 @@ def export_main(args: list[str]) -> None:
     print(f"exported {'merged model' if options.merged else 'adapter'} to {out}")
 
 
+def build_cli(args: list[str] | None = None, run: bool = True) -> PEFTCLI:
+    """The CLI of the ``lightning-peft`` command; ``run=False`` only builds the trainer, module and data."""
+    return PEFTCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        trainer_defaults={"callbacks": [PrintPredictions()]},
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-peft`` console script."""
     argv = sys.argv[1:] if args is None else args
     try:
         if argv[:1] == ["export"]:
             return export_main(argv[1:])
-        PEFTCLI(
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            trainer_defaults={"callbacks": [PrintPredictions()]},
-            save_config_kwargs={"overwrite": True},
-            args=args,
-        )
+        build_cli(args)
     except USER_ERRORS as err:
         print(f"lightning-peft: error: {err}", file=sys.stderr)
         sys.exit(1)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from torch import nn
 
 import lightning_peft
 from lightning_peft.core.adapter_files import model_root, save_adapter
@@ -56,8 +57,14 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, merged: bool = Fal
         if getattr(module, "tokenizer", None) is not None:
             module.tokenizer.save_pretrained(out)
         return out
+    return export_adapters(module, out)
+
+
+def export_adapters(module: nn.Module, out: str | Path) -> Path:
+    """Save every adapter of ``module``: one straight into ``out``, several in a folder each."""
+    out = Path(out)
     records = adapter_records(module).values()
-    for record in records:  # one adapter: straight into out; several: a folder each
+    for record in records:
         folder = out if len(records) == 1 else out / f"{record['method']}-{record['name']}"
         save_adapter(module, folder, adapter_name=record["name"], method=record["method"])
     return out

@@ -101,6 +101,41 @@ def make_trainer(callbacks, **kwargs) -> L.Trainer:
     return L.Trainer(callbacks=callbacks, **defaults)
 
 
+def trainable_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the parameters that train, by name."""
+    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def check_resume_reproduces_the_uninterrupted_run(build, callbacks, folder) -> dict[str, torch.Tensor]:
+    """Two epochs straight vs one epoch, a checkpoint, and a resume on a freshly built module.
+
+    ``build()`` returns a new TokenModule (same seed each time), ``callbacks()`` new callbacks.
+    Asserts the checkpoint holds exactly the trainable tensors, the resumed run ends where the
+    uninterrupted one does, and every trainable tensor moved in the second epoch. Returns the
+    checkpoint's state dict for method-specific checks.
+    """
+    uninterrupted = build()
+    make_trainer(callbacks(), max_epochs=2, max_steps=-1).fit(uninterrupted, token_loader())
+
+    first = build()
+    trainer = make_trainer(callbacks(), max_epochs=1, max_steps=-1)
+    trainer.fit(first, token_loader())
+    trainer.save_checkpoint(folder / "epoch1.ckpt")
+    saved = torch.load(folder / "epoch1.ckpt", weights_only=True)["state_dict"]
+    assert saved.keys() == trainable_tensors(first).keys()  # adapter-only
+
+    resumed = build()  # the base rebuilt from its source
+    trainer = make_trainer(callbacks(), max_epochs=2, max_steps=-1)
+    trainer.fit(resumed, token_loader(), ckpt_path=folder / "epoch1.ckpt")
+    assert trainer.global_step == 8
+    expected, got = trainable_tensors(uninterrupted), trainable_tensors(resumed)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.allclose(got[name], expected[name], atol=1e-7), name
+        assert not torch.equal(got[name], saved[name]), f"{name} did not train in the second epoch"
+    return saved
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

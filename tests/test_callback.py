@@ -2,7 +2,6 @@
 
 import logging
 
-import lightning as L
 import pytest
 import torch
 from conftest import (ConvMLP, ImageModule, TokenModule, image_loader, make_trainer, tiny_bert, tiny_gpt2,

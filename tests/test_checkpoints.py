@@ -4,7 +4,8 @@ import os
 
 import pytest
 import torch
-from conftest import TokenModule, make_trainer, tiny_llama, token_loader
+from conftest import (TokenModule, check_resume_reproduces_the_uninterrupted_run, make_trainer, tiny_llama,
+                      token_loader, trainable_tensors)
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lightning_peft.core.checkpointing as checkpointing
@@ -23,9 +24,6 @@ def lora():
     return LoRA(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
 
 
-def adapter_tensors(module):
-    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-
 
 def test_checkpoint_size_follows_the_adapter(tmp_path):
     module = TokenModule(big_vocab_llama())
@@ -39,7 +37,7 @@ def test_checkpoint_size_follows_the_adapter(tmp_path):
     assert base_bytes > 2 * adapter_bytes + MB  # the bound below could not hold with the base inside
     assert os.path.getsize(path) <= 2 * adapter_bytes + MB
     saved = torch.load(path, weights_only=True)
-    assert set(saved["state_dict"]) == set(adapter_tensors(module))
+    assert set(saved["state_dict"]) == set(trainable_tensors(module))
     assert saved["optimizer_states"]  # a full training checkpoint, just without the frozen base
 
 
@@ -57,29 +55,12 @@ def test_weights_only_checkpoints_are_adapter_only(tmp_path):
     make_trainer([lora(), saver], max_steps=2, enable_checkpointing=True).fit(module, token_loader())
     (path,) = tmp_path.glob("*.ckpt")
     saved = torch.load(path, weights_only=True)
-    assert set(saved["state_dict"]) == set(adapter_tensors(module))
+    assert set(saved["state_dict"]) == set(trainable_tensors(module))
     assert "optimizer_states" not in saved
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
-    uninterrupted = TokenModule(big_vocab_llama())
-    make_trainer([lora()], max_epochs=2, max_steps=-1).fit(uninterrupted, token_loader())
-
-    first = TokenModule(big_vocab_llama())
-    trainer = make_trainer([lora()], max_epochs=1, max_steps=-1)
-    trainer.fit(first, token_loader())
-    trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
-
-    resumed = TokenModule(big_vocab_llama())  # the base rebuilt from its source (same seed)
-    trainer = make_trainer([lora()], max_epochs=2, max_steps=-1)
-    trainer.fit(resumed, token_loader(), ckpt_path=tmp_path / "epoch1.ckpt")
-    assert trainer.global_step == 8
-    expected, got = adapter_tensors(uninterrupted), adapter_tensors(resumed)
-    assert expected.keys() == got.keys()
-    for name in expected:
-        assert torch.allclose(got[name], expected[name], atol=1e-7), name
-    assert not torch.equal(got["model.model.layers.0.self_attn.q_proj.adapters.default.lora_B"],
-                           adapter_tensors(first)["model.model.layers.0.self_attn.q_proj.adapters.default.lora_B"])
+    check_resume_reproduces_the_uninterrupted_run(lambda: TokenModule(big_vocab_llama()), lambda: [lora()], tmp_path)
 
 
 def test_mismatched_checkpoint_names_the_tensor_and_both_shapes(tmp_path):

@@ -16,7 +16,11 @@ WORDS = ["good", "great", "fine", "bad", "awful", "poor", "movie", "plot", "the"
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny BERT classifier folder with a word-level tokenizer, as `model:` takes it."""
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        BertTokenizerFast,
+    )
 
     folder = tmp_path_factory.mktemp("tiny-bert")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
@@ -88,6 +92,10 @@ def test_fit_then_predict_with_string_labels(tmp_path, tiny_model_dir):
     saved = torch.load(ckpt, weights_only=True)
     assert saved["hyper_parameters"]["labels"] == ["negative", "positive"]
     assert all("adapters" in k or "classifier" in k for k in saved["state_dict"])
+    adapter_dir = tmp_path / "adapter"
+    assert f"adapter: {adapter_dir}" in fit.stdout
+    config_file = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert config_file["peft_type"] == "LORA" and config_file["r"] == 4
 
     texts = "the movie was very great\nthe plot was awful\n"
     predict = run_cli("predict", "--config", str(config), "--data.init_args.predict_file", "-",

@@ -3,8 +3,8 @@
 import pytest
 import torch
 from torch import nn
-from conftest import VOCAB, TokenModule, make_trainer, tiny_bert, tiny_gpt2, tiny_llama, token_loader
-
+from conftest import (VOCAB, TokenModule, check_resume_reproduces_the_uninterrupted_run, make_trainer, tiny_bert,
+                      tiny_gpt2, tiny_llama, token_loader)
 from lightning_peft import LoRA, trainable_summary
 from lightning_peft.selective import BitFit, Selective
 
@@ -61,9 +61,6 @@ def test_step_zero_output_equals_base():
     assert trainable_summary(module).trainable == BERT_BIASES + H * LABELS
 
 
-def biases(module):
-    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     def gpt2():
@@ -73,26 +70,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
             dropout.p = 0.0  # no random draws, which a checkpoint does not restore
         return TokenModule(model)
 
-    uninterrupted = gpt2()
-    make_trainer([BitFit()], max_epochs=2, max_steps=-1).fit(uninterrupted, token_loader())
-
-    first = gpt2()
-    trainer = make_trainer([BitFit()], max_epochs=1, max_steps=-1)
-    trainer.fit(first, token_loader())
-    trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
-    saved = torch.load(tmp_path / "epoch1.ckpt", weights_only=True)["state_dict"]
-    assert set(saved) == set(biases(first)) and all(is_bias(n) for n in saved)  # adapter-only
-
-    resumed = gpt2()
-    trainer = make_trainer([BitFit()], max_epochs=2, max_steps=-1)
-    trainer.fit(resumed, token_loader(), ckpt_path=tmp_path / "epoch1.ckpt")
-    assert trainer.global_step == 8
-    expected, got = biases(uninterrupted), biases(resumed)
-    assert expected.keys() == got.keys()
-    for name in expected:
-        assert torch.allclose(got[name], expected[name], atol=1e-7), name
-    name = "model.transformer.h.0.attn.c_attn.bias"
-    assert not torch.equal(got[name], biases(first)[name])
+    saved = check_resume_reproduces_the_uninterrupted_run(gpt2, lambda: [BitFit()], tmp_path)
+    assert all(is_bias(name) for name in saved)
 
 
 @pytest.mark.parametrize("lora_first", [True, False])
