@@ -10,6 +10,7 @@ and after training, and its median step time; rounds alternate the order of the 
     python benchmarks/qlora_memory.py --quick       # small random Llama, batch 2 x seq 32, about a minute
     python benchmarks/qlora_memory.py               # SmolLM2-135M, batch 8 x seq 128, about 10 minutes
     python benchmarks/qlora_memory.py --mmap-threshold 131072   # the same, glibc's mmap threshold fixed
+    python benchmarks/qlora_memory.py --gradient-checkpointing   # activations recomputed: the weights dominate
 
 glibc raises its mmap threshold as large blocks are freed, after which freed activations and
 temporaries stay in its heap and in RSS; ``--mmap-threshold`` sets ``MALLOC_MMAP_THRESHOLD_``
@@ -48,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2, help="subprocesses per configuration")
     parser.add_argument("--mmap-threshold", type=int, metavar="BYTES",
                         help="run every configuration with MALLOC_MMAP_THRESHOLD_=BYTES")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute each block's activations in backward (non-reentrant), in every configuration")
     parser.add_argument("--json", metavar="PATH", help="also write the raw numbers to this JSON file")
     parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)  # internal: one measured subprocess
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)  # internal: the model folder the workers load
@@ -123,6 +126,8 @@ def worker(args: argparse.Namespace) -> dict:
     library, mode = args.worker.split("-")
     start = time.perf_counter()
     model = (load_ours if library == "ours" else load_peft)(args.model_dir, mode)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     setup_s, setup_peak = time.perf_counter() - start, peak_rss_mib()
     ids = torch.randint(model.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -142,6 +147,7 @@ def run_worker(config: str, model_dir: str, args: argparse.Namespace) -> dict:
     """One configuration in a fresh subprocess; its JSON line of measurements."""
     command = [sys.executable, os.path.abspath(__file__), "--worker", config, "--model-dir", model_dir,
                "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
+    command += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
     env = dict(os.environ)
     if args.mmap_threshold is not None:
         env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
@@ -183,7 +189,8 @@ def header(args: argparse.Namespace) -> str:
         f"- median of {args.rounds} subprocesses per configuration; step: median of {args.steps} after 1 warm-up; "
         "peak RSS: ru_maxrss of the whole process, after setup (load + quantize + adapter) and after training; "
         + (f"MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}" if args.mmap_threshold is not None
-           else "glibc's default (dynamic) mmap threshold"),
+           else "glibc's default (dynamic) mmap threshold")
+        + ("; gradient checkpointing (non-reentrant)" if args.gradient_checkpointing else ""),
         f"- command: `python {shlex.join(sys.argv)}`",
     ])
 
