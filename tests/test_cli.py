@@ -177,3 +177,24 @@ def test_export_adapter_and_merged_model(tmp_path, tiny_model_dir):
 
     missing = run_cli("export", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "x"))
     assert missing.returncode == 1 and "does not exist" in missing.stderr
+
+
+def test_validate_before_fit_in_one_process(tiny_model_dir, tmp_path):
+    """Metric states from `validate` (inference mode) neither break nor leak into fit's validation (no_grad)."""
+    import lightning as L
+
+    from lightning_peft import LoRA
+    from lightning_peft.data import TextClassificationData
+    from lightning_peft.tasks import SequenceClassification
+
+    train = write_data(tmp_path, "train", sentiment_rows(40, 0))
+    task = SequenceClassification(model=str(tiny_model_dir), learning_rate=3e-2, warmup_steps=2)
+    data = TextClassificationData(train_file=str(train), batch_size=8, max_length=16, val_fraction=0.2)
+    trainer = L.Trainer(accelerator="cpu", max_steps=8, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[LoRA(r=4, target_modules=["query", "value"], modules_to_save=["classifier"])])
+    trainer.validate(task, datamodule=data, verbose=False)
+    trainer.fit(task, datamodule=data)  # validates after each of its epochs
+    during_fit = {name: float(trainer.callback_metrics[name]) for name in ("val_acc", "val_f1")}
+    after = trainer.validate(task, datamodule=data, verbose=False)[0]
+    assert during_fit == pytest.approx({name: after[name] for name in during_fit})  # no state carried over

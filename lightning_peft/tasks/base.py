@@ -7,6 +7,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
+from torchmetrics import Metric, MetricCollection
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from lightning_peft.quantization.layers import import_bitsandbytes
@@ -27,7 +28,7 @@ class TransformersTask(L.LightningModule):
 
     Building there (not in ``__init__``) lets the model take facts from the data, such as the
     label names, and lets large models be created inside the strategy's init context.
-    Subclasses implement :meth:`build_model` and the steps.
+    Subclasses implement :meth:`build_model` and the steps, and set ``val_metrics`` and ``test_metrics``.
     """
 
     def __init__(self, model: str, learning_rate: float, weight_decay: float, warmup_steps: int,
@@ -42,6 +43,8 @@ class TransformersTask(L.LightningModule):
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
             self.model_path, trust_remote_code=trust_remote_code)
         self.model: nn.Module | None = None
+        self.val_metrics: Metric | MetricCollection | None = None  # set by the subclass, as test_metrics
+        self.test_metrics: Metric | MetricCollection | None = None
 
     def build_model(self) -> nn.Module:
         raise NotImplementedError
@@ -49,6 +52,11 @@ class TransformersTask(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is None:
             self.model = self.build_model()
+
+    def on_validation_epoch_start(self) -> None:
+        # Fresh metric states in this loop's grad mode: a `validate` (inference mode) before `fit`
+        # (no_grad) leaves inference tensors that fit's validation cannot update in place.
+        self.val_metrics.reset()
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW (or 8-bit AdamW) over the trainable parameters only, linear warmup then linear decay to zero."""

@@ -30,8 +30,8 @@ class CausalLM(TransformersTask):
         self.save_hyperparameters()
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token  # batched generation pads prompts
-        self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
-        self.test_ppl = Perplexity(ignore_index=IGNORE_INDEX)
+        self.val_metrics = Perplexity(ignore_index=IGNORE_INDEX)
+        self.test_metrics = Perplexity(ignore_index=IGNORE_INDEX)
 
     def build_model(self) -> nn.Module:
         model = AutoModelForCausalLM.from_pretrained(self.model_path, trust_remote_code=self.trust_remote_code)
@@ -53,16 +53,11 @@ class CausalLM(TransformersTask):
         self.log(f"{stage}_loss", output.loss, prog_bar=True, batch_size=len(batch["input_ids"]))
         self.log(f"{stage}_ppl", perplexity, prog_bar=True)
 
-    def on_validation_epoch_start(self) -> None:
-        # Fresh states in this loop's grad mode: a `validate` (inference mode) before `fit` (no_grad) would
-        # leave inference tensors that fit's validation cannot update in place.
-        self.val_ppl.reset()
-
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "val", self.val_ppl)
+        self._evaluate(batch, "val", self.val_metrics)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test", self.test_ppl)
+        self._evaluate(batch, "test", self.test_metrics)
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[str]:
         """Greedy continuations of the (left-padded) prompts, decoded without the prompts."""
