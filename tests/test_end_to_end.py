@@ -1,19 +1,20 @@
-"""One real run: MiniLM-L6 + LoRA r=8 on the movie review snippets, the protocol of ANCHORS.md.
+"""One real run: the main recipe, MiniLM-L6 + LoRA r=8 on the movie review snippets (ANCHORS.md's protocol).
 
 Minutes, not seconds: the only test that trains a real pretrained model on real data.
 """
 
 import time
 
-import lightning as L
+from pathlib import Path
+
 import pytest
 import torch
 
-from lightning_peft import LoRA, trainable_summary
-from lightning_peft.data import TextClassificationData
-from lightning_peft.tasks import SequenceClassification
+from lightning_peft import trainable_summary
+from lightning_peft.cli import build_cli
 
-MAX_STEPS = 300
+RECIPE = Path(__file__).parent.parent / "recipes" / "lora_sentiment.yaml"
+MAX_STEPS = 300  # the recipe's
 
 
 @pytest.fixture
@@ -25,17 +26,16 @@ def two_threads():
     torch.set_num_threads(threads)
 
 
-def test_minilm_lora_reaches_080_on_movie_snippets(two_threads):
-    L.seed_everything(0)
-    task = SequenceClassification("minilm-l6", num_labels=2, learning_rate=1e-3, warmup_steps=30)
-    data = TextClassificationData(source="movie-snippets", max_length=64, batch_size=32, val_fraction=0)
-    lora = LoRA(r=8, alpha=16, dropout=0.1, target_modules=["query", "key", "value"], modules_to_save=["classifier"])
-    trainer = L.Trainer(accelerator="cpu", max_steps=MAX_STEPS, callbacks=[lora], logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+def test_main_recipe_reaches_080_on_movie_snippets(two_threads, tmp_path):
+    """recipes/lora_sentiment.yaml (the main job), as `lightning-peft fit --config` builds it."""
+    cli = build_cli(["--config", str(RECIPE), "--trainer.enable_progress_bar=false",
+                     "--trainer.enable_checkpointing=false",
+                     f"--trainer.default_root_dir={tmp_path}"], run=False)
+    task, data, trainer = cli.model, cli.datamodule, cli.trainer
     start = time.perf_counter()
-    trainer.fit(task, data)
+    trainer.fit(task, datamodule=data)
     fit_seconds = time.perf_counter() - start
-    (result,) = trainer.test(task, data, verbose=False)
+    (result,) = trainer.test(task, datamodule=data, verbose=False)
 
     summary = trainable_summary(task)
     print(f"MiniLM LoRA: test_acc={result['test_acc']:.4f} trainable={summary.trainable} fit={fit_seconds:.0f}s")
