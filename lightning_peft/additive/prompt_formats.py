@@ -2,13 +2,16 @@
 
 peft stores a prompt-learning adapter as one tensor, ``prompt_embeddings``: the prompt, or the
 computed prefix (never its MLP), plus the ``modules_to_save`` tensors under ``base_model.``.
-So a prefix trained with ``projection=True`` is saved after :meth:`PrefixTuning.fold`, and a
-peft prefix adapter loads as ``projection=False``.
+So a prefix trained with ``projection=True`` is saved as the values its MLP computes (the model
+keeps its MLP), and a peft prefix adapter loads as ``projection=False``.
 """
 
 from __future__ import annotations
 
-from torch import nn
+import re
+
+import torch
+from torch import Tensor, nn
 
 from lightning_peft.additive.prefix_tuning import KVShape, PrefixTuning
 from lightning_peft.additive.prompt_tuning import PromptTuning
@@ -16,6 +19,7 @@ from lightning_peft.additive.soft_prompts import input_embedding_weight
 from lightning_peft.core.adapter_files import AdapterFormat, register_format
 
 TENSOR = "prompt_embeddings"
+PREFIX_MLP_TENSOR = re.compile(r"^(?P<encoder>prefix_tuning\.adapters\.[^.]+)\.(embedding|transform\..+)$")
 SAVED_MODULE_PREFIX = "base_model."  # peft's prompt-learning models hold the transformers model as base_model
 HEAD_TASKS = {"ForSequenceClassification": "SEQ_CLS", "ForTokenClassification": "TOKEN_CLS",
               "ForQuestionAnswering": "QUESTION_ANS"}
@@ -56,14 +60,24 @@ def prompt_config(config: dict, root: nn.Module, names: list[str]) -> dict:
 
 def prefix_config(config: dict, root: nn.Module, names: list[str]) -> dict:
     """peft's PrefixTuningConfig, with the key/value geometry peft derives for grouped-query attention."""
-    if any(".transform." in name or name.endswith(".embedding") for name in names):
-        raise ValueError("peft stores a prefix as computed values, not its projection MLP: call "
-                         "PrefixTuning.fold(module) before save_adapter")
     shape = KVShape.of(root.config)
     return {"peft_type": "PREFIX_TUNING", **common_config(config, root),
             "token_dim": shape.heads * shape.head_dim, "num_attention_heads": shape.heads,
             "num_layers": shape.layers, "encoder_hidden_size": input_embedding_weight(root).shape[1],
             "prefix_projection": False}
+
+
+@torch.no_grad()
+def computed_prefixes(tensors: dict[str, Tensor], root: nn.Module) -> dict[str, Tensor]:
+    """Each prefix MLP's tensors replaced by the prefix it computes (``...adapters.NAME.prefix``)."""
+    out = {}
+    for name, tensor in tensors.items():
+        match = PREFIX_MLP_TENSOR.match(name)
+        if match:
+            out[match["encoder"] + ".prefix"] = root.get_submodule(match["encoder"]).values().detach()
+        else:
+            out[name] = tensor
+    return out
 
 
 def checked_tokens(config: dict) -> int:
@@ -92,4 +106,4 @@ def to_prefix_tuning(config: dict, adapter_name: str) -> PrefixTuning:
 register_format(AdapterFormat(method="PromptTuning", peft_type="PROMPT_TUNING", to_config=prompt_config,
                               to_callback=to_prompt_tuning, file_key=file_key))
 register_format(AdapterFormat(method="PrefixTuning", peft_type="PREFIX_TUNING", to_config=prefix_config,
-                              to_callback=to_prefix_tuning, file_key=file_key))
+                              to_callback=to_prefix_tuning, file_key=file_key, to_file=computed_prefixes))

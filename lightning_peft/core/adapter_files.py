@@ -36,6 +36,7 @@ class AdapterFormat:
     ``to_config(config, root, names)`` gives peft's adapter_config.json from our settings, the
     model root and our tensor names; ``to_callback(config, adapter_name)`` the inverse; and
     ``file_key(name, root)`` peft's tensor key for one of our tensor names (relative to ``root``).
+    ``to_file(tensors, root)``, when given, turns our tensors into the ones peft's file holds.
     """
 
     method: str
@@ -43,6 +44,7 @@ class AdapterFormat:
     to_config: Callable[[dict, nn.Module, list[str]], dict]
     to_callback: Callable[[dict, str], Any]
     file_key: Callable[[str, nn.Module], str]
+    to_file: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]] | None = None
 
 
 PEFT_FORMATS: dict[str, AdapterFormat] = {}
@@ -113,6 +115,8 @@ def save_adapter(module: nn.Module, path: PathLike, adapter_name: str = "default
     _, root = model_root(module)
     adapter_format = PEFT_FORMATS.get(record["method"])
     if adapter_format is not None:
+        if adapter_format.to_file is not None:
+            tensors = adapter_format.to_file(tensors, root)
         config = adapter_format.to_config(record["config"], root, list(tensors))
         tensors = {adapter_format.file_key(name, root): t for name, t in tensors.items()}
     else:
