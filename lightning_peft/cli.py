@@ -60,7 +60,10 @@ class PEFTCLI(LightningCLI):
 def _export_after_fit(trainer: L.Trainer, module: L.LightningModule, checkpoint: str | None) -> str:
     """Save the trained adapters next to the run (single process), or say how to export them."""
     if trainer.world_size == 1:
-        out = export_adapters(module, Path(trainer.default_root_dir) / "adapter")
+        try:
+            out = export_adapters(module, Path(trainer.default_root_dir) / "adapter")
+        except (ValueError, TypeError, OSError) as err:  # training is done and checkpointed: report, do not fail
+            return f"adapter: not saved ({err})"
         return f"adapter: {out}"
     source = checkpoint or "CHECKPOINT"
     return f"adapter: export it with `lightning-peft export {source} --out DIR`"
