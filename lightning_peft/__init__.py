@@ -14,5 +14,5 @@ from lightning_peft.selective import BitFit, Selective
 __version__ = "0.1.0"
 
 __all__ = ["IA3", "Adapter", "BitFit", "LoRA", "PEFTCallback", "PrefixTuning", "PromptTuning", "QuantizeBase",
-           "Selective", "delete_adapter", "disable_adapters", "fsdp_auto_wrap_policy", "full_adapter_state_dict", "fully_shard_peft", "load_adapter", "merge", "save_adapter",
-           "set_adapter", "trainable_summary", "unmerge"]
+           "Selective", "delete_adapter", "disable_adapters", "fsdp_auto_wrap_policy", "full_adapter_state_dict",
+           "fully_shard_peft", "load_adapter", "merge", "save_adapter", "set_adapter", "trainable_summary", "unmerge"]

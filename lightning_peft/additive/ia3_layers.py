@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lightning_peft.core.layer import PEFTLayer, innermost_base
+from lightning_peft.core.layer import PEFTLayer, innermost_base, linear_features
 from lightning_peft.quantization.layers import dequantized_weight, is_quantized, replace_weight
 
 
@@ -34,10 +34,7 @@ class IA3Layer(PEFTLayer):
         super().__init__(base_layer)
         base = innermost_base(base_layer)
         self.transposed = not isinstance(base, nn.Linear)  # Conv1D: weight is (in, out)
-        if self.transposed:
-            self.in_features, self.out_features = base.weight.shape
-        else:  # from the attributes: a bitsandbytes 4-bit weight is packed into (out * in / 2, 1)
-            self.in_features, self.out_features = base.in_features, base.out_features
+        self.in_features, self.out_features = linear_features(base)
 
     def add_adapter(self, name: str, feedforward: bool) -> IA3Adapter:
         weight = innermost_base(self.base_layer).weight

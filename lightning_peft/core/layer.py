@@ -63,6 +63,16 @@ def innermost_base(module: nn.Module) -> nn.Module:
     return module
 
 
+def linear_features(layer: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of nn.Linear (quantized too) or transformers' Conv1D (weight ``(in, out)``).
+
+    Linear's come from its attributes: a bitsandbytes 4-bit weight is packed into ``(out * in / 2, 1)``.
+    """
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    return tuple(layer.weight.shape)
+
+
 def to_adapter_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
     """Cast an adapter's input to its parameters' dtype, unless autocast picks the compute dtype."""
     if x.dtype == dtype or torch.is_autocast_enabled(x.device.type):

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from lightning_peft import assets
-from lightning_peft.data.files import READERS, read_lines, read_rows, read_text
+from lightning_peft.data.files import READERS, check_data_arguments, read_lines, read_rows, read_text
 
 SOURCES = {"austen": assets.austen_text}
 SOURCE_TEST_FRACTION = 0.05  # a built-in corpus's last lines, kept for test
@@ -49,12 +49,7 @@ class CausalLMData(L.LightningDataModule):
                  tokenizer: PreTrainedTokenizerBase | None = None, prompt_column: str = "prompt",
                  response_column: str = "response", chat_template: bool = False, num_workers: int = 0) -> None:
         super().__init__()
-        if source is not None and source not in SOURCES:
-            raise ValueError(f"unknown source {source!r}; built-in sources: {', '.join(SOURCES)}")
-        if source is None and train_file is None and test_file is None and predict_file is None:
-            raise ValueError("give a built-in source or a train_file, test_file or predict_file")
-        if not 0 <= val_fraction < 1:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        check_data_arguments(source, SOURCES, [train_file, test_file, predict_file], val_fraction)
         if block_size < 2:
             raise ValueError(f"block_size must be at least 2 tokens, got {block_size}")
         self.source, self.files = source, {"train": train_file, "val": val_file, "test": test_file}

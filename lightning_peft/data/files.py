@@ -41,6 +41,16 @@ def _json_line(line: str, path: Path, number: int) -> dict:
     return row
 
 
+def check_data_arguments(source: str | None, sources: dict, files: list[str | None], val_fraction: float) -> None:
+    """One clear error for a data module's arguments: an unknown source, no data at all, a bad val_fraction."""
+    if source is not None and source not in sources:
+        raise ValueError(f"unknown source {source!r}; built-in sources: {', '.join(sources)}")
+    if source is None and all(file is None for file in files):
+        raise ValueError("give a built-in source or a train_file, test_file or predict_file")
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+
+
 def read_text(path: str | Path) -> str:
     """The whole text of a UTF-8 file, which must exist and hold more than whitespace."""
     path = Path(path).expanduser()

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from lightning_peft import assets
-from lightning_peft.data.files import read_lines, read_rows
+from lightning_peft.data.files import check_data_arguments, read_lines, read_rows
 
 SOURCES = {"movie-snippets": assets.movie_snippets_split}
 Example = tuple[str, object]
@@ -35,12 +35,7 @@ class TextClassificationData(L.LightningDataModule):
                  max_length: int = 128, batch_size: int = 32, val_fraction: float = 0.1, seed: int = 0,
                  tokenizer: PreTrainedTokenizerBase | None = None, num_workers: int = 0) -> None:
         super().__init__()
-        if source is not None and source not in SOURCES:
-            raise ValueError(f"unknown source {source!r}; built-in sources: {', '.join(SOURCES)}")
-        if source is None and train_file is None and test_file is None and predict_file is None:
-            raise ValueError("give a built-in source or a train_file, test_file or predict_file")
-        if not 0 <= val_fraction < 1:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        check_data_arguments(source, SOURCES, [train_file, test_file, predict_file], val_fraction)
         self.source, self.files = source, {"train": train_file, "val": val_file, "test": test_file}
         self.predict_file = predict_file
         self.text_column, self.label_column = text_column, label_column

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_peft.core.layer import PEFTLayer, to_adapter_dtype
+from lightning_peft.core.layer import PEFTLayer, linear_features, to_adapter_dtype
 from lightning_peft.quantization.layers import dequantized_weight, is_quantized, replace_weight
 
 INITS = ("default", "gaussian", "pissa")
@@ -136,10 +136,7 @@ class LoRALinear(LoRALayer):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.transposed = not isinstance(base_layer, nn.Linear)  # Conv1D: weight is (in, out)
-        if self.transposed:
-            self.in_features, self.out_features = base_layer.weight.shape
-        else:  # from the attributes: a bitsandbytes 4-bit weight is packed into (out * in / 2, 1)
-            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.in_features, self.out_features = linear_features(base_layer)
 
     def a_shape(self, r: int) -> tuple[int, ...]:
         return (r, self.in_features)
