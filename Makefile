@@ -1,11 +1,12 @@
 # Two commands for a fresh machine (nothing installed but Python 3.10+):
 #   make main   set up (idempotent) and run the main job: LoRA on MiniLM + movie review snippets
 #   make test   set up (idempotent) and run the whole test suite
+#   make lint   ruff on the code, tests and benchmarks (pyproject.toml's [tool.ruff])
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: setup main test
+.PHONY: setup main test lint
 setup: $(VENV)/.installed
 
 # CPU torch first: a bare `torch` requirement would pull a CUDA build of several GB.
@@ -22,3 +23,6 @@ main: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .

@@ -167,7 +167,8 @@ def header(args: argparse.Namespace) -> str:
     model = "tiny random Llama (hidden 256, 4 layers, vocab 8192)" if args.quick else "SmolLM2-135M fp32"
     return "\n".join([
         f"- machine: {os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads, "
-        f"transformers {transformers.__version__}, peft {peft.__version__}, lightning-peft {lightning_peft.__version__}",
+        f"transformers {transformers.__version__}, peft {peft.__version__}, "
+        f"lightning-peft {lightning_peft.__version__}",
         f"- command: `python {shlex.join(sys.argv)}`",
         f"- {model}; LoRA r={R} alpha={ALPHA} dropout={args.dropout} on {'/'.join(TARGETS)}; batch {args.batch} x seq "
         f"{args.seq}; median of {args.reps} interleaved reps after 1 warm-up; peak RSS: median of {args.mem_reps} "

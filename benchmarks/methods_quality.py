@@ -10,9 +10,11 @@ is its own process, so its peak RSS is its own.
     python benchmarks/methods_quality.py                       # the table, about 40 minutes on 2 cores
     python benchmarks/methods_quality.py --methods lora,bitfit --json out.json
     python benchmarks/methods_quality.py --methods ia3 --lrs 3e-3,1e-2 --jobs 2 --threads 1
+    python benchmarks/methods_quality.py --methods bitfit --lrs 1e-2 --set trainer.gradient_clip_val=1.0
 
 ``--lrs`` tunes instead: it trains on 90% of the training rows at each learning rate and reports
 the accuracy on the held-out 10% (the test rows stay unseen), to choose a recipe's rate.
+``--set KEY=VALUE`` overrides any recipe setting the way ``lightning-peft fit`` does.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ QUIET = ["--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=
          "--trainer.enable_model_summary=false"]
 
 
-def run_one(name: str, lr: float | None, threads: int, steps: int | None = None) -> dict:
+def run_one(name: str, lr: float | None, threads: int, steps: int | None = None, overrides: tuple = ()) -> dict:
     """Fit one recipe in this process (on 90% of train when ``lr`` is given), then evaluate."""
     import torch
 
@@ -53,6 +55,7 @@ def run_one(name: str, lr: float | None, threads: int, steps: int | None = None)
     with tempfile.TemporaryDirectory() as tmp:
         extra = [f"--model.init_args.learning_rate={lr}", "--data.init_args.val_fraction=0.1"] if lr is not None else []
         extra += [f"--trainer.max_steps={steps}"] if steps else []
+        extra += [f"--{override}" for override in overrides]
         cli = build_cli(["--config", str(RECIPES / METHODS[name]), *QUIET, f"--trainer.default_root_dir={tmp}",
                          *extra], run=False)
         start = time.perf_counter()
@@ -62,16 +65,18 @@ def run_one(name: str, lr: float | None, threads: int, steps: int | None = None)
         evaluate = cli.trainer.validate if lr is not None else cli.trainer.test
         (metrics,) = evaluate(cli.model, datamodule=cli.datamodule, verbose=False)
     summary = trainable_summary(cli.model)
-    return {"method": name, "lr": cli.model.hparams.learning_rate, "trainable": summary.trainable,
+    return {"method": name, "lr": cli.model.hparams.learning_rate, "overrides": list(overrides),
+            "trainable": summary.trainable,
             "percent": summary.percent, **{k: v for k, v in metrics.items() if k.endswith("_acc")},
             "fit_s": fit_seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def run_in_subprocess(name: str, lr: float | None, threads: int, steps: int | None) -> dict:
+def run_in_subprocess(name: str, lr: float | None, threads: int, steps: int | None, overrides: tuple) -> dict:
     """``run_one`` in a fresh process; its row."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, __file__, "--one", name, "--threads", str(threads)]
     command += (["--lr", str(lr)] if lr is not None else []) + (["--steps", str(steps)] if steps else [])
+    command += [arg for override in overrides for arg in ("--set", override)]
     out = subprocess.run(command, env=env,
                          capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -88,7 +93,8 @@ def table(rows: list[dict], metric: str) -> str:
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         gap = f"{100 * (r[metric] - full):+.1f} pts" if full is not None else "-"
-        lines.append(f"| {r['method']} | {METHODS[r['method']]} | {r['lr']:g} | {r['trainable']:,} "
+        recipe = " ".join([METHODS[r["method"]], *(f"+ {o}" for o in r.get("overrides", []))])
+        lines.append(f"| {r['method']} | {recipe} | {r['lr']:g} | {r['trainable']:,} "
                      f"({r['percent']:.3f}%) | {r[metric]:.4f} | {gap} | {r['fit_s']:.0f} s | "
                      f"{r['peak_rss_mb']:.0f} MB |")
     return "\n".join(lines)
@@ -101,12 +107,14 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (timings are only fair with 1)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
     parser.add_argument("--steps", type=int, help="optimizer steps instead of the recipes' 300 (a quick check)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe setting, e.g. trainer.gradient_clip_val=1.0 (repeatable)")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--lr", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        return print(json.dumps(run_one(args.one, args.lr, args.threads, args.steps)))
+        return print(json.dumps(run_one(args.one, args.lr, args.threads, args.steps, tuple(args.set))))
     names = args.methods.split(",")
     unknown = sorted(set(names) - set(METHODS))
     if unknown:
@@ -114,7 +122,8 @@ def main() -> None:
     lrs = [float(lr) for lr in args.lrs.split(",")] if args.lrs else [None]
     runs = [(name, lr) for name in names for lr in lrs]
     with ThreadPoolExecutor(args.jobs) as pool:
-        rows = list(pool.map(lambda run: run_in_subprocess(*run, args.threads, args.steps), runs))
+        rows = list(pool.map(lambda run: run_in_subprocess(*run, args.threads, args.steps, tuple(args.set)),
+                             runs))
     print(f"MiniLM-L6 + movie review snippets, {args.steps or 300} steps, batch 32, max_len 64; {os.cpu_count()} CPUs, "
           f"{args.threads} torch threads, {args.jobs} run(s) at once\n")
     print(table(rows, "val_acc" if args.lrs else "test_acc"))

@@ -8,8 +8,8 @@ Everything derived is cached under :func:`cache_dir`.
 import bz2
 import copy
 import fcntl
-import importlib.util
 import gzip
+import importlib.util
 import io
 import logging
 import lzma

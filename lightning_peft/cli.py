@@ -16,8 +16,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_peft.assets import AssetError
-from lightning_peft.core.summary import trainable_summary
 from lightning_peft.core.injection import adapter_records
+from lightning_peft.core.summary import trainable_summary
 from lightning_peft.export import export_adapters, export_checkpoint
 
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, AssetError)

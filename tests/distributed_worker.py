@@ -12,12 +12,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from conftest import TokenModule, tiny_llama, token_loader  # noqa: E402
 from lightning.pytorch.strategies import ModelParallelStrategy, Strategy  # noqa: E402
 from torch import nn  # noqa: E402
 
 from lightning_peft import LoRA  # noqa: E402
 from lightning_peft.distributed import full_adapter_state_dict  # noqa: E402
+
+from conftest import TokenModule, tiny_llama, token_loader  # noqa: E402
 
 EPOCHS = 2  # of 8 sequences in global batches of 4 (2 per rank): 4 steps
 SEQUENCES = 8

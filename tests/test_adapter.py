@@ -2,13 +2,24 @@
 
 import pytest
 import torch
-from conftest import (ConvMLP, ImageModule, TokenModule, check_resume_reproduces_the_uninterrupted_run, image_loader,
-                      make_trainer, tiny_bert, tiny_gpt2, tiny_llama, token_loader)
 from torch import nn
 
 from lightning_peft import LoRA, merge, trainable_summary
 from lightning_peft.additive import Adapter
 from lightning_peft.additive.adapter_layers import AdapterLayer
+
+from conftest import (
+    ConvMLP,
+    ImageModule,
+    TokenModule,
+    check_resume_reproduces_the_uninterrupted_run,
+    image_loader,
+    make_trainer,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    token_loader,
+)
 
 B = 4  # bottleneck of the tests
 R = 4  # LoRA rank when stacked

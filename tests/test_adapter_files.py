@@ -5,12 +5,20 @@ import json
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_bert, tiny_gpt2, tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from lightning_peft import (LoRA, delete_adapter, disable_adapters, load_adapter, save_adapter, set_adapter,
-                            trainable_summary)
+from lightning_peft import (
+    LoRA,
+    delete_adapter,
+    disable_adapters,
+    load_adapter,
+    save_adapter,
+    set_adapter,
+    trainable_summary,
+)
 from lightning_peft.lora import LoRALayer
+
+from conftest import VOCAB, tiny_bert, tiny_gpt2, tiny_llama
 
 CASES = {
     "llama": (tiny_llama, dict(target_modules=["q_proj", "v_proj", "embed_tokens"])),
@@ -61,7 +69,8 @@ def test_ours_to_peft(case, tmp_path):
 def test_peft_to_ours(case, tmp_path):
     build, kwargs = CASES[case]
     base = build()
-    peft_kwargs = dict(r=4, lora_alpha=8, target_modules=kwargs["target_modules"], use_dora=kwargs.get("use_dora", False),
+    peft_kwargs = dict(r=4, lora_alpha=8, target_modules=kwargs["target_modules"],
+                       use_dora=kwargs.get("use_dora", False),
                        use_rslora=kwargs.get("use_rslora", False), modules_to_save=kwargs.get("modules_to_save"))
     theirs = get_peft_model(copy.deepcopy(base), LoraConfig(**peft_kwargs))
     randomize_trainable(theirs)

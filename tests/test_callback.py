@@ -4,11 +4,21 @@ import logging
 
 import pytest
 import torch
-from conftest import (ConvMLP, ImageModule, TokenModule, image_loader, make_trainer, tiny_bert, tiny_gpt2,
-                      tiny_llama, token_loader)
 
 from lightning_peft import LoRA, merge, trainable_summary, unmerge
 from lightning_peft.lora import LoRALayer
+
+from conftest import (
+    ConvMLP,
+    ImageModule,
+    TokenModule,
+    image_loader,
+    make_trainer,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    token_loader,
+)
 
 R = 4
 H = 32  # hidden size of the tiny transformers models

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import make_trainer
 from test_cli import run_cli
 
 from lightning_peft import LoRA, assets
 from lightning_peft.assets import AssetError, austen_text
 from lightning_peft.data import CausalLMData
 from lightning_peft.tasks import CausalLM
+
+from conftest import make_trainer
 
 WORDS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 VOCAB = ["<pad>", "<unk>", "</s>", *WORDS]

@@ -4,12 +4,19 @@ import os
 
 import pytest
 import torch
-from conftest import (TokenModule, check_resume_reproduces_the_uninterrupted_run, make_trainer, tiny_llama,
-                      token_loader, trainable_tensors)
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lightning_peft.core.checkpointing as checkpointing
 from lightning_peft import LoRA, trainable_summary
+
+from conftest import (
+    TokenModule,
+    check_resume_reproduces_the_uninterrupted_run,
+    make_trainer,
+    tiny_llama,
+    token_loader,
+    trainable_tensors,
+)
 
 MB = 1024 * 1024
 

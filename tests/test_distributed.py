@@ -20,8 +20,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import yaml
-from conftest import (ImageModule, TokenModule, image_loader, make_trainer, tiny_bert, tiny_llama,
-                      token_loader)
 from distributed_worker import PER_RANK_BATCH, SeededLlama, loader, lora
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch.distributed.device_mesh import init_device_mesh
@@ -29,8 +27,16 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_peft import BitFit, LoRA, trainable_summary
-from lightning_peft.distributed import (check_units_do_not_mix, fsdp_auto_wrap_policy, full_adapter_state_dict,
-                                        fully_shard_peft, prepare_sharding, sharding_units)
+from lightning_peft.distributed import (
+    check_units_do_not_mix,
+    fsdp_auto_wrap_policy,
+    full_adapter_state_dict,
+    fully_shard_peft,
+    prepare_sharding,
+    sharding_units,
+)
+
+from conftest import ImageModule, TokenModule, image_loader, make_trainer, tiny_bert, tiny_llama, token_loader
 
 TESTS = Path(__file__).parent
 LAUNCH_TIMEOUT = 300  # seconds; each launch takes 60-90 on two loaded cores
@@ -51,7 +57,7 @@ class Launch:
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "PYTHONPATH": pythonpath, "PYTHONUNBUFFERED": "1", **env}
         self.logs = [tempfile.TemporaryFile("w+") for _ in commands]
         self.procs = [subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-                      for cmd, log in zip(commands, self.logs)]
+                      for cmd, log in zip(commands, self.logs, strict=True)]
         self.deadline = time.monotonic() + timeout
 
     def outputs(self) -> list[str]:
@@ -63,7 +69,7 @@ class Launch:
             self.kill()
             pytest.fail(f"{[proc.args for proc in self.procs]} still running at the deadline (a hang?)")
         outputs = []
-        for proc, log in zip(self.procs, self.logs):
+        for proc, log in zip(self.procs, self.logs, strict=True):
             log.seek(0)
             outputs.append(log.read())
             assert proc.returncode == 0, outputs[-1][-4000:]

@@ -4,7 +4,6 @@ Minutes, not seconds: the only test that trains a real pretrained model on real 
 """
 
 import time
-
 from pathlib import Path
 
 import pytest

@@ -5,11 +5,21 @@ import warnings
 
 import pytest
 import torch
-from conftest import (ConvMLP, TokenModule, check_resume_reproduces_the_uninterrupted_run, make_trainer, tiny_bert,
-                      tiny_gpt2, tiny_llama, token_loader)
+
 from lightning_peft import LoRA, merge, trainable_summary, unmerge
 from lightning_peft.additive import IA3, IA3Layer
 from lightning_peft.core.injection import peft_layers
+
+from conftest import (
+    ConvMLP,
+    TokenModule,
+    check_resume_reproduces_the_uninterrupted_run,
+    make_trainer,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    token_loader,
+)
 
 H, L, KV = 32, 2, 16  # hidden size, blocks, tiny Llama's key/value width (2 heads of 8)
 BERT_FFN, LLAMA_FFN, GPT2_FFN = 64, 2 * H, 4 * H

@@ -15,13 +15,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VOCAB, tiny_bert, tiny_llama
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lightning_peft import LoRA, merge, trainable_summary, unmerge
 from lightning_peft.lora import LoRAAdapter, LoRALayer
 
+from conftest import VOCAB, tiny_bert, tiny_llama
 
 # kind -> (base-layer factory, input maker, number of output features)
 KINDS = {

@@ -14,15 +14,13 @@ import warnings
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_bert, tiny_gpt2, tiny_llama
+from peft import LoraConfig, get_peft_model  # noqa: E402
 from torch import nn
 
 from lightning_peft import LoRA, trainable_summary
 from lightning_peft.lora import LoRALayer
 
-from peft import LoraConfig, get_peft_model  # noqa: E402
-
-
+from conftest import VOCAB, tiny_bert, tiny_gpt2, tiny_llama
 
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
 # Targets given to both libraries; "dense" on BERT hits attention.output, intermediate, output and pooler.

@@ -12,13 +12,30 @@ import warnings
 
 import pytest
 import torch
-from conftest import (VOCAB, TokenModule, check_resume_reproduces_the_uninterrupted_run, make_trainer, tiny_bert,
-                      tiny_gpt2, tiny_llama, token_loader)
 from torch import nn
 
-from lightning_peft import (LoRA, delete_adapter, disable_adapters, load_adapter, merge, save_adapter, set_adapter,
-                            trainable_summary)
+from lightning_peft import (
+    LoRA,
+    delete_adapter,
+    disable_adapters,
+    load_adapter,
+    merge,
+    save_adapter,
+    set_adapter,
+    trainable_summary,
+)
 from lightning_peft.additive import PrefixTuning, PromptTuning
+
+from conftest import (
+    VOCAB,
+    TokenModule,
+    check_resume_reproduces_the_uninterrupted_run,
+    make_trainer,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    token_loader,
+)
 
 N = 4  # virtual tokens
 H = 32  # hidden size of the tiny models

@@ -6,16 +6,16 @@ import math
 import sys
 import warnings
 
+import bitsandbytes as bnb  # noqa: E402  (the [bitsandbytes] extra; installed by make test)
 import pytest
 import torch
-from conftest import TokenModule, check_resume_reproduces_the_uninterrupted_run, make_trainer, tiny_llama, token_loader
 from torch import nn
 
 from lightning_peft import IA3, Adapter, LoRA, PromptTuning, merge, unmerge
 from lightning_peft.quantization import QuantizeBase, base_weight_bytes, dequantize_base, dequantized_weight
 from lightning_peft.quantization.layers import statistics_bytes
 
-import bitsandbytes as bnb  # noqa: E402  (the [bitsandbytes] extra; installed by make test)
+from conftest import TokenModule, check_resume_reproduces_the_uninterrupted_run, make_trainer, tiny_llama, token_loader
 
 H = 128  # hidden size: 4-bit blocks hold 64 values, and the fixed statistics stay small next to the weight
 LINEARS_PER_BLOCK = 7  # q, k, v, o, gate, up, down
@@ -265,7 +265,8 @@ def test_missing_bitsandbytes_names_the_extra(monkeypatch):
     from lightning_peft.tasks.base import adamw_class
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import now raises ImportError
-    with pytest.raises(ImportError, match=r'QuantizeBase needs bitsandbytes.*pip install "lightning-peft\[bitsandbytes\]"'):
+    needs = r'QuantizeBase needs bitsandbytes.*pip install "lightning-peft\[bitsandbytes\]"'
+    with pytest.raises(ImportError, match=needs):
         QuantizeBase("nf4")
     with pytest.raises(ImportError, match=r"optimizer='adamw8bit' needs bitsandbytes"):
         adamw_class("adamw8bit")

@@ -3,10 +3,20 @@
 import pytest
 import torch
 from torch import nn
-from conftest import (VOCAB, TokenModule, check_resume_reproduces_the_uninterrupted_run, make_trainer, tiny_bert,
-                      tiny_gpt2, tiny_llama, token_loader)
+
 from lightning_peft import LoRA, trainable_summary
 from lightning_peft.selective import BitFit, Selective
+
+from conftest import (
+    VOCAB,
+    TokenModule,
+    check_resume_reproduces_the_uninterrupted_run,
+    make_trainer,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    token_loader,
+)
 
 H, L = 32, 2  # hidden size and blocks of the tiny models
 BERT_FFN, LLAMA_FFN, GPT2_FFN = 64, 2 * H, 4 * H

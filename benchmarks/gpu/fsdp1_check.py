@@ -17,7 +17,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from conftest import token_loader  # noqa: E402
 from distributed_worker import SEQUENCES, SeededLlama, lora  # noqa: E402
 from lightning.pytorch.strategies import FSDPStrategy  # noqa: E402
 from torch.distributed.fsdp import FullyShardedDataParallel  # noqa: E402
@@ -25,6 +24,8 @@ from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 
 from lightning_peft.core.layer import PEFTLayer  # noqa: E402
 from lightning_peft.distributed import full_adapter_state_dict  # noqa: E402
+
+from conftest import token_loader  # noqa: E402
 
 DEVICES = min(2, torch.cuda.device_count())
 GLOBAL_BATCH = 4

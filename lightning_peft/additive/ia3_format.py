@@ -5,8 +5,14 @@ from __future__ import annotations
 from torch import nn
 
 from lightning_peft.additive.ia3 import IA3
-from lightning_peft.core.adapter_files import (PEFT_PREFIX, AdapterFormat, anchored, register_format,
-                                               saved_module_key, split_layer_tensor)
+from lightning_peft.core.adapter_files import (
+    PEFT_PREFIX,
+    AdapterFormat,
+    anchored,
+    register_format,
+    saved_module_key,
+    split_layer_tensor,
+)
 
 
 def file_key(name: str, root: nn.Module) -> str:

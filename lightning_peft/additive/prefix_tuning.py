@@ -17,10 +17,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_peft.additive.soft_prompts import (CACHE_ARGUMENTS, cache_argument, cached_length,
-                                                  find_transformers_model, given_cache, input_embedding_weight,
-                                                  input_shape, named_forward_arguments, shift_position_ids,
-                                                  widen_attention_mask)
+from lightning_peft.additive.soft_prompts import (
+    CACHE_ARGUMENTS,
+    cache_argument,
+    cached_length,
+    find_transformers_model,
+    given_cache,
+    input_embedding_weight,
+    input_shape,
+    named_forward_arguments,
+    shift_position_ids,
+    widen_attention_mask,
+)
 from lightning_peft.core.callback import CheckpointPolicy, PEFTCallback
 from lightning_peft.core.injection import claim
 from lightning_peft.core.layer import PEFTModule

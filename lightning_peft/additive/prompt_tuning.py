@@ -17,10 +17,18 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_peft.additive.soft_prompts import (cached_length, find_transformers_model, given_cache,
-                                                  input_embedding_weight, input_shape, keep_last_positions,
-                                                  named_forward_arguments, prepend_to_token_inputs,
-                                                  shift_position_ids, widen_attention_mask)
+from lightning_peft.additive.soft_prompts import (
+    cached_length,
+    find_transformers_model,
+    given_cache,
+    input_embedding_weight,
+    input_shape,
+    keep_last_positions,
+    named_forward_arguments,
+    prepend_to_token_inputs,
+    shift_position_ids,
+    widen_attention_mask,
+)
 from lightning_peft.core.callback import CheckpointPolicy, PEFTCallback
 from lightning_peft.core.layer import PEFTModule
 

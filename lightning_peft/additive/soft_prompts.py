@@ -42,7 +42,7 @@ def named_forward_arguments(model: nn.Module, args: tuple, kwargs: dict[str, Any
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if len(args) > len(positional):
         raise TypeError(f"{type(model).__name__}.forward takes {len(positional)} positional arguments, got {len(args)}")
-    return {**dict(zip(positional, args)), **kwargs}
+    return {**dict(zip(positional, args, strict=False)), **kwargs}
 
 
 def cache_argument(model: nn.Module) -> str | None:

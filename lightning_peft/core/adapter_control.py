@@ -7,8 +7,14 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from lightning_peft.core.injection import (adapter_records, forget_adapter, freeze_unclaimed, peft_layers, release,
-                                           replace_module)
+from lightning_peft.core.injection import (
+    adapter_records,
+    forget_adapter,
+    freeze_unclaimed,
+    peft_layers,
+    release,
+    replace_module,
+)
 from lightning_peft.core.layer import PEFTLayer, PEFTModule
 
 
@@ -19,7 +25,8 @@ def adapter_names(module: nn.Module) -> list[str]:
 
 def _check_known(module: nn.Module, adapter_name: str) -> None:
     if adapter_name not in adapter_names(module):
-        raise ValueError(f"no adapter named '{adapter_name}'; this model has: {', '.join(adapter_names(module)) or 'none'}")
+        known = ", ".join(adapter_names(module)) or "none"
+        raise ValueError(f"no adapter named '{adapter_name}'; this model has: {known}")
 
 
 def set_adapter(module: nn.Module, adapter_name: str) -> None:
@@ -54,7 +61,7 @@ def delete_adapter(module: nn.Module, adapter_name: str, method: str | None = No
             layer.delete_adapter(adapter_name)
             if not layer.adapters:
                 replace_module(module, name, layer.base_layer)
-    for name, part in reversed(list(module.named_modules())):
+    for part in reversed(list(module.modules())):
         if isinstance(part, PEFTModule) and not isinstance(part, PEFTLayer) and adapter_name in part.adapters \
                 and method in (None, part.method):
             part.delete_adapter(adapter_name)

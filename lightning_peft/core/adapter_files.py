@@ -105,7 +105,8 @@ def adapter_tensors(module: nn.Module, owner: str) -> dict[str, torch.Tensor]:
     """The tensors of one adapter, named relative to the model root."""
     prefix, _ = model_root(module)
     owners = owner_of(module)
-    return {_relative(name, prefix): param for name, param in module.named_parameters() if owners.get(id(param)) == owner}
+    return {_relative(name, prefix): param for name, param in module.named_parameters()
+            if owners.get(id(param)) == owner}
 
 
 def save_adapter(module: nn.Module, path: PathLike, adapter_name: str = "default", method: str | None = None) -> Path:

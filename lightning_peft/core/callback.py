@@ -24,8 +24,8 @@ from torch import nn
 from lightning_peft.core.checkpointing import install_adapter_checkpointing
 from lightning_peft.core.gradient_checkpointing import enable_input_grads_for_checkpointing
 from lightning_peft.core.injection import adapter_records, check_unclaimed, claim, freeze_unclaimed, record_adapter
-from lightning_peft.core.targeting import select_modules
 from lightning_peft.core.summary import trainable_summary
+from lightning_peft.core.targeting import select_modules
 from lightning_peft.distributed import check_gradients_reached, prepare_sharding, shards_after_injection
 
 CheckpointPolicy = Literal["adapter", "full"]

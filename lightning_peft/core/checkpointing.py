@@ -7,7 +7,7 @@ Saving goes through a temporary file and a rename, so a crash never leaves a cor
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from fsspec.implementations.local import LocalFileSystem
@@ -94,7 +94,7 @@ class AdapterCheckpointIO(CheckpointIO):
         peft = [cb for cb in self.trainer.callbacks if isinstance(cb, PEFTCallback)]
         return bool(peft) and all(cb.checkpoint == "adapter" for cb in peft)
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: PathLike, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: PathLike, storage_options: Any | None = None) -> None:
         if self._adapter_only():
             checkpoint = keep_adapter_only(checkpoint, self.trainer.lightning_module)
         if type(self.inner) is TorchCheckpointIO and storage_options is None and _is_local(path):
@@ -102,7 +102,9 @@ class AdapterCheckpointIO(CheckpointIO):
         else:
             self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
 
-    def load_checkpoint(self, path: PathLike, map_location: Optional[Any] = None, weights_only: Optional[bool] = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: PathLike, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         kwargs = {"weights_only": True if weights_only is None else weights_only}
         if map_location is not None:
             kwargs["map_location"] = map_location

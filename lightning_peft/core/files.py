@@ -6,9 +6,9 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> None:

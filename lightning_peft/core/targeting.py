@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Union
 
 from torch import nn
 
 from lightning_peft.core.layer import PEFTLayer, PEFTModule, innermost_base
 
-Targets = Union[str, Sequence[str], None]
+Targets = str | Sequence[str] | None
 
 ALL_LINEAR = "all-linear"
 # Last-layer names of the task heads in transformers models: "all-linear" leaves them alone.

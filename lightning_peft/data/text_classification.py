@@ -77,7 +77,7 @@ class TextClassificationData(L.LightningDataModule):
     def _check_labels(self) -> None:
         known = set(self.labels) if self.labels else None
         for name, rows in self.splits.items():
-            for text, label in rows:
+            for _, label in rows:
                 if known is not None and str(label) not in known:
                     raise ValueError(f"{name} data has label {label!r} that training never saw; "
                                      f"known labels: {', '.join(self.labels)}")
@@ -95,7 +95,8 @@ class TextClassificationData(L.LightningDataModule):
     def _encode(self, rows: Sequence[Example], shuffle: bool = False) -> DataLoader:
         encoded = self.tokenizer([text for text, _ in rows], truncation=True, max_length=self.max_length)
         examples = [{"input_ids": ids, "attention_mask": mask, "labels": self.label_id(label)}
-                    for ids, mask, (_, label) in zip(encoded["input_ids"], encoded["attention_mask"], rows)]
+                    for ids, mask, (_, label)
+                    in zip(encoded["input_ids"], encoded["attention_mask"], rows, strict=True)]
         return DataLoader(examples, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
                           collate_fn=DataCollatorWithPadding(self.tokenizer, return_tensors="pt"),
                           generator=torch.Generator().manual_seed(self.seed) if shuffle else None)

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from torch import nn
 
 from lightning_peft.core.callback import CheckpointPolicy, PEFTCallback
-from lightning_peft.core.layer import innermost_base
 from lightning_peft.core.injection import peft_layers, wrap_modules
+from lightning_peft.core.layer import innermost_base
 from lightning_peft.core.targeting import Targets, linear_types, select_modules
 from lightning_peft.lora.layers import INITS, LoRALayer, lora_layer_for
 

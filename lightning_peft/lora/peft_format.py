@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from lightning_peft.core.adapter_files import (PEFT_PREFIX, AdapterFormat, anchored, register_format,
-                                               saved_module_key, split_layer_tensor)
+from lightning_peft.core.adapter_files import (
+    PEFT_PREFIX,
+    AdapterFormat,
+    anchored,
+    register_format,
+    saved_module_key,
+    split_layer_tensor,
+)
 from lightning_peft.lora.callback import LoRA
 from lightning_peft.lora.layers import LoRAEmbedding, LoRALinear
 

@@ -14,7 +14,13 @@ from lightning_peft.core.injection import owner_of, replace_module
 from lightning_peft.core.layer import PEFTLayer
 from lightning_peft.core.summary import _size
 from lightning_peft.core.targeting import ALL_LINEAR, Targets, select_modules
-from lightning_peft.quantization.layers import MODES, import_bitsandbytes, is_quantized, quantize_linear, statistics_bytes
+from lightning_peft.quantization.layers import (
+    MODES,
+    import_bitsandbytes,
+    is_quantized,
+    quantize_linear,
+    statistics_bytes,
+)
 from lightning_peft.quantization.memory import release_file_pages, return_freed_memory
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -44,7 +50,8 @@ class QuantizeBase(PEFTCallback):
         if mode not in MODES:
             raise ValueError(f"QuantizeBase mode must be one of {', '.join(MODES)}, got {mode!r}")
         if mode == "int8" and compute_dtype is not None:
-            raise ValueError("QuantizeBase compute_dtype applies to the 4-bit modes; int8 computes in the input's dtype")
+            raise ValueError("QuantizeBase compute_dtype applies to the 4-bit modes; "
+                             "int8 computes in the input's dtype")
         import_bitsandbytes("QuantizeBase")
         self.mode, self.double_quant, self.skip_modules = mode, double_quant, skip_modules
         self._compute_dtype = _as_compute_dtype(compute_dtype)
@@ -85,7 +92,8 @@ class QuantizeBase(PEFTCallback):
         if self.skip_modules is not None:  # a name that matches nothing is a typo: the error lists what exists
             select_modules(module, self.skip_modules, supported=(nn.Module,), method="QuantizeBase skip_modules")
         try:
-            chosen = select_modules(module, ALL_LINEAR, self.skip_modules, supported=(nn.Linear,), method="QuantizeBase")
+            chosen = select_modules(module, ALL_LINEAR, self.skip_modules, supported=(nn.Linear,),
+                                    method="QuantizeBase")
         except ValueError:
             raise ValueError("QuantizeBase found no nn.Linear layer to quantize outside the output head and "
                              "skip_modules (transformers' Conv1D, as in GPT-2, is not quantized)") from None
@@ -109,7 +117,8 @@ class QuantizeBase(PEFTCallback):
         """Half-precision 4-bit matmuls work on CPU but measured 11-14x slower than float32 ones: say so."""
         if self._compute_dtype in (torch.bfloat16, torch.float16) and torch.device(device).type == "cpu":
             warnings.warn(f"QuantizeBase compute_dtype={self.compute_dtype} on CPU: bitsandbytes runs half-precision "
-                          "4-bit matmuls about 10x slower there than float32 ones; leave compute_dtype=None on CPU")
+                          "4-bit matmuls about 10x slower there than float32 ones; leave compute_dtype=None on CPU",
+                          stacklevel=2)
 
 
 def base_weight_bytes(module: nn.Module) -> int:
@@ -124,5 +133,6 @@ def _as_compute_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
     if value is None or value in COMPUTE_DTYPES.values():
         return value
     if value not in COMPUTE_DTYPES:
-        raise ValueError(f"QuantizeBase compute_dtype must be one of {', '.join(COMPUTE_DTYPES)} or None, got {value!r}")
+        raise ValueError(f"QuantizeBase compute_dtype must be one of {', '.join(COMPUTE_DTYPES)} or None, "
+                         f"got {value!r}")
     return COMPUTE_DTYPES[value]

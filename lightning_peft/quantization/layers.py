@@ -107,7 +107,9 @@ def statistics_bytes(layer: nn.Module) -> int:
 
 
 def dequantize_base(module: nn.Module) -> nn.Module:
-    """Put a full-precision nn.Linear back for every bitsandbytes layer of ``module`` (in place), e.g. to merge exactly."""
+    """Put a full-precision nn.Linear back for every bitsandbytes layer of ``module`` (in place).
+
+    For example, to merge exactly."""
     for name, layer in list(module.named_modules()):
         if is_quantized(layer):
             plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
