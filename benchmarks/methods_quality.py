@@ -79,9 +79,16 @@ class PeftPeer(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         import peft
+        import torch
 
+        if isinstance(pl_module.model, peft.PeftModel):  # test after fit runs setup again: wrap once
+            return
         pl_module.configure_model()  # builds the model now (the data module is set up); Lightning's call is a no-op
+        # get_peft_model draws from torch's generator even where the method has no random init (IA3):
+        # keep the stream ours sees, so both runs get the same dropout masks and batches.
+        state = torch.get_rng_state()
         pl_module.model = peft.get_peft_model(pl_module.model, self.config)
+        torch.set_rng_state(state)
 
 
 def with_peer(cli: Any) -> None:
