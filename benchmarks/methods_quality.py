@@ -153,8 +153,8 @@ def table(rows: list[dict], metric: str) -> str:
              "peak RSS |", "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         gap = f"{100 * (r[metric] - full):+.1f} pts" if full is not None else "-"
-        recipe = " ".join([METHODS[r["method"]], *(f"+ {o}" for o in r.get("overrides", []))])
-        lines.append(f"| {r['method']} | {r.get('library', 'lightning-peft')} | {recipe} | {r['lr']:g} | "
+        recipe = " ".join([METHODS[r["method"]], *(f"+ {o}" for o in r["overrides"])])
+        lines.append(f"| {r['method']} | {r['library']} | {recipe} | {r['lr']:g} | "
                      f"{r['trainable']:,} ({r['percent']:.3f}%) | {r[metric]:.4f} | {gap} | {r['fit_s']:.0f} s | "
                      f"{r['peak_rss_mb']:.0f} MB |")
     return "\n".join(lines)
@@ -166,8 +166,7 @@ def ratio_table(rows: list[dict], metric: str) -> str:
              "peak RSS ours / peft | ratio |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for ours in (r for r in rows if r["library"] == "lightning-peft"):
         same = [r for r in rows if r["library"] == "peft" and (r["method"], r["lr"]) == (ours["method"], ours["lr"])]
-        theirs = same[0] if same else None
-        if theirs is not None:
+        for theirs in same[:1]:
             lines.append(f"| {ours['method']} | {ours[metric]:.4f} / {theirs[metric]:.4f} | "
                          f"{ours['fit_s']:.0f} / {theirs['fit_s']:.0f} s | {ours['fit_s'] / theirs['fit_s']:.2f}x | "
                          f"{ours['peak_rss_mb']:.0f} / {theirs['peak_rss_mb']:.0f} MB | "
