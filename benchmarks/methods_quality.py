@@ -93,7 +93,7 @@ class PeftPeer(L.Callback):
 
 def with_peer(cli: Any) -> None:
     """Replace the recipe's one lightning-peft callback by peft's version of the method."""
-    from lightning_peft.core.callback import PEFTCallback
+    from lightning_peft.lightning.callback import PEFTCallback
 
     (ours,) = [c for c in cli.trainer.callbacks if isinstance(c, PEFTCallback)]
     config = peft_config(ours)

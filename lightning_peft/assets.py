@@ -24,12 +24,13 @@ import time
 import warnings
 import zlib
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lightning_peft.core.checks import import_optional
 from lightning_peft.core.files import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -201,19 +202,9 @@ def _parse_snippets(sdist: Path) -> list[Snippet]:
 
 
 def _write_atomic(path: Path, rows: Iterable[Snippet]) -> None:
-    """Write rows as a ``text<TAB>label`` TSV through a temporary file, so ``path`` is whole or absent."""
-    fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with open(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write("text\tlabel\n")
-            handle.writelines(f"{text}\t{label}\n" for text, label in rows)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """Write rows as a ``text<TAB>label`` TSV, so ``path`` is whole or absent."""
+    text = "text\tlabel\n" + "".join(f"{text}\t{label}\n" for text, label in rows)
+    atomic_write(path, lambda tmp: tmp.write_bytes(text.encode("utf-8")))
 
 
 def _read_tsv(path: Path) -> list[Snippet]:
@@ -264,7 +255,7 @@ def austen_text() -> str:
             if not cached.is_file():
                 with tempfile.TemporaryDirectory() as work:
                     text = _parse_austen(_austen_deb(Path(work)), Path(work))
-                atomic_write(cached, lambda handle: handle.write(text.encode("utf-8")))
+                atomic_write(cached, lambda tmp: tmp.write_bytes(text.encode("utf-8")))
     text = cached.read_text(encoding="utf-8")
     lines = text.count("\n")
     if lines != _AUSTEN_LINES:
@@ -314,7 +305,7 @@ def _parse_austen(deb: Path, work: Path) -> str:
 
 def _parse_r(serialized: bytes) -> object:
     """Convert one R-serialized object (``X\\n`` format, no file header) to Python with ``rdata``."""
-    import rdata  # imports pandas and xarray: only when parsing, once
+    rdata = import_optional("rdata", "austen", "the Austen corpus")  # pulls pandas and xarray: only when parsing
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Unknown file type", UserWarning)  # a bare object, not an .rds file

@@ -16,11 +16,11 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_peft.assets import AssetError
-from lightning_peft.core.injection import adapter_records
+from lightning_peft.core.ownership import adapter_refs
 from lightning_peft.core.summary import trainable_summary
 from lightning_peft.export import export_adapters, export_checkpoint
 
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, AssetError)
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ImportError, AssetError)  # ImportError: a missing extra
 
 
 class PrintPredictions(BasePredictionWriter):
@@ -51,7 +51,7 @@ class PEFTCLI(LightningCLI):
         path = checkpoint and (checkpoint.best_model_path or checkpoint.last_model_path)
         if path:
             lines.append(f"checkpoint: {path}")
-        if adapter_records(module):
+        if adapter_refs(module):
             lines.append(_export_after_fit(trainer, module, path))
         if trainer.is_global_zero:
             print("\n".join(["", "lightning-peft fit summary:", *("  " + line for line in lines)]), flush=True)

@@ -9,11 +9,12 @@ import lightning as L
 import torch
 from torch import nn
 
-import lightning_peft
-from lightning_peft.core.adapter_files import model_root, save_adapter
-from lightning_peft.core.checkpointing import CHECKPOINT_KEY, complete_from_model
-from lightning_peft.core.injection import adapter_records
+from lightning_peft.core.adapter_files import save_adapter
 from lightning_peft.core.merging import merge
+from lightning_peft.core.models import model_root
+from lightning_peft.core.ownership import adapter_refs
+from lightning_peft.lightning.checkpointing import CHECKPOINT_KEY, complete_from_model
+from lightning_peft.registry import rebuild
 
 
 def rebuild_from_checkpoint(ckpt_path: str | Path) -> L.LightningModule:
@@ -28,7 +29,7 @@ def rebuild_from_checkpoint(ckpt_path: str | Path) -> L.LightningModule:
     if not methods:
         raise ValueError(f"checkpoint {path} records no lightning_peft method: was it trained with one?")
     for state in methods:
-        getattr(lightning_peft, state["method"])(**state["config"]).inject(module)
+        rebuild(state["method"], state.get("class_path"), state["config"], f"checkpoint {path}").inject(module)
     if checkpoint.get(CHECKPOINT_KEY, {}).get("adapter_only"):
         complete_from_model(checkpoint, module, path)
     module.load_state_dict(checkpoint["state_dict"])
@@ -63,8 +64,8 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, merged: bool = Fal
 def export_adapters(module: nn.Module, out: str | Path) -> Path:
     """Save every adapter of ``module``: one straight into ``out``, several in a folder each."""
     out = Path(out)
-    records = adapter_records(module).values()
-    for record in records:
-        folder = out if len(records) == 1 else out / f"{record['method']}-{record['name']}"
-        save_adapter(module, folder, adapter_name=record["name"], method=record["method"])
+    refs = adapter_refs(module)
+    for ref in refs:
+        folder = out if len(refs) == 1 else out / f"{ref.method_name}-{ref.name}"
+        save_adapter(module, folder, adapter_name=ref.name, method=ref.method_name)
     return out

@@ -16,7 +16,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy, Strategy  # noqa
 from torch import nn  # noqa: E402
 
 from lightning_peft import LoRA  # noqa: E402
-from lightning_peft.distributed import full_adapter_state_dict  # noqa: E402
+from lightning_peft.lightning.sharding import full_adapter_state_dict  # noqa: E402
 
 from conftest import TokenModule, tiny_llama, token_loader  # noqa: E402
 

@@ -195,13 +195,20 @@ def test_a_failed_save_leaves_the_previous_files(tmp_path, monkeypatch):
 
     import lightning_peft.core.adapter_files as adapter_files
 
-    def fail(*args, **kwargs):
+    real_save_file = adapter_files.save_file
+
+    def fail_half_way(tensors, path, *args, **kwargs):
+        """Write the real file, cut it in half where it was asked to go, then fail as a full disk would."""
+        real_save_file(tensors, path, *args, **kwargs)
+        data = open(path, "rb").read()
+        with open(path, "wb") as f:
+            f.write(data[: len(data) // 2])
         raise OSError("disk full")
 
-    monkeypatch.setattr(adapter_files, "save", fail)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(adapter_files, "save_file", fail_half_way)
+    with pytest.raises(OSError, match="disk full"):
         save_adapter(model, folder)
-    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no temporary file left either
 
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_bert, tiny_gpt2])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-import lightning_peft.core.checkpointing as checkpointing
+import lightning_peft.lightning.checkpointing as checkpointing
 from lightning_peft import LoRA, trainable_summary
 
 from conftest import (
@@ -103,8 +103,9 @@ def test_a_crash_during_save_leaves_the_previous_checkpoint(tmp_path, monkeypatc
     trainer.save_checkpoint(path)
     before = path.read_bytes()
 
-    def crash_half_way(obj, f):
-        f.write(b"partial bytes")
+    def crash_half_way(obj, target):
+        with open(target, "wb") as f:  # the path it was given: a writer straight into last.ckpt truncates it here
+            f.write(b"partial bytes")
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpointing.torch, "save", crash_half_way)

@@ -27,7 +27,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_peft import BitFit, LoRA, trainable_summary
-from lightning_peft.distributed import (
+from lightning_peft.lightning.sharding import (
     check_units_do_not_mix,
     fsdp_auto_wrap_policy,
     full_adapter_state_dict,

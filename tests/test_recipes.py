@@ -9,7 +9,7 @@ import pytest
 
 from lightning_peft import IA3, Adapter, BitFit, LoRA, PrefixTuning, PromptTuning, QuantizeBase, Selective
 from lightning_peft.cli import build_cli
-from lightning_peft.core.callback import PEFTCallback
+from lightning_peft.lightning.callback import PEFTCallback
 
 RECIPES = Path(__file__).parent.parent / "recipes"
 METHODS = {  # recipe name -> the PEFT callbacks it must configure, in order

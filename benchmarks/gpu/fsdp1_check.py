@@ -23,7 +23,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 
 from lightning_peft.core.layer import PEFTLayer  # noqa: E402
-from lightning_peft.distributed import full_adapter_state_dict  # noqa: E402
+from lightning_peft.lightning.sharding import full_adapter_state_dict  # noqa: E402
 
 from conftest import token_loader  # noqa: E402
 

@@ -1,9 +1,5 @@
 """The additive family: new trainable parts — adapter layers, IA3 vectors, soft prompts."""
 
-from lightning_peft.additive import (
-           ia3_format,  # noqa: F401  (registers the peft file layout)
-           prompt_formats,  # noqa: F401,E402  (registers the peft file layout)
-)
 from lightning_peft.additive.adapter import Adapter
 from lightning_peft.additive.ia3 import IA3
 from lightning_peft.additive.ia3_layers import IA3Adapter, IA3Layer

@@ -7,9 +7,11 @@ from collections.abc import Sequence
 from torch import nn
 
 from lightning_peft.additive.adapter_layers import ACTIVATIONS, AdapterLayer
-from lightning_peft.core.callback import CheckpointPolicy, PEFTCallback
-from lightning_peft.core.injection import peft_layers, wrap_modules
+from lightning_peft.core.checks import check_choice, check_positive_int, check_probability
+from lightning_peft.core.injection import wrap_modules
+from lightning_peft.core.models import model_type
 from lightning_peft.core.targeting import Targets, linear_types, select_modules
+from lightning_peft.lightning.callback import CheckpointPolicy, PEFTCallback
 
 PLACEMENTS = ("houlsby", "pfeiffer")
 
@@ -38,6 +40,8 @@ class Adapter(PEFTCallback):
         checkpoint: ``"adapter"`` keeps checkpoints to the trainable tensors, ``"full"`` keeps all.
     """
 
+    method_name = "Adapter"
+
     def __init__(
         self,
         bottleneck_dim: int = 64,
@@ -50,20 +54,15 @@ class Adapter(PEFTCallback):
         checkpoint: CheckpointPolicy = "adapter",
     ) -> None:
         super().__init__(adapter_name=adapter_name, checkpoint=checkpoint, modules_to_save=modules_to_save)
-        if not isinstance(bottleneck_dim, int) or isinstance(bottleneck_dim, bool) or bottleneck_dim <= 0:
-            raise ValueError(f"Adapter bottleneck_dim must be a positive integer, got {bottleneck_dim!r}")
-        if placement not in PLACEMENTS:
-            raise ValueError(f"Adapter placement must be one of {PLACEMENTS}, got {placement!r}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"Adapter activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
-        if not 0 <= dropout < 1:
-            raise ValueError(f"Adapter dropout must be in [0, 1), got {dropout!r}")
+        check_positive_int("Adapter", "bottleneck_dim", bottleneck_dim)
+        check_choice("Adapter", "placement", placement, PLACEMENTS)
+        check_choice("Adapter", "activation", activation, ACTIVATIONS)
+        check_probability("Adapter", "dropout", dropout)
         self.bottleneck_dim, self.placement, self.activation = bottleneck_dim, placement, activation
         self.dropout, self.target_modules = dropout, target_modules
 
     def inject_into(self, module: nn.Module) -> list[nn.Parameter]:
         chosen = select_modules(module, self.targets_in(module), supported=linear_types(), method="Adapter")
-        self._check_not_injected(module)
         layers = wrap_modules(module, chosen, AdapterLayer, AdapterLayer)
         params = []
         for _, layer in layers:
@@ -75,35 +74,18 @@ class Adapter(PEFTCallback):
         """``target_modules`` when given, else the placement's output projections of the model inside."""
         if self.target_modules is not None:
             return self.target_modules
-        model_type = transformers_model_type(module)
-        if model_type not in OUTPUT_PROJECTIONS:
-            found = f"model_type {model_type!r}" if model_type else "no transformers model"
+        kind = model_type(module)
+        if kind not in OUTPUT_PROJECTIONS:
+            found = f"model_type {kind!r}" if kind else "no transformers model"
             raise ValueError(
                 f"Adapter knows where to insert adapters in {', '.join(sorted(OUTPUT_PROJECTIONS))} models, but "
                 f"found {found}. Pass target_modules with the output projections of each block, e.g. "
                 "Adapter(target_modules=['attn.out_proj', 'mlp.fc2']) (name suffixes or a full-match regex)"
             )
-        return placement_pattern(model_type, self.placement)
-
-    def _check_not_injected(self, root: nn.Module) -> None:
-        """Refuse a second adapter of this name before anything is wrapped, leaving the model untouched."""
-        for name, layer in peft_layers(root):
-            if isinstance(layer, AdapterLayer) and self.adapter_name in layer.adapters:
-                raise ValueError(
-                    f"Adapter '{self.adapter_name}' is already injected (into '{name}', ...); "
-                    "pass another adapter_name to add a second adapter"
-                )
+        return placement_pattern(kind, self.placement)
 
 
 def placement_pattern(model_type: str, placement: str) -> str:
     """The regex of the module names that ``placement`` puts adapters after in a ``model_type`` model."""
     attention, feedforward = OUTPUT_PROJECTIONS[model_type]
     return f"(?:{attention})|(?:{feedforward})" if placement == "houlsby" else feedforward
-
-
-def transformers_model_type(module: nn.Module) -> str | None:
-    """The config ``model_type`` of the outermost transformers model in ``module``, if any."""
-    from transformers import PreTrainedModel
-
-    model = next((m for m in module.modules() if isinstance(m, PreTrainedModel)), None)
-    return model.config.model_type if model is not None else None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lightning_peft.core.layer import PEFTLayer, innermost_base, to_adapter_dtype
+from lightning_peft.core.layer import PEFTLayer, adapter_dtype, innermost_base, to_adapter_dtype
 from lightning_peft.core.targeting import linear_types
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -47,8 +47,8 @@ class AdapterLayer(PEFTLayer):
     def add_adapter(self, name: str, bottleneck_dim: int, activation: str = "gelu",
                     dropout: float = 0.0) -> BottleneckAdapter:
         weight = innermost_base(self.base_layer).weight
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-        adapter = BottleneckAdapter(self.out_features, bottleneck_dim, activation, dropout, dtype, weight.device)
+        adapter = BottleneckAdapter(self.out_features, bottleneck_dim, activation, dropout, adapter_dtype(weight),
+                                    weight.device)
         self.register_adapter(name, adapter)
         return adapter
 

@@ -11,11 +11,12 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from lightning_peft.additive.ia3_format import IA3_FORMAT
 from lightning_peft.additive.ia3_layers import IA3Layer
-from lightning_peft.core.adapter_files import model_root
-from lightning_peft.core.callback import CheckpointPolicy, PEFTCallback
 from lightning_peft.core.injection import wrap_modules
+from lightning_peft.core.models import model_type
 from lightning_peft.core.targeting import Targets, linear_types, select_modules
+from lightning_peft.lightning.callback import CheckpointPolicy, PEFTCallback
 
 # model_type -> (target_modules, feedforward_modules): Hugging Face peft 0.21's IA3 defaults.
 DEFAULT_TARGETS: dict[str, tuple[list[str], list[str]]] = {
@@ -61,6 +62,9 @@ class IA3(PEFTCallback):
         adapter_name: name of this adapter; several can live on one model.
         checkpoint: ``"adapter"`` keeps checkpoints to the trainable tensors, ``"full"`` keeps all.
     """
+
+    method_name = "IA3"
+    peft_format = IA3_FORMAT
 
     def __init__(
         self,
@@ -114,9 +118,3 @@ class IA3(PEFTCallback):
             raise ValueError(f"IA3 has no default targets for {found}; pass target_modules (and "
                              f"feedforward_modules). Defaults exist for: {', '.join(sorted(DEFAULT_TARGETS))}")
         return DEFAULT_TARGETS[kind]
-
-
-def model_type(root: nn.Module) -> str | None:
-    """The ``config.model_type`` of the transformers model inside ``root``, if there is one."""
-    _, model = model_root(root)
-    return getattr(getattr(model, "config", None), "model_type", None)

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
-from lightning_peft.additive.ia3 import IA3
 from lightning_peft.core.adapter_files import (
     PEFT_PREFIX,
     AdapterFormat,
-    anchored,
-    register_format,
+    peft_targets,
     saved_module_key,
     split_layer_tensor,
 )
+from lightning_peft.core.models import name_or_path
 
 
 def file_key(name: str, root: nn.Module) -> str:
@@ -29,25 +30,21 @@ def to_config(config: dict, root: nn.Module, names: list[str]) -> dict:
     adapted = {(p[0], p[1]) for p in map(split_layer_tensor, names) if p}
     layers = sorted(layer for layer, _ in adapted)
     feedforward = sorted(layer for layer, adapter in adapted if root.get_submodule(layer).adapters[adapter].feedforward)
-    name_or_path = getattr(getattr(root, "config", None), "_name_or_path", None) or None
     return {
-        "peft_type": "IA3", "task_type": None, "base_model_name_or_path": name_or_path, "inference_mode": True,
+        "peft_type": "IA3", "task_type": None, "base_model_name_or_path": name_or_path(root), "inference_mode": True,
         "target_modules": layers, "feedforward_modules": feedforward, "init_ia3_weights": True,
         "fan_in_fan_out": any(root.get_submodule(layer).transposed for layer in layers),
         "modules_to_save": config["modules_to_save"] or None,
     }
 
 
-def to_callback(config: dict, adapter_name: str) -> IA3:
-    """Our IA3 callback for a peft IA3Config."""
-    targets, feedforward = config["target_modules"], config.get("feedforward_modules")
-    return IA3(
-        target_modules=anchored(targets) if isinstance(targets, str) else list(targets),
-        feedforward_modules=anchored(feedforward) if isinstance(feedforward, str) else feedforward,
-        exclude_modules=config.get("exclude_modules"), modules_to_save=config.get("modules_to_save"),
-        adapter_name=adapter_name,
+def to_settings(config: dict) -> dict[str, Any]:
+    """Our IA3 arguments for a peft IA3Config."""
+    return dict(
+        target_modules=peft_targets(config["target_modules"]),
+        feedforward_modules=peft_targets(config.get("feedforward_modules")),
+        exclude_modules=peft_targets(config.get("exclude_modules")), modules_to_save=config.get("modules_to_save"),
     )
 
 
-register_format(AdapterFormat(method="IA3", peft_type="IA3", to_config=to_config, to_callback=to_callback,
-                              file_key=file_key))
+IA3_FORMAT = AdapterFormat(peft_type="IA3", to_config=to_config, to_settings=to_settings, file_key=file_key)

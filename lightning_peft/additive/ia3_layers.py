@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lightning_peft.core.layer import PEFTLayer, innermost_base, linear_features
-from lightning_peft.quantization.layers import dequantized_weight, is_quantized, replace_weight
+from lightning_peft.core.layer import PEFTLayer, adapter_dtype, innermost_base, linear_features
+from lightning_peft.core.weights import read_weight, write_weight
 
 
 class IA3Adapter(nn.Module):
@@ -32,15 +32,13 @@ class IA3Layer(PEFTLayer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        base = innermost_base(base_layer)
-        self.transposed = not isinstance(base, nn.Linear)  # Conv1D: weight is (in, out)
-        self.in_features, self.out_features = linear_features(base)
+        self.transposed = not isinstance(innermost_base(base_layer), nn.Linear)  # Conv1D: weight is (in, out)
+        self.in_features, self.out_features = linear_features(base_layer)
 
     def add_adapter(self, name: str, feedforward: bool) -> IA3Adapter:
         weight = innermost_base(self.base_layer).weight
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
         width = self.in_features if feedforward else self.out_features
-        adapter = IA3Adapter(width, feedforward, dtype, weight.device)
+        adapter = IA3Adapter(width, feedforward, adapter_dtype(weight), weight.device)
         self.register_adapter(name, adapter)
         return adapter
 
@@ -77,17 +75,13 @@ class IA3Layer(PEFTLayer):
 
     def _scale_base(self, adapter: IA3Adapter, factor: Tensor) -> None:
         """Multiply the weight's columns (input scaling) or rows and bias (output scaling) by ``factor``."""
-        if is_quantized(self.base_layer):  # dequantize, scale, quantize again (rounds, and warns so)
-            weight = dequantized_weight(self.base_layer)
-            replace_weight(self.base_layer, weight.mul_(factor.to(weight.dtype)))
-        else:
-            weight = self.base_layer.weight
-            self._as_out_in(weight).mul_(factor.to(weight.dtype))
+        weight = read_weight(self.base_layer)
+        write_weight(self.base_layer, self._as_out_in(self._as_out_in(weight) * factor.to(weight.dtype)))
         bias = getattr(self.base_layer, "bias", None)
         if not adapter.feedforward and bias is not None:
             bias.mul_(factor.flatten().to(bias.dtype))
 
     def _as_out_in(self, weight: Tensor) -> Tensor:
-        """``weight`` as an ``(out, in)`` view (a view, so in-place changes reach the weight)."""
+        """``weight`` as an ``(out, in)`` view, or back: Conv1D stores it as ``(in, out)``."""
         return weight.T if self.transposed else weight
 

@@ -11,48 +11,28 @@ keeps the plain prefix, as ``projection=False`` would hold it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lightning_peft.additive.prompt_formats import PREFIX_TUNING_FORMAT
 from lightning_peft.additive.soft_prompts import (
     CACHE_ARGUMENTS,
+    KVShape,
     cache_argument,
     cached_length,
-    find_transformers_model,
     given_cache,
-    input_embedding_weight,
     input_shape,
     named_forward_arguments,
     shift_position_ids,
     widen_attention_mask,
 )
-from lightning_peft.core.callback import CheckpointPolicy, PEFTCallback
-from lightning_peft.core.injection import claim
+from lightning_peft.core.checks import check_positive_int
 from lightning_peft.core.layer import PEFTModule
-
-
-@dataclass(frozen=True)
-class KVShape:
-    """The key/value geometry of a decoder: layers, key/value heads (fewer with GQA) and head size."""
-
-    layers: int
-    heads: int
-    head_dim: int
-
-    @property
-    def width(self) -> int:
-        """Prefix values per virtual token: a key and a value per layer, ``layers * 2 * kv_dim``."""
-        return self.layers * 2 * self.heads * self.head_dim
-
-    @classmethod
-    def of(cls, config: Any) -> KVShape:
-        text = config.get_text_config()
-        heads = text.num_attention_heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        return cls(text.num_hidden_layers, getattr(text, "num_key_value_heads", None) or heads, head_dim)
+from lightning_peft.core.models import input_embedding_weight, require_transformers_model
+from lightning_peft.core.ownership import claim
+from lightning_peft.lightning.callback import CheckpointPolicy, PEFTCallback
 
 
 class PrefixEncoder(nn.Module):
@@ -179,6 +159,9 @@ class PrefixTuning(PEFTCallback):
         checkpoint: ``"adapter"`` keeps checkpoints to the trainable tensors, ``"full"`` keeps all.
     """
 
+    method_name = "PrefixTuning"
+    peft_format = PREFIX_TUNING_FORMAT
+
     def __init__(
         self,
         num_virtual_tokens: int = 20,
@@ -189,15 +172,15 @@ class PrefixTuning(PEFTCallback):
         checkpoint: CheckpointPolicy = "adapter",
     ) -> None:
         super().__init__(adapter_name=adapter_name, checkpoint=checkpoint, modules_to_save=modules_to_save)
-        _check_positive_int("num_virtual_tokens", num_virtual_tokens)
+        check_positive_int("PrefixTuning", "num_virtual_tokens", num_virtual_tokens)
         if projection_dim is not None:
-            _check_positive_int("projection_dim", projection_dim)
+            check_positive_int("PrefixTuning", "projection_dim", projection_dim)
         if projection_dim is not None and not projection:
             raise ValueError("PrefixTuning projection_dim needs projection=True")
         self.num_virtual_tokens, self.projection, self.projection_dim = num_virtual_tokens, projection, projection_dim
 
     def inject_into(self, module: nn.Module) -> list[nn.Parameter]:
-        model = find_transformers_model(module, "PrefixTuning")
+        model = require_transformers_model(module, "PrefixTuning")
         _check_decoder_with_cache(model)
         injector = prefix_injector(model)
         embedding = input_embedding_weight(model)
@@ -214,14 +197,9 @@ class PrefixTuning(PEFTCallback):
         values, and saves and loads like it. Fold after training: an optimizer built before keeps
         the MLP's parameters.
         """
-        encoder = prefix_injector(find_transformers_model(module, "PrefixTuning")).adapters[self.adapter_name]
-        claim(module, self.owner, [encoder.fold()])
+        encoder = prefix_injector(require_transformers_model(module, "PrefixTuning")).adapters[self.adapter_name]
+        claim(module, self.ref, [encoder.fold()])
         return module
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"PrefixTuning {name} must be a positive integer, got {value!r}")
 
 
 def _check_decoder_with_cache(model: nn.Module) -> None:

@@ -9,14 +9,14 @@ keeps its MLP), and a peft prefix adapter loads as ``projection=False``.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_peft.additive.prefix_tuning import KVShape, PrefixTuning
-from lightning_peft.additive.prompt_tuning import PromptTuning
-from lightning_peft.additive.soft_prompts import input_embedding_weight
-from lightning_peft.core.adapter_files import AdapterFormat, register_format
+from lightning_peft.additive.soft_prompts import KVShape
+from lightning_peft.core.adapter_files import AdapterFormat
+from lightning_peft.core.models import input_embedding_weight, name_or_path
 
 TENSOR = "prompt_embeddings"
 PREFIX_MLP_TENSOR = re.compile(r"^(?P<encoder>prefix_tuning\.adapters\.[^.]+)\.(embedding|transform\..+)$")
@@ -44,8 +44,7 @@ def task_type(root: nn.Module) -> str:
 
 def common_config(config: dict, root: nn.Module) -> dict:
     """The fields every peft prompt-learning config has."""
-    name_or_path = getattr(root.config, "_name_or_path", None) or None
-    return {"task_type": task_type(root), "base_model_name_or_path": name_or_path, "inference_mode": True,
+    return {"task_type": task_type(root), "base_model_name_or_path": name_or_path(root), "inference_mode": True,
             "num_virtual_tokens": config["num_virtual_tokens"], "num_transformer_submodules": 1,
             "modules_to_save": config["modules_to_save"] or None}
 
@@ -92,18 +91,17 @@ def saved_modules(config: dict) -> list[str] | None:
     return list(dict.fromkeys(config.get("modules_to_save") or [])) or None
 
 
-def to_prompt_tuning(config: dict, adapter_name: str) -> PromptTuning:
-    return PromptTuning(num_virtual_tokens=checked_tokens(config), init="random",
-                        modules_to_save=saved_modules(config), adapter_name=adapter_name)
+def prompt_settings(config: dict) -> dict[str, Any]:
+    """Our PromptTuning arguments for a peft PromptTuningConfig."""
+    return dict(num_virtual_tokens=checked_tokens(config), init="random", modules_to_save=saved_modules(config))
 
 
-def to_prefix_tuning(config: dict, adapter_name: str) -> PrefixTuning:
+def prefix_settings(config: dict) -> dict[str, Any]:
     """A plain prefix, whatever ``prefix_projection`` says: peft's file holds the computed values."""
-    return PrefixTuning(num_virtual_tokens=checked_tokens(config), projection=False,
-                        modules_to_save=saved_modules(config), adapter_name=adapter_name)
+    return dict(num_virtual_tokens=checked_tokens(config), projection=False, modules_to_save=saved_modules(config))
 
 
-register_format(AdapterFormat(method="PromptTuning", peft_type="PROMPT_TUNING", to_config=prompt_config,
-                              to_callback=to_prompt_tuning, file_key=file_key))
-register_format(AdapterFormat(method="PrefixTuning", peft_type="PREFIX_TUNING", to_config=prefix_config,
-                              to_callback=to_prefix_tuning, file_key=file_key, to_file=computed_prefixes))
+PROMPT_TUNING_FORMAT = AdapterFormat(peft_type="PROMPT_TUNING", to_config=prompt_config, to_settings=prompt_settings,
+                                     file_key=file_key)
+PREFIX_TUNING_FORMAT = AdapterFormat(peft_type="PREFIX_TUNING", to_config=prefix_config, to_settings=prefix_settings,
+                                     file_key=file_key, to_file=computed_prefixes)

@@ -17,11 +17,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_peft.additive.prompt_formats import PROMPT_TUNING_FORMAT
 from lightning_peft.additive.soft_prompts import (
     cached_length,
-    find_transformers_model,
     given_cache,
-    input_embedding_weight,
     input_shape,
     keep_last_positions,
     named_forward_arguments,
@@ -29,8 +28,10 @@ from lightning_peft.additive.soft_prompts import (
     shift_position_ids,
     widen_attention_mask,
 )
-from lightning_peft.core.callback import CheckpointPolicy, PEFTCallback
-from lightning_peft.core.layer import PEFTModule
+from lightning_peft.core.checks import check_choice, check_positive_int
+from lightning_peft.core.layer import PEFTModule, adapter_dtype
+from lightning_peft.core.models import input_embedding_weight, require_transformers_model
+from lightning_peft.lightning.callback import CheckpointPolicy, PEFTCallback
 
 PromptInit = Literal["random", "vocab", "text"]
 INITS = ("random", "vocab", "text")
@@ -114,6 +115,9 @@ class PromptTuning(PEFTCallback):
         checkpoint: ``"adapter"`` keeps checkpoints to the trainable tensors, ``"full"`` keeps all.
     """
 
+    method_name = "PromptTuning"
+    peft_format = PROMPT_TUNING_FORMAT
+
     def __init__(
         self,
         num_virtual_tokens: int = 20,
@@ -125,18 +129,16 @@ class PromptTuning(PEFTCallback):
         checkpoint: CheckpointPolicy = "adapter",
     ) -> None:
         super().__init__(adapter_name=adapter_name, checkpoint=checkpoint, modules_to_save=modules_to_save)
-        if not isinstance(num_virtual_tokens, int) or isinstance(num_virtual_tokens, bool) or num_virtual_tokens <= 0:
-            raise ValueError(f"PromptTuning num_virtual_tokens must be a positive integer, got {num_virtual_tokens!r}")
+        check_positive_int("PromptTuning", "num_virtual_tokens", num_virtual_tokens)
         init = init or ("text" if init_text is not None else "random")
-        if init not in INITS:
-            raise ValueError(f"PromptTuning init must be one of {INITS}, got {init!r}")
+        check_choice("PromptTuning", "init", init, INITS)
         if init == "text" and not init_text:
             raise ValueError("PromptTuning init='text' needs init_text")
         self.num_virtual_tokens, self.init_text, self.init = num_virtual_tokens, init_text, init
         self._tokenizer = tokenizer  # a tool, not a setting: kept out of the saved config
 
     def inject_into(self, module: nn.Module) -> list[nn.Parameter]:
-        model = find_transformers_model(module, "PromptTuning")
+        model = require_transformers_model(module, "PromptTuning")
         prompt = Prompt(self.initial_prompt(model, module))
         prompt_injector(model).register_adapter(self.adapter_name, prompt)
         return [prompt.prompt]
@@ -145,7 +147,7 @@ class PromptTuning(PEFTCallback):
     def initial_prompt(self, model: nn.Module, module: nn.Module) -> Tensor:
         """The starting prompt, ``(num_virtual_tokens, hidden)``, in float32 unless the embedding is wider."""
         weight = input_embedding_weight(model)
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        dtype = adapter_dtype(weight)
         n = self.num_virtual_tokens
         if self.init == "random":
             return torch.randn(n, weight.shape[1], device=weight.device, dtype=dtype) * weight.float().std()

@@ -9,6 +9,7 @@ position/token-type ids by ``n`` virtual positions placed before the real ones.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,21 +18,25 @@ from torch import Tensor, nn
 CACHE_ARGUMENTS = ("cache", "past_key_values")  # transformers 5 name, then the deprecated one
 
 
-def find_transformers_model(module: nn.Module, method: str) -> nn.Module:
-    """The outermost transformers ``PreTrainedModel`` in ``module`` (``module`` itself included)."""
-    from transformers import PreTrainedModel
+@dataclass(frozen=True)
+class KVShape:
+    """The key/value geometry of a decoder: layers, key/value heads (fewer with GQA) and head size."""
 
-    found = next((m for m in module.modules() if isinstance(m, PreTrainedModel)), None)
-    if found is None:
-        raise TypeError(f"{method} needs a transformers PreTrainedModel inside the module; "
-                        f"{type(module).__name__} holds none")
-    return found
+    layers: int
+    heads: int
+    head_dim: int
 
+    @property
+    def width(self) -> int:
+        """Prefix values per virtual token: a key and a value per layer, ``layers * 2 * kv_dim``."""
+        return self.layers * 2 * self.heads * self.head_dim
 
-def input_embedding_weight(model: nn.Module) -> Tensor:
-    """The token embedding matrix of ``model``, also when another method wraps the embedding layer."""
-    embedding = model.get_input_embeddings()
-    return getattr(embedding, "base_layer", embedding).weight
+    @classmethod
+    def of(cls, config: Any) -> KVShape:
+        text = config.get_text_config()
+        heads = text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        return cls(text.num_hidden_layers, getattr(text, "num_key_value_heads", None) or heads, head_dim)
 
 
 def named_forward_arguments(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:

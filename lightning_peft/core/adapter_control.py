@@ -7,20 +7,14 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from lightning_peft.core.injection import (
-    adapter_records,
-    forget_adapter,
-    freeze_unclaimed,
-    peft_layers,
-    release,
-    replace_module,
-)
+from lightning_peft.core.injection import peft_layers, replace_module
 from lightning_peft.core.layer import PEFTLayer, PEFTModule
+from lightning_peft.core.ownership import adapter_refs, freeze_unclaimed, release
 
 
 def adapter_names(module: nn.Module) -> list[str]:
-    """Names of the adapters injected into ``module``, in injection order."""
-    return list(dict.fromkeys(record["name"] for record in adapter_records(module).values()))
+    """Names of the adapters that train parameters of ``module``, in the order their parameters come."""
+    return list(dict.fromkeys(ref.name for ref in adapter_refs(module)))
 
 
 def _check_known(module: nn.Module, adapter_name: str) -> None:
@@ -51,23 +45,22 @@ def disable_adapters(module: nn.Module) -> Iterator[nn.Module]:
 
 def delete_adapter(module: nn.Module, adapter_name: str, method: str | None = None) -> None:
     """Remove an adapter; a layer left with no adapter becomes its plain base layer again."""
-    owners = [o for o, r in adapter_records(module).items()
-              if r["name"] == adapter_name and method in (None, r["method"])]
-    if not owners:
+    refs = [r for r in adapter_refs(module) if r.name == adapter_name and method in (None, r.method_name)]
+    if not refs:
         _check_known(module, adapter_name)
         raise ValueError(f"no {method} adapter named '{adapter_name}'")
+    methods = {r.method_name for r in refs}
+    for ref in refs:
+        release(module, ref)  # claims on base modules (selected parameters, modules_to_save)
     for name, layer in reversed(list(peft_layers(module))):
-        if adapter_name in layer.adapters and method in (None, layer.method):
+        if adapter_name in layer.adapters and layer.method in methods:
             layer.delete_adapter(adapter_name)
             if not layer.adapters:
                 replace_module(module, name, layer.base_layer)
     for part in reversed(list(module.modules())):
-        if isinstance(part, PEFTModule) and not isinstance(part, PEFTLayer) and adapter_name in part.adapters \
-                and method in (None, part.method):
+        if not isinstance(part, PEFTLayer) and isinstance(part, PEFTModule) and adapter_name in part.adapters \
+                and part.method in methods:
             part.delete_adapter(adapter_name)
-    for owner in owners:
-        release(module, owner)
-        forget_adapter(module, owner)
     freeze_unclaimed(module)
 
 

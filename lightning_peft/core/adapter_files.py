@@ -1,8 +1,10 @@
 """Adapter folders: one adapter's settings (adapter_config.json) and tensors (adapter_model.safetensors).
 
 Methods that Hugging Face peft has are written in peft's layout, so peft, transformers, vLLM
-and TGI load them; a method registers an :class:`AdapterFormat` for that. Any other method is
-written in the native layout: its own settings and tensor names. Files are safetensors only.
+and TGI load them; such a method's callback class names its :class:`AdapterFormat` in
+``peft_format``. Any other method is written in the native layout: its registered name, its
+settings and its own tensor names. Files are safetensors only. Reading a folder back into a
+method is the registry's job (:func:`lightning_peft.registry.load_adapter`).
 """
 
 from __future__ import annotations
@@ -16,17 +18,19 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lightning_peft.core.files import PathLike, atomic_write
-from lightning_peft.core.injection import adapter_records, owner_of
+from lightning_peft.core.models import model_root
+from lightning_peft.core.ownership import AdapterRef, adapter_refs, owners
 
 PEFT_PREFIX = "base_model.model."  # peft holds the transformers model as base_model.model
 _LAYER_TENSOR = re.compile(r"^(?P<layer>.+)\.adapters\.(?P<adapter>[^.]+)\.(?P<tensor>[^.]+)$")
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-NATIVE_KEY = "lightning_peft_method"
+NATIVE_KEY = "lightning_peft_method"  # the registered method name, in native-layout configs
+CLASS_KEY = "lightning_peft_class"  # the callback's class path, so a registered method's subclass rebuilds as itself
 
 
 @dataclass(frozen=True)
@@ -34,24 +38,17 @@ class AdapterFormat:
     """How one method's adapter maps to Hugging Face peft's files.
 
     ``to_config(config, root, names)`` gives peft's adapter_config.json from our settings, the
-    model root and our tensor names; ``to_callback(config, adapter_name)`` the inverse; and
-    ``file_key(name, root)`` peft's tensor key for one of our tensor names (relative to ``root``).
-    ``to_file(tensors, root)``, when given, turns our tensors into the ones peft's file holds.
+    model root and our tensor names; ``to_settings(config)`` the inverse, our constructor
+    arguments; and ``file_key(name, root)`` peft's tensor key for one of our tensor names
+    (relative to ``root``). ``to_file(tensors, root)``, when given, turns our tensors into the
+    ones peft's file holds.
     """
 
-    method: str
     peft_type: str
     to_config: Callable[[dict, nn.Module, list[str]], dict]
-    to_callback: Callable[[dict, str], Any]
+    to_settings: Callable[[dict], dict[str, Any]]
     file_key: Callable[[str, nn.Module], str]
     to_file: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]] | None = None
-
-
-PEFT_FORMATS: dict[str, AdapterFormat] = {}
-
-
-def register_format(adapter_format: AdapterFormat) -> None:
-    PEFT_FORMATS[adapter_format.method] = adapter_format
 
 
 def split_layer_tensor(name: str) -> tuple[str, str, str] | None:
@@ -70,63 +67,61 @@ def native_key(name: str, root: nn.Module) -> str:
     return re.sub(r"\.adapters\.[^.]+\.", ".adapter.", name)
 
 
-def anchored(pattern: str) -> str:
-    """peft matches a regex against names inside the transformers model; ours may sit under a prefix."""
-    return rf"(?:.*\.)?(?:{pattern})"
+def peft_targets(value: str | list[str] | None) -> str | list[str] | None:
+    """Our form of a peft target list or regex: peft matches a regex inside the model, ours may sit under a prefix."""
+    return rf"(?:.*\.)?(?:{value})" if isinstance(value, str) else value
 
 
-def model_root(module: nn.Module) -> tuple[str, nn.Module]:
-    """The transformers model inside ``module`` (name and module), or ``module`` itself."""
-    from transformers import PreTrainedModel
-
-    for name, sub in module.named_modules():
-        if isinstance(sub, PreTrainedModel):
-            return name, sub
-    return "", module
-
-
-def _relative(name: str, prefix: str) -> str:
-    return name[len(prefix) + 1:] if prefix else name
-
-
-def _find_adapter(module: nn.Module, adapter_name: str, method: str | None) -> tuple[str, dict]:
-    records = adapter_records(module)
-    found = [(o, r) for o, r in records.items() if r["name"] == adapter_name and method in (None, r["method"])]
+def find_adapter(module: nn.Module, adapter_name: str, method: str | None = None) -> AdapterRef:
+    """The adapter of ``module`` called ``adapter_name`` (of ``method``, when given), or an error listing them."""
+    refs = adapter_refs(module)
+    found = [r for r in refs if r.name == adapter_name and method in (None, r.method_name)]
     if not found:
         raise ValueError(f"no adapter named '{adapter_name}'" + (f" of method {method}" if method else "")
-                         + f"; this model has: {', '.join(records) or 'none'}")
+                         + f"; this model has: {', '.join(map(str, refs)) or 'none'}")
     if len(found) > 1:
-        raise ValueError(f"several methods use adapter_name '{adapter_name}' ({', '.join(o for o, _ in found)}); "
+        raise ValueError(f"several methods use adapter_name '{adapter_name}' ({', '.join(map(str, found))}); "
                          "pass method= to choose one")
     return found[0]
 
 
-def adapter_tensors(module: nn.Module, owner: str) -> dict[str, torch.Tensor]:
+def adapter_tensors(module: nn.Module, ref: AdapterRef) -> dict[str, torch.Tensor]:
     """The tensors of one adapter, named relative to the model root."""
     prefix, _ = model_root(module)
-    owners = owner_of(module)
-    return {_relative(name, prefix): param for name, param in module.named_parameters()
-            if owners.get(id(param)) == owner}
+    claimed = owners(module)
+    return {name[len(prefix) + 1:] if prefix else name: param for name, param in module.named_parameters()
+            if claimed.get(id(param)) == ref}
+
+
+def file_tensors(module: nn.Module, ref: AdapterRef) -> dict[str, torch.Tensor]:
+    """One adapter's tensors under the keys its file uses: peft's where peft has the method, else ours."""
+    tensors = adapter_tensors(module, ref)
+    _, root = model_root(module)
+    adapter_format = ref.method.peft_format
+    if adapter_format is None:
+        return {native_key(name, root): t for name, t in tensors.items()}
+    if adapter_format.to_file is not None:
+        tensors = adapter_format.to_file(tensors, root)
+    return {adapter_format.file_key(name, root): t for name, t in tensors.items()}
+
+
+def file_config(module: nn.Module, ref: AdapterRef) -> dict[str, Any]:
+    """One adapter's adapter_config.json: peft's config where peft has the method, else ours."""
+    _, root = model_root(module)
+    adapter_format = ref.method.peft_format
+    if adapter_format is None:
+        return {NATIVE_KEY: ref.method_name, CLASS_KEY: class_path(ref.method), **ref.config}
+    return adapter_format.to_config(ref.config, root, list(adapter_tensors(module, ref)))
 
 
 def save_adapter(module: nn.Module, path: PathLike, adapter_name: str = "default", method: str | None = None) -> Path:
     """Write one adapter's files into the folder ``path``: peft's layout where peft has the method."""
-    owner, record = _find_adapter(module, adapter_name, method)
-    tensors = adapter_tensors(module, owner)
-    _, root = model_root(module)
-    adapter_format = PEFT_FORMATS.get(record["method"])
-    if adapter_format is not None:
-        if adapter_format.to_file is not None:
-            tensors = adapter_format.to_file(tensors, root)
-        config = adapter_format.to_config(record["config"], root, list(tensors))
-        tensors = {adapter_format.file_key(name, root): t for name, t in tensors.items()}
-    else:
-        config = {NATIVE_KEY: record["method"], **record["config"]}
-        tensors = {native_key(name, root): t for name, t in tensors.items()}
+    ref = find_adapter(module, adapter_name, method)
+    tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in file_tensors(module, ref).items()}
+    config = json.dumps(_jsonable(file_config(module, ref)), indent=2)
     folder = Path(path)
-    payload = save({k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()})
-    atomic_write(folder / WEIGHTS_FILE, lambda f: f.write(payload))
-    atomic_write(folder / CONFIG_FILE, lambda f: f.write(json.dumps(_jsonable(config), indent=2).encode()))
+    atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
+    atomic_write(folder / CONFIG_FILE, lambda tmp: tmp.write_text(config))
     return folder
 
 
@@ -151,53 +146,9 @@ def read_adapter_files(path: PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, tensors
 
 
-def callback_for(config: dict, adapter_name: str, config_path: Path) -> Any:
-    """The PEFT callback that an adapter_config.json describes."""
-    import lightning_peft
-
-    if NATIVE_KEY in config:
-        settings = {k: v for k, v in config.items() if k != NATIVE_KEY}
-        method = getattr(lightning_peft, config[NATIVE_KEY], None)
-        if method is None:
-            raise ValueError(f"adapter file {config_path}: unknown method {config[NATIVE_KEY]!r}")
-        return method(**{**settings, "adapter_name": adapter_name})
-    for adapter_format in PEFT_FORMATS.values():
-        if adapter_format.peft_type == config.get("peft_type"):
-            return adapter_format.to_callback(config, adapter_name)
-    known = ", ".join(f.peft_type for f in PEFT_FORMATS.values())
-    raise ValueError(f"adapter file {config_path}: peft_type {config.get('peft_type')!r} is not supported "
-                     f"(supported: {known})")
-
-
-def load_adapter(module: nn.Module, path: PathLike, adapter_name: str = "default") -> nn.Module:
-    """Inject the adapter stored in the folder ``path`` into ``module`` and load its tensors.
-
-    Reads peft's layout or the native one. A bad or mismatched file raises an error naming the
-    file and the tensor, and leaves ``module`` as it was.
-    """
-    from lightning_peft.core.adapter_control import delete_adapter
-
-    config, tensors = read_adapter_files(path)
-    weights_path = Path(path) / WEIGHTS_FILE
-    callback = callback_for(config, adapter_name, Path(path) / CONFIG_FILE)
-    trainable = {id(p): p.requires_grad for p in module.parameters()}
-    callback.inject(module)
-    try:
-        _copy_tensors(module, callback, tensors, weights_path)
-    except BaseException:
-        delete_adapter(module, adapter_name, type(callback).__name__)
-        for param in module.parameters():
-            param.requires_grad_(trainable[id(param)])
-        raise
-    return module
-
-
-def _copy_tensors(module: nn.Module, callback: Any, tensors: dict[str, torch.Tensor], weights_path: Path) -> None:
-    params = adapter_tensors(module, callback.owner)
-    adapter_format = PEFT_FORMATS.get(type(callback).__name__)
-    _, root = model_root(module)
-    key = adapter_format.file_key if adapter_format else native_key
-    expected = {key(name, root): param for name, param in params.items()}
+def copy_file_tensors(module: nn.Module, ref: AdapterRef, tensors: dict[str, torch.Tensor], weights_path: Path) -> None:
+    """Check a file's tensors against the adapter ``ref`` just injected into ``module``, then copy them in."""
+    expected = file_tensors(module, ref)
     missing = sorted(expected.keys() - tensors.keys())
     if missing:
         raise ValueError(f"adapter file {weights_path} lacks tensor '{missing[0]}' "
@@ -213,6 +164,11 @@ def _copy_tensors(module: nn.Module, callback: Any, tensors: dict[str, torch.Ten
     with torch.no_grad():
         for file_key, param in expected.items():
             param.copy_(tensors[file_key])
+
+
+def class_path(cls: type) -> str:
+    """``module.QualifiedName`` of a class, as LightningCLI's ``class_path`` spells it."""
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _jsonable(value: Any) -> Any:

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 class PEFTModule(nn.Module):
     """A part that a PEFT method adds to a model, holding named adapters of which some are active.
 
-    ``method`` is the name of the method's callback class (e.g. ``"LoRA"``). Parts that are not
+    ``method`` is the registered name of the method (e.g. ``"LoRA"``). Parts that are not
     wrapped layers (a prompt encoder, say) subclass this directly; merging refuses them.
     """
 
@@ -23,8 +23,6 @@ class PEFTModule(nn.Module):
 
     def register_adapter(self, name: str, adapter: nn.Module) -> None:
         """Store ``adapter`` under ``name`` and make it active."""
-        if name in self.adapters:
-            raise ValueError(f"{self.method} adapter '{name}' is already injected here; use another adapter_name")
         self.adapters[name] = adapter
         self.active_adapters.append(name)
 
@@ -41,11 +39,23 @@ class PEFTModule(nn.Module):
 
 
 class PEFTLayer(PEFTModule):
-    """A frozen ``base_layer`` plus named adapters; subclasses add adapters and compute the forward."""
+    """A frozen ``base_layer`` plus named adapters; subclasses add adapters and compute the forward.
+
+    Attributes the wrapper lacks (``weight``, ``bias``, ``in_features``, ...) are the base
+    layer's, so model code that reads them off a targeted layer works after injection.
+    """
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":  # not set yet (inside __init__, or while unpickling)
+                raise
+            return getattr(self.base_layer, name)
 
     def merged_base_layer(self) -> nn.Module:
         """Fold the active adapters into ``base_layer`` in place and return it."""
@@ -68,9 +78,18 @@ def linear_features(layer: nn.Module) -> tuple[int, int]:
 
     Linear's come from its attributes: a bitsandbytes 4-bit weight is packed into ``(out * in / 2, 1)``.
     """
+    layer = innermost_base(layer)
     if isinstance(layer, nn.Linear):
         return layer.in_features, layer.out_features
     return tuple(layer.weight.shape)
+
+
+def adapter_dtype(base_weight: Tensor) -> torch.dtype:
+    """The dtype of new adapter parameters beside ``base_weight``: float32, or float64 for a float64 base.
+
+    Half-precision and quantized bases get float32 adapters (mixed precision casts as it computes).
+    """
+    return base_weight.dtype if base_weight.dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def to_adapter_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:

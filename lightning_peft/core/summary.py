@@ -1,12 +1,14 @@
-"""How many parameters each PEFT method trains, and how many bytes its adapter takes."""
+"""How many parameters each adapter trains, how many bytes it takes, and how the frozen base is stored."""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 from torch import nn
 
-from lightning_peft.core.injection import owner_of
+from lightning_peft.core.ownership import owners
+from lightning_peft.core.weights import is_quantized, quantized_format, statistics_bytes
 
 
 @dataclass
@@ -18,11 +20,13 @@ class MethodRow:
 
 @dataclass
 class TrainableSummary:
-    """Trainable and total parameter counts of a module, with one row per PEFT method."""
+    """Trainable and total parameter counts of a module, one row per adapter, and the frozen base's storage."""
 
     trainable: int
     total: int
     methods: list[MethodRow] = field(default_factory=list)
+    base_bytes: int = 0  # the parameters no adapter trains, with quantization statistics
+    quantized_layers: dict[str, int] = field(default_factory=dict)  # storage format -> layers (e.g. {"nf4": 210})
 
     @property
     def percent(self) -> float:
@@ -36,30 +40,43 @@ class TrainableSummary:
         lines = [f"{'method':<28}{'params':>14}{'% of total':>12}{'bytes':>14}"]
         for row in self.methods:
             share = 100.0 * row.params / self.total if self.total else 0.0
-            lines.append(f"{row.method:<28}{row.params:>14,}{share:>11.3f}%{_size(row.bytes):>14}")
-        lines.append(f"{'trainable':<28}{self.trainable:>14,}{self.percent:>11.3f}%{_size(self.adapter_bytes):>14}")
+            lines.append(f"{row.method:<28}{row.params:>14,}{share:>11.3f}%{size_text(row.bytes):>14}")
+        lines.append(f"{'trainable':<28}{self.trainable:>14,}{self.percent:>11.3f}%"
+                     f"{size_text(self.adapter_bytes):>14}")
         lines.append(f"{'total':<28}{self.total:>14,}")
+        storage = ", ".join(f"{n} {kind} layers" for kind, n in self.quantized_layers.items()) or "full precision"
+        lines.append(f"{'frozen base (' + storage + ')':<54}{size_text(self.base_bytes):>14}")
         return "\n".join(lines)
 
 
 def trainable_summary(module: nn.Module) -> TrainableSummary:
-    """Count trainable/total parameters of ``module`` and the parameters and bytes of each method."""
-    owners = owner_of(module)
+    """Count trainable/total parameters of ``module``, the parameters and bytes of each adapter, the base's bytes."""
+    claimed = owners(module)
     rows: dict[str, MethodRow] = {}
     for param in module.parameters():
-        owner = owners.get(id(param))
-        if owner is not None:
-            row = rows.setdefault(owner, MethodRow(owner, 0, 0))
+        ref = claimed.get(id(param))
+        if ref is not None:
+            row = rows.setdefault(str(ref), MethodRow(str(ref), 0, 0))
             row.params += param.numel()
-            row.bytes += param.numel() * param.element_size()
+            row.bytes += param.nbytes
     return TrainableSummary(
         trainable=sum(p.numel() for p in module.parameters() if p.requires_grad),
         total=sum(p.numel() for p in module.parameters()),
         methods=list(rows.values()),
+        base_bytes=base_weight_bytes(module),
+        quantized_layers=dict(Counter(quantized_format(m) for m in module.modules() if is_quantized(m))),
     )
 
 
-def _size(num_bytes: int) -> str:
+def base_weight_bytes(module: nn.Module) -> int:
+    """Bytes of the frozen base: the parameters that no adapter trains, plus quantization statistics."""
+    claimed = owners(module)
+    params = sum(p.nbytes for p in module.parameters() if id(p) not in claimed)
+    return params + sum(statistics_bytes(m) for m in module.modules() if is_quantized(m))
+
+
+def size_text(num_bytes: float) -> str:
+    """``num_bytes`` in B, KB, MB or GB, for people."""
     for unit in ("B", "KB", "MB", "GB"):
         if num_bytes < 1024 or unit == "GB":
             return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"

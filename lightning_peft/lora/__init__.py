@@ -1,6 +1,5 @@
 """The reparameterization family: LoRA and its variants (rsLoRA, DoRA, PiSSA)."""
 
-from lightning_peft.lora import peft_format  # noqa: F401  (registers the peft file layout)
 from lightning_peft.lora.callback import LoRA
 from lightning_peft.lora.layers import LoRAAdapter, LoRAConv, LoRAEmbedding, LoRALayer, LoRALinear
 

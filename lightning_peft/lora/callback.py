@@ -6,11 +6,13 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from lightning_peft.core.callback import CheckpointPolicy, PEFTCallback
-from lightning_peft.core.injection import peft_layers, wrap_modules
+from lightning_peft.core.checks import check_choice, check_positive_int, check_probability
+from lightning_peft.core.injection import wrap_modules
 from lightning_peft.core.layer import innermost_base
 from lightning_peft.core.targeting import Targets, linear_types, select_modules
+from lightning_peft.lightning.callback import CheckpointPolicy, PEFTCallback
 from lightning_peft.lora.layers import INITS, LoRALayer, lora_layer_for
+from lightning_peft.lora.peft_format import LORA_FORMAT
 
 
 class LoRA(PEFTCallback):
@@ -31,6 +33,9 @@ class LoRA(PEFTCallback):
         checkpoint: ``"adapter"`` keeps checkpoints to the trainable tensors, ``"full"`` keeps all.
     """
 
+    method_name = "LoRA"
+    peft_format = LORA_FORMAT
+
     def __init__(
         self,
         r: int = 8,
@@ -47,14 +52,11 @@ class LoRA(PEFTCallback):
         checkpoint: CheckpointPolicy = "adapter",
     ) -> None:
         super().__init__(adapter_name=adapter_name, checkpoint=checkpoint, modules_to_save=modules_to_save)
-        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-            raise ValueError(f"LoRA r must be a positive integer, got {r!r}")
+        check_positive_int("LoRA", "r", r)
         if not alpha > 0:
             raise ValueError(f"LoRA alpha must be > 0, got {alpha!r}")
-        if not 0 <= dropout < 1:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
-        if init not in INITS:
-            raise ValueError(f"LoRA init must be one of {INITS}, got {init!r}")
+        check_probability("LoRA", "dropout", dropout)
+        check_choice("LoRA", "init", init, INITS)
         self.r, self.alpha, self.dropout = r, alpha, dropout
         self.target_modules, self.exclude_modules, self.layers = target_modules, exclude_modules, layers
         self.use_dora, self.use_rslora, self.init = use_dora, use_rslora, init
@@ -75,12 +77,6 @@ class LoRA(PEFTCallback):
 
     def _check_before_injecting(self, root: nn.Module, chosen: list[tuple[str, nn.Module]]) -> None:
         """Refuse what would fail half-way, so a refused injection leaves the model untouched."""
-        for name, layer in peft_layers(root):
-            if isinstance(layer, LoRALayer) and self.adapter_name in layer.adapters:
-                raise ValueError(
-                    f"LoRA adapter '{self.adapter_name}' is already injected (into '{name}', ...); "
-                    "pass another adapter_name to add a second adapter"
-                )
         for name, module in chosen:
             base = innermost_base(module)
             if (self.use_dora or self.init == "pissa") and not isinstance(base, linear_types()):

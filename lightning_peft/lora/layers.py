@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_peft.core.layer import PEFTLayer, linear_features, to_adapter_dtype
-from lightning_peft.quantization.layers import dequantized_weight, is_quantized, replace_weight
+from lightning_peft.core.layer import PEFTLayer, adapter_dtype, linear_features, to_adapter_dtype
+from lightning_peft.core.weights import read_weight, write_weight
 
 INITS = ("default", "gaussian", "pissa")
 
@@ -47,7 +47,7 @@ class LoRALayer(PEFTLayer):
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
                     use_dora: bool = False, init: str = "default") -> LoRAAdapter:
         weight = self.base_layer.weight
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        dtype = adapter_dtype(weight)
         adapter = LoRAAdapter(self.a_shape(r), self.b_shape(r), alpha, dropout, use_rslora, dtype, weight.device)
         self.initialize(adapter, init)
         if use_dora:
@@ -86,7 +86,7 @@ class LoRALayer(PEFTLayer):
 
     def base_weight(self) -> Tensor:
         """``base_layer.weight``, dequantized to float32 when bitsandbytes stores it in 8 or 4 bits."""
-        return dequantized_weight(self.base_layer) if is_quantized(self.base_layer) else self.base_layer.weight
+        return read_weight(self.base_layer)
 
     def row_norm(self, adapter: LoRAAdapter) -> Tensor:
         """DoRA's per-output norm of ``W + scale * B @ A``."""
@@ -123,11 +123,7 @@ class LoRALayer(PEFTLayer):
             self._add_to_weight(self.unmerge_update(self.adapters[name]))
 
     def _add_to_weight(self, update: Tensor) -> None:
-        if is_quantized(self.base_layer):  # dequantize, add, quantize again (rounds, and warns so)
-            replace_weight(self.base_layer, self.base_weight() + self.to_weight_layout(update))
-            return
-        weight = self.base_layer.weight
-        weight.add_(self.to_weight_layout(update).to(weight.dtype))
+        write_weight(self.base_layer, self.base_weight() + self.to_weight_layout(update))
 
 
 class LoRALinear(LoRALayer):
@@ -168,10 +164,7 @@ class LoRALinear(LoRALayer):
         adapter.lora_A.copy_(root_s[:, None] * vh[:r])
         adapter.lora_B.copy_(u[:, :r] * root_s[None, :])
         residual = weight.float() - adapter.update()
-        if is_quantized(self.base_layer):
-            replace_weight(self.base_layer, residual, warn=False)  # QLoRA-style PiSSA: the residual is quantized
-        else:
-            self.base_layer.weight.copy_(self.to_weight_layout(residual).to(weight.dtype))
+        write_weight(self.base_layer, self.to_weight_layout(residual), warn=False)  # quantized again on a 4/8-bit base
 
     def delta(self, x: Tensor, out: Tensor, adapter: LoRAAdapter) -> Tensor:
         if adapter.magnitude is None:

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from lightning_peft.core.adapter_files import (
     PEFT_PREFIX,
     AdapterFormat,
-    anchored,
-    register_format,
+    peft_targets,
     saved_module_key,
     split_layer_tensor,
 )
-from lightning_peft.lora.callback import LoRA
+from lightning_peft.core.models import name_or_path
 from lightning_peft.lora.layers import LoRAEmbedding, LoRALinear
 
 
@@ -34,9 +35,8 @@ def to_config(config: dict, root: nn.Module, names: list[str]) -> dict:
     layers = sorted({parts[0] for parts in map(split_layer_tensor, names) if parts})
     transposed = any(isinstance(root.get_submodule(n), LoRALinear) and root.get_submodule(n).transposed
                      for n in layers)
-    name_or_path = getattr(getattr(root, "config", None), "_name_or_path", None) or None
     return {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": name_or_path, "inference_mode": True,
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": name_or_path(root), "inference_mode": True,
         "r": config["r"], "lora_alpha": config["alpha"], "lora_dropout": config["dropout"],
         "target_modules": layers, "use_rslora": config["use_rslora"], "use_dora": config["use_dora"],
         "fan_in_fan_out": transposed, "bias": "none", "init_lora_weights": True,
@@ -44,20 +44,18 @@ def to_config(config: dict, root: nn.Module, names: list[str]) -> dict:
     }
 
 
-def to_callback(config: dict, adapter_name: str) -> LoRA:
-    """Our LoRA callback for a peft LoraConfig (its targets, exclusions and layers included)."""
+def to_settings(config: dict) -> dict[str, Any]:
+    """Our LoRA arguments for a peft LoraConfig (its targets, exclusions and layers included)."""
     unsupported = {k: config[k] for k in ("rank_pattern", "alpha_pattern") if config.get(k)}
     if unsupported:
         raise ValueError(f"peft LoRA option(s) {', '.join(unsupported)} are not supported: {unsupported}")
-    targets = config["target_modules"]
-    return LoRA(
+    return dict(
         r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
-        target_modules=anchored(targets) if isinstance(targets, str) else list(targets),
-        exclude_modules=anchored(config["exclude_modules"]) if isinstance(config.get("exclude_modules"), str)
-        else config.get("exclude_modules"),
+        target_modules=peft_targets(config["target_modules"]),
+        exclude_modules=peft_targets(config.get("exclude_modules")),
         layers=_layers(config.get("layers_to_transform")),
         use_dora=bool(config.get("use_dora")), use_rslora=bool(config.get("use_rslora")),
-        modules_to_save=config.get("modules_to_save"), adapter_name=adapter_name,
+        modules_to_save=config.get("modules_to_save"),
     )
 
 
@@ -65,5 +63,4 @@ def _layers(value: int | list[int] | None) -> list[int] | None:
     return [value] if isinstance(value, int) else value
 
 
-register_format(AdapterFormat(method="LoRA", peft_type="LORA", to_config=to_config, to_callback=to_callback,
-                              file_key=file_key))
+LORA_FORMAT = AdapterFormat(peft_type="LORA", to_config=to_config, to_settings=to_settings, file_key=file_key)

@@ -3,37 +3,34 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lightning_peft.core.callback import PEFTCallback
-from lightning_peft.core.injection import owner_of, replace_module
+from lightning_peft.core.injection import replace_module
 from lightning_peft.core.layer import PEFTLayer
-from lightning_peft.core.summary import _size
+from lightning_peft.core.ownership import owners
+from lightning_peft.core.summary import base_weight_bytes, size_text
 from lightning_peft.core.targeting import ALL_LINEAR, Targets, select_modules
-from lightning_peft.quantization.layers import (
-    MODES,
-    import_bitsandbytes,
-    is_quantized,
-    quantize_linear,
-    statistics_bytes,
-)
+from lightning_peft.core.weights import import_bitsandbytes, is_quantized
+from lightning_peft.lightning.callback import ModelSetupCallback
+from lightning_peft.quantization.layers import MODES, quantize_linear
 from lightning_peft.quantization.memory import release_file_pages, return_freed_memory
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ADAPTER_NAME = "quantized-base"  # not "default", so save_adapter(model, path) still finds the one adapter
 
 
-class QuantizeBase(PEFTCallback):
+class QuantizeBase(ModelSetupCallback):
     """Store the frozen linear layers of the base in int8, nf4 or fp4 (bitsandbytes), one layer at a time.
 
     Works before or after the PEFT methods: a layer that a method already wraps has its innermost
     base quantized, and a method injected later wraps the quantized layer. The output head, the
     methods' own layers, modules they train and ``skip_modules`` stay in full precision. Each
-    layer's full-precision weight is freed as soon as it is quantized. Trains nothing itself.
+    layer's full-precision weight is freed as soon as it is quantized. It changes how the base is
+    stored and owns no adapter: nothing of it is saved with adapters, which load on the plain base.
 
     Args:
         mode: ``"int8"`` (LLM.int8() weights, ``bnb.nn.Linear8bitLt``), ``"nf4"`` or ``"fp4"``
@@ -46,7 +43,6 @@ class QuantizeBase(PEFTCallback):
 
     def __init__(self, mode: str = "nf4", double_quant: bool = True, compute_dtype: str | torch.dtype | None = None,
                  skip_modules: Targets = None) -> None:
-        super().__init__(adapter_name=ADAPTER_NAME)
         if mode not in MODES:
             raise ValueError(f"QuantizeBase mode must be one of {', '.join(MODES)}, got {mode!r}")
         if mode == "int8" and compute_dtype is not None:
@@ -59,12 +55,22 @@ class QuantizeBase(PEFTCallback):
         self._device: torch.device | None = None
         self.base_bytes: tuple[int, int] | None = None  # frozen base weights before and after quantizing
         self.quantized_layers = 0
+        self._applied: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._device = trainer.strategy.root_device  # quantize on the device it trains on, before it moves there
         super().setup(trainer, pl_module, stage)
 
-    def inject_into(self, module: nn.Module) -> list[nn.Parameter]:
+    def apply(self, module: nn.Module) -> nn.Module:
+        """Quantize the frozen linear layers of ``module`` (once)."""
+        if module not in self._applied:
+            self._quantize_all(module)
+            self._applied.add(module)
+        return module
+
+    inject = apply  # as the PEFT methods spell it, for use outside a Trainer
+
+    def _quantize_all(self, module: nn.Module) -> None:
         names = self._layers_to_quantize(module)
         if names:
             self._warn_if_slow(self._device or module.get_submodule(names[0]).weight.device)
@@ -73,7 +79,6 @@ class QuantizeBase(PEFTCallback):
             self._quantize(module, name)
             return_freed_memory()
         self.base_bytes, self.quantized_layers = (before, base_weight_bytes(module)), len(names)
-        return []
 
     def summary(self) -> str:
         """One line: how many layers were quantized and the frozen base's bytes before and after."""
@@ -81,10 +86,9 @@ class QuantizeBase(PEFTCallback):
             return f"QuantizeBase({self.mode}): not injected yet"
         before, after = self.base_bytes
         return (f"QuantizeBase({self.mode}): {self.quantized_layers} linear layers quantized; frozen base weights "
-                f"{_size(before)} -> {_size(after)} ({after / max(before, 1):.2f}x)")
+                f"{size_text(before)} -> {size_text(after)} ({after / max(before, 1):.2f}x)")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)
         rank_zero_info(f"lightning_peft: {self.summary()}")
 
     def _layers_to_quantize(self, module: nn.Module) -> list[str]:
@@ -97,7 +101,7 @@ class QuantizeBase(PEFTCallback):
         except ValueError:
             raise ValueError("QuantizeBase found no nn.Linear layer to quantize outside the output head and "
                              "skip_modules (transformers' Conv1D, as in GPT-2, is not quantized)") from None
-        trained = owner_of(module)
+        trained = owners(module)
         names = []
         for name, layer in chosen:
             while isinstance(layer, PEFTLayer):
@@ -119,13 +123,6 @@ class QuantizeBase(PEFTCallback):
             warnings.warn(f"QuantizeBase compute_dtype={self.compute_dtype} on CPU: bitsandbytes runs half-precision "
                           "4-bit matmuls about 10x slower there than float32 ones; leave compute_dtype=None on CPU",
                           stacklevel=2)
-
-
-def base_weight_bytes(module: nn.Module) -> int:
-    """Bytes of the frozen base: the parameters that no PEFT method trains, plus quantization statistics."""
-    trained = owner_of(module)
-    params = sum(p.nbytes for p in module.parameters() if id(p) not in trained)
-    return params + sum(statistics_bytes(m) for m in module.modules() if is_quantized(m))
 
 
 def _as_compute_dtype(value: str | torch.dtype | None) -> torch.dtype | None:

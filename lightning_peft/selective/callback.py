@@ -13,9 +13,9 @@ from typing import NamedTuple
 
 from torch import nn
 
-from lightning_peft.core.callback import CheckpointPolicy, PEFTCallback
 from lightning_peft.core.layer import PEFTLayer, PEFTModule
 from lightning_peft.core.targeting import Targets, block_index, select_modules
+from lightning_peft.lightning.callback import CheckpointPolicy, PEFTCallback
 
 PARAM_TYPES = ("bias", "norm", "embedding")
 
@@ -43,6 +43,8 @@ class Selective(PEFTCallback):
         checkpoint: ``"adapter"`` keeps checkpoints to the trainable tensors, ``"full"`` keeps all.
     """
 
+    method_name = "Selective"
+
     def __init__(
         self,
         modules: Targets = None,
@@ -56,9 +58,9 @@ class Selective(PEFTCallback):
         param_types = [param_types] if isinstance(param_types, str) else list(param_types or [])
         unknown = sorted(set(param_types) - set(PARAM_TYPES))
         if unknown:
-            raise ValueError(f"{type(self).__name__} param_types must be among {PARAM_TYPES}, got {unknown}")
+            raise ValueError(f"{self.method_name} param_types must be among {PARAM_TYPES}, got {unknown}")
         if modules is None and layers is None and not param_types:
-            raise ValueError(f"{type(self).__name__} needs modules, layers or param_types; "
+            raise ValueError(f"{self.method_name} needs modules, layers or param_types; "
                              "training every parameter is full fine-tuning")
         self.modules = modules
         self.layers = None if layers is None else list(layers)
@@ -107,6 +109,8 @@ class BitFit(Selective):
         adapter_name: name under which the parameters are claimed.
         checkpoint: ``"adapter"`` keeps checkpoints to the trainable tensors, ``"full"`` keeps all.
     """
+
+    method_name = "BitFit"
 
     def __init__(
         self,

@@ -10,7 +10,7 @@ from torch import nn
 from torchmetrics import Metric, MetricCollection
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
-from lightning_peft.quantization.layers import import_bitsandbytes
+from lightning_peft.core.weights import import_bitsandbytes
 from lightning_peft.tasks.models import resolve_model
 
 OPTIMIZERS = ("adamw", "adamw8bit")

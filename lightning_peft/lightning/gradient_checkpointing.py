@@ -8,28 +8,19 @@ makes the embedding output require grad; non-reentrant checkpointing needs nothi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 from torch import nn
+
+from lightning_peft.core.models import transformers_models
 
 _ENABLED = "_lightning_peft_input_grads"
 
 
 def enable_input_grads_for_checkpointing(module: nn.Module) -> None:
     """Make the input embeddings' output require grad in every checkpointing transformers model of ``module``."""
-    for model in _transformers_models(module):
+    for _, model in transformers_models(module):
         if not model.__dict__.get(_ENABLED) and _checkpoints(model) and _embeddings_frozen(model):
             model.enable_input_require_grads()
             model.__dict__[_ENABLED] = True
-
-
-def _transformers_models(module: nn.Module) -> Iterator[nn.Module]:
-    """The outermost modules of ``module`` that are transformers models (``PreTrainedModel``)."""
-    if hasattr(module, "enable_input_require_grads") and hasattr(module, "get_input_embeddings"):
-        yield module
-        return
-    for child in module.children():
-        yield from _transformers_models(child)
 
 
 def _checkpoints(model: nn.Module) -> bool:

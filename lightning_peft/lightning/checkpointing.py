@@ -7,6 +7,7 @@ Saving goes through a temporary file and a rename, so a crash never leaves a cor
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from torch import nn
 
 from lightning_peft.core.files import PathLike, atomic_write
-from lightning_peft.core.injection import owner_of
+from lightning_peft.core.ownership import owners
 
 CHECKPOINT_KEY = "lightning_peft"
 WRAPPER_NAMES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")  # FSDP1 and activation checkpointing
@@ -24,7 +25,7 @@ WRAPPER_NAMES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")  # FSDP
 
 def adapter_state_keys(module: nn.Module) -> set[str]:
     """State-dict keys of the tensors that PEFT methods own or that are trainable."""
-    owned = owner_of(module)
+    owned = owners(module)
     return {
         state_key(name)
         for name, param in module.named_parameters(remove_duplicate=False)
@@ -83,22 +84,17 @@ def check_adapter_state(saved: dict[str, Any], shapes: dict[str, tuple[int, ...]
 class AdapterCheckpointIO(CheckpointIO):
     """Wraps the strategy's CheckpointIO: trims what is saved to the adapter and saves atomically."""
 
-    def __init__(self, inner: CheckpointIO, trainer: Any) -> None:
+    def __init__(self, inner: CheckpointIO, trainer: Any, adapter_only: Callable[[], bool]) -> None:
         super().__init__()
         self.inner = inner
         self.trainer = trainer
-
-    def _adapter_only(self) -> bool:
-        from lightning_peft.core.callback import PEFTCallback
-
-        peft = [cb for cb in self.trainer.callbacks if isinstance(cb, PEFTCallback)]
-        return bool(peft) and all(cb.checkpoint == "adapter" for cb in peft)
+        self.adapter_only = adapter_only  # asked at each save: the trainer's callbacks say
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: PathLike, storage_options: Any | None = None) -> None:
-        if self._adapter_only():
+        if self.adapter_only():
             checkpoint = keep_adapter_only(checkpoint, self.trainer.lightning_module)
         if type(self.inner) is TorchCheckpointIO and storage_options is None and _is_local(path):
-            atomic_write(path, lambda f: torch.save(checkpoint, f))
+            atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
         else:
             self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
 
@@ -120,11 +116,11 @@ class AdapterCheckpointIO(CheckpointIO):
         self.inner.teardown()
 
 
-def install_adapter_checkpointing(trainer: Any) -> None:
+def install_adapter_checkpointing(trainer: Any, adapter_only: Callable[[], bool]) -> None:
     """Route the trainer's checkpoint saving and loading through :class:`AdapterCheckpointIO` (once)."""
     strategy = trainer.strategy
     if not isinstance(strategy.checkpoint_io, AdapterCheckpointIO):
-        strategy.checkpoint_io = AdapterCheckpointIO(strategy.checkpoint_io, trainer)
+        strategy.checkpoint_io = AdapterCheckpointIO(strategy.checkpoint_io, trainer, adapter_only)
 
 
 def _is_local(path: PathLike) -> bool:

@@ -27,10 +27,9 @@ from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from lightning_peft.core.checkpointing import CHECKPOINT_KEY, adapter_state_keys, check_adapter_state, state_key
 from lightning_peft.core.files import PathLike
-from lightning_peft.core.injection import claim, owner_of, release
 from lightning_peft.core.layer import PEFTLayer
+from lightning_peft.lightning.checkpointing import CHECKPOINT_KEY, adapter_state_keys, check_adapter_state, state_key
 
 _SHARDED = "_lightning_peft_fully_sharded"
 _PATCHED = "_lightning_peft_adapter_loading"
@@ -89,12 +88,10 @@ def fully_shard_peft(model: nn.Module, mesh: DeviceMesh | None = None, **fully_s
                          "(instead of fully_shard) once; under ModelParallelStrategy the PEFT callback does both")
     units = sharding_units(model)
     check_units_do_not_mix(model, units)
-    owners = _owners_by_name(model)
     read_by_layer = _bases_read_outside_their_forward(model)
     for unit in [*units, model]:
         keep_unsharded = {"reshard_after_forward": False} if unit in read_by_layer else {}
         fully_shard(unit, mesh=mesh, **{**fully_shard_kwargs, **keep_unsharded})
-    _claim_by_name(model, owners)
     model.__dict__[_SHARDED] = True
     return model
 
@@ -106,20 +103,6 @@ def _bases_read_outside_their_forward(model: nn.Module) -> set[nn.Module]:
     """
     return {layer.base_layer for layer in model.modules() if isinstance(layer, PEFTLayer)
             and any(getattr(adapter, "magnitude", None) is not None for adapter in layer.adapters.values())}
-
-
-def _owners_by_name(model: nn.Module) -> dict[str, str]:
-    owners = owner_of(model)
-    return {name: owners[id(p)] for name, p in model.named_parameters() if id(p) in owners}
-
-
-def _claim_by_name(model: nn.Module, owners: dict[str, str]) -> None:
-    """Claim again by name: sharding replaces every parameter with a new (DTensor) one."""
-    params = dict(model.named_parameters())
-    for owner in set(owners.values()):
-        release(model, owner)
-    for name, owner in owners.items():
-        claim(model, owner, [params[name]])
 
 
 def full_adapter_state_dict(module: nn.Module) -> dict[str, Tensor]:

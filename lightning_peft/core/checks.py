@@ -1,0 +1,35 @@
+"""Argument checks and optional imports: one wording for every method's bad input."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Collection
+from types import ModuleType
+from typing import Any
+
+
+def check_positive_int(owner: str, name: str, value: Any) -> None:
+    """Raise unless ``value`` is a positive integer (a bool is not)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{owner} {name} must be a positive integer, got {value!r}")
+
+
+def check_probability(owner: str, name: str, value: Any) -> None:
+    """Raise unless ``value`` lies in [0, 1), as a dropout rate must."""
+    if not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"{owner} {name} must be in [0, 1), got {value!r}")
+
+
+def check_choice(owner: str, name: str, value: Any, choices: Collection[Any]) -> None:
+    """Raise unless ``value`` is one of ``choices``, listing them."""
+    if value not in choices:
+        raise ValueError(f"{owner} {name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def import_optional(module: str, extra: str, needed_by: str) -> ModuleType:
+    """Import an optional dependency, or raise an ImportError naming what needs it and the extra to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(f"{needed_by} needs {module}, which is not installed. Run: "
+                          f'pip install "lightning-peft[{extra}]"') from err

@@ -1,0 +1,55 @@
+"""Finding the transformers model inside whatever module a user passes, and reading facts off it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from torch import Tensor, nn
+
+
+def transformers_models(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """The outermost transformers models (``PreTrainedModel``) in ``module``, ``module`` itself included, by name."""
+    from transformers import PreTrainedModel
+
+    inside: list[str] = []
+    for name, sub in module.named_modules():
+        if isinstance(sub, PreTrainedModel) and not any(name.startswith(outer + ".") or not outer for outer in inside):
+            inside.append(name)
+            yield name, sub
+
+
+def model_root(module: nn.Module) -> tuple[str, nn.Module]:
+    """The first transformers model inside ``module`` (its name and itself), or ``("", module)``."""
+    return next(transformers_models(module), ("", module))
+
+
+def require_transformers_model(module: nn.Module, needed_by: str) -> nn.Module:
+    """The transformers model inside ``module``, or a TypeError saying that ``needed_by`` needs one."""
+    _, model = model_root(module)
+    if not _is_transformers_model(model):
+        raise TypeError(f"{needed_by} needs a transformers PreTrainedModel inside the module; "
+                        f"{type(module).__name__} holds none")
+    return model
+
+
+def model_type(module: nn.Module) -> str | None:
+    """The ``config.model_type`` of the transformers model inside ``module``, if there is one."""
+    _, model = model_root(module)
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def name_or_path(module: nn.Module) -> str | None:
+    """Where the transformers model inside ``module`` was loaded from (its ``config._name_or_path``), if known."""
+    _, model = model_root(module)
+    return getattr(getattr(model, "config", None), "_name_or_path", None) or None
+
+
+def input_embedding_weight(model: nn.Module) -> Tensor:
+    """The token embedding matrix of a transformers ``model`` (a wrapping PEFT layer shows its base's)."""
+    return model.get_input_embeddings().weight
+
+
+def _is_transformers_model(module: nn.Module) -> bool:
+    from transformers import PreTrainedModel
+
+    return isinstance(module, PreTrainedModel)

@@ -1,0 +1,109 @@
+"""Which adapter trains which parameter, stored in the module tree itself.
+
+A claim sits on the module that holds the parameter, under the parameter's own (local) name:
+``module.__dict__["_lightning_peft_claims"] = {"lora_A": AdapterRef(LoRA, "default", {...})}``.
+So ownership travels with the modules: it survives ``copy.deepcopy``, ``load_state_dict``
+(also with ``assign=True``), FSDP's replacement of parameters by sharded ones, and any
+submodule that holds the adapted layers answers for the part of the model it holds.
+Freezing follows ownership: a parameter that no adapter claims is frozen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+_CLAIMS = "_lightning_peft_claims"
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """One adapter: the method's callback class, the adapter's name and the settings that made it.
+
+    Two refs are the same adapter when their registered method names and adapter names agree,
+    so a subclass of LoRA named ``default`` and LoRA's ``default`` are one adapter.
+    """
+
+    method: type = field(compare=False)
+    name: str
+    config: dict[str, Any] = field(compare=False, hash=False, repr=False)
+    method_name: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method_name", self.method.method_name)
+
+    def __str__(self) -> str:
+        return f"{self.method_name}[{self.name}]"
+
+
+def _claims(module: nn.Module) -> dict[str, AdapterRef]:
+    return module.__dict__.get(_CLAIMS, {})
+
+
+def holders(root: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """For each parameter of ``root`` (by id), the modules holding it and its local name there."""
+    found: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in root.modules():
+        for local, param in module._parameters.items():
+            if param is not None:
+                found.setdefault(id(param), []).append((module, local))
+    return found
+
+
+def owners(root: nn.Module) -> dict[int, AdapterRef]:
+    """``id(param) -> AdapterRef`` for every claimed parameter that ``root`` holds."""
+    found = {}
+    for module in root.modules():
+        for local, ref in _claims(module).items():
+            param = module._parameters.get(local)
+            if param is not None:
+                found[id(param)] = ref
+    return found
+
+
+def adapter_refs(root: nn.Module) -> list[AdapterRef]:
+    """The adapters that train parameters of ``root``, in the order their parameters come."""
+    return list(dict.fromkeys(owners(root).values()))
+
+
+def claim(root: nn.Module, ref: AdapterRef, params: Iterable[nn.Parameter]) -> None:
+    """Record in the tree that ``ref`` trains ``params``; one claimed by another adapter is an error."""
+    params = list(params)
+    where = holders(root)
+    check_unclaimed(root, ref, params, where)
+    for param in params:
+        for module, local in where.get(id(param), []):
+            module.__dict__.setdefault(_CLAIMS, {})[local] = ref
+
+
+def check_unclaimed(root: nn.Module, ref: AdapterRef, params: Iterable[nn.Parameter],
+                    where: dict[int, list[tuple[nn.Module, str]]] | None = None) -> None:
+    """Raise before anything changes if another adapter than ``ref`` already trains one of ``params``."""
+    where = holders(root) if where is None else where
+    taken = owners(root)
+    names = {id(p): n for n, p in root.named_parameters()}
+    for param in params:
+        previous = taken.get(id(param))
+        if previous is not None and previous != ref:
+            raise ValueError(f"parameter '{names.get(id(param), '<unnamed>')}' is claimed by both {previous} and "
+                             f"{ref}; a parameter can be trained by one PEFT method only")
+        if id(param) not in where:
+            raise ValueError(f"{ref} claims a parameter that the model does not hold")
+
+
+def release(root: nn.Module, ref: AdapterRef) -> None:
+    """Drop every claim of ``ref`` inside ``root`` (its adapter was deleted)."""
+    for module in root.modules():
+        claims = _claims(module)
+        for local in [name for name, owner in claims.items() if owner == ref]:
+            del claims[local]
+
+
+def freeze_unclaimed(root: nn.Module) -> None:
+    """Train exactly the claimed parameters of ``root``: set ``requires_grad`` from ownership."""
+    claimed = owners(root)
+    for param in root.parameters():
+        param.requires_grad_(id(param) in claimed)

@@ -1,0 +1,118 @@
+"""The one place that reads and writes a base layer's weight, whatever its storage.
+
+A weight is read in the layer's own layout (``(out, in)`` for nn.Linear, ``(in, out)`` for
+GPT-2's Conv1D) as a float tensor, and written back the same way. A bitsandbytes 8-bit or 4-bit
+layer is dequantized on reading and quantized again on writing, so merging, DoRA's norms and
+PiSSA work on a quantized base as on a full-precision one; writing into it rounds (and warns).
+bitsandbytes is never imported here unless a quantized layer exists.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import warnings
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from lightning_peft.core.checks import import_optional
+from lightning_peft.core.layer import innermost_base
+
+if TYPE_CHECKING:
+    from bitsandbytes.functional import QuantState
+
+
+def import_bitsandbytes(needed_by: str) -> ModuleType:
+    """The bitsandbytes module, or an ImportError that names what needs it and the extra to install."""
+    return import_optional("bitsandbytes", "bitsandbytes", needed_by)
+
+
+def is_quantized(layer: nn.Module) -> bool:
+    """Whether ``layer`` is a bitsandbytes 8-bit or 4-bit linear layer (no import: none exists before one)."""
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb is not None and isinstance(layer, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))
+
+
+def read_weight(layer: nn.Module) -> Tensor:
+    """The weight ``layer`` computes with, in its own layout: the parameter itself, or a dequantized float32 copy."""
+    layer = innermost_base(layer)
+    return dequantized_weight(layer) if is_quantized(layer) else layer.weight
+
+
+@torch.no_grad()
+def write_weight(layer: nn.Module, weight: Tensor, warn: bool = True) -> None:
+    """Store ``weight`` (the layout :func:`read_weight` gives) as ``layer``'s weight, quantizing when it is quantized.
+
+    With ``warn``, writing into a quantized layer says that the new weight is rounded.
+    """
+    layer = innermost_base(layer)
+    if is_quantized(layer):
+        replace_quantized_weight(layer, weight, warn)
+    else:
+        layer.weight.copy_(weight.to(layer.weight.dtype))
+
+
+def dequantized_weight(layer: nn.Module) -> Tensor:
+    """The ``(out, in)`` float32 weight that the bitsandbytes ``layer`` computes with."""
+    bnb = import_bitsandbytes("QuantizeBase")
+    if isinstance(layer, bnb.nn.Linear8bitLt):
+        return bnb.functional.int8_vectorwise_dequant(layer.weight.data, int8_scales(layer))
+    packed, state = standard_4bit_layout(layer.weight)
+    return bnb.functional.dequantize_4bit(packed, state).float()
+
+
+def replace_quantized_weight(layer: nn.Module, weight: Tensor, warn: bool = True) -> None:
+    """Quantize the ``(out, in)`` ``weight`` into the bitsandbytes ``layer`` (its own format, ``weight``'s device)."""
+    bnb = import_bitsandbytes("QuantizeBase")
+    if isinstance(layer, bnb.nn.Linear8bitLt):
+        rows, scales, _ = bnb.functional.int8_vectorwise_quant(weight.to(torch.float16))
+        layer.weight = bnb.nn.Int8Params(rows, requires_grad=False, has_fp16_weights=False, CB=rows, SCB=scales)
+    else:
+        old = layer.weight
+        packed, state = bnb.functional.quantize_4bit(weight, blocksize=old.blocksize,
+                                                     compress_statistics=old.compress_statistics,
+                                                     quant_type=old.quant_type, quant_storage=old.quant_storage)
+        layer.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=old.blocksize,
+                                         compress_statistics=old.compress_statistics, quant_type=old.quant_type,
+                                         quant_storage=old.quant_storage, module=layer, bnb_quantized=True)
+        layer.quant_state = state
+    if warn:
+        kind = quantized_format(layer)
+        warnings.warn(f"a merged or unmerged weight written into an {kind} base layer is rounded to {kind}: outputs "
+                      "move about as much as quantizing moved them. For an exact merge, call "
+                      "lightning_peft.quantization.dequantize_base(model) first", stacklevel=3)
+
+
+def quantized_format(layer: nn.Module) -> str:
+    """``"int8"``, ``"nf4"`` or ``"fp4"``: how the bitsandbytes ``layer`` stores its weight."""
+    return layer.weight.quant_type if hasattr(layer.weight, "quant_type") else "int8"
+
+
+def statistics_bytes(layer: nn.Module) -> int:
+    """Bytes of a bitsandbytes layer's quantization statistics (scales, codes), beside its weight."""
+    if quantized_format(layer) == "int8":
+        return int8_scales(layer).nbytes
+    _, state = standard_4bit_layout(layer.weight)
+    return sum(t.nbytes for t in state.as_dict(packed=True).values())
+
+
+def int8_scales(layer: nn.Module) -> Tensor:
+    """The per-row scales of an 8-bit layer: on its weight until the first forward moves them to its state."""
+    return layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB
+
+
+def standard_4bit_layout(weight: nn.Parameter) -> tuple[Tensor, QuantState]:
+    """A 4-bit weight and its state in bitsandbytes' standard layout.
+
+    On AVX512-BF16 CPUs an eval forward repacks the weight for a faster kernel; that is undone
+    here on copies (as bitsandbytes' own state_dict does), leaving the layer as it is.
+    """
+    state = weight.quant_state
+    if not getattr(state, "packing_format_for_cpu", False):
+        return weight.data, state
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    return _convert_weight_packed_for_cpu_inverse(weight.data, copy.deepcopy(state))

@@ -1,0 +1,176 @@
+"""The callbacks that change a LightningModule's model at setup: PEFT methods, and base storage (QuantizeBase).
+
+At ``setup`` (every stage, idempotent) the change is applied to the LightningModule, before the
+strategy wraps it and before ``configure_optimizers`` runs; a model that the module builds in
+``configure_model`` is changed right after it is built. Under FSDP (``ModelParallelStrategy``,
+``FSDPStrategy``) the last of these callbacks then prepares the sharding (see
+:mod:`lightning_peft.lightning.sharding`). A PEFT method then trains exactly what PEFT methods
+claim and freezes the rest; checkpoints hold the adapter only (``checkpoint="full"`` keeps all).
+After the first backward, a trainable parameter without a gradient is named: an error under
+DDP, which could not train it, else a warning.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+from lightning_utilities.core.overrides import is_overridden
+from torch import nn
+
+from lightning_peft.core.adapter_files import AdapterFormat, class_path
+from lightning_peft.core.ownership import AdapterRef, adapter_refs, check_unclaimed, claim, freeze_unclaimed
+from lightning_peft.core.summary import trainable_summary
+from lightning_peft.core.targeting import select_modules
+from lightning_peft.lightning.checkpointing import install_adapter_checkpointing
+from lightning_peft.lightning.gradient_checkpointing import enable_input_grads_for_checkpointing
+from lightning_peft.lightning.sharding import check_gradients_reached, prepare_sharding, shards_after_injection
+
+CheckpointPolicy = Literal["adapter", "full"]
+_CHAINED = "_lightning_peft_callback"
+
+
+class ModelSetupCallback(L.Callback):
+    """A callback that changes the module's model once it exists, before wrapping; subclasses define :meth:`apply`."""
+
+    def apply(self, module: nn.Module) -> nn.Module:
+        """Change ``module`` in place (once: a second call on the same module does nothing) and return it."""
+        raise NotImplementedError
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if is_overridden("configure_model", pl_module, L.LightningModule) or shards_after_injection(trainer.strategy):
+            self._apply_after_configure_model(trainer, pl_module)
+        else:
+            self.apply(pl_module)
+
+    def _apply_after_configure_model(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Chain :meth:`apply` (and by the last such callback, sharding) behind the module's own ``configure_model``."""
+        configure_model = pl_module.configure_model
+        if getattr(configure_model, _CHAINED, None) is self:
+            return
+
+        def configure_model_then_apply() -> None:
+            configure_model()
+            self.apply(pl_module)
+            if self is setup_callbacks(trainer)[-1]:
+                prepare_sharding(trainer, pl_module, adapter_checkpoints=adapter_only_checkpoints(trainer))
+
+        setattr(configure_model_then_apply, _CHAINED, self)
+        pl_module.configure_model = configure_model_then_apply
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Leave the user's module as it was: drop the ``configure_model`` wrapper."""
+        pl_module.__dict__.pop("configure_model", None)
+
+
+class PEFTCallback(ModelSetupCallback):
+    """Base of every PEFT method: injects at setup, freezes the rest, trims checkpoints.
+
+    Subclasses implement :meth:`inject_into`, which adds the method to a module and returns
+    the parameters it trains, and store every constructor argument as an attribute of the
+    same name (:meth:`config` saves those with the adapter). ``method_name`` is the name under
+    which the method is registered and saved; a subclass inherits it, so it saves and loads as
+    its parent unless it sets its own (and registers it). ``peft_format`` maps the method to
+    Hugging Face peft's files, or is None for the native layout. :meth:`inject` also works on a
+    plain ``nn.Module`` outside a Trainer. ``modules_to_save`` names whole modules (a new
+    classification head, say) that train fully alongside the method and are saved with its adapter.
+    """
+
+    method_name: ClassVar[str | None] = None
+    peft_format: ClassVar[AdapterFormat | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.method_name is None:  # a new method: named after its class until it says otherwise
+            cls.method_name = cls.__name__
+
+    def __init__(self, adapter_name: str = "default", checkpoint: CheckpointPolicy = "adapter",
+                 modules_to_save: Sequence[str] | None = None) -> None:
+        if checkpoint not in ("adapter", "full"):
+            raise ValueError(f"checkpoint must be 'adapter' or 'full', got {checkpoint!r}")
+        self.adapter_name = adapter_name
+        self.checkpoint = checkpoint
+        self.modules_to_save = list(modules_to_save or [])
+        self._injected: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+    @property
+    def ref(self) -> AdapterRef:
+        """This adapter as the module tree records it: method, name and settings."""
+        return AdapterRef(type(self), self.adapter_name, self.config())
+
+    @property
+    def owner(self) -> str:
+        """The adapter's label, e.g. ``LoRA[default]``."""
+        return str(self.ref)
+
+    def inject_into(self, module: nn.Module) -> list[nn.Parameter]:
+        """Add the method to ``module`` and return the parameters it trains."""
+        raise NotImplementedError
+
+    def inject(self, module: nn.Module) -> nn.Module:
+        """Add the method to ``module`` (once), then train only what PEFT methods own."""
+        if module in self._injected:
+            return module
+        ref = self.ref
+        if ref in adapter_refs(module):
+            raise ValueError(f"{ref} is already injected into this model; pass another adapter_name")
+        saved = [p for _, m in self._modules_to_save(module) for p in m.parameters()]
+        check_unclaimed(module, ref, saved)
+        claim(module, ref, self.inject_into(module) + saved)
+        freeze_unclaimed(module)
+        self._injected.add(module)
+        return module
+
+    apply = inject
+
+    def _modules_to_save(self, module: nn.Module) -> list[tuple[str, nn.Module]]:
+        if not self.modules_to_save:
+            return []
+        return select_modules(module, self.modules_to_save, supported=(nn.Module,),
+                              method=f"{self.method_name} modules_to_save")
+
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments of this method, as stored attributes (saved with adapters)."""
+        names = inspect.signature(type(self).__init__).parameters
+        return {name: getattr(self, name) for name in names if name != "self" and hasattr(self, name)}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        install_adapter_checkpointing(trainer, adapter_only=lambda: adapter_only_checkpoints(trainer))
+        super().setup(trainer, pl_module, stage)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self is peft_callbacks(trainer)[0]:
+            enable_input_grads_for_checkpointing(pl_module)
+            rank_zero_info(f"lightning_peft: trainable parameters\n{trainable_summary(pl_module)}")
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step == 0 and self is peft_callbacks(trainer)[0]:
+            check_gradients_reached(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The method and its settings, so ``lightning-peft export`` can rebuild the adapter."""
+        return {"method": self.method_name, "class_path": class_path(type(self)), "config": self.config()}
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(adapter_name=self.adapter_name)
+
+
+def setup_callbacks(trainer: L.Trainer) -> list[ModelSetupCallback]:
+    """The trainer's callbacks that change the model at setup, in order."""
+    return [cb for cb in trainer.callbacks if isinstance(cb, ModelSetupCallback)]
+
+
+def peft_callbacks(trainer: L.Trainer) -> list[PEFTCallback]:
+    """The trainer's PEFT callbacks, in order."""
+    return [cb for cb in trainer.callbacks if isinstance(cb, PEFTCallback)]
+
+
+def adapter_only_checkpoints(trainer: L.Trainer) -> bool:
+    """Whether the trainer's checkpoints keep the adapters only: PEFT methods are there and none asked for all."""
+    methods = peft_callbacks(trainer)
+    return bool(methods) and all(cb.checkpoint == "adapter" for cb in methods)

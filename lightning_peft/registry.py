@@ -1,0 +1,120 @@
+"""The registry of PEFT methods: a saved method name back to its callback class.
+
+Adding a method is one folder and one line in ``METHODS``. Files and checkpoints store a
+method's registered name (its class's ``method_name``), so a subclass that does not register
+a name of its own saves and loads as its parent.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import warnings
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lightning_peft.additive import IA3, Adapter, PrefixTuning, PromptTuning
+from lightning_peft.core.adapter_control import delete_adapter
+from lightning_peft.core.adapter_files import (
+    CLASS_KEY,
+    CONFIG_FILE,
+    NATIVE_KEY,
+    WEIGHTS_FILE,
+    copy_file_tensors,
+    read_adapter_files,
+)
+from lightning_peft.core.files import PathLike
+from lightning_peft.lightning.callback import PEFTCallback
+from lightning_peft.lora import LoRA
+from lightning_peft.selective import BitFit, Selective
+
+METHODS: dict[str, type[PEFTCallback]] = {method.method_name: method for method in (
+    LoRA,
+    IA3,
+    Adapter,
+    PromptTuning,
+    PrefixTuning,
+    Selective,
+    BitFit,
+)}
+
+
+def register_method(method: type[PEFTCallback]) -> type[PEFTCallback]:
+    """Add a method of your own, under its ``method_name``, so its adapters load back (usable as a decorator)."""
+    known = METHODS.get(method.method_name)
+    if known is not None and known is not method:
+        raise ValueError(f"method name {method.method_name!r} is taken by {known.__qualname__}; "
+                         f"give {method.__qualname__} a method_name of its own")
+    METHODS[method.method_name] = method
+    return method
+
+
+def method_named(name: str, source: Any) -> type[PEFTCallback]:
+    """The registered method called ``name``, or an error naming ``source`` and the methods that exist."""
+    if name not in METHODS:
+        raise ValueError(f"{source}: unknown method {name!r}; registered methods: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def rebuild(name: str, path: str | None, config: dict[str, Any], source: Any, **overrides: Any) -> PEFTCallback:
+    """The callback that a saved name, class path and settings describe.
+
+    The class at ``path`` is used when it imports and is the registered method or a subclass of
+    it; otherwise the registered method itself, with the settings it takes (the others are named
+    in a warning).
+    """
+    method = method_named(name, source)
+    cls = _importable_subclass(path, method) or method
+    accepted = inspect.signature(cls.__init__).parameters
+    dropped = sorted(set(config) - set(accepted))
+    if dropped:
+        warnings.warn(f"{source}: rebuilt as {cls.__qualname__}, which takes no {', '.join(dropped)}; "
+                      f"import {path} to rebuild the class that saved it", stacklevel=2)
+    return cls(**{**{k: v for k, v in config.items() if k in accepted}, **overrides})
+
+
+def _importable_subclass(path: str | None, method: type[PEFTCallback]) -> type[PEFTCallback] | None:
+    if not path:
+        return None
+    module_name, _, qualname = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), qualname, None)
+    except ImportError:
+        return None
+    return cls if isinstance(cls, type) and issubclass(cls, method) else None
+
+
+def callback_for(config: dict, adapter_name: str, config_path: Path) -> PEFTCallback:
+    """The PEFT callback that an adapter_config.json describes (native layout or peft's)."""
+    if NATIVE_KEY in config:
+        settings = {k: v for k, v in config.items() if k not in (NATIVE_KEY, CLASS_KEY)}
+        return rebuild(config[NATIVE_KEY], config.get(CLASS_KEY), settings, f"adapter file {config_path}",
+                       adapter_name=adapter_name)
+    for method in METHODS.values():
+        if method.peft_format is not None and method.peft_format.peft_type == config.get("peft_type"):
+            return method(**method.peft_format.to_settings(config), adapter_name=adapter_name)
+    known = ", ".join(m.peft_format.peft_type for m in METHODS.values() if m.peft_format is not None)
+    raise ValueError(f"adapter file {config_path}: peft_type {config.get('peft_type')!r} is not supported "
+                     f"(supported: {known})")
+
+
+def load_adapter(module: nn.Module, path: PathLike, adapter_name: str = "default") -> nn.Module:
+    """Inject the adapter stored in the folder ``path`` into ``module`` and load its tensors.
+
+    Reads peft's layout or the native one. A bad or mismatched file raises an error naming the
+    file and the tensor, and leaves ``module`` as it was.
+    """
+    config, tensors = read_adapter_files(path)
+    callback = callback_for(config, adapter_name, Path(path) / CONFIG_FILE)
+    trainable = {id(p): p.requires_grad for p in module.parameters()}
+    callback.inject(module)
+    try:
+        copy_file_tensors(module, callback.ref, tensors, Path(path) / WEIGHTS_FILE)
+    except BaseException:
+        delete_adapter(module, adapter_name, callback.method_name)
+        for param in module.parameters():
+            param.requires_grad_(trainable[id(param)])
+        raise
+    return module
