@@ -106,13 +106,27 @@ def trainable_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
 
 
+class TrainingStart(L.Callback):
+    """Records the trainable tensors a fit starts from (after any checkpoint is restored) and the batches it runs."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.batches = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.tensors = trainable_tensors(pl_module)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batches += 1
+
+
 def check_resume_reproduces_the_uninterrupted_run(build, callbacks, folder) -> dict[str, torch.Tensor]:
     """Two epochs straight vs one epoch, a checkpoint, and a resume on a freshly built module.
 
     ``build()`` returns a new TokenModule (same seed each time), ``callbacks()`` new callbacks.
-    Asserts the checkpoint holds exactly the trainable tensors, the resumed run ends where the
-    uninterrupted one does, and every trainable tensor moved in the second epoch. Returns the
-    checkpoint's state dict for method-specific checks.
+    Asserts the checkpoint holds exactly the trainable tensors, the resumed fit starts from the
+    saved tensors and runs only the second epoch's batches, every trainable tensor moves in it,
+    and it ends bit for bit where the uninterrupted run ends. Returns the checkpoint's state dict.
     """
     uninterrupted = build()
     make_trainer(callbacks(), max_epochs=2, max_steps=-1).fit(uninterrupted, token_loader())
@@ -124,14 +138,17 @@ def check_resume_reproduces_the_uninterrupted_run(build, callbacks, folder) -> d
     saved = torch.load(folder / "epoch1.ckpt", weights_only=True)["state_dict"]
     assert saved.keys() == trainable_tensors(first).keys()  # adapter-only
 
-    resumed = build()  # the base rebuilt from its source
-    trainer = make_trainer(callbacks(), max_epochs=2, max_steps=-1)
+    resumed, start = build(), TrainingStart()  # the base rebuilt from its source
+    trainer = make_trainer([*callbacks(), start], max_epochs=2, max_steps=-1)
     trainer.fit(resumed, token_loader(), ckpt_path=folder / "epoch1.ckpt")
-    assert trainer.global_step == 8
+    assert start.tensors.keys() == saved.keys()
+    for name in saved:
+        assert torch.equal(start.tensors[name], saved[name]), f"{name}: the resumed fit did not start from the checkpoint"
+    assert start.batches == len(token_loader()), "the resumed fit ran more than the remaining epoch"
     expected, got = trainable_tensors(uninterrupted), trainable_tensors(resumed)
     assert expected.keys() == got.keys()
     for name in expected:
-        assert torch.allclose(got[name], expected[name], atol=1e-7), name
+        assert torch.equal(got[name], expected[name]), name
         assert not torch.equal(got[name], saved[name]), f"{name} did not train in the second epoch"
     return saved
 
