@@ -111,8 +111,7 @@ def load_peft(folder: str, mode: str):
 
 def frozen_bytes(model) -> int:
     """Bytes of the frozen parameters, bitsandbytes statistics included: the same count for both libraries."""
-    from lightning_peft.quantization import is_quantized
-    from lightning_peft.quantization import statistics_bytes
+    from lightning_peft.quantization import is_quantized, statistics_bytes
 
     params = sum(p.nbytes for p in model.parameters() if not p.requires_grad)
     return params + sum(statistics_bytes(m) for m in model.modules() if is_quantized(m))

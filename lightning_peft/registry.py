@@ -69,9 +69,9 @@ def rebuild(name: str, path: str | None, config: dict[str, Any], source: Any, **
     cls = _importable_subclass(path, method) or method
     accepted = inspect.signature(cls.__init__).parameters
     dropped = sorted(set(config) - set(accepted))
-    if dropped:
-        warnings.warn(f"{source}: rebuilt as {cls.__qualname__}, which takes no {', '.join(dropped)}; "
-                      f"import {path} to rebuild the class that saved it", stacklevel=2)
+    if dropped and cls is method and path and not path.endswith(f".{method.__qualname__}"):
+        warnings.warn(f"{source}: saved by {path}, which does not import here; rebuilt as {method.__qualname__}, "
+                      f"without its settings {', '.join(dropped)}", stacklevel=2)
     return cls(**{**{k: v for k, v in config.items() if k in accepted}, **overrides})
 
 

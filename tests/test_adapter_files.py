@@ -92,27 +92,38 @@ def test_round_trip_through_our_own_files(tmp_path):
     assert torch.allclose(logits(again), logits(model), atol=1e-6)
 
 
-def two_adapter_model():
-    model = tiny_llama()
+def two_adapter_model(base=None):
+    model = copy.deepcopy(base) if base is not None else tiny_llama()
     LoRA(r=4, target_modules=["q_proj", "v_proj"], adapter_name="a").inject(model)
     LoRA(r=2, target_modules=["q_proj"], adapter_name="b").inject(model)
     randomize_trainable(model)
     return model
 
 
+def only_adapter(base, two, name, **kwargs):
+    """A copy of ``base`` carrying adapter ``name`` alone, with the tensors ``two`` holds for it."""
+    model = copy.deepcopy(base)
+    LoRA(adapter_name=name, **kwargs).inject(model)
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if param.requires_grad:
+                param.copy_(two.get_parameter(param_name))
+    return model
+
+
 def test_named_adapters_switch_and_disable():
-    model = two_adapter_model()
-    base = copy.deepcopy(model)
-    for layer in base.modules():
-        if isinstance(layer, LoRALayer):
-            layer.set_active([])
+    base = tiny_llama()  # never injected
+    model = two_adapter_model(base)
+    alone_a = only_adapter(base, model, "a", r=4, target_modules=["q_proj", "v_proj"])
+    alone_b = only_adapter(base, model, "b", r=2, target_modules=["q_proj"])
     both = logits(model)
     set_adapter(model, "a")
-    only_a = logits(model)
+    assert torch.allclose(logits(model), logits(alone_a), atol=1e-6)
     set_adapter(model, "b")
     only_b = logits(model)
-    assert not torch.allclose(only_a, only_b, atol=1e-4)
-    assert not torch.allclose(only_a, both, atol=1e-4)
+    assert torch.allclose(only_b, logits(alone_b), atol=1e-6)
+    assert not torch.allclose(logits(alone_a), only_b, atol=1e-4)
+    assert not torch.allclose(logits(alone_a), both, atol=1e-4)
     with disable_adapters(model):
         assert torch.equal(logits(model), logits(base))
     assert torch.equal(logits(model), only_b)  # the context restores what was active

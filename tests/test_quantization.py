@@ -12,8 +12,13 @@ import torch
 from torch import nn
 
 from lightning_peft import IA3, Adapter, LoRA, PromptTuning, merge, unmerge
-from lightning_peft.quantization import QuantizeBase, base_weight_bytes, dequantize_base, dequantized_weight
-from lightning_peft.quantization import statistics_bytes
+from lightning_peft.quantization import (
+    QuantizeBase,
+    base_weight_bytes,
+    dequantize_base,
+    dequantized_weight,
+    statistics_bytes,
+)
 
 from conftest import TokenModule, check_resume_reproduces_the_uninterrupted_run, make_trainer, tiny_llama, token_loader
 

@@ -134,9 +134,13 @@ class PEFTCallback(ModelSetupCallback):
                               method=f"{self.method_name} modules_to_save")
 
     def config(self) -> dict[str, Any]:
-        """The constructor arguments of this method, as stored attributes (saved with adapters)."""
-        names = inspect.signature(type(self).__init__).parameters
-        return {name: getattr(self, name) for name in names if name != "self" and hasattr(self, name)}
+        """The constructor arguments of this method and of the methods it extends, as stored attributes.
+
+        A subclass's file thus holds every setting its registered parent needs to rebuild it.
+        """
+        names = [name for cls in type(self).__mro__ if issubclass(cls, PEFTCallback)
+                 for name in inspect.signature(cls.__init__).parameters]
+        return {name: getattr(self, name) for name in dict.fromkeys(names) if name != "self" and hasattr(self, name)}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         install_adapter_checkpointing(trainer, adapter_only=lambda: adapter_only_checkpoints(trainer))
