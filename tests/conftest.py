@@ -143,7 +143,7 @@ def check_resume_reproduces_the_uninterrupted_run(build, callbacks, folder) -> d
     trainer.fit(resumed, token_loader(), ckpt_path=folder / "epoch1.ckpt")
     assert start.tensors.keys() == saved.keys()
     for name in saved:
-        assert torch.equal(start.tensors[name], saved[name]), f"{name}: the resumed fit did not start from the checkpoint"
+        assert torch.equal(start.tensors[name], saved[name]), f"{name}: the resumed fit did not start from the saved"
     assert start.batches == len(token_loader()), "the resumed fit ran more than the remaining epoch"
     expected, got = trainable_tensors(uninterrupted), trainable_tensors(resumed)
     assert expected.keys() == got.keys()

@@ -1,4 +1,4 @@
-"""The core's bookkeeping under what users do: copies, submodules, subclasses, quantized bases, models that read their layers."""
+"""The core's bookkeeping under what users do: copies, submodules, subclasses, quantized bases, layer reads."""
 
 import copy
 import json
