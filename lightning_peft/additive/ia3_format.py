@@ -7,10 +7,9 @@ from typing import Any
 from torch import nn
 
 from lightning_peft.core.adapter_files import (
-    PEFT_PREFIX,
     AdapterFormat,
+    peft_key,
     peft_targets,
-    saved_module_key,
     split_layer_tensor,
 )
 from lightning_peft.core.models import name_or_path
@@ -18,11 +17,7 @@ from lightning_peft.core.models import name_or_path
 
 def file_key(name: str, root: nn.Module) -> str:
     """peft's key: ``x.k_proj.adapters.default.ia3_l`` -> ``base_model.model.x.k_proj.ia3_l``."""
-    parts = split_layer_tensor(name)
-    if parts is None:
-        return saved_module_key(name)
-    layer, _, tensor = parts
-    return f"{PEFT_PREFIX}{layer}.{tensor}"
+    return peft_key(name, lambda layer, tensor: f"{layer}.{tensor}")
 
 
 def to_config(config: dict, root: nn.Module, names: list[str]) -> dict:

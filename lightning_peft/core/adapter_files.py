@@ -57,6 +57,15 @@ def split_layer_tensor(name: str) -> tuple[str, str, str] | None:
     return (match["layer"], match["adapter"], match["tensor"]) if match else None
 
 
+def peft_key(name: str, layer_key: Callable[[str, str], str]) -> str:
+    """peft's key for one of our tensor names: ``layer_key(layer, tensor)`` for a layer's, a saved module's own name."""
+    parts = split_layer_tensor(name)
+    if parts is None:
+        return saved_module_key(name)
+    layer, _, tensor = parts
+    return PEFT_PREFIX + layer_key(layer, tensor)
+
+
 def saved_module_key(name: str) -> str:
     """peft's key for a ``modules_to_save`` tensor: its own name under the model root."""
     return PEFT_PREFIX + name.replace(".base_layer.", ".")

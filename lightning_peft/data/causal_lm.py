@@ -6,12 +6,12 @@ import random
 from functools import partial
 from pathlib import Path
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from lightning_peft import assets
+from lightning_peft.data.base import SourceData
 from lightning_peft.data.files import READERS, check_data_arguments, read_lines, read_rows, read_text
 
 SOURCES = {"austen": assets.austen_text}
@@ -24,7 +24,7 @@ Split = str | Pairs  # plain text to pack, or (prompt, response) pairs
 Example = dict[str, list[int]]
 
 
-class CausalLMData(L.LightningDataModule):
+class CausalLMData(SourceData):
     """Text for causal language modelling: packed plain text, or prompt/response pairs with the loss on the response.
 
     Args:
@@ -61,15 +61,9 @@ class CausalLMData(L.LightningDataModule):
         self.splits: dict[str, Split] = {}
         self.encoded: dict[str, list[Example]] = {}
 
-    def prepare_data(self) -> None:
-        if self.source is not None:
-            SOURCES[self.source]()  # fetch into the cache once, on one process
+    SOURCES = SOURCES
 
-    def setup(self, stage: str) -> None:
-        if not self.splits:
-            self.splits = self._read_splits()
-        if self.tokenizer is None:
-            self.tokenizer = self.trainer.lightning_module.tokenizer
+    def _check_tokenizer(self) -> None:
         if self.chat_template and not self.tokenizer.chat_template:
             raise ValueError("chat_template is on, but the tokenizer has no chat template")
 

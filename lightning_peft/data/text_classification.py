@@ -5,19 +5,19 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from lightning_peft import assets
+from lightning_peft.data.base import SourceData
 from lightning_peft.data.files import check_data_arguments, read_lines, read_rows
 
 SOURCES = {"movie-snippets": assets.movie_snippets_split}
 Example = tuple[str, object]
 
 
-class TextClassificationData(L.LightningDataModule):
+class TextClassificationData(SourceData):
     """Texts with labels. Labels may be integers or strings (mapped to ids, names kept in ``labels``).
 
     Args:
@@ -45,17 +45,11 @@ class TextClassificationData(L.LightningDataModule):
         self.splits: dict[str, list[Example]] = {}
         self.labels: list[str] | None = None
 
-    def prepare_data(self) -> None:
-        if self.source is not None:
-            SOURCES[self.source]()  # fetch into the cache once, on one process
+    SOURCES = SOURCES
 
-    def setup(self, stage: str) -> None:
-        if not self.splits:
-            self.splits = self._read_splits()
-            self.labels = _label_names(self.splits.get("train", []))
-            self._check_labels()
-        if self.tokenizer is None:
-            self.tokenizer = self.trainer.lightning_module.tokenizer
+    def _splits_read(self) -> None:
+        self.labels = _label_names(self.splits.get("train", []))
+        self._check_labels()
 
     def _read_splits(self) -> dict[str, list[Example]]:
         if self.source is not None:

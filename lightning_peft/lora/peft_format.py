@@ -7,10 +7,9 @@ from typing import Any
 from torch import nn
 
 from lightning_peft.core.adapter_files import (
-    PEFT_PREFIX,
     AdapterFormat,
+    peft_key,
     peft_targets,
-    saved_module_key,
     split_layer_tensor,
 )
 from lightning_peft.core.models import name_or_path
@@ -19,15 +18,15 @@ from lightning_peft.lora.layers import LoRAEmbedding, LoRALinear
 
 def file_key(name: str, root: nn.Module) -> str:
     """peft's key for one of our tensor names: ``x.q_proj.adapters.default.lora_A`` -> ``...q_proj.lora_A.weight``."""
-    parts = split_layer_tensor(name)
-    if parts is None:
-        return saved_module_key(name)
-    layer, _, tensor = parts
-    if tensor == "magnitude":
-        return f"{PEFT_PREFIX}{layer}.lora_magnitude_vector"
-    if isinstance(root.get_submodule(layer), LoRAEmbedding):
-        return f"{PEFT_PREFIX}{layer}.lora_embedding_{tensor[-1]}"
-    return f"{PEFT_PREFIX}{layer}.{tensor}.weight"
+
+    def layer_key(layer: str, tensor: str) -> str:
+        if tensor == "magnitude":
+            return f"{layer}.lora_magnitude_vector"
+        if isinstance(root.get_submodule(layer), LoRAEmbedding):
+            return f"{layer}.lora_embedding_{tensor[-1]}"
+        return f"{layer}.{tensor}.weight"
+
+    return peft_key(name, layer_key)
 
 
 def to_config(config: dict, root: nn.Module, names: list[str]) -> dict:
