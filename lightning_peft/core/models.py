@@ -11,11 +11,16 @@ def transformers_models(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """The outermost transformers models (``PreTrainedModel``) in ``module``, ``module`` itself included, by name."""
     from transformers import PreTrainedModel
 
-    inside: list[str] = []
+    found: list[str] = []
     for name, sub in module.named_modules():
-        if isinstance(sub, PreTrainedModel) and not any(name.startswith(outer + ".") or not outer for outer in inside):
-            inside.append(name)
+        if isinstance(sub, PreTrainedModel) and not any(_within(name, outer) for outer in found):
+            found.append(name)
             yield name, sub
+
+
+def _within(name: str, outer: str) -> bool:
+    """Whether the module ``name`` lies inside the module ``outer`` (``""`` is the root)."""
+    return not outer or name.startswith(outer + ".")
 
 
 def model_root(module: nn.Module) -> tuple[str, nn.Module]:
@@ -25,11 +30,11 @@ def model_root(module: nn.Module) -> tuple[str, nn.Module]:
 
 def require_transformers_model(module: nn.Module, needed_by: str) -> nn.Module:
     """The transformers model inside ``module``, or a TypeError saying that ``needed_by`` needs one."""
-    _, model = model_root(module)
-    if not _is_transformers_model(model):
+    found = next(transformers_models(module), None)
+    if found is None:
         raise TypeError(f"{needed_by} needs a transformers PreTrainedModel inside the module; "
                         f"{type(module).__name__} holds none")
-    return model
+    return found[1]
 
 
 def model_type(module: nn.Module) -> str | None:
@@ -47,9 +52,3 @@ def name_or_path(module: nn.Module) -> str | None:
 def input_embedding_weight(model: nn.Module) -> Tensor:
     """The token embedding matrix of a transformers ``model`` (a wrapping PEFT layer shows its base's)."""
     return model.get_input_embeddings().weight
-
-
-def _is_transformers_model(module: nn.Module) -> bool:
-    from transformers import PreTrainedModel
-
-    return isinstance(module, PreTrainedModel)

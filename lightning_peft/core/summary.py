@@ -63,14 +63,14 @@ def trainable_summary(module: nn.Module) -> TrainableSummary:
         trainable=sum(p.numel() for p in module.parameters() if p.requires_grad),
         total=sum(p.numel() for p in module.parameters()),
         methods=list(rows.values()),
-        base_bytes=base_weight_bytes(module),
+        base_bytes=base_weight_bytes(module, claimed),
         quantized_layers=dict(Counter(quantized_format(m) for m in module.modules() if is_quantized(m))),
     )
 
 
-def base_weight_bytes(module: nn.Module) -> int:
+def base_weight_bytes(module: nn.Module, claimed: dict | None = None) -> int:
     """Bytes of the frozen base: the parameters that no adapter trains, plus quantization statistics."""
-    claimed = owners(module)
+    claimed = owners(module) if claimed is None else claimed
     params = sum(p.nbytes for p in module.parameters() if id(p) not in claimed)
     return params + sum(statistics_bytes(m) for m in module.modules() if is_quantized(m))
 

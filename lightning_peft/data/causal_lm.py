@@ -43,6 +43,8 @@ class CausalLMData(SourceData):
         tokenizer: None takes the tokenizer of the task model this data trains with.
     """
 
+    SOURCES = SOURCES
+
     def __init__(self, source: str | None = None, train_file: str | None = None, val_file: str | None = None,
                  test_file: str | None = None, predict_file: str | None = None, block_size: int = 128,
                  batch_size: int = 8, val_fraction: float = 0.05, seed: int = 0,
@@ -60,8 +62,6 @@ class CausalLMData(SourceData):
         self.tokenizer = tokenizer
         self.splits: dict[str, Split] = {}
         self.encoded: dict[str, list[Example]] = {}
-
-    SOURCES = SOURCES
 
     def _check_tokenizer(self) -> None:
         if self.chat_template and not self.tokenizer.chat_template:

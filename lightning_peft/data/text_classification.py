@@ -29,6 +29,8 @@ class TextClassificationData(SourceData):
         tokenizer: None takes the tokenizer of the task model this data trains with.
     """
 
+    SOURCES = SOURCES
+
     def __init__(self, source: str | None = None, train_file: str | None = None, val_file: str | None = None,
                  test_file: str | None = None, predict_file: str | None = None, text_column: str = "text",
                  label_column: str = "label",
@@ -44,8 +46,6 @@ class TextClassificationData(SourceData):
         self.tokenizer = tokenizer
         self.splits: dict[str, list[Example]] = {}
         self.labels: list[str] | None = None
-
-    SOURCES = SOURCES
 
     def _splits_read(self) -> None:
         self.labels = _label_names(self.splits.get("train", []))
