@@ -15,7 +15,7 @@ from lightning_peft.additive.ia3_format import IA3_FORMAT
 from lightning_peft.additive.ia3_layers import IA3Layer
 from lightning_peft.core.injection import wrap_modules
 from lightning_peft.core.models import model_type
-from lightning_peft.core.targeting import Targets, linear_types, select_modules
+from lightning_peft.core.targeting import Targets, linear_types, select_modules, warn_left_out_weights
 from lightning_peft.lightning.callback import CheckpointPolicy, PEFTCallback
 
 # model_type -> (target_modules, feedforward_modules): Hugging Face peft 0.21's IA3 defaults.
@@ -34,7 +34,7 @@ DEFAULT_TARGETS: dict[str, tuple[list[str], list[str]]] = {
     "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
     "llama4": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
     "mistral": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "mixtral": (["k_proj", "v_proj", "w2"], ["w2"]),
+    "mixtral": (["k_proj", "v_proj"], []),  # peft's w2 is gone: transformers 5 fuses the experts' weights
     "bert": (["key", "value", "output.dense"], ["output.dense"]),
     "deberta-v2": (["key_proj", "value_proj", "output.dense"], ["output.dense"]),
     "deberta": (["in_proj", "output.dense"], ["output.dense"]),
@@ -84,6 +84,7 @@ class IA3(PEFTCallback):
         chosen = select_modules(module, self._target_modules(module), self.exclude_modules, self.layers,
                                 supported=linear_types(), method="IA3")
         feedforward = self._feedforward_names(module, {name for name, _ in chosen})
+        warn_left_out_weights(module, "IA3")
         layers = wrap_modules(module, chosen, IA3Layer, IA3Layer)
         return [p for name, layer in layers
                 for p in layer.add_adapter(self.adapter_name, name in feedforward).parameters()]

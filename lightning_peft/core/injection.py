@@ -39,6 +39,37 @@ def wrap_modules(
     return layers
 
 
+def wrap_parameters(
+    root: nn.Module,
+    chosen: list[tuple[str, str]],
+    layer_for: Callable[[nn.Module, str], PEFTLayer],
+    layer_type: type[PEFTLayer],
+) -> list[PEFTLayer]:
+    """Wrap each chosen ``(module name, parameter path)`` in a ``layer_type`` layer for that parameter.
+
+    A layer already there for the parameter is reused. Several parameters of one module nest: the
+    first chosen innermost, as peft nests its parameter wrappers.
+    """
+    layers = []
+    for name, path in chosen:
+        module = root.get_submodule(name)
+        layer = _layer_for_parameter(module, path, layer_type)
+        if layer is None:
+            layer = layer_for(module, path)
+            replace_module(root, name, layer)
+        layers.append(layer)
+    return layers
+
+
+def _layer_for_parameter(module: nn.Module, path: str, layer_type: type[PEFTLayer]) -> PEFTLayer | None:
+    """The ``layer_type`` layer around ``module``'s base that adapts the parameter ``path``, if there is one."""
+    while isinstance(module, PEFTLayer):
+        if isinstance(module, layer_type) and getattr(module, "parameter_name", None) == path:
+            return module
+        module = module.base_layer
+    return None
+
+
 def peft_layers(root: nn.Module) -> Iterator[tuple[str, PEFTLayer]]:
     """Every PEFT layer in ``root`` with its name."""
     for name, module in root.named_modules():

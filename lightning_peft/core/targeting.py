@@ -2,12 +2,16 @@
 
 A target is given as a list of module-name suffixes (``["q_proj", "v_proj"]``), a regular
 expression that must match the whole module name, or ``"all-linear"``: every linear-like
-layer except the output head or classifier.
+layer except the output head or classifier (nn.MultiheadAttention counts as linear-like where
+the method adapts it). Weights that no layer computes with on its own, fused
+mixture-of-experts weights above all, are chosen as parameters (:func:`select_parameters`),
+and a selection that leaves out such weights holding most of a block is warned about.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 
 from torch import nn
@@ -15,10 +19,11 @@ from torch import nn
 from lightning_peft.core.layer import PEFTLayer, PEFTModule, innermost_base
 
 Targets = str | Sequence[str] | None
+ParameterTarget = tuple[str, str]  # (holding module's name, parameter path below it)
 
 ALL_LINEAR = "all-linear"
-# Last-layer names of the task heads in transformers models: "all-linear" leaves them alone.
-HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "qa_outputs", "cls"})
+# Last-layer names of task heads (transformers' and timm's ``head``): "all-linear" leaves them alone.
+HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "qa_outputs", "cls", "head"})
 _BLOCK_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
@@ -60,10 +65,10 @@ def _head_names(root: nn.Module) -> set[str]:
     return heads
 
 
-def _attribute_read_layers(root: nn.Module) -> set[str]:
-    """Layers whose parent reads their weight directly (nn.MultiheadAttention's out_proj): unwrappable."""
-    return {f"{name}.out_proj" if name else "out_proj"
-            for name, m in root.named_modules() if isinstance(m, nn.MultiheadAttention)}
+def _attribute_read_layers(root: nn.Module) -> dict[str, str]:
+    """Layers whose parent reads their weight directly (nn.MultiheadAttention's out_proj), with that parent's name."""
+    return {f"{name}.out_proj" if name else "out_proj": name
+            for name, m in root.named_modules() if isinstance(innermost_base(m), nn.MultiheadAttention)}
 
 
 def candidate_modules(root: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -100,8 +105,8 @@ def select_modules(
     candidates = candidate_modules(root)
     unwrappable = _attribute_read_layers(root)
     if target_modules == ALL_LINEAR:
-        heads = _head_names(root) | unwrappable
-        linear = linear_types()
+        heads = _head_names(root) | set(unwrappable)
+        linear = (*linear_types(), nn.MultiheadAttention)
         chosen = [
             (n, m)
             for n, m in candidates
@@ -122,7 +127,9 @@ def select_modules(
         )
     for name, module in chosen:
         if name in unwrappable:
-            raise TypeError(f"{method} cannot adapt '{name}': nn.MultiheadAttention reads its weight directly")
+            raise TypeError(f"{method} cannot adapt '{name}' on its own: nn.MultiheadAttention '{unwrappable[name]}' "
+                            "reads its weight directly; target the attention module itself (LoRA adapts its input "
+                            "and output projections)")
         if not isinstance(innermost_base(module), supported):
             kinds = ", ".join(t.__name__ for t in supported)
             raise TypeError(
@@ -143,3 +150,98 @@ def _name_overview(named: list[tuple[str, nn.Module]], limit: int = 40) -> str:
     items = [f"{leaf} ({kind})" for leaf, kind in seen.items()]
     more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
     return ", ".join(items[:limit]) + more if items else "(none)"
+
+
+def _expert_holder(module: nn.Module) -> bool:
+    """Whether ``module`` holds mixture-of-experts weights: it counts experts, or says it is one."""
+    return hasattr(module, "num_experts") or "expert" in type(module).__name__.lower()
+
+
+def base_parameters(root: nn.Module) -> list[tuple[str, str, nn.Parameter]]:
+    """``(holder name, local name, parameter)`` for each parameter of the base model, in registration order."""
+    return [(name, local, param) for name, module in candidate_modules(root)
+            for local, param in innermost_base(module).named_parameters(recurse=False)]
+
+
+def fused_expert_parameters(root: nn.Module) -> list[ParameterTarget]:
+    """The 3-D weights of mixture-of-experts modules: one matrix per expert, stored as one parameter."""
+    return [(name, local) for name, local, param in base_parameters(root) if param.dim() == 3
+            and param.is_floating_point() and _expert_holder(innermost_base(root.get_submodule(name)))]
+
+
+def attention_parameters(attention: nn.MultiheadAttention) -> list[str]:
+    """nn.MultiheadAttention's projection weights: ``out_proj.weight`` first, then the packed (or separate) input ones.
+
+    That order nests the input projection outermost, where peft keeps its own update of it.
+    """
+    inputs = ["in_proj_weight"] if attention.in_proj_weight is not None else ["q_proj_weight", "k_proj_weight",
+                                                                               "v_proj_weight"]
+    return ["out_proj.weight", *inputs]
+
+
+def select_parameters(
+    root: nn.Module,
+    target_parameters: Targets,
+    exclude_modules: Targets = None,
+    layers: Sequence[int] | None = None,
+    *,
+    method: str,
+) -> list[ParameterTarget]:
+    """The parameters named by ``target_parameters`` (suffixes of full names, or a full-match regex), as peft's.
+
+    ``"all-linear"`` takes the fused expert weights, if the model has any. Several parameters of
+    one module come in the module's registration order.
+    """
+    if target_parameters == ALL_LINEAR:
+        found = fused_expert_parameters(root)
+    else:
+        found = [(name, local) for name, local, _ in base_parameters(root)
+                 if _matches(f"{name}.{local}", target_parameters)]
+    chosen = [(name, local) for name, local in found
+              if not _matches(name, exclude_modules) and not _matches(f"{name}.{local}", exclude_modules)
+              and (layers is None or block_index(name) in set(layers))]
+    if not chosen and target_parameters != ALL_LINEAR:
+        raise ValueError(f"{method}: target_parameters={target_parameters!r} matched no parameter. Weights that no "
+                         f"layer computes with on its own: {_parameter_overview(root)}")
+    return chosen
+
+
+def _parameter_overview(root: nn.Module, limit: int = 20) -> str:
+    """Distinct matrix parameters held outside linear-like layers, e.g. ``experts.gate_up_proj (4, 96, 32)``."""
+    seen: dict[str, tuple[int, ...]] = {}
+    for name, local, param in _unreachable(root):
+        seen.setdefault(f"{name.rsplit('.', 1)[-1]}.{local}", tuple(param.shape))
+    items = [f"{name} {shape}" for name, shape in seen.items()][:limit]
+    return ", ".join(items) if items else "(none)"
+
+
+def _unreachable(root: nn.Module) -> list[tuple[str, str, nn.Parameter]]:
+    """Matrix parameters that no layer type computes with: only parameter targets can adapt them."""
+    layer_types = (*linear_types(), nn.Embedding, nn.modules.conv._ConvNd)
+    return [(name, local, param) for name, local, param in base_parameters(root)
+            if param.dim() >= 2 and not isinstance(innermost_base(root.get_submodule(name)), layer_types)]
+
+
+def warn_left_out_weights(root: nn.Module, method: str, adapted: Sequence[nn.Parameter] = ()) -> None:
+    """Warn when weights that no layer target reaches, left out of ``adapted``, hold most of a block's parameters.
+
+    The silent skip this catches: "all-linear" on a model whose experts are fused 3-D weights.
+    """
+    taken = {id(p) for p in adapted}
+    sizes: dict[int | None, int] = {}
+    for name, _, param in base_parameters(root):
+        sizes[block_index(name)] = sizes.get(block_index(name), 0) + param.numel()
+    left: dict[int | None, list[tuple[str, int]]] = {}
+    for name, local, param in _unreachable(root):
+        if id(param) not in taken:
+            left.setdefault(block_index(name), []).append((f"{name}.{local}", param.numel()))
+    heavy = [(full, n) for block, params in left.items() if 2 * sum(n for _, n in params) > sizes[block]
+             for full, n in params if 10 * n > sizes[block]]  # a router beside the experts is not worth naming
+    if not heavy:
+        return
+    share = sum(n for _, n in heavy) / sum(sizes.values())
+    names = sorted({re.sub(r"\.\d+\.", ".*.", full) for full, _ in heavy})
+    warnings.warn(f"{method} leaves out {', '.join(names[:6])}{' ...' if len(names) > 6 else ''}: {share:.0%} of "
+                  "the model's parameters and most of their blocks. Their module reads these weights itself, so no "
+                  "layer target reaches them; LoRA adapts them with target_parameters (\"all-linear\" includes "
+                  "fused expert weights)", stacklevel=3)

@@ -7,11 +7,21 @@ from collections.abc import Sequence
 from torch import nn
 
 from lightning_peft.core.checks import check_choice, check_positive_int, check_probability
-from lightning_peft.core.injection import wrap_modules
+from lightning_peft.core.injection import wrap_modules, wrap_parameters
 from lightning_peft.core.layer import innermost_base
-from lightning_peft.core.targeting import Targets, linear_types, select_modules
+from lightning_peft.core.targeting import (
+    ALL_LINEAR,
+    ParameterTarget,
+    Targets,
+    attention_parameters,
+    linear_types,
+    select_modules,
+    select_parameters,
+    warn_left_out_weights,
+)
 from lightning_peft.lightning.callback import CheckpointPolicy, PEFTCallback
 from lightning_peft.lora.layers import INITS, LoRALayer, lora_layer_for
+from lightning_peft.lora.parameters import LoRAParameter
 from lightning_peft.lora.peft_format import LORA_FORMAT
 
 
@@ -22,8 +32,13 @@ class LoRA(PEFTCallback):
         r: rank of the update.
         alpha: scaling numerator.
         dropout: dropout on the adapter's input.
-        target_modules: module-name suffixes, a full-match regex, or ``"all-linear"``.
-        exclude_modules: the same forms, taken out of the targets.
+        target_modules: module-name suffixes, a full-match regex, or ``"all-linear"`` (every linear-like
+            layer but the output head, nn.MultiheadAttention included); ``None`` with ``target_parameters``.
+        target_parameters: names (suffixes of full names, or a full-match regex) of weights that their
+            module reads itself, as peft's: fused mixture-of-experts weights like ``"experts.gate_up_proj"``,
+            one update per expert. ``None`` takes the fused expert weights under ``"all-linear"`` and
+            none otherwise; ``[]`` takes none.
+        exclude_modules: the same forms as ``target_modules``, taken out of the targets (modules and parameters).
         layers: block indices to adapt (all when ``None``).
         use_dora: DoRA, a learned magnitude per output feature (linear layers).
         use_rslora: scale by ``alpha / sqrt(r)``.
@@ -42,6 +57,7 @@ class LoRA(PEFTCallback):
         alpha: float = 16,
         dropout: float = 0.0,
         target_modules: Targets = "all-linear",
+        target_parameters: Targets = None,
         exclude_modules: Targets = None,
         layers: Sequence[int] | None = None,
         use_dora: bool = False,
@@ -57,30 +73,56 @@ class LoRA(PEFTCallback):
             raise ValueError(f"LoRA alpha must be > 0, got {alpha!r}")
         check_probability("LoRA", "dropout", dropout)
         check_choice("LoRA", "init", init, INITS)
+        if target_modules is None and not target_parameters:
+            raise ValueError("LoRA needs target_modules, target_parameters or both")
         self.r, self.alpha, self.dropout = r, alpha, dropout
-        self.target_modules, self.exclude_modules, self.layers = target_modules, exclude_modules, layers
+        self.target_modules, self.target_parameters = target_modules, target_parameters
+        self.exclude_modules, self.layers = exclude_modules, layers
         self.use_dora, self.use_rslora, self.init = use_dora, use_rslora, init
 
     def inject_into(self, module: nn.Module) -> list[nn.Parameter]:
-        chosen = select_modules(
-            module, self.target_modules, self.exclude_modules, self.layers,
-            supported=(*linear_types(), nn.Embedding, nn.Conv1d, nn.Conv2d), method="LoRA",
-        )
-        self._check_before_injecting(module, chosen)
-        layers = wrap_modules(module, chosen, lora_layer_for, LoRALayer, innermost=True)
-        params = []
-        for _, layer in layers:
-            adapter = layer.add_adapter(self.adapter_name, self.r, self.alpha, self.dropout, self.use_rslora,
-                                        self.use_dora, self.init)
-            params.extend(adapter.parameters())
-        return params
+        modules = self._chosen_modules(module)
+        attention = [(n, m) for n, m in modules if isinstance(innermost_base(m), nn.MultiheadAttention)]
+        layers = [(n, m) for n, m in modules if (n, m) not in attention]
+        parameters = [(n, path) for n, m in attention for path in attention_parameters(innermost_base(m))]
+        parameters += self._chosen_parameters(module)
+        self._check_before_injecting(layers, parameters)
+        wrapped = [layer for _, layer in wrap_modules(module, layers, lora_layer_for, LoRALayer, innermost=True)]
+        on_parameters = wrap_parameters(module, parameters, LoRAParameter, LoRAParameter)
+        warn_left_out_weights(module, "LoRA", [layer.stored_weight() for layer in on_parameters])
+        return [p for layer in wrapped + on_parameters
+                for p in layer.add_adapter(self.adapter_name, self.r, self.alpha, self.dropout, self.use_rslora,
+                                           self.use_dora, self.init).parameters()]
 
-    def _check_before_injecting(self, root: nn.Module, chosen: list[tuple[str, nn.Module]]) -> None:
+    def _chosen_modules(self, root: nn.Module) -> list[tuple[str, nn.Module]]:
+        if self.target_modules is None:
+            return []
+        return select_modules(root, self.target_modules, self.exclude_modules, self.layers, method="LoRA",
+                              supported=(*linear_types(), nn.Embedding, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention))
+
+    def _chosen_parameters(self, root: nn.Module) -> list[ParameterTarget]:
+        """The parameters named, or under "all-linear" (unless told otherwise) the fused expert weights."""
+        targets = self.target_parameters
+        if targets is None:
+            targets = ALL_LINEAR if self.target_modules == ALL_LINEAR else []
+        if not targets:
+            return []
+        return select_parameters(root, targets, self.exclude_modules, self.layers, method="LoRA")
+
+    def _check_before_injecting(self, layers: list[tuple[str, nn.Module]], parameters: list[ParameterTarget]) -> None:
         """Refuse what would fail half-way, so a refused injection leaves the model untouched."""
-        for name, module in chosen:
+        for name, module in layers:
             base = innermost_base(module)
             if (self.use_dora or self.init == "pissa") and not isinstance(base, linear_types()):
                 what = "DoRA" if self.use_dora else "init='pissa'"
                 raise TypeError(f"LoRA {what} needs linear layers; '{name}' is {type(base).__name__}")
             if isinstance(base, (nn.Conv1d, nn.Conv2d)) and (base.groups != 1 or base.padding_mode != "zeros"):
                 raise TypeError(f"LoRA adapts convolutions with groups=1 and padding_mode='zeros'; '{name}' is not")
+        setting = ("use_dora=True" if self.use_dora else f"dropout={self.dropout}" if self.dropout
+                   else "init='pissa'" if self.init == "pissa" else None)
+        if parameters and setting:
+            name, path = parameters[0]
+            raise ValueError(f"LoRA {setting} cannot apply to '{name}.{path}': its module reads that weight itself, "
+                             "so the update is added to the weight, not computed by a layer. Leave such weights out "
+                             "(target_parameters=[], or target_modules without the attention module) or drop "
+                             f"{setting.split('=')[0]}")

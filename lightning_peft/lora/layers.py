@@ -23,10 +23,10 @@ INITS = ("default", "gaussian", "pissa")
 class LoRAAdapter(nn.Module):
     """One low-rank update ``scale * B @ A`` with its input dropout and DoRA's magnitude."""
 
-    def __init__(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], alpha: float, dropout: float,
+    def __init__(self, r: int, a_shape: tuple[int, ...], b_shape: tuple[int, ...], alpha: float, dropout: float,
                  use_rslora: bool, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
-        r = a_shape[0]
+        self.r = r
         self.lora_A = nn.Parameter(torch.zeros(a_shape, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(b_shape, dtype=dtype, device=device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -46,9 +46,9 @@ class LoRALayer(PEFTLayer):
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
                     use_dora: bool = False, init: str = "default") -> LoRAAdapter:
-        weight = self.base_layer.weight
+        weight = self.stored_weight()
         dtype = adapter_dtype(weight)
-        adapter = LoRAAdapter(self.a_shape(r), self.b_shape(r), alpha, dropout, use_rslora, dtype, weight.device)
+        adapter = LoRAAdapter(r, self.a_shape(r), self.b_shape(r), alpha, dropout, use_rslora, dtype, weight.device)
         self.initialize(adapter, init)
         if use_dora:
             adapter.magnitude = nn.Parameter(self.row_norm(adapter).to(dtype))
@@ -56,6 +56,10 @@ class LoRALayer(PEFTLayer):
         return adapter
 
     # --- what a kind of base layer defines -------------------------------------------------
+    def stored_weight(self) -> Tensor:
+        """The adapted weight as stored (possibly quantized): its device and dtype place the adapters."""
+        return self.base_layer.weight
+
     def a_shape(self, r: int) -> tuple[int, ...]:
         raise NotImplementedError
 
@@ -80,7 +84,7 @@ class LoRALayer(PEFTLayer):
         if init == "default":
             nn.init.kaiming_uniform_(adapter.lora_A, a=math.sqrt(5))
         elif init == "gaussian":
-            nn.init.normal_(adapter.lora_A, std=1 / adapter.lora_A.shape[0])
+            nn.init.normal_(adapter.lora_A, std=1 / adapter.r)
         else:
             raise ValueError(f"LoRA init={init!r} is not supported on {type(self.base_layer).__name__}")
 
@@ -159,7 +163,7 @@ class LoRALinear(LoRALayer):
         """PiSSA: A, B from the top-r singular triplets of W; the rest stays in the base weight."""
         weight = self.from_weight_layout(self.base_weight())
         u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
-        r = adapter.lora_A.shape[0]
+        r = adapter.r
         root_s = torch.sqrt(s[:r] / adapter.scale)
         adapter.lora_A.copy_(root_s[:, None] * vh[:r])
         adapter.lora_B.copy_(u[:, :r] * root_s[None, :])
@@ -216,7 +220,7 @@ class LoRAEmbedding(LoRALayer):
         """A = 0 and B random (peft's choice for embeddings), so the layer starts as its base."""
         if init == "pissa":
             raise ValueError("LoRA init='pissa' needs a linear layer, not nn.Embedding")
-        nn.init.normal_(adapter.lora_B, std=1.0 if init == "default" else 1 / adapter.lora_A.shape[0])
+        nn.init.normal_(adapter.lora_B, std=1.0 if init == "default" else 1 / adapter.r)
 
     def delta(self, x: Tensor, out: Tensor, adapter: LoRAAdapter) -> Tensor:
         return self.lora_output(x, adapter)  # token ids: no dropout, no cast

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from torch import nn
@@ -12,8 +13,10 @@ from lightning_peft.core.adapter_files import (
     peft_targets,
     split_layer_tensor,
 )
+from lightning_peft.core.layer import innermost_base
 from lightning_peft.core.models import name_or_path
 from lightning_peft.lora.layers import LoRAEmbedding, LoRALinear
+from lightning_peft.lora.parameters import LoRAParameter
 
 
 def file_key(name: str, root: nn.Module) -> str:
@@ -30,17 +33,39 @@ def file_key(name: str, root: nn.Module) -> str:
 
 
 def to_config(config: dict, root: nn.Module, names: list[str]) -> dict:
-    """peft's LoraConfig fields; the targets are listed by their full names, which peft matches exactly."""
+    """peft's LoraConfig fields; the targets are listed by their full names, which peft matches exactly.
+
+    A parameter's update is a ``target_parameters`` entry, except nn.MultiheadAttention's, whose
+    module is the target (as it was named).
+    """
     layers = sorted({parts[0] for parts in map(split_layer_tensor, names) if parts})
     transposed = any(isinstance(root.get_submodule(n), LoRALinear) and root.get_submodule(n).transposed
                      for n in layers)
+    modules, parameters = _module_and_parameter_targets(root, layers)
     return {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": name_or_path(root), "inference_mode": True,
         "r": config["r"], "lora_alpha": config["alpha"], "lora_dropout": config["dropout"],
-        "target_modules": layers, "use_rslora": config["use_rslora"], "use_dora": config["use_dora"],
+        "target_modules": modules or None, "target_parameters": parameters or None,
+        "use_rslora": config["use_rslora"], "use_dora": config["use_dora"],
         "fan_in_fan_out": transposed, "bias": "none", "init_lora_weights": True,
         "modules_to_save": config["modules_to_save"] or None,
     }
+
+
+def _module_and_parameter_targets(root: nn.Module, layers: list[str]) -> tuple[list[str], list[str]]:
+    """The full names of the adapted modules and of the adapted parameters (wrappers' ``base_layer`` left out)."""
+    modules, parameters = [], []
+    for name in layers:
+        layer = root.get_submodule(name)
+        if not isinstance(layer, LoRAParameter):
+            modules.append(name)
+            continue
+        holder = re.sub(r"(?:\.base_layer)+$", "", name)
+        if isinstance(innermost_base(layer), nn.MultiheadAttention):
+            modules.append(holder)
+        else:
+            parameters.append(f"{holder}.{layer.parameter_name}")
+    return sorted(set(modules)), sorted(parameters)
 
 
 def to_settings(config: dict) -> dict[str, Any]:
@@ -50,7 +75,8 @@ def to_settings(config: dict) -> dict[str, Any]:
         raise ValueError(f"peft LoRA option(s) {', '.join(unsupported)} are not supported: {unsupported}")
     return dict(
         r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
-        target_modules=peft_targets(config["target_modules"]),
+        target_modules=peft_targets(config.get("target_modules")),
+        target_parameters=config.get("target_parameters") or [],
         exclude_modules=peft_targets(config.get("exclude_modules")),
         layers=_layers(config.get("layers_to_transform")),
         use_dora=bool(config.get("use_dora")), use_rslora=bool(config.get("use_rslora")),

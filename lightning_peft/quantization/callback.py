@@ -11,10 +11,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_peft.core.injection import replace_module
-from lightning_peft.core.layer import PEFTLayer
+from lightning_peft.core.layer import PEFTLayer, innermost_base
 from lightning_peft.core.ownership import owners
 from lightning_peft.core.summary import base_weight_bytes, size_text
-from lightning_peft.core.targeting import ALL_LINEAR, Targets, select_modules
+from lightning_peft.core.targeting import ALL_LINEAR, Targets, fused_expert_parameters, select_modules
 from lightning_peft.core.weights import import_bitsandbytes, is_quantized
 from lightning_peft.lightning.callback import ModelSetupCallback
 from lightning_peft.quantization.layers import MODES, quantize_linear
@@ -79,6 +79,17 @@ class QuantizeBase(ModelSetupCallback):
             self._quantize(module, name)
             return_freed_memory()
         self.base_bytes, self.quantized_layers = (before, base_weight_bytes(module)), len(names)
+        self._warn_fused_experts(module)
+
+    def _warn_fused_experts(self, module: nn.Module) -> None:
+        """Fused expert weights stay in full precision (bitsandbytes quantizes 2-D linear layers): say how much."""
+        fused = [getattr(innermost_base(module.get_submodule(name)), local)
+                 for name, local in fused_expert_parameters(module)]
+        if fused:
+            size = sum(p.numel() * p.element_size() for p in fused)
+            warnings.warn(f"QuantizeBase keeps {len(fused)} fused expert weights ({size_text(size)}) in full "
+                          "precision: bitsandbytes quantizes nn.Linear layers, and these are 3-D parameters that "
+                          "their module reads itself", stacklevel=3)
 
     def summary(self) -> str:
         """One line: how many layers were quantized and the frozen base's bytes before and after."""
