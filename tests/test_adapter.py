@@ -183,23 +183,23 @@ def test_named_adapters_on_one_layer_apply_in_sequence():
 
 
 def test_unknown_architecture_without_targets_names_the_fix_before_any_change():
-    from transformers import MistralConfig, MistralForCausalLM
+    from transformers import MixtralConfig, MixtralForCausalLM
 
-    config = MistralConfig(vocab_size=128, hidden_size=H, intermediate_size=2 * H, num_hidden_layers=2,
+    config = MixtralConfig(vocab_size=128, hidden_size=H, intermediate_size=2 * H, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    module = TokenModule(MistralForCausalLM(config))
+    module = TokenModule(MixtralForCausalLM(config))  # fused experts: no feed-forward output projection to follow
     keys = set(module.state_dict())
     with pytest.raises(ValueError) as info:
         make_trainer([Adapter(bottleneck_dim=B)], max_steps=1).fit(module, token_loader())
-    assert "'mistral'" in str(info.value) and "target_modules" in str(info.value)
+    assert "llama (self_attn.o_proj / mlp.down_proj)" in str(info.value) and "target_modules" in str(info.value)
     assert set(module.state_dict()) == keys
 
-    Adapter(bottleneck_dim=B, target_modules=["o_proj", "down_proj"]).inject(module)
-    assert len(adapter_layer_names(module)) == 4
+    Adapter(bottleneck_dim=B, target_modules=["o_proj"]).inject(module)
+    assert len(adapter_layer_names(module)) == 2
 
 
 def test_a_plain_torch_model_without_targets_is_an_error():
-    with pytest.raises(ValueError, match="no transformers model.*target_modules"):
+    with pytest.raises(ValueError, match="found no block output projections.*target_modules"):
         Adapter().inject(ConvMLP())
 
 

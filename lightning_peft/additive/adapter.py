@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from torch import nn
@@ -9,18 +10,24 @@ from torch import nn
 from lightning_peft.additive.adapter_layers import ACTIVATIONS, AdapterLayer
 from lightning_peft.core.checks import check_choice, check_positive_int, check_probability
 from lightning_peft.core.injection import wrap_modules
-from lightning_peft.core.models import model_type
-from lightning_peft.core.targeting import Targets, linear_types, select_modules
+from lightning_peft.core.targeting import Targets, candidate_modules, linear_types, select_modules
 from lightning_peft.lightning.callback import CheckpointPolicy, PEFTCallback
 
 PLACEMENTS = ("houlsby", "pfeiffer")
 
-# Each architecture's (attention output, feed-forward output) projections, as full-match regexes.
-# BERT's block output ``layer.N.output.dense`` must not also take ``layer.N.attention.output.dense``.
+# Block output projections (attention output, feed-forward output) by naming scheme, as full-match
+# regexes; a model takes the first scheme whose projections it has. BERT's block output
+# ``layer.N.output.dense`` must not also take ``layer.N.attention.output.dense``.
 OUTPUT_PROJECTIONS: dict[str, tuple[str, str]] = {
-    "llama": (r"(?:.*\.)?self_attn\.o_proj", r"(?:.*\.)?mlp\.down_proj"),
+    "llama": (r"(?:.*\.)?self_attn\.o_proj", r"(?:.*\.)?mlp\.down_proj"),  # Mistral, Qwen, Gemma, Phi-3 too
+    # RoBERTa, DeBERTa, ViT too
     "bert": (r"(?:.*\.)?layer\.\d+\.attention\.output\.dense", r"(?:.*\.)?layer\.\d+\.output\.dense"),
     "gpt2": (r"(?:.*\.)?h\.\d+\.attn\.c_proj", r"(?:.*\.)?h\.\d+\.mlp\.c_proj"),
+    "bart": (r"(?:.*\.)?self_attn\.out_proj", r"(?:.*\.)?fc2"),  # OPT, Whisper, CLIP too
+    "t5": (r"(?:.*\.)?SelfAttention\.o", r"(?:.*\.)?DenseReluDense\.wo"),
+    "gpt_neox": (r"(?:.*\.)?attention\.dense", r"(?:.*\.)?mlp\.dense_4h_to_h"),
+    "bloom": (r"(?:.*\.)?self_attention\.dense", r"(?:.*\.)?mlp\.dense_4h_to_h"),
+    "distilbert": (r"(?:.*\.)?attention\.out_lin", r"(?:.*\.)?ffn\.lin2"),
 }
 
 
@@ -30,7 +37,8 @@ class Adapter(PEFTCallback):
     Args:
         bottleneck_dim: width of the bottleneck.
         placement: ``"houlsby"`` (after the attention and the feed-forward output of each block)
-            or ``"pfeiffer"`` (after the feed-forward output only); built in for Llama, BERT, GPT-2.
+            or ``"pfeiffer"`` (after the feed-forward output only); found by the naming schemes of
+            ``OUTPUT_PROJECTIONS`` (Llama-, BERT-, GPT-2-, BART-, T5-, GPT-NeoX-, BLOOM- and DistilBERT-like).
         activation: ``"gelu"``, ``"relu"``, ``"silu"`` or ``"tanh"``.
         dropout: dropout on the adapter's update, before the residual add.
         target_modules: module-name suffixes or a full-match regex of the layers whose output the
@@ -71,21 +79,27 @@ class Adapter(PEFTCallback):
         return params
 
     def targets_in(self, module: nn.Module) -> Targets:
-        """``target_modules`` when given, else the placement's output projections of the model inside."""
+        """``target_modules`` when given, else the placement's output projections of the model's naming scheme."""
         if self.target_modules is not None:
             return self.target_modules
-        kind = model_type(module)
-        if kind not in OUTPUT_PROJECTIONS:
-            found = f"model_type {kind!r}" if kind else "no transformers model"
-            raise ValueError(
-                f"Adapter knows where to insert adapters in {', '.join(sorted(OUTPUT_PROJECTIONS))} models, but "
-                f"found {found}. Pass target_modules with the output projections of each block, e.g. "
-                "Adapter(target_modules=['attn.out_proj', 'mlp.fc2']) (name suffixes or a full-match regex)"
-            )
-        return placement_pattern(kind, self.placement)
+        names = [name for name, _ in candidate_modules(module)]
+        for scheme, (attention, feedforward) in OUTPUT_PROJECTIONS.items():
+            needed = [attention, feedforward] if self.placement == "houlsby" else [feedforward]
+            if all(any(re.fullmatch(pattern, name) for name in names) for pattern in needed):
+                return placement_pattern(scheme, self.placement)
+        known = ", ".join(f"{scheme} ({_readable(a)} / {_readable(f)})"
+                          for scheme, (a, f) in OUTPUT_PROJECTIONS.items())
+        raise ValueError(f"Adapter placement={self.placement!r} found no block output projections of a known naming "
+                         f"scheme in this model; known: {known}. Pass target_modules with the output projections of "
+                         "each block, e.g. Adapter(target_modules=['attn.out_proj', 'mlp.fc2'])")
 
 
-def placement_pattern(model_type: str, placement: str) -> str:
-    """The regex of the module names that ``placement`` puts adapters after in a ``model_type`` model."""
-    attention, feedforward = OUTPUT_PROJECTIONS[model_type]
+def placement_pattern(scheme: str, placement: str) -> str:
+    """The regex of the module names that ``placement`` puts adapters after under a naming ``scheme``."""
+    attention, feedforward = OUTPUT_PROJECTIONS[scheme]
     return f"(?:{attention})|(?:{feedforward})" if placement == "houlsby" else feedforward
+
+
+def _readable(pattern: str) -> str:
+    """A module-name regex of ``OUTPUT_PROJECTIONS`` as a user would write the name: ``layer.N.output.dense``."""
+    return pattern.removeprefix(r"(?:.*\.)?").replace(r"\d+", "N").replace("\\", "")
