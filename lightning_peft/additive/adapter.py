@@ -24,6 +24,7 @@ OUTPUT_PROJECTIONS: dict[str, tuple[str, str]] = {
     "bert": (r"(?:.*\.)?layer\.\d+\.attention\.output\.dense", r"(?:.*\.)?layer\.\d+\.output\.dense"),
     "gpt2": (r"(?:.*\.)?h\.\d+\.attn\.c_proj", r"(?:.*\.)?h\.\d+\.mlp\.c_proj"),
     "bart": (r"(?:.*\.)?self_attn\.out_proj", r"(?:.*\.)?fc2"),  # OPT, Whisper, CLIP too
+    "vit": (r"(?:.*\.)?attention\.o_proj", r"(?:.*\.)?mlp\.fc2"),
     "t5": (r"(?:.*\.)?SelfAttention\.o", r"(?:.*\.)?DenseReluDense\.wo"),
     "gpt_neox": (r"(?:.*\.)?attention\.dense", r"(?:.*\.)?mlp\.dense_4h_to_h"),
     "bloom": (r"(?:.*\.)?self_attention\.dense", r"(?:.*\.)?mlp\.dense_4h_to_h"),
@@ -38,7 +39,7 @@ class Adapter(PEFTCallback):
         bottleneck_dim: width of the bottleneck.
         placement: ``"houlsby"`` (after the attention and the feed-forward output of each block)
             or ``"pfeiffer"`` (after the feed-forward output only); found by the naming schemes of
-            ``OUTPUT_PROJECTIONS`` (Llama-, BERT-, GPT-2-, BART-, T5-, GPT-NeoX-, BLOOM- and DistilBERT-like).
+            ``OUTPUT_PROJECTIONS`` (Llama-, BERT-, GPT-2-, BART-, ViT-, T5-, GPT-NeoX-, BLOOM- and DistilBERT-like).
         activation: ``"gelu"``, ``"relu"``, ``"silu"`` or ``"tanh"``.
         dropout: dropout on the adapter's update, before the residual add.
         target_modules: module-name suffixes or a full-match regex of the layers whose output the

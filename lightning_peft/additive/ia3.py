@@ -45,6 +45,15 @@ DEFAULT_TARGETS: dict[str, tuple[list[str], list[str]]] = {
     "gemma3_text": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
     "qwen2": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
     "qwen3": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
+    # Beyond peft's table: the same choice on architectures it lacks.
+    "phi3": (["qkv_proj", "down_proj"], ["down_proj"]),
+    "distilbert": (["k_lin", "v_lin", "lin2"], ["lin2"]),
+    "vit": (["k_proj", "v_proj", "fc2"], ["fc2"]),
+    "clip": (["k_proj", "v_proj", "fc2"], ["fc2"]),
+    "whisper": (["k_proj", "v_proj", "fc2"], ["fc2"]),
+    "qwen3_moe": (["k_proj", "v_proj"], []),
+    "olmoe": (["k_proj", "v_proj"], []),
+    "gpt_oss": (["k_proj", "v_proj"], []),
 }
 
 

@@ -32,12 +32,17 @@ def file_key(name: str, root: nn.Module) -> str:
     return SAVED_MODULE_PREFIX + name
 
 
+def no_layout(root: nn.Module) -> str | None:
+    """Why peft has no layout for our soft prompt on ``root``: its encoder-decoders take one per stack."""
+    if getattr(root.config, "is_encoder_decoder", False):
+        return (f"{type(root).__name__} is an encoder-decoder; peft's prompt learning puts virtual tokens in its "
+                "encoder and decoder, ours in front of the inputs only")
+    return None
+
+
 def task_type(root: nn.Module) -> str:
     """peft's task type for a transformers model, which picks the PeftModel class that loads it."""
     name = type(root).__name__
-    if getattr(root.config, "is_encoder_decoder", False):
-        raise ValueError(f"{name} is an encoder-decoder: peft's prompt learning puts virtual tokens in its encoder and "
-                         "decoder, ours in front of the inputs only, so this adapter has no peft layout")
     task = next((task for suffix, task in HEAD_TASKS.items() if name.endswith(suffix)), None)
     return task or ("CAUSAL_LM" if root.can_generate() else "FEATURE_EXTRACTION")
 
@@ -102,6 +107,6 @@ def prefix_settings(config: dict) -> dict[str, Any]:
 
 
 PROMPT_TUNING_FORMAT = AdapterFormat(peft_type="PROMPT_TUNING", to_config=prompt_config, to_settings=prompt_settings,
-                                     file_key=file_key)
+                                     file_key=file_key, no_layout=no_layout)
 PREFIX_TUNING_FORMAT = AdapterFormat(peft_type="PREFIX_TUNING", to_config=prefix_config, to_settings=prefix_settings,
-                                     file_key=file_key, to_file=computed_prefixes)
+                                     file_key=file_key, to_file=computed_prefixes, no_layout=no_layout)

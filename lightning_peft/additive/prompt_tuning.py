@@ -30,7 +30,7 @@ from lightning_peft.additive.soft_prompts import (
 )
 from lightning_peft.core.checks import check_choice, check_positive_int
 from lightning_peft.core.layer import PEFTModule, adapter_dtype
-from lightning_peft.core.models import input_embedding_weight, require_transformers_model
+from lightning_peft.core.models import input_embedding_weight, require_token_model
 from lightning_peft.lightning.callback import CheckpointPolicy, PEFTCallback
 
 PromptInit = Literal["random", "vocab", "text"]
@@ -138,7 +138,7 @@ class PromptTuning(PEFTCallback):
         self._tokenizer = tokenizer  # a tool, not a setting: kept out of the saved config
 
     def inject_into(self, module: nn.Module) -> list[nn.Parameter]:
-        model = require_transformers_model(module, "PromptTuning")
+        model = require_token_model(module, "PromptTuning")
         prompt = Prompt(self.initial_prompt(model, module))
         prompt_injector(model).register_adapter(self.adapter_name, prompt)
         return [prompt.prompt]

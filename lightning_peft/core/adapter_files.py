@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,8 @@ class AdapterFormat:
     model root and our tensor names; ``to_settings(config)`` the inverse, our constructor
     arguments; and ``file_key(name, root)`` peft's tensor key for one of our tensor names
     (relative to ``root``). ``to_file(tensors, root)``, when given, turns our tensors into the
-    ones peft's file holds.
+    ones peft's file holds. ``no_layout(root)``, when given, says why peft has no layout for the
+    method on that model (or None): such an adapter is saved in the native layout instead.
     """
 
     peft_type: str
@@ -49,6 +51,15 @@ class AdapterFormat:
     to_settings: Callable[[dict], dict[str, Any]]
     file_key: Callable[[str, nn.Module], str]
     to_file: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]] | None = None
+    no_layout: Callable[[nn.Module], str | None] | None = None
+
+
+def file_format(ref: AdapterRef, root: nn.Module) -> AdapterFormat | None:
+    """The peft layout that ``ref``'s files use on the model ``root``, or None for the native layout."""
+    adapter_format = ref.method.peft_format
+    if adapter_format is None or adapter_format.no_layout is None or adapter_format.no_layout(root) is None:
+        return adapter_format
+    return None
 
 
 def split_layer_tensor(name: str) -> tuple[str, str, str] | None:
@@ -106,7 +117,7 @@ def file_tensors(module: nn.Module, ref: AdapterRef) -> dict[str, torch.Tensor]:
     """One adapter's tensors under the keys its file uses: peft's where peft has the method, else ours."""
     tensors = adapter_tensors(module, ref)
     _, root = model_root(module)
-    adapter_format = ref.method.peft_format
+    adapter_format = file_format(ref, root)
     if adapter_format is None:
         return {native_key(name, root): t for name, t in tensors.items()}
     if adapter_format.to_file is not None:
@@ -117,15 +128,19 @@ def file_tensors(module: nn.Module, ref: AdapterRef) -> dict[str, torch.Tensor]:
 def file_config(module: nn.Module, ref: AdapterRef) -> dict[str, Any]:
     """One adapter's adapter_config.json: peft's config where peft has the method, else ours."""
     _, root = model_root(module)
-    adapter_format = ref.method.peft_format
+    adapter_format = file_format(ref, root)
     if adapter_format is None:
         return {NATIVE_KEY: ref.method_name, CLASS_KEY: class_path(ref.method), **ref.config}
     return adapter_format.to_config(ref.config, root, list(adapter_tensors(module, ref)))
 
 
 def save_adapter(module: nn.Module, path: PathLike, adapter_name: str = "default", method: str | None = None) -> Path:
-    """Write one adapter's files into the folder ``path``: peft's layout where peft has the method."""
+    """Write one adapter's files into the folder ``path``: peft's layout where peft has the method and model."""
     ref = find_adapter(module, adapter_name, method)
+    _, root = model_root(module)
+    if ref.method.peft_format is not None and file_format(ref, root) is None:
+        warnings.warn(f"{ref} is saved in lightning-peft's own layout, which peft does not read: "
+                      f"{ref.method.peft_format.no_layout(root)}", stacklevel=2)
     tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in file_tensors(module, ref).items()}
     config = json.dumps(_jsonable(file_config(module, ref)), indent=2)
     folder = Path(path)

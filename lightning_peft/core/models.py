@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 
 from torch import Tensor, nn
@@ -35,6 +36,21 @@ def require_transformers_model(module: nn.Module, needed_by: str) -> nn.Module:
         raise TypeError(f"{needed_by} needs a transformers PreTrainedModel inside the module; "
                         f"{type(module).__name__} holds none")
     return found[1]
+
+
+def require_token_model(module: nn.Module, needed_by: str) -> nn.Module:
+    """The transformers model inside ``module`` if it reads token ids through an nn.Embedding, else one TypeError."""
+    model = require_transformers_model(module, needed_by)
+    first = next(iter(inspect.signature(model.forward).parameters), None)
+    try:
+        embedding = model.get_input_embeddings()
+    except NotImplementedError:
+        embedding = None
+    if first != "input_ids" or not isinstance(embedding, nn.Embedding):
+        what = f"takes {first} first" if first != "input_ids" else "has no single token embedding"
+        raise TypeError(f"{needed_by} puts virtual tokens in front of token ids; {type(model).__name__} {what}, "
+                        "so it fits text models only")
+    return model
 
 
 def model_type(module: nn.Module) -> str | None:

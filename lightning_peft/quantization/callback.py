@@ -12,6 +12,7 @@ from torch import nn
 
 from lightning_peft.core.injection import replace_module
 from lightning_peft.core.layer import PEFTLayer, innermost_base
+from lightning_peft.core.models import transformers_models
 from lightning_peft.core.ownership import owners
 from lightning_peft.core.summary import base_weight_bytes, size_text
 from lightning_peft.core.targeting import ALL_LINEAR, Targets, fused_expert_parameters, select_modules
@@ -28,7 +29,8 @@ class QuantizeBase(ModelSetupCallback):
 
     Works before or after the PEFT methods: a layer that a method already wraps has its innermost
     base quantized, and a method injected later wraps the quantized layer. The output head, the
-    methods' own layers, modules they train and ``skip_modules`` stay in full precision. Each
+    methods' own layers, modules they train, the modules a transformers model keeps in float32
+    (``_keep_in_fp32_modules``, as T5's ``wo``) and ``skip_modules`` stay in full precision. Each
     layer's full-precision weight is freed as soon as it is quantized. It changes how the base is
     stored and owns no adapter: nothing of it is saved with adapters, which load on the plain base.
 
@@ -113,8 +115,11 @@ class QuantizeBase(ModelSetupCallback):
             raise ValueError("QuantizeBase found no nn.Linear layer to quantize outside the output head and "
                              "skip_modules (transformers' Conv1D, as in GPT-2, is not quantized)") from None
         trained = owners(module)
+        kept = kept_in_full_precision(module)
         names = []
         for name, layer in chosen:
+            if set(name.split(".")) & kept:
+                continue
             while isinstance(layer, PEFTLayer):
                 name, layer = f"{name}.base_layer", layer.base_layer
             if not is_quantized(layer) and id(layer.weight) not in trained:
@@ -134,6 +139,12 @@ class QuantizeBase(ModelSetupCallback):
             warnings.warn(f"QuantizeBase compute_dtype={self.compute_dtype} on CPU: bitsandbytes runs half-precision "
                           "4-bit matmuls about 10x slower there than float32 ones; leave compute_dtype=None on CPU",
                           stacklevel=2)
+
+
+def kept_in_full_precision(module: nn.Module) -> set[str]:
+    """Module names that the transformers models inside keep in float32 when quantized (T5's ``wo`` casts to it)."""
+    return {name for _, model in transformers_models(module)
+            for name in (*(model._keep_in_fp32_modules or ()), *(model._keep_in_fp32_modules_strict or ()))}
 
 
 def _as_compute_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
