@@ -1,0 +1,185 @@
+"""LoRA on weights a module reads itself: fused mixture-of-experts weights (peft's target_parameters) and
+nn.MultiheadAttention's projections; the warning for weights that a target selection leaves out."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from architectures import MHAClassifier, llama, mixtral, qwen3_moe
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from lightning_peft import IA3, LoRA, QuantizeBase, load_adapter, merge, save_adapter, trainable_summary, unmerge
+from lightning_peft.lora.parameters import LoRAParameter
+
+R = 4
+IDS = torch.randint(4, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+MOE = pytest.mark.parametrize("build", [mixtral, qwen3_moe], ids=["mixtral", "qwen3_moe"])
+
+
+def logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(IDS).logits
+
+
+def randomize_b(model: nn.Module) -> None:
+    """Give every B a value, so the updates are not zero (they start at zero)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)
+
+
+def all_linear_count(model: nn.Module) -> int:
+    """r * (in + out) for each attention projection, and for each expert of each fused expert weight."""
+    count = 0
+    for name, param in model.named_parameters():
+        if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")):
+            count += R * sum(param.shape)
+        elif name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            experts, out, fan_in = param.shape
+            count += experts * R * (out + fan_in)
+    return count
+
+
+@MOE
+def test_all_linear_trains_every_expert_and_equals_peft_target_parameters(build, tmp_path):
+    base = build().eval()
+    ours = copy.deepcopy(base)
+    LoRA(r=R, alpha=8).inject(ours)
+    assert trainable_summary(ours).trainable == all_linear_count(base)
+    assert all(not p.requires_grad for n, p in ours.named_parameters() if n.endswith("mlp.gate.weight"))  # routers
+
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(
+        r=R, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        target_parameters=["experts.gate_up_proj", "experts.down_proj"]))
+    randomize_b(ours)
+    ours_tensors = {n: p for n, p in ours.named_parameters() if p.requires_grad}
+    save_adapter(ours, tmp_path / "ours")
+    assert len(ours_tensors) == len([p for p in theirs.parameters() if p.requires_grad])
+
+    # The same A and B values through peft's own injection: copy ours into theirs by peft's keys.
+    from safetensors.torch import load_file
+
+    from_file = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            if param.requires_grad:
+                param.copy_(from_file[name.replace(".default", "")])
+    assert torch.allclose(logits(theirs), logits(ours), atol=1e-5)
+
+    # peft loads our file; we load peft's.
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    assert torch.allclose(logits(loaded), logits(ours), atol=1e-5)
+    theirs.save_pretrained(tmp_path / "theirs")
+    again = load_adapter(copy.deepcopy(base), tmp_path / "theirs")
+    assert torch.allclose(logits(again), logits(theirs), atol=1e-5)
+
+    expected = logits(ours)
+    merge(ours)
+    assert not any(isinstance(m, LoRAParameter) for m in ours.modules())
+    assert torch.allclose(logits(ours), expected, atol=1e-5)
+    unmerge(ours)
+    assert torch.allclose(logits(ours), expected, atol=1e-5)
+
+
+@MOE
+def test_expert_updates_train_and_routers_stay_frozen(build):
+    model = build()
+    LoRA(r=R, alpha=8, target_modules=None, target_parameters=["experts.gate_up_proj"]).inject(model)
+    before = logits(model)
+    router = {n: p.clone() for n, p in model.named_parameters() if n.endswith("gate.weight")}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        model.train()(IDS).logits.pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert not torch.allclose(logits(model), before, atol=1e-4)
+    assert all(torch.equal(p, router[n]) for n, p in model.named_parameters() if n in router)
+    a = model.model.layers[0].mlp.experts.adapters.default.lora_A
+    assert a.shape == (4 * R, model.config.hidden_size)  # one rank-R update per expert
+
+
+@pytest.mark.parametrize("setting, words", [
+    (dict(use_dora=True), "use_dora=True cannot apply to 'model.layers.0.mlp.experts.gate_up_proj'"),
+    (dict(dropout=0.1), "dropout=0.1 cannot apply"),
+    (dict(init="pissa"), "init='pissa' cannot apply"),
+])
+def test_settings_that_cannot_apply_to_fused_weights_are_refused_before_any_change(setting, words):
+    model = mixtral()
+    keys = set(model.state_dict())
+    with pytest.raises(ValueError, match=words):
+        LoRA(r=R, **setting).inject(model)
+    assert set(model.state_dict()) == keys
+    LoRA(r=R, target_parameters=[], **setting).inject(model)  # the attention layers alone take them
+
+
+def test_target_parameters_that_match_nothing_list_the_weights_that_exist():
+    with pytest.raises(ValueError, match=r"matched no parameter.*experts\.gate_up_proj \(4, 128, 32\)"):
+        LoRA(target_modules=None, target_parameters=["experts.up_proj"]).inject(mixtral())
+
+
+def test_quantize_base_keeps_the_experts_in_full_precision_and_says_so():
+    pytest.importorskip("bitsandbytes")
+    model = mixtral()
+    with pytest.warns(UserWarning, match="keeps 4 fused expert weights .* in full precision"):
+        QuantizeBase("nf4").inject(model)
+    LoRA(r=R).inject(model)
+    assert trainable_summary(model).trainable == all_linear_count(mixtral())
+    assert model.model.layers[0].mlp.experts.base_layer.base_layer.gate_up_proj.dtype == torch.float32
+
+
+# --- nn.MultiheadAttention --------------------------------------------------------------------------
+def test_multihead_attention_trains_merges_and_becomes_plain_again(tmp_path):
+    base = MHAClassifier().eval()
+    ids = IDS % 128
+    model = copy.deepcopy(base)
+    LoRA(r=R, target_modules=["attn"]).inject(model)
+    assert trainable_summary(model).trainable == R * (16 + 48) + R * (16 + 16)  # in_proj (3 x 16 out), out_proj
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids), base(ids))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        model.train()(ids).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with torch.no_grad():
+        trained = model.eval()(ids)
+        assert not torch.allclose(trained, base(ids), atol=1e-4)
+    save_adapter(model, tmp_path)
+    with torch.no_grad():
+        assert torch.allclose(load_adapter(copy.deepcopy(base), tmp_path).eval()(ids), trained, atol=1e-6)
+        merge(model)
+        assert type(model.attn) is nn.MultiheadAttention
+        assert torch.allclose(model(ids), trained, atol=1e-5)
+
+
+def test_the_output_projection_alone_points_to_the_attention_module():
+    with pytest.raises(TypeError, match="target the attention module itself"):
+        LoRA(target_modules=["attn.out_proj"]).inject(MHAClassifier())
+
+
+# --- the warning for left-out weights ----------------------------------------------------------------
+def caught(inject) -> list[str]:
+    with warnings.catch_warnings(record=True) as found:
+        warnings.simplefilter("always")
+        inject()
+    return [str(w.message) for w in found if "leaves out" in str(w.message)]
+
+
+def test_leaving_out_the_experts_is_warned_about_by_name():
+    messages = caught(lambda: LoRA(r=R, target_modules=["q_proj", "v_proj"]).inject(mixtral()))
+    assert len(messages) == 1
+    assert "model.layers.*.mlp.experts.down_proj, model.layers.*.mlp.experts.gate_up_proj" in messages[0]
+    assert "gate.weight" not in messages[0]  # the small router beside them is not named
+    assert caught(lambda: IA3().inject(mixtral()))
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj"]])
+def test_no_warning_on_llama(targets):
+    assert not caught(lambda: LoRA(r=R, target_modules=targets).inject(llama()))
+
+
+def test_no_warning_when_all_linear_takes_the_experts():
+    assert not caught(lambda: LoRA(r=R).inject(mixtral()))
