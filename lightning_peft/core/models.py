@@ -7,6 +7,8 @@ from collections.abc import Iterator
 
 from torch import Tensor, nn
 
+from lightning_peft.core.layer import innermost_base
+
 
 def transformers_models(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """The outermost transformers models (``PreTrainedModel``) in ``module``, ``module`` itself included, by name."""
@@ -46,7 +48,7 @@ def require_token_model(module: nn.Module, needed_by: str) -> nn.Module:
         embedding = model.get_input_embeddings()
     except NotImplementedError:
         embedding = None
-    if first != "input_ids" or not isinstance(embedding, nn.Embedding):
+    if first != "input_ids" or not isinstance(innermost_base(embedding), nn.Embedding):
         what = f"takes {first} first" if first != "input_ids" else "has no single token embedding"
         raise TypeError(f"{needed_by} puts virtual tokens in front of token ids; {type(model).__name__} {what}, "
                         "so it fits text models only")
