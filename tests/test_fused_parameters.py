@@ -121,7 +121,6 @@ def test_target_parameters_that_match_nothing_list_the_weights_that_exist():
 
 
 def test_quantize_base_keeps_the_experts_in_full_precision_and_says_so():
-    pytest.importorskip("bitsandbytes")
     model = mixtral()
     with pytest.warns(UserWarning, match="keeps 4 fused expert weights .* in full precision"):
         QuantizeBase("nf4").inject(model)

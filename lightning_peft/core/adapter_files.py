@@ -54,12 +54,15 @@ class AdapterFormat:
     no_layout: Callable[[nn.Module], str | None] | None = None
 
 
+def no_peft_layout(ref: AdapterRef, root: nn.Module) -> str | None:
+    """Why peft has no layout for ``ref``'s method on the model ``root``, where its format says so."""
+    adapter_format = ref.method.peft_format
+    return None if adapter_format is None or adapter_format.no_layout is None else adapter_format.no_layout(root)
+
+
 def file_format(ref: AdapterRef, root: nn.Module) -> AdapterFormat | None:
     """The peft layout that ``ref``'s files use on the model ``root``, or None for the native layout."""
-    adapter_format = ref.method.peft_format
-    if adapter_format is None or adapter_format.no_layout is None or adapter_format.no_layout(root) is None:
-        return adapter_format
-    return None
+    return None if no_peft_layout(ref, root) else ref.method.peft_format
 
 
 def split_layer_tensor(name: str) -> tuple[str, str, str] | None:
@@ -138,9 +141,10 @@ def save_adapter(module: nn.Module, path: PathLike, adapter_name: str = "default
     """Write one adapter's files into the folder ``path``: peft's layout where peft has the method and model."""
     ref = find_adapter(module, adapter_name, method)
     _, root = model_root(module)
-    if ref.method.peft_format is not None and file_format(ref, root) is None:
-        warnings.warn(f"{ref} is saved in lightning-peft's own layout, which peft does not read: "
-                      f"{ref.method.peft_format.no_layout(root)}", stacklevel=2)
+    reason = no_peft_layout(ref, root)
+    if reason:
+        warnings.warn(f"{ref} is saved in lightning-peft's own layout, which peft does not read: {reason}",
+                      stacklevel=2)
     tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in file_tensors(module, ref).items()}
     config = json.dumps(_jsonable(file_config(module, ref)), indent=2)
     folder = Path(path)

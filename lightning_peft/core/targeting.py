@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from torch import nn
 
@@ -157,16 +158,41 @@ def _expert_holder(module: nn.Module) -> bool:
     return hasattr(module, "num_experts") or "expert" in type(module).__name__.lower()
 
 
-def base_parameters(root: nn.Module) -> list[tuple[str, str, nn.Parameter]]:
-    """``(holder name, local name, parameter)`` for each parameter of the base model, in registration order."""
-    return [(name, local, param) for name, module in candidate_modules(root)
-            for local, param in innermost_base(module).named_parameters(recurse=False)]
+class BaseParameter(NamedTuple):
+    """A parameter of the base model, with the module holding it, named as the base model names it."""
+
+    module_name: str  # the holder's name, any ``.base_layer`` of a wrapping PEFT layer left out
+    module: nn.Module
+    local: str
+    param: nn.Parameter
+
+    @property
+    def name(self) -> str:
+        return f"{self.module_name}.{self.local}" if self.module_name else self.local
 
 
-def fused_expert_parameters(root: nn.Module) -> list[ParameterTarget]:
+def base_parameters(root: nn.Module) -> list[BaseParameter]:
+    """Every parameter of the base model in ``root`` (none that a PEFT method added), once each, in order."""
+    added = {id(p) for m in root.modules() if isinstance(m, PEFTModule) for p in _added_by(m)}
+    seen: set[int] = set()
+    found = []
+    for module_name, module in root.named_modules():
+        for local, param in module.named_parameters(recurse=False):
+            if id(param) not in added and id(param) not in seen:
+                seen.add(id(param))
+                found.append(BaseParameter(module_name.replace(".base_layer", ""), module, local, param))
+    return found
+
+
+def _added_by(module: PEFTModule) -> list[nn.Parameter]:
+    """What a PEFT part added: a layer's adapters (its base layer is the model's), or all of it."""
+    return list(module.adapters.parameters() if isinstance(module, PEFTLayer) else module.parameters())
+
+
+def fused_expert_parameters(root: nn.Module) -> list[BaseParameter]:
     """The 3-D weights of mixture-of-experts modules: one matrix per expert, stored as one parameter."""
-    return [(name, local) for name, local, param in base_parameters(root) if param.dim() == 3
-            and param.is_floating_point() and _expert_holder(innermost_base(root.get_submodule(name)))]
+    return [p for p in base_parameters(root)
+            if p.param.dim() == 3 and p.param.is_floating_point() and _expert_holder(p.module)]
 
 
 def attention_parameters(attention: nn.MultiheadAttention) -> list[str]:
@@ -195,11 +221,10 @@ def select_parameters(
     if target_parameters == ALL_LINEAR:
         found = fused_expert_parameters(root)
     else:
-        found = [(name, local) for name, local, _ in base_parameters(root)
-                 if _matches(f"{name}.{local}", target_parameters)]
-    chosen = [(name, local) for name, local in found
-              if not _matches(name, exclude_modules) and not _matches(f"{name}.{local}", exclude_modules)
-              and (layers is None or block_index(name) in set(layers))]
+        found = [p for p in base_parameters(root) if _matches(p.name, target_parameters)]
+    chosen = [(p.module_name, p.local) for p in found
+              if not _matches(p.module_name, exclude_modules) and not _matches(p.name, exclude_modules)
+              and (layers is None or block_index(p.module_name) in set(layers))]
     if not chosen and target_parameters != ALL_LINEAR:
         raise ValueError(f"{method}: target_parameters={target_parameters!r} matched no parameter. Weights that no "
                          f"layer computes with on its own: {_parameter_overview(root)}")
@@ -209,17 +234,16 @@ def select_parameters(
 def _parameter_overview(root: nn.Module, limit: int = 20) -> str:
     """Distinct matrix parameters held outside linear-like layers, e.g. ``experts.gate_up_proj (4, 96, 32)``."""
     seen: dict[str, tuple[int, ...]] = {}
-    for name, local, param in _unreachable(root):
-        seen.setdefault(f"{name.rsplit('.', 1)[-1]}.{local}", tuple(param.shape))
+    for p in _unreachable(root):
+        seen.setdefault(f"{p.module_name.rsplit('.', 1)[-1]}.{p.local}", tuple(p.param.shape))
     items = [f"{name} {shape}" for name, shape in seen.items()][:limit]
     return ", ".join(items) if items else "(none)"
 
 
-def _unreachable(root: nn.Module) -> list[tuple[str, str, nn.Parameter]]:
+def _unreachable(root: nn.Module) -> list[BaseParameter]:
     """Matrix parameters that no layer type computes with: only parameter targets can adapt them."""
     layer_types = (*linear_types(), nn.Embedding, nn.modules.conv._ConvNd)
-    return [(name, local, param) for name, local, param in base_parameters(root)
-            if param.dim() >= 2 and not isinstance(innermost_base(root.get_submodule(name)), layer_types)]
+    return [p for p in base_parameters(root) if p.param.dim() >= 2 and not isinstance(p.module, layer_types)]
 
 
 def warn_left_out_weights(root: nn.Module, method: str, adapted: Sequence[nn.Parameter] = ()) -> None:
@@ -229,12 +253,12 @@ def warn_left_out_weights(root: nn.Module, method: str, adapted: Sequence[nn.Par
     """
     taken = {id(p) for p in adapted}
     sizes: dict[int | None, int] = {}
-    for name, _, param in base_parameters(root):
-        sizes[block_index(name)] = sizes.get(block_index(name), 0) + param.numel()
+    for p in base_parameters(root):
+        sizes[block_index(p.module_name)] = sizes.get(block_index(p.module_name), 0) + p.param.numel()
     left: dict[int | None, list[tuple[str, int]]] = {}
-    for name, local, param in _unreachable(root):
-        if id(param) not in taken:
-            left.setdefault(block_index(name), []).append((f"{name}.{local}", param.numel()))
+    for p in _unreachable(root):
+        if id(p.param) not in taken:
+            left.setdefault(block_index(p.module_name), []).append((p.name, p.param.numel()))
     heavy = [(full, n) for block, params in left.items() if 2 * sum(n for _, n in params) > sizes[block]
              for full, n in params if 10 * n > sizes[block]]  # a router beside the experts is not worth naming
     if not heavy:

@@ -86,7 +86,8 @@ class LoRAParameter(LoRALayer):
         return -self.merge_update(adapter)
 
     def _add_to_weight(self, update: Tensor) -> None:
-        self.stored_weight().add_(update.to(self.stored_weight().dtype))
+        weight = self.stored_weight()
+        weight.add_(update.to(weight.dtype))
 
 
 @contextmanager

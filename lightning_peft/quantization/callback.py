@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_peft.core.injection import replace_module
-from lightning_peft.core.layer import PEFTLayer, innermost_base
+from lightning_peft.core.layer import PEFTLayer
 from lightning_peft.core.models import transformers_models
 from lightning_peft.core.ownership import owners
 from lightning_peft.core.summary import base_weight_bytes, size_text
@@ -85,8 +85,7 @@ class QuantizeBase(ModelSetupCallback):
 
     def _warn_fused_experts(self, module: nn.Module) -> None:
         """Fused expert weights stay in full precision (bitsandbytes quantizes 2-D linear layers): say how much."""
-        fused = [getattr(innermost_base(module.get_submodule(name)), local)
-                 for name, local in fused_expert_parameters(module)]
+        fused = [p.param for p in fused_expert_parameters(module)]
         if fused:
             size = sum(p.numel() * p.element_size() for p in fused)
             warnings.warn(f"QuantizeBase keeps {len(fused)} fused expert weights ({size_text(size)}) in full "

@@ -9,23 +9,13 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from typing import NamedTuple
 
 from torch import nn
 
-from lightning_peft.core.layer import PEFTLayer, PEFTModule
-from lightning_peft.core.targeting import Targets, block_index, select_modules
+from lightning_peft.core.targeting import BaseParameter, Targets, base_parameters, block_index, select_modules
 from lightning_peft.lightning.callback import CheckpointPolicy, PEFTCallback
 
 PARAM_TYPES = ("bias", "norm", "embedding")
-
-
-class BaseParameter(NamedTuple):
-    """A parameter of the base model, its name without ``.base_layer`` and its kinds (see PARAM_TYPES)."""
-
-    name: str
-    kinds: frozenset[str]
-    param: nn.Parameter
 
 
 class Selective(PEFTCallback):
@@ -87,16 +77,16 @@ class Selective(PEFTCallback):
             passing[f"layers={self.layers!r}"] = {id(b.param) for b in base if block_index(b.name) in wanted}
         if self.param_types:
             wanted = set(self.param_types)
-            passing[f"param_types={self.param_types!r}"] = {id(b.param) for b in base if b.kinds & wanted}
+            passing[f"param_types={self.param_types!r}"] = {id(b.param) for b in base if kinds(b) & wanted}
         return passing
 
     def _nothing_matched(self, base: list[BaseParameter], passing: dict[str, set[int]]) -> str:
         each = "; ".join(f"{label} selects {len(ids)} tensor(s)" for label, ids in passing.items())
-        kinds = Counter(kind for b in base for kind in b.kinds)
+        counts = Counter(kind for b in base for kind in kinds(b))
         blocks = sorted({block_index(b.name) for b in base} - {None})
         return (
             f"{self.owner}: no parameter passes all filters ({each}). The model has "
-            + ", ".join(f"{kinds[kind]} {kind} tensor(s)" for kind in PARAM_TYPES)
+            + ", ".join(f"{counts[kind]} {kind} tensor(s)" for kind in PARAM_TYPES)
             + f" and blocks {blocks or '(none)'}"
         )
 
@@ -122,32 +112,13 @@ class BitFit(Selective):
                          checkpoint=checkpoint)
 
 
-def base_parameters(root: nn.Module) -> list[BaseParameter]:
-    """Every parameter of the base model in ``root`` (none that a PEFT method added), once each."""
-    added = {id(p) for m in root.modules() if isinstance(m, PEFTModule) for p in _added_by(m)}
-    seen: set[int] = set()
-    found = []
-    for module_name, module in root.named_modules():
-        for param_name, param in module.named_parameters(recurse=False):
-            if id(param) in added or id(param) in seen:
-                continue
-            seen.add(id(param))
-            name = f"{module_name}.{param_name}" if module_name else param_name
-            found.append(BaseParameter(name.replace(".base_layer", ""), _kinds(module, param_name), param))
-    return found
-
-
-def _added_by(module: PEFTModule) -> list[nn.Parameter]:
-    """What a PEFT part added: a layer's adapters (its base layer is the model's), or all of it."""
-    return list(module.adapters.parameters() if isinstance(module, PEFTLayer) else module.parameters())
-
-
-def _kinds(module: nn.Module, param_name: str) -> frozenset[str]:
-    kinds = set()
-    if param_name == "bias":
-        kinds.add("bias")
-    if isinstance(module, nn.LayerNorm) or "Norm" in type(module).__name__:
-        kinds.add("norm")
-    if isinstance(module, nn.Embedding) and param_name == "weight":
-        kinds.add("embedding")
-    return frozenset(kinds)
+def kinds(base: BaseParameter) -> frozenset[str]:
+    """Which of PARAM_TYPES a base parameter is."""
+    found = set()
+    if base.local == "bias":
+        found.add("bias")
+    if isinstance(base.module, nn.LayerNorm) or "Norm" in type(base.module).__name__:
+        found.add("norm")
+    if isinstance(base.module, nn.Embedding) and base.local == "weight":
+        found.add("embedding")
+    return frozenset(found)
