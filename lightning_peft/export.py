@@ -6,23 +6,20 @@ import importlib
 from pathlib import Path
 
 import lightning as L
-import torch
 from torch import nn
 
 from lightning_peft.core.adapter_files import save_adapter
 from lightning_peft.core.merging import merge
 from lightning_peft.core.models import model_root
 from lightning_peft.core.ownership import adapter_refs
-from lightning_peft.lightning.checkpointing import CHECKPOINT_KEY, complete_from_model
+from lightning_peft.lightning.checkpointing import CHECKPOINT_KEY, complete_from_model, read_checkpoint
 from lightning_peft.registry import rebuild
 
 
 def rebuild_from_checkpoint(ckpt_path: str | Path) -> L.LightningModule:
     """The task module of a lightning-peft checkpoint, with its adapters injected and loaded."""
     path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(path)
     module = _task_from_hyperparameters(checkpoint, path)
     module.configure_model()
     methods = [state for state in checkpoint.get("callbacks", {}).values() if "method" in state]

@@ -1,6 +1,7 @@
 """Adapter-only Lightning checkpoints: size, exact resume, mismatches, crash safety."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -76,13 +77,29 @@ def test_mismatched_checkpoint_names_the_tensor_and_both_shapes(tmp_path):
     trainer.fit(module, token_loader())
     trainer.save_checkpoint(tmp_path / "r4.ckpt")
 
-    other = TokenModule(big_vocab_llama())
+    torch.manual_seed(0)
+    other = TokenModule(tiny_llama(vocab=4096, hidden=48))  # same settings, another model: other shapes
     with pytest.raises(ValueError) as info:
-        make_trainer([LoRA(r=8, alpha=8, target_modules=["q_proj", "v_proj"])], max_steps=2).fit(
-            other, token_loader(), ckpt_path=tmp_path / "r4.ckpt")
+        make_trainer([lora()], max_steps=2).fit(other, token_loader(), ckpt_path=tmp_path / "r4.ckpt")
     message = str(info.value)
     assert "model.model.layers.0.self_attn.q_proj.adapters.default.lora_A" in message
-    assert "(4, 64)" in message and "(8, 64)" in message
+    assert "(4, 64)" in message and "(4, 48)" in message
+
+
+def test_resuming_with_other_settings_is_refused_before_anything_is_loaded(tmp_path):
+    module = TokenModule(big_vocab_llama())
+    trainer = make_trainer([lora()], max_steps=1)
+    trainer.fit(module, token_loader())
+    trainer.save_checkpoint(tmp_path / "r4.ckpt")
+
+    for changed, expected in ((dict(alpha=32), "alpha=8 (here 32)"), (dict(r=8), "r=4 (here 8)")):
+        other = TokenModule(big_vocab_llama())
+        before = {k: v.clone() for k, v in other.state_dict().items()}
+        settings = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], **changed}
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            make_trainer([LoRA(**settings)], max_steps=2).fit(other, token_loader(), ckpt_path=tmp_path / "r4.ckpt")
+        after = other.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in before.items() if k in after)
 
 
 def test_checkpoint_with_other_targets_is_refused(tmp_path):

@@ -125,14 +125,20 @@ def test_selective_matches_names_through_a_lora_wrapper(selective, expected, cou
     (lambda: LoRA(r=4, target_modules=["query"], modules_to_save=["classifier"]),
      lambda: BitFit(modules_to_save=["classifier"])),
 ])
-def test_a_parameter_claimed_twice_is_an_error(first, second):
+def test_a_parameter_claimed_twice_is_an_error_that_leaves_the_module_as_it_was(first, second):
     module = TokenModule(tiny_bert())
+    before = {name: (type(m), id(m)) for name, m in module.named_modules()}
+    grads = {name: p.requires_grad for name, p in module.named_parameters()}
     first, second = first(), second()
     with pytest.raises(ValueError) as info:
         make_trainer([first, second], max_steps=1).fit(module, token_loader())
     assert "model.classifier." in str(info.value)
     assert first.owner in str(info.value) and second.owner in str(info.value)
-    assert {r.method for r in trainable_summary(module).methods} == {first.owner}  # the second claimed nothing
+    assert {name: (type(m), id(m)) for name, m in module.named_modules()} == before  # the first is undone too
+    assert {name: p.requires_grad for name, p in module.named_parameters()} == grads
+    assert trainable_summary(module).methods == []
+    make_trainer([first], max_steps=1).fit(module, token_loader())  # the corrected retry, same callback
+    assert {r.method for r in trainable_summary(module).methods} == {first.owner}
 
 
 @pytest.mark.parametrize("method, words", [

@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lightning_peft.core.files import PathLike, atomic_write
+from lightning_peft.core.files import PathLike, atomic_write_all
+from lightning_peft.core.integrity import DIGEST_KEY, check_digest, tensor_digest
 from lightning_peft.core.models import model_root
 from lightning_peft.core.ownership import AdapterRef, adapter_refs, owners
 
@@ -147,9 +148,10 @@ def save_adapter(module: nn.Module, path: PathLike, adapter_name: str = "default
                       stacklevel=2)
     tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in file_tensors(module, ref).items()}
     config = json.dumps(_jsonable(file_config(module, ref)), indent=2)
+    metadata = {"format": "pt", DIGEST_KEY: tensor_digest(tensors)}
     folder = Path(path)
-    atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
-    atomic_write(folder / CONFIG_FILE, lambda tmp: tmp.write_text(config))
+    atomic_write_all({folder / WEIGHTS_FILE: lambda tmp: save_file(tensors, tmp, metadata=metadata),
+                      folder / CONFIG_FILE: lambda tmp: tmp.write_text(config)})
     return folder
 
 
@@ -161,16 +163,19 @@ def read_adapter_files(path: PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
         if not file.is_file():
             raise FileNotFoundError(f"adapter file {file} does not exist")
     try:
-        config = json.loads(config_path.read_text())
+        config = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"adapter file {config_path} is not valid JSON: {err}") from None
     if not isinstance(config, dict):
         raise ValueError(f"adapter file {config_path} must hold a JSON object")
     try:
         tensors = load_file(weights_path)
+        with safe_open(weights_path, "pt") as f:
+            metadata = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"adapter file {weights_path} is not a valid safetensors file (truncated or corrupt?): "
                          f"{err}") from None
+    check_digest(tensors, metadata.get(DIGEST_KEY), f"adapter file {weights_path}")
     return config, tensors
 
 

@@ -1,27 +1,93 @@
-"""Atomic file writes: a crash mid-write leaves the previous file, never a half-written one."""
+"""Atomic file writes: a crash mid-write leaves the previous file, never a half-written one.
+
+Each write goes to a temporary file beside its target, named after the target, this host and
+this process (``.adapter_model.safetensors.host-1234.x8f2.tmp``), then is renamed over the target.
+A temporary file that a killed process left behind is removed by the next write in that folder
+on that host. Files get the mode a plain ``open`` gives (``0o666`` less the umask).
+"""
 
 from __future__ import annotations
 
 import os
+import re
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 PathLike = str | os.PathLike
+Writer = Callable[[Path], None]
+_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.(?P<host>[^.]+)-(?P<pid>\d+)\.[^.]+\.tmp$")
 
 
-def atomic_write(path: PathLike, write: Callable[[Path], None]) -> None:
+def atomic_write(path: PathLike, write: Writer) -> None:
     """Call ``write`` on a temporary path beside ``path``, make it durable, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
+    atomic_write_all({path: write})
+
+
+def atomic_write_all(writers: dict[PathLike, Writer]) -> None:
+    """Write several files, each atomically, renaming them into place only once every one is written.
+
+    A failure while writing (a full disk, say) leaves all the previous files as they were.
+    """
+    staged: list[tuple[Path, Path]] = []
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for path, write in writers.items():
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(path.parent)
+            tmp = _temporary_beside(path)
+            staged.append((tmp, path))
+            write(tmp)
+            _make_durable(tmp)
+        for tmp, path in staged:
+            os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
         raise
+
+
+def _temporary_beside(path: Path) -> Path:
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_host()}-{os.getpid()}.", suffix=".tmp")
+    os.close(fd)
+    return Path(name)
+
+
+def _make_durable(tmp: Path) -> None:
+    """Flush ``tmp`` to disk and give it the mode a plain ``open`` would (mkstemp makes it private)."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o666 & ~current_umask())
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting and restoring it: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove the temporary files in ``folder`` that a write of this library on this host left when killed."""
+    removed = []
+    for entry in folder.glob(".*.tmp"):
+        match = _TEMPORARY.match(entry.name)
+        if match and match["host"] == _host() and not _process_alive(int(match["pid"])):
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True

@@ -55,6 +55,21 @@ def write_weight(layer: nn.Module, weight: Tensor, warn: bool = True) -> None:
         layer.weight.copy_(weight.to(layer.weight.dtype))
 
 
+@torch.no_grad()
+def replace_weight(layer: nn.Module, weight: Tensor) -> None:
+    """Give ``layer`` a new weight tensor (quantized when it is quantized), leaving the old tensor untouched.
+
+    Unlike :func:`write_weight` nothing is written in place, so whoever holds the old weight
+    (a rollback record) still has it.
+    """
+    layer = innermost_base(layer)
+    if is_quantized(layer):
+        replace_quantized_weight(layer, weight, warn=False)
+    else:
+        old = layer.weight
+        layer.weight = nn.Parameter(weight.to(old.dtype).to(old.device), requires_grad=old.requires_grad)
+
+
 def dequantized_weight(layer: nn.Module) -> Tensor:
     """The ``(out, in)`` float32 weight that the bitsandbytes ``layer`` computes with."""
     bnb = import_bitsandbytes("QuantizeBase")

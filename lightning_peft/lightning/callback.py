@@ -13,6 +13,7 @@ DDP, which could not train it, else a warning.
 from __future__ import annotations
 
 import inspect
+import json
 import weakref
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
@@ -24,6 +25,7 @@ from torch import nn
 
 from lightning_peft.core.adapter_files import AdapterFormat, class_path
 from lightning_peft.core.ownership import AdapterRef, adapter_refs, check_unclaimed, claim, freeze_unclaimed
+from lightning_peft.core.rollback import all_or_nothing
 from lightning_peft.core.summary import trainable_summary
 from lightning_peft.core.targeting import select_modules
 from lightning_peft.lightning.checkpointing import install_adapter_checkpointing
@@ -31,7 +33,7 @@ from lightning_peft.lightning.gradient_checkpointing import enable_input_grads_f
 from lightning_peft.lightning.sharding import check_gradients_reached, prepare_sharding, shards_after_injection
 
 CheckpointPolicy = Literal["adapter", "full"]
-_CHAINED = "_lightning_peft_callback"
+_CHAINED = "_lightning_peft_trainer"
 
 
 class ModelSetupCallback(L.Callback):
@@ -41,29 +43,25 @@ class ModelSetupCallback(L.Callback):
         """Change ``module`` in place (once: a second call on the same module does nothing) and return it."""
         raise NotImplementedError
 
+    def prepare(self, trainer: L.Trainer) -> None:
+        """Take from ``trainer`` what :meth:`apply` will need (its device, say); called just before applying."""
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self is not setup_callbacks(trainer)[0]:
+            return  # the first of these callbacks applies them all, together
+        for callback in setup_callbacks(trainer):
+            callback.prepare(trainer)
         if is_overridden("configure_model", pl_module, L.LightningModule) or shards_after_injection(trainer.strategy):
-            self._apply_after_configure_model(trainer, pl_module)
+            _apply_after_configure_model(trainer, pl_module)
         else:
-            self.apply(pl_module)
-
-    def _apply_after_configure_model(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Chain :meth:`apply` (and by the last such callback, sharding) behind the module's own ``configure_model``."""
-        configure_model = pl_module.configure_model
-        if getattr(configure_model, _CHAINED, None) is self:
-            return
-
-        def configure_model_then_apply() -> None:
-            configure_model()
-            self.apply(pl_module)
-            if self is setup_callbacks(trainer)[-1]:
-                prepare_sharding(trainer, pl_module, adapter_checkpoints=adapter_only_checkpoints(trainer))
-
-        setattr(configure_model_then_apply, _CHAINED, self)
-        pl_module.configure_model = configure_model_then_apply
+            apply_all(trainer, pl_module)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Leave the user's module as it was: drop the ``configure_model`` wrapper."""
+        pl_module.__dict__.pop("configure_model", None)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """A failed run gets no teardown: drop the wrapper here, so a retry with other callbacks starts clean."""
         pl_module.__dict__.pop("configure_model", None)
 
 
@@ -113,8 +111,8 @@ class PEFTCallback(ModelSetupCallback):
 
     def inject(self, module: nn.Module) -> nn.Module:
         """Add the method to ``module`` (once), then train only what PEFT methods own."""
-        if module in self._injected:
-            return module
+        if module in self._injected and self.ref in adapter_refs(module):
+            return module  # applied already (setup runs at every stage); a rolled-back injection is redone
         ref = self.ref
         if ref in adapter_refs(module):
             raise ValueError(f"{ref} is already injected into this model; pass another adapter_name")
@@ -142,9 +140,10 @@ class PEFTCallback(ModelSetupCallback):
                  for name in inspect.signature(cls.__init__).parameters]
         return {name: getattr(self, name) for name in dict.fromkeys(names) if name != "self" and hasattr(self, name)}
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        install_adapter_checkpointing(trainer, adapter_only=lambda: adapter_only_checkpoints(trainer))
-        super().setup(trainer, pl_module, stage)
+    def prepare(self, trainer: L.Trainer) -> None:
+        install_adapter_checkpointing(trainer, adapter_only=lambda: adapter_only_checkpoints(trainer),
+                                      check_loaded=lambda checkpoint, path: check_saved_settings(trainer, checkpoint,
+                                                                                                 path))
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self is peft_callbacks(trainer)[0]:
@@ -164,6 +163,29 @@ class PEFTCallback(ModelSetupCallback):
         return self._generate_state_key(adapter_name=self.adapter_name)
 
 
+def apply_all(trainer: L.Trainer, module: nn.Module) -> None:
+    """Apply every model-changing callback of ``trainer`` to ``module``; if one fails, none has changed it."""
+    with all_or_nothing(module):
+        for callback in setup_callbacks(trainer):
+            callback.apply(module)
+
+
+def _apply_after_configure_model(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    """Chain :func:`apply_all`, then sharding, behind the module's own ``configure_model`` (once)."""
+    if getattr(pl_module.configure_model, _CHAINED, None) is trainer:
+        return
+    pl_module.__dict__.pop("configure_model", None)  # another trainer's, left by an interrupted run
+    configure_model = pl_module.configure_model
+
+    def configure_model_then_apply() -> None:
+        configure_model()
+        apply_all(trainer, pl_module)
+        prepare_sharding(trainer, pl_module, adapter_checkpoints=adapter_only_checkpoints(trainer))
+
+    setattr(configure_model_then_apply, _CHAINED, trainer)
+    pl_module.configure_model = configure_model_then_apply
+
+
 def setup_callbacks(trainer: L.Trainer) -> list[ModelSetupCallback]:
     """The trainer's callbacks that change the model at setup, in order."""
     return [cb for cb in trainer.callbacks if isinstance(cb, ModelSetupCallback)]
@@ -172,6 +194,29 @@ def setup_callbacks(trainer: L.Trainer) -> list[ModelSetupCallback]:
 def peft_callbacks(trainer: L.Trainer) -> list[PEFTCallback]:
     """The trainer's PEFT callbacks, in order."""
     return [cb for cb in trainer.callbacks if isinstance(cb, PEFTCallback)]
+
+
+def check_saved_settings(trainer: L.Trainer, checkpoint: dict[str, Any], path: Any) -> None:
+    """Refuse a checkpoint whose adapters were made with other settings than the trainer's methods have."""
+    saved = checkpoint.get("callbacks", {})
+    for callback in peft_callbacks(trainer):
+        state = saved.get(callback.state_key)
+        if state is None or "config" not in state:
+            continue
+        ours, theirs = _comparable(callback.config()), _comparable(state["config"])
+        changed = [key for key in ours if key not in RESUMABLE_SETTINGS and key in theirs and ours[key] != theirs[key]]
+        if changed:
+            settings = ", ".join(f"{key}={theirs[key]!r} (here {ours[key]!r})" for key in changed)
+            raise ValueError(f"checkpoint {path} holds {callback.owner} trained with {settings}; "
+                             "resume with the settings it was trained with, or start a new run")
+
+
+RESUMABLE_SETTINGS = ("checkpoint",)  # settings that may change between a run and its resumption
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """Settings as a checkpoint holds them (tuples as lists), so saved and current ones compare equal."""
+    return json.loads(json.dumps(config, default=str))
 
 
 def adapter_only_checkpoints(trainer: L.Trainer) -> bool:

@@ -2,12 +2,16 @@
 
 A checkpoint keeps the trainable tensors; the frozen base is rebuilt by the module from its
 original source, so on load the missing entries are taken from the model as it stands.
-Saving goes through a temporary file and a rename, so a crash never leaves a corrupt file.
+Saving goes through a temporary file and a rename, so a crash never leaves a corrupt file; a
+checksum of the adapter tensors travels in the checkpoint and is checked on load, and a file
+that cannot be read is one error naming it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import pickle
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -17,6 +21,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from torch import nn
 
 from lightning_peft.core.files import PathLike, atomic_write
+from lightning_peft.core.integrity import check_digest, tensor_digest
 from lightning_peft.core.ownership import owners
 
 CHECKPOINT_KEY = "lightning_peft"
@@ -47,6 +52,56 @@ def keep_adapter_only(checkpoint: dict[str, Any], module: nn.Module) -> dict[str
     trimmed["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
     trimmed[CHECKPOINT_KEY] = {"adapter_only": True}
     return trimmed
+
+
+def with_adapter_digest(checkpoint: dict[str, Any], module: nn.Module) -> dict[str, Any]:
+    """A shallow copy of ``checkpoint`` that records the checksum of its adapter tensors (plain tensors only)."""
+    keys = adapter_state_keys(module)
+    adapter = {k: v for k, v in checkpoint.get("state_dict", {}).items() if k in keys}
+    if not adapter or not all(type(t) in (torch.Tensor, nn.Parameter) for t in adapter.values()):
+        return checkpoint  # sharded tensors: each shard is its own file
+    marked = dict(checkpoint)
+    marked[CHECKPOINT_KEY] = {**checkpoint.get(CHECKPOINT_KEY, {}), "sha256": tensor_digest(adapter),
+                              "sha256_keys": sorted(adapter)}
+    return marked
+
+
+def check_adapter_digest(checkpoint: dict[str, Any], path: PathLike) -> None:
+    """Raise if the adapter tensors of a loaded checkpoint do not match the checksum saved with them."""
+    recorded = checkpoint.get(CHECKPOINT_KEY, {})
+    state = checkpoint.get("state_dict", {})
+    if "sha256" in recorded:
+        tensors = {k: state[k] for k in recorded["sha256_keys"] if k in state}
+        check_digest(tensors, recorded["sha256"], f"checkpoint {path}")
+
+
+@contextmanager
+def checkpoint_read_errors(path: PathLike) -> Iterator[None]:
+    """Turn the many ways a checkpoint file fails to load into one error that names the file and the problem."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {path} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"checkpoint {path} is a folder; give the .ckpt file inside it") from None
+    except pickle.UnpicklingError:
+        raise ValueError(f"checkpoint {path} holds objects other than tensors and plain values, which "
+                         "loading with weights_only=True refuses: it was not written by Lightning or this "
+                         "library; load it yourself with torch.load(weights_only=False) only if you trust it") from None
+    except (EOFError, RuntimeError, KeyError, OSError) as err:
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"checkpoint {path} cannot be read: it is empty, truncated or not a checkpoint "
+                         f"({type(err).__name__}: {reason[:120]})") from None
+
+
+def read_checkpoint(path: PathLike, **load_options: Any) -> dict[str, Any]:
+    """A checkpoint file loaded with ``weights_only=True`` on the CPU, its adapter checksum checked."""
+    with checkpoint_read_errors(path):
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, **load_options)
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a Lightning checkpoint")
+    check_adapter_digest(checkpoint, path)
+    return checkpoint
 
 
 def complete_from_model(checkpoint: dict[str, Any], module: nn.Module, path: PathLike) -> None:
@@ -84,15 +139,19 @@ def check_adapter_state(saved: dict[str, Any], shapes: dict[str, tuple[int, ...]
 class AdapterCheckpointIO(CheckpointIO):
     """Wraps the strategy's CheckpointIO: trims what is saved to the adapter and saves atomically."""
 
-    def __init__(self, inner: CheckpointIO, trainer: Any, adapter_only: Callable[[], bool]) -> None:
+    def __init__(self, inner: CheckpointIO, trainer: Any, adapter_only: Callable[[], bool],
+                 check_loaded: Callable[[dict[str, Any], PathLike], None]) -> None:
         super().__init__()
         self.inner = inner
         self.trainer = trainer
         self.adapter_only = adapter_only  # asked at each save: the trainer's callbacks say
+        self.check_loaded = check_loaded  # before anything is restored: the settings match the trainer's
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: PathLike, storage_options: Any | None = None) -> None:
+        module = self.trainer.lightning_module
         if self.adapter_only():
-            checkpoint = keep_adapter_only(checkpoint, self.trainer.lightning_module)
+            checkpoint = keep_adapter_only(checkpoint, module)
+        checkpoint = with_adapter_digest(checkpoint, module)
         if type(self.inner) is TorchCheckpointIO and storage_options is None and _is_local(path):
             atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
         else:
@@ -104,7 +163,10 @@ class AdapterCheckpointIO(CheckpointIO):
         kwargs = {"weights_only": True if weights_only is None else weights_only}
         if map_location is not None:
             kwargs["map_location"] = map_location
-        checkpoint = self.inner.load_checkpoint(path, **kwargs)
+        with checkpoint_read_errors(path):
+            checkpoint = self.inner.load_checkpoint(path, **kwargs)
+        check_adapter_digest(checkpoint, path)
+        self.check_loaded(checkpoint, path)
         if checkpoint.get(CHECKPOINT_KEY, {}).get("adapter_only") and "state_dict" in checkpoint:
             complete_from_model(checkpoint, self.trainer.lightning_module, path)
         return checkpoint
@@ -116,11 +178,12 @@ class AdapterCheckpointIO(CheckpointIO):
         self.inner.teardown()
 
 
-def install_adapter_checkpointing(trainer: Any, adapter_only: Callable[[], bool]) -> None:
+def install_adapter_checkpointing(trainer: Any, adapter_only: Callable[[], bool],
+                                  check_loaded: Callable[[dict[str, Any], PathLike], None]) -> None:
     """Route the trainer's checkpoint saving and loading through :class:`AdapterCheckpointIO` (once)."""
     strategy = trainer.strategy
     if not isinstance(strategy.checkpoint_io, AdapterCheckpointIO):
-        strategy.checkpoint_io = AdapterCheckpointIO(strategy.checkpoint_io, trainer, adapter_only)
+        strategy.checkpoint_io = AdapterCheckpointIO(strategy.checkpoint_io, trainer, adapter_only, check_loaded)
 
 
 def _is_local(path: PathLike) -> bool:

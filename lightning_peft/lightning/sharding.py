@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
@@ -29,7 +28,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lightning_peft.core.files import PathLike
 from lightning_peft.core.layer import PEFTLayer
-from lightning_peft.lightning.checkpointing import CHECKPOINT_KEY, adapter_state_keys, check_adapter_state, state_key
+from lightning_peft.lightning.checkpointing import (
+    CHECKPOINT_KEY,
+    adapter_state_keys,
+    check_adapter_state,
+    read_checkpoint,
+    state_key,
+)
 
 _SHARDED = "_lightning_peft_fully_sharded"
 _PATCHED = "_lightning_peft_adapter_loading"
@@ -195,7 +200,7 @@ def _adapter_state(path: PathLike) -> dict[str, Tensor] | None:
     """The state_dict of an adapter-only checkpoint file; None for any other checkpoint."""
     if not Path(path).is_file():
         return None
-    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    checkpoint = read_checkpoint(path, mmap=True)
     return checkpoint["state_dict"] if checkpoint.get(CHECKPOINT_KEY, {}).get("adapter_only") else None
 
 

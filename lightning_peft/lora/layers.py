@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_peft.core.layer import PEFTLayer, adapter_dtype, linear_features, to_adapter_dtype
-from lightning_peft.core.weights import read_weight, write_weight
+from lightning_peft.core.weights import read_weight, replace_weight, write_weight
 
 INITS = ("default", "gaussian", "pissa")
 
@@ -168,7 +168,7 @@ class LoRALinear(LoRALayer):
         adapter.lora_A.copy_(root_s[:, None] * vh[:r])
         adapter.lora_B.copy_(u[:, :r] * root_s[None, :])
         residual = weight.float() - adapter.update()
-        write_weight(self.base_layer, self.to_weight_layout(residual), warn=False)  # quantized again on a 4/8-bit base
+        replace_weight(self.base_layer, self.to_weight_layout(residual))  # quantized again on a 4/8-bit base
 
     def delta(self, x: Tensor, out: Tensor, adapter: LoRAAdapter) -> Tensor:
         if adapter.magnitude is None:

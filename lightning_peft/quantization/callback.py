@@ -59,13 +59,12 @@ class QuantizeBase(ModelSetupCallback):
         self.quantized_layers = 0
         self._applied: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def prepare(self, trainer: L.Trainer) -> None:
         self._device = trainer.strategy.root_device  # quantize on the device it trains on, before it moves there
-        super().setup(trainer, pl_module, stage)
 
     def apply(self, module: nn.Module) -> nn.Module:
         """Quantize the frozen linear layers of ``module`` (once)."""
-        if module not in self._applied:
+        if module not in self._applied or not any(is_quantized(m) for m in module.modules()):  # a rollback undoes it
             self._quantize_all(module)
             self._applied.add(module)
         return module
