@@ -1,26 +1,67 @@
 """The ``lightning-peft`` command: LightningCLI recipes (fit, validate, test, predict) and export.
 
 PEFT methods are configured as ``trainer.callbacks`` with ``class_path`` in the YAML recipe;
-every key can be overridden on the command line. Bad input ends with one line on stderr and
-a non-zero exit, before any training step.
+every key can be overridden on the command line. A user's mistake (a bad key or value, a
+missing or unreadable file, a full disk) ends with one line on stderr and exit code 2, before
+any training step where it can be found then; a bug of this library still shows its
+traceback, and ``LIGHTNING_PEFT_DEBUG=1`` shows the traceback of any error.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+from typing import Any, NoReturn
 
 import lightning as L
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+import lightning_peft
 from lightning_peft.assets import AssetError
+from lightning_peft.cli_messages import one_line
 from lightning_peft.core.ownership import adapter_refs
 from lightning_peft.core.summary import trainable_summary
 from lightning_peft.export import export_adapters, export_checkpoint
+from lightning_peft.lightning.checkpointing import read_checkpoint
 
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, ImportError, AssetError)  # ImportError: a missing extra
+DEBUG_VARIABLE = "LIGHTNING_PEFT_DEBUG"
+USAGE_ERROR = 2  # the exit code of every user mistake, as argparse uses
+
+
+class ConfigError(Exception):
+    """A mistake in the command line or the recipe, already said in one line."""
+
+
+class PEFTArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser, whose errors are one line (with a "did you mean") instead of a usage report."""
+
+    top_level = False  # jsonargparse parses nested classes with parsers of this class too: they report upwards
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.top_level:
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        raise ConfigError(one_line(message, option_names(parser))) from ex
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse for the plain subcommands (export), with the same one-line errors."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message)
+
+
+def option_names(parser: argparse.ArgumentParser) -> list[str]:
+    """Every option key of ``parser`` and of its subcommands' parsers (``trainer.max_steps``, ...)."""
+    names = [action.dest for action in parser._actions if action.dest not in (None, "help", argparse.SUPPRESS)]
+    subcommands = getattr(parser, "_subcommands_action", None)
+    for child in subcommands._name_parser_map.values() if subcommands else ():
+        names += option_names(child)
+    return list(dict.fromkeys(names))
 
 
 class PrintPredictions(BasePredictionWriter):
@@ -36,6 +77,30 @@ class PrintPredictions(BasePredictionWriter):
 
 class PEFTCLI(LightningCLI):
     """LightningCLI that tests after fit when there is test data, then prints a short summary."""
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        parser = super().init_parser(**kwargs)
+        parser.top_level = True
+        return parser
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads the checkpoint's hyperparameters first: an unreadable one is one line naming it."""
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            read_checkpoint(ckpt_path)
+        super()._parse_ckpt_path()
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--untrained", type=bool, default=False,
+                            help="predict only: predict without --ckpt_path, with the model as built (adapters and "
+                                 "new heads untrained)")
+
+    def before_predict(self) -> None:
+        """Refuse to predict with untrained adapters and heads, which would print confident nonsense."""
+        settings = self.config[self.subcommand]
+        if settings.get("ckpt_path") is None and not settings.get("untrained"):
+            raise ConfigError("predict needs trained weights: give --ckpt_path CHECKPOINT (the fit summary names it), "
+                              "or --untrained true to predict with the model as built")
 
     def after_fit(self) -> None:
         trainer, module = self.trainer, self.model
@@ -76,7 +141,7 @@ def _has_test_data(datamodule: L.LightningDataModule | None) -> bool:
 
 def export_main(args: list[str]) -> None:
     """``lightning-peft export CKPT --out DIR [--merged]``."""
-    parser = argparse.ArgumentParser(prog="lightning-peft export",
+    parser = CommandParser(prog="lightning-peft export",
                                      description="Write a checkpoint's adapter in the Hugging Face PEFT layout, "
                                                  "or with --merged a full transformers model folder.")
     parser.add_argument("checkpoint", help="a Lightning checkpoint of a lightning-peft recipe")
@@ -94,6 +159,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> PEFTCLI:
         subclass_mode_data=True,
         trainer_defaults={"callbacks": [PrintPredictions()]},
         save_config_kwargs={"overwrite": True},
+        parser_class=PEFTArgumentParser,
         args=args,
         run=run,
     )
@@ -106,9 +172,43 @@ def main(args: list[str] | None = None) -> None:
         if argv[:1] == ["export"]:
             return export_main(argv[1:])
         build_cli(args)
-    except USER_ERRORS as err:
-        print(f"lightning-peft: error: {err}", file=sys.stderr)
-        sys.exit(1)
+    except Exception as err:
+        mistake = user_mistake(err)
+        if os.environ.get(DEBUG_VARIABLE) == "1" or mistake is None:
+            raise
+        print(f"lightning-peft: error: {error_line(mistake)}", file=sys.stderr)
+        sys.exit(USAGE_ERROR)
+
+
+def user_mistake(err: BaseException) -> BaseException | None:
+    """The user's mistake behind ``err``: itself, or the cause that jsonargparse wrapped while building a class."""
+    chain = []
+    while err is not None:
+        chain.append(err)
+        err = err.__cause__
+    return next((cause for cause in reversed(chain) if is_user_error(cause)), None)
+
+
+def is_user_error(err: BaseException) -> bool:
+    """A mistake in what was asked, not a bug: said on purpose by this library or the parser, or a file/OS problem."""
+    if isinstance(err, (ConfigError, OSError, ImportError, AssetError, MisconfigurationException)):
+        return True
+    return isinstance(err, (ValueError, TypeError, KeyError)) and _raised_here(err)
+
+
+def _raised_here(err: BaseException) -> bool:
+    """Whether ``err`` was raised by lightning_peft's own code (its innermost frame is in the package)."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    package = os.path.dirname(lightning_peft.__file__)
+    return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(package + os.sep)
+
+
+def error_line(err: BaseException) -> str:
+    """The error's message on one line (a KeyError's message is its repr)."""
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(text.split()) or type(err).__name__
 
 
 if __name__ == "__main__":

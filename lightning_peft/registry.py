@@ -94,7 +94,13 @@ def callback_for(config: dict, adapter_name: str, config_path: Path) -> PEFTCall
                        adapter_name=adapter_name)
     for method in METHODS.values():
         if method.peft_format is not None and method.peft_format.peft_type == config.get("peft_type"):
-            return method(**method.peft_format.to_settings(config), adapter_name=adapter_name)
+            try:
+                return method(**method.peft_format.to_settings(config), adapter_name=adapter_name)
+            except KeyError as err:
+                raise ValueError(f"adapter file {config_path}: no {err.args[0]!r} entry, which a "
+                                 f"{config['peft_type']} adapter_config.json needs") from None
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"adapter file {config_path}: {err}") from None
     known = ", ".join(m.peft_format.peft_type for m in METHODS.values() if m.peft_format is not None)
     raise ValueError(f"adapter file {config_path}: peft_type {config.get('peft_type')!r} is not supported "
                      f"(supported: {known})")

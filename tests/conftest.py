@@ -1,6 +1,8 @@
 """Tiny models and a plain LightningModule shared by the tests."""
 
+import errno
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -151,6 +153,16 @@ def check_resume_reproduces_the_uninterrupted_run(build, callbacks, folder) -> d
         assert torch.equal(got[name], expected[name]), name
         assert not torch.equal(got[name], saved[name]), f"{name} did not train in the second epoch"
     return saved
+
+
+def fail_half_way_with_enospc(real_write):
+    """A file writer that writes, cuts the file short and raises "No space left on device", as a full disk does."""
+    def write(obj, path, *args, **kwargs):
+        real_write(obj, path, *args, **kwargs)
+        Path(path).write_bytes(Path(path).read_bytes()[:100])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    return write
 
 
 @pytest.fixture(autouse=True)

@@ -176,7 +176,7 @@ def test_export_adapter_and_merged_model(tmp_path, tiny_model_dir):
         assert torch.allclose(plain(input_ids=ids).logits, expected, atol=1e-5)
 
     missing = run_cli("export", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "x"))
-    assert missing.returncode == 1 and "does not exist" in missing.stderr
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
 
 
 def test_validate_before_fit_in_one_process(tiny_model_dir, tmp_path):

@@ -280,7 +280,7 @@ def test_missing_bitsandbytes_names_the_extra(monkeypatch):
 def test_unknown_optimizer_is_refused():
     from lightning_peft.tasks import SequenceClassification
 
-    with pytest.raises(ValueError, match="optimizer must be one of adamw, adamw8bit"):
+    with pytest.raises(ValueError, match=r"SequenceClassification optimizer must be one of \(.adamw., .adamw8bit.\)"):
         SequenceClassification(optimizer="sgd")
 
 

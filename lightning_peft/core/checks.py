@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Collection
 from types import ModuleType
 from typing import Any
@@ -12,6 +13,14 @@ def check_positive_int(owner: str, name: str, value: Any) -> None:
     """Raise unless ``value`` is a positive integer (a bool is not)."""
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{owner} {name} must be a positive integer, got {value!r}")
+
+
+def check_positive_number(owner: str, name: str, value: Any, zero_allowed: bool = False) -> None:
+    """Raise unless ``value`` is a finite number above zero (or at least zero): inf and nan poison every output."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not zero_allowed):
+        bound = ">= 0" if zero_allowed else "> 0"
+        raise ValueError(f"{owner} {name} must be a finite number {bound}, got {value!r}")
 
 
 def check_probability(owner: str, name: str, value: Any) -> None:
@@ -27,9 +36,13 @@ def check_choice(owner: str, name: str, value: Any, choices: Collection[Any]) ->
 
 
 def import_optional(module: str, extra: str, needed_by: str) -> ModuleType:
-    """Import an optional dependency, or raise an ImportError naming what needs it and the extra to install."""
+    """Import an optional dependency, or raise an ImportError naming what needs it and what to do."""
     try:
         return importlib.import_module(module)
     except ImportError as err:
         raise ImportError(f"{needed_by} needs {module}, which is not installed. Run: "
                           f'pip install "lightning-peft[{extra}]"') from err
+    except Exception as err:  # noqa: BLE001 (installed but broken: a CUDA setup failure, a bad build)
+        reason = " ".join(str(err).split())[:200]
+        raise ImportError(f"{needed_by} needs {module}, which is installed but fails to import "
+                          f"({type(err).__name__}: {reason}); reinstall it, or leave out what needs it") from err

@@ -56,11 +56,14 @@ def _refill(container: dict | set | list, content: dict | set | list) -> None:
 
 
 @contextmanager
-def all_or_nothing(root: nn.Module) -> Iterator[nn.Module]:
-    """Inside this block, an exception undoes every change made to ``root``'s module tree."""
+def all_or_nothing(root: nn.Module) -> Iterator[TreeRecord]:
+    """Inside this block, an exception undoes every change made to ``root``'s module tree.
+
+    The record it yields can undo the changes later too, until it is dropped.
+    """
     record = TreeRecord(root)
     try:
-        yield root
+        yield record
     except BaseException:
         record.restore()
         raise

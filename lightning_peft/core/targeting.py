@@ -125,6 +125,7 @@ def select_modules(
             + (f", exclude_modules={exclude_modules!r}" if exclude_modules else "")
             + (f", layers={list(layers)!r}" if layers is not None else "")
             + f" matched no module. Module names that exist: {_name_overview(candidates)}"
+            + _regex_hint(target_modules, candidates)
         )
     for name, module in chosen:
         if name in unwrappable:
@@ -139,6 +140,16 @@ def select_modules(
                 f"{_name_overview([(n, m) for n, m in candidates if n.startswith(name + '.')], 5)}"
             )
     return chosen
+
+
+def _regex_hint(targets: Targets, candidates: list[tuple[str, nn.Module]]) -> str:
+    """For a string that names modules by their last part: a string is a regex over the whole name; say so."""
+    if not isinstance(targets, str) or targets == ALL_LINEAR:
+        return ""
+    if not any(name.endswith("." + targets) for name, _ in candidates):
+        return ""
+    return (f". A string is a regular expression that must match the whole module name; to match names ending "
+            f"in {targets!r}, pass a list: [{targets!r}] (or the regex '.*\\.{targets}')")
 
 
 def _name_overview(named: list[tuple[str, nn.Module]], limit: int = 40) -> str:

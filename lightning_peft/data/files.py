@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sys
 from pathlib import Path
@@ -11,23 +12,61 @@ READERS = (".csv", ".tsv", ".jsonl", ".json")
 
 
 def read_rows(path: str | Path, columns: list[str]) -> list[dict]:
-    """Rows of ``path`` as dicts; the file must exist, be non-empty and have ``columns``."""
+    """Rows of ``path`` as dicts; the file must exist and every row must have a non-empty value in ``columns``.
+
+    A row that does not fit (a CSV row with more or fewer fields than the header, as an unquoted
+    comma in a text makes; a missing or empty value) is an error naming the file, line and content.
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
     suffix = path.suffix.lower()
     if suffix not in READERS:
         raise ValueError(f"data file {path}: unknown format {suffix!r}; use one of {', '.join(READERS)}")
-    with path.open(encoding="utf-8", newline="") as f:
-        if suffix in (".jsonl", ".json"):
-            rows = [_json_line(line, path, number) for number, line in enumerate(f, 1) if line.strip()]
-        else:
-            rows = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+    text = _utf8_text(path)
+    if suffix in (".jsonl", ".json"):
+        rows = [(number, _json_line(line, path, number)) for number, line in enumerate(text.splitlines(), 1)
+                if line.strip()]
+    else:
+        rows = _csv_rows(text, path, delimiter="\t" if suffix == ".tsv" else ",")
     if not rows:
         raise ValueError(f"data file {path} has no rows")
-    missing = [c for c in columns if c not in rows[0]]
+    missing = [c for c in columns if c not in rows[0][1]]
     if missing:
-        raise ValueError(f"data file {path} has no column {missing[0]!r}; its columns are: {', '.join(rows[0])}")
+        raise ValueError(f"data file {path} has no column {missing[0]!r}; its columns are: {', '.join(rows[0][1])}")
+    lines = text.splitlines()
+    for number, row in rows:
+        empty = next((c for c in columns if row.get(c) is None or str(row[c]).strip() == ""), None)
+        if empty is not None:
+            raise ValueError(f"data file {path}, line {number}: no {empty!r} value in {_shown(lines, number)}")
+    return [row for _, row in rows]
+
+
+def _utf8_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[:err.start].count(b"\n") + 1
+        raise ValueError(f"data file {path}, line {line}: not UTF-8 text (byte {err.object[err.start]:#04x}); "
+                         "save the file as UTF-8") from None
+
+
+def _csv_rows(text: str, path: Path, delimiter: str) -> list[tuple[int, dict]]:
+    """``(line, row)`` for each CSV record; a record with another number of fields than the header is an error."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    header = next(reader, None)
+    if header is None:
+        return []
+    lines = text.splitlines()
+    rows = []
+    for fields in reader:
+        if not fields:
+            continue  # a blank line
+        if len(fields) != len(header):
+            raise ValueError(f"data file {path}, line {reader.line_num}: {len(fields)} fields where the header has "
+                             f"{len(header)} in {_shown(lines, reader.line_num)}; quote a text that holds a "
+                             f"{'tab' if delimiter == chr(9) else 'comma'}")
+        rows.append((reader.line_num, dict(zip(header, fields, strict=True))))
     return rows
 
 
@@ -39,6 +78,11 @@ def _json_line(line: str, path: Path, number: int) -> dict:
     if not isinstance(row, dict):
         raise ValueError(f"data file {path}, line {number}: expected a JSON object")
     return row
+
+
+def _shown(lines: list[str], number: int, limit: int = 80) -> str:
+    line = lines[number - 1] if 0 < number <= len(lines) else ""
+    return repr(line if len(line) <= limit else line[:limit] + "...")
 
 
 def check_data_arguments(source: str | None, sources: dict, files: list[str | None], val_fraction: float) -> None:
@@ -56,7 +100,7 @@ def read_text(path: str | Path) -> str:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = _utf8_text(path)
     if not text.strip():
         raise ValueError(f"data file {path} is empty")
     return text
@@ -70,7 +114,7 @@ def read_lines(path: str | Path) -> list[str]:
         path = Path(path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"predict file {path} does not exist")
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = _utf8_text(path).splitlines()
     texts = [line.strip() for line in lines if line.strip()]
     if not texts:
         raise ValueError(f"no texts to predict in {'standard input' if str(path) == '-' else path}")

@@ -61,8 +61,30 @@ class ModelSetupCallback(L.Callback):
         pl_module.__dict__.pop("configure_model", None)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        """A failed run gets no teardown: drop the wrapper here, so a retry with other callbacks starts clean."""
+        """A run that fails before it starts (a bad checkpoint, say) leaves the module as it was, with no wrapper.
+
+        A failed run gets no teardown, and a retry with corrected callbacks must find the module as it was.
+        """
         pl_module.__dict__.pop("configure_model", None)
+        undo = self.__dict__.pop("_undo_setup", None)
+        if undo is not None:
+            undo.restore()
+
+    def _run_started(self) -> None:
+        """The run got past checkpoint loading: from here on its changes to the module stay."""
+        self.__dict__.pop("_undo_setup", None)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._run_started()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._run_started()
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._run_started()
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._run_started()
 
 
 class PEFTCallback(ModelSetupCallback):
@@ -146,6 +168,7 @@ class PEFTCallback(ModelSetupCallback):
                                                                                                  path))
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
         if self is peft_callbacks(trainer)[0]:
             enable_input_grads_for_checkpointing(pl_module)
             rank_zero_info(f"lightning_peft: trainable parameters\n{trainable_summary(pl_module)}")
@@ -164,10 +187,16 @@ class PEFTCallback(ModelSetupCallback):
 
 
 def apply_all(trainer: L.Trainer, module: nn.Module) -> None:
-    """Apply every model-changing callback of ``trainer`` to ``module``; if one fails, none has changed it."""
-    with all_or_nothing(module):
-        for callback in setup_callbacks(trainer):
+    """Apply every model-changing callback of ``trainer`` to ``module``; if one fails, none has changed it.
+
+    The first callback keeps the record of the module as it was until the run starts, so a
+    failure in between (loading a checkpoint) undoes the changes too.
+    """
+    callbacks = setup_callbacks(trainer)
+    with all_or_nothing(module) as record:
+        for callback in callbacks:
             callback.apply(module)
+    callbacks[0]._undo_setup = record
 
 
 def _apply_after_configure_model(trainer: L.Trainer, pl_module: L.LightningModule) -> None:

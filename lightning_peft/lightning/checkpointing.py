@@ -88,7 +88,7 @@ def checkpoint_read_errors(path: PathLike) -> Iterator[None]:
         raise ValueError(f"checkpoint {path} holds objects other than tensors and plain values, which "
                          "loading with weights_only=True refuses: it was not written by Lightning or this "
                          "library; load it yourself with torch.load(weights_only=False) only if you trust it") from None
-    except (EOFError, RuntimeError, KeyError, OSError) as err:
+    except Exception as err:  # noqa: BLE001 (inside a read, any failure means: not a readable checkpoint)
         reason = (str(err).splitlines() or [type(err).__name__])[0]
         raise ValueError(f"checkpoint {path} cannot be read: it is empty, truncated or not a checkpoint "
                          f"({type(err).__name__}: {reason[:120]})") from None
@@ -102,6 +102,22 @@ def read_checkpoint(path: PathLike, **load_options: Any) -> dict[str, Any]:
         raise ValueError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a Lightning checkpoint")
     check_adapter_digest(checkpoint, path)
     return checkpoint
+
+
+def check_methods_present(checkpoint: dict[str, Any], module: nn.Module) -> None:
+    """Refuse an adapter-only checkpoint for a model without adapters: its tensors have nowhere to go."""
+    if not checkpoint.get(CHECKPOINT_KEY, {}).get("adapter_only") or owners(module):
+        return
+    methods = [_described(state) for state in checkpoint.get("callbacks", {}).values() if "method" in state]
+    raise ValueError(f"this checkpoint holds only the adapter of {' and '.join(methods) or 'a PEFT method'}, not the "
+                     "whole model: add the callback it was trained with to the trainer (in a recipe: "
+                     "trainer.callbacks, class_path lightning_peft.<Method> with those settings)")
+
+
+def _described(state: dict[str, Any]) -> str:
+    settings = ", ".join(f"{k}={v!r}" for k, v in state.get("config", {}).items()
+                         if v not in (None, [], "default") and k != "checkpoint")
+    return f"{state['method']}({settings})"
 
 
 def complete_from_model(checkpoint: dict[str, Any], module: nn.Module, path: PathLike) -> None:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from lightning_peft.core.checks import check_choice, check_positive_int, check_probability
+from lightning_peft.core.checks import check_choice, check_positive_int, check_positive_number, check_probability
 from lightning_peft.core.injection import wrap_modules, wrap_parameters
 from lightning_peft.core.layer import innermost_base
 from lightning_peft.core.targeting import (
@@ -69,8 +69,7 @@ class LoRA(PEFTCallback):
     ) -> None:
         super().__init__(adapter_name=adapter_name, checkpoint=checkpoint, modules_to_save=modules_to_save)
         check_positive_int("LoRA", "r", r)
-        if not alpha > 0:
-            raise ValueError(f"LoRA alpha must be > 0, got {alpha!r}")
+        check_positive_number("LoRA", "alpha", alpha)
         check_probability("LoRA", "dropout", dropout)
         check_choice("LoRA", "init", init, INITS)
         if target_modules is None and not target_parameters:

@@ -100,6 +100,7 @@ class QuantizeBase(ModelSetupCallback):
                 f"{size_text(before)} -> {size_text(after)} ({after / max(before, 1):.2f}x)")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
         rank_zero_info(f"lightning_peft: {self.summary()}")
 
     def _layers_to_quantize(self, module: nn.Module) -> list[str]:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
 from torchmetrics import Metric, MetricCollection
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from lightning_peft.core.checks import check_choice, check_positive_number
 from lightning_peft.core.weights import import_bitsandbytes
+from lightning_peft.lightning.checkpointing import check_methods_present
 from lightning_peft.tasks.models import resolve_model
 
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -34,8 +37,11 @@ class TransformersTask(L.LightningModule):
     def __init__(self, model: str, learning_rate: float, weight_decay: float, warmup_steps: int,
                  trust_remote_code: bool, optimizer: str = "adamw") -> None:
         super().__init__()
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+        check_choice(type(self).__name__, "optimizer", optimizer, OPTIMIZERS)
+        check_positive_number(type(self).__name__, "learning_rate", learning_rate)
+        check_positive_number(type(self).__name__, "weight_decay", weight_decay, zero_allowed=True)
+        if not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"{type(self).__name__} warmup_steps must be an integer >= 0, got {warmup_steps!r}")
         adamw_class(optimizer)  # bitsandbytes missing: say so now, not after the model is built
         self.optimizer_name = optimizer
         self.model_path = resolve_model(model)
@@ -53,6 +59,9 @@ class TransformersTask(L.LightningModule):
         if self.model is None:
             self.model = self.build_model()
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_methods_present(checkpoint, self)
+
     def on_validation_epoch_start(self) -> None:
         # Fresh metric states in this loop's grad mode: a `validate` (inference mode) before `fit`
         # (no_grad) leaves inference tensors that fit's validation cannot update in place.
@@ -64,5 +73,20 @@ class TransformersTask(L.LightningModule):
         hp = self.hparams
         optimizer = adamw_class(self.optimizer_name)(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        schedule = get_linear_schedule_with_warmup(optimizer, min(hp.warmup_steps, total), total)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_then_decay(min(hp.warmup_steps, total),
+                                                                                         total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def linear_warmup_then_decay(warmup: int, total: int) -> Callable[[int], float]:
+    """The learning-rate factor at each step: 0 to 1 over ``warmup`` steps, then down to 0 at ``total``.
+
+    As transformers' ``get_linear_schedule_with_warmup``, without importing transformers' trainer
+    code (which imports bitsandbytes, so a broken bitsandbytes would break every recipe).
+    """
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor

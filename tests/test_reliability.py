@@ -1,0 +1,375 @@
+"""Bad input, as a new user gives it: one line naming what is wrong, exit code 2, nothing changed.
+
+Each case of the table runs a mistake through the command line (in process, as the console
+script runs it) or the Python API and asserts the exit code or exception type, that the message
+is one line with the words that say what is wrong, and that every input file (recipe, data,
+model, checkpoint, adapter) and the module are as they were.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.abc
+import json
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import lightning_peft.core.adapter_files as adapter_files
+from lightning_peft import (
+    IA3,
+    Adapter,
+    BitFit,
+    LoRA,
+    PromptTuning,
+    QuantizeBase,
+    Selective,
+    cli,
+    load_adapter,
+    save_adapter,
+    set_adapter,
+)
+from lightning_peft.export import rebuild_from_checkpoint
+from lightning_peft.tasks import SequenceClassification
+
+from conftest import TokenModule, fail_half_way_with_enospc, make_trainer, tiny_bert, token_loader
+
+WORDS = ["good", "great", "fine", "bad", "awful", "poor", "movie", "plot", "the", "was", "very", "not"]
+
+
+# --- the inputs: a tiny model folder, data, a recipe, a trained checkpoint and adapter ------------------
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("inputs")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder / "model")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=32)
+    BertForSequenceClassification(config).save_pretrained(folder / "model")
+    rows = "".join(f"the movie was {w},{'pos' if i % 2 else 'neg'}\n" for i, w in enumerate(WORDS * 2))
+    (folder / "train.csv").write_text("text,label\n" + rows)
+    (folder / "texts.txt").write_text("the movie was good\nthe plot was awful\n")
+    (folder / "comma.csv").write_text("text,label\nthe movie was good,pos\nthe movie, sadly, was bad,neg\n")
+    (folder / "blank_label.csv").write_text("text,label\nthe movie was good,1\nthe movie was bad,\n")
+    (folder / "latin1.csv").write_bytes("text,label\nthe movie was g\xe9od,1\n".encode("latin-1"))
+    (folder / "empty.ckpt").write_bytes(b"")
+    write_recipe(folder, "recipe.yaml")
+    write_recipe(folder, "typo_key.yaml", trainer={"max_step": 3})
+    write_recipe(folder, "typo_arg.yaml", lora={"rank": 4})
+    write_recipe(folder, "typo_class.yaml", lora_class="lightning_peft.LoRa")
+    write_recipe(folder, "inf_alpha.yaml", lora={"alpha": math.inf})
+    write_recipe(folder, "no_callbacks.yaml", callbacks=[])
+    assert run_cli(["fit", "--config", str(folder / "recipe.yaml"),
+                    "--trainer.default_root_dir", str(folder / "trained")])[0] == 0
+    checkpoint = next((folder / "trained" / "checkpoints").glob("*.ckpt"))
+    checkpoint.rename(folder / "trained.ckpt")
+    (folder / "truncated.ckpt").write_bytes((folder / "trained.ckpt").read_bytes()[:1000])
+    return folder
+
+
+def write_recipe(folder: Path, name: str, trainer: dict | None = None, lora: dict | None = None,
+                 lora_class: str = "lightning_peft.LoRA", callbacks: list | None = None) -> Path:
+    lora_callback = {"class_path": lora_class, "init_args": {"r": 4, "target_modules": ["query", "value"],
+                                                             "modules_to_save": ["classifier"], **(lora or {})}}
+    if "rank" in (lora or {}):
+        del lora_callback["init_args"]["r"]
+    config = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "max_steps": 3, "logger": False, "enable_progress_bar": False,
+                    "enable_model_summary": False, "default_root_dir": str(folder.parent / "run"),
+                    "callbacks": [lora_callback] if callbacks is None else callbacks, **(trainer or {})},
+        "model": {"class_path": "lightning_peft.tasks.SequenceClassification",
+                  "init_args": {"model": str(folder / "model")}},
+        "data": {"class_path": "lightning_peft.data.TextClassificationData",
+                 "init_args": {"train_file": str(folder / "train.csv"), "batch_size": 8, "max_length": 16}},
+    }
+    (folder / name).write_text(yaml.safe_dump(config))
+    return folder / name
+
+
+def run_cli(args: list[str]) -> tuple[int, str]:
+    """Exit code and stderr of the ``lightning-peft`` command run in this process."""
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    code = 0
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            cli.main(args)
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+    return code, err.getvalue()
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# --- the command line ---------------------------------------------------------------------------------
+CLI_CASES = {
+    "yaml key typo": (["fit", "--config", "{typo_key.yaml}"], ["unknown option 'trainer.max_step'",
+                                                               "did you mean 'trainer.max_steps'"]),
+    "command-line key typo": (["fit", "--config", "{recipe.yaml}", "--trainer.max_stepz", "3"],
+                              ["did you mean 'trainer.max_steps'"]),
+    "callback argument typo in yaml": (["fit", "--config", "{typo_arg.yaml}"],
+                                       ["LoRA does not take 'rank'", "LoRA takes: r, alpha"]),
+    "class_path typo": (["fit", "--config", "{typo_class.yaml}"], ["did you mean 'lightning_peft.LoRA'"]),
+    "task argument typo": (["fit", "--config", "{recipe.yaml}", "--model.init_args.learning_rat", "1"],
+                           ["does not take 'learning_rat'", "did you mean 'learning_rate'"]),
+    "unknown command": (["fiit", "--config", "{recipe.yaml}"], ["unknown command 'fiit'", "did you mean 'fit'"]),
+    "value of the wrong type": (["fit", "--config", "{recipe.yaml}", "--trainer.max_steps", "many"],
+                                ["trainer.max_steps: expected int, got 'many'"]),
+    "missing recipe": (["fit", "--config", "{missing.yaml}"], ["missing.yaml", "does not exist"]),
+    "infinite alpha in yaml": (["fit", "--config", "{inf_alpha.yaml}"], ["LoRA alpha must be a finite number"]),
+    "negative learning rate": (["fit", "--config", "{recipe.yaml}", "--model.init_args.learning_rate", "-1"],
+                               ["learning_rate must be a finite number > 0"]),
+    "val_fraction out of range": (["fit", "--config", "{recipe.yaml}", "--data.init_args.val_fraction", "1.5"],
+                                  ["val_fraction must be in [0, 1)"]),
+    "unknown model": (["fit", "--config", "{recipe.yaml}", "--model.init_args.model", "no-such-model"],
+                      ["'no-such-model' is neither a built-in name"]),
+    "missing data file": (["fit", "--config", "{recipe.yaml}", "--data.init_args.train_file", "{nope.csv}"],
+                          ["nope.csv does not exist"]),
+    "unquoted comma in a csv text": (["fit", "--config", "{recipe.yaml}", "--data.init_args.train_file",
+                                      "{comma.csv}"], ["comma.csv, line 3: 4 fields where the header has 2",
+                                                       "quote a text"]),
+    "blank label": (["fit", "--config", "{recipe.yaml}", "--data.init_args.train_file", "{blank_label.csv}"],
+                    ["blank_label.csv, line 3: no 'label' value"]),
+    "non-utf-8 data": (["fit", "--config", "{recipe.yaml}", "--data.init_args.train_file", "{latin1.csv}"],
+                       ["latin1.csv, line 2: not UTF-8"]),
+    "predict without trained weights": (["predict", "--config", "{recipe.yaml}", "--data.init_args.predict_file",
+                                         "{texts.txt}"], ["predict needs trained weights", "--ckpt_path"]),
+    "resume from a truncated checkpoint": (["fit", "--config", "{recipe.yaml}", "--ckpt_path", "{truncated.ckpt}"],
+                                           ["truncated.ckpt cannot be read"]),
+    "predict from an empty checkpoint": (["predict", "--config", "{recipe.yaml}", "--data.init_args.predict_file",
+                                          "{texts.txt}", "--ckpt_path", "{empty.ckpt}"], ["empty.ckpt cannot be read"]),
+    "export a truncated checkpoint": (["export", "{truncated.ckpt}", "--out", "{out}"],
+                                      ["truncated.ckpt cannot be read"]),
+    "export a data file": (["export", "{train.csv}", "--out", "{out}"], ["train.csv cannot be read"]),
+    "export into a file": (["export", "{trained.ckpt}", "--out", "{train.csv}"], ["train.csv"]),
+    "export without --out": (["export", "{trained.ckpt}"], ["required: --out"]),
+    "resume an adapter-only checkpoint without its method": (
+        ["fit", "--config", "{no_callbacks.yaml}", "--ckpt_path", "{trained.ckpt}", "--trainer.max_steps", "5"],
+        ["holds only the adapter of LoRA(r=4", "add the callback it was trained with"]),
+    "resume with another alpha": (["fit", "--config", "{recipe.yaml}", "--ckpt_path", "{trained.ckpt}",
+                                   "--trainer.max_steps", "5", "--trainer.callbacks.init_args.alpha", "32"],
+                                  ["alpha=16.0 (here 32.0)"]),
+}
+
+
+def fill(arg: str, folder: Path) -> str:
+    return str(folder / arg[1:-1]) if arg.startswith("{") else arg
+
+
+@pytest.mark.parametrize("case", list(CLI_CASES))
+def test_a_command_line_mistake_is_one_line_and_exit_code_2(case, inputs):
+    args, words = CLI_CASES[case]
+    before = file_digests(inputs)
+    code, stderr = run_cli([fill(arg, inputs) for arg in args])
+    errors = [line for line in stderr.splitlines() if line.startswith("lightning-peft: error: ")]
+    assert code == 2, stderr[-2000:]
+    assert len(errors) == 1 and "Traceback" not in stderr and "usage:" not in stderr, stderr[-2000:]
+    for word in words:
+        assert word in errors[0], errors[0]
+    assert file_digests(inputs) == before
+
+
+class BrokenBitsandbytes(importlib.abc.MetaPathFinder):
+    """An installed bitsandbytes whose import raises, as a failed CUDA setup does."""
+
+    def find_spec(self, name, path, target=None):
+        if name == "bitsandbytes":
+            raise RuntimeError("CUDA Setup failed despite GPU being available")
+        return None
+
+
+def test_a_broken_bitsandbytes_is_one_line_and_only_for_what_needs_it(inputs, monkeypatch):
+    for name in [m for m in sys.modules if m == "bitsandbytes" or m.startswith("bitsandbytes.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [BrokenBitsandbytes(), *sys.meta_path])
+    recipe = str(inputs / "recipe.yaml")
+    code, stderr = run_cli(["fit", "--config", recipe, "--model.init_args.optimizer", "adamw8bit"])
+    errors = [line for line in stderr.splitlines() if line.startswith("lightning-peft: error: ")]
+    assert code == 2 and len(errors) == 1, stderr[-2000:]
+    assert "needs bitsandbytes, which is installed but fails to import (RuntimeError: CUDA Setup" in errors[0]
+    assert run_cli(["fit", "--config", recipe])[0] == 0  # a LoRA recipe does not need it
+
+
+def test_a_library_bug_keeps_its_traceback_and_debug_shows_any(inputs, monkeypatch):
+    def bug(*args, **kwargs):
+        raise TypeError("unsupported operand")  # raised outside lightning_peft: not a user mistake
+
+    monkeypatch.setattr(torch.optim.lr_scheduler, "LambdaLR", lambda *a, **k: bug())
+    with pytest.raises(TypeError, match="unsupported operand"):
+        cli.main(["fit", "--config", str(inputs / "recipe.yaml")])
+    monkeypatch.setenv("LIGHTNING_PEFT_DEBUG", "1")
+    with pytest.raises(cli.ConfigError, match="unknown option"):
+        cli.main(["fit", "--config", str(inputs / "typo_key.yaml")])
+
+
+# --- the Python API -----------------------------------------------------------------------------------
+@dataclass
+class ApiCase:
+    """A call that must fail with ``error`` whose message holds ``words``, leaving the module and files as they were."""
+
+    call: Callable[[torch.nn.Module, Path], object]
+    error: type[BaseException]
+    words: list[str] = field(default_factory=list)
+
+
+def two_methods_on_one_parameter(module, folder):
+    trainer = make_trainer([LoRA(r=4, target_modules=["query"], modules_to_save=["classifier"]),
+                            BitFit(modules_to_save=["classifier"])], max_steps=1)
+    trainer.fit(TokenModule(module), token_loader())
+
+
+def saved_adapter(folder: Path) -> Path:
+    """An adapter folder written by save_adapter from a fresh LoRA model (made once per folder)."""
+    out = folder / "adapter"
+    if not out.exists():
+        torch.manual_seed(1)
+        save_adapter(LoRA(r=4, target_modules=["query"]).inject(tiny_bert()), out)
+    return out
+
+
+def damaged_copy(folder: Path, damage: Callable[[Path], None]) -> Path:
+    source = saved_adapter(folder)
+    copy = folder / f"damaged-{damage.__name__}"
+    copy.mkdir(exist_ok=True)
+    for file in source.iterdir():
+        (copy / file.name).write_bytes(file.read_bytes())
+    damage(copy)
+    return copy
+
+
+def flip_a_byte(copy: Path) -> None:
+    path = copy / "adapter_model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01  # inside the last tensor's bytes: the header still parses
+    path.write_bytes(bytes(data))
+
+
+def drop_target_modules(copy: Path) -> None:
+    config = json.loads((copy / "adapter_config.json").read_text())
+    del config["target_modules"]
+    (copy / "adapter_config.json").write_text(json.dumps(config))
+
+
+def truncate_weights(copy: Path) -> None:
+    path = copy / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:50])
+
+
+def empty_checkpoint(folder: Path) -> Path:
+    (folder / "empty.ckpt").write_bytes(b"")
+    return folder / "empty.ckpt"
+
+
+API_CASES = {
+    "infinite alpha": ApiCase(lambda m, f: LoRA(alpha=math.inf), ValueError, ["alpha must be a finite number"]),
+    "nan alpha": ApiCase(lambda m, f: LoRA(alpha=math.nan), ValueError, ["alpha must be a finite number"]),
+    "rank zero": ApiCase(lambda m, f: LoRA(r=0), ValueError, ["r must be a positive integer"]),
+    "dropout of one": ApiCase(lambda m, f: LoRA(dropout=1.0), ValueError, ["dropout must be in [0, 1)"]),
+    "string target is a full-match regex": ApiCase(
+        lambda m, f: LoRA(target_modules="query").inject(m), ValueError,
+        ["matched no module", "query (Linear)", "A string is a regular expression", "['query']"]),
+    "unknown target": ApiCase(lambda m, f: LoRA(target_modules=["qurey"]).inject(m), ValueError,
+                              ["matched no module", "query (Linear)"]),
+    "two methods on one parameter": ApiCase(two_methods_on_one_parameter, ValueError,
+                                            ["claimed by both LoRA[default] and BitFit[default]"]),
+    "a flipped byte in an adapter file": ApiCase(lambda m, f: load_adapter(m, damaged_copy(f, flip_a_byte)),
+                                                 ValueError, ["adapter_model.safetensors is corrupt", "checksum"]),
+    "adapter_config.json without target_modules": ApiCase(
+        lambda m, f: load_adapter(m, damaged_copy(f, drop_target_modules)), ValueError,
+        ["adapter_config.json: LoRA needs target_modules"]),
+    "truncated adapter file": ApiCase(lambda m, f: load_adapter(m, damaged_copy(f, truncate_weights)), ValueError,
+                                      ["not a valid safetensors file"]),
+    "missing adapter folder": ApiCase(lambda m, f: load_adapter(m, f / "nowhere"), FileNotFoundError,
+                                      ["nowhere/adapter_config.json does not exist"]),
+    "export an empty checkpoint": ApiCase(lambda m, f: rebuild_from_checkpoint(empty_checkpoint(f)), ValueError,
+                                          ["empty.ckpt cannot be read"]),
+    "resume from an empty checkpoint": ApiCase(
+        lambda m, f: make_trainer([LoRA(r=4, target_modules=["query"])]).fit(
+            TokenModule(m), token_loader(), ckpt_path=empty_checkpoint(f)), ValueError, ["empty.ckpt cannot be read"]),
+    "negative learning rate": ApiCase(lambda m, f: SequenceClassification(model="x", learning_rate=-1e-3), ValueError,
+                                      ["learning_rate must be a finite number > 0"]),
+    "adapter bottleneck zero": ApiCase(lambda m, f: Adapter(bottleneck_dim=0), ValueError, ["bottleneck_dim"]),
+    "no virtual tokens": ApiCase(lambda m, f: PromptTuning(num_virtual_tokens=0), ValueError, ["num_virtual_tokens"]),
+    "unknown quantization": ApiCase(lambda m, f: QuantizeBase(mode="int3"), ValueError, ["int3", "nf4"]),
+    "IA3 on a missing module": ApiCase(lambda m, f: IA3(target_modules=["nope"], feedforward_modules=[]).inject(m),
+                                       ValueError, ["nope", "matched no module"]),
+    "selective on a missing module": ApiCase(lambda m, f: Selective(modules=["q_porj"]).inject(m), ValueError,
+                                             ["q_porj"]),
+    "save an adapter that does not exist": ApiCase(lambda m, f: save_adapter(m, f / "out", adapter_name="nope"),
+                                                   ValueError, ["no adapter named 'nope'"]),
+    "activate an adapter that does not exist": ApiCase(lambda m, f: set_adapter(m, "nope"), ValueError,
+                                                       ["no adapter named 'nope'"]),
+}
+
+
+def module_record(module: torch.nn.Module) -> tuple:
+    return ({n: type(m) for n, m in module.named_modules()},
+            {n: (p.detach().clone(), p.requires_grad) for n, p in module.named_parameters()})
+
+
+@pytest.mark.parametrize("case", list(API_CASES))
+def test_an_api_mistake_is_one_line_and_changes_nothing(case, tmp_path):
+    spec = API_CASES[case]
+    module = tiny_bert()
+    saved_adapter(tmp_path)  # the files that exist before the mistake
+    before_files, (types, params) = file_digests(tmp_path), module_record(module)
+    with pytest.raises(spec.error) as info:
+        spec.call(module, tmp_path)
+    message = str(info.value)
+    assert "\n" not in message, message
+    for word in spec.words:
+        assert word in message, message
+    after_types, after_params = module_record(module)
+    assert after_types == types
+    assert after_params.keys() == params.keys()
+    for name, (tensor, requires_grad) in params.items():
+        assert torch.equal(after_params[name][0], tensor) and after_params[name][1] == requires_grad, name
+    after_files = file_digests(tmp_path)
+    assert {k: v for k, v in after_files.items() if k in before_files} == before_files
+    assert not [k for k in after_files if k not in before_files and not k.startswith(("damaged-", "empty.ckpt"))]
+
+
+def test_a_full_disk_on_export_is_one_line_and_keeps_the_previous_adapter(inputs, tmp_path, monkeypatch):
+    out = tmp_path / "adapter"
+    assert run_cli(["export", str(inputs / "trained.ckpt"), "--out", str(out)])[0] == 0
+    before = file_digests(out)
+    monkeypatch.setattr(adapter_files, "save_file", fail_half_way_with_enospc(adapter_files.save_file))
+    code, stderr = run_cli(["export", str(inputs / "trained.ckpt"), "--out", str(out)])
+    errors = [line for line in stderr.splitlines() if line.startswith("lightning-peft: error: ")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in stderr, stderr[-2000:]
+    assert "No space left on device" in errors[0] and "adapter_model.safetensors" in errors[0]
+    assert file_digests(out) == before
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_the_table_covers_at_least_thirty_mistakes():
+    assert len(CLI_CASES) + len(API_CASES) + 1 >= 30  # + the broken bitsandbytes
+
+
+def test_a_flipped_byte_in_a_checkpoint_tensor_is_detected(tmp_path):
+    module = TokenModule(tiny_bert())
+    trainer = make_trainer([LoRA(r=4, target_modules=["query"])], max_steps=1)
+    trainer.fit(module, token_loader())
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    checkpoint = torch.load(tmp_path / "a.ckpt", weights_only=True)
+    key = next(k for k in checkpoint["state_dict"] if k.endswith("lora_B"))
+    checkpoint["state_dict"][key][0, 0] += 1e-3  # a flipped low bit, as a disk would: the file is still valid
+    torch.save(checkpoint, tmp_path / "b.ckpt")
+    with pytest.raises(ValueError, match="b.ckpt is corrupt"):
+        make_trainer([LoRA(r=4, target_modules=["query"])], max_steps=2).fit(
+            TokenModule(tiny_bert()), token_loader(), ckpt_path=tmp_path / "b.ckpt")
