@@ -109,7 +109,8 @@ def digests(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
 
 
-def test_a_full_disk_leaves_the_previous_adapter_and_says_so_in_one_line(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failing", ["weights", "config"])
+def test_a_full_disk_leaves_the_previous_adapter_and_says_so_in_one_line(tmp_path, monkeypatch, failing):
     torch.manual_seed(0)
     model = LoRA(r=4, target_modules=["q_proj"]).inject(tiny_llama())
     save_adapter(model, tmp_path / "adapter")
@@ -118,7 +119,16 @@ def test_a_full_disk_leaves_the_previous_adapter_and_says_so_in_one_line(tmp_pat
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.add_(1.0)  # a new adapter to save over the old one
-    monkeypatch.setattr(adapter_files, "save_file", fail_half_way_with_enospc(adapter_files.save_file))
+    if failing == "weights":
+        monkeypatch.setattr(adapter_files, "save_file", fail_half_way_with_enospc(adapter_files.save_file))
+    else:  # the second file: the first is written by then, and must not be renamed in alone
+        real_write_text = Path.write_text
+
+        def write_text(path, data, *args, **kwargs):
+            real_write_text(path, data[:10], *args, **kwargs)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+        monkeypatch.setattr(Path, "write_text", write_text)
     with pytest.raises(OSError) as info:
         save_adapter(model, tmp_path / "adapter")
     assert info.value.errno == errno.ENOSPC and "\n" not in str(info.value)
