@@ -23,10 +23,13 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 import lightning_peft
 from lightning_peft.assets import AssetError
 from lightning_peft.cli_messages import one_line
+from lightning_peft.core.adapter_files import read_adapter_files
 from lightning_peft.core.ownership import adapter_refs
 from lightning_peft.core.summary import trainable_summary
 from lightning_peft.export import export_adapters, export_checkpoint
+from lightning_peft.lightning.callback import PEFTCallback
 from lightning_peft.lightning.checkpointing import read_checkpoint
+from lightning_peft.registry import LoadAdapter
 
 DEBUG_VARIABLE = "LIGHTNING_PEFT_DEBUG"
 USAGE_ERROR = 2  # the exit code of every user mistake, as argparse uses
@@ -91,16 +94,43 @@ class PEFTCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--adapter", type=str | None, default=None,
+                            help="validate, test, predict: an adapter folder (as fit or export writes) to use "
+                                 "instead of the recipe's PEFT methods")
         parser.add_argument("--untrained", type=bool, default=False,
-                            help="predict only: predict without --ckpt_path, with the model as built (adapters and "
-                                 "new heads untrained)")
+                            help="predict: predict without --ckpt_path or --adapter, with the model as built "
+                                 "(adapters and new heads untrained)")
+
+    def before_fit(self) -> None:
+        if self.config[self.subcommand].get("adapter"):
+            raise ConfigError("fit trains a new adapter: --adapter is for validate, test and predict "
+                              "(to continue a run, give --ckpt_path)")
+
+    def before_validate(self) -> None:
+        self._use_adapter_folder()
+
+    def before_test(self) -> None:
+        self._use_adapter_folder()
 
     def before_predict(self) -> None:
         """Refuse to predict with untrained adapters and heads, which would print confident nonsense."""
         settings = self.config[self.subcommand]
-        if settings.get("ckpt_path") is None and not settings.get("untrained"):
-            raise ConfigError("predict needs trained weights: give --ckpt_path CHECKPOINT (the fit summary names it), "
-                              "or --untrained true to predict with the model as built")
+        if settings.get("ckpt_path") is None and not settings.get("adapter") and not settings.get("untrained"):
+            raise ConfigError("predict needs trained weights: give --ckpt_path CHECKPOINT or --adapter FOLDER (the "
+                              "fit summary names both), or --untrained true to predict with the model as built")
+        self._use_adapter_folder()
+
+    def _use_adapter_folder(self) -> None:
+        """With ``--adapter``: load that folder at setup instead of injecting the recipe's PEFT methods."""
+        settings = self.config[self.subcommand]
+        folder = settings.get("adapter")
+        if folder is None:
+            return
+        if settings.get("ckpt_path") is not None:
+            raise ConfigError("give --ckpt_path or --adapter, not both")
+        read_adapter_files(folder)  # a missing or damaged folder: one line now, not at setup
+        others = [cb for cb in self.trainer.callbacks if not isinstance(cb, PEFTCallback)]
+        self.trainer.callbacks = [LoadAdapter(folder), *others]
 
     def after_fit(self) -> None:
         trainer, module = self.trainer, self.model

@@ -26,7 +26,8 @@ from lightning_peft.core.adapter_files import (
     read_adapter_files,
 )
 from lightning_peft.core.files import PathLike
-from lightning_peft.lightning.callback import PEFTCallback
+from lightning_peft.core.ownership import adapter_refs
+from lightning_peft.lightning.callback import ModelSetupCallback, PEFTCallback
 from lightning_peft.lora import LoRA
 from lightning_peft.selective import BitFit, Selective
 
@@ -124,3 +125,15 @@ def load_adapter(module: nn.Module, path: PathLike, adapter_name: str = "default
             param.requires_grad_(trainable[id(param)])
         raise
     return module
+
+
+class LoadAdapter(ModelSetupCallback):
+    """Put a saved adapter folder into the module at setup, as :func:`load_adapter` does (to evaluate or predict)."""
+
+    def __init__(self, path: PathLike, adapter_name: str = "default") -> None:
+        self.path, self.adapter_name = path, adapter_name
+
+    def apply(self, module: nn.Module) -> nn.Module:
+        if self.adapter_name not in {ref.name for ref in adapter_refs(module)}:
+            load_adapter(module, self.path, self.adapter_name)
+        return module

@@ -73,6 +73,12 @@ def inputs(tmp_path_factory) -> Path:
     checkpoint = next((folder / "trained" / "checkpoints").glob("*.ckpt"))
     checkpoint.rename(folder / "trained.ckpt")
     (folder / "truncated.ckpt").write_bytes((folder / "trained.ckpt").read_bytes()[:1000])
+    mismatched = folder / "adapter_r8"  # the trained adapter's files, with a config that says r=8
+    mismatched.mkdir()
+    config = json.loads((folder / "trained" / "adapter" / "adapter_config.json").read_text())
+    (mismatched / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
+    (mismatched / "adapter_model.safetensors").write_bytes(
+        (folder / "trained" / "adapter" / "adapter_model.safetensors").read_bytes())
     return folder
 
 
@@ -96,18 +102,20 @@ def write_recipe(folder: Path, name: str, trainer: dict | None = None, lora: dic
     return folder / name
 
 
-def run_cli(args: list[str]) -> tuple[int, str]:
-    """Exit code and stderr of the ``lightning-peft`` command run in this process."""
+def run_cli(args: list[str], stdout: list[str] | None = None) -> tuple[int, str]:
+    """Exit code and stderr of the ``lightning-peft`` command run in this process (its stdout lines into ``stdout``)."""
     import contextlib
     import io
 
-    err = io.StringIO()
+    err, out = io.StringIO(), io.StringIO()
     code = 0
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
         try:
             cli.main(args)
         except SystemExit as exit_:
             code = exit_.code if isinstance(exit_.code, int) else 1
+    if stdout is not None:
+        stdout.extend(out.getvalue().splitlines())
     return code, err.getvalue()
 
 
@@ -148,7 +156,15 @@ CLI_CASES = {
     "non-utf-8 data": (["fit", "--config", "{recipe.yaml}", "--data.init_args.train_file", "{latin1.csv}"],
                        ["latin1.csv, line 2: not UTF-8"]),
     "predict without trained weights": (["predict", "--config", "{recipe.yaml}", "--data.init_args.predict_file",
-                                         "{texts.txt}"], ["predict needs trained weights", "--ckpt_path"]),
+                                         "{texts.txt}"], ["predict needs trained weights", "--ckpt_path", "--adapter"]),
+    "predict from a missing adapter folder": (["predict", "--config", "{recipe.yaml}", "--data.init_args.predict_file",
+                                               "{texts.txt}", "--adapter", "{nowhere}"],
+                                              ["nowhere/adapter_config.json does not exist"]),
+    "predict with an adapter folder that does not fit": (
+        ["predict", "--config", "{recipe.yaml}", "--data.init_args.predict_file", "{texts.txt}", "--adapter",
+         "{adapter_r8}"], ["adapter_r8/adapter_model.safetensors: tensor", "has shape (4, 32)"]),
+    "fit with an adapter folder": (["fit", "--config", "{recipe.yaml}", "--adapter", "{trained}"],
+                                   ["--adapter is for validate, test and predict"]),
     "resume from a truncated checkpoint": (["fit", "--config", "{recipe.yaml}", "--ckpt_path", "{truncated.ckpt}"],
                                            ["truncated.ckpt cannot be read"]),
     "predict from an empty checkpoint": (["predict", "--config", "{recipe.yaml}", "--data.init_args.predict_file",
@@ -182,6 +198,29 @@ def test_a_command_line_mistake_is_one_line_and_exit_code_2(case, inputs):
     for word in words:
         assert word in errors[0], errors[0]
     assert file_digests(inputs) == before
+
+
+def test_predict_runs_from_a_checkpoint_an_adapter_folder_or_untrained_on_request(inputs):
+    common = ["predict", "--config", str(inputs / "recipe.yaml"), "--data.init_args.predict_file",
+              str(inputs / "texts.txt")]
+    from_checkpoint, from_folder, untrained = [], [], []
+    assert run_cli([*common, "--ckpt_path", str(inputs / "trained.ckpt")], from_checkpoint)[0] == 0
+    assert run_cli([*common, "--adapter", str(inputs / "trained" / "adapter")], from_folder)[0] == 0
+    assert run_cli([*common, "--untrained", "true"], untrained)[0] == 0
+    labels = [line for line in from_checkpoint if line in ("pos", "neg")]
+    assert len(labels) == 2 and [line for line in from_folder if line in ("pos", "neg")] == labels
+    assert len([line for line in untrained if line in ("pos", "neg")]) == 2
+
+
+def test_an_adapter_folder_at_setup_gives_the_checkpoint_model(inputs):
+    from lightning_peft.registry import LoadAdapter
+
+    ids = torch.tensor([[2, 13, 11, 14, 5, 3]])
+    expected = rebuild_from_checkpoint(inputs / "trained.ckpt")(ids)
+    module = SequenceClassification(model=str(inputs / "model"), labels=["neg", "pos"])
+    module.configure_model()
+    LoadAdapter(inputs / "trained" / "adapter").apply(module)
+    assert torch.allclose(module.eval()(ids), expected, atol=1e-6)
 
 
 class BrokenBitsandbytes(importlib.abc.MetaPathFinder):
