@@ -102,9 +102,12 @@ class PEFTCLI(LightningCLI):
                                  "(adapters and new heads untrained)")
 
     def before_fit(self) -> None:
-        if self.config[self.subcommand].get("adapter"):
+        settings = self.config[self.subcommand]
+        if settings.get("adapter"):
             raise ConfigError("fit trains a new adapter: --adapter is for validate, test and predict "
                               "(to continue a run, give --ckpt_path)")
+        if settings.get("untrained"):
+            raise ConfigError("--untrained is for predict")
 
     def before_validate(self) -> None:
         self._use_adapter_folder()

@@ -25,7 +25,7 @@ from torch import nn
 
 from lightning_peft.core.adapter_files import AdapterFormat, class_path
 from lightning_peft.core.ownership import AdapterRef, adapter_refs, check_unclaimed, claim, freeze_unclaimed
-from lightning_peft.core.rollback import all_or_nothing
+from lightning_peft.core.rollback import TreeRecord, all_or_nothing
 from lightning_peft.core.summary import trainable_summary
 from lightning_peft.core.targeting import select_modules
 from lightning_peft.lightning.checkpointing import install_adapter_checkpointing
@@ -38,6 +38,8 @@ _CHAINED = "_lightning_peft_trainer"
 
 class ModelSetupCallback(L.Callback):
     """A callback that changes the module's model once it exists, before wrapping; subclasses define :meth:`apply`."""
+
+    _undo_setup: TreeRecord | None = None  # the first callback's record of the module as it was, until the run starts
 
     def apply(self, module: nn.Module) -> nn.Module:
         """Change ``module`` in place (once: a second call on the same module does nothing) and return it."""
@@ -66,13 +68,13 @@ class ModelSetupCallback(L.Callback):
         A failed run gets no teardown, and a retry with corrected callbacks must find the module as it was.
         """
         pl_module.__dict__.pop("configure_model", None)
-        undo = self.__dict__.pop("_undo_setup", None)
+        undo, self._undo_setup = self._undo_setup, None
         if undo is not None:
             undo.restore()
 
     def _run_started(self) -> None:
         """The run got past checkpoint loading: from here on its changes to the module stay."""
-        self.__dict__.pop("_undo_setup", None)
+        self._undo_setup = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._run_started()
