@@ -17,8 +17,9 @@ from typing import Any, NoReturn
 
 import lightning as L
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger
 
 import lightning_peft
 from lightning_peft.assets import AssetError
@@ -29,6 +30,9 @@ from lightning_peft.core.summary import trainable_summary
 from lightning_peft.export import export_adapters, export_checkpoint
 from lightning_peft.lightning.callback import PEFTCallback
 from lightning_peft.lightning.checkpointing import read_checkpoint
+from lightning_peft.lightning.curves import plot_curves
+from lightning_peft.lightning.predictions import PredictionWriter
+from lightning_peft.lightning.progress import StepProgressBar
 from lightning_peft.registry import LoadAdapter
 
 DEBUG_VARIABLE = "LIGHTNING_PEFT_DEBUG"
@@ -67,24 +71,27 @@ def option_names(parser: argparse.ArgumentParser) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-class PrintPredictions(BasePredictionWriter):
-    """Print each prediction (a label name, an id or a generated text) on its own line."""
-
-    def __init__(self) -> None:
-        super().__init__(write_interval="batch")
-
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        for item in prediction:
-            print(item, flush=True)
-
-
 class PEFTCLI(LightningCLI):
     """LightningCLI that tests after fit when there is test data, then prints a short summary."""
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
-        parser = super().init_parser(**kwargs)
+        parser = super().init_parser(**{"prog": "lightning-peft", **kwargs})  # also when run as python -m
         parser.top_level = True
         return parser
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """The trainer, logging to CSV under ``default_root_dir`` unless the recipe names a logger (or none), with
+        Lightning's progress bar replaced by one on stderr that counts steps."""
+        settings = self._get(self.config_init, "trainer", default={})
+        if settings.get("logger") in (None, True) and "logger" not in kwargs:
+            root = settings.get("default_root_dir") or os.getcwd()
+            kwargs["logger"] = False if self.subcommand == "predict" else CSVLogger(root, name="logs")
+        configured = list(settings.get("callbacks") or [])  # a copy: the trainer extends that very list
+        trainer = super().instantiate_trainer(**kwargs)
+        for index, callback in enumerate(trainer.callbacks):
+            if isinstance(callback, ProgressBar) and not any(callback is c for c in configured):  # Lightning's pick
+                trainer.callbacks[index] = StepProgressBar()
+        return trainer
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI reads the checkpoint's hyperparameters first: an unreadable one is one line naming it."""
@@ -97,6 +104,8 @@ class PEFTCLI(LightningCLI):
         parser.add_argument("--adapter", type=str | None, default=None,
                             help="validate, test, predict: an adapter folder (as fit or export writes) to use "
                                  "instead of the recipe's PEFT methods")
+        parser.add_argument("--output", type=str | None, default=None,
+                            help="predict: also write every input and its prediction to this .csv or .jsonl file")
         parser.add_argument("--untrained", type=bool, default=False,
                             help="predict: predict without --ckpt_path or --adapter, with the model as built "
                                  "(adapters and new heads untrained)")
@@ -106,8 +115,9 @@ class PEFTCLI(LightningCLI):
         if settings.get("adapter"):
             raise ConfigError("fit trains a new adapter: --adapter is for validate, test and predict "
                               "(to continue a run, give --ckpt_path)")
-        if settings.get("untrained"):
-            raise ConfigError("--untrained is for predict")
+        for option in ("untrained", "output"):
+            if settings.get(option):
+                raise ConfigError(f"--{option} is for predict")
 
     def before_validate(self) -> None:
         self._use_adapter_folder()
@@ -122,6 +132,9 @@ class PEFTCLI(LightningCLI):
             raise ConfigError("predict needs trained weights: give --ckpt_path CHECKPOINT or --adapter FOLDER (the "
                               "fit summary names both), or --untrained true to predict with the model as built")
         self._use_adapter_folder()
+        if settings.get("output"):
+            writer = next(cb for cb in self.trainer.callbacks if isinstance(cb, PredictionWriter))
+            writer.output = PredictionWriter(settings["output"]).output  # the same check of the file's format
 
     def _use_adapter_folder(self) -> None:
         """With ``--adapter``: load that folder at setup instead of injecting the recipe's PEFT methods."""
@@ -152,7 +165,24 @@ class PEFTCLI(LightningCLI):
         if adapter_refs(module):
             lines.append(_export_after_fit(trainer, module, path))
         if trainer.is_global_zero:
-            print("\n".join(["", "lightning-peft fit summary:", *("  " + line for line in lines)]), flush=True)
+            lines.append(_curves_after_fit(trainer))
+            print("\n".join(["", "lightning-peft fit summary:", *("  " + line for line in lines if line)]),
+                  flush=True)
+
+
+def _curves_after_fit(trainer: L.Trainer) -> str:
+    """Draw the run's CSV log into ``curves.png`` beside it, or say how to get the picture."""
+    logger = trainer.logger
+    if not isinstance(logger, CSVLogger):
+        return ""
+    logger.save()  # the test after fit logs too
+    metrics = Path(logger.experiment.metrics_file_path)
+    if not metrics.is_file():
+        return ""
+    try:
+        return f"curves: {plot_curves(metrics, metrics.with_name('curves.png'), title=trainer.default_root_dir)}"
+    except ImportError:
+        return f'curves: pip install "lightning-peft[plot]" to draw {metrics}'
 
 
 def _export_after_fit(trainer: L.Trainer, module: L.LightningModule, checkpoint: str | None) -> str:
@@ -190,7 +220,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> PEFTCLI:
     return PEFTCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,
-        trainer_defaults={"callbacks": [PrintPredictions()]},
+        trainer_defaults={"callbacks": [PredictionWriter()]},
         save_config_kwargs={"overwrite": True},
         parser_class=PEFTArgumentParser,
         args=args,
@@ -198,9 +228,36 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> PEFTCLI:
     )
 
 
+COMMANDS = {
+    "fit": "train a recipe, then test it (when it has test data) and save its adapter",
+    "validate": "evaluate a model on the recipe's validation data",
+    "test": "evaluate a model on the recipe's test data",
+    "predict": "label texts or continue prompts, one line each (--ckpt_path or --adapter)",
+    "export": "write a checkpoint's adapter in peft's layout, or with --merged a whole model",
+}
+
+
+def command_help() -> str:
+    """``lightning-peft --help``: every command on a line."""
+    width = max(map(len, COMMANDS))
+    return "\n".join([
+        "usage: lightning-peft COMMAND [options]",
+        "",
+        "Parameter-efficient fine-tuning with Lightning recipes (YAML, --config).",
+        "",
+        "commands:",
+        *(f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()),
+        "",
+        "Run `lightning-peft COMMAND --help` for a command's options.",
+    ])
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-peft`` console script."""
     argv = sys.argv[1:] if args is None else args
+    if not argv or argv[0] in ("-h", "--help"):
+        print(command_help())
+        return
     try:
         if argv[:1] == ["export"]:
             return export_main(argv[1:])

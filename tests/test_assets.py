@@ -142,6 +142,18 @@ def test_split_protocol(downloaded, monkeypatch):
         assets.movie_snippets_split(test_size=len(rows) + 1)
 
 
+def test_the_snippets_labels_have_names(downloaded, monkeypatch):
+    from lightning_peft.data import TextClassificationData
+
+    monkeypatch.setenv("LIGHTNING_PEFT_CACHE", str(downloaded[0]))
+    data = TextClassificationData(source="movie-snippets", tokenizer=object())
+    data.splits = data._read_splits()
+    data._splits_read()
+    assert data.labels == ["negative", "positive"]  # ids 0 and 1, as the scores' signs
+    text, label = data.splits["test"][0]
+    assert label == ("positive" if dict(assets.movie_snippets_split()[1])[text] else "negative")
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """Two processes converting SmolLM2 into one empty cache at once: (cache, [(returncode, stdout, stderr)])."""

@@ -173,10 +173,14 @@ def test_cli_fit_then_predict_generates(tmp_path, tiny_lm_dir):
     assert "lightning-peft fit summary" in fit.stdout
     (ckpt,) = tmp_path.rglob("*.ckpt")
 
+    out = tmp_path / "generated.jsonl"
     predict = run_cli("predict", "--config", str(config), "--data.init_args.predict_file", "-",
-                      "--ckpt_path", str(ckpt), stdin="three four\nseven\n")
+                      "--ckpt_path", str(ckpt), "--output", str(out), stdin="three four\nseven\n")
     assert predict.returncode == 0, predict.stderr[-3000:]
-    assert predict.stdout.splitlines()[-2:] == ["five six seven eight", "eight nine ten one"]
+    assert predict.stdout.splitlines() == ["five six seven eight", "eight nine ten one"]  # only the predictions
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows == [{"input": "three four", "generated": "five six seven eight"},
+                    {"input": "seven", "generated": "eight nine ten one"}]
 
 
 @pytest.mark.parametrize("problem", ["missing_column", "empty_file", "no_model"])

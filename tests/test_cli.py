@@ -1,5 +1,6 @@
 """The lightning-peft command in a subprocess: fit then predict on tiny data, and bad input."""
 
+import csv
 import json
 import os
 import subprocess
@@ -99,9 +100,65 @@ def test_fit_then_predict_with_string_labels(tmp_path, tiny_model_dir):
 
     texts = "the movie was very great\nthe plot was awful\n"
     predict = run_cli("predict", "--config", str(config), "--data.init_args.predict_file", "-",
-                      "--ckpt_path", str(ckpt), stdin=texts)
+                      "--ckpt_path", str(ckpt), "--trainer.enable_progress_bar", "true", stdin=texts)
     assert predict.returncode == 0, predict.stderr[-3000:]
-    assert predict.stdout.split()[-2:] == ["positive", "negative"]
+    lines = predict.stdout.splitlines()  # only the predictions: the progress bar and logs are on stderr
+    assert [line.split("\t")[0] for line in lines] == ["positive", "negative"], predict.stdout
+    assert all(0.5 <= float(line.split("\t")[1]) <= 1 for line in lines)
+    assert "Predicting" in predict.stderr
+
+    for suffix in ("csv", "jsonl"):
+        out = tmp_path / f"predictions.{suffix}"
+        result = run_cli("predict", "--config", str(config), "--data.init_args.predict_file", "-",
+                         "--ckpt_path", str(ckpt), "--output", str(out), stdin=texts)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.splitlines() == lines
+        if suffix == "csv":
+            rows = list(csv.DictReader(out.open(newline="")))
+        else:
+            rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert list(rows[0]) == ["input", "label", "probability", "p_negative", "p_positive"]
+        assert [row["input"] for row in rows] == texts.splitlines()
+        assert [row["label"] for row in rows] == ["positive", "negative"]
+        for row, line in zip(rows, lines, strict=True):
+            p_negative, p_positive = float(row["p_negative"]), float(row["p_positive"])
+            assert abs(p_negative + p_positive - 1) < 1e-6
+            assert float(row["probability"]) == max(p_negative, p_positive)
+            assert f"{float(row['probability']):.4f}" == line.split("\t")[1]
+
+
+def test_help_lists_every_command_and_each_has_its_own(capsys):
+    from lightning_peft.cli import COMMANDS, main
+
+    result = run_cli("--help")
+    assert result.returncode == 0
+    listed = [line.split()[0] for line in result.stdout.split("commands:")[1].splitlines() if line.strip()][:-1]
+    assert listed == list(COMMANDS) == ["fit", "validate", "test", "predict", "export"]
+    for command in COMMANDS:
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--help"])
+        assert exit_.value.code == 0
+        assert f"lightning-peft {'' if command == 'export' else '[options] '}{command}" in capsys.readouterr().out
+
+
+def test_fit_logs_a_csv_row_per_logged_step_and_draws_the_curves(tmp_path, tiny_model_dir):
+    train = write_data(tmp_path, "train", sentiment_rows(32, 0))
+    test = write_data(tmp_path, "test", sentiment_rows(8, 1))
+    config = recipe(tmp_path, tiny_model_dir, train, test)
+    settings = yaml.safe_load(config.read_text())
+    del settings["trainer"]["logger"]  # the recipes' default: CSV under default_root_dir
+    settings["trainer"].update(max_steps=6, log_every_n_steps=2, enable_progress_bar=True)
+    config.write_text(yaml.safe_dump(settings))
+    fit = run_cli("fit", "--config", str(config))
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    (metrics,) = tmp_path.glob("logs/version_0/metrics.csv")
+    rows = list(csv.DictReader(metrics.open(newline="")))
+    assert [int(row["step"]) for row in rows if row["train_loss"]] == [1, 3, 5]  # steps 2, 4, 6, zero-based
+    assert [row for row in rows if row.get("test_acc")]
+    curves = metrics.with_name("curves.png")
+    assert f"curves: {curves}" in fit.stdout
+    assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and curves.stat().st_size > 10_000
+    assert "Steps: 100%" in fit.stderr and "6/6" in fit.stderr  # steps against max_steps, not epochs
 
 
 def test_command_line_overrides_recipe_keys(tmp_path, tiny_model_dir):

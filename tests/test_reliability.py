@@ -163,6 +163,10 @@ CLI_CASES = {
     "predict with an adapter folder that does not fit": (
         ["predict", "--config", "{recipe.yaml}", "--data.init_args.predict_file", "{texts.txt}", "--adapter",
          "{adapter_r8}"], ["adapter_r8/adapter_model.safetensors: tensor", "has shape (4, 32)"]),
+    "predict into a table of unknown format": (["predict", "--config", "{recipe.yaml}", "--data.init_args.predict_file",
+                                                "{texts.txt}", "--ckpt_path", "{trained.ckpt}", "--output",
+                                                "{out.txt}"], ["write predictions to a .csv or .jsonl file"]),
+    "fit with --output": (["fit", "--config", "{recipe.yaml}", "--output", "{out.csv}"], ["--output is for predict"]),
     "fit with an adapter folder": (["fit", "--config", "{recipe.yaml}", "--adapter", "{trained}"],
                                    ["--adapter is for validate, test and predict"]),
     "resume from a truncated checkpoint": (["fit", "--config", "{recipe.yaml}", "--ckpt_path", "{truncated.ckpt}"],
@@ -207,9 +211,9 @@ def test_predict_runs_from_a_checkpoint_an_adapter_folder_or_untrained_on_reques
     assert run_cli([*common, "--ckpt_path", str(inputs / "trained.ckpt")], from_checkpoint)[0] == 0
     assert run_cli([*common, "--adapter", str(inputs / "trained" / "adapter")], from_folder)[0] == 0
     assert run_cli([*common, "--untrained", "true"], untrained)[0] == 0
-    labels = [line for line in from_checkpoint if line in ("pos", "neg")]
-    assert len(labels) == 2 and [line for line in from_folder if line in ("pos", "neg")] == labels
-    assert len([line for line in untrained if line in ("pos", "neg")]) == 2
+    assert len(from_checkpoint) == 2 and all(line.split("\t")[0] in ("pos", "neg") for line in from_checkpoint)
+    assert from_folder == from_checkpoint  # the same labels and probabilities
+    assert len(untrained) == 2
 
 
 def test_an_adapter_folder_at_setup_gives_the_checkpoint_model(inputs):

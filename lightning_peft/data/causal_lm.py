@@ -61,6 +61,7 @@ class CausalLMData(SourceData):
         self.val_fraction, self.seed, self.chat_template = val_fraction, seed, chat_template
         self.tokenizer = tokenizer
         self.splits: dict[str, Split] = {}
+        self.predict_texts: list[str] = []  # the prompts of the last predict_dataloader, in order
         self.encoded: dict[str, list[Example]] = {}
 
     def _check_tokenizer(self) -> None:
@@ -162,8 +163,9 @@ class CausalLMData(SourceData):
         """Prompts left-padded, so that generation continues right after each one."""
         if self.predict_file is None:
             raise ValueError("no prompts: give data.predict_file (a text file, one prompt per line, or -)")
+        self.predict_texts = read_lines(self.predict_file)
         examples = [{"input_ids": ids, "attention_mask": [1] * len(ids)}
-                    for ids in map(self._prompt_ids, read_lines(self.predict_file))]
+                    for ids in map(self._prompt_ids, self.predict_texts)]
         return self._loader(examples, left_pad=True)
 
 

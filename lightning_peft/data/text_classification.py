@@ -14,6 +14,7 @@ from lightning_peft.data.base import SourceData
 from lightning_peft.data.files import check_data_arguments, read_lines, read_rows
 
 SOURCES = {"movie-snippets": assets.movie_snippets_split}
+SOURCE_LABELS = {"movie-snippets": ("negative", "positive")}  # a built-in source's label names, by id
 Example = tuple[str, object]
 
 
@@ -46,6 +47,7 @@ class TextClassificationData(SourceData):
         self.tokenizer = tokenizer
         self.splits: dict[str, list[Example]] = {}
         self.labels: list[str] | None = None
+        self.predict_texts: list[str] = []  # the texts of the last predict_dataloader, in order
 
     def _splits_read(self) -> None:
         self.labels = _label_names(self.splits.get("train", []))
@@ -53,8 +55,10 @@ class TextClassificationData(SourceData):
 
     def _read_splits(self) -> dict[str, list[Example]]:
         if self.source is not None:
+            names = SOURCE_LABELS[self.source]
             train, test = SOURCES[self.source](seed=self.seed)
-            splits = {"train": list(train), "test": list(test)}
+            splits = {split: [(text, names[label]) for text, label in rows] for split, rows in
+                      (("train", train), ("test", test))}
         else:
             columns = [self.text_column, self.label_column]
             splits = {
@@ -107,8 +111,8 @@ class TextClassificationData(SourceData):
     def predict_dataloader(self) -> DataLoader:
         if self.predict_file is None:
             raise ValueError("no texts to predict: give data.predict_file (a text file, one text per line, or -)")
-        texts = read_lines(self.predict_file)
-        return self._encode([(text, self.labels[0] if self.labels else 0) for text in texts])
+        self.predict_texts = read_lines(self.predict_file)
+        return self._encode([(text, self.labels[0] if self.labels else 0) for text in self.predict_texts])
 
 
 def _is_int(value: object) -> bool:

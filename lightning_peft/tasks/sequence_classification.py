@@ -68,6 +68,10 @@ class SequenceClassification(TransformersTask):
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.test_metrics)
 
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list:
-        ids = self(batch["input_ids"], batch["attention_mask"]).argmax(-1).tolist()
-        return [self.labels[i] for i in ids] if self.labels else ids
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[dict]:
+        """Per text: the most probable ``label`` (a name, or an id without names), its ``probability``, and each
+        class's ``probabilities``."""
+        probabilities = self(batch["input_ids"], batch["attention_mask"]).float().softmax(-1)
+        names = list(self.labels) if self.labels else list(range(probabilities.shape[-1]))
+        return [{"label": names[int(row.argmax())], "probability": float(row.max()),
+                 "probabilities": dict(zip(names, row.tolist(), strict=True))} for row in probabilities]

@@ -1,0 +1,77 @@
+"""Predictions as users read them: one line per input on stdout, and a CSV or JSONL table on request.
+
+A classification prediction is a dict (``label``, ``probability``, ``probabilities`` per class);
+a causal LM's is the generated text. Only predictions go to stdout, so
+``lightning-peft predict ... > predictions.txt`` captures them alone.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from lightning_peft.core.files import atomic_write
+
+TABLE_FORMATS = (".csv", ".jsonl")
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Print each prediction on its own line; with ``output``, also write every input and prediction to that table."""
+
+    def __init__(self, output: str | None = None) -> None:
+        super().__init__(write_interval="batch")
+        if output is not None and Path(output).suffix.lower() not in TABLE_FORMATS:
+            raise ValueError(f"--output {output}: write predictions to a {' or '.join(TABLE_FORMATS)} file")
+        self.output = output
+        self.rows: list[dict[str, Any]] = []
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.rows = []
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        inputs = getattr(trainer.datamodule, "predict_texts", None) or []
+        for index, item in zip(batch_indices or [None] * len(prediction), prediction, strict=True):
+            print(prediction_line(item), flush=True)
+            if self.output is not None:
+                text = inputs[index] if index is not None and index < len(inputs) else None
+                self.rows.append(prediction_row(text, item))
+
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.output is not None and trainer.is_global_zero:
+            write_table(Path(self.output), self.rows)
+
+
+def prediction_line(item: Any) -> str:
+    """``positive<TAB>0.9312`` for a classification, the generated text (newlines as ``\\n``) for generation."""
+    if isinstance(item, dict):
+        return f"{item['label']}\t{item['probability']:.4f}"
+    return str(item).replace("\n", "\\n")
+
+
+def prediction_row(text: str | None, item: Any) -> dict[str, Any]:
+    """One row of the table: the input, then the label, its probability and each class's, or the generated text."""
+    if isinstance(item, dict):
+        return {"input": text, "label": item["label"], "probability": item["probability"],
+                **{f"p_{name}": p for name, p in item["probabilities"].items()}}
+    return {"input": text, "generated": item}
+
+
+def write_table(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write ``rows`` as CSV or JSONL (by ``path``'s extension), atomically."""
+    if path.suffix.lower() == ".jsonl":
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        return
+
+    def write_csv(tmp: Path) -> None:
+        with tmp.open("w", encoding="utf-8", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["input"])
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write_csv)
