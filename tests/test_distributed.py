@@ -24,6 +24,7 @@ from distributed_worker import PER_RANK_BATCH, SeededLlama, loader, lora
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_peft import BitFit, LoRA, trainable_summary
@@ -292,6 +293,25 @@ def test_a_model_built_in_init_is_sharded_after_injection(lightning_launch_in_th
     assert sorted(saved) == sorted(full_adapter_state_dict(module)) and len(saved) == 4
 
 
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_qlora_under_fsdp2_keeps_the_quantized_base_whole_and_trains(lightning_launch_in_this_process, tmp_path,
+                                                                        mode):
+    from lightning_peft import QuantizeBase
+    from lightning_peft.core.weights import is_quantized
+
+    module = TokenModule(tiny_llama())
+    trainer = make_trainer([QuantizeBase(mode), LoRA(r=4, target_modules=["q_proj", "v_proj"])], max_steps=3,
+                           strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1))
+    trainer.fit(module, token_loader())  # failed with "'DTensor' object has no attribute 'SCB'" before
+    quantized = [m for m in module.modules() if is_quantized(m)]
+    assert quantized and not any(isinstance(p, DTensor) for m in quantized for p in m.parameters())
+    adapters = [p for n, p in module.named_parameters() if "lora_" in n]
+    assert adapters and all(isinstance(p, DTensor) for p in adapters)  # the adapters are sharded
+    trainer.save_checkpoint(tmp_path / "adapter.ckpt")
+    saved = torch.load(tmp_path / "adapter.ckpt", weights_only=True)["state_dict"]
+    assert sorted(saved) == sorted(full_adapter_state_dict(module)) and len(saved) == 8
+
+
 def test_fsdp1_strategy_gets_the_wrap_policy_and_needs_original_parameters():
     module = TokenModule(injected_llama())
     flat = FSDPStrategy(use_orig_params=False)
@@ -352,9 +372,28 @@ def test_gradient_checkpointing_with_frozen_embeddings_reaches_the_adapters(reen
     assert record.reached and all(record.reached.values()), record.reached
 
 
-# --- FSDP1 (GPU) ---------------------------------------------------------------------------------
+# --- the GPU scripts: FSDP1 on CUDA; what a CPU can run of them ----------------------------------
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP1 needs CUDA")
 def test_fsdp1_wraps_adapters_apart_and_trains(tmp_path):
-    outputs = Launch([[sys.executable, str(TESTS.parent / "benchmarks" / "gpu" / "fsdp1_check.py"), str(tmp_path)]],
-                     timeout=600).outputs()
+    script = TESTS.parent / "benchmarks" / "gpu" / "sharded_check.py"
+    outputs = Launch([[sys.executable, str(script), "--strategy", "fsdp1", str(tmp_path)]], timeout=600).outputs()
     assert outputs[0].count("PASS") == 4, outputs[0][-4000:]
+
+
+def test_the_sharded_check_runs_qlora_under_fsdp2_on_two_cpu_processes(tmp_path):
+    """benchmarks/gpu/sharded_check.py as run_all.sh runs it on a GPU, here on two gloo processes."""
+    script = TESTS.parent / "benchmarks" / "gpu" / "sharded_check.py"
+    command = [sys.executable, str(script), "--strategy", "fsdp2", "--quantize", "nf4", "--device", "cpu",
+               "--processes", "2", str(tmp_path)]
+    output = Launch([command], MASTER_PORT=str(free_port()), timeout=300).outputs()[0]
+    assert output.count("PASS") == 4 and "QLoRA (nf4) under FSDP2 on 2 cpu process(es)" in output, output[-4000:]
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--strategy", "fsdp1", "--device", "cpu", "x"], "FSDP1 needs CUDA"),
+    (["--strategy", "fsdp3", "x"], "invalid choice: 'fsdp3'"),
+] + ([] if torch.cuda.is_available() else [(["--strategy", "fsdp2", "x"], "--device cuda needs a CUDA GPU")]))
+def test_the_sharded_check_refuses_what_it_cannot_run(arguments, message):
+    script = TESTS.parent / "benchmarks" / "gpu" / "sharded_check.py"
+    result = subprocess.run([sys.executable, str(script), *arguments], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]

@@ -3,6 +3,7 @@
 import copy
 import logging
 import math
+import os
 import sys
 import warnings
 
@@ -329,3 +330,31 @@ def test_precision_settings_keep_the_quantized_storage(precision):
     make_trainer([QuantizeBase("nf4"), LoRA(r=4)], max_steps=2, precision=precision).fit(module, token_loader())
     assert all(layer.weight.dtype == torch.uint8 for _, layer in quantized_layers(module))
     assert all(math.isfinite(loss) for loss in module.losses)
+
+
+def test_the_gpu_quantized_check_passes_on_a_cpu_with_a_tiny_model(tmp_path, capsys):
+    """benchmarks/gpu/quantized_check.py as run_all.sh runs it on a GPU, here with --device cpu --quick."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "benchmarks" / "gpu" / "quantized_check.py"
+    spec = importlib.util.spec_from_file_location("quantized_check", script)
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    assert check.main(["--device", "cpu", "--quick", "--json", str(tmp_path / "q.json")]) == 0
+    output = capsys.readouterr().out
+    assert output.count("PASS") == 15 and "FAIL" not in output, output
+    with pytest.raises(SystemExit):
+        check.parse_args(["--modes", "int3"])
+
+
+def test_run_all_lists_every_gpu_step():
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "benchmarks" / "gpu" / "run_all.sh"
+    result = subprocess.run(["bash", str(script), "--dry-run", "/tmp/x"], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHON": sys.executable})
+    steps = [line.split(":")[0] for line in result.stdout.splitlines()]
+    assert result.returncode == 0 and steps == ["cuda_tests", "quantized", "lora_fsdp1", "lora_fsdp2", "qlora_fsdp2",
+                                                "qlora_fsdp1", "speed_8x128", "speed_16x512"], result.stdout

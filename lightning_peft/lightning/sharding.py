@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lightning_peft.core.files import PathLike
 from lightning_peft.core.layer import PEFTLayer
+from lightning_peft.core.weights import is_quantized
 from lightning_peft.lightning.checkpointing import (
     CHECKPOINT_KEY,
     adapter_state_keys,
@@ -94,11 +95,21 @@ def fully_shard_peft(model: nn.Module, mesh: DeviceMesh | None = None, **fully_s
     units = sharding_units(model)
     check_units_do_not_mix(model, units)
     read_by_layer = _bases_read_outside_their_forward(model)
+    quantized = quantized_parameters(model)
     for unit in [*units, model]:
         keep_unsharded = {"reshard_after_forward": False} if unit in read_by_layer else {}
-        fully_shard(unit, mesh=mesh, **{**fully_shard_kwargs, **keep_unsharded})
+        ignored = {"ignored_params": quantized} if quantized else {}
+        fully_shard(unit, mesh=mesh, **{**fully_shard_kwargs, **keep_unsharded, **ignored})
     model.__dict__[_SHARDED] = True
     return model
+
+
+def quantized_parameters(model: nn.Module) -> set[nn.Parameter]:
+    """The parameters of bitsandbytes layers: FSDP2 would turn them into DTensors without their quantization state.
+
+    They stay whole on every rank (as under DDP); the adapters and every full-precision tensor are sharded.
+    """
+    return {param for module in model.modules() if is_quantized(module) for param in module.parameters()}
 
 
 def _bases_read_outside_their_forward(model: nn.Module) -> set[nn.Module]:
@@ -161,6 +172,9 @@ def _give_fsdp1_its_units(strategy: FSDPStrategy, module: L.LightningModule, ada
         raise ValueError("PEFT models need FSDPStrategy(use_orig_params=True) (Lightning's default): with flat "
                          "parameters, adapters can be neither found nor saved by name")
     strategy.kwargs.setdefault("auto_wrap_policy", fsdp_auto_wrap_policy(module))
+    quantized = quantized_parameters(module)
+    if quantized:  # whole on every rank, as under FSDP2 (flat parameters would lose the quantization state)
+        strategy.kwargs["ignored_states"] = [*(strategy.kwargs.get("ignored_states") or []), *quantized]
     if adapter_checkpoints:
         load_adapter_checkpoints_into_shards(strategy, module)
 
