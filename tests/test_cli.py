@@ -255,3 +255,24 @@ def test_validate_before_fit_in_one_process(tiny_model_dir, tmp_path):
     during_fit = {name: float(trainer.callback_metrics[name]) for name in ("val_acc", "val_f1")}
     after = trainer.validate(task, datamodule=data, verbose=False)[0]
     assert during_fit == pytest.approx({name: after[name] for name in during_fit})  # no state carried over
+
+
+def test_without_matplotlib_the_summary_says_how_to_get_the_curves(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    import lightning_peft.lightning.curves as curves
+    from lightning_peft import cli
+
+    logger = CSVLogger(tmp_path, name="logs")
+    logger.log_metrics({"train_loss": 1.0}, step=0)
+    logger.save()
+
+    def no_matplotlib(module, extra, needed_by):
+        raise ImportError(f"{needed_by} needs {module}")
+
+    monkeypatch.setattr(curves, "import_optional", no_matplotlib)
+    line = cli._curves_after_fit(SimpleNamespace(logger=logger, default_root_dir=str(tmp_path)))
+    assert line == f'curves: pip install "lightning-peft[plot]" to draw {logger.experiment.metrics_file_path}'
+    assert not (tmp_path / "logs" / "version_0" / "curves.png").exists()
