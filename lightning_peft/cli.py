@@ -10,6 +10,7 @@ traceback, and ``LIGHTNING_PEFT_DEBUG=1`` shows the traceback of any error.
 from __future__ import annotations
 
 import argparse
+import linecache
 import os
 import sys
 from pathlib import Path
@@ -183,6 +184,8 @@ def _curves_after_fit(trainer: L.Trainer) -> str:
         return f"curves: {plot_curves(metrics, metrics.with_name('curves.png'), title=trainer.default_root_dir)}"
     except ImportError:
         return f'curves: pip install "lightning-peft[plot]" to draw {metrics}'
+    except (OSError, ValueError) as err:  # training is done and checkpointed: report, do not fail
+        return f"curves: not drawn ({err}); the metrics are in {metrics}"
 
 
 def _export_after_fit(trainer: L.Trainer, module: L.LightningModule, checkpoint: str | None) -> str:
@@ -287,12 +290,18 @@ def is_user_error(err: BaseException) -> bool:
 
 
 def _raised_here(err: BaseException) -> bool:
-    """Whether ``err`` was raised by lightning_peft's own code (its innermost frame is in the package)."""
+    """Whether lightning_peft raised ``err`` on purpose: its innermost frame is a ``raise`` statement of the package.
+
+    A TypeError that Python raises for a bad call inside the package is a bug, and keeps its traceback.
+    """
     tb = err.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    package = os.path.dirname(lightning_peft.__file__)
-    return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(package + os.sep)
+    if tb is None:
+        return False
+    filename = os.path.abspath(tb.tb_frame.f_code.co_filename)
+    in_package = filename.startswith(os.path.dirname(lightning_peft.__file__) + os.sep)
+    return in_package and linecache.getline(filename, tb.tb_lineno).lstrip().startswith("raise ")
 
 
 def error_line(err: BaseException) -> str:

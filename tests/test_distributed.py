@@ -312,6 +312,18 @@ def test_qlora_under_fsdp2_keeps_the_quantized_base_whole_and_trains(lightning_l
     assert sorted(saved) == sorted(full_adapter_state_dict(module)) and len(saved) == 8
 
 
+def test_fsdp2_resume_with_other_settings_is_refused(lightning_launch_in_this_process, tmp_path):
+    def fsdp2_trainer(alpha: float) -> L.Trainer:
+        return make_trainer([LoRA(r=4, alpha=alpha, target_modules=["q_proj"])], max_steps=2,
+                            strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1))
+
+    trainer = fsdp2_trainer(alpha=8)
+    trainer.fit(TokenModule(tiny_llama()), token_loader())
+    trainer.save_checkpoint(tmp_path / "adapter.ckpt")
+    with pytest.raises(ValueError, match=r"alpha=8 \(here 32\)"):
+        fsdp2_trainer(alpha=32).fit(TokenModule(tiny_llama()), token_loader(), ckpt_path=tmp_path / "adapter.ckpt")
+
+
 def test_fsdp1_strategy_gets_the_wrap_policy_and_needs_original_parameters():
     module = TokenModule(injected_llama())
     flat = FSDPStrategy(use_orig_params=False)

@@ -416,3 +416,75 @@ def test_a_flipped_byte_in_a_checkpoint_tensor_is_detected(tmp_path):
     with pytest.raises(ValueError, match="b.ckpt is corrupt"):
         make_trainer([LoRA(r=4, target_modules=["query"])], max_steps=2).fit(
             TokenModule(tiny_bert()), token_loader(), ckpt_path=tmp_path / "b.ckpt")
+
+
+def test_a_bug_inside_the_package_keeps_its_traceback(inputs, monkeypatch):
+    import lightning_peft.data.files as files
+
+    def buggy(path, columns):
+        return len(path) + columns  # a TypeError that Python raises inside the package: a bug, not a mistake
+
+    buggy.__code__ = buggy.__code__.replace(co_filename=files.__file__, co_firstlineno=1)  # as if written there
+    monkeypatch.setattr(files, "read_rows", buggy)
+    monkeypatch.setattr("lightning_peft.data.text_classification.read_rows", buggy)
+    with pytest.raises(TypeError):
+        cli.main(["fit", "--config", str(inputs / "recipe.yaml")])
+
+
+def test_a_failed_run_leaves_no_configure_model_wrapper_behind(tmp_path):
+    class BuiltInConfigureModel(TokenModule):
+        def __init__(self):
+            super().__init__(model=None)
+
+        def configure_model(self):
+            if self.model is None:
+                torch.manual_seed(0)
+                self.model = tiny_bert()
+
+    module = BuiltInConfigureModel()
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.ckpt cannot be read"):
+        make_trainer([LoRA(r=4, target_modules=["query"])]).fit(module, token_loader(),
+                                                                ckpt_path=tmp_path / "empty.ckpt")
+    assert "configure_model" not in module.__dict__  # the restore would have put the wrapper back before
+    assert not any(".adapters." in name for name, _ in module.named_parameters())
+
+
+def test_a_run_failing_after_the_model_was_cast_keeps_its_changes_and_says_so():
+    class NoOptimizer(TokenModule):
+        def configure_optimizers(self):
+            raise ValueError("no optimizer today")
+
+    module = NoOptimizer(tiny_bert())
+    with pytest.warns(UserWarning, match="prepared for training"), pytest.raises(ValueError, match="no optimizer"):
+        make_trainer([LoRA(r=4, target_modules=["query"])], precision="bf16-true").fit(module, token_loader())
+    assert any(".adapters." in name for name, _ in module.named_parameters())  # not half-restored
+
+
+def test_jsonl_texts_may_hold_unicode_line_separators_and_csv_a_byte_order_mark(tmp_path):
+    from lightning_peft.data.files import read_rows
+
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"text": "one\u2028two", "label": 1}, ensure_ascii=False) + "\n")
+    assert read_rows(tmp_path / "rows.jsonl", ["text", "label"]) == [{"text": "one\u2028two", "label": 1}]
+    (tmp_path / "rows.csv").write_bytes("\ufefftext,label\ngood,1\n".encode())
+    assert read_rows(tmp_path / "rows.csv", ["text", "label"]) == [{"text": "good", "label": "1"}]
+
+
+def test_predict_refuses_several_processes_rather_than_printing_out_of_order():
+    from types import SimpleNamespace
+
+    from lightning_peft.lightning.predictions import PredictionWriter
+
+    with pytest.raises(ValueError, match="--trainer.devices=1"):
+        PredictionWriter().on_predict_start(SimpleNamespace(world_size=2), None)
+
+
+def test_a_failed_setup_undoes_quantization_too():
+    from lightning_peft.core.weights import is_quantized
+
+    module = TokenModule(tiny_bert())
+    before = {name: (type(m), id(m)) for name, m in module.named_modules()}
+    with pytest.raises(ValueError, match="matched no module"):
+        make_trainer([QuantizeBase("int8"), LoRA(target_modules=["nope"])]).fit(module, token_loader())
+    assert {name: (type(m), id(m)) for name, m in module.named_modules()} == before
+    assert not any(is_quantized(m) for m in module.modules())

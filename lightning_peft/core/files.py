@@ -62,10 +62,14 @@ def _make_durable(tmp: Path) -> None:
 
 
 def current_umask() -> int:
-    """The process's umask (read by setting and restoring it: there is no getter)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    """The process's umask: from /proc where Linux gives it, else by setting and restoring it (no getter)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"^Umask:\s*([0-7]+)", status, re.MULTILINE)[1], 8)
+    except (OSError, TypeError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
@@ -74,7 +78,10 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
     for entry in folder.glob(".*.tmp"):
         match = _TEMPORARY.match(entry.name)
         if match and match["host"] == _host() and not _process_alive(int(match["pid"])):
-            entry.unlink(missing_ok=True)
+            try:
+                entry.unlink(missing_ok=True)
+            except OSError:  # another user's leftover: not ours to remove, and no reason to fail this save
+                continue
             removed.append(entry)
     return removed
 

@@ -10,7 +10,6 @@ record keeps the old ones.
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -28,7 +27,18 @@ class TreeRecord:
             (m, dict(m.__dict__), {k: copy.copy(v) for k, v in m.__dict__.items() if isinstance(v, _CONTAINERS)})
             for m in root.modules()
         ]
-        self.parameters = [(p, p.requires_grad, p._version) for p in root.parameters()]
+        self.parameters = [(p, p.requires_grad, p._version, p.device, p.dtype) for p in root.parameters()]
+        self.classes = [(m, type(m)) for m in root.modules()]
+
+    def untouched(self) -> bool:
+        """Whether the recorded tensors and modules are as they were: not written, moved, cast or wrapped.
+
+        Training's preparation (moving to a device, casting for precision, DDP's broadcast, FSDP's
+        sharding) changes them in ways this record cannot undo.
+        """
+        return all(p._version == version and p.device == device and p.dtype == dtype
+                   for p, _, version, device, dtype in self.parameters) and \
+            all(type(m) is cls for m, cls in self.classes)
 
     def restore(self) -> None:
         """Put every recorded module's attributes back, and each parameter's ``requires_grad``."""
@@ -37,13 +47,8 @@ class TreeRecord:
             module.__dict__.update(attributes)
             for key, content in containers.items():
                 _refill(attributes[key], content)
-        changed = 0
-        for param, requires_grad, version in self.parameters:
+        for param, requires_grad, *_ in self.parameters:
             param.requires_grad_(requires_grad)
-            changed += param._version != version
-        if changed:
-            warnings.warn(f"{changed} weight(s) were changed in place before the failure and could not be put "
-                          "back; rebuild the model before using it", stacklevel=3)
 
 
 def _refill(container: dict | set | list, content: dict | set | list) -> None:

@@ -25,7 +25,7 @@ def read_rows(path: str | Path, columns: list[str]) -> list[dict]:
         raise ValueError(f"data file {path}: unknown format {suffix!r}; use one of {', '.join(READERS)}")
     text = _utf8_text(path)
     if suffix in (".jsonl", ".json"):
-        rows = [(number, _json_line(line, path, number)) for number, line in enumerate(text.splitlines(), 1)
+        rows = [(number, _json_line(line, path, number)) for number, line in enumerate(_lines(text), 1)
                 if line.strip()]
     else:
         rows = _csv_rows(text, path, delimiter="\t" if suffix == ".tsv" else ",")
@@ -34,7 +34,7 @@ def read_rows(path: str | Path, columns: list[str]) -> list[dict]:
     missing = [c for c in columns if c not in rows[0][1]]
     if missing:
         raise ValueError(f"data file {path} has no column {missing[0]!r}; its columns are: {', '.join(rows[0][1])}")
-    lines = text.splitlines()
+    lines = _lines(text)
     for number, row in rows:
         empty = next((c for c in columns if row.get(c) is None or str(row[c]).strip() == ""), None)
         if empty is not None:
@@ -42,9 +42,15 @@ def read_rows(path: str | Path, columns: list[str]) -> list[dict]:
     return [row for _, row in rows]
 
 
+def _lines(text: str) -> list[str]:
+    """The lines of ``text`` split at line breaks only (str.splitlines also splits at U+2028 inside JSON strings)."""
+    return text.replace("\r\n", "\n").split("\n")
+
+
 def _utf8_text(path: Path) -> str:
+    """The file's text; a UTF-8 byte-order mark (as spreadsheet programs write) is dropped."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         line = path.read_bytes()[:err.start].count(b"\n") + 1
         raise ValueError(f"data file {path}, line {line}: not UTF-8 text (byte {err.object[err.start]:#04x}); "
@@ -57,7 +63,7 @@ def _csv_rows(text: str, path: Path, delimiter: str) -> list[tuple[int, dict]]:
     header = next(reader, None)
     if header is None:
         return []
-    lines = text.splitlines()
+    lines = _lines(text)
     rows = []
     for fields in reader:
         if not fields:
@@ -114,7 +120,7 @@ def read_lines(path: str | Path) -> list[str]:
         path = Path(path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"predict file {path} does not exist")
-        lines = _utf8_text(path).splitlines()
+        lines = _lines(_utf8_text(path))
     texts = [line.strip() for line in lines if line.strip()]
     if not texts:
         raise ValueError(f"no texts to predict in {'standard input' if str(path) == '-' else path}")

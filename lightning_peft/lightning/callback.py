@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_utilities.core.overrides import is_overridden
 from torch import nn
 
@@ -40,6 +40,7 @@ class ModelSetupCallback(L.Callback):
     """A callback that changes the module's model once it exists, before wrapping; subclasses define :meth:`apply`."""
 
     _undo_setup: TreeRecord | None = None  # the first callback's record of the module as it was, until the run starts
+    replaces_base_layers: ClassVar[bool] = False  # base storage (QuantizeBase): its record is not kept past setup
 
     def apply(self, module: nn.Module) -> nn.Module:
         """Change ``module`` in place (once: a second call on the same module does nothing) and return it."""
@@ -60,6 +61,7 @@ class ModelSetupCallback(L.Callback):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Leave the user's module as it was: drop the ``configure_model`` wrapper."""
+        self._undo_setup = None
         pl_module.__dict__.pop("configure_model", None)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
@@ -67,10 +69,13 @@ class ModelSetupCallback(L.Callback):
 
         A failed run gets no teardown, and a retry with corrected callbacks must find the module as it was.
         """
-        pl_module.__dict__.pop("configure_model", None)
         undo, self._undo_setup = self._undo_setup, None
-        if undo is not None:
+        if undo is not None and undo.untouched():
             undo.restore()
+        elif undo is not None:
+            rank_zero_warn("the run failed after the model was prepared for training (moved, cast or wrapped): its "
+                           "PEFT changes stay; build the model again before another run")
+        pl_module.__dict__.pop("configure_model", None)  # after the restore, which would put it back
 
     def _run_started(self) -> None:
         """The run got past checkpoint loading: from here on its changes to the module stay."""
@@ -192,13 +197,15 @@ def apply_all(trainer: L.Trainer, module: nn.Module) -> None:
     """Apply every model-changing callback of ``trainer`` to ``module``; if one fails, none has changed it.
 
     The first callback keeps the record of the module as it was until the run starts, so a
-    failure in between (loading a checkpoint) undoes the changes too.
+    failure in between (loading a checkpoint) undoes the changes too; unless base storage was
+    replaced (QuantizeBase): holding the full-precision layers past setup would keep the model twice.
     """
     callbacks = setup_callbacks(trainer)
     with all_or_nothing(module) as record:
         for callback in callbacks:
             callback.apply(module)
-    callbacks[0]._undo_setup = record
+    replaced = any(cb.replaces_base_layers for cb in callbacks)  # the record holds the layers they replaced
+    callbacks[0]._undo_setup = None if replaced else record
 
 
 def _apply_after_configure_model(trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -88,6 +88,8 @@ def checkpoint_read_errors(path: PathLike) -> Iterator[None]:
         raise ValueError(f"checkpoint {path} holds objects other than tensors and plain values, which "
                          "loading with weights_only=True refuses: it was not written by Lightning or this "
                          "library; load it yourself with torch.load(weights_only=False) only if you trust it") from None
+    except MemoryError:
+        raise
     except Exception as err:  # noqa: BLE001 (inside a read, any failure means: not a readable checkpoint)
         reason = (str(err).splitlines() or [type(err).__name__])[0]
         raise ValueError(f"checkpoint {path} cannot be read: it is empty, truncated or not a checkpoint "

@@ -31,6 +31,9 @@ class PredictionWriter(BasePredictionWriter):
         self.rows: list[dict[str, Any]] = []
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.world_size > 1:  # each process would print its share, out of order, with the sampler's repeats
+            raise ValueError("predict prints its predictions in input order from one process: run it with "
+                             "--trainer.devices=1 (and one node)")
         self.rows = []
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):

@@ -31,6 +31,7 @@ from lightning_peft.core.layer import PEFTLayer
 from lightning_peft.core.weights import is_quantized
 from lightning_peft.lightning.checkpointing import (
     CHECKPOINT_KEY,
+    AdapterCheckpointIO,
     adapter_state_keys,
     check_adapter_state,
     read_checkpoint,
@@ -174,7 +175,8 @@ def _give_fsdp1_its_units(strategy: FSDPStrategy, module: L.LightningModule, ada
     strategy.kwargs.setdefault("auto_wrap_policy", fsdp_auto_wrap_policy(module))
     quantized = quantized_parameters(module)
     if quantized:  # whole on every rank, as under FSDP2 (flat parameters would lose the quantization state)
-        strategy.kwargs["ignored_states"] = [*(strategy.kwargs.get("ignored_states") or []), *quantized]
+        given = [state for state in strategy.kwargs.get("ignored_states") or [] if state not in quantized]
+        strategy.kwargs["ignored_states"] = [*given, *quantized]
     if adapter_checkpoints:
         load_adapter_checkpoints_into_shards(strategy, module)
 
@@ -196,10 +198,12 @@ def load_adapter_checkpoints_into_shards(strategy: Strategy, module: L.Lightning
     expected = adapter_state_keys(module)
 
     def load_checkpoint(checkpoint_path: PathLike, weights_only: bool | None = None) -> dict[str, Any]:
-        saved = _adapter_state(checkpoint_path)
-        if saved is None:
+        checkpoint = read_checkpoint(checkpoint_path, mmap=True) if Path(checkpoint_path).is_file() else None
+        if checkpoint is not None and isinstance(strategy.checkpoint_io, AdapterCheckpointIO):
+            strategy.checkpoint_io.check_loaded(checkpoint, checkpoint_path)  # the methods' settings, as elsewhere
+        if checkpoint is None or not checkpoint.get(CHECKPOINT_KEY, {}).get("adapter_only"):
             return load(checkpoint_path, weights_only=weights_only)
-        check_adapter_state(saved, shapes, expected, checkpoint_path)
+        check_adapter_state(checkpoint["state_dict"], shapes, expected, checkpoint_path)
         strict, module.strict_loading = module.strict_loading, False
         try:
             return load(checkpoint_path, weights_only=weights_only)
@@ -208,14 +212,6 @@ def load_adapter_checkpoints_into_shards(strategy: Strategy, module: L.Lightning
 
     setattr(load_checkpoint, _PATCHED, True)
     strategy.load_checkpoint = load_checkpoint
-
-
-def _adapter_state(path: PathLike) -> dict[str, Tensor] | None:
-    """The state_dict of an adapter-only checkpoint file; None for any other checkpoint."""
-    if not Path(path).is_file():
-        return None
-    checkpoint = read_checkpoint(path, mmap=True)
-    return checkpoint["state_dict"] if checkpoint.get(CHECKPOINT_KEY, {}).get("adapter_only") else None
 
 
 # --- DDP --------------------------------------------------------------------------------------

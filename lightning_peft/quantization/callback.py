@@ -43,6 +43,8 @@ class QuantizeBase(ModelSetupCallback):
         skip_modules: module-name suffixes or a full-match regex to keep in full precision.
     """
 
+    replaces_base_layers = True  # setup's rollback record of the replaced layers is dropped once setup is done
+
     def __init__(self, mode: str = "nf4", double_quant: bool = True, compute_dtype: str | torch.dtype | None = None,
                  skip_modules: Targets = None) -> None:
         if mode not in MODES:
