@@ -206,7 +206,7 @@ def test_a_failed_save_leaves_the_previous_files(tmp_path, monkeypatch):
 
     import lightning_peft.core.adapter_files as adapter_files
 
-    real_save_file = adapter_files.save_file
+    real_save_file = adapter_files.write_safetensors
 
     def fail_half_way(tensors, path, *args, **kwargs):
         """Write the real file, cut it in half where it was asked to go, then fail as a full disk would."""
@@ -216,7 +216,7 @@ def test_a_failed_save_leaves_the_previous_files(tmp_path, monkeypatch):
             f.write(data[: len(data) // 2])
         raise OSError("disk full")
 
-    monkeypatch.setattr(adapter_files, "save_file", fail_half_way)
+    monkeypatch.setattr(adapter_files, "write_safetensors", fail_half_way)
     with pytest.raises(OSError, match="disk full"):
         save_adapter(model, folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no temporary file left either

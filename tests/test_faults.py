@@ -120,7 +120,8 @@ def test_a_full_disk_leaves_the_previous_adapter_and_says_so_in_one_line(tmp_pat
             if "lora_B" in name:
                 param.add_(1.0)  # a new adapter to save over the old one
     if failing == "weights":
-        monkeypatch.setattr(adapter_files, "save_file", fail_half_way_with_enospc(adapter_files.save_file))
+        failing_writer = fail_half_way_with_enospc(adapter_files.write_safetensors)
+        monkeypatch.setattr(adapter_files, "write_safetensors", failing_writer)
     else:  # the second file: the first is written by then, and must not be renamed in alone
         real_write_text = Path.write_text
 

@@ -391,7 +391,7 @@ def test_a_full_disk_on_export_is_one_line_and_keeps_the_previous_adapter(inputs
     out = tmp_path / "adapter"
     assert run_cli(["export", str(inputs / "trained.ckpt"), "--out", str(out)])[0] == 0
     before = file_digests(out)
-    monkeypatch.setattr(adapter_files, "save_file", fail_half_way_with_enospc(adapter_files.save_file))
+    monkeypatch.setattr(adapter_files, "write_safetensors", fail_half_way_with_enospc(adapter_files.write_safetensors))
     code, stderr = run_cli(["export", str(inputs / "trained.ckpt"), "--out", str(out)])
     errors = [line for line in stderr.splitlines() if line.startswith("lightning-peft: error: ")]
     assert code == 2 and len(errors) == 1 and "Traceback" not in stderr, stderr[-2000:]

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from lightning_peft.core.files import PathLike, atomic_write_all
@@ -150,9 +150,24 @@ def save_adapter(module: nn.Module, path: PathLike, adapter_name: str = "default
     config = json.dumps(_jsonable(file_config(module, ref)), indent=2)
     metadata = {"format": "pt", DIGEST_KEY: tensor_digest(tensors)}
     folder = Path(path)
-    atomic_write_all({folder / WEIGHTS_FILE: lambda tmp: save_file(tensors, tmp, metadata=metadata),
+    atomic_write_all({folder / WEIGHTS_FILE: lambda tmp: write_safetensors(tensors, tmp, metadata),
                       folder / CONFIG_FILE: lambda tmp: tmp.write_text(config)})
     return folder
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """A safetensors file whose header lists the metadata in sorted order, so equal adapters give equal bytes.
+
+    safetensors writes its metadata map in a random order (a Rust HashMap), once it has two entries.
+    """
+    data = save(tensors, metadata=metadata)
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    ordered = json.dumps(header, separators=(",", ":")).encode()
+    if len(ordered) <= size:  # the same entries: the same length, padded as safetensors pads
+        data = data[:8] + ordered.ljust(size, b" ") + data[8 + size:]
+    path.write_bytes(data)
 
 
 def read_adapter_files(path: PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
