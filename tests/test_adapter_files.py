@@ -263,3 +263,18 @@ def test_native_layout_round_trip_under_another_name(method, tmp_path):
     assert torch.allclose(last_hidden(again), last_hidden(ours), atol=1e-6)
     assert (last_hidden(again) - last_hidden(base)).abs().max() > 1e-2
     assert [r.method for r in trainable_summary(again).methods] == [f"{method}[other]"]
+
+
+def test_equal_adapters_are_equal_files(tmp_path):
+    """safetensors orders its metadata at random (a Rust HashMap): the header is written sorted."""
+    from safetensors import safe_open
+
+    model = tiny_llama()
+    LoRA(r=4, target_modules=["q_proj"]).inject(model)
+    files = set()
+    for attempt in range(12):
+        save_adapter(model, tmp_path / str(attempt))
+        files.add((tmp_path / str(attempt) / "adapter_model.safetensors").read_bytes())
+    assert len(files) == 1
+    with safe_open(tmp_path / "0" / "adapter_model.safetensors", "pt") as f:
+        assert set(f.metadata()) == {"format", "lightning_peft_sha256"}  # read back as a dict in any order
