@@ -9,34 +9,30 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 
+def _on_stderr(init: Callable[[TQDMProgressBar], Any]) -> Callable[[TQDMProgressBar], Any]:
+    """One of TQDMProgressBar's ``init_*_tqdm`` methods, making its bar write to stderr (Lightning's go to stdout)."""
+    def init_on_stderr(self: TQDMProgressBar) -> Any:
+        with contextlib.redirect_stdout(sys.stderr):
+            return init(self)
+
+    return init_on_stderr
+
+
 class StepProgressBar(TQDMProgressBar):
     """TQDMProgressBar on stderr whose training bar counts optimizer steps against ``max_steps`` when it is set."""
 
-    def init_sanity_tqdm(self):
-        with contextlib.redirect_stdout(sys.stderr):
-            return super().init_sanity_tqdm()
-
-    def init_train_tqdm(self):
-        with contextlib.redirect_stdout(sys.stderr):
-            return super().init_train_tqdm()
-
-    def init_validation_tqdm(self):
-        with contextlib.redirect_stdout(sys.stderr):
-            return super().init_validation_tqdm()
-
-    def init_test_tqdm(self):
-        with contextlib.redirect_stdout(sys.stderr):
-            return super().init_test_tqdm()
-
-    def init_predict_tqdm(self):
-        with contextlib.redirect_stdout(sys.stderr):
-            return super().init_predict_tqdm()
+    init_sanity_tqdm = _on_stderr(TQDMProgressBar.init_sanity_tqdm)
+    init_train_tqdm = _on_stderr(TQDMProgressBar.init_train_tqdm)
+    init_validation_tqdm = _on_stderr(TQDMProgressBar.init_validation_tqdm)
+    init_test_tqdm = _on_stderr(TQDMProgressBar.init_test_tqdm)
+    init_predict_tqdm = _on_stderr(TQDMProgressBar.init_predict_tqdm)
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         """The logged metrics, without the logger's version number."""
