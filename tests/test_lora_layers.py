@@ -119,8 +119,8 @@ def _inject(net: nn.Module, **kwargs) -> nn.Module:
 @pytest.mark.parametrize("init", ["default", "gaussian"])
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_initial_output_equals_base_exactly(kind, init):
-    net = Net(kind)
-    x = _input(kind)
+    net = Net(kind).requires_grad_(False)  # as injection leaves the base: torch's F.linear on a strided input
+    x = _input(kind)  # rounds differently when the weight requires grad, even under no_grad
     with torch.no_grad():
         expected = net(x)
     _inject(net, r=4, alpha=8, init=init)

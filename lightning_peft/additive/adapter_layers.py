@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lightning_peft.core.dropout import Dropout
 from lightning_peft.core.layer import PEFTLayer, adapter_dtype, innermost_base, to_adapter_dtype
 from lightning_peft.core.targeting import linear_types
 
@@ -25,7 +26,7 @@ class BottleneckAdapter(nn.Module):
         self.down = nn.Linear(hidden, bottleneck_dim, dtype=dtype, device=device)
         self.activation = ACTIVATIONS[activation]()
         self.up = nn.Linear(bottleneck_dim, hidden, dtype=dtype, device=device)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = Dropout(dropout)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 

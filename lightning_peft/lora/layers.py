@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_peft.core.dropout import Dropout
 from lightning_peft.core.layer import PEFTLayer, adapter_dtype, linear_features, to_adapter_dtype
 from lightning_peft.core.weights import read_weight, replace_weight, write_weight
+from lightning_peft.lora.fused import FusedLoRALinear
 
 INITS = ("default", "gaussian", "pissa")
 
@@ -29,7 +31,7 @@ class LoRAAdapter(nn.Module):
         self.r = r
         self.lora_A = nn.Parameter(torch.zeros(a_shape, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(b_shape, dtype=dtype, device=device))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = Dropout(dropout)
         self.scale = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.magnitude: nn.Parameter | None = None  # DoRA: one learned norm per output feature
 
@@ -170,6 +172,33 @@ class LoRALinear(LoRALayer):
         residual = weight.float() - adapter.update()
         replace_weight(self.base_layer, self.to_weight_layout(residual))  # quantized again on a 4/8-bit base
 
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        adapter = self.fused_adapter(x, args, kwargs)
+        if adapter is None:
+            return super().forward(x, *args, **kwargs)
+        base, keep = self.base_layer, adapter.dropout.keep_mask(x)
+        scale = adapter.scale * (1.0 if keep is None else adapter.dropout.keep_scale)
+        return FusedLoRALinear.apply(x, base.weight, base.bias, adapter.lora_A, adapter.lora_B, scale, keep)
+
+    def fused_adapter(self, x: Tensor, args: tuple, kwargs: dict) -> LoRAAdapter | None:
+        """The one active plain-LoRA adapter when the fused path computes exactly the layer's formula, else None.
+
+        That needs a frozen, unhooked ``nn.Linear`` base and one dtype for input, weight and adapter
+        without autocast; anything else (a quantized or trainable base, several adapters, DoRA,
+        mixed dtypes) takes the plain path.
+        """
+        base = self.base_layer
+        if args or kwargs or len(self.active_adapters) != 1 or type(base) is not nn.Linear:
+            return None
+        adapter = self.adapters[self.active_adapters[0]]
+        frozen = not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
+        unhooked = not (base._forward_hooks or base._forward_pre_hooks)
+        same_dtype = x.dtype == base.weight.dtype == adapter.lora_A.dtype
+        if adapter.magnitude is None and frozen and unhooked and same_dtype and not torch.is_autocast_enabled(
+                x.device.type):
+            return adapter
+        return None
+
     def delta(self, x: Tensor, out: Tensor, adapter: LoRAAdapter) -> Tensor:
         if adapter.magnitude is None:
             return super().delta(x, out, adapter)
@@ -178,7 +207,7 @@ class LoRALinear(LoRALayer):
     def dora_delta(self, x: Tensor, out: Tensor, adapter: LoRAAdapter) -> Tensor:
         """DoRA: rescale ``W + scale * B @ A`` row-wise to the learned magnitude (norm detached)."""
         norm_scale = (adapter.magnitude / self.row_norm(adapter).detach()).to(x.dtype)
-        if isinstance(adapter.dropout, nn.Identity) or not self.training:
+        if not adapter.dropout.active:
             bias = getattr(self.base_layer, "bias", None)
             base = out.to(x.dtype) if bias is None else out.to(x.dtype) - bias.to(x.dtype)
         else:  # the base output saw the undropped input: recompute it on the dropped one

@@ -1,0 +1,57 @@
+"""LoRA on a frozen nn.Linear as one autograd function: the base and the update share their passes.
+
+    out = x @ W.T + b + scale * ((x * keep) @ A.T) @ B.T        (keep: the dropout mask, or all True)
+
+Autograd on the plain formula keeps a float copy of the dropped input per layer, writes the
+update and the sum as two new tensors, computes ``grad_B`` in a slow transposed layout and adds
+the input gradients of the base and the update as two tensors. Here the update is added into the
+base output in place (``addmm_``), backward adds the update's input gradient into the base's
+(again ``addmm_``), and only ``x`` (which the next layers keep anyway), the ``(tokens, r)``
+hidden ``x A^T`` and a one-byte mask are kept. ``W`` and ``b`` are frozen: no gradient is made for them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_peft.core.dropout import as_factor
+
+
+class FusedLoRALinear(torch.autograd.Function):
+    """``F.linear(x, W, b) + scale * F.linear(F.linear(x * keep, A), B)`` with frozen ``W`` and ``b``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                scale: float, keep: Tensor | None) -> Tensor:
+        rows = x.reshape(-1, x.shape[-1])  # (tokens, in)
+        hidden = dropped(rows, keep) @ lora_A.T  # (tokens, r)
+        out = F.linear(rows, weight, bias)  # (tokens, out)
+        out.addmm_(hidden, lora_B.T, alpha=scale)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, hidden, keep)
+        ctx.scale = scale
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, weight, lora_A, lora_B, hidden, keep = ctx.saved_tensors
+        rows = x.reshape(-1, x.shape[-1])
+        grad_rows = grad_out.reshape(-1, grad_out.shape[-1])  # (tokens, out)
+        grad_hidden = (grad_rows @ lora_B).mul_(ctx.scale)  # (tokens, r)
+        grad_B = (hidden.T @ grad_rows).T.mul_(ctx.scale) if ctx.needs_input_grad[4] else None  # fast layout
+        grad_A = grad_hidden.T @ dropped(rows, keep) if ctx.needs_input_grad[3] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_rows @ weight  # (tokens, in)
+            if keep is None:
+                grad_x.addmm_(grad_hidden, lora_A)
+            else:
+                grad_x.addcmul_(grad_hidden @ lora_A, as_factor(keep, rows.dtype).view(rows.shape))
+            grad_x = grad_x.view(x.shape)
+        return grad_x, None, None, grad_A, grad_B, None, None
+
+
+def dropped(rows: Tensor, keep: Tensor | None) -> Tensor:
+    """``rows`` with the dropped elements zeroed (the 1/(1-p) scale is folded into ``scale``)."""
+    return rows if keep is None else rows * as_factor(keep, rows.dtype).view(rows.shape)

@@ -1,0 +1,141 @@
+"""The fast paths give the plain formulas' numbers: fused LoRA with its compact dropout masks, against peft."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from test_lora_vs_peft import _copy_random_adapters, _peft_key
+from torch import nn
+
+import lightning_peft.core.dropout as dropout_module
+import lightning_peft.lora.fused as fused_module
+from lightning_peft import LoRA
+from lightning_peft.core.dropout import Dropout, keep_mask
+
+from conftest import VOCAB, tiny_llama
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
+
+
+class Recorder:
+    """Wraps ``keep_mask`` to keep every mask drawn, in call order."""
+
+    def __init__(self, monkeypatch):
+        self.masks: list[torch.Tensor] = []
+        real = dropout_module.keep_mask
+
+        def record(shape, p, device):
+            mask = real(shape, p, device)
+            self.masks.append(mask)
+            return mask
+
+        monkeypatch.setattr(dropout_module, "keep_mask", record)
+
+
+class Replay(nn.Module):
+    """peft's dropout slot fed with our recorded masks, in the order its layers run."""
+
+    def __init__(self, masks: list[torch.Tensor], p: float):
+        super().__init__()
+        self.masks, self.p = masks, p
+
+    def forward(self, x):
+        return x * self.masks.pop(0).to(x.dtype) / (1 - self.p)
+
+
+def _pair(dropout: float):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = tiny_llama()
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0)
+        theirs = get_peft_model(copy.deepcopy(base), config)
+    ours = LoRA(r=4, alpha=8, dropout=dropout, target_modules=TARGETS).inject(copy.deepcopy(base))
+    _copy_random_adapters(theirs, ours)
+    return theirs.train(), ours.train()
+
+
+def _step(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits, the embedding output's gradient and every adapter gradient of one backward."""
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+    logits = model(inputs_embeds=embeds).logits
+    (logits.square().mean() + logits[..., 0].sum()).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return logits, embeds.grad, grads
+
+
+def _assert_equal_up_to_rounding(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal to 1e-5 of the tensor's largest element: sums in another order differ in the last bits only."""
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fused_lora_matches_peft_with_the_same_masks(dropout, monkeypatch):
+    theirs, ours = _pair(dropout)
+    fused_calls = []
+    real_apply = fused_module.FusedLoRALinear.apply
+    monkeypatch.setattr(fused_module.FusedLoRALinear, "apply", lambda *a: fused_calls.append(1) or real_apply(*a))
+    recorder = Recorder(monkeypatch)
+    ids = torch.randint(0, VOCAB, (3, 11), generator=torch.Generator().manual_seed(5))
+    logits, grad_input, grads = _step(ours, ids)
+    assert len(fused_calls) == 2 * len(TARGETS)  # every adapted layer took the fused path
+    assert len(recorder.masks) == (2 * len(TARGETS) if dropout else 0)
+    if dropout:
+        for layer in theirs.modules():
+            if hasattr(layer, "lora_dropout"):
+                layer.lora_dropout["default"] = Replay(recorder.masks, dropout)
+    their_logits, their_grad_input, their_grads = _step(theirs, ids)
+    assert not recorder.masks  # peft consumed every mask, in the same order
+    _assert_equal_up_to_rounding(logits, their_logits)
+    _assert_equal_up_to_rounding(grad_input, their_grad_input)
+    their_params = dict(theirs.named_parameters())
+    checked = 0
+    for name, grad in grads.items():
+        layer_name, what = name.rsplit(".adapters.default.", 1)
+        _assert_equal_up_to_rounding(grad, their_grads[_peft_key(their_params, layer_name, what)])
+        checked += 1
+    assert checked == 2 * 2 * len(TARGETS)
+
+
+def test_masks_differ_between_layers_with_the_same_input(monkeypatch):
+    model = LoRA(r=4, dropout=0.25, target_modules=["q_proj", "k_proj", "v_proj"]).inject(tiny_llama(layers=1))
+    recorder = Recorder(monkeypatch)
+    model.train()(torch.randint(0, VOCAB, (4, 64)))
+    q, k, v = recorder.masks  # one mask per layer, all for the same normed hidden states
+    assert q.shape == k.shape == v.shape == (4, 64, 32)
+    for a, b in [(q, k), (q, v), (k, v)]:
+        agree = (a == b).float().mean().item()  # independent masks agree on 0.75^2 + 0.25^2 = 0.625 of elements
+        assert abs(agree - 0.625) < 0.03, agree
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
+def test_keep_rate_and_independence(p):
+    mask = keep_mask((1000, 1000), p, torch.device("cpu"))
+    assert mask.dtype == torch.bool and mask.shape == (1000, 1000)
+    rate = mask.float().mean().item()
+    assert abs(rate - (1 - p)) < 5 * (p * (1 - p) / 1e6) ** 0.5 + 1e-5, rate
+    # Neighbours (the four draws that share a 64-bit word, and the next row) are independent.
+    for a, b in [(mask[:, :-1], mask[:, 1:]), (mask[:-1], mask[1:])]:
+        both = (a & b).float().mean().item()
+        assert abs(both - (1 - p) ** 2) < 0.005, both
+
+
+def test_masks_follow_torchs_seed():
+    torch.manual_seed(3)
+    first, second = keep_mask((64, 64), 0.1, torch.device("cpu")), keep_mask((64, 64), 0.1, torch.device("cpu"))
+    torch.manual_seed(3)
+    assert torch.equal(keep_mask((64, 64), 0.1, torch.device("cpu")), first)  # a recomputation draws the same mask
+    assert not torch.equal(first, second)
+
+
+def test_dropout_module_is_nn_dropouts_semantics():
+    drop, x = Dropout(0.2), (torch.randn(200, 300) + 5).requires_grad_()
+    out = drop.train()(x)
+    kept = out != 0
+    torch.testing.assert_close(out[kept], x[kept] / 0.8)
+    out.backward(torch.full_like(out, 3.0))
+    torch.testing.assert_close(x.grad, kept * 3.0 / 0.8)  # the gradient goes through the same mask
+    assert abs(kept.float().mean().item() - 0.8) < 0.01
+    assert drop.eval()(x) is x and Dropout(0.0).train()(x) is x
