@@ -45,14 +45,14 @@ class Replay(nn.Module):
         return x * self.masks.pop(0).to(x.dtype) / (1 - self.p)
 
 
-def _pair(dropout: float):
+def _pair(dropout: float, dora: bool):
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         base = tiny_llama()
-        config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0, use_dora=dora)
         theirs = get_peft_model(copy.deepcopy(base), config)
-    ours = LoRA(r=4, alpha=8, dropout=dropout, target_modules=TARGETS).inject(copy.deepcopy(base))
+    ours = LoRA(r=4, alpha=8, dropout=dropout, use_dora=dora, target_modules=TARGETS).inject(copy.deepcopy(base))
     _copy_random_adapters(theirs, ours)
     return theirs.train(), ours.train()
 
@@ -71,16 +71,20 @@ def _assert_equal_up_to_rounding(got: torch.Tensor, expected: torch.Tensor) -> N
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_fused_lora_matches_peft_with_the_same_masks(dropout, monkeypatch):
-    theirs, ours = _pair(dropout)
+@pytest.mark.parametrize(("dropout", "dora", "fused"), [(0.0, False, "FusedLoRALinear"),
+                                                         (0.1, False, "FusedLoRALinear"),
+                                                         (0.0, True, "FusedDoRALinear"),
+                                                         (0.1, True, None)])  # DoRA with dropout: the plain path
+def test_fast_lora_and_dora_match_peft_with_the_same_masks(dropout, dora, fused, monkeypatch):
+    theirs, ours = _pair(dropout, dora)
     fused_calls = []
-    real_apply = fused_module.FusedLoRALinear.apply
-    monkeypatch.setattr(fused_module.FusedLoRALinear, "apply", lambda *a: fused_calls.append(1) or real_apply(*a))
+    for name in ("FusedLoRALinear", "FusedDoRALinear"):
+        function = getattr(fused_module, name)
+        monkeypatch.setattr(function, "apply", lambda *a, n=name, f=function.apply: fused_calls.append(n) or f(*a))
     recorder = Recorder(monkeypatch)
     ids = torch.randint(0, VOCAB, (3, 11), generator=torch.Generator().manual_seed(5))
     logits, grad_input, grads = _step(ours, ids)
-    assert len(fused_calls) == 2 * len(TARGETS)  # every adapted layer took the fused path
+    assert fused_calls == ([fused] * 2 * len(TARGETS) if fused else [])  # every adapted layer took the path
     assert len(recorder.masks) == (2 * len(TARGETS) if dropout else 0)
     if dropout:
         for layer in theirs.modules():
@@ -96,7 +100,7 @@ def test_fused_lora_matches_peft_with_the_same_masks(dropout, monkeypatch):
         layer_name, what = name.rsplit(".adapters.default.", 1)
         _assert_equal_up_to_rounding(grad, their_grads[_peft_key(their_params, layer_name, what)])
         checked += 1
-    assert checked == 2 * 2 * len(TARGETS)
+    assert checked == (3 if dora else 2) * 2 * len(TARGETS)
 
 
 def test_masks_differ_between_layers_with_the_same_input(monkeypatch):
@@ -139,3 +143,45 @@ def test_dropout_module_is_nn_dropouts_semantics():
     torch.testing.assert_close(x.grad, kept * 3.0 / 0.8)  # the gradient goes through the same mask
     assert abs(kept.float().mean().item() - 0.8) < 0.01
     assert drop.eval()(x) is x and Dropout(0.0).train()(x) is x
+
+
+def _int8_pair():
+    """Our int8 layer and bitsandbytes' own on the same quantized weight and a trainable bias."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from lightning_peft.quantization.layers import quantize_linear
+
+    plain = nn.Linear(48, 40)
+    ours = quantize_linear(plain, "int8").train()
+    theirs = quantize_linear(plain, "int8").train()
+    theirs.__class__ = bnb.nn.Linear8bitLt  # bitsandbytes' forward on the very same state
+    return ours, theirs
+
+
+def test_int8_training_path_equals_bitsandbytes():
+    ours, theirs = _int8_pair()
+    x = torch.randn(2, 7, 48)
+    results = []
+    for layer in (ours, theirs):
+        inp = x.clone().requires_grad_()
+        out = layer(inp)
+        out.backward(torch.cos(out.detach()))
+        results.append((out, inp.grad, layer.bias.grad))
+        layer.bias.grad = None
+    (out, grad_x, grad_bias), (their_out, their_grad_x, their_grad_bias) = results
+    torch.testing.assert_close(out, their_out, rtol=0, atol=0)
+    torch.testing.assert_close(grad_x, their_grad_x, rtol=0, atol=0)
+    torch.testing.assert_close(grad_bias, their_grad_bias, rtol=1e-6, atol=1e-6)  # summed in another order
+
+
+def test_int8_training_path_does_not_keep_its_input():
+    import weakref
+
+    # bitsandbytes keeps it: the check can fail
+    for layer, keeps in zip(_int8_pair(), (False, True), strict=True):
+        layer.bias.requires_grad_(False)
+        inp = torch.randn(2, 7, 48, requires_grad=True) * 2  # an intermediate, as the input of a model's layer is
+        alive = weakref.ref(inp)
+        out = layer(inp)
+        del inp
+        assert (alive() is not None) is keeps
+        out.sum().backward()

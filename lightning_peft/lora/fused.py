@@ -55,3 +55,37 @@ class FusedLoRALinear(torch.autograd.Function):
 def dropped(rows: Tensor, keep: Tensor | None) -> Tensor:
     """``rows`` with the dropped elements zeroed (the 1/(1-p) scale is folded into ``scale``)."""
     return rows if keep is None else rows * as_factor(keep, rows.dtype).view(rows.shape)
+
+
+class FusedDoRALinear(torch.autograd.Function):
+    """DoRA without dropout: ``m / ||W + s B A||_row * (x (W + s B A)^T) + b``, the norm given (detached).
+
+    The base projection and the update are one ``(tokens, out)`` tensor ``y`` that the output
+    rescales in place; ``y`` is kept for the magnitude's gradient, as the plain formula keeps its
+    base output, but none of the plain formula's four other full-size temporaries is made.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                magnitude: Tensor, scale: float, norm: Tensor) -> Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        hidden = rows @ lora_A.T
+        y = F.linear(rows, weight).addmm_(hidden, lora_B.T, alpha=scale)  # x (W + s B A)^T
+        norm_scale = magnitude / norm
+        out = torch.addcmul(bias, y, norm_scale) if bias is not None else y * norm_scale
+        ctx.save_for_backward(x, weight, lora_A, lora_B, hidden, y, norm_scale, norm)
+        ctx.scale = scale
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, weight, lora_A, lora_B, hidden, y, norm_scale, norm = ctx.saved_tensors
+        rows = x.reshape(-1, x.shape[-1])
+        grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_magnitude = (grad_rows * y).sum(0).div_(norm) if ctx.needs_input_grad[5] else None
+        grad_y = grad_rows * norm_scale  # (tokens, out)
+        grad_hidden = (grad_y @ lora_B).mul_(ctx.scale)
+        grad_B = (hidden.T @ grad_y).T.mul_(ctx.scale) if ctx.needs_input_grad[4] else None
+        grad_A = grad_hidden.T @ rows if ctx.needs_input_grad[3] else None
+        grad_x = (grad_y @ weight).addmm_(grad_hidden, lora_A).view(x.shape) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, grad_A, grad_B, grad_magnitude, None, None

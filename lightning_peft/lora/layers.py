@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from lightning_peft.core.dropout import Dropout
 from lightning_peft.core.layer import PEFTLayer, adapter_dtype, linear_features, to_adapter_dtype
 from lightning_peft.core.weights import read_weight, replace_weight, write_weight
-from lightning_peft.lora.fused import FusedLoRALinear
+from lightning_peft.lora.fused import FusedDoRALinear, FusedLoRALinear
 
 INITS = ("default", "gaussian", "pissa")
 
@@ -176,16 +176,22 @@ class LoRALinear(LoRALayer):
         adapter = self.fused_adapter(x, args, kwargs)
         if adapter is None:
             return super().forward(x, *args, **kwargs)
-        base, keep = self.base_layer, adapter.dropout.keep_mask(x)
+        base = self.base_layer
+        if adapter.magnitude is not None:
+            with torch.no_grad():  # DoRA's norm is detached: no graph for it
+                norm = self.row_norm(adapter)
+            return FusedDoRALinear.apply(x, base.weight, base.bias, adapter.lora_A, adapter.lora_B, adapter.magnitude,
+                                         adapter.scale, norm)
+        keep = adapter.dropout.keep_mask(x)
         scale = adapter.scale * (1.0 if keep is None else adapter.dropout.keep_scale)
         return FusedLoRALinear.apply(x, base.weight, base.bias, adapter.lora_A, adapter.lora_B, scale, keep)
 
     def fused_adapter(self, x: Tensor, args: tuple, kwargs: dict) -> LoRAAdapter | None:
-        """The one active plain-LoRA adapter when the fused path computes exactly the layer's formula, else None.
+        """The one active adapter when a fused path computes exactly the layer's formula, else None.
 
         That needs a frozen, unhooked ``nn.Linear`` base and one dtype for input, weight and adapter
-        without autocast; anything else (a quantized or trainable base, several adapters, DoRA,
-        mixed dtypes) takes the plain path.
+        without autocast, and for DoRA no active dropout; anything else (a quantized or trainable
+        base, several adapters, DoRA with dropout, mixed dtypes) takes the plain path.
         """
         base = self.base_layer
         if args or kwargs or len(self.active_adapters) != 1 or type(base) is not nn.Linear:
@@ -194,7 +200,8 @@ class LoRALinear(LoRALayer):
         frozen = not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
         unhooked = not (base._forward_hooks or base._forward_pre_hooks)
         same_dtype = x.dtype == base.weight.dtype == adapter.lora_A.dtype
-        if adapter.magnitude is None and frozen and unhooked and same_dtype and not torch.is_autocast_enabled(
+        plain_or_undropped_dora = adapter.magnitude is None or not adapter.dropout.active
+        if plain_or_undropped_dora and frozen and unhooked and same_dtype and not torch.is_autocast_enabled(
                 x.device.type):
             return adapter
         return None

@@ -24,7 +24,9 @@ def quantize_linear(layer: nn.Linear, mode: str, double_quant: bool = True, comp
     bnb = import_bitsandbytes("QuantizeBase")
     shape = (layer.in_features, layer.out_features, layer.bias is not None)
     if mode == "int8":
-        quantized = bnb.nn.Linear8bitLt(*shape, has_fp16_weights=False, device="meta")
+        from lightning_peft.quantization.int8 import FrozenLinear8bit  # needs bitsandbytes, which is optional
+
+        quantized = FrozenLinear8bit(*shape, has_fp16_weights=False, device="meta")
     else:
         quantized = bnb.nn.Linear4bit(*shape, compute_dtype=compute_dtype, compress_statistics=double_quant,
                                       quant_type=mode, device="meta")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from torchmetrics.text import Perplexity
@@ -9,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from lightning_peft.data.causal_lm import IGNORE_INDEX
 from lightning_peft.tasks.base import TransformersTask
+from lightning_peft.tasks.chunked_loss import capturing_head_input, next_token_loss, plain_linear_head, positions_behind
 
 
 class CausalLM(TransformersTask):
@@ -20,16 +23,21 @@ class CausalLM(TransformersTask):
         max_new_tokens: the most tokens generated per prompt in ``predict``.
         trust_remote_code: allow model code from the model folder (off: safe by default).
         optimizer: ``"adamw"`` (torch) or ``"adamw8bit"`` (bitsandbytes, 8-bit moment estimates).
+        chunked_loss: compute the training loss with the output projection, a few rows at a time, so
+            the whole batch's fp32 logits never exist at once (same loss and gradients); it falls back
+            to the model's own loss where the head is not a plain ``nn.Linear`` or the model
+            transforms its logits.
     """
 
     def __init__(self, model: str = "smollm2-135m", learning_rate: float = 2e-4, weight_decay: float = 0.0,
                  warmup_steps: int = 20, max_new_tokens: int = 64, trust_remote_code: bool = False,
-                 optimizer: str = "adamw") -> None:
+                 optimizer: str = "adamw", chunked_loss: bool = True) -> None:
         super().__init__(model=model, learning_rate=learning_rate, weight_decay=weight_decay,
                          warmup_steps=warmup_steps, trust_remote_code=trust_remote_code, optimizer=optimizer)
         self.save_hyperparameters()
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token  # batched generation pads prompts
+        self.use_chunked_loss = chunked_loss  # turned off for good if the model proves to transform its logits
         self.val_metrics = Perplexity(ignore_index=IGNORE_INDEX)
         self.test_metrics = Perplexity(ignore_index=IGNORE_INDEX)
 
@@ -43,9 +51,30 @@ class CausalLM(TransformersTask):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self(**batch).loss
+        loss = self.chunked_loss(batch) if self.use_chunked_loss else None
+        if loss is None:
+            loss = self(**batch).loss
         self.log("train_loss", loss, prog_bar=True)
         return loss
+
+    def chunked_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The model's mean next-token loss without full logits, or None where that would not be exact."""
+        head = self.model.get_output_embeddings()
+        if not plain_linear_head(head) or "labels" not in batch:
+            return None
+        with capturing_head_input(head) as captured:
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+        positions = positions_behind(logits, captured["placeholder"])
+        if positions is None:
+            warnings.warn(f"{type(self.model).__name__} transforms its logits after the output projection: "
+                          "training uses its own loss (chunked_loss is off)", stacklevel=2)
+            self.use_chunked_loss = False
+            return None
+        hidden, labels = captured["hidden"], batch["labels"]
+        if hidden.shape[1] != labels.shape[1]:  # positions before the returned ones (virtual tokens): no loss
+            labels = labels.new_full(hidden.shape[:2], IGNORE_INDEX).index_copy_(
+                1, torch.arange(hidden.shape[1], device=labels.device)[positions], labels)
+        return next_token_loss(hidden, head, labels)
 
     def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, perplexity: Perplexity) -> None:
         output = self(**batch)
