@@ -155,7 +155,8 @@ class PEFTCLI(LightningCLI):
             return
         results = {}
         if _has_test_data(self.datamodule):
-            results = trainer.test(module, datamodule=self.datamodule, verbose=False)[0]
+            tested = trainer.test(module, datamodule=self.datamodule, verbose=False)
+            results = tested[0] if tested else {}  # none with --trainer.limit_test_batches=0
         summary = trainable_summary(module)
         lines = [f"{name}: {value:.4f}" for name, value in results.items()]
         lines.append(f"trainable parameters: {summary.trainable:,} of {summary.total:,} ({summary.percent:.3f}%)")

@@ -161,6 +161,15 @@ def test_fit_logs_a_csv_row_per_logged_step_and_draws_the_curves(tmp_path, tiny_
     assert "Steps: 100%" in fit.stderr and "6/6" in fit.stderr  # steps against max_steps, not epochs
 
 
+def test_fit_with_test_turned_off_still_summarises(tmp_path, tiny_model_dir):
+    train = write_data(tmp_path, "train", sentiment_rows(16, 0))
+    test = write_data(tmp_path, "test", sentiment_rows(8, 1))
+    config = recipe(tmp_path, tiny_model_dir, train, test)
+    fit = run_cli("fit", "--config", str(config), "--trainer.max_steps=2", "--trainer.limit_test_batches=0")
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert "lightning-peft fit summary" in fit.stdout and "test_acc" not in fit.stdout
+
+
 def test_command_line_overrides_recipe_keys(tmp_path, tiny_model_dir):
     train = write_data(tmp_path, "train", sentiment_rows(16, 0))
     config = recipe(tmp_path, tiny_model_dir, train)
