@@ -185,3 +185,23 @@ def test_int8_training_path_does_not_keep_its_input():
         del inp
         assert (alive() is not None) is keeps
         out.sum().backward()
+
+
+def test_gradient_checkpointing_recomputes_the_same_masks():
+    def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = LoRA(r=4, dropout=0.3, target_modules=TARGETS).inject(tiny_llama()).train()
+        for p in model.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.1)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(7)
+        ids = torch.randint(0, VOCAB, (2, 9))
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, recomputed = grads(False), grads(True)
+    assert plain.keys() == recomputed.keys() and len(plain) == 4 * len(TARGETS)
+    for name, grad in plain.items():
+        torch.testing.assert_close(recomputed[name], grad, rtol=1e-5, atol=1e-7)

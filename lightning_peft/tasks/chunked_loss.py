@@ -37,9 +37,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             rows, targets = hidden[start:start + chunk], labels[start:start + chunk]
             logits = torch.nn.functional.linear(rows, weight, bias).float()
-            loss, grad_logits = loss_and_logit_gradient(logits, targets)
+            loss, grad_logits = loss_and_logit_gradient(logits, targets, 1 / counted)
             total += loss
-            grad_logits /= counted
             if grad_hidden is not None:
                 grad_hidden[start:start + chunk] = grad_logits.to(weight.dtype) @ weight
             if grad_weight is not None:
@@ -59,15 +58,22 @@ class LinearCrossEntropy(torch.autograd.Function):
         return *grads, None, None
 
 
-def loss_and_logit_gradient(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """Summed cross-entropy of fp32 ``logits`` and its gradient ``softmax - one_hot`` (zero on ignored rows)."""
+def loss_and_logit_gradient(logits: Tensor, targets: Tensor, grad_scale: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed cross-entropy of fp32 ``logits`` and its gradient ``(softmax - one_hot) * grad_scale`` (0 if ignored).
+
+    The gradient is made in the logits' own memory: no second chunk-sized tensor is allocated.
+    """
     counted = targets != IGNORE_INDEX
-    safe = targets.clamp(min=0)
-    log_norm = torch.logsumexp(logits, dim=-1)
-    loss = ((log_norm - logits.gather(1, safe[:, None]).squeeze(1)) * counted).sum()
-    grad = logits.sub_(log_norm[:, None]).exp_()  # softmax, in the logits' own memory
-    grad[torch.arange(len(safe), device=grad.device), safe] -= 1
-    return loss, grad.mul_(counted[:, None])
+    rows, safe = torch.arange(len(targets), device=logits.device), targets.clamp(min=0)
+    target_logits = logits[rows, safe]
+    peak = logits.amax(dim=-1, keepdim=True)
+    exp = logits.sub_(peak).exp_()
+    total = exp.sum(dim=-1, keepdim=True)
+    loss = ((total.log().add_(peak).squeeze(1) - target_logits) * counted).sum()
+    row_scale = counted[:, None] * grad_scale
+    grad = exp.mul_(row_scale / total)  # softmax, scaled, in one pass
+    grad[rows, safe] -= row_scale.squeeze(1)
+    return loss, grad
 
 
 def next_token_loss(hidden: Tensor, head: nn.Linear, labels: Tensor) -> Tensor:
