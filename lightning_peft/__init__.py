@@ -6,6 +6,7 @@ from lightning_peft.core.adapter_files import save_adapter
 from lightning_peft.core.merging import merge, unmerge
 from lightning_peft.core.summary import trainable_summary
 from lightning_peft.lightning.callback import PEFTCallback
+from lightning_peft.lightning.host_memory import ReleaseFreedMemory
 from lightning_peft.lightning.sharding import fsdp_auto_wrap_policy, full_adapter_state_dict, fully_shard_peft
 from lightning_peft.lora import LoRA
 from lightning_peft.quantization import QuantizeBase
@@ -15,6 +16,6 @@ from lightning_peft.selective import BitFit, Selective
 __version__ = "0.1.0"
 
 __all__ = ["IA3", "Adapter", "BitFit", "LoRA", "PEFTCallback", "PrefixTuning", "PromptTuning", "QuantizeBase",
-           "Selective", "adapter_names", "delete_adapter", "disable_adapters", "fsdp_auto_wrap_policy",
-           "full_adapter_state_dict", "fully_shard_peft", "load_adapter", "merge", "register_method", "save_adapter",
-           "set_adapter", "trainable_summary", "unmerge"]
+           "ReleaseFreedMemory", "Selective", "adapter_names", "delete_adapter", "disable_adapters",
+           "fsdp_auto_wrap_policy", "full_adapter_state_dict", "fully_shard_peft", "load_adapter", "merge",
+           "register_method", "save_adapter", "set_adapter", "trainable_summary", "unmerge"]
