@@ -41,15 +41,15 @@ class FusedLoRALinear(torch.autograd.Function):
         grad_hidden = (grad_rows @ lora_B).mul_(ctx.scale)  # (tokens, r)
         grad_B = (hidden.T @ grad_rows).T.mul_(ctx.scale) if ctx.needs_input_grad[4] else None  # fast layout
         factor = None if keep is None else as_factor(keep, rows.dtype).view(rows.shape)  # made once, used twice
-        scratch = None if factor is None else rows * factor  # the dropped input, then the update's input gradient
-        grad_A = grad_hidden.T @ (rows if scratch is None else scratch) if ctx.needs_input_grad[3] else None
+        dropped_rows = rows if factor is None else rows * factor
+        grad_A = grad_hidden.T @ dropped_rows if ctx.needs_input_grad[3] else None
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_rows @ weight  # (tokens, in)
             if factor is None:
                 grad_x.addmm_(grad_hidden, lora_A)
             else:
-                grad_x.addcmul_(torch.mm(grad_hidden, lora_A, out=scratch), factor)
+                grad_x.addcmul_(torch.mm(grad_hidden, lora_A, out=dropped_rows), factor)  # reuses its buffer
             grad_x = grad_x.view(x.shape)
         return grad_x, None, None, grad_A, grad_B, None, None
 
