@@ -13,7 +13,7 @@ from lightning_peft.quantization import QuantizeBase
 from lightning_peft.registry import load_adapter, register_method
 from lightning_peft.selective import BitFit, Selective
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it)
 
 __all__ = ["IA3", "Adapter", "BitFit", "LoRA", "PEFTCallback", "PrefixTuning", "PromptTuning", "QuantizeBase",
            "ReleaseFreedMemory", "Selective", "adapter_names", "delete_adapter", "disable_adapters",

@@ -253,7 +253,38 @@ def command_help() -> str:
         *(f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()),
         "",
         "Run `lightning-peft COMMAND --help` for a command's options.",
+        f"Built-in recipes (--config NAME, from any folder): {', '.join(builtin_recipes())}.",
     ])
+
+
+RECIPES = Path(__file__).parent / "recipes"  # shipped in the wheel: `--config lora_sentiment` works anywhere
+
+
+def builtin_recipes() -> list[str]:
+    """The names of the recipes that ship with the package."""
+    return sorted(path.stem for path in RECIPES.glob("*.yaml"))
+
+
+def recipe_path(value: str) -> str:
+    """A ``--config`` value as a file: a path that exists, else the built-in recipe of that name."""
+    if Path(value).exists():
+        return value
+    name = Path(value).name.removesuffix(".yaml")
+    if os.sep in value or name not in builtin_recipes():
+        raise ConfigError(f"--config {value}: no such file, and no built-in recipe of that name "
+                          f"(built-in: {', '.join(builtin_recipes())})")
+    return str(RECIPES / f"{name}.yaml")
+
+
+def with_recipe_paths(argv: list[str]) -> list[str]:
+    """``argv`` with each ``--config``/``-c`` value that names a built-in recipe replaced by its path."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg in ("--config", "-c") and i + 1 < len(out):
+            out[i + 1] = recipe_path(out[i + 1])
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + recipe_path(arg.removeprefix("--config="))
+    return out
 
 
 def main(args: list[str] | None = None) -> None:
@@ -265,7 +296,10 @@ def main(args: list[str] | None = None) -> None:
     try:
         if argv[:1] == ["export"]:
             return export_main(argv[1:])
-        build_cli(args)
+        resolved = with_recipe_paths(argv)
+        if args is None:  # LightningCLI reads sys.argv itself, and warns when given both
+            sys.argv[1:], resolved = resolved, None
+        build_cli(resolved)
     except Exception as err:
         mistake = user_mistake(err)
         if os.environ.get(DEBUG_VARIABLE) == "1" or mistake is None:

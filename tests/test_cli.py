@@ -132,13 +132,32 @@ def test_help_lists_every_command_and_each_has_its_own(capsys):
 
     result = run_cli("--help")
     assert result.returncode == 0
-    listed = [line.split()[0] for line in result.stdout.split("commands:")[1].splitlines() if line.strip()][:-1]
+    listed = [line.split()[0] for line in result.stdout.split("commands:\n")[1].split("\n\n")[0].splitlines()]
     assert listed == list(COMMANDS) == ["fit", "validate", "test", "predict", "export"]
     for command in COMMANDS:
         with pytest.raises(SystemExit) as exit_:
             main([command, "--help"])
         assert exit_.value.code == 0
         assert f"lightning-peft {'' if command == 'export' else '[options] '}{command}" in capsys.readouterr().out
+
+
+def test_a_builtin_recipe_name_works_from_any_folder_and_a_wrong_one_lists_them(tmp_path, monkeypatch, capsys):
+    from lightning_peft.cli import builtin_recipes, main
+
+    monkeypatch.chdir(tmp_path)  # no recipes/ folder here
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", "lora_sentiment", "--print_config"])
+    assert exit_.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["data"]["init_args"]["source"] == "movie-snippets"
+    assert printed["trainer"]["callbacks"][0]["class_path"] == "lightning_peft.LoRA"
+
+    assert {"lora_sentiment", "lora_causal_lm", "qlora_causal_lm"} <= set(builtin_recipes())
+    result = run_cli("fit", "--config=lora_sentimnt")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "lightning-peft: error: --config lora_sentimnt: no such file, and no built-in recipe of that name "
+        f"(built-in: {', '.join(builtin_recipes())})")
 
 
 def test_fit_logs_a_csv_row_per_logged_step_and_draws_the_curves(tmp_path, tiny_model_dir):
