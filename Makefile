@@ -30,7 +30,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 docs: setup
-	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 wheel-check: setup
 	.ci/wheel_check $(PY)

@@ -43,7 +43,33 @@ METHODS: dict[str, type[PEFTCallback]] = {method.method_name: method for method 
 
 
 def register_method(method: type[PEFTCallback]) -> type[PEFTCallback]:
-    """Add a method of your own, under its ``method_name``, so its adapters load back (usable as a decorator)."""
+    """Register a PEFT method of your own under its ``method_name``, so its saved adapters and checkpoints load back.
+
+    Files and checkpoints name a method by its ``method_name``; `load_adapter` and
+    ``lightning-peft export`` find the class through this registry. Registering the same class
+    again does nothing. A subclass of a registered method inherits that method's name and loads
+    back as it unless it sets a ``method_name`` of its own before registering.
+
+    Args:
+        method: the callback class, a subclass of `PEFTCallback`.
+
+    Returns:
+        ``method`` itself, so that this function works as a class decorator.
+
+    Raises:
+        ValueError: when another class is already registered under ``method.method_name``.
+
+    Examples:
+        ```python
+        from torch import nn
+        from lightning_peft import PEFTCallback, register_method
+
+        @register_method
+        class TrainNorms(PEFTCallback):  # registered as "TrainNorms"
+            def inject_into(self, module: nn.Module) -> list[nn.Parameter]:
+                return [p for m in module.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()]
+        ```
+    """
     known = METHODS.get(method.method_name)
     if known is not None and known is not method:
         raise ValueError(f"method name {method.method_name!r} is taken by {known.__qualname__}; "
@@ -108,10 +134,40 @@ def callback_for(config: dict, adapter_name: str, config_path: Path) -> PEFTCall
 
 
 def load_adapter(module: nn.Module, path: PathLike, adapter_name: str = "default") -> nn.Module:
-    """Inject the adapter stored in the folder ``path`` into ``module`` and load its tensors.
+    """Inject the adapter saved in the folder ``path`` into ``module`` and load its tensors, to run or train on.
 
-    Reads peft's layout or the native one. A bad or mismatched file raises an error naming the
-    file and the tensor, and leaves ``module`` as it was.
+    Reads what `save_adapter` wrote, in Hugging Face peft's layout or lightning-peft's own, and
+    what peft itself wrote for LoRA, IA3, prompt tuning and prefix tuning. The method and its
+    settings come from ``adapter_config.json``. Afterwards the
+    adapter is active and trainable, and every parameter that no adapter trains is frozen. A
+    missing, corrupt or mismatched file raises an error that names the file (and the tensor), and
+    leaves ``module`` as it was.
+
+    Args:
+        module: the base model the adapter was trained on (or a LightningModule holding it);
+            changed in place.
+        path: the adapter folder, holding ``adapter_config.json`` and ``adapter_model.safetensors``.
+        adapter_name: the name the adapter gets in ``module``, whatever name it was saved under.
+
+    Returns:
+        ``module`` itself, with the adapter injected and loaded.
+
+    Raises:
+        FileNotFoundError: when ``adapter_config.json`` or ``adapter_model.safetensors`` is missing.
+        ValueError: when a file is not valid JSON or safetensors, fails its checksum, names a method
+            or peft type that is not registered, or holds settings or tensors that do not fit
+            ``module`` (targets it lacks, a missing tensor, another shape); or when ``module``
+            already has this method's adapter under ``adapter_name``.
+        TypeError: when the method cannot adapt ``module`` (a layer type it does not adapt, no
+            transformers model for prompt or prefix tuning).
+
+    Examples:
+        ```python
+        from transformers import AutoModelForCausalLM
+        from lightning_peft import load_adapter
+
+        model = load_adapter(AutoModelForCausalLM.from_pretrained("path/to/base"), "out/my-adapter")
+        ```
     """
     config, tensors = read_adapter_files(path)
     callback = callback_for(config, adapter_name, Path(path) / CONFIG_FILE)

@@ -33,20 +33,45 @@ OUTPUT_PROJECTIONS: dict[str, tuple[str, str]] = {
 
 
 class Adapter(PEFTCallback):
-    """Insert ``h + up(act(down(h)))`` after output projections; the up-projection starts at zero.
+    """Insert bottleneck adapters ``h + up(act(down(h)))`` after each block's output projections (Houlsby, Pfeiffer).
+
+    ``h`` is the output of the wrapped projection. The up-projection starts at zero, so the
+    injected model computes what its base computes. Adapters add layers to the forward and cannot
+    be merged into the base weights (`merge` raises a ValueError); they are saved in lightning-peft's
+    own layout, which Hugging Face peft does not read.
 
     Args:
-        bottleneck_dim: width of the bottleneck.
-        placement: ``"houlsby"`` (after the attention and the feed-forward output of each block)
-            or ``"pfeiffer"`` (after the feed-forward output only); found by the naming schemes of
-            ``OUTPUT_PROJECTIONS`` (Llama-, BERT-, GPT-2-, BART-, ViT-, T5-, GPT-NeoX-, BLOOM- and DistilBERT-like).
-        activation: ``"gelu"``, ``"relu"``, ``"silu"`` or ``"tanh"``.
-        dropout: dropout on the adapter's update, before the residual add.
-        target_modules: module-name suffixes or a full-match regex of the layers whose output the
-            adapters take; needed for other models, and overrides ``placement`` when given.
-        modules_to_save: whole modules trained and saved with the adapter, e.g. ``["classifier"]``.
-        adapter_name: name of this adapter; several can live on one layer and apply in turn.
-        checkpoint: ``"adapter"`` keeps checkpoints to the trainable tensors, ``"full"`` keeps all.
+        bottleneck_dim: width of the bottleneck, a positive integer.
+        placement: ``"houlsby"`` (after the attention output and the feed-forward output of each
+            block) or ``"pfeiffer"`` (after the feed-forward output only). The projections are
+            found by the naming schemes of ``OUTPUT_PROJECTIONS`` in this module (Llama-, BERT-,
+            GPT-2-, BART-, ViT-, T5-, GPT-NeoX-, BLOOM- and DistilBERT-like models).
+        activation: ``"gelu"``, ``"relu"``, ``"silu"`` or ``"tanh"``, between the two projections.
+        dropout: dropout rate on the adapter's update, before the residual add, in ``[0, 1)``.
+        target_modules: module-name suffixes (a list) or a regex that must match the whole module
+            name (a string), naming the linear layers whose output the adapters take; needed for
+            models of other naming schemes, and used instead of ``placement`` when given.
+        modules_to_save: whole modules trained fully and saved with the adapter, named in the forms
+            of ``target_modules``, e.g. ``["classifier"]`` for a new classification head.
+        adapter_name: name of this adapter; several adapters with different names can live on one
+            layer and apply in turn.
+        checkpoint: ``"adapter"`` keeps checkpoints to the tensors that PEFT methods train,
+            ``"full"`` keeps the whole model (one ``"full"`` method in a Trainer is enough for that).
+
+    Raises:
+        ValueError: when ``bottleneck_dim``, ``placement``, ``activation``, ``dropout`` or
+            ``checkpoint`` is not an allowed value. At setup (or `inject`): when no
+            ``target_modules`` are given and the model follows no known naming scheme, or the
+            targets match nothing.
+        TypeError: at setup (or `inject`), when a target is not a linear layer.
+
+    Examples:
+        ```python
+        import lightning as L
+        from lightning_peft import Adapter
+
+        trainer = L.Trainer(callbacks=[Adapter(bottleneck_dim=64, placement="pfeiffer")])
+        ```
     """
 
     method_name = "Adapter"

@@ -58,18 +58,46 @@ DEFAULT_TARGETS: dict[str, tuple[list[str], list[str]]] = {
 
 
 class IA3(PEFTCallback):
-    """Train one scaling vector per targeted linear layer: on its output, or on its input for feed-forward ones.
+    """Train one scaling vector per targeted linear layer (IA3): on its output, or on its input for feed-forward ones.
+
+    Each target gets one vector of its width (``out_features``, or ``in_features`` for a
+    feed-forward target). The vectors start at ones, so the injected model computes what its base
+    computes, and they merge into the base weights (`merge`). Targets are ``nn.Linear`` or GPT-2's
+    Conv1D layers. The adapter is saved in Hugging Face peft's IA3 layout.
 
     Args:
-        target_modules: module-name suffixes or a full-match regex; ``None`` takes the defaults
-            of the transformers model's architecture (``DEFAULT_TARGETS``, as peft).
-        feedforward_modules: the targets whose input is scaled; they must be targets. ``None``
-            takes the architecture's defaults (that are targets), or none for an unknown one.
-        exclude_modules: the same forms, taken out of the targets.
-        layers: block indices to adapt (all when ``None``).
-        modules_to_save: whole modules trained and saved with the adapter, e.g. ``["classifier"]``.
-        adapter_name: name of this adapter; several can live on one model.
-        checkpoint: ``"adapter"`` keeps checkpoints to the trainable tensors, ``"full"`` keeps all.
+        target_modules: module-name suffixes (a list) or a regex that must match the whole module
+            name (a string). ``None`` takes the defaults of the transformers model's architecture
+            (``DEFAULT_TARGETS`` in this module, peft's choices, e.g. ``k_proj``, ``v_proj`` and
+            ``down_proj`` for Llama); a model without defaults then raises a ValueError at injection.
+        feedforward_modules: the targets whose input, not output, is scaled, in the same forms;
+            each must be a target. ``None`` takes the architecture's feed-forward defaults that
+            are targets, or none when ``target_modules`` is given for an architecture without
+            defaults.
+        exclude_modules: the same forms as ``target_modules``, taken out of the targets.
+        layers: block indices to adapt, read as the first integer in a module's name; ``None``
+            adapts every block.
+        modules_to_save: whole modules trained fully and saved with the adapter, named in the forms
+            of ``target_modules``, e.g. ``["classifier"]`` for a new classification head.
+        adapter_name: name of this adapter; several adapters with different names can live on one
+            model (see `set_adapter`).
+        checkpoint: ``"adapter"`` keeps checkpoints to the tensors that PEFT methods train,
+            ``"full"`` keeps the whole model (one ``"full"`` method in a Trainer is enough for that).
+
+    Raises:
+        ValueError: when ``checkpoint`` is not ``"adapter"`` or ``"full"``. At setup (or `inject`):
+            when the targets match nothing, the model has no default targets and none were given,
+            or a ``feedforward_modules`` entry is not a target.
+        TypeError: at setup (or `inject`), when a named target is not a linear layer.
+
+    Examples:
+        ```python
+        import lightning as L
+        from lightning_peft import IA3
+
+        ia3 = IA3(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+        trainer = L.Trainer(callbacks=[ia3])  # or IA3() for the architecture's defaults
+        ```
     """
 
     method_name = "IA3"

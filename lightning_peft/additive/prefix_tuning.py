@@ -142,21 +142,45 @@ class PrefixInjector(PEFTModule):
 
 
 class PrefixTuning(PEFTCallback):
-    """Train keys and values of ``num_virtual_tokens`` virtual tokens in every attention layer.
+    """Train keys and values of ``num_virtual_tokens`` virtual tokens in every attention layer (prefix tuning).
 
-    Trains ``tokens * layers * 2 * kv_dim`` values (``kv_dim`` = key/value heads x head size), or
-    with ``projection=True`` an embedding ``tokens x hidden`` and the MLP
+    For decoder-only transformers models (Llama, GPT-2, ...) whose forward takes a key/value
+    cache: the prefix goes in as that cache, so the input and the outputs keep their shape. Trains
+    ``tokens * layers * 2 * kv_dim`` values (``kv_dim`` = key/value heads x head size), or with
+    ``projection=True`` an embedding ``tokens x hidden`` and the MLP
     ``Linear(hidden, p) -> tanh -> Linear(p, layers * 2 * kv_dim)`` (``p = projection_dim or hidden``)
-    that computes them; call :meth:`fold` after training to keep only the computed prefix.
-    For decoder-only transformers models (Llama, GPT-2, ...).
+    that computes them; call `fold` after training to keep only the computed prefix. Nothing
+    merges into the base weights (`merge` raises a ValueError), and gradient checkpointing is
+    refused while training. Saved in Hugging Face peft's prefix-tuning layout (the computed prefix).
 
     Args:
-        num_virtual_tokens: length of the prefix.
-        projection: train the prefix through the MLP (peft's ``prefix_projection``).
-        projection_dim: the MLP's hidden width; ``hidden`` when ``None``.
-        modules_to_save: whole modules (a new head, say) trained and saved with the prefix.
-        adapter_name: name of this prefix; several can live on one model.
-        checkpoint: ``"adapter"`` keeps checkpoints to the trainable tensors, ``"full"`` keeps all.
+        num_virtual_tokens: length of the prefix, a positive integer.
+        projection: train the prefix through the MLP (peft's ``prefix_projection``); ``False``
+            trains the prefix values directly.
+        projection_dim: the MLP's hidden width ``p``, a positive integer; ``None`` uses the
+            model's hidden size. Needs ``projection=True``.
+        modules_to_save: whole modules (a new head, say) trained fully and saved with the prefix,
+            named as ``target_modules`` name them (suffixes or a full-match regex).
+        adapter_name: name of this prefix; several prefixes with different names can live on one
+            model, and the active ones are attended in the order they are active.
+        checkpoint: ``"adapter"`` keeps checkpoints to the tensors that PEFT methods train,
+            ``"full"`` keeps the whole model (one ``"full"`` method in a Trainer is enough for that).
+
+    Raises:
+        ValueError: when ``num_virtual_tokens``, ``projection_dim`` or ``checkpoint`` is not an
+            allowed value, or ``projection_dim`` is given with ``projection=False``.
+        TypeError: at setup (or `inject`), when the module holds no transformers model, or its
+            model is an encoder-decoder or takes no key/value cache.
+
+    Examples:
+        ```python
+        import lightning as L
+        from lightning_peft import PrefixTuning
+
+        prefix = PrefixTuning(num_virtual_tokens=20)
+        L.Trainer(callbacks=[prefix]).fit(module)
+        prefix.fold(module)  # keep the computed prefix, drop the MLP
+        ```
     """
 
     method_name = "PrefixTuning"

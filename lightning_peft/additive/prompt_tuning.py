@@ -102,17 +102,46 @@ def prepend(model: nn.Module, kwargs: dict[str, Any], prompt: Tensor, shape: tup
 
 
 class PromptTuning(PEFTCallback):
-    """Train ``num_virtual_tokens`` embeddings put before every input: tokens x hidden parameters.
+    """Train a soft prompt: ``num_virtual_tokens`` embeddings put before every input (tokens x hidden parameters).
+
+    For transformers text models that read token ids through an embedding. A hook on the model
+    puts the prompt before the input embeddings (attention mask, position and token-type ids
+    widened, token labels padded with -100) and cuts the virtual positions off the outputs, so
+    logits keep the input's shape and training code runs unchanged; ``generate`` works too.
+    Nothing merges into the base weights (`merge` raises a ValueError). The prompt is saved in
+    Hugging Face peft's prompt-tuning layout (in lightning-peft's own for encoder-decoder models).
 
     Args:
-        num_virtual_tokens: length of the soft prompt.
-        init_text: text whose token embeddings start the prompt (repeated or cut to length).
-        init: ``"random"`` (normal with the embedding matrix's std), ``"vocab"`` (rows of random
-            vocabulary entries) or ``"text"``; ``None`` means ``"text"`` when ``init_text`` is given.
-        tokenizer: tokenizes ``init_text``; by default the LightningModule's ``tokenizer`` attribute.
-        modules_to_save: whole modules (a new classification head, say) trained and saved with the prompt.
-        adapter_name: name of this prompt; several can live on one model.
-        checkpoint: ``"adapter"`` keeps checkpoints to the trainable tensors, ``"full"`` keeps all.
+        num_virtual_tokens: length of the soft prompt, a positive integer.
+        init_text: text whose token embeddings start the prompt, repeated or cut to
+            ``num_virtual_tokens`` tokens.
+        init: how the prompt starts: ``"random"`` (normal, with the embedding matrix's std),
+            ``"vocab"`` (the embeddings of random vocabulary entries) or ``"text"`` (from
+            ``init_text``). ``None`` means ``"text"`` when ``init_text`` is given, else ``"random"``.
+        tokenizer: tokenizes ``init_text`` (called as ``tokenizer(text)["input_ids"]``); ``None``
+            takes the LightningModule's ``tokenizer`` attribute. It is not saved with the adapter.
+        modules_to_save: whole modules (a new classification head, say) trained fully and saved
+            with the prompt, named as ``target_modules`` name them (suffixes or a full-match regex).
+        adapter_name: name of this prompt; several prompts with different names can live on one
+            model, and the active ones go in front in the order they are active.
+        checkpoint: ``"adapter"`` keeps checkpoints to the tensors that PEFT methods train,
+            ``"full"`` keeps the whole model (one ``"full"`` method in a Trainer is enough for that).
+
+    Raises:
+        ValueError: when ``num_virtual_tokens``, ``init`` or ``checkpoint`` is not an allowed value,
+            or ``init="text"`` comes without ``init_text``. At setup (or `inject`), for
+            ``init="text"``: when there is no tokenizer, or ``init_text`` gives no tokens.
+        TypeError: at setup (or `inject`), when the module holds no transformers model, or its model
+            does not read token ids through a single ``nn.Embedding``.
+
+    Examples:
+        ```python
+        import lightning as L
+        from lightning_peft import PromptTuning
+
+        prompt = PromptTuning(num_virtual_tokens=20, init_text="Classify the sentiment of this review:")
+        trainer = L.Trainer(callbacks=[prompt])  # the text is tokenized by the module's `tokenizer`
+        ```
     """
 
     method_name = "PromptTuning"

@@ -13,7 +13,23 @@ from lightning_peft.core.ownership import adapter_refs, freeze_unclaimed, releas
 
 
 def adapter_names(module: nn.Module) -> list[str]:
-    """Names of the adapters that train parameters of ``module``, in the order their parameters come."""
+    """List the names of the adapters on ``module``: which ones `set_adapter` and `delete_adapter` can take.
+
+    Args:
+        module: a model with adapters, or a LightningModule holding one (both give the same answer).
+
+    Returns:
+        The names of the adapters that train parameters of ``module``, each once, in the order
+        their parameters come; empty when there are none.
+
+    Examples:
+        ```python
+        from lightning_peft import LoRA, adapter_names
+
+        LoRA(r=8, adapter_name="sentiment").inject(model)
+        adapter_names(model)  # ["sentiment"]
+        ```
+    """
     return list(dict.fromkeys(ref.name for ref in adapter_refs(module)))
 
 
@@ -24,7 +40,29 @@ def _check_known(module: nn.Module, adapter_name: str) -> None:
 
 
 def set_adapter(module: nn.Module, adapter_name: str) -> None:
-    """Make ``adapter_name`` the only active adapter in every PEFT part of ``module``."""
+    """Make ``adapter_name`` the only active adapter of ``module``, to switch between adapters on one base.
+
+    Every layer or part that a PEFT method added then computes with that adapter alone; parts
+    without it compute as their base. It changes what the model computes, not which parameters
+    are trainable. Selective, BitFit and ``modules_to_save`` train the model's own parameters,
+    which stay in use whatever is active.
+
+    Args:
+        module: a model with adapters, or a LightningModule holding one.
+        adapter_name: the adapter to activate, one of `adapter_names` of ``module``.
+
+    Raises:
+        ValueError: when ``module`` has no adapter named ``adapter_name``.
+
+    Examples:
+        ```python
+        from lightning_peft import load_adapter, set_adapter
+
+        load_adapter(model, "adapters/sentiment", adapter_name="sentiment")
+        load_adapter(model, "adapters/topic", adapter_name="topic")
+        set_adapter(model, "topic")  # only "topic" is active
+        ```
+    """
     _check_known(module, adapter_name)
     for part in _peft_parts(module):
         part.set_active([adapter_name])
@@ -32,7 +70,28 @@ def set_adapter(module: nn.Module, adapter_name: str) -> None:
 
 @contextmanager
 def disable_adapters(module: nn.Module) -> Iterator[nn.Module]:
-    """Inside this block ``module`` computes what its base model computes."""
+    """Switch every adapter of ``module`` off inside a ``with`` block, to compare with the base model.
+
+    Inside the block no layer or part that a PEFT method added changes what ``module`` computes;
+    on leaving it (also on an exception) the adapters that were active are active again.
+    Selective, BitFit and ``modules_to_save`` train the model's own parameters, which stay as
+    trained inside the block, and a LoRA layer initialized with ``init="pissa"`` keeps its
+    residual base weight.
+
+    Args:
+        module: a model with adapters, or a LightningModule holding one.
+
+    Yields:
+        ``module`` itself, with its adapters off.
+
+    Examples:
+        ```python
+        from lightning_peft import disable_adapters
+
+        with disable_adapters(model):
+            base_logits = model(**batch).logits
+        ```
+    """
     saved = [(part, list(part.active_adapters)) for part in _peft_parts(module)]
     try:
         for part, _ in saved:
@@ -44,7 +103,28 @@ def disable_adapters(module: nn.Module) -> Iterator[nn.Module]:
 
 
 def delete_adapter(module: nn.Module, adapter_name: str, method: str | None = None) -> None:
-    """Remove an adapter; a layer left with no adapter becomes its plain base layer again."""
+    """Remove one adapter from ``module``; the other adapters stay as they are.
+
+    What the adapter's method added goes, and a layer left with no adapter becomes its plain base
+    layer again. The parameters of the model itself that the adapter trained (Selective's,
+    BitFit's, ``modules_to_save``) stay, as trained, and are frozen.
+
+    Args:
+        module: a model with adapters, or a LightningModule holding one.
+        adapter_name: name of the adapter to remove.
+        method: registered name of the method whose adapter to remove (``"LoRA"``, ``"IA3"``, ...);
+            ``None`` removes the adapters of that name of every method.
+
+    Raises:
+        ValueError: when ``module`` has no adapter named ``adapter_name`` (of ``method``, when given).
+
+    Examples:
+        ```python
+        from lightning_peft import delete_adapter
+
+        delete_adapter(model, "sentiment")
+        ```
+    """
     refs = [r for r in adapter_refs(module) if r.name == adapter_name and method in (None, r.method_name)]
     if not refs:
         _check_known(module, adapter_name)

@@ -139,7 +139,38 @@ def file_config(module: nn.Module, ref: AdapterRef) -> dict[str, Any]:
 
 
 def save_adapter(module: nn.Module, path: PathLike, adapter_name: str = "default", method: str | None = None) -> Path:
-    """Write one adapter's files into the folder ``path``: peft's layout where peft has the method and model."""
+    """Save one adapter to the folder ``path``, in Hugging Face peft's layout where peft has the method.
+
+    The folder (created if needed) gets ``adapter_config.json`` and ``adapter_model.safetensors``,
+    both written atomically. LoRA, IA3, PromptTuning and PrefixTuning use peft's layout, which
+    peft, transformers, vLLM and TGI load; other methods (Adapter, Selective, BitFit, your own),
+    and a method on a model where peft has no layout for it (with a warning), use lightning-peft's
+    own, which `load_adapter` reads. The tensors' SHA-256 is stored in the file's metadata and
+    checked on load.
+
+    Args:
+        module: a model with adapters, or a LightningModule holding one.
+        path: the folder to write into; files already there are replaced.
+        adapter_name: name of the adapter to save.
+        method: registered name of the adapter's method (``"LoRA"``, ``"IA3"``, ...); needed only
+            when adapters of several methods share ``adapter_name``.
+
+    Returns:
+        The folder, as a ``Path``.
+
+    Raises:
+        ValueError: when ``module`` has no adapter named ``adapter_name`` (of ``method``, when
+            given), or several methods have one and ``method`` is not given.
+
+    Examples:
+        ```python
+        from lightning_peft import LoRA, save_adapter
+
+        LoRA(r=8, target_modules=["q_proj", "v_proj"]).inject(model)
+        ...  # train
+        save_adapter(model, "out/my-adapter")
+        ```
+    """
     ref = find_adapter(module, adapter_name, method)
     _, root = model_root(module)
     reason = no_peft_layout(ref, root)

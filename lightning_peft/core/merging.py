@@ -16,9 +16,30 @@ _MERGED = "_lightning_peft_merged"  # on a parent module: {child name: the PEFT 
 
 
 def merge(module: nn.Module) -> nn.Module:
-    """Fold every active adapter into its base weight and put the plain base layer back.
+    """Fold every active adapter into its base weight and put the plain base layer back, for zero added latency.
 
-    A method that cannot merge raises before anything changes.
+    Works for the methods whose updates are weights (LoRA, IA3); a method that cannot merge
+    (Adapter, PromptTuning, PrefixTuning) raises before anything changes. The PEFT layers are kept
+    aside, inactive adapters included, so `unmerge` can restore them. On a quantized base
+    (`QuantizeBase`) the merged weight is rounded to the base's format again, with a warning;
+    ``lightning_peft.quantization.dequantize_base(module)`` first makes the merge exact.
+
+    Args:
+        module: a model with adapters, or a LightningModule holding one; changed in place.
+
+    Returns:
+        ``module`` itself, its adapted layers replaced by their merged base layers.
+
+    Raises:
+        ValueError: when ``module`` holds adapters of a method that cannot merge.
+
+    Examples:
+        ```python
+        from lightning_peft import merge
+
+        merge(model)  # the targeted layers are plain nn.Linear again
+        model.save_pretrained("merged-model")
+        ```
     """
     unmergeable = sorted({m.method for m in module.modules() if isinstance(m, PEFTModule) and not m.mergeable})
     if unmergeable:
@@ -32,9 +53,28 @@ def merge(module: nn.Module) -> nn.Module:
 
 
 def unmerge(module: nn.Module) -> nn.Module:
-    """Undo :func:`merge`: take the deltas back out of the base weights and restore the adapters.
+    """Undo `merge`: take the adapters' updates back out of the base weights and put the adapters back.
 
     The outermost merged layers come back first, the reverse of the order they were merged in.
+    It works from any module above the merged layers, also on a ``copy.deepcopy`` of a merged model.
+
+    Args:
+        module: a model (or LightningModule) that `merge` changed; changed in place.
+
+    Returns:
+        ``module`` itself, with its PEFT layers and their adapters back.
+
+    Raises:
+        ValueError: when ``module`` holds no merged adapters.
+        RuntimeError: when a merged layer's place was given another module after the merge.
+
+    Examples:
+        ```python
+        from lightning_peft import merge, unmerge
+
+        merge(model)    # fast inference
+        unmerge(model)  # back to the adapter form, to train on
+        ```
     """
     restored = False
     while merged := _merged_layers(module):

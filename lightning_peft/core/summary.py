@@ -50,7 +50,30 @@ class TrainableSummary:
 
 
 def trainable_summary(module: nn.Module) -> TrainableSummary:
-    """Count trainable/total parameters of ``module``, the parameters and bytes of each adapter, the base's bytes."""
+    """Count what trains and what is stored: trainable and total parameters, each adapter's size, the frozen base's.
+
+    Printed, the summary is a table with one row per adapter (``LoRA[default]``: parameters,
+    share of the total, bytes), the trainable and total counts, and the frozen base's bytes with
+    its storage (full precision, or how many layers are quantized in which format). The PEFT
+    callbacks log it at the start of ``fit``.
+
+    Args:
+        module: any module: a model with adapters, a LightningModule, or a plain model.
+
+    Returns:
+        A ``TrainableSummary`` with ``trainable`` and ``total`` parameter counts, ``percent``
+        (trainable share, in percent), ``methods`` (per adapter: its label, parameters and bytes),
+        ``adapter_bytes``, ``base_bytes`` (the parameters no adapter trains, with quantization
+        statistics) and ``quantized_layers`` (storage format -> number of layers).
+
+    Examples:
+        ```python
+        from lightning_peft import trainable_summary
+
+        print(trainable_summary(module))
+        trainable_summary(module).percent  # the trainable share, in percent
+        ```
+    """
     claimed = owners(module)
     rows: dict[str, MethodRow] = {}
     for param in module.parameters():

@@ -25,22 +25,59 @@ Example = dict[str, list[int]]
 
 
 class CausalLMData(SourceData):
-    """Text for causal language modelling: packed plain text, or prompt/response pairs with the loss on the response.
+    """A LightningDataModule of text for causal language modelling: packed plain text, or prompt/response pairs.
+
+    Tokenized by the task model's tokenizer (or ``tokenizer``) at setup. Plain text is packed
+    into blocks whose every token carries loss; in prompt/response pairs only the response does.
+    Batches are dicts of ``input_ids``, ``attention_mask`` and ``labels`` (-100 where no loss),
+    padded to the longest example; the training batches are shuffled with ``seed``.
 
     Args:
-        source: a built-in corpus, or None to read files. ``"austen"``: Jane Austen's six novels in publication
-            order, cut by lines into contiguous chunks: test is the last 5% (the end of Persuasion), val the
+        source: a built-in corpus, or ``None`` to read files (with a source, the train, val and test
+            files are not read). ``"austen"``: Jane Austen's six novels in publication order, cut by
+            lines into contiguous chunks: test is the last 5% (the end of Persuasion), val the
             ``val_fraction`` of the remaining lines just before it, train everything from the start.
-        train_file, val_file, test_file: a ``.txt`` file is tokenized, closed by the end token and cut into blocks
-            of ``block_size`` tokens (labels = input ids; the last partial block is dropped). A JSONL (or CSV, TSV)
-            file holds ``prompt_column`` and ``response_column``: prompt and response are joined, followed by the
-            end token, and only the response and end tokens carry loss (prompt labels are -100).
-        predict_file: prompts to continue, one per line (``-`` reads standard input).
-        block_size: tokens per packed block, and the most tokens of one prompt/response pair (longer ones are cut).
-        val_fraction: share of the training data held out for validation when there is no val_file: the last
-            lines of a text, or pairs drawn at random with ``seed``.
-        chat_template: wrap each prompt as a user turn in the tokenizer's chat template (for chat models).
-        tokenizer: None takes the tokenizer of the task model this data trains with.
+        train_file: training data. A ``.txt`` file is tokenized, closed by the end token and cut
+            into blocks of ``block_size`` tokens (labels = input ids; the last partial block is
+            dropped). A JSONL (``.jsonl``, ``.json``), CSV or TSV file holds ``prompt_column`` and
+            ``response_column``: prompt and response are joined, followed by the end token, and
+            only the response and end tokens carry loss (prompt labels are -100).
+        val_file: validation data, in the forms of ``train_file``; without it ``val_fraction`` of
+            the training data is held out.
+        test_file: test data, in the forms of ``train_file``.
+        predict_file: prompts to continue, one per line (``-`` reads standard input); they are
+            left-padded, so generation continues right after each one.
+        block_size: tokens per packed block, and the most tokens of one prompt/response pair
+            (longer ones are cut; a prompt must leave room for its response); at least 2.
+        batch_size: examples per batch.
+        val_fraction: share of the training data held out for validation when there is no
+            ``val_file``, in ``[0, 1)``: the last lines of a text, or pairs drawn at random with
+            ``seed``; 0 holds out nothing (no validation).
+        seed: seeds the draw of held-out pairs and the shuffling of the training batches.
+        tokenizer: ``None`` takes the tokenizer of the task model this data trains with
+            (``trainer.lightning_module.tokenizer``).
+        prompt_column: the column (JSON key) that holds the prompt.
+        response_column: the column (JSON key) that holds the response.
+        chat_template: wrap each prompt as a user turn in the tokenizer's chat template (for chat
+            models); the tokenizer must have one.
+        num_workers: DataLoader worker processes (0 loads in the main process).
+
+    Raises:
+        ValueError: when ``source`` is not a built-in corpus, neither ``source`` nor a train, test
+            or predict file is given, ``val_fraction`` is not in ``[0, 1)`` or ``block_size`` is
+            below 2. Later, as the data is read and encoded (at setup, for the data loaders): when
+            a file is malformed (the error names the file and line), a text has fewer tokens than
+            ``block_size``, a prompt leaves no room for its response, or ``chat_template`` is on
+            and the tokenizer has no chat template.
+        FileNotFoundError: later, as the data is read, when a data file does not exist.
+
+    Examples:
+        ```python
+        from lightning_peft.data import CausalLMData
+
+        data = CausalLMData(train_file="pairs.jsonl", block_size=256, batch_size=4)
+        trainer.fit(module, datamodule=data)
+        ```
     """
 
     SOURCES = SOURCES

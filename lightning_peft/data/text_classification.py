@@ -19,15 +19,51 @@ Example = tuple[str, object]
 
 
 class TextClassificationData(SourceData):
-    """Texts with labels. Labels may be integers or strings (mapped to ids, names kept in ``labels``).
+    """A LightningDataModule of labelled texts for classification, from a built-in data set or CSV/TSV/JSONL files.
+
+    Tokenized by the task model's tokenizer (or ``tokenizer``) when the data loaders are built.
+    Labels may be integers, used as class ids, or strings: then the sorted names of the training
+    labels become ``labels`` (ids in that order), which `SequenceClassification` takes as its
+    class names, and a val or test label that training never saw is an error. Batches are dicts of
+    ``input_ids``, ``attention_mask`` and ``labels``, padded to the longest text; the training
+    batches are shuffled with ``seed``.
 
     Args:
-        source: a built-in data set (``"movie-snippets"``), or None to read files.
-        train_file, val_file, test_file: CSV, TSV or JSONL files with ``text_column`` and ``label_column``.
+        source: a built-in data set, or ``None`` to read files (with a source, the train, val and
+            test files are not read). ``"movie-snippets"``: 10,568 movie review snippets labelled
+            ``"negative"`` or ``"positive"``, 2,000 of them drawn with ``seed`` for test.
+        train_file: training data: a CSV, TSV or JSONL (``.jsonl``, ``.json``) file with
+            ``text_column`` and ``label_column``.
+        val_file: validation data, in the forms of ``train_file``; without it ``val_fraction`` of
+            the training rows is held out.
+        test_file: test data, in the forms of ``train_file``.
         predict_file: raw texts to label, one per line (``-`` reads standard input).
+        text_column: the column (JSON key) that holds the text.
+        label_column: the column (JSON key) that holds the label.
         max_length: tokens per text (longer texts are cut).
-        val_fraction: share of the training rows held out for validation when there is no val set.
-        tokenizer: None takes the tokenizer of the task model this data trains with.
+        batch_size: examples per batch.
+        val_fraction: share of the training rows held out, drawn at random with ``seed``, for
+            validation when there is no val set, in ``[0, 1)``; 0 holds out nothing (no validation).
+        seed: seeds the built-in source's test draw, the held-out rows and the shuffling of the
+            training batches.
+        tokenizer: ``None`` takes the tokenizer of the task model this data trains with
+            (``trainer.lightning_module.tokenizer``).
+        num_workers: DataLoader worker processes (0 loads in the main process).
+
+    Raises:
+        ValueError: when ``source`` is not a built-in data set, neither ``source`` nor a train, test
+            or predict file is given, or ``val_fraction`` is not in ``[0, 1)``. Later, as the data
+            is read (at setup, for the data loaders): when a file is malformed (the error names the
+            file and line), or a label does not fit the training labels.
+        FileNotFoundError: later, as the data is read, when a data file does not exist.
+
+    Examples:
+        ```python
+        from lightning_peft.data import TextClassificationData
+
+        data = TextClassificationData(train_file="train.csv", test_file="test.csv", text_column="review")
+        trainer.fit(module, datamodule=data)
+        ```
     """
 
     SOURCES = SOURCES

@@ -95,16 +95,38 @@ class ModelSetupCallback(L.Callback):
 
 
 class PEFTCallback(ModelSetupCallback):
-    """Base of every PEFT method: injects at setup, freezes the rest, trims checkpoints.
+    """Base of every PEFT method: a callback that injects the method at setup, freezes the rest and trims checkpoints.
 
-    Subclasses implement :meth:`inject_into`, which adds the method to a module and returns
-    the parameters it trains, and store every constructor argument as an attribute of the
-    same name (:meth:`config` saves those with the adapter). ``method_name`` is the name under
-    which the method is registered and saved; a subclass inherits it, so it saves and loads as
-    its parent unless it sets its own (and registers it). ``peft_format`` maps the method to
-    Hugging Face peft's files, or is None for the native layout. :meth:`inject` also works on a
-    plain ``nn.Module`` outside a Trainer. ``modules_to_save`` names whole modules (a new
-    classification head, say) that train fully alongside the method and are saved with its adapter.
+    Subclass it to write a method of your own. Subclasses implement `inject_into`, which adds the
+    method to a module and returns the parameters it trains, and store every constructor argument
+    as an attribute of the same name (`config` saves those with the adapter). ``method_name`` is
+    the name under which the method is registered and saved; a direct subclass is named after its
+    class, and a subclass of a method inherits that method's name, so it saves and loads as its
+    parent unless it sets its own (and registers it with `register_method`). ``peft_format`` maps
+    the method to Hugging Face peft's files, or is None for the native layout. `inject` also works
+    on a plain ``nn.Module`` outside a Trainer.
+
+    Args:
+        adapter_name: name of this adapter; several adapters with different names can live on one
+            model, and injecting one whose method and name are already there raises a ValueError.
+        checkpoint: ``"adapter"`` keeps checkpoints to the tensors that PEFT methods train,
+            ``"full"`` keeps the whole model (one ``"full"`` method in a Trainer is enough for that).
+        modules_to_save: whole modules (a new classification head, say), named as ``target_modules``
+            name them (suffixes or a full-match regex), that train fully alongside the method and
+            are saved with its adapter.
+
+    Raises:
+        ValueError: when ``checkpoint`` is neither ``"adapter"`` nor ``"full"``.
+
+    Examples:
+        ```python
+        from torch import nn
+        from lightning_peft import PEFTCallback
+
+        class TrainNorms(PEFTCallback):  # method_name "TrainNorms"; register_method(TrainNorms) to load its files
+            def inject_into(self, module: nn.Module) -> list[nn.Parameter]:
+                return [p for m in module.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()]
+        ```
     """
 
     method_name: ClassVar[str | None] = None

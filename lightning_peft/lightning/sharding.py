@@ -88,7 +88,36 @@ def check_units_do_not_mix(model: nn.Module, units: list[nn.Module]) -> None:
 def fully_shard_peft(model: nn.Module, mesh: DeviceMesh | None = None, **fully_shard_kwargs: Any) -> nn.Module:
     """Shard ``model``, adapters already injected, with FSDP2 so that no unit mixes frozen and trainable tensors.
 
-    ``fully_shard_kwargs`` go to every ``torch.distributed.fsdp.fully_shard`` call (e.g. ``mp_policy``).
+    For Fabric or plain torch; under Lightning's ``ModelParallelStrategy`` the PEFT callback calls
+    it itself. The units, each sharded after the units inside it: each PEFT layer's base layer and
+    the PEFT layer around it (then holding its adapters only), each fully trainable module
+    (``modules_to_save``), each block (every member of an ``nn.ModuleList``), and last ``model``
+    itself. bitsandbytes weights stay whole on every rank, and the base layers of DoRA adapters
+    stay unsharded from their forward until the backward.
+
+    Args:
+        model: the model, with its adapters injected and not yet sharded; changed in place.
+        mesh: the device mesh to shard over, passed to every ``fully_shard`` call; ``None`` lets
+            ``fully_shard`` take its default (all ranks).
+        **fully_shard_kwargs: passed to every ``torch.distributed.fsdp.fully_shard`` call (e.g.
+            ``mp_policy``); ``reshard_after_forward`` is overridden for DoRA's base layers, and
+            ``ignored_params`` by the bitsandbytes weights where there are any.
+
+    Returns:
+        ``model`` itself, sharded.
+
+    Raises:
+        ValueError: when ``model`` is already sharded, or a unit would hold frozen and trainable
+            parameters directly (a partly trained module: train whole modules instead).
+
+    Examples:
+        ```python
+        from torch.distributed.device_mesh import init_device_mesh
+        from lightning_peft import LoRA, fully_shard_peft
+
+        LoRA(r=8).inject(model)
+        fully_shard_peft(model, init_device_mesh("cuda", (world_size,)))
+        ```
     """
     if any(isinstance(m, FSDPModule) for m in model.modules()):
         raise ValueError("the model is already sharded: inject the adapters first, then call fully_shard_peft "
@@ -123,7 +152,28 @@ def _bases_read_outside_their_forward(model: nn.Module) -> set[nn.Module]:
 
 
 def full_adapter_state_dict(module: nn.Module) -> dict[str, Tensor]:
-    """The adapter tensors of ``module`` as full CPU tensors; gathering shards, so every rank must call it."""
+    """Gather the adapter tensors of a sharded (or plain) ``module`` as full CPU tensors, to save them.
+
+    Takes the tensors that PEFT methods own or that are trainable. Sharded tensors (FSDP2's
+    DTensors) are gathered from all ranks, so every rank must call it.
+
+    Args:
+        module: the model, sharded with FSDP2 or not.
+
+    Returns:
+        The tensors by state-dict key (names without FSDP1's or activation checkpointing's wrapper
+        modules), each a full, detached tensor on the CPU.
+
+    Examples:
+        ```python
+        import torch
+        from lightning_peft import full_adapter_state_dict
+
+        state = full_adapter_state_dict(model)  # on every rank
+        if torch.distributed.get_rank() == 0:
+            torch.save(state, "adapter.pt")
+        ```
+    """
     keys = adapter_state_keys(module)
     named = ((state_key(name), param) for name, param in module.named_parameters())
     return {key: _full_tensor(param) for key, param in named if key in keys}
@@ -136,7 +186,32 @@ def _full_tensor(tensor: Tensor) -> Tensor:
 
 # --- FSDP1 ------------------------------------------------------------------------------------
 def fsdp_auto_wrap_policy(model: nn.Module) -> Callable[..., bool]:
-    """An FSDP1 ``auto_wrap_policy`` that wraps the :func:`sharding_units` of ``model`` (adapters injected)."""
+    """Make an FSDP1 ``auto_wrap_policy`` under which no flat parameter mixes frozen and trainable tensors.
+
+    It wraps the units that `fully_shard_peft` shards (each PEFT layer's base layer, the PEFT
+    layer, fully trainable modules, the blocks), computed from ``model`` now. Under Lightning's
+    ``FSDPStrategy`` the PEFT callback supplies it itself unless a policy is given.
+
+    Args:
+        model: the model, with its adapters injected, that FSDP1 will wrap.
+
+    Returns:
+        A policy for ``FullyShardedDataParallel(auto_wrap_policy=...)`` or
+        ``FSDPStrategy(auto_wrap_policy=...)``.
+
+    Raises:
+        ValueError: when a unit would hold frozen and trainable parameters directly (a partly
+            trained module: train whole modules instead).
+
+    Examples:
+        ```python
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from lightning_peft import LoRA, fsdp_auto_wrap_policy
+
+        LoRA(r=8).inject(model)
+        model = FullyShardedDataParallel(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), use_orig_params=True)
+        ```
+    """
     units = sharding_units(model)
     check_units_do_not_mix(model, units)
     return functools.partial(lambda_auto_wrap_policy, lambda_fn=set(units).__contains__)

@@ -26,26 +26,62 @@ from lightning_peft.lora.peft_format import LORA_FORMAT
 
 
 class LoRA(PEFTCallback):
-    """Train ``scale * B @ A`` beside each targeted weight; scale = alpha / r (alpha / sqrt(r) with rsLoRA).
+    """Train a low-rank update ``scale * B @ A`` beside each targeted frozen weight (LoRA, rsLoRA, DoRA, PiSSA).
+
+    At setup the targeted layers are wrapped and every parameter that no PEFT method trains is
+    frozen. ``scale`` is ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA). Linear layers (GPT-2's
+    Conv1D too), ``nn.Embedding``, ``nn.Conv1d`` and ``nn.Conv2d`` (with ``groups=1`` and zero
+    padding) and ``nn.MultiheadAttention`` can be targeted, and so can weights that their module
+    reads itself (fused mixture-of-experts weights: one update per expert). The adapter merges
+    into the base weights (`merge`) and is saved in Hugging Face peft's LoRA layout.
 
     Args:
-        r: rank of the update.
-        alpha: scaling numerator.
-        dropout: dropout on the adapter's input.
-        target_modules: module-name suffixes, a full-match regex, or ``"all-linear"`` (every linear-like
-            layer but the output head, nn.MultiheadAttention included); ``None`` with ``target_parameters``.
-        target_parameters: names (suffixes of full names, or a full-match regex) of weights that their
-            module reads itself, as peft's: fused mixture-of-experts weights like ``"experts.gate_up_proj"``,
-            one update per expert. ``None`` takes the fused expert weights under ``"all-linear"`` and
-            none otherwise; ``[]`` takes none.
-        exclude_modules: the same forms as ``target_modules``, taken out of the targets (modules and parameters).
-        layers: block indices to adapt (all when ``None``).
-        use_dora: DoRA, a learned magnitude per output feature (linear layers).
-        use_rslora: scale by ``alpha / sqrt(r)``.
-        init: ``"default"`` (B = 0), ``"gaussian"`` or ``"pissa"`` (principal singular components).
-        modules_to_save: whole modules trained and saved with the adapter, e.g. ``["classifier"]``.
-        adapter_name: name of this adapter; several can live on one model.
-        checkpoint: ``"adapter"`` keeps checkpoints to the trainable tensors, ``"full"`` keeps all.
+        r: rank of the update, a positive integer.
+        alpha: scaling numerator, a finite number above zero.
+        dropout: dropout rate on the adapter's input, in ``[0, 1)``; embeddings get none. Above 0
+            it cannot apply to weight targets (``target_parameters``, ``nn.MultiheadAttention``),
+            which then raise a ValueError at injection.
+        target_modules: module-name suffixes (a list: ``["q_proj", "v_proj"]`` matches every
+            ``...q_proj`` and ``...v_proj``), a regex that must match the whole module name (a
+            string), or ``"all-linear"``: every linear-like layer and ``nn.MultiheadAttention``
+            except the output head or classifier. ``None`` adapts ``target_parameters`` only.
+        target_parameters: names of weights that their module reads itself, as peft's
+            ``target_parameters``: suffixes of full parameter names, or a full-match regex, e.g.
+            ``["experts.gate_up_proj"]``. ``None`` takes the fused expert weights under
+            ``"all-linear"`` and none otherwise; ``[]`` takes none.
+        exclude_modules: the same forms as ``target_modules``; matching modules, and the weights
+            they hold, are taken out of the targets.
+        layers: block indices to adapt, read as the first integer in a module's name
+            (``model.layers.3.self_attn.q_proj`` is in block 3); ``None`` adapts every block.
+        use_dora: DoRA: also learn a magnitude per output feature (linear layers only).
+        use_rslora: rsLoRA: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+        init: how A and B start. ``"default"``: B zero and A as ``nn.Linear`` initializes its
+            weight (on embeddings A zero and B standard normal), so the model starts as its base;
+            ``"gaussian"``: the same with the random factor normal of std ``1 / r``; ``"pissa"``
+            (linear layers only): A and B from the weight's top ``r`` singular components, and the
+            base weight is replaced by the rest.
+        modules_to_save: whole modules trained fully and saved with the adapter, named in the forms
+            of ``target_modules``, e.g. ``["classifier"]`` for a new classification head.
+        adapter_name: name of this adapter; several adapters with different names can live on one
+            model (see `set_adapter`).
+        checkpoint: ``"adapter"`` keeps checkpoints to the tensors that PEFT methods train,
+            ``"full"`` keeps the whole model (one ``"full"`` method in a Trainer is enough for that).
+
+    Raises:
+        ValueError: when ``r``, ``alpha``, ``dropout``, ``init`` or ``checkpoint`` is not an allowed
+            value, or ``target_modules`` is ``None`` without ``target_parameters``. At setup (or
+            `inject`): when the targets match nothing, or dropout, DoRA or PiSSA meet a weight target.
+        TypeError: at setup (or `inject`), when a named module is of a type LoRA does not adapt, or
+            DoRA or PiSSA meet a layer that is not linear.
+
+    Examples:
+        ```python
+        import lightning as L
+        from lightning_peft import LoRA
+
+        trainer = L.Trainer(callbacks=[LoRA(r=8, alpha=16, target_modules=["q_proj", "v_proj"])])
+        trainer.fit(module)  # your LightningModule, unchanged
+        ```
     """
 
     method_name = "LoRA"

@@ -25,22 +25,43 @@ COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16
 
 
 class QuantizeBase(ModelSetupCallback):
-    """Store the frozen linear layers of the base in int8, nf4 or fp4 (bitsandbytes), one layer at a time.
+    """Store the frozen ``nn.Linear`` layers of the base in int8, nf4 or fp4 (bitsandbytes) to save memory (QLoRA).
 
-    Works before or after the PEFT methods: a layer that a method already wraps has its innermost
-    base quantized, and a method injected later wraps the quantized layer. The output head, the
-    methods' own layers, modules they train, the modules a transformers model keeps in float32
-    (``_keep_in_fp32_modules``, as T5's ``wo``) and ``skip_modules`` stay in full precision. Each
-    layer's full-precision weight is freed as soon as it is quantized. It changes how the base is
-    stored and owns no adapter: nothing of it is saved with adapters, which load on the plain base.
+    A callback like the PEFT methods, applied at setup one layer at a time; ``inject`` applies it
+    to a module outside a Trainer. It works before or after the PEFT methods: a layer that a method
+    already wraps has its innermost base quantized, and a method injected later wraps the quantized
+    layer. The output head, the methods' own layers, modules they train, the modules a transformers
+    model keeps in float32 (``_keep_in_fp32_modules``, as T5's ``wo``) and ``skip_modules`` stay in
+    full precision, as do GPT-2's Conv1D layers and fused expert weights (a warning gives their
+    size). Each layer's full-precision weight is freed as soon as it is quantized. It changes how
+    the base is stored and owns no adapter: nothing of it is saved with adapters, which load on the
+    plain base. Needs the ``bitsandbytes`` package.
 
     Args:
         mode: ``"int8"`` (LLM.int8() weights, ``bnb.nn.Linear8bitLt``), ``"nf4"`` or ``"fp4"``
             (``bnb.nn.Linear4bit``).
         double_quant: 4-bit modes: quantize the per-block scales too (QLoRA's double quantization).
-        compute_dtype: 4-bit modes: dtype of the matmuls (``"float32"``, ``"bfloat16"``,
-            ``"float16"`` or a torch.dtype); ``None`` follows the input.
-        skip_modules: module-name suffixes or a full-match regex to keep in full precision.
+        compute_dtype: 4-bit modes: dtype of the matmuls, ``"float32"``, ``"bfloat16"``,
+            ``"float16"`` or one of those torch dtypes; ``None`` follows the input. Half precision
+            on CPU is slow, and a warning says so.
+        skip_modules: module-name suffixes (a list) or a regex that must match the whole module name
+            (a string), of modules to keep in full precision; a name that matches nothing raises a
+            ValueError at setup.
+
+    Raises:
+        ValueError: when ``mode`` or ``compute_dtype`` is not an allowed value, or ``compute_dtype``
+            is given with ``mode="int8"``. At setup (or `inject`): when there is no ``nn.Linear``
+            layer to quantize, or ``skip_modules`` matches nothing.
+        ImportError: when bitsandbytes is not installed or fails to import.
+
+    Examples:
+        ```python
+        import lightning as L
+        from lightning_peft import LoRA, QuantizeBase
+
+        trainer = L.Trainer(callbacks=[QuantizeBase(mode="nf4"), LoRA(r=16, target_modules="all-linear")])
+        trainer.fit(module)
+        ```
     """
 
     replaces_base_layers = True  # setup's rollback record of the replaced layers is dropped once setup is done

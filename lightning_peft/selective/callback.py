@@ -19,18 +19,39 @@ PARAM_TYPES = ("bias", "norm", "embedding")
 
 
 class Selective(PEFTCallback):
-    """Train the existing parameters that pass every given filter (their intersection).
+    """Train a chosen subset of the model's own parameters: those that pass every given filter.
+
+    Nothing is added to the model, so its forward stays the base's and there is nothing to merge;
+    the chosen parameters are trained and saved with the adapter (in lightning-peft's own layout),
+    the rest are frozen. Filters left at ``None`` do not filter, but at least one must be given.
+    Parameter names are the base model's: the ``.base_layer`` of a wrapping PEFT layer is left out.
 
     Args:
-        modules: module-name suffixes or a full-match regex (as ``target_modules``); every
-            parameter inside a matching module passes.
-        layers: block indices whose parameters pass.
+        modules: module-name suffixes (a list) or a regex that must match the whole module name (a
+            string), as ``target_modules``; every parameter inside a matching module passes.
+        layers: block indices whose parameters pass, read as the first integer in a parameter's name.
         param_types: kinds of parameter that pass, any of ``"bias"`` (every parameter named
-            ``bias``), ``"norm"`` (parameters of LayerNorm/RMSNorm-like modules) and
-            ``"embedding"`` (``nn.Embedding`` weights).
+            ``bias``), ``"norm"`` (parameters of ``nn.LayerNorm`` and of modules whose class name
+            contains ``Norm``, as RMSNorm) and ``"embedding"`` (``nn.Embedding`` weights); one
+            string is taken as a list of one.
         modules_to_save: whole modules trained as well, whatever the filters, e.g. ``["classifier"]``.
         adapter_name: name under which the parameters are claimed.
-        checkpoint: ``"adapter"`` keeps checkpoints to the trainable tensors, ``"full"`` keeps all.
+        checkpoint: ``"adapter"`` keeps checkpoints to the tensors that PEFT methods train,
+            ``"full"`` keeps the whole model (one ``"full"`` method in a Trainer is enough for that).
+
+    Raises:
+        ValueError: when ``param_types`` holds an unknown kind, no filter is given, or ``checkpoint``
+            is not an allowed value. At setup (or `inject`): when no parameter passes every filter
+            (the message counts what each filter selects), or ``modules`` matches no module.
+
+    Examples:
+        ```python
+        import lightning as L
+        from lightning_peft import Selective
+
+        norms = Selective(layers=[10, 11], param_types=["norm"], modules_to_save=["classifier"])
+        trainer = L.Trainer(callbacks=[norms])  # the norms of blocks 10 and 11, and the head
+        ```
     """
 
     method_name = "Selective"
@@ -94,10 +115,27 @@ class Selective(PEFTCallback):
 class BitFit(Selective):
     """Train every bias of the model (BitFit, Ben Zaken et al. 2022), plus whole ``modules_to_save``.
 
+    ``Selective(param_types=["bias"])`` under its own registered name, ``"BitFit"``. Nothing is
+    added to the model and nothing merges; the biases are saved in lightning-peft's own layout.
+
     Args:
-        modules_to_save: whole modules trained and saved with the biases, e.g. ``["classifier"]``.
+        modules_to_save: whole modules trained fully and saved with the biases, named as
+            ``target_modules`` name them (suffixes or a full-match regex), e.g. ``["classifier"]``.
         adapter_name: name under which the parameters are claimed.
-        checkpoint: ``"adapter"`` keeps checkpoints to the trainable tensors, ``"full"`` keeps all.
+        checkpoint: ``"adapter"`` keeps checkpoints to the tensors that PEFT methods train,
+            ``"full"`` keeps the whole model (one ``"full"`` method in a Trainer is enough for that).
+
+    Raises:
+        ValueError: when ``checkpoint`` is not an allowed value; at setup (or `inject`), when the
+            model has no bias.
+
+    Examples:
+        ```python
+        import lightning as L
+        from lightning_peft import BitFit
+
+        trainer = L.Trainer(callbacks=[BitFit(modules_to_save=["classifier"])])
+        ```
     """
 
     method_name = "BitFit"

@@ -15,18 +15,49 @@ from lightning_peft.tasks.chunked_loss import capturing_head_input, next_token_l
 
 
 class CausalLM(TransformersTask):
-    """Tune a causal language model; validate and test by loss and perplexity; predict by greedy generation.
+    """A LightningModule that fine-tunes a causal language model: next-token loss, perplexity, greedy generation.
+
+    The tokenizer is loaded at once (given the end token as padding when it has none); the
+    transformers model is built in ``configure_model``, so the PEFT callbacks change it at setup.
+    Training logs ``train_loss``; validation and test log ``val_loss``/``val_ppl`` and
+    ``test_loss``/``test_ppl``; ``predict`` returns each prompt's greedy continuation as text,
+    without the prompt. The optimizer is AdamW over the trainable parameters only.
 
     Args:
-        model: a built-in name (``"smollm2-135m"``) or a transformers model folder.
-        learning_rate, weight_decay, warmup_steps: AdamW with linear warmup then decay to zero.
+        model: a built-in name (``"smollm2-135m"``, SmolLM2-135M-Instruct) or a transformers model
+            folder.
+        learning_rate: AdamW's peak learning rate, a finite number above zero.
+        weight_decay: AdamW's weight decay, a finite number, at least zero.
+        warmup_steps: optimizer steps of linear warmup from zero, an integer at least zero; the
+            learning rate then decays linearly to zero at the last step.
         max_new_tokens: the most tokens generated per prompt in ``predict``.
-        trust_remote_code: allow model code from the model folder (off: safe by default).
+        trust_remote_code: allow model and tokenizer code from the model folder (off: safe by default).
         optimizer: ``"adamw"`` (torch) or ``"adamw8bit"`` (bitsandbytes, 8-bit moment estimates).
         chunked_loss: compute the training loss with the output projection, a few rows at a time, so
             the whole batch's fp32 logits never exist at once (same loss and gradients); it falls back
             to the model's own loss where the head is not a plain ``nn.Linear`` or the model
             transforms its logits.
+
+    Raises:
+        ValueError: when ``optimizer``, ``learning_rate``, ``weight_decay`` or ``warmup_steps`` is
+            not an allowed value.
+        FileNotFoundError: when ``model`` is neither a built-in name nor a folder with a
+            ``config.json``.
+        ImportError: when ``optimizer="adamw8bit"`` and bitsandbytes is not installed or fails to
+            import.
+        AssetError: when ``model`` is a built-in name whose package is not installed (a
+            RuntimeError from ``lightning_peft.assets``; the message says what to install).
+
+    Examples:
+        ```python
+        import lightning as L
+        from lightning_peft import LoRA
+        from lightning_peft.data import CausalLMData
+        from lightning_peft.tasks import CausalLM
+
+        trainer = L.Trainer(max_steps=100, callbacks=[LoRA(r=8, target_modules=["q_proj", "v_proj"])])
+        trainer.fit(CausalLM("smollm2-135m", learning_rate=1e-3), datamodule=CausalLMData(source="austen"))
+        ```
     """
 
     def __init__(self, model: str = "smollm2-135m", learning_rate: float = 2e-4, weight_decay: float = 0.0,

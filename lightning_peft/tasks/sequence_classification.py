@@ -14,16 +14,51 @@ from lightning_peft.tasks.base import TransformersTask
 
 
 class SequenceClassification(TransformersTask):
-    """Classify texts into ``num_labels`` classes, or into the names in ``labels``.
+    """A LightningModule that fine-tunes a text classifier: a transformers encoder with a new classification head.
+
+    Classifies texts into ``num_labels`` classes, or into the names in ``labels``. The tokenizer
+    is loaded at once; the model (``AutoModelForSequenceClassification``, its head newly
+    initialized) is built in ``configure_model``, so the PEFT callbacks change it at setup: give
+    them ``modules_to_save=["classifier"]`` to train the head. Training minimizes cross-entropy and
+    logs ``train_loss``; validation and test log accuracy and macro F1 (``val_acc``, ``val_f1``,
+    ``test_acc``, ``test_f1``); ``predict`` returns per text a dict with the most probable
+    ``label``, its ``probability`` and every class's ``probabilities``. The optimizer is AdamW over
+    the trainable parameters only.
 
     Args:
-        model: a built-in name (``"minilm-l6"``) or a transformers model folder.
-        num_labels: number of classes, when the labels are integers.
-        labels: class names in id order; by default taken from the data module's training
-            labels. They travel with checkpoints and name the predictions.
-        learning_rate, weight_decay, warmup_steps: AdamW with linear warmup then decay to zero.
+        model: a built-in name (``"minilm-l6"``, all-MiniLM-L6-v2) or a transformers model folder.
+        num_labels: number of classes, used when there are no label names (integer labels).
+        labels: class names in id order; ``None`` takes them, when the model is built, from the
+            data module's ``labels`` (its training labels, when they are strings). They travel
+            with checkpoints and name the predictions.
+        learning_rate: AdamW's peak learning rate, a finite number above zero.
+        weight_decay: AdamW's weight decay, a finite number, at least zero.
+        warmup_steps: optimizer steps of linear warmup from zero, an integer at least zero; the
+            learning rate then decays linearly to zero at the last step.
+        trust_remote_code: allow model and tokenizer code from the model folder (off: safe by default).
         optimizer: ``"adamw"`` (torch) or ``"adamw8bit"`` (bitsandbytes, 8-bit moment estimates).
-        trust_remote_code: allow model code from the model folder (off: safe by default).
+
+    Raises:
+        ValueError: when ``optimizer``, ``learning_rate``, ``weight_decay`` or ``warmup_steps`` is
+            not an allowed value.
+        FileNotFoundError: when ``model`` is neither a built-in name nor a folder with a
+            ``config.json``.
+        ImportError: when ``optimizer="adamw8bit"`` and bitsandbytes is not installed or fails to
+            import.
+        AssetError: when ``model`` is a built-in name whose package is not installed (a
+            RuntimeError from ``lightning_peft.assets``; the message says what to install).
+
+    Examples:
+        ```python
+        import lightning as L
+        from lightning_peft import LoRA
+        from lightning_peft.data import TextClassificationData
+        from lightning_peft.tasks import SequenceClassification
+
+        lora = LoRA(r=8, target_modules=["query", "value"], modules_to_save=["classifier"])
+        trainer = L.Trainer(max_steps=300, callbacks=[lora])
+        trainer.fit(SequenceClassification("minilm-l6"), datamodule=TextClassificationData(source="movie-snippets"))
+        ```
     """
 
     def __init__(self, model: str = "minilm-l6", num_labels: int = 2, labels: Sequence[str] | None = None,
