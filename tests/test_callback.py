@@ -1,11 +1,12 @@
 """LoRA through the Trainer: what trains, what stays, what a step-0 model computes."""
 
 import logging
+import warnings
 
 import pytest
 import torch
 
-from lightning_peft import LoRA, merge, trainable_summary, unmerge
+from lightning_peft import LoRA, QuantizeBase, merge, trainable_summary, unmerge
 from lightning_peft.lora import LoRALayer
 
 from conftest import (
@@ -167,6 +168,20 @@ def test_bad_targets_fail_at_setup_before_any_step(kwargs, error, words):
         assert word in str(info.value)
     assert CountingModule.steps == 0
     assert module.state_dict().keys() == state_before.keys()  # nothing was injected
+
+
+def test_a_listed_name_that_matches_nothing_is_warned_about_with_the_closest_names():
+    model = tiny_llama()
+    with pytest.warns(UserWarning, match=r"LoRA: target_modules: 'q_porj' matches no module of this model "
+                                         r"\(the other names do\); did you mean 'q_proj'\?"):
+        LoRA(target_modules=["q_porj", "v_proj"]).inject(model)
+    trained = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trained and all(".v_proj." in name for name in trained)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every name matches: no warning
+        LoRA(target_modules=["q_proj", "k_proj"], adapter_name="other").inject(model)
+    with pytest.raises(ValueError, match="QuantizeBase: skip_modules=\\['lm_haed'\\] matched no module"):
+        QuantizeBase(mode="int8", skip_modules=["lm_haed"]).inject(tiny_llama())
 
 
 @pytest.mark.parametrize("kwargs", [dict(r=0), dict(r=-1), dict(r=2.5), dict(alpha=0), dict(dropout=1.0),

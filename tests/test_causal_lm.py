@@ -183,15 +183,22 @@ def test_cli_fit_then_predict_generates(tmp_path, tiny_lm_dir):
                     {"input": "seven", "generated": "eight nine ten one"}]
 
 
-@pytest.mark.parametrize("problem", ["missing_column", "empty_file", "no_model"])
+@pytest.mark.parametrize("problem", ["missing_column", "empty_file", "no_model", "one_line", "one_pair",
+                                     "source_and_files"])
 def test_bad_input_gives_one_clear_error(tmp_path, tiny_lm_dir, problem):
-    train = tmp_path / ("pairs.jsonl" if problem == "missing_column" else "counting.txt")
+    train = tmp_path / ("pairs.jsonl" if problem in ("missing_column", "one_pair") else "counting.txt")
     train.write_text({"missing_column": json.dumps({"prompt": "one", "answer": "two"}) + "\n",
-                      "empty_file": "\n", "no_model": COUNTING}[problem])
+                      "one_pair": json.dumps({"prompt": "one", "response": "two"}) + "\n",
+                      "empty_file": "\n", "one_line": "one two three\n"}.get(problem, COUNTING))
     expected = {"missing_column": "has no column 'response'; its columns are: prompt, answer",
-                "empty_file": "is empty", "no_model": "is neither a built-in name"}[problem]
+                "empty_file": "is empty", "no_model": "is neither a built-in name",
+                "one_line": "the training data has 1 line: too few to hold out val_fraction",
+                "one_pair": "the training data has 1 pair: too few to hold out val_fraction",
+                "source_and_files": f"give a built-in source or data files, not both: source='austen' would be "
+                                    f"read and train_file={train} ignored"}[problem]
     config = lm_recipe(tmp_path, tiny_lm_dir if problem != "no_model" else tmp_path / "nowhere", train)
-    result = run_cli("fit", "--config", str(config))
+    extra = ["--data.init_args.source=austen"] if problem == "source_and_files" else []
+    result = run_cli("fit", "--config", str(config), *extra)
     assert result.returncode != 0
     assert expected in result.stderr
     assert "Traceback" not in result.stderr

@@ -293,6 +293,8 @@ def test_errors_are_clear():
         PromptTuning(init_text="classify the review").inject(build("llama"))
     with pytest.raises(ValueError, match="init='text' needs init_text"):
         PromptTuning(init="text")
+    with pytest.raises(ValueError, match="init_text is read only with init='text', not 'vocab'"):
+        PromptTuning(init="vocab", init_text="Classify:")
     with pytest.raises(TypeError, match="PreTrainedModel"):
         PromptTuning().inject(nn.Linear(2, 2))
     with pytest.raises(TypeError, match="takes none. Use PromptTuning"):
@@ -301,7 +303,7 @@ def test_errors_are_clear():
         with pytest.raises(ValueError):
             PrefixTuning(**bad)
     model = PrefixTuning(num_virtual_tokens=N).inject(build("llama")).train()
-    model.gradient_checkpointing_enable()
+    getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()  # renamed in v5
     with pytest.raises(ValueError, match="gradient checkpointing"):
         model(**batch())
 

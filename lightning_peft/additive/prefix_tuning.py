@@ -107,7 +107,7 @@ class PrefixInjector(PEFTModule):
         shape = input_shape(kwargs)
         if not self.active_adapters or shape is None:  # no prefix, or nothing to attend from
             return (), kwargs
-        if model.training and getattr(model, "is_gradient_checkpointing", False):
+        if model.training and _checkpointed(model):
             raise ValueError("PrefixTuning does not work with gradient checkpointing: transformers drops the cache "
                              "in checkpointed layers, so the prefix would be ignored")
         cache = given_cache(kwargs)
@@ -242,3 +242,10 @@ def prefix_injector(model: nn.Module) -> PrefixInjector:
     if not isinstance(getattr(model, "prefix_tuning", None), PrefixInjector):
         model.prefix_tuning = PrefixInjector(model, KVShape.of(model.config))
     return model.prefix_tuning
+
+
+def _checkpointed(model: nn.Module) -> bool:
+    """Whether transformers recomputes the model's layers in backward (the name changed in transformers 5)."""
+    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else \
+        "is_gradient_checkpointing"
+    return bool(getattr(model, name, False))

@@ -129,7 +129,7 @@ class PromptTuning(PEFTCallback):
 
     Raises:
         ValueError: when ``num_virtual_tokens``, ``init`` or ``checkpoint`` is not an allowed value,
-            or ``init="text"`` comes without ``init_text``. At setup (or `inject`), for
+            ``init="text"`` comes without ``init_text``, or another ``init`` with it. At setup (or `inject`), for
             ``init="text"``: when there is no tokenizer, or ``init_text`` gives no tokens.
         TypeError: at setup (or `inject`), when the module holds no transformers model, or its model
             does not read token ids through a single ``nn.Embedding``.
@@ -163,6 +163,8 @@ class PromptTuning(PEFTCallback):
         check_choice("PromptTuning", "init", init, INITS)
         if init == "text" and not init_text:
             raise ValueError("PromptTuning init='text' needs init_text")
+        if init != "text" and init_text is not None:
+            raise ValueError(f"PromptTuning init_text is read only with init='text', not {init!r}")
         self.num_virtual_tokens, self.init_text, self.init = num_virtual_tokens, init_text, init
         self._tokenizer = tokenizer  # a tool, not a setting: kept out of the saved config
 

@@ -10,6 +10,7 @@ and a selection that leaves out such weights holding most of a block is warned a
 
 from __future__ import annotations
 
+import difflib
 import re
 import warnings
 from collections.abc import Sequence
@@ -97,11 +98,14 @@ def select_modules(
     *,
     supported: tuple[type[nn.Module], ...],
     method: str,
+    option: str = "target_modules",
 ) -> list[tuple[str, nn.Module]]:
     """The modules of ``root`` that ``method`` adapts, or a ValueError that says what exists.
 
     ``supported`` are the layer types the method can carry; an explicitly named module of
     another type is an error, while ``"all-linear"`` silently takes linear-like layers only.
+    ``option`` is the argument's name in messages. A listed name that matches nothing while
+    others match is warned about (a typo, or a recipe shared across architectures).
     """
     candidates = candidate_modules(root)
     unwrappable = _attribute_read_layers(root)
@@ -115,13 +119,14 @@ def select_modules(
         ]
     else:
         chosen = [(n, m) for n, m in candidates if _matches(n, target_modules)]
+        _warn_unmatched_entries(target_modules, candidates, f"{method}: {option}")
     chosen = [(n, m) for n, m in chosen if not _matches(n, exclude_modules)]
     if layers is not None:
         wanted = set(layers)
         chosen = [(n, m) for n, m in chosen if block_index(n) in wanted]
     if not chosen:
         raise ValueError(
-            f"{method}: target_modules={target_modules!r}"
+            f"{method}: {option}={target_modules!r}"
             + (f", exclude_modules={exclude_modules!r}" if exclude_modules else "")
             + (f", layers={list(layers)!r}" if layers is not None else "")
             + f" matched no module. Module names that exist: {_name_overview(candidates)}"
@@ -140,6 +145,21 @@ def select_modules(
                 f"{_name_overview([(n, m) for n, m in candidates if n.startswith(name + '.')], 5)}"
             )
     return chosen
+
+
+def _warn_unmatched_entries(targets: Targets, candidates: list[tuple[str, nn.Module]], where: str) -> None:
+    """Warn about each name of a target list that matches no module while others do, with the closest name."""
+    if targets is None or isinstance(targets, str):
+        return
+    unmatched = [t for t in targets if not any(_matches(name, [t]) for name, _ in candidates)]
+    if not unmatched or len(unmatched) == len(targets):  # all unmatched: the error below says what exists
+        return
+    leaves = sorted({name.rsplit(".", 1)[-1] for name, _ in candidates})
+    for entry in unmatched:
+        close = difflib.get_close_matches(entry.rsplit(".", 1)[-1], leaves, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        warnings.warn(f"{where}: {entry!r} matches no module of this model (the other names do){hint}",
+                      stacklevel=3)
 
 
 def _regex_hint(targets: Targets, candidates: list[tuple[str, nn.Module]]) -> str:

@@ -88,7 +88,8 @@ class CausalLMData(SourceData):
                  tokenizer: PreTrainedTokenizerBase | None = None, prompt_column: str = "prompt",
                  response_column: str = "response", chat_template: bool = False, num_workers: int = 0) -> None:
         super().__init__()
-        check_data_arguments(source, SOURCES, [train_file, test_file, predict_file], val_fraction)
+        check_data_arguments(source, SOURCES, {"train_file": train_file, "val_file": val_file, "test_file": test_file},
+                             predict_file, val_fraction)
         if block_size < 2:
             raise ValueError(f"block_size must be at least 2 tokens, got {block_size}")
         self.source, self.files = source, {"train": train_file, "val": val_file, "test": test_file}
@@ -127,6 +128,11 @@ class CausalLMData(SourceData):
 
     def _hold_out(self, train: Split) -> tuple[Split, Split]:
         """Split (train, val): a text's last lines, or pairs drawn at random with the seed."""
+        rows = len(train.splitlines()) if isinstance(train, str) else len(train)
+        if rows < 2:
+            unit = "line" if isinstance(train, str) else "pair"
+            raise ValueError(f"the training data has {rows} {unit}: too few to hold out val_fraction "
+                             f"{self.val_fraction} for validation; give more, a val_file, or val_fraction 0")
         if isinstance(train, str):
             return _split_lines(train, self.val_fraction)
         pairs = train[:]

@@ -91,11 +91,17 @@ def _shown(lines: list[str], number: int, limit: int = 80) -> str:
     return repr(line if len(line) <= limit else line[:limit] + "...")
 
 
-def check_data_arguments(source: str | None, sources: dict, files: list[str | None], val_fraction: float) -> None:
-    """One clear error for a data module's arguments: an unknown source, no data at all, a bad val_fraction."""
+def check_data_arguments(source: str | None, sources: dict, split_files: dict[str, str | None],
+                         predict_file: str | None, val_fraction: float) -> None:
+    """One clear error for bad data arguments: an unknown source, a source and files, no data, a bad val_fraction."""
+    given = {name: file for name, file in split_files.items() if file is not None}
     if source is not None and source not in sources:
         raise ValueError(f"unknown source {source!r}; built-in sources: {', '.join(sources)}")
-    if source is None and all(file is None for file in files):
+    if source is not None and given:
+        named = ", ".join(f"{name}={file}" for name, file in given.items())
+        raise ValueError(f"give a built-in source or data files, not both: source={source!r} would be read and "
+                         f"{named} ignored; set source to null to read the files")
+    if source is None and not given and predict_file is None:
         raise ValueError("give a built-in source or a train_file, test_file or predict_file")
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")

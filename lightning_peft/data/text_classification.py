@@ -74,7 +74,8 @@ class TextClassificationData(SourceData):
                  max_length: int = 128, batch_size: int = 32, val_fraction: float = 0.1, seed: int = 0,
                  tokenizer: PreTrainedTokenizerBase | None = None, num_workers: int = 0) -> None:
         super().__init__()
-        check_data_arguments(source, SOURCES, [train_file, test_file, predict_file], val_fraction)
+        check_data_arguments(source, SOURCES, {"train_file": train_file, "val_file": val_file, "test_file": test_file},
+                             predict_file, val_fraction)
         self.source, self.files = source, {"train": train_file, "val": val_file, "test": test_file}
         self.predict_file = predict_file
         self.text_column, self.label_column = text_column, label_column

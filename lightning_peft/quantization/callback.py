@@ -129,7 +129,8 @@ class QuantizeBase(ModelSetupCallback):
     def _layers_to_quantize(self, module: nn.Module) -> list[str]:
         """Names of the base's full-precision nn.Linear layers to quantize, innermost under any PEFT layer."""
         if self.skip_modules is not None:  # a name that matches nothing is a typo: the error lists what exists
-            select_modules(module, self.skip_modules, supported=(nn.Module,), method="QuantizeBase skip_modules")
+            select_modules(module, self.skip_modules, supported=(nn.Module,), method="QuantizeBase",
+                           option="skip_modules")
         try:
             chosen = select_modules(module, ALL_LINEAR, self.skip_modules, supported=(nn.Linear,),
                                     method="QuantizeBase")
