@@ -24,6 +24,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 import lightning_peft
 from lightning_peft.assets import AssetError
+from lightning_peft.builtin_recipes import builtin_recipes, recipe_path
 from lightning_peft.cli_messages import one_line
 from lightning_peft.core.adapter_files import read_adapter_files
 from lightning_peft.core.ownership import adapter_refs
@@ -238,6 +239,7 @@ COMMANDS = {
     "test": "evaluate a model on the recipe's test data",
     "predict": "label texts or continue prompts, one line each (--ckpt_path or --adapter)",
     "export": "write a checkpoint's adapter in peft's layout, or with --merged a whole model",
+    "compare": "train several methods on one recipe's task and report their trade-offs (tables, plots)",
 }
 
 
@@ -255,25 +257,6 @@ def command_help() -> str:
         "Run `lightning-peft COMMAND --help` for a command's options.",
         f"Built-in recipes (--config NAME, from any folder): {', '.join(builtin_recipes())}.",
     ])
-
-
-RECIPES = Path(__file__).parent / "recipes"  # shipped in the wheel: `--config lora_sentiment` works anywhere
-
-
-def builtin_recipes() -> list[str]:
-    """The names of the recipes that ship with the package."""
-    return sorted(path.stem for path in RECIPES.glob("*.yaml"))
-
-
-def recipe_path(value: str) -> str:
-    """A ``--config`` value as a file: a path that exists, else the built-in recipe of that name."""
-    if Path(value).exists():
-        return value
-    name = Path(value).name.removesuffix(".yaml")
-    if os.sep in value or name not in builtin_recipes():
-        raise ConfigError(f"--config {value}: no such file, and no built-in recipe of that name "
-                          f"(built-in: {', '.join(builtin_recipes())})")
-    return str(RECIPES / f"{name}.yaml")
 
 
 def with_recipe_paths(argv: list[str]) -> list[str]:
@@ -296,6 +279,10 @@ def main(args: list[str] | None = None) -> None:
     try:
         if argv[:1] == ["export"]:
             return export_main(argv[1:])
+        if argv[:1] == ["compare"]:
+            from lightning_peft.compare.runner import compare_main  # compare imports this module
+
+            return compare_main(argv[1:])
         resolved = with_recipe_paths(argv)
         if args is None:  # LightningCLI reads sys.argv itself, and warns when given both
             sys.argv[1:], resolved = resolved, None

@@ -133,12 +133,13 @@ def test_help_lists_every_command_and_each_has_its_own(capsys):
     result = run_cli("--help")
     assert result.returncode == 0
     listed = [line.split()[0] for line in result.stdout.split("commands:\n")[1].split("\n\n")[0].splitlines()]
-    assert listed == list(COMMANDS) == ["fit", "validate", "test", "predict", "export"]
+    assert listed == list(COMMANDS) == ["fit", "validate", "test", "predict", "export", "compare"]
     for command in COMMANDS:
         with pytest.raises(SystemExit) as exit_:
             main([command, "--help"])
         assert exit_.value.code == 0
-        assert f"lightning-peft {'' if command == 'export' else '[options] '}{command}" in capsys.readouterr().out
+        standalone = command in ("export", "compare")  # argparse commands, not LightningCLI's
+        assert f"lightning-peft {'' if standalone else '[options] '}{command}" in capsys.readouterr().out
 
 
 def test_a_builtin_recipe_name_works_from_any_folder_and_a_wrong_one_lists_them(tmp_path, monkeypatch, capsys):

@@ -1,0 +1,178 @@
+"""Which callbacks and learning rate each compared method trains with, derived from the user's recipe.
+
+A method's settings come from the built-in recipe of that method for the same task when there is
+one (``ia3_sentiment`` beside ``lora_sentiment``), else from the defaults below (the settings and
+rates of this project's recipes); ``--set METHOD.KEY=VALUE`` overrides either.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lightning_peft.builtin_recipes import RECIPES
+from lightning_peft.lightning.callback import ModelSetupCallback
+
+RECIPE_PREFIX = {"lora": "lora", "ia3": "ia3", "adapter": "adapter", "prompt_tuning": "prompt_tuning",
+                 "prefix_tuning": "prefix_tuning", "bitfit": "bitfit", "full": "full_finetune",
+                 "head_only": "head_only", "qlora": "qlora"}  # method -> the built-in recipes' name prefix
+
+
+def _entry(class_path: str, **init_args: Any) -> dict:
+    return {"class_path": class_path, "init_args": init_args}
+
+
+DEFAULTS: dict[str, tuple[list[dict], float]] = {  # method -> (callbacks, learning rate) without a built-in recipe
+    "lora": ([_entry("lightning_peft.LoRA", r=8, alpha=16, dropout=0.05, target_modules="all-linear")], 1e-3),
+    "dora": ([_entry("lightning_peft.LoRA", r=8, alpha=16, target_modules="all-linear", use_dora=True)], 1e-3),
+    "ia3": ([_entry("lightning_peft.IA3")], 1e-2),
+    "adapter": ([_entry("lightning_peft.Adapter", bottleneck_dim=64)], 1e-3),
+    "prompt_tuning": ([_entry("lightning_peft.PromptTuning", num_virtual_tokens=20)], 3e-2),
+    "prefix_tuning": ([_entry("lightning_peft.PrefixTuning", num_virtual_tokens=20)], 5e-4),
+    "bitfit": ([_entry("lightning_peft.BitFit")], 5e-3),
+    "head_only": ([_entry("lightning_peft.Selective")], 1e-3),
+    "full": ([], 5e-5),
+    "qlora": ([_entry("lightning_peft.QuantizeBase", mode="nf4", double_quant=True),
+               _entry("lightning_peft.LoRA", r=8, alpha=16, dropout=0.05, target_modules="all-linear")], 1e-3),
+}
+METHOD_NAMES = list(DEFAULTS)
+TRAINING_KEYS = ("learning_rate", "gradient_clip_val")  # --set keys that are not the callback's
+
+
+class CompareError(ValueError):
+    """A mistake in what compare was asked: one line for the user."""
+
+
+@dataclass
+class MethodPlan:
+    """What one compared method trains with: its callbacks (recipe entries), learning rate and clipping."""
+
+    method: str
+    callbacks: list[dict]
+    learning_rate: float
+    gradient_clip_val: float | None
+    source: str  # where the settings came from: a built-in recipe's name, or "defaults"
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def callback_class(entry: dict | str) -> type | None:
+    """The class a recipe's callback entry names, or None when it cannot be imported."""
+    path = entry if isinstance(entry, str) else entry.get("class_path", "")
+    module_name, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def is_method_slot(entry: dict | str) -> bool:
+    """Whether a callback entry sets up the model (a PEFT method, a quantized base): what compare replaces."""
+    cls = callback_class(entry)
+    return isinstance(cls, type) and issubclass(cls, ModelSetupCallback)
+
+
+def method_slot(recipe: dict, name: str) -> list[dict]:
+    """The recipe's PEFT method entries, or a CompareError: compare needs a slot to put each method in."""
+    callbacks = (recipe.get("trainer") or {}).get("callbacks") or []
+    slot = [entry for entry in callbacks if is_method_slot(entry)]
+    if not slot:
+        raise CompareError(f"recipe {name} has no PEFT method in trainer.callbacks (a class_path such as "
+                           "lightning_peft.LoRA): compare puts each method in that slot")
+    return slot
+
+
+def sibling_recipe(recipe_name: str, method: str) -> tuple[str, dict] | None:
+    """The built-in recipe of ``method`` for the same task as the built-in ``recipe_name``, if there is one."""
+    stem = Path(recipe_name).name.removesuffix(".yaml")
+    if not (RECIPES / f"{stem}.yaml").is_file() or method not in RECIPE_PREFIX:
+        return None
+    task = next((stem.removeprefix(prefix + "_") for prefix in sorted(RECIPE_PREFIX.values(), key=len, reverse=True)
+                 if stem.startswith(prefix + "_")), None)
+    path = RECIPES / f"{RECIPE_PREFIX[method]}_{task}.yaml"
+    return (path.stem, yaml.safe_load(path.read_text())) if task and path.is_file() else None
+
+
+def plan_method(recipe: dict, recipe_name: str, method: str, overrides: dict[str, Any]) -> MethodPlan:
+    """The callbacks, learning rate and clipping that ``method`` trains with on this recipe's task."""
+    if method not in DEFAULTS:
+        raise CompareError(f"unknown method {method!r}; methods: {', '.join(METHOD_NAMES)}")
+    found = sibling_recipe(recipe_name, "lora" if method == "dora" else method)
+    if found is not None:
+        source, sibling = found
+        trainer = sibling.get("trainer") or {}
+        callbacks = [e for e in trainer.get("callbacks") or [] if is_method_slot(e)]
+        if method == "dora":
+            callbacks = [_with_args(e, use_dora=True, dropout=0.0) for e in callbacks]
+        plan = MethodPlan(method, callbacks, float(sibling["model"]["init_args"]["learning_rate"]),
+                          trainer.get("gradient_clip_val"), source)
+    else:
+        callbacks, rate = DEFAULTS[method]
+        saved = _modules_to_save(method_slot(recipe, recipe_name))
+        callbacks = [_with_head(e, saved) for e in copy.deepcopy(callbacks)]
+        plan = MethodPlan(method, callbacks, rate, (recipe.get("trainer") or {}).get("gradient_clip_val"),
+                          "defaults")
+    return _overridden(plan, overrides)
+
+
+def _with_args(entry: dict, **init_args: Any) -> dict:
+    entry = copy.deepcopy(entry)
+    entry.setdefault("init_args", {}).update(init_args)
+    return entry
+
+
+def _modules_to_save(slot: list[dict]) -> list[str] | None:
+    """The recipe's trained-in-full modules (a new head): every compared method trains them too."""
+    return next((e["init_args"]["modules_to_save"] for e in slot
+                 if isinstance(e, dict) and (e.get("init_args") or {}).get("modules_to_save")), None)
+
+
+def _with_head(entry: dict, modules: list[str] | None) -> dict:
+    """A method's default entry, training the recipe's head too (Selective: the head is what it selects)."""
+    cls = callback_class(entry)
+    if modules is None or cls is None or "modules_to_save" not in inspect.signature(cls).parameters:
+        return entry
+    key = "modules" if entry["class_path"] == "lightning_peft.Selective" else "modules_to_save"
+    return _with_args(entry, **{key: modules})
+
+
+def _overridden(plan: MethodPlan, overrides: dict[str, Any]) -> MethodPlan:
+    """``plan`` with ``--set`` values: a training key, or an argument of one of its callbacks."""
+    for key, value in overrides.items():
+        if key == "learning_rate":
+            plan.learning_rate = float(value)
+        elif key == "gradient_clip_val":
+            plan.gradient_clip_val = value
+        else:
+            entry = next((e for e in reversed(plan.callbacks) if key in _arguments(e)), None)
+            if entry is None:
+                known = sorted({*TRAINING_KEYS, *(k for e in plan.callbacks for k in _arguments(e))})
+                raise CompareError(f"--set {plan.method}.{key}: {plan.method} has no setting {key!r}; "
+                                   f"its settings: {', '.join(known)}")
+            entry.setdefault("init_args", {})[key] = value
+        plan.overrides[key] = value
+    return plan
+
+
+def _arguments(entry: dict) -> list[str]:
+    cls = callback_class(entry)
+    return [] if cls is None else [p for p in inspect.signature(cls).parameters if p != "self"]
+
+
+def parse_overrides(pairs: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
+    """``["lora.r=16", ...]`` as {method: {key: value}}, values read as YAML; each names a compared method."""
+    out: dict[str, dict[str, Any]] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        method, dot, key = name.partition(".")
+        if not sep or not dot or not key:
+            raise CompareError(f"--set {pair}: write METHOD.KEY=VALUE, e.g. lora.r=16")
+        if method not in methods:
+            raise CompareError(f"--set {pair}: {method!r} is not among the compared methods ({', '.join(methods)})")
+        out.setdefault(method, {})[key] = yaml.safe_load(value)
+    return out

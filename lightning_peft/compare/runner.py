@@ -1,0 +1,194 @@
+"""``lightning-peft compare``: every method on one recipe's task, each run in its own process, then a report.
+
+Every run gets the same task, data, step budget, batch and seed; only the PEFT method slot of
+the recipe (and the method's learning rate) changes. A run that fails or runs out of memory is
+a row that says why, and the others go on. A rerun skips the runs whose results are saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TextIO
+
+import yaml
+
+import lightning_peft
+from lightning_peft.builtin_recipes import recipe_path
+from lightning_peft.compare.methods import (
+    METHOD_NAMES,
+    CompareError,
+    MethodPlan,
+    is_method_slot,
+    method_slot,
+    parse_overrides,
+    plan_method,
+)
+from lightning_peft.compare.report import write_report
+from lightning_peft.core.files import atomic_write
+
+POLL_S = 0.5
+
+
+def parser() -> argparse.ArgumentParser:
+    """The options of ``lightning-peft compare``."""
+    from lightning_peft.cli import CommandParser  # the CLI's one-line errors; cli imports this module lazily
+
+    p = CommandParser(prog="lightning-peft compare",
+                      description="Train every method on one recipe's task (same data, steps, batch and seed), each "
+                                  "in its own process, and write report.md/.csv/.json and plots to --out.")
+    p.add_argument("--config", required=True, help="a recipe with a PEFT method in trainer.callbacks (file or name)")
+    p.add_argument("--methods", required=True, help=f"comma-separated, from: {','.join(METHOD_NAMES)}")
+    p.add_argument("--max_steps", type=int, default=None, help="training steps of every run (default: the recipe's)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds; each method runs once per seed")
+    p.add_argument("--out", default=None, help="the report folder (default: compare/RECIPE)")
+    p.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="a method's setting (an argument of its callback), learning_rate or gradient_clip_val")
+    return p
+
+
+def compare_main(argv: list[str]) -> None:
+    """Plan every run (all mistakes reported before any training), run what is not done, write the report."""
+    options = parser().parse_args(argv)
+    recipe_file = recipe_path(options.config)
+    recipe = yaml.safe_load(Path(recipe_file).read_text())
+    method_slot(recipe, options.config)
+    methods = [m.strip() for m in options.methods.split(",") if m.strip()]
+    seeds = _seeds(options.seeds)
+    overrides = parse_overrides(options.set, methods)
+    plans = [plan_method(recipe, options.config, method, overrides.get(method, {})) for method in methods]
+    out = Path(options.out or Path("compare") / Path(recipe_file).stem)
+    started, clock = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
+    runs = [(plan, seed) for plan in plans for seed in seeds]
+    rows = [run_once(recipe, plan, seed, options.max_steps, out, f"[{i}/{len(runs)}]")
+            for i, (plan, seed) in enumerate(runs, 1)]
+    context = {"command": "lightning-peft compare " + shlex.join(argv), "recipe": options.config,
+               "machine": machine(), "versions": versions(), "started": started,
+               "wall_s": time.perf_counter() - clock}
+    written = write_report(rows, out, context)
+    print(f"compare: {sum(r['status'] == 'ok' for r in rows)} of {len(rows)} runs ok; report: {written['md']}")
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise CompareError(f"--seeds {text}: write integers separated by commas, e.g. 0,1") from None
+
+
+def run_config(recipe: dict, plan: MethodPlan, seed: int, max_steps: int | None, run_dir: Path) -> dict:
+    """The recipe with ``plan``'s method in its slot, the seed, the step budget, and its outputs in ``run_dir``."""
+    config = copy.deepcopy(recipe)
+    trainer = config.setdefault("trainer", {})
+    others = [entry for entry in trainer.get("callbacks") or [] if not is_method_slot(entry)]
+    trainer.update(callbacks=copy.deepcopy(plan.callbacks) + others, default_root_dir=str(run_dir),
+                   enable_checkpointing=False, enable_progress_bar=False, gradient_clip_val=plan.gradient_clip_val)
+    if max_steps is not None:
+        trainer["max_steps"] = max_steps
+    config["seed_everything"] = seed
+    config["model"].setdefault("init_args", {})["learning_rate"] = plan.learning_rate
+    return config
+
+
+def run_once(recipe: dict, plan: MethodPlan, seed: int, max_steps: int | None, out: Path, label: str) -> dict:
+    """One run's result row: saved from an earlier compare, or from a fresh worker process."""
+    run_dir = out / "runs" / f"{plan.method}-seed{seed}"
+    saved = _saved_result(run_dir)
+    if saved is not None:
+        print(f"{label} {plan.method} seed {seed}: done before, kept ({run_dir / 'result.json'})", file=sys.stderr)
+        return saved
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "progress.json").unlink(missing_ok=True)
+    (run_dir / "result.json").unlink(missing_ok=True)  # a failed run's row: this run replaces it
+    identity = {"method": plan.method, "seed": seed, "learning_rate": plan.learning_rate,
+                "settings_from": plan.source, "overrides": plan.overrides}
+    write_text(run_dir / "plan.json", json.dumps(identity, indent=1))
+    write_text(run_dir / "config.yaml", yaml.safe_dump(run_config(recipe, plan, seed, max_steps, run_dir),
+                                                        sort_keys=False))
+    with open(run_dir / "log.txt", "w") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "lightning_peft.compare.worker", str(run_dir)],
+                                  stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        code = watch(worker, run_dir / "progress.json", f"{label} {plan.method} seed {seed}", sys.stderr)
+    result = run_dir / "result.json"
+    row = json.loads(result.read_text()) if result.is_file() else {**identity, "status": "failed",
+                                                                     "error": died(code, run_dir / "log.txt")}
+    print(f"{label} {plan.method} seed {seed}: {row['status']}" + (f": {row['error']}" if row.get("error") else ""),
+          file=sys.stderr)
+    return row
+
+
+def _saved_result(run_dir: Path) -> dict | None:
+    """The row of a run that finished before; a failed or unreadable one is run again."""
+    try:
+        row = json.loads((run_dir / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return row if row.get("status") == "ok" else None
+
+
+def watch(worker: subprocess.Popen, progress: Path, label: str, stream: TextIO) -> int:
+    """Show the worker's step and ETA until it ends (one line redrawn on a terminal, a line per 10% else)."""
+    shown = -1
+    while worker.poll() is None:
+        time.sleep(POLL_S)
+        try:
+            state = json.loads(progress.read_text())
+        except (OSError, ValueError):
+            continue
+        step, total, elapsed = state["step"], state["max_steps"], state["elapsed_s"]
+        eta = f", ETA {_duration(elapsed / step * (total - step))}" if step and total > 0 else ""
+        line = f"{label}: step {step}/{total if total > 0 else '?'}{eta}"
+        if stream.isatty():
+            print(f"\r{line}\033[K", end="", file=stream, flush=True)
+        elif total > 0 and step * 10 // total > shown:
+            shown = step * 10 // total
+            print(line, file=stream, flush=True)
+    if stream.isatty():
+        print("\r\033[K", end="", file=stream)
+    return worker.returncode
+
+
+def died(code: int, log: Path) -> str:
+    """Why a worker ended without a result: the signal that killed it, or its log's last line."""
+    if code < 0:
+        name = signal.Signals(-code).name
+        return f"the run was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()] if log.is_file() else []
+    return f"the run ended with exit code {code}" + (f": {lines[-1].strip()}" if lines else "")
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def machine() -> str:
+    """The machine in a few words: CPUs, and the GPU when there is one."""
+    import torch
+
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+    return f"{os.cpu_count()} CPUs ({platform.machine()}), {platform.system()}{gpu}"
+
+
+def versions() -> dict[str, str]:
+    """Versions of what the numbers depend on."""
+    import lightning
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
+            "transformers": transformers.__version__, "lightning-peft": lightning_peft.__version__}

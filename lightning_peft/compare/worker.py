@@ -1,0 +1,187 @@
+"""One compared run in its own process: train a recipe, test it, and measure what the report compares.
+
+``python -m lightning_peft.compare.worker RUN_DIR`` reads ``RUN_DIR/config.yaml`` and
+``RUN_DIR/plan.json`` and writes ``RUN_DIR/result.json`` (atomically; ``status`` "ok" or "failed"
+with the error on one line), and ``RUN_DIR/progress.json`` after each step for the parent's display.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from lightning_peft.cli import build_cli, error_line, user_mistake
+from lightning_peft.core.adapter_control import disable_adapters
+from lightning_peft.core.files import atomic_write
+from lightning_peft.core.layer import PEFTModule
+from lightning_peft.core.merging import merge, unmerge
+from lightning_peft.core.ownership import adapter_refs
+from lightning_peft.core.summary import trainable_summary
+from lightning_peft.export import export_adapters
+
+WARMUP_STEPS = 2  # steps left out of the step time: first-call allocations and lazy initialisation
+LATENCY_REPEATS = 5
+METRIC_PREFERENCE = (("test_acc", True), ("test_ppl", False), ("test_loss", False))  # name, higher is better
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """``data`` as JSON at ``path``, atomically."""
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1, default=float)))
+
+
+class MeasureTraining(L.Callback):
+    """Time each training step, count its samples and tokens, and report progress to a file."""
+
+    def __init__(self, progress: Path) -> None:
+        self.progress, self.durations, self.samples, self.tokens = progress, [], 0, 0
+        self._step_start = self._fit_start = 0.0
+        self.train_time = 0.0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fit_start = time.perf_counter()
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        self._step_start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           idx: int) -> None:
+        self.durations.append(time.perf_counter() - self._step_start)
+        self.samples += len(batch["input_ids"])
+        self.tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        write_json(self.progress, {"step": trainer.global_step, "max_steps": trainer.max_steps,
+                                   "elapsed_s": time.perf_counter() - self._fit_start})
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.train_time = time.perf_counter() - self._fit_start
+
+    def figures(self) -> dict[str, float]:
+        """Step time (median after warm-up), throughput and training time."""
+        timed = self.durations[WARMUP_STEPS:] if len(self.durations) > 2 * WARMUP_STEPS else self.durations
+        total = sum(self.durations)
+        return {"steps": len(self.durations), "train_time_s": self.train_time,
+                "step_time_s": statistics.median(timed) if timed else None,
+                "samples_per_s": self.samples / total if total else None,
+                "tokens_per_s": self.tokens / total if total else None}
+
+
+def peak_memory_mib(device: torch.device) -> tuple[float, str]:
+    """The process's peak so far: RSS on CPU (Linux reports KiB), allocated memory on CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss"
+
+
+def test_metric(results: dict[str, float]) -> tuple[str | None, float | None, bool]:
+    """The metric the report ranks by: accuracy, else perplexity, else loss."""
+    for name, higher in METRIC_PREFERENCE:
+        if name in results:
+            return name, float(results[name]), higher
+    return None, None, True
+
+
+def forward_ms(model: nn.Module, inputs: dict[str, torch.Tensor]) -> float:
+    """Median milliseconds of one no-grad forward of ``model`` on ``inputs``, after one warm-up call."""
+    times = []
+    with torch.no_grad():
+        for _ in range(LATENCY_REPEATS + 1):
+            start = time.perf_counter()
+            model(**inputs)
+            if inputs["input_ids"].is_cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times[1:])
+
+
+def latencies(module: L.LightningModule, batch: dict[str, torch.Tensor]) -> dict[str, float | None]:
+    """Forward latency at batch 1 and at the recipe's batch: tuned, merged (when it merges) and the bare base."""
+    model = module.model.eval()
+    device = next(model.parameters()).device
+    full = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+    sizes = {"b1": {k: v[:1] for k, v in full.items()}, "batch": full}
+    out: dict[str, float | None] = {}
+    for label, inputs in sizes.items():
+        out[f"latency_{label}_ms"] = forward_ms(model, inputs)
+        with disable_adapters(model):
+            out[f"base_latency_{label}_ms"] = forward_ms(model, inputs)
+    merged = _merged(model)
+    for label, inputs in sizes.items():
+        out[f"latency_{label}_merged_ms"] = forward_ms(model, inputs) if merged else None
+    if merged:
+        unmerge(model)
+    return out
+
+
+def _merged(model: nn.Module) -> bool:
+    """Merge ``model``'s adapters when it has PEFT layers and they merge."""
+    if not any(isinstance(part, PEFTModule) for part in model.modules()):
+        return False
+    try:
+        merge(model)
+    except ValueError:  # adapters that cannot merge (bottleneck adapters, prompts)
+        return False
+    return True
+
+
+def adapter_bytes(module: L.LightningModule, run_dir: Path) -> int:
+    """Bytes of what a task stores beyond the base: the saved adapter folder, or every trained tensor."""
+    if adapter_refs(module):
+        folder = export_adapters(module, run_dir / "adapter")
+        return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    return sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+
+
+def run(run_dir: Path) -> dict[str, Any]:
+    """Train, test and measure the run in ``run_dir``; the result row (without method and seed)."""
+    started = time.perf_counter()
+    cli = build_cli(["--config", str(run_dir / "config.yaml")], run=False)
+    trainer, module, data = cli.trainer, cli.model, cli.datamodule
+    measure = MeasureTraining(run_dir / "progress.json")
+    trainer.callbacks.append(measure)
+    trainer.fit(module, datamodule=data)
+    device = module.device
+    peak, kind = peak_memory_mib(device)
+    summary = trainable_summary(module)
+    results = trainer.test(module, datamodule=data, verbose=False)[0] if "test" in getattr(data, "splits", {}) \
+        else {}
+    name, value, higher = test_metric(results)
+    batch = next(iter(data.test_dataloader() if results else data.train_dataloader()))
+    return {"status": "ok", "error": None, "trainable_params": summary.trainable, "total_params": summary.total,
+            "trainable_percent": summary.percent, "adapter_bytes": adapter_bytes(module, run_dir),
+            "peak_memory_mib": peak, "memory_kind": kind, **measure.figures(), "metric_name": name,
+            "metric": value, "higher_is_better": higher, "metrics": {k: float(v) for k, v in results.items()},
+            "batch_size": len(batch["input_ids"]), **latencies(module, batch), "wall_s": time.perf_counter() - started}
+
+
+def failure(err: BaseException) -> str:
+    """An error on one line: the user's mistake as the CLI says it, else the exception's type and message."""
+    mistake = user_mistake(err)
+    return error_line(mistake) if mistake is not None else f"{type(err).__name__}: {error_line(err)}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one compared method; the result row is written even when the run fails."""
+    run_dir = Path((argv if argv is not None else sys.argv[1:])[0])
+    plan = json.loads((run_dir / "plan.json").read_text())
+    try:
+        row = run(run_dir)
+    except Exception as err:  # the row says why; the log keeps the traceback
+        traceback.print_exc()
+        row = {"status": "failed", "error": failure(err)}
+    write_json(run_dir / "result.json", {**plan, **row})
+    return 0 if row["status"] == "ok" else 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

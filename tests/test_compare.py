@@ -1,0 +1,85 @@
+"""`lightning-peft compare` end to end on a tiny model: a failing run is a row, reruns resume, reports are written."""
+
+import csv
+import json
+
+import pytest
+from test_cli import recipe, run_cli, sentiment_rows, tiny_model_dir, write_data  # noqa: F401 (a fixture)
+
+from lightning_peft.compare.methods import plan_method
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, tiny_model_dir):  # noqa: F811 (the fixture imported above)
+    train = write_data(tmp_path, "train", sentiment_rows(32, 0))
+    test = write_data(tmp_path, "test", sentiment_rows(16, 1))
+    return recipe(tmp_path, tiny_model_dir, train, test)
+
+
+def test_a_failing_method_is_a_row_the_others_finish_and_a_rerun_resumes(tmp_path, tiny_recipe):
+    out = tmp_path / "compare"
+    command = ["compare", "--config", str(tiny_recipe), "--methods", "lora,ia3", "--max_steps", "3", "--out", str(out)]
+    first = run_cli(*command, "--set", "ia3.target_modules=[no_such_layer]")
+    assert first.returncode == 0, first.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    lora, ia3 = report["rows"]
+    assert (lora["method"], lora["status"], ia3["method"], ia3["status"]) == ("lora", "ok", "ia3", "failed")
+    assert "IA3: target_modules=['no_such_layer'] matched no module" in ia3["error"]
+    assert lora["steps"] == 3 and lora["metric_name"] == "test_acc" and 0 <= lora["metric"] <= 1
+    assert 0 < lora["trainable_params"] < lora["total_params"]
+    assert lora["adapter_bytes"] > 4 * lora["trainable_params"] * 0.9  # the saved adapter holds them all
+    for key in ("peak_memory_mib", "step_time_s", "samples_per_s", "tokens_per_s", "latency_b1_ms",
+                "latency_batch_ms", "latency_b1_merged_ms", "base_latency_b1_ms", "base_latency_batch_ms"):
+        assert lora[key] > 0, key
+    assert lora["batch_size"] == 8 and lora["samples_per_s"] > 0
+    with open(out / "report.csv") as f:
+        assert [row["method"] for row in csv.DictReader(f)] == ["lora", "ia3"]
+    markdown = (out / "report.md").read_text()
+    assert "no_such_layer" in markdown and "lora" in markdown
+    for plot in ("quality_vs_params.png", "quality_vs_memory.png", "quality_vs_time.png"):
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plot
+
+    finished = (out / "runs" / "lora-seed0" / "result.json").stat().st_mtime_ns
+    second = run_cli(*command)  # IA3 with its default targets now
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "[1/2] lora seed 0: done before, kept" in second.stderr
+    assert (out / "runs" / "lora-seed0" / "result.json").stat().st_mtime_ns == finished  # not retrained
+    rows = json.loads((out / "report.json").read_text())["rows"]
+    assert [(row["method"], row["status"]) for row in rows] == [("lora", "ok"), ("ia3", "ok")]
+    assert rows[0] == lora
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "full_finetune_sentiment", "--methods", "lora"],
+     "recipe full_finetune_sentiment has no PEFT method in trainer.callbacks"),
+    (["--config", "lora_sentiment", "--methods", "lora,loar"], "unknown method 'loar'; methods: lora, dora, ia3"),
+    (["--config", "lora_sentiment", "--methods", "lora", "--set", "lora.rank=4"],
+     "--set lora.rank: lora has no setting 'rank'; its settings: adapter_name, alpha, checkpoint"),
+    (["--config", "lora_sentiment", "--methods", "lora", "--set", "ia3.r=4"],
+     "--set ia3.r=4: 'ia3' is not among the compared methods (lora)"),
+])
+def test_bad_requests_get_one_line_before_any_training(tmp_path, args, message):
+    result = run_cli("compare", *args, "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(f"lightning-peft: error: {message}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_settings_come_from_the_methods_own_recipe_for_the_same_task():
+    import yaml
+
+    from lightning_peft.builtin_recipes import RECIPES
+
+    lora_recipe = yaml.safe_load((RECIPES / "lora_sentiment.yaml").read_text())
+    ia3 = plan_method(lora_recipe, "lora_sentiment", "ia3", {})
+    assert (ia3.source, ia3.learning_rate) == ("ia3_sentiment", 1e-2)
+    assert ia3.callbacks == yaml.safe_load((RECIPES / "ia3_sentiment.yaml").read_text())["trainer"]["callbacks"]
+    bitfit = plan_method(lora_recipe, "lora_sentiment", "bitfit", {"learning_rate": 1e-3})
+    assert (bitfit.learning_rate, bitfit.gradient_clip_val) == (1e-3, 1.0)  # --set, and the recipe's clipping
+    dora = plan_method(lora_recipe, "lora_sentiment", "dora", {})
+    assert dora.callbacks[0]["init_args"]["use_dora"] is True and dora.source == "lora_sentiment"
+    qlora = plan_method(lora_recipe, "lora_sentiment", "qlora", {"r": 4})  # no qlora_sentiment: the defaults
+    assert qlora.source == "defaults"
+    assert [e["class_path"] for e in qlora.callbacks] == ["lightning_peft.QuantizeBase", "lightning_peft.LoRA"]
+    assert qlora.callbacks[1]["init_args"]["modules_to_save"] == ["classifier"]  # the recipe's head trains
+    assert qlora.callbacks[1]["init_args"]["r"] == 4
