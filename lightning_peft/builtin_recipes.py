@@ -18,7 +18,9 @@ def recipe_path(value: str) -> str:
     if Path(value).exists():
         return value
     name = Path(value).name.removesuffix(".yaml")
-    if os.sep in value or name not in builtin_recipes():
+    if os.sep in value:
+        raise FileNotFoundError(f"--config {value}: the file does not exist")
+    if name not in builtin_recipes():
         raise ValueError(f"--config {value}: no such file, and no built-in recipe of that name "
                          f"(built-in: {', '.join(builtin_recipes())})")
     return str(RECIPES / f"{name}.yaml")

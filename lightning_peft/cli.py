@@ -240,6 +240,7 @@ COMMANDS = {
     "predict": "label texts or continue prompts, one line each (--ckpt_path or --adapter)",
     "export": "write a checkpoint's adapter in peft's layout, or with --merged a whole model",
     "compare": "train several methods on one recipe's task and report their trade-offs (tables, plots)",
+    "estimate": "estimate each method's peak training memory per device, before training",
 }
 
 
@@ -279,10 +280,10 @@ def main(args: list[str] | None = None) -> None:
     try:
         if argv[:1] == ["export"]:
             return export_main(argv[1:])
-        if argv[:1] == ["compare"]:
-            from lightning_peft.compare.runner import compare_main  # compare imports this module
+        if argv[:1] in (["compare"], ["estimate"]):
+            from lightning_peft.compare import runner  # it imports this module
 
-            return compare_main(argv[1:])
+            return (runner.compare_main if argv[0] == "compare" else runner.estimate_main)(argv[1:])
         resolved = with_recipe_paths(argv)
         if args is None:  # LightningCLI reads sys.argv itself, and warns when given both
             sys.argv[1:], resolved = resolved, None

@@ -133,12 +133,13 @@ def test_help_lists_every_command_and_each_has_its_own(capsys):
     result = run_cli("--help")
     assert result.returncode == 0
     listed = [line.split()[0] for line in result.stdout.split("commands:\n")[1].split("\n\n")[0].splitlines()]
-    assert listed == list(COMMANDS) == ["fit", "validate", "test", "predict", "export", "compare"]
+    assert listed == list(COMMANDS) == ["fit", "validate", "test", "predict", "export", "compare",
+                                          "estimate"]
     for command in COMMANDS:
         with pytest.raises(SystemExit) as exit_:
             main([command, "--help"])
         assert exit_.value.code == 0
-        standalone = command in ("export", "compare")  # argparse commands, not LightningCLI's
+        standalone = command in ("export", "compare", "estimate")  # argparse commands, not LightningCLI's
         assert f"lightning-peft {'' if standalone else '[options] '}{command}" in capsys.readouterr().out
 
 

@@ -6,6 +6,7 @@ import json
 import pytest
 from test_cli import recipe, run_cli, sentiment_rows, tiny_model_dir, write_data  # noqa: F401 (a fixture)
 
+from lightning_peft.compare.estimate import MemoryParts, per_device
 from lightning_peft.compare.methods import plan_method
 
 
@@ -32,6 +33,7 @@ def test_a_failing_method_is_a_row_the_others_finish_and_a_rerun_resumes(tmp_pat
                 "latency_batch_ms", "latency_b1_merged_ms", "base_latency_b1_ms", "base_latency_batch_ms"):
         assert lora[key] > 0, key
     assert lora["batch_size"] == 8 and lora["samples_per_s"] > 0
+    assert lora["estimate_mib"] >= lora["estimate_load_peak"] > lora["estimate_weights"] > 0  # made before training
     with open(out / "report.csv") as f:
         assert [row["method"] for row in csv.DictReader(f)] == ["lora", "ia3"]
     markdown = (out / "report.md").read_text()
@@ -49,6 +51,7 @@ def test_a_failing_method_is_a_row_the_others_finish_and_a_rerun_resumes(tmp_pat
     assert rows[0] == lora
 
 
+@pytest.mark.parametrize("command", ["compare", "estimate"])
 @pytest.mark.parametrize("args, message", [
     (["--config", "full_finetune_sentiment", "--methods", "lora"],
      "recipe full_finetune_sentiment has no PEFT method in trainer.callbacks"),
@@ -58,8 +61,9 @@ def test_a_failing_method_is_a_row_the_others_finish_and_a_rerun_resumes(tmp_pat
     (["--config", "lora_sentiment", "--methods", "lora", "--set", "ia3.r=4"],
      "--set ia3.r=4: 'ia3' is not among the compared methods (lora)"),
 ])
-def test_bad_requests_get_one_line_before_any_training(tmp_path, args, message):
-    result = run_cli("compare", *args, "--out", str(tmp_path / "out"))
+def test_bad_requests_get_one_line_before_any_training(tmp_path, command, args, message, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run_cli(command, *args, *(["--out", str(tmp_path / "out")] if command == "compare" else []))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(f"lightning-peft: error: {message}")
     assert not (tmp_path / "out").exists()
@@ -83,3 +87,25 @@ def test_settings_come_from_the_methods_own_recipe_for_the_same_task():
     assert [e["class_path"] for e in qlora.callbacks] == ["lightning_peft.QuantizeBase", "lightning_peft.LoRA"]
     assert qlora.callbacks[1]["init_args"]["modules_to_save"] == ["classifier"]  # the recipe's head trains
     assert qlora.callbacks[1]["init_args"]["r"] == 4
+
+
+def test_estimate_prints_each_methods_parts_and_total(tiny_recipe):
+    result = run_cli("estimate", "--config", str(tiny_recipe), "--methods", "lora,full")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == "peak training memory per device (MiB), 1 device(s), single"
+    rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in lines[2:]}
+    assert set(rows) == {"lora", "full"}
+    weights, trained, states, step, runtime, load_peak, total = rows["full"]
+    assert rows["lora"][1] < trained  # LoRA trains a part of what full fine-tuning trains
+    assert states == pytest.approx(2 * trained, abs=0.15)
+    assert total == pytest.approx(max(load_peak, runtime + weights + states + step), abs=2)
+
+
+def test_the_estimate_splits_as_each_strategy_holds_memory():
+    parts = MemoryParts(weights=400, trainable=100, runtime=300, step=250, load_peak=500, batch_size=8,
+                        probe_batches=(1, 2))
+    assert per_device(parts) == 300 + 400 + 200 + 250
+    assert per_device(parts, 4, "ddp") == 300 + 400 + 200 + 250 + 100  # gradient buckets
+    assert per_device(parts, 4, "fsdp") == 300 + (400 + 200) / 4 + 250 - 100 * 3 / 4  # sharded; gradients too
+    assert per_device(MemoryParts(400, 100, 300, 250, 900, 8, (1, 2)), 4, "fsdp") == 900  # each builds it whole

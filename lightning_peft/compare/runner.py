@@ -16,6 +16,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -79,6 +80,59 @@ def compare_main(argv: list[str]) -> None:
     print(f"compare: {sum(r['status'] == 'ok' for r in rows)} of {len(rows)} runs ok; report: {written['md']}")
 
 
+def estimate_parser() -> argparse.ArgumentParser:
+    """The options of ``lightning-peft estimate``."""
+    from lightning_peft.cli import CommandParser
+
+    p = CommandParser(prog="lightning-peft estimate",
+                      description="Estimate each method's peak training memory per device before training: "
+                                  "weights, gradients and optimizer states by formula, activations from a short probe "
+                                  "of the real model on cut-down batches.")
+    p.add_argument("--config", required=True, help="a recipe with a PEFT method in trainer.callbacks (file or name)")
+    p.add_argument("--methods", default=None, help=f"comma-separated, from: {','.join(METHOD_NAMES)} "
+                                                   "(default: the recipe's own method)")
+    p.add_argument("--devices", type=int, default=1, help="devices the memory is split across")
+    p.add_argument("--strategy", choices=["single", "ddp", "fsdp"], default="single", help="how it is split")
+    p.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE", help="as for compare")
+    return p
+
+
+def estimate_main(argv: list[str]) -> None:
+    """Print each method's estimated peak memory per device, each probed in its own process."""
+    options = estimate_parser().parse_args(argv)
+    recipe = yaml.safe_load(Path(recipe_path(options.config)).read_text())
+    slot = method_slot(recipe, options.config)
+    methods = [m.strip() for m in (options.methods or "").split(",") if m.strip()]
+    overrides = parse_overrides(options.set, methods)
+    plans = [plan_method(recipe, options.config, m, overrides.get(m, {})) for m in methods] or [
+        MethodPlan("recipe", slot, recipe["model"]["init_args"]["learning_rate"],
+                   (recipe.get("trainer") or {}).get("gradient_clip_val"), options.config)]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="lightning-peft-estimate-") as folder:
+        for i, plan in enumerate(plans, 1):
+            run_dir = Path(folder) / plan.method
+            prepare_run(recipe, plan, 0, None, run_dir)
+            rows.append(run_worker(run_dir, ["--estimate", str(options.devices), options.strategy],
+                                   f"[{i}/{len(plans)}] {plan.method}"))
+    print(estimate_table(rows, options.devices, options.strategy))
+
+
+def estimate_table(rows: list[dict], devices: int, strategy: str) -> str:
+    """The estimates as a text table, with the parts they add up from (MiB) and the failed methods' errors."""
+    head = (f"{'method':<15}{'weights':>9}{'trained':>9}{'Adam states':>13}{'step':>8}{'runtime':>9}"
+            f"{'load peak':>11}{'per device':>12}")
+    lines = [f"peak training memory per device (MiB), {devices} device(s), {strategy}", head]
+    for row in rows:
+        if row["status"] != "ok":
+            lines.append(f"{row['method']:<15}failed: {row['error']}")
+            continue
+        trained = row["estimate_trainable"]
+        lines.append(f"{row['method']:<15}{row['estimate_weights']:>9.0f}{trained:>9.1f}{2 * trained:>13.1f}"
+                     f"{row['estimate_step']:>8.0f}{row['estimate_runtime']:>9.0f}{row['estimate_load_peak']:>11.0f}"
+                     f"{row['estimate_mib']:>12.0f}")
+    return "\n".join(lines)
+
+
 def _seeds(text: str) -> list[int]:
     try:
         return [int(s) for s in text.split(",") if s.strip()]
@@ -101,30 +155,47 @@ def run_config(recipe: dict, plan: MethodPlan, seed: int, max_steps: int | None,
 
 
 def run_once(recipe: dict, plan: MethodPlan, seed: int, max_steps: int | None, out: Path, label: str) -> dict:
-    """One run's result row: saved from an earlier compare, or from a fresh worker process."""
+    """One run's result row: saved from an earlier compare, or estimated then trained by fresh worker processes."""
     run_dir = out / "runs" / f"{plan.method}-seed{seed}"
     saved = _saved_result(run_dir)
     if saved is not None:
         print(f"{label} {plan.method} seed {seed}: done before, kept ({run_dir / 'result.json'})", file=sys.stderr)
         return saved
+    prepare_run(recipe, plan, seed, max_steps, run_dir)
+    name = f"{label} {plan.method} seed {seed}"
+    guess = run_worker(run_dir, ["--estimate", "1", "single"], f"{name} (memory estimate)")
+    row = run_worker(run_dir, [], name)
+    if guess["status"] == "ok":
+        row.update({k: v for k, v in guess.items() if k.startswith("estimate")})
+        write_text(run_dir / "result.json", json.dumps(row, indent=1))
+    print(f"{name}: {row['status']}" + (f": {row['error']}" if row.get("error") else ""), file=sys.stderr)
+    return row
+
+
+def prepare_run(recipe: dict, plan: MethodPlan, seed: int, max_steps: int | None, run_dir: Path) -> None:
+    """Write the run's recipe and identity into ``run_dir``, removing what an earlier failed attempt left."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "progress.json").unlink(missing_ok=True)
-    (run_dir / "result.json").unlink(missing_ok=True)  # a failed run's row: this run replaces it
+    for leftover in ("progress.json", "result.json", "estimate.json"):
+        (run_dir / leftover).unlink(missing_ok=True)
     identity = {"method": plan.method, "seed": seed, "learning_rate": plan.learning_rate,
                 "settings_from": plan.source, "overrides": plan.overrides}
     write_text(run_dir / "plan.json", json.dumps(identity, indent=1))
     write_text(run_dir / "config.yaml", yaml.safe_dump(run_config(recipe, plan, seed, max_steps, run_dir),
                                                         sort_keys=False))
-    with open(run_dir / "log.txt", "w") as log:
-        worker = subprocess.Popen([sys.executable, "-m", "lightning_peft.compare.worker", str(run_dir)],
-                                  stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        code = watch(worker, run_dir / "progress.json", f"{label} {plan.method} seed {seed}", sys.stderr)
-    result = run_dir / "result.json"
-    row = json.loads(result.read_text()) if result.is_file() else {**identity, "status": "failed",
-                                                                     "error": died(code, run_dir / "log.txt")}
-    print(f"{label} {plan.method} seed {seed}: {row['status']}" + (f": {row['error']}" if row.get("error") else ""),
-          file=sys.stderr)
-    return row
+
+
+def run_worker(run_dir: Path, args: list[str], label: str) -> dict:
+    """Run a worker process on ``run_dir`` (training, or with ``--estimate`` the estimate) and return its row."""
+    estimating = bool(args)
+    target = run_dir / ("estimate.json" if estimating else "result.json")
+    log = run_dir / ("estimate.log" if estimating else "log.txt")
+    with open(log, "w") as stream:
+        worker = subprocess.Popen([sys.executable, "-m", "lightning_peft.compare.worker", str(run_dir), *args],
+                                  stdout=stream, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        code = watch(worker, run_dir / "progress.json", label, sys.stderr)
+    if target.is_file():
+        return json.loads(target.read_text())
+    return {**json.loads((run_dir / "plan.json").read_text()), "status": "failed", "error": died(code, log)}
 
 
 def _saved_result(run_dir: Path) -> dict | None:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lightning_peft.cli import build_cli, error_line, user_mistake
+from lightning_peft.compare.estimate import as_row, probe
 from lightning_peft.core.adapter_control import disable_adapters
 from lightning_peft.core.files import atomic_write
 from lightning_peft.core.layer import PEFTModule
@@ -169,16 +170,23 @@ def failure(err: BaseException) -> str:
     return error_line(mistake) if mistake is not None else f"{type(err).__name__}: {error_line(err)}"
 
 
+def estimate(run_dir: Path, devices: int, strategy: str) -> dict[str, Any]:
+    """The memory estimate of the run in ``run_dir``, made with a short probe before any training."""
+    return {"status": "ok", "error": None, **as_row(probe(run_dir / "config.yaml"), devices, strategy)}
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run one compared method; the result row is written even when the run fails."""
-    run_dir = Path((argv if argv is not None else sys.argv[1:])[0])
+    """Train ``RUN_DIR``'s run, or estimate it (``--estimate DEVICES STRATEGY``); the row is written even on failure."""
+    args = argv if argv is not None else sys.argv[1:]
+    run_dir = Path(args[0])
     plan = json.loads((run_dir / "plan.json").read_text())
+    estimating = args[1:2] == ["--estimate"]
     try:
-        row = run(run_dir)
+        row = estimate(run_dir, int(args[2]), args[3]) if estimating else run(run_dir)
     except Exception as err:  # the row says why; the log keeps the traceback
         traceback.print_exc()
         row = {"status": "failed", "error": failure(err)}
-    write_json(run_dir / "result.json", {**plan, **row})
+    write_json(run_dir / ("estimate.json" if estimating else "result.json"), {**plan, **row})
     return 0 if row["status"] == "ok" else 1
 
 
