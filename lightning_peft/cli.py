@@ -25,7 +25,7 @@ from lightning.pytorch.loggers import CSVLogger
 import lightning_peft
 from lightning_peft.assets import AssetError
 from lightning_peft.builtin_recipes import builtin_recipes, recipe_path
-from lightning_peft.cli_messages import one_line
+from lightning_peft.cli_messages import CommandParser, ConfigError, one_line
 from lightning_peft.core.adapter_files import read_adapter_files
 from lightning_peft.core.ownership import adapter_refs
 from lightning_peft.core.summary import trainable_summary
@@ -41,10 +41,6 @@ DEBUG_VARIABLE = "LIGHTNING_PEFT_DEBUG"
 USAGE_ERROR = 2  # the exit code of every user mistake, as argparse uses
 
 
-class ConfigError(Exception):
-    """A mistake in the command line or the recipe, already said in one line."""
-
-
 class PEFTArgumentParser(LightningArgumentParser):
     """LightningCLI's parser, whose errors are one line (with a "did you mean") instead of a usage report."""
 
@@ -55,13 +51,6 @@ class PEFTArgumentParser(LightningArgumentParser):
             super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
         raise ConfigError(one_line(message, option_names(parser))) from ex
-
-
-class CommandParser(argparse.ArgumentParser):
-    """argparse for the plain subcommands (export), with the same one-line errors."""
-
-    def error(self, message: str) -> NoReturn:
-        raise ConfigError(message)
 
 
 def option_names(parser: argparse.ArgumentParser) -> list[str]:
@@ -281,7 +270,7 @@ def main(args: list[str] | None = None) -> None:
         if argv[:1] == ["export"]:
             return export_main(argv[1:])
         if argv[:1] in (["compare"], ["estimate"]):
-            from lightning_peft.compare import runner  # it imports this module
+            from lightning_peft.compare import runner  # on demand: report plotting and planning stay out of fit
 
             return (runner.compare_main if argv[0] == "compare" else runner.estimate_main)(argv[1:])
         resolved = with_recipe_paths(argv)

@@ -6,12 +6,14 @@ one key that is wrong, what was meant, and what exists.
 
 from __future__ import annotations
 
+import argparse
 import ast
 import difflib
 import importlib
 import inspect
 import re
 from collections.abc import Iterable
+from typing import NoReturn
 
 _GENERIC = re.compile(r"^(Does not validate|Subtypes:|Errors:|Given value|Not a valid subclass|Subclass types|- a |"
                       r"- Expected a <class 'NoneType'>|Expected a <class 'NoneType'>|tip:|usage:)")
@@ -19,6 +21,17 @@ KEY_CLASSES = {  # where a bad init_args key has no class_path in the message: t
     "model": ("lightning_peft.tasks.SequenceClassification", "lightning_peft.tasks.CausalLM"),
     "data": ("lightning_peft.data.TextClassificationData", "lightning_peft.data.CausalLMData"),
 }
+
+
+class ConfigError(Exception):
+    """A mistake in the command line or the recipe, already said in one line."""
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse for the plain subcommands (export, compare, estimate), with the same one-line errors."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message)
 
 
 def one_line(message: str, option_names: Iterable[str] = ()) -> str:

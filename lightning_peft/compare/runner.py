@@ -26,6 +26,7 @@ import yaml
 
 import lightning_peft
 from lightning_peft.builtin_recipes import recipe_path
+from lightning_peft.cli_messages import CommandParser
 from lightning_peft.compare.methods import (
     METHOD_NAMES,
     CompareError,
@@ -43,8 +44,6 @@ POLL_S = 0.5
 
 def parser() -> argparse.ArgumentParser:
     """The options of ``lightning-peft compare``."""
-    from lightning_peft.cli import CommandParser  # the CLI's one-line errors; cli imports this module lazily
-
     p = CommandParser(prog="lightning-peft compare",
                       description="Train every method on one recipe's task (same data, steps, batch and seed), each "
                                   "in its own process, and write report.md/.csv/.json and plots to --out.")
@@ -82,8 +81,6 @@ def compare_main(argv: list[str]) -> None:
 
 def estimate_parser() -> argparse.ArgumentParser:
     """The options of ``lightning-peft estimate``."""
-    from lightning_peft.cli import CommandParser
-
     p = CommandParser(prog="lightning-peft estimate",
                       description="Estimate each method's peak training memory per device before training: "
                                   "weights, gradients and optimizer states by formula, activations from a short probe "
