@@ -73,10 +73,10 @@ def recipe(tmp_path: Path, model_dir: Path, train: Path, test: Path | None = Non
     return path
 
 
-def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, stdin: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "-m", "lightning_peft.cli", *args], input=stdin, capture_output=True,
-                          text=True, env=env, timeout=300)
+                          text=True, env=env, timeout=timeout)
 
 
 def test_fit_then_predict_with_string_labels(tmp_path, tiny_model_dir):

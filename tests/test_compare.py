@@ -20,7 +20,7 @@ def tiny_recipe(tmp_path, tiny_model_dir):  # noqa: F811 (the fixture imported a
 def test_a_failing_method_is_a_row_the_others_finish_and_a_rerun_resumes(tmp_path, tiny_recipe):
     out = tmp_path / "compare"
     command = ["compare", "--config", str(tiny_recipe), "--methods", "lora,ia3", "--max_steps", "3", "--out", str(out)]
-    first = run_cli(*command, "--set", "ia3.target_modules=[no_such_layer]")
+    first = run_cli(*command, "--set", "ia3.target_modules=[no_such_layer]", timeout=900)  # 4 processes
     assert first.returncode == 0, first.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     lora, ia3 = report["rows"]
@@ -42,7 +42,7 @@ def test_a_failing_method_is_a_row_the_others_finish_and_a_rerun_resumes(tmp_pat
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plot
 
     finished = (out / "runs" / "lora-seed0" / "result.json").stat().st_mtime_ns
-    second = run_cli(*command)  # IA3 with its default targets now
+    second = run_cli(*command, timeout=900)  # IA3 with its default targets now
     assert second.returncode == 0, second.stderr[-3000:]
     assert "[1/2] lora seed 0: done before, kept" in second.stderr
     assert (out / "runs" / "lora-seed0" / "result.json").stat().st_mtime_ns == finished  # not retrained
