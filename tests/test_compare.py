@@ -19,14 +19,14 @@ def tiny_recipe(tmp_path, tiny_model_dir):  # noqa: F811 (the fixture imported a
 
 def test_a_failing_method_is_a_row_the_others_finish_and_a_rerun_resumes(tmp_path, tiny_recipe):
     out = tmp_path / "compare"
-    command = ["compare", "--config", str(tiny_recipe), "--methods", "lora,ia3", "--max_steps", "3", "--out", str(out)]
+    command = ["compare", "--config", str(tiny_recipe), "--methods", "lora,ia3", "--max_steps", "4", "--out", str(out)]
     first = run_cli(*command, "--set", "ia3.target_modules=[no_such_layer]", timeout=900)  # 4 processes
     assert first.returncode == 0, first.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     lora, ia3 = report["rows"]
     assert (lora["method"], lora["status"], ia3["method"], ia3["status"]) == ("lora", "ok", "ia3", "failed")
     assert "IA3: target_modules=['no_such_layer'] matched no module" in ia3["error"]
-    assert lora["steps"] == 3 and lora["metric_name"] == "test_acc" and 0 <= lora["metric"] <= 1
+    assert lora["steps"] == 4 and lora["metric_name"] == "test_acc" and 0 <= lora["metric"] <= 1
     assert 0 < lora["trainable_params"] < lora["total_params"]
     assert lora["adapter_bytes"] > 4 * lora["trainable_params"] * 0.9  # the saved adapter holds them all
     for key in ("peak_memory_mib", "step_time_s", "samples_per_s", "tokens_per_s", "latency_b1_ms",

@@ -149,7 +149,9 @@ def probe(config: Path) -> MemoryParts:
     """Build the recipe of ``config`` and measure what its training holds, for the recipe's batch size."""
     cli = build_cli(["--config", str(config), "--trainer.max_steps=3", "--trainer.limit_val_batches=0",
                      "--trainer.logger=false", "--trainer.enable_checkpointing=false",
-                     "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"], run=False)
+                     "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+                     f"--trainer.default_root_dir={config.parent / 'probe'}"],  # the probe's files apart from the run's
+                    run=False)
     trainer, module, data = cli.trainer, cli.model, cli.datamodule
     batch_size = data.batch_size
     sizes = probe_sizes(batch_size)
