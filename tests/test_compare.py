@@ -4,6 +4,7 @@ import csv
 import json
 
 import pytest
+from test_causal_lm import COUNTING, lm_recipe, tiny_lm_dir  # noqa: F401 (a fixture)
 from test_cli import recipe, run_cli, sentiment_rows, tiny_model_dir, write_data  # noqa: F401 (a fixture)
 
 from lightning_peft.compare.estimate import MemoryParts, per_device
@@ -109,3 +110,29 @@ def test_the_estimate_splits_as_each_strategy_holds_memory():
     assert per_device(parts, 4, "ddp") == 300 + 400 + 200 + 250 + 100  # gradient buckets
     assert per_device(parts, 4, "fsdp") == 300 + (400 + 200) / 4 + 250 - 100 * 3 / 4  # sharded; gradients too
     assert per_device(MemoryParts(400, 100, 300, 250, 900, 8, (1, 2)), 4, "fsdp") == 900  # each builds it whole
+
+
+def test_a_causal_lm_run_measures_forgetting_before_and_after_on_another_text(tmp_path, tiny_lm_dir):  # noqa: F811
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lightning_peft import load_adapter
+    from lightning_peft.compare.worker import perplexity
+
+    train = tmp_path / "counting.txt"
+    train.write_text(COUNTING)
+    backwards = tmp_path / "backwards.txt"  # the other domain: counting down
+    backwards.write_text("".join(" ".join(reversed(COUNTING.split()[:10])) + "\n" for _ in range(30)))
+    out = tmp_path / "out"
+    config = lm_recipe(tmp_path, tiny_lm_dir, train, test_file=str(train))
+    result = run_cli("compare", "--config", str(config), "--methods", "lora",
+                     "--max_steps", "20", "--out", str(out), "--forgetting_text", str(backwards), timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = json.loads((out / "report.json").read_text())["rows"]
+    assert row["status"] == "ok", row["error"]
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_lm_dir), AutoTokenizer.from_pretrained(tiny_lm_dir)
+    text = backwards.read_text()
+    assert row["forgetting_base_ppl"] == pytest.approx(perplexity(model, tokenizer, text, 16), rel=1e-4)  # untouched
+    load_adapter(model, out / "runs" / "lora-seed0" / "adapter")  # the adapter the run trained
+    assert row["forgetting_tuned_ppl"] == pytest.approx(perplexity(model, tokenizer, text, 16), rel=1e-4)
+    assert row["forgetting_tuned_ppl"] != pytest.approx(row["forgetting_base_ppl"], rel=1e-3)
+    assert row["metric_name"] == "test_ppl" and "other-domain ppl" in (out / "report.md").read_text()

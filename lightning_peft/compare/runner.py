@@ -40,6 +40,7 @@ from lightning_peft.compare.report import write_report
 from lightning_peft.core.files import atomic_write
 
 POLL_S = 0.5
+FORGETTING_SNIPPETS = 2000  # movie review snippets: the other domain of a model tuned on Austen's novels
 
 
 def parser() -> argparse.ArgumentParser:
@@ -54,6 +55,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="the report folder (default: compare/RECIPE)")
     p.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="a method's setting (an argument of its callback), learning_rate or gradient_clip_val")
+    p.add_argument("--forgetting_text", default=None,
+                   help="causal LMs: held-out text of another domain, whose perplexity is measured before and after "
+                        "tuning (default for the Austen corpus: the movie review snippets)")
     return p
 
 
@@ -68,9 +72,10 @@ def compare_main(argv: list[str]) -> None:
     overrides = parse_overrides(options.set, methods)
     plans = [plan_method(recipe, options.config, method, overrides.get(method, {})) for method in methods]
     out = Path(options.out or Path("compare") / Path(recipe_file).stem)
+    forgetting = forgetting_text(recipe, options.forgetting_text, out)
     started, clock = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
     runs = [(plan, seed) for plan in plans for seed in seeds]
-    rows = [run_once(recipe, plan, seed, options.max_steps, out, f"[{i}/{len(runs)}]")
+    rows = [run_once(recipe, plan, seed, options.max_steps, out, f"[{i}/{len(runs)}]", forgetting)
             for i, (plan, seed) in enumerate(runs, 1)]
     context = {"command": "lightning-peft compare " + shlex.join(argv), "recipe": options.config,
                "machine": machine(), "versions": versions(), "started": started,
@@ -130,6 +135,25 @@ def estimate_table(rows: list[dict], devices: int, strategy: str) -> str:
     return "\n".join(lines)
 
 
+def forgetting_text(recipe: dict, given: str | None, out: Path) -> str | None:
+    """Other-domain text for a causal LM's forgetting: the file given, else for Austen the movie review snippets."""
+    causal = str(recipe["model"].get("class_path", "")).endswith("CausalLM")
+    if given is not None:
+        if not causal:
+            raise CompareError("--forgetting_text is for causal-LM recipes (lightning_peft.tasks.CausalLM)")
+        if not Path(given).is_file():
+            raise CompareError(f"--forgetting_text {given}: the file does not exist")
+        return str(Path(given).resolve())
+    if not causal or (recipe.get("data") or {}).get("init_args", {}).get("source") != "austen":
+        return None
+    from lightning_peft.assets import movie_snippets
+
+    path = out / "forgetting.txt"
+    if not path.is_file():
+        write_text(path, "\n".join(text for text, _ in movie_snippets()[:FORGETTING_SNIPPETS]) + "\n")
+    return str(path.resolve())
+
+
 def _seeds(text: str) -> list[int]:
     try:
         return [int(s) for s in text.split(",") if s.strip()]
@@ -151,14 +175,15 @@ def run_config(recipe: dict, plan: MethodPlan, seed: int, max_steps: int | None,
     return config
 
 
-def run_once(recipe: dict, plan: MethodPlan, seed: int, max_steps: int | None, out: Path, label: str) -> dict:
+def run_once(recipe: dict, plan: MethodPlan, seed: int, max_steps: int | None, out: Path, label: str,
+             forgetting: str | None = None) -> dict:
     """One run's result row: saved from an earlier compare, or estimated then trained by fresh worker processes."""
     run_dir = out / "runs" / f"{plan.method}-seed{seed}"
     saved = _saved_result(run_dir)
     if saved is not None:
         print(f"{label} {plan.method} seed {seed}: done before, kept ({run_dir / 'result.json'})", file=sys.stderr)
         return saved
-    prepare_run(recipe, plan, seed, max_steps, run_dir)
+    prepare_run(recipe, plan, seed, max_steps, run_dir, forgetting)
     name = f"{label} {plan.method} seed {seed}"
     guess = run_worker(run_dir, ["--estimate", "1", "single"], f"{name} (memory estimate)")
     row = run_worker(run_dir, [], name)
@@ -169,13 +194,14 @@ def run_once(recipe: dict, plan: MethodPlan, seed: int, max_steps: int | None, o
     return row
 
 
-def prepare_run(recipe: dict, plan: MethodPlan, seed: int, max_steps: int | None, run_dir: Path) -> None:
+def prepare_run(recipe: dict, plan: MethodPlan, seed: int, max_steps: int | None, run_dir: Path,
+                forgetting: str | None = None) -> None:
     """Write the run's recipe and identity into ``run_dir``, removing what an earlier failed attempt left."""
     run_dir.mkdir(parents=True, exist_ok=True)
     for leftover in ("progress.json", "result.json", "estimate.json"):
         (run_dir / leftover).unlink(missing_ok=True)
     identity = {"method": plan.method, "seed": seed, "learning_rate": plan.learning_rate,
-                "settings_from": plan.source, "overrides": plan.overrides}
+                "settings_from": plan.source, "overrides": plan.overrides, "forgetting_text": forgetting}
     write_text(run_dir / "plan.json", json.dumps(identity, indent=1))
     write_text(run_dir / "config.yaml", yaml.safe_dump(run_config(recipe, plan, seed, max_steps, run_dir),
                                                         sort_keys=False))

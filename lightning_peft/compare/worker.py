@@ -134,6 +134,41 @@ def _merged(model: nn.Module) -> bool:
     return True
 
 
+FORGETTING_BLOCKS = 16  # blocks of held-out text whose perplexity is measured before and after tuning
+
+
+def perplexity(model: nn.Module, tokenizer: Any, text: str, block_size: int) -> float:
+    """The causal LM's perplexity on the first blocks of ``text`` (mean next-token loss over whole blocks)."""
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    blocks = ids[: len(ids) // block_size * block_size].view(-1, block_size)[:FORGETTING_BLOCKS]
+    if not len(blocks):
+        raise ValueError(f"the forgetting text has {len(ids)} tokens, fewer than one block of {block_size}")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        losses = [model(input_ids=block[None].to(device), labels=block[None].to(device)).loss for block in blocks]
+    model.train(was_training)
+    return float(torch.stack(losses).mean().exp())
+
+
+class MeasureForgetting(L.Callback):
+    """Perplexity of another domain's text: the base model's at fit start (adapters off, weights untouched yet)."""
+
+    def __init__(self, text: str, block_size: int) -> None:
+        self.text, self.block_size = text, block_size
+        self.before: float | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        with disable_adapters(pl_module.model):
+            self.before = perplexity(pl_module.model, pl_module.tokenizer, self.text, self.block_size)
+
+    def figures(self, module: L.LightningModule) -> dict[str, float]:
+        """Before and after: the tuned model with its adapters on."""
+        return {"forgetting_base_ppl": self.before,
+                "forgetting_tuned_ppl": perplexity(module.model, module.tokenizer, self.text, self.block_size)}
+
+
 def adapter_bytes(module: L.LightningModule, run_dir: Path) -> int:
     """Bytes of what a task stores beyond the base: the saved adapter folder, or every trained tensor."""
     if adapter_refs(module):
@@ -142,13 +177,14 @@ def adapter_bytes(module: L.LightningModule, run_dir: Path) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
 
 
-def run(run_dir: Path) -> dict[str, Any]:
+def run(run_dir: Path, forgetting_text: str | None = None) -> dict[str, Any]:
     """Train, test and measure the run in ``run_dir``; the result row (without method and seed)."""
     started = time.perf_counter()
     cli = build_cli(["--config", str(run_dir / "config.yaml")], run=False)
     trainer, module, data = cli.trainer, cli.model, cli.datamodule
     measure = MeasureTraining(run_dir / "progress.json")
-    trainer.callbacks.append(measure)
+    forgetting = MeasureForgetting(Path(forgetting_text).read_text(), data.block_size) if forgetting_text else None
+    trainer.callbacks.extend([measure, *([forgetting] if forgetting else [])])
     trainer.fit(module, datamodule=data)
     device = module.device
     peak, kind = peak_memory_mib(device)
@@ -161,7 +197,8 @@ def run(run_dir: Path) -> dict[str, Any]:
             "trainable_percent": summary.percent, "adapter_bytes": adapter_bytes(module, run_dir),
             "peak_memory_mib": peak, "memory_kind": kind, **measure.figures(), "metric_name": name,
             "metric": value, "higher_is_better": higher, "metrics": {k: float(v) for k, v in results.items()},
-            "batch_size": len(batch["input_ids"]), **latencies(module, batch), "wall_s": time.perf_counter() - started}
+            "batch_size": len(batch["input_ids"]), **latencies(module, batch),
+            **(forgetting.figures(module) if forgetting else {}), "wall_s": time.perf_counter() - started}
 
 
 def failure(err: BaseException) -> str:
@@ -182,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = json.loads((run_dir / "plan.json").read_text())
     estimating = args[1:2] == ["--estimate"]
     try:
-        row = estimate(run_dir, int(args[2]), args[3]) if estimating else run(run_dir)
+        row = estimate(run_dir, int(args[2]), args[3]) if estimating else run(run_dir, plan.get("forgetting_text"))
     except Exception as err:  # the row says why; the log keeps the traceback
         traceback.print_exc()
         row = {"status": "failed", "error": failure(err)}
