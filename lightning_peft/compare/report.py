@@ -272,7 +272,7 @@ def _header(context: dict) -> list[str]:
     command = f"`{context['command']}`" if context.get("command") else None
     facts = [("recipe", context.get("recipe")), ("command", command), ("machine", context.get("machine")),
              ("versions", versions or None), ("started", context.get("started")),
-             ("total wall time", _duration(context.get("wall_s")))]
+             ("total wall time", duration(context.get("wall_s")))]
     return [f"# lightning-peft compare: {context.get('recipe') or 'report'}", ""] + [
         f"- **{name}**: {value}" for name, value in facts if value] + [""]
 
@@ -478,7 +478,7 @@ def _size(n_bytes: float | None) -> str:
     return f"{n_bytes / 1e3:.1f} KB"
 
 
-def _duration(seconds: float | None) -> str | None:
+def duration(seconds: float | None) -> str | None:
     """A wall time as seconds, minutes or hours; None when unknown."""
     if not _finite(seconds):
         return None

@@ -36,7 +36,7 @@ from lightning_peft.compare.methods import (
     parse_overrides,
     plan_method,
 )
-from lightning_peft.compare.report import write_report
+from lightning_peft.compare.report import duration, write_report
 from lightning_peft.core.files import atomic_write
 
 POLL_S = 0.5
@@ -240,7 +240,7 @@ def watch(worker: subprocess.Popen, progress: Path, label: str, stream: TextIO) 
         except (OSError, ValueError):
             continue
         step, total, elapsed = state["step"], state["max_steps"], state["elapsed_s"]
-        eta = f", ETA {_duration(elapsed / step * (total - step))}" if step and total > 0 else ""
+        eta = f", ETA {duration(elapsed / step * (total - step))}" if step and total > 0 else ""
         line = f"{label}: step {step}/{total if total > 0 else '?'}{eta}"
         if stream.isatty():
             print(f"\r{line}\033[K", end="", file=stream, flush=True)
@@ -259,11 +259,6 @@ def died(code: int, log: Path) -> str:
         return f"the run was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()] if log.is_file() else []
     return f"the run ended with exit code {code}" + (f": {lines[-1].strip()}" if lines else "")
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def write_text(path: Path, text: str) -> None:
