@@ -4,9 +4,11 @@ import csv
 import json
 
 import pytest
+import yaml
 from test_causal_lm import COUNTING, lm_recipe, tiny_lm_dir  # noqa: F401 (a fixture)
 from test_cli import recipe, run_cli, sentiment_rows, tiny_model_dir, write_data  # noqa: F401 (a fixture)
 
+from lightning_peft.builtin_recipes import RECIPES
 from lightning_peft.compare.estimate import MemoryParts, per_device
 from lightning_peft.compare.methods import plan_method
 
@@ -52,6 +54,45 @@ def test_a_failing_method_is_a_row_the_others_finish_and_a_rerun_resumes(tmp_pat
     assert rows[0] == lora
 
 
+def test_lr_sweep_chooses_each_rate_on_validation_rows_cut_from_training(tmp_path, tiny_model_dir):  # noqa: F811
+    train = write_data(tmp_path, "train", sentiment_rows(40, 0))
+    test = write_data(tmp_path, "test", sentiment_rows(16, 1))
+    config = recipe(tmp_path, tiny_model_dir, train, test, val_fraction=0)  # trains on every row: sweeps hold out
+    out = tmp_path / "compare"
+    command = ["compare", "--config", str(config), "--methods", "lora", "--max_steps", "3", "--out", str(out),
+               "--lr-sweep", "0.01,30"]
+    first = run_cli(*command, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (row,) = json.loads((out / "report.json").read_text())["rows"]
+    tried = row["lr_sweep"]
+    assert [t["learning_rate"] for t in tried] == pytest.approx([1e-3, 3.0])  # the recipe's 1e-1 times each factor
+    assert all(t["metric_name"] == "val_acc" and 0 <= t["metric"] <= 1 for t in tried)
+    assert row["learning_rate"] == max(tried, key=lambda t: t["metric"])["learning_rate"]
+    assert row["metric_name"] == "test_acc"
+    sweep_dir = out / "runs" / "lora-lr-sweep"
+    for run in sweep_dir.iterdir():  # validation held out of the training rows; the test rows are not scored
+        assert yaml.safe_load((run / "config.yaml").read_text())["data"]["init_args"]["val_fraction"] == 0.1
+        assert not any(k.startswith("test") for k in json.loads((run / "result.json").read_text()))
+    assert f"| lora | {row['learning_rate']:.3g} |" in (out / "report.md").read_text()
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*result.json")}
+    stamps |= {p: p.stat().st_mtime_ns for p in sweep_dir.glob("*/result.json")}
+    second = run_cli(*command, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "done before, kept" in second.stderr
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing trained again
+
+
+def test_a_saved_run_is_kept_only_for_the_same_settings(tmp_path):
+    from lightning_peft.compare.runner import _saved_result, identity
+
+    plan = plan_method(yaml.safe_load((RECIPES / "lora_sentiment.yaml").read_text()), "lora_sentiment", "lora", {})
+    (tmp_path / "result.json").write_text(json.dumps({**identity(plan, 0, None), "status": "ok"}))
+    assert _saved_result(tmp_path, identity(plan, 0, None)) is not None
+    assert _saved_result(tmp_path, identity(plan, 0, 50)) is None  # another step budget
+    plan.learning_rate *= 3
+    assert _saved_result(tmp_path, identity(plan, 0, None)) is None  # another rate (a sweep chose otherwise)
+
+
 @pytest.mark.parametrize("command", ["compare", "estimate"])
 @pytest.mark.parametrize("args, message", [
     (["--config", "full_finetune_sentiment", "--methods", "lora"],
@@ -71,10 +112,6 @@ def test_bad_requests_get_one_line_before_any_training(tmp_path, command, args, 
 
 
 def test_settings_come_from_the_methods_own_recipe_for_the_same_task():
-    import yaml
-
-    from lightning_peft.builtin_recipes import RECIPES
-
     lora_recipe = yaml.safe_load((RECIPES / "lora_sentiment.yaml").read_text())
     ia3 = plan_method(lora_recipe, "lora_sentiment", "ia3", {})
     assert (ia3.source, ia3.learning_rate) == ("ia3_sentiment", 1e-2)
@@ -88,6 +125,11 @@ def test_settings_come_from_the_methods_own_recipe_for_the_same_task():
     assert [e["class_path"] for e in qlora.callbacks] == ["lightning_peft.QuantizeBase", "lightning_peft.LoRA"]
     assert qlora.callbacks[1]["init_args"]["modules_to_save"] == ["classifier"]  # the recipe's head trains
     assert qlora.callbacks[1]["init_args"]["r"] == 4
+    mine = yaml.safe_load((RECIPES / "lora_sentiment.yaml").read_text())  # a user's recipe: its own LoRA settings
+    mine["trainer"]["callbacks"][0]["init_args"]["r"], mine["model"]["init_args"]["learning_rate"] = 4, 0.5
+    lora = plan_method(mine, "mine.yaml", "lora", {})
+    assert (lora.source, lora.learning_rate, lora.callbacks) == ("mine", 0.5, mine["trainer"]["callbacks"])
+    assert plan_method(mine, "mine.yaml", "ia3", {}).source == "defaults"
 
 
 def test_estimate_prints_each_methods_parts_and_total(tiny_recipe):

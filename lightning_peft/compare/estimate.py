@@ -1,16 +1,19 @@
-"""Peak training memory per device, estimated before training: formulas for the tensors, a probe for activations.
+"""Peak training memory per device, estimated before training: formulas for the tensors, a probe for the step.
 
-The probe builds the recipe's real model with the method injected and runs three training steps
-on cuts of one batch (``b1``, ``b1``, ``b2`` rows, padded to the recipe's longest sequence): the
-first allocates the optimizer's states, the next two measure how the step's peak grows with the
-batch, which is extrapolated to the recipe's batch. On CPU the meter is the process's resident
-memory (what the machine must have: runtime, weights, data, the allocator's holes); on CUDA the
-allocated memory. Weights, gradients and optimizer states come from formulas, which also give
-the split across devices under DDP and FSDP.
+The probe builds the recipe's real model with the method injected and trains on cut-down batches
+of two sizes (``b1`` rows, then ``b2``): the recipe's own batches with their own lengths, the first
+of each size padded to the recipe's longest sequence. It records the process's peak above its
+start after each size, and extrapolates that growth linearly to the recipe's batch. On CUDA the
+meter is the allocated memory. On CPU it is the resident memory, which is what the machine must
+have: there the heap keeps freed blocks that the next batch's other shapes cannot reuse, so the
+peak creeps up for many steps; that creep grows with the batch like the activations do, so the
+probe runs enough steps of each size to see most of it. Weights, gradients and optimizer states
+come from formulas, which also give the split across devices under DDP and FSDP.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -24,6 +27,7 @@ from lightning_peft.cli import build_cli
 
 MIB = 2**20
 OPTIMIZER_STATES = 2  # AdamW's exp_avg and exp_avg_sq, each the size of its parameter
+PROBE_STEPS = 20  # steps per probe size: on CPU the heap's creep from mixed shapes levels off by then (measured)
 
 
 @dataclass
@@ -33,7 +37,8 @@ class MemoryParts:
     weights: float  # parameters and buffers after injection (a quantized base at its stored size)
     trainable: float  # the trained parameters: their gradients and each optimizer state are this size again
     runtime: float  # the process without the model: interpreter, libraries, data (0 on CUDA)
-    step: float  # a training step's growth above its start at the recipe's batch: activations, gradients
+    step: float  # training's growth above its start at the recipe's batch, less the optimizer states: activations,
+    # gradients and (CPU) the heap's kept holes
     load_peak: float  # the peak while the model was built (loading can briefly hold weights twice)
     batch_size: int
     probe_batches: tuple[int, int]
@@ -82,25 +87,21 @@ def _status_kib(field: str) -> int:
 
 
 class ProbeSteps(L.Callback):
-    """Record the memory at the start of training and each probe step's growth above its own start."""
+    """Record the memory at the start of training and the peak above it after each probe step."""
 
     def __init__(self) -> None:
         self.meter: Meter | None = None
         self.start = self.load_peak = 0.0
         self.growth: list[float] = []
-        self._before = 0.0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.meter = Meter(pl_module.device)
         self.start, self.load_peak = self.meter.now(), self.meter.peak()
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
-        self.meter.reset_peak()
-        self._before = self.meter.now()
+        self.meter.reset_peak()  # training's peak apart from the loading's
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            idx: int) -> None:
-        self.growth.append(self.meter.peak() - self._before)
+        self.growth.append(self.meter.peak() - self.start)
 
 
 def probe_sizes(batch_size: int) -> tuple[int, int]:
@@ -133,21 +134,24 @@ class Batches:
         return len(self.batches)
 
 
-def probe_loader(original: Callable[[], Any], sizes: tuple[int, int], length: int | None,
+def probe_loader(original: Callable[[], Any], sizes: tuple[int, int], steps: int, length: int | None,
                  pad_id: int) -> Callable[[], Batches]:
-    """A train loader of three cuts of the recipe's first batch: b1 (warm-up: optimizer states), b1, b2."""
+    """A train loader of ``steps`` batches of each probe size cut from the recipe's batches, smaller size first."""
     def loader() -> Batches:
-        batch = next(iter(original()))
-        longest = max(length or 0, batch["input_ids"].shape[1])
+        batches = list(itertools.islice(itertools.cycle(original()), steps))
         pad = {"input_ids": pad_id, "attention_mask": 0, "token_type_ids": 0, "labels": -100}
-        return Batches([cut(batch, rows, longest, pad) for rows in (sizes[0], sizes[0], sizes[1])])
+        longest = max(length or 0, batches[0]["input_ids"].shape[1])
+        out = []
+        for rows in sizes:  # the first batch of each size at the longest length: the largest activations early
+            out += [cut(batch, rows, longest if i == 0 else 0, pad) for i, batch in enumerate(batches)]
+        return Batches(out)
 
     return loader
 
 
-def probe(config: Path) -> MemoryParts:
+def probe(config: Path, steps: int = PROBE_STEPS) -> MemoryParts:
     """Build the recipe of ``config`` and measure what its training holds, for the recipe's batch size."""
-    cli = build_cli(["--config", str(config), "--trainer.max_steps=3", "--trainer.limit_val_batches=0",
+    cli = build_cli(["--config", str(config), f"--trainer.max_steps={2 * steps}", "--trainer.limit_val_batches=0",
                      "--trainer.logger=false", "--trainer.enable_checkpointing=false",
                      "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
                      f"--trainer.default_root_dir={config.parent / 'probe'}"],  # the probe's files apart from the run's
@@ -156,17 +160,17 @@ def probe(config: Path) -> MemoryParts:
     batch_size = data.batch_size
     sizes = probe_sizes(batch_size)
     pad_id = module.tokenizer.pad_token_id if module.tokenizer.pad_token_id is not None else 0
-    data.train_dataloader = probe_loader(data.train_dataloader, sizes, getattr(data, "max_length", None), pad_id)
-    steps = ProbeSteps()
-    trainer.callbacks.append(steps)
+    data.train_dataloader = probe_loader(data.train_dataloader, sizes, steps, getattr(data, "max_length", None), pad_id)
+    recorded = ProbeSteps()
+    trainer.callbacks.append(recorded)
     trainer.fit(module, datamodule=data)
     weights = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers())) / MIB
     trainable = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad) / MIB
-    _, small, large = steps.growth
+    small, large = recorded.growth[steps - 1], recorded.growth[-1]
     slope = (large - small) / (sizes[1] - sizes[0]) if sizes[1] > sizes[0] else 0.0
-    step = large + max(slope, 0.0) * (batch_size - sizes[1])
-    runtime = 0.0 if steps.meter.cuda else steps.start - weights
-    return MemoryParts(weights, trainable, runtime, step, steps.load_peak, batch_size, sizes)
+    step = large + max(slope, 0.0) * (batch_size - sizes[1]) - trainable * OPTIMIZER_STATES
+    runtime = 0.0 if recorded.meter.cuda else recorded.start - weights
+    return MemoryParts(weights, trainable, runtime, step, recorded.load_peak, batch_size, sizes)
 
 
 def as_row(parts: MemoryParts, devices: int, strategy: str) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """Which callbacks and learning rate each compared method trains with, derived from the user's recipe.
 
-A method's settings come from the built-in recipe of that method for the same task when there is
-one (``ia3_sentiment`` beside ``lora_sentiment``), else from the defaults below (the settings and
-rates of this project's recipes); ``--set METHOD.KEY=VALUE`` overrides either.
+The recipe's own method keeps the recipe's settings and rate. Another method's come from the
+built-in recipe of that method for the same task when there is one (``ia3_sentiment`` beside
+``lora_sentiment``), else from the defaults below (the settings and rates of this project's
+recipes); ``--set METHOD.KEY=VALUE`` overrides any of them.
 """
 
 from __future__ import annotations
@@ -87,6 +88,17 @@ def method_slot(recipe: dict, name: str) -> list[dict]:
     return slot
 
 
+def own_method(slot: list[dict]) -> str | None:
+    """The compared method that the recipe's slot holds (``lora`` for a LoRA callback), if it is one of them."""
+    classes = sorted(str(callback_class(e)) for e in slot)
+    dora = any(isinstance(e, dict) and (e.get("init_args") or {}).get("use_dora") for e in slot)
+    for method, (callbacks, _) in DEFAULTS.items():
+        if method != "head_only" and (method == "dora") == dora and classes == sorted(
+                str(callback_class(e)) for e in callbacks):  # a recipe's Selective may select more than a head
+            return method
+    return None
+
+
 def sibling_recipe(recipe_name: str, method: str) -> tuple[str, dict] | None:
     """The built-in recipe of ``method`` for the same task as the built-in ``recipe_name``, if there is one."""
     stem = Path(recipe_name).name.removesuffix(".yaml")
@@ -102,8 +114,13 @@ def plan_method(recipe: dict, recipe_name: str, method: str, overrides: dict[str
     """The callbacks, learning rate and clipping that ``method`` trains with on this recipe's task."""
     if method not in DEFAULTS:
         raise CompareError(f"unknown method {method!r}; methods: {', '.join(METHOD_NAMES)}")
+    slot = method_slot(recipe, recipe_name)
     found = sibling_recipe(recipe_name, "lora" if method == "dora" else method)
-    if found is not None:
+    if method == own_method(slot):
+        rate = (recipe["model"].get("init_args") or {}).get("learning_rate", DEFAULTS[method][1])
+        plan = MethodPlan(method, copy.deepcopy(slot), float(rate), (recipe.get("trainer") or {}).get(
+            "gradient_clip_val"), Path(recipe_name).name.removesuffix(".yaml"))
+    elif found is not None:
         source, sibling = found
         trainer = sibling.get("trainer") or {}
         callbacks = [e for e in trainer.get("callbacks") or [] if is_method_slot(e)]
@@ -113,7 +130,7 @@ def plan_method(recipe: dict, recipe_name: str, method: str, overrides: dict[str
                           trainer.get("gradient_clip_val"), source)
     else:
         callbacks, rate = DEFAULTS[method]
-        saved = _modules_to_save(method_slot(recipe, recipe_name))
+        saved = _modules_to_save(slot)
         callbacks = [_with_head(e, saved) for e in copy.deepcopy(callbacks)]
         plan = MethodPlan(method, callbacks, rate, (recipe.get("trainer") or {}).get("gradient_clip_val"),
                           "defaults")

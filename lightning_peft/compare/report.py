@@ -258,6 +258,10 @@ def markdown(rows: list[dict], summary: dict[str, dict], context: dict, figures:
     lines = _header(context) + ["## Verdict", ""] + _verdict(summary) + [""]
     if _ranked_methods(summary):
         lines += ["## Results", ""] + _table(summary) + [""]
+    sweeps = _sweep_table(rows)
+    if sweeps:
+        lines += ["## Learning rates", "", "Chosen per method on a validation split cut from the training rows "
+                  "(the test rows were not used), the first seed's training budget per rate.", ""] + sweeps + [""]
     failures = [row for row in rows if row.get("status") != "ok"]
     if failures:
         lines += ["## Failed", ""] + [f"- {row['method']} (seed {row.get('seed')}): {row.get('error') or 'no error'}"
@@ -306,6 +310,17 @@ def _table(summary: dict[str, dict]) -> list[str]:
     header = ["method"] + [name for name, _ in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join([m] + [text(summary[m]) for _, text in columns]) + " |" for m in methods]
+
+
+def _sweep_table(rows: list[dict]) -> list[str]:
+    """Per method that swept its learning rate: the rate chosen, and each rate tried with its validation score."""
+    swept = {row["method"]: row for row in rows if row.get("lr_sweep")}
+    lines = ["| method | chosen rate | rates tried (validation score) |", "|---|---|---|"] if swept else []
+    for method, row in swept.items():
+        tried = ", ".join(f"{t['learning_rate']:.3g} ({_metric(t['metric']) if _finite(t['metric']) else 'failed'})"
+                          for t in row["lr_sweep"])
+        lines.append(f"| {method} | {row['learning_rate']:.3g} | {tried} |")
+    return lines
 
 
 def _batch_size(summary: dict[str, dict]) -> int | None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
+import math
 import os
 import platform
 import shlex
@@ -41,6 +43,8 @@ from lightning_peft.core.files import atomic_write
 
 POLL_S = 0.5
 FORGETTING_SNIPPETS = 2000  # movie review snippets: the other domain of a model tuned on Austen's novels
+SWEEP_FACTORS = "0.3,1,3"  # --lr-sweep without a value: each method's own rate, a third of it and three times it
+SWEEP_VAL_FRACTION = 0.1  # the training rows a sweep holds out to score on, when the recipe holds none out
 
 
 def parser() -> argparse.ArgumentParser:
@@ -55,6 +59,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="the report folder (default: compare/RECIPE)")
     p.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="a method's setting (an argument of its callback), learning_rate or gradient_clip_val")
+    p.add_argument("--lr-sweep", "--lr_sweep", dest="lr_sweep", nargs="?", const=SWEEP_FACTORS, default=None,
+                   metavar="FACTORS",
+                   help="choose each method's learning rate first: its rate times each factor (default "
+                        f"{SWEEP_FACTORS}), each trained for the same steps and scored on a validation split of the "
+                        f"training rows ({round(100 * SWEEP_VAL_FRACTION)}%% unless the recipe holds one out); the "
+                        "test rows are never used for choosing")
     p.add_argument("--forgetting_text", default=None,
                    help="causal LMs: held-out text of another domain, whose perplexity is measured before and after "
                         "tuning (default for the Austen corpus: the movie review snippets)")
@@ -69,14 +79,17 @@ def compare_main(argv: list[str]) -> None:
     method_slot(recipe, options.config)
     methods = [m.strip() for m in options.methods.split(",") if m.strip()]
     seeds = _seeds(options.seeds)
+    factors = _factors(options.lr_sweep) if options.lr_sweep is not None else None
     overrides = parse_overrides(options.set, methods)
     plans = [plan_method(recipe, options.config, method, overrides.get(method, {})) for method in methods]
     out = Path(options.out or Path("compare") / Path(recipe_file).stem)
     forgetting = forgetting_text(recipe, options.forgetting_text, out)
     started, clock = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
-    runs = [(plan, seed) for plan in plans for seed in seeds]
-    rows = [run_once(recipe, plan, seed, options.max_steps, out, f"[{i}/{len(runs)}]", forgetting)
-            for i, (plan, seed) in enumerate(runs, 1)]
+    rows = []
+    for i, plan in enumerate(plans, 1):
+        label = f"[{i}/{len(plans)}]"
+        sweep = sweep_rate(recipe, plan, seeds[0], options.max_steps, out, factors, label) if factors else {}
+        rows += [run_once(recipe, plan, seed, options.max_steps, out, label, forgetting, sweep) for seed in seeds]
     context = {"command": "lightning-peft compare " + shlex.join(argv), "recipe": options.config,
                "machine": machine(), "versions": versions(), "started": started,
                "wall_s": time.perf_counter() - clock}
@@ -154,6 +167,45 @@ def forgetting_text(recipe: dict, given: str | None, out: Path) -> str | None:
     return str(path.resolve())
 
 
+def _factors(text: str) -> list[float]:
+    try:
+        factors = [float(f) for f in text.split(",") if f.strip()]
+    except ValueError:
+        factors = []
+    if not factors or any(f <= 0 for f in factors):
+        raise CompareError(f"--lr-sweep {text}: write positive factors of each method's rate, e.g. {SWEEP_FACTORS}")
+    return factors
+
+
+def sweep_rate(recipe: dict, plan: MethodPlan, seed: int, max_steps: int | None, out: Path, factors: list[float],
+               label: str) -> dict:
+    """Train ``plan`` at its rate times each factor, score each on validation, and set its rate to the best.
+
+    Returns what the method's rows report: each rate tried with its validation score (or error).
+    """
+    tried = []
+    for rate in (plan.learning_rate * f for f in factors):
+        candidate = dataclasses.replace(plan, learning_rate=rate)
+        run_dir = out / "runs" / f"{plan.method}-lr-sweep" / f"lr{rate:.3g}"
+        name = f"{label} {plan.method} learning rate {rate:.3g} (sweep)"
+        row = _saved_result(run_dir, identity(candidate, seed, max_steps)) or _sweep_run(recipe, candidate, seed,
+                                                                                           max_steps, run_dir, name)
+        tried.append({"learning_rate": rate, "metric_name": row.get("metric_name"), "metric": row.get("metric"),
+                      "error": row.get("error")})
+        print(f"{name}: " + (f"{row['metric_name']} {row['metric']:.4g}" if row["status"] == "ok" else row["error"]),
+              file=sys.stderr)
+    scored = [t for t in tried if t["metric"] is not None and math.isfinite(t["metric"])]
+    if scored:
+        higher = not scored[0]["metric_name"].endswith(("_ppl", "_loss"))
+        plan.learning_rate = (max if higher else min)(scored, key=lambda t: t["metric"])["learning_rate"]
+    return {"lr_sweep": tried}
+
+
+def _sweep_run(recipe: dict, plan: MethodPlan, seed: int, max_steps: int | None, run_dir: Path, name: str) -> dict:
+    prepare_run(recipe, plan, seed, max_steps, run_dir, sweep=True)
+    return run_worker(run_dir, [], name)
+
+
 def _seeds(text: str) -> list[int]:
     try:
         return [int(s) for s in text.split(",") if s.strip()]
@@ -161,8 +213,12 @@ def _seeds(text: str) -> list[int]:
         raise CompareError(f"--seeds {text}: write integers separated by commas, e.g. 0,1") from None
 
 
-def run_config(recipe: dict, plan: MethodPlan, seed: int, max_steps: int | None, run_dir: Path) -> dict:
-    """The recipe with ``plan``'s method in its slot, the seed, the step budget, and its outputs in ``run_dir``."""
+def run_config(recipe: dict, plan: MethodPlan, seed: int, max_steps: int | None, run_dir: Path,
+               sweep: bool = False) -> dict:
+    """The recipe with ``plan``'s method in its slot, the seed, the step budget, and its outputs in ``run_dir``.
+
+    A sweep's run holds out a validation split of the training rows when the recipe holds none out.
+    """
     config = copy.deepcopy(recipe)
     trainer = config.setdefault("trainer", {})
     others = [entry for entry in trainer.get("callbacks") or [] if not is_method_slot(entry)]
@@ -172,38 +228,46 @@ def run_config(recipe: dict, plan: MethodPlan, seed: int, max_steps: int | None,
         trainer["max_steps"] = max_steps
     config["seed_everything"] = seed
     config["model"].setdefault("init_args", {})["learning_rate"] = plan.learning_rate
+    data = config.setdefault("data", {}).setdefault("init_args", {})
+    if sweep and not data.get("val_file") and not data.get("val_fraction", 1):
+        data["val_fraction"] = SWEEP_VAL_FRACTION
     return config
 
 
 def run_once(recipe: dict, plan: MethodPlan, seed: int, max_steps: int | None, out: Path, label: str,
-             forgetting: str | None = None) -> dict:
+             forgetting: str | None = None, sweep: dict | None = None) -> dict:
     """One run's result row: saved from an earlier compare, or estimated then trained by fresh worker processes."""
     run_dir = out / "runs" / f"{plan.method}-seed{seed}"
-    saved = _saved_result(run_dir)
+    saved = _saved_result(run_dir, identity(plan, seed, max_steps))
     if saved is not None:
         print(f"{label} {plan.method} seed {seed}: done before, kept ({run_dir / 'result.json'})", file=sys.stderr)
         return saved
-    prepare_run(recipe, plan, seed, max_steps, run_dir, forgetting)
+    prepare_run(recipe, plan, seed, max_steps, run_dir, forgetting=forgetting)
     name = f"{label} {plan.method} seed {seed}"
     guess = run_worker(run_dir, ["--estimate", "1", "single"], f"{name} (memory estimate)")
     row = run_worker(run_dir, [], name)
-    if guess["status"] == "ok":
-        row.update({k: v for k, v in guess.items() if k.startswith("estimate")})
-        write_text(run_dir / "result.json", json.dumps(row, indent=1))
+    row.update({k: v for k, v in guess.items() if k.startswith("estimate")} if guess["status"] == "ok" else {},
+               **(sweep or {}))
+    write_text(run_dir / "result.json", json.dumps(row, indent=1))
     print(f"{name}: {row['status']}" + (f": {row['error']}" if row.get("error") else ""), file=sys.stderr)
     return row
 
 
+def identity(plan: MethodPlan, seed: int, max_steps: int | None) -> dict:
+    """What makes two runs the same run: a saved result is kept only when these match."""
+    return {"method": plan.method, "seed": seed, "learning_rate": plan.learning_rate, "settings_from": plan.source,
+            "overrides": plan.overrides, "max_steps": max_steps}
+
+
 def prepare_run(recipe: dict, plan: MethodPlan, seed: int, max_steps: int | None, run_dir: Path,
-                forgetting: str | None = None) -> None:
-    """Write the run's recipe and identity into ``run_dir``, removing what an earlier failed attempt left."""
+                forgetting: str | None = None, sweep: bool = False) -> None:
+    """Write the run's recipe and identity into ``run_dir``, removing what an earlier attempt left."""
     run_dir.mkdir(parents=True, exist_ok=True)
     for leftover in ("progress.json", "result.json", "estimate.json"):
         (run_dir / leftover).unlink(missing_ok=True)
-    identity = {"method": plan.method, "seed": seed, "learning_rate": plan.learning_rate,
-                "settings_from": plan.source, "overrides": plan.overrides, "forgetting_text": forgetting}
-    write_text(run_dir / "plan.json", json.dumps(identity, indent=1))
-    write_text(run_dir / "config.yaml", yaml.safe_dump(run_config(recipe, plan, seed, max_steps, run_dir),
+    about = {**identity(plan, seed, max_steps), "forgetting_text": forgetting, "sweep": sweep}
+    write_text(run_dir / "plan.json", json.dumps(about, indent=1))
+    write_text(run_dir / "config.yaml", yaml.safe_dump(run_config(recipe, plan, seed, max_steps, run_dir, sweep),
                                                         sort_keys=False))
 
 
@@ -221,13 +285,13 @@ def run_worker(run_dir: Path, args: list[str], label: str) -> dict:
     return {**json.loads((run_dir / "plan.json").read_text()), "status": "failed", "error": died(code, log)}
 
 
-def _saved_result(run_dir: Path) -> dict | None:
-    """The row of a run that finished before; a failed or unreadable one is run again."""
+def _saved_result(run_dir: Path, same: dict) -> dict | None:
+    """The row of the same run finished before; a failed, unreadable or differently set one is run again."""
     try:
         row = json.loads((run_dir / "result.json").read_text())
     except (OSError, ValueError):
         return None
-    return row if row.get("status") == "ok" else None
+    return row if row.get("status") == "ok" and all(row.get(k) == v for k, v in same.items()) else None
 
 
 def watch(worker: subprocess.Popen, progress: Path, label: str, stream: TextIO) -> int:

@@ -33,7 +33,7 @@ from lightning_peft.export import export_adapters
 
 WARMUP_STEPS = 2  # steps left out of the step time: first-call allocations and lazy initialisation
 LATENCY_REPEATS = 5
-METRIC_PREFERENCE = (("test_acc", True), ("test_ppl", False), ("test_loss", False))  # name, higher is better
+METRIC_PREFERENCE = (("acc", True), ("ppl", False), ("loss", False))  # a split's metric name, higher is better
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -83,11 +83,11 @@ def peak_memory_mib(device: torch.device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss"
 
 
-def test_metric(results: dict[str, float]) -> tuple[str | None, float | None, bool]:
-    """The metric the report ranks by: accuracy, else perplexity, else loss."""
+def ranked_metric(results: dict[str, float], split: str = "test") -> tuple[str | None, float | None, bool]:
+    """The metric a split is ranked by: accuracy, else perplexity, else loss."""
     for name, higher in METRIC_PREFERENCE:
-        if name in results:
-            return name, float(results[name]), higher
+        if f"{split}_{name}" in results:
+            return f"{split}_{name}", float(results[f"{split}_{name}"]), higher
     return None, None, True
 
 
@@ -191,7 +191,7 @@ def run(run_dir: Path, forgetting_text: str | None = None) -> dict[str, Any]:
     summary = trainable_summary(module)
     results = trainer.test(module, datamodule=data, verbose=False)[0] if "test" in getattr(data, "splits", {}) \
         else {}
-    name, value, higher = test_metric(results)
+    name, value, higher = ranked_metric(results)
     batch = next(iter(data.test_dataloader() if results else data.train_dataloader()))
     return {"status": "ok", "error": None, "trainable_params": summary.trainable, "total_params": summary.total,
             "trainable_percent": summary.percent, "adapter_bytes": adapter_bytes(module, run_dir),
@@ -199,6 +199,21 @@ def run(run_dir: Path, forgetting_text: str | None = None) -> dict[str, Any]:
             "metric": value, "higher_is_better": higher, "metrics": {k: float(v) for k, v in results.items()},
             "batch_size": len(batch["input_ids"]), **latencies(module, batch),
             **(forgetting.figures(module) if forgetting else {}), "wall_s": time.perf_counter() - started}
+
+
+def score_rate(run_dir: Path) -> dict[str, Any]:
+    """One learning rate of a sweep: train on the training rows, score on the validation split held out of them."""
+    cli = build_cli(["--config", str(run_dir / "config.yaml")], run=False)
+    trainer, module, data = cli.trainer, cli.model, cli.datamodule
+    measure = MeasureTraining(run_dir / "progress.json")
+    trainer.callbacks.append(measure)
+    trainer.fit(module, datamodule=data)
+    trainer.limit_val_batches = 1.0  # the recipe's fit may skip validation; the score needs all of it
+    name, value, higher = ranked_metric(trainer.validate(module, datamodule=data, verbose=False)[0], "val")
+    if value is None:
+        raise ValueError("validation logged no val_acc, val_ppl or val_loss to choose the learning rate by")
+    return {"status": "ok", "error": None, "metric_name": name, "metric": value, "higher_is_better": higher,
+            "train_time_s": measure.figures()["train_time_s"]}
 
 
 def failure(err: BaseException) -> str:
@@ -219,7 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     plan = json.loads((run_dir / "plan.json").read_text())
     estimating = args[1:2] == ["--estimate"]
     try:
-        row = estimate(run_dir, int(args[2]), args[3]) if estimating else run(run_dir, plan.get("forgetting_text"))
+        if estimating:
+            row = estimate(run_dir, int(args[2]), args[3])
+        elif plan.get("sweep"):
+            row = score_rate(run_dir)
+        else:
+            row = run(run_dir, plan.get("forgetting_text"))
     except Exception as err:  # the row says why; the log keeps the traceback
         traceback.print_exc()
         row = {"status": "failed", "error": failure(err)}
