@@ -82,6 +82,22 @@ def test_lr_sweep_chooses_each_rate_on_validation_rows_cut_from_training(tmp_pat
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing trained again
 
 
+@pytest.mark.parametrize("metric, scores, chosen", [
+    ("val_acc", [float("nan"), 0.8, 0.6], 3e-3),  # higher is better; a diverged rate is never chosen
+    ("val_loss", [0.9, 0.7, 0.4], 1e-2),  # lower is better
+])
+def test_the_sweep_chooses_the_best_validation_score(tmp_path, monkeypatch, metric, scores, chosen):
+    from lightning_peft.compare import runner
+
+    plan = plan_method(yaml.safe_load((RECIPES / "lora_sentiment.yaml").read_text()), "lora_sentiment", "lora", {})
+    by_rate = dict(zip([1e-3, 3e-3, 1e-2], scores))
+    monkeypatch.setattr(runner, "_sweep_run", lambda recipe, candidate, *rest: {
+        "status": "ok", "error": None, "metric_name": metric, "metric": by_rate[round(candidate.learning_rate, 9)]})
+    tried = runner.sweep_rate({}, plan, 0, None, tmp_path, [0.5, 1.5, 5], "[1/1]")["lr_sweep"]
+    assert [t["learning_rate"] for t in tried] == pytest.approx([1e-3, 3e-3, 1e-2])  # lora_sentiment's 2e-3 x each
+    assert plan.learning_rate == pytest.approx(chosen)
+
+
 def test_a_saved_run_is_kept_only_for_the_same_settings(tmp_path):
     from lightning_peft.compare.runner import _saved_result, identity
 
