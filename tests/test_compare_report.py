@@ -200,3 +200,23 @@ def test_all_failed_still_writes_a_report(tmp_path):
     md = written["md"].read_text(encoding="utf-8")
     assert "No method finished with a measured quality." in md and "- lora (seed 0): ValueError: no data" in md
     assert set(written) == {"md", "csv", "json"}
+
+
+def test_names_of_close_points_do_not_cover_each_other_or_a_point():
+    from lightning_peft.compare.report import TRADE_OFFS, _draw, _overlap, quality_points, summarize
+
+    rows = [ok(name, 0, acc, trainable_params=params) for name, acc, params in
+            [("lora", 0.827, 111_362), ("dora", 0.8215, 118_274), ("qlora", 0.824, 338_690),
+             ("adapter", 0.8195, 595_970), ("full", 0.834, 22_713_986), ("head_only", 0.5835, 770)]]  # the sentiment
+    # report's: head-only stretches the quality axis, so the others crowd into one corner
+    summary = summarize(rows)
+    points, _ = quality_points(summary, TRADE_OFFS[0])
+    figure = _draw(TRADE_OFFS[0], points, summary, "test_acc", True, None)
+    renderer = figure.canvas.get_renderer()
+    axes = figure.axes[0]
+    boxes = [text.get_window_extent(renderer) for text in axes.texts]
+    assert len(boxes) == 6
+    assert all(_overlap(a, b) == 0 for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    for box in boxes:
+        for x, y in (axes.transData.transform((cost, quality)) for _, cost, quality in points):
+            assert not box.contains(x, y)  # no name over a point's centre

@@ -223,11 +223,13 @@ def _draw(trade_off: TradeOff, points: list[Point], summary: dict[str, dict], me
     by_name = {point[0]: point for point in points}
     axes.step([by_name[n][1] for n in front], [by_name[n][2] for n in front], where="post", color="C3", alpha=0.5,
               linewidth=2, label="Pareto front", zorder=1)
+    labels = []
     for method, cost, quality in points:
         on_front = method in front
         axes.errorbar(cost, quality, yerr=summary[method]["metric_std"], fmt="o", capsize=4, zorder=3,
                       markersize=9 if on_front else 6, color="C3" if on_front else "C0")
-        axes.annotate(method, (cost, quality), textcoords="offset points", xytext=(7, 5), fontsize=10)
+        labels.append(axes.annotate(method, (cost, quality), textcoords="offset points", xytext=LABEL_SPOTS[0][0],
+                                    fontsize=10))
     axes.plot([], [], "o", color="C3", markersize=9, label="Pareto-optimal")
     if len(front) < len(points):
         axes.plot([], [], "o", color="C0", markersize=6, label="dominated")
@@ -239,7 +241,41 @@ def _draw(trade_off: TradeOff, points: list[Point], summary: dict[str, dict], me
     axes.set_title(f"{recipe + ': ' if recipe else ''}{metric} vs {trade_off.cost.split(' (')[0]}")
     axes.grid(alpha=0.3)
     axes.legend(loc="best")
+    _spread_labels(figure, axes, labels)
     return figure
+
+
+LABEL_SPOTS = (((7, 5), "left"), ((7, -14), "left"), ((-7, 5), "right"), ((-7, -14), "right"), ((0, 9), "center"),
+               ((0, -20), "center"), ((7, 18), "left"), ((7, -27), "left"))  # around a point, in order of preference
+
+
+def _spread_labels(figure: Any, axes: Any, labels: list[Any]) -> None:
+    """Put each point's name in the first spot beside it that covers no point and no name placed before."""
+    from matplotlib.transforms import Bbox
+
+    figure.canvas.draw()  # the layout settles the axes, and so where each name lands
+    renderer = figure.canvas.get_renderer()
+    marker = 6 * figure.dpi / 72  # half a marker's width in pixels
+    placed = [Bbox.from_bounds(x - marker, y - marker, 2 * marker, 2 * marker)
+              for x, y in (axes.transData.transform(label.xy) for label in labels)]
+    for label in labels:
+        spots = []
+        for offset, align in LABEL_SPOTS:
+            label.set_position(offset)
+            label.set_horizontalalignment(align)
+            box = label.get_window_extent(renderer)
+            spots.append((sum(_overlap(box, other) for other in placed), offset, align))
+            if spots[-1][0] == 0:
+                break
+        _, offset, align = min(spots, key=lambda spot: spot[0])  # the first free spot, else the least covered
+        label.set_position(offset)
+        label.set_horizontalalignment(align)
+        placed.append(label.get_window_extent(renderer))
+
+
+def _overlap(a: Any, b: Any) -> float:
+    """The area two boxes share, in pixels."""
+    return max(0.0, min(a.x1, b.x1) - max(a.x0, b.x0)) * max(0.0, min(a.y1, b.y1) - max(a.y0, b.y0))
 
 
 def _cost_label(trade_off: TradeOff, summary: dict[str, dict], methods: list[str]) -> str:
