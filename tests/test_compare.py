@@ -90,7 +90,7 @@ def test_the_sweep_chooses_the_best_validation_score(tmp_path, monkeypatch, metr
     from lightning_peft.compare import runner
 
     plan = plan_method(yaml.safe_load((RECIPES / "lora_sentiment.yaml").read_text()), "lora_sentiment", "lora", {})
-    by_rate = dict(zip([1e-3, 3e-3, 1e-2], scores))
+    by_rate = dict(zip([1e-3, 3e-3, 1e-2], scores, strict=True))
     monkeypatch.setattr(runner, "_sweep_run", lambda recipe, candidate, *rest: {
         "status": "ok", "error": None, "metric_name": metric, "metric": by_rate[round(candidate.learning_rate, 9)]})
     tried = runner.sweep_rate({}, plan, 0, None, tmp_path, [0.5, 1.5, 5], "[1/1]")["lr_sweep"]
