@@ -92,7 +92,8 @@ def test_the_sweep_chooses_the_best_validation_score(tmp_path, monkeypatch, metr
     plan = plan_method(yaml.safe_load((RECIPES / "lora_sentiment.yaml").read_text()), "lora_sentiment", "lora", {})
     by_rate = dict(zip([1e-3, 3e-3, 1e-2], scores, strict=True))
     monkeypatch.setattr(runner, "_sweep_run", lambda recipe, candidate, *rest: {
-        "status": "ok", "error": None, "metric_name": metric, "metric": by_rate[round(candidate.learning_rate, 9)]})
+        "status": "ok", "error": None, "metric_name": metric, "higher_is_better": metric == "val_acc",
+        "metric": by_rate[round(candidate.learning_rate, 9)]})
     tried = runner.sweep_rate({}, plan, 0, None, tmp_path, [0.5, 1.5, 5], "[1/1]")["lr_sweep"]
     assert [t["learning_rate"] for t in tried] == pytest.approx([1e-3, 3e-3, 1e-2])  # lora_sentiment's 2e-3 x each
     assert plan.learning_rate == pytest.approx(chosen)

@@ -191,13 +191,13 @@ def sweep_rate(recipe: dict, plan: MethodPlan, seed: int, max_steps: int | None,
         row = _saved_result(run_dir, identity(candidate, seed, max_steps)) or _sweep_run(recipe, candidate, seed,
                                                                                            max_steps, run_dir, name)
         tried.append({"learning_rate": rate, "metric_name": row.get("metric_name"), "metric": row.get("metric"),
-                      "error": row.get("error")})
+                      "higher_is_better": row.get("higher_is_better"), "error": row.get("error")})
         print(f"{name}: " + (f"{row['metric_name']} {row['metric']:.4g}" if row["status"] == "ok" else row["error"]),
               file=sys.stderr)
     scored = [t for t in tried if t["metric"] is not None and math.isfinite(t["metric"])]
     if scored:
-        higher = not scored[0]["metric_name"].endswith(("_ppl", "_loss"))
-        plan.learning_rate = (max if higher else min)(scored, key=lambda t: t["metric"])["learning_rate"]
+        best = max if scored[0]["higher_is_better"] else min
+        plan.learning_rate = best(scored, key=lambda t: t["metric"])["learning_rate"]
     return {"lr_sweep": tried}
 
 
@@ -246,8 +246,9 @@ def run_once(recipe: dict, plan: MethodPlan, seed: int, max_steps: int | None, o
     name = f"{label} {plan.method} seed {seed}"
     guess = run_worker(run_dir, ["--estimate", "1", "single"], f"{name} (memory estimate)")
     row = run_worker(run_dir, [], name)
-    row.update({k: v for k, v in guess.items() if k.startswith("estimate")} if guess["status"] == "ok" else {},
-               **(sweep or {}))
+    if guess["status"] == "ok":
+        row.update({k: v for k, v in guess.items() if k.startswith("estimate")})
+    row.update(sweep or {})
     write_text(run_dir / "result.json", json.dumps(row, indent=1))
     print(f"{name}: {row['status']}" + (f": {row['error']}" if row.get("error") else ""), file=sys.stderr)
     return row

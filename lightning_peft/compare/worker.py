@@ -177,14 +177,21 @@ def adapter_bytes(module: L.LightningModule, run_dir: Path) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
 
 
+def build_run(run_dir: Path) -> tuple[L.Trainer, L.LightningModule, L.LightningDataModule, MeasureTraining]:
+    """The trainer, module and data of ``run_dir``'s recipe, the trainer measuring its steps."""
+    cli = build_cli(["--config", str(run_dir / "config.yaml")], run=False)
+    measure = MeasureTraining(run_dir / "progress.json")
+    cli.trainer.callbacks.append(measure)
+    return cli.trainer, cli.model, cli.datamodule, measure
+
+
 def run(run_dir: Path, forgetting_text: str | None = None) -> dict[str, Any]:
     """Train, test and measure the run in ``run_dir``; the result row (without method and seed)."""
     started = time.perf_counter()
-    cli = build_cli(["--config", str(run_dir / "config.yaml")], run=False)
-    trainer, module, data = cli.trainer, cli.model, cli.datamodule
-    measure = MeasureTraining(run_dir / "progress.json")
+    trainer, module, data, measure = build_run(run_dir)
     forgetting = MeasureForgetting(Path(forgetting_text).read_text(), data.block_size) if forgetting_text else None
-    trainer.callbacks.extend([measure, *([forgetting] if forgetting else [])])
+    if forgetting:
+        trainer.callbacks.append(forgetting)
     trainer.fit(module, datamodule=data)
     device = module.device
     peak, kind = peak_memory_mib(device)
@@ -203,10 +210,7 @@ def run(run_dir: Path, forgetting_text: str | None = None) -> dict[str, Any]:
 
 def score_rate(run_dir: Path) -> dict[str, Any]:
     """One learning rate of a sweep: train on the training rows, score on the validation split held out of them."""
-    cli = build_cli(["--config", str(run_dir / "config.yaml")], run=False)
-    trainer, module, data = cli.trainer, cli.model, cli.datamodule
-    measure = MeasureTraining(run_dir / "progress.json")
-    trainer.callbacks.append(measure)
+    trainer, module, data, measure = build_run(run_dir)
     trainer.fit(module, datamodule=data)
     trainer.limit_val_batches = 1.0  # the recipe's fit may skip validation; the score needs all of it
     name, value, higher = ranked_metric(trainer.validate(module, datamodule=data, verbose=False)[0], "val")
