@@ -327,9 +327,12 @@ def test_named_adapters_switch_disable_and_delete(method):
         assert torch.allclose(only_b, b_alone(**inputs).logits, atol=1e-6)
         assert not torch.allclose(only_b, both, atol=1e-4)
         delete_adapter(model, "a")
+        assert hasattr(model, part)  # "b" still uses it
         delete_adapter(model, "b")
         assert torch.equal(model(**inputs).logits, base_logits)
     assert trainable_summary(model).trainable == 0
+    assert not hasattr(model, part) and not model._forward_hooks and not model._forward_pre_hooks
+    merge(model)  # nothing unmergeable is left behind
 
 
 SAVE_CASES = {

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from lightning_peft.core.dropout import Dropout
 from lightning_peft.core.layer import PEFTLayer, adapter_dtype, innermost_base, to_adapter_dtype
+from lightning_peft.core.per_row import replace_rows
 from lightning_peft.core.targeting import linear_types
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -40,6 +41,7 @@ class AdapterLayer(PEFTLayer):
 
     method = "Adapter"
     mergeable = False
+    per_row = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -55,6 +57,8 @@ class AdapterLayer(PEFTLayer):
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         out = self.base_layer(x, *args, **kwargs)
+        if self.row_adapters is not None:
+            return replace_rows(out, self.row_groups(out), lambda adapter, rows: adapter(out[rows]))
         for name in self.active_adapters:
             out = self.adapters[name](out)
         return out

@@ -29,6 +29,7 @@ class IA3Layer(PEFTLayer):
 
     method = "IA3"
     mergeable = True
+    per_row = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -43,11 +44,12 @@ class IA3Layer(PEFTLayer):
         return adapter
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        input_scale = self._active_scale(feedforward=True)
+        routed = self.row_adapters is not None
+        input_scale = self._row_scale(True, like=x) if routed else self._active_scale(feedforward=True)
         if input_scale is not None:
             x = (x.to(input_scale.dtype) * input_scale).to(x.dtype)
         out = self.base_layer(x, *args, **kwargs)
-        output_scale = self._active_scale(feedforward=False)
+        output_scale = self._row_scale(False, like=out) if routed else self._active_scale(feedforward=False)
         if output_scale is not None:
             out = (out * output_scale).to(out.dtype)
         return out
@@ -61,6 +63,17 @@ class IA3Layer(PEFTLayer):
                 vector = adapter.ia3_l.flatten()
                 scale = vector if scale is None else scale * vector
         return scale
+
+    def _row_scale(self, feedforward: bool, like: Tensor) -> Tensor | None:
+        """Under `per_row_adapters`: each row's vector, shaped to multiply ``like`` (ones for rows without one)."""
+        groups = [(a, rows) for a, rows in self.row_groups(like) if a.feedforward == feedforward]
+        if not groups:
+            return None
+        vectors = [a.ia3_l.flatten() for a, _ in groups]
+        scale = vectors[0].new_ones(like.shape[0], vectors[0].shape[0])
+        for vector, (_, rows) in zip(vectors, groups, strict=True):
+            scale = scale.index_copy(0, rows, vector.expand(len(rows), -1))
+        return scale.view(like.shape[0], *[1] * (like.dim() - 2), -1)
 
     @torch.no_grad()
     def merged_base_layer(self) -> nn.Module:

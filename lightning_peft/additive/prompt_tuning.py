@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -45,18 +46,60 @@ class Prompt(nn.Module):
         self.prompt = nn.Parameter(prompt)
 
 
+@dataclass(frozen=True)
+class RowPrompts:
+    """The soft prompt before each row: ``embeds`` ``(batch, n, hidden)``, each row's prompt first, zeros after.
+
+    ``lengths`` (per row) is None when every row's prompt fills all ``n`` positions. Otherwise each
+    row is packed as its prompt, its tokens, then padding that attention masks out: every real
+    token sits where it would sit with its row's prompt alone (first-token pooling reads the same).
+    """
+
+    embeds: Tensor
+    lengths: Tensor | None = None
+
+    @property
+    def width(self) -> int:
+        return self.embeds.shape[1]
+
+    def real_positions(self, length: int) -> Tensor:
+        """``(batch, length)``: where each row's real tokens sit once packed."""
+        return self.lengths[:, None] + torch.arange(length, device=self.lengths.device)
+
+    def pack(self, kwargs: dict[str, Any], shape: tuple[int, int], positions: Tensor | None) -> None:
+        """Turn inputs laid out as ``[prompt block, tokens]`` into ``[prompt, tokens, padding]`` per row."""
+        batch, length = shape
+        n, lengths = self.width, self.lengths[:, None]
+        virtual = torch.arange(n, device=lengths.device) < lengths
+        mask = kwargs.get("attention_mask")
+        real_mask = mask[:, n:] if mask is not None else virtual.new_ones(batch, length)
+        kwargs["attention_mask"] = torch.cat([virtual.to(real_mask.dtype), real_mask], dim=1)
+        if positions is not None:
+            kwargs["position_ids"] = torch.cat([torch.arange(n, device=positions.device).expand(batch, n),
+                                                positions + lengths.to(positions.dtype)], dim=1)
+        t = torch.arange(n + length, device=lengths.device)
+        source = torch.where(t < lengths, t, torch.where(t < lengths + length, t - lengths + n, t - length))
+        for key, value in kwargs.items():
+            if isinstance(value, Tensor) and value.dim() >= 2 and tuple(value.shape[:2]) == (batch, n + length):
+                index = source.view(batch, n + length, *[1] * (value.dim() - 2)).expand_as(value)
+                kwargs[key] = value.gather(1, index)
+
+
 class PromptInjector(PEFTModule):
     """The prompts of one transformers model, and the hooks that put the active ones before its inputs.
 
     Active prompts go in front in the order they are active; with none active (``disable_adapters``)
-    the model computes what its base computes.
+    the model computes what its base computes. Under `per_row_adapters` each row gets its own
+    adapter's prompt (or none).
     """
 
     method = "PromptTuning"
+    per_row = True
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self._lengths: list[tuple[int, int] | None] = []  # (prompted, real) length per call in flight
+        # per call in flight: (prompted length, real length, per-row real positions when packed)
+        self._lengths: list[tuple[int, int, Tensor | None] | None] = []
         model.register_forward_pre_hook(self.before_forward, with_kwargs=True)
         model.register_forward_hook(self.after_forward, with_kwargs=True, always_call=True)
 
@@ -65,20 +108,45 @@ class PromptInjector(PEFTModule):
         prompts = [self.adapters[name].prompt for name in self.active_adapters]
         return torch.cat(prompts) if prompts else None
 
+    def prompts_for(self, batch: int) -> RowPrompts | None:
+        """The prompt before each of ``batch`` rows, or None when no row gets one."""
+        if self.row_adapters is None:
+            prompt = self.active_prompt()
+            return None if prompt is None else RowPrompts(prompt.unsqueeze(0).expand(batch, -1, -1))
+        if not self.adapters:
+            return None
+        first = next(iter(self.adapters.values())).prompt
+        groups = self.row_adapters.groups(self, first.new_empty(batch, 0))
+        if not groups:
+            return None
+        width = max(adapter.prompt.shape[0] for adapter, _ in groups)
+        embeds = first.new_zeros(batch, width, first.shape[1])
+        lengths = torch.zeros(batch, dtype=torch.long, device=first.device)
+        for adapter, rows in groups:
+            n = adapter.prompt.shape[0]
+            padded = torch.cat([adapter.prompt, first.new_zeros(width - n, first.shape[1])])
+            embeds = embeds.index_copy(0, rows, padded.expand(len(rows), -1, -1))
+            lengths[rows] = n
+        return RowPrompts(embeds, None if bool((lengths == width).all()) else lengths)
+
     def before_forward(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-        prompt = self.active_prompt()
         kwargs = named_forward_arguments(model, args, kwargs)
         shape = input_shape(kwargs)
+        prompts = None if shape is None else self.prompts_for(shape[0])
         cached = cached_length(given_cache(kwargs))
-        prompted = prompt is not None and shape is not None and not cached
-        self._lengths.append((prompt.shape[0] + shape[1], shape[1]) if prompted else None)
-        if prompt is None or shape is None:  # nothing to put in front, or nothing to put it before
+        if prompts is not None and prompts.lengths is not None and given_cache(kwargs) is not None:
+            raise ValueError("per_row_adapters cannot generate with prompts of different lengths in one batch "
+                             "(or rows without a prompt): generate each group of equal prompt length separately")
+        prompted = prompts is not None and not cached
+        kept = None if not prompted or prompts.lengths is None else prompts.real_positions(shape[1])
+        self._lengths.append((prompts.width + shape[1], shape[1], kept) if prompted else None)
+        if prompts is None:  # nothing to put in front, or nothing to put it before
             return (), kwargs
         if cached:  # a later decoding step: the cache holds the prompt already
-            widen_attention_mask(kwargs, prompt.shape[0], cached + shape[1])
-            shift_position_ids(kwargs, prompt.shape[0], with_virtual=False)
+            widen_attention_mask(kwargs, prompts.width, cached + shape[1])
+            shift_position_ids(kwargs, prompts.width, with_virtual=False)
         else:
-            prepend(model, kwargs, prompt, shape)
+            prepend(model, kwargs, prompts, shape)
         return (), kwargs
 
     def after_forward(self, model: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
@@ -88,17 +156,20 @@ class PromptInjector(PEFTModule):
         return keep_last_positions(output, *lengths)
 
 
-def prepend(model: nn.Module, kwargs: dict[str, Any], prompt: Tensor, shape: tuple[int, int]) -> None:
-    """Put ``prompt`` before the input embeddings and widen everything aligned with them."""
-    n = prompt.shape[0]
+def prepend(model: nn.Module, kwargs: dict[str, Any], prompts: RowPrompts, shape: tuple[int, int]) -> None:
+    """Put each row's prompt before its input embeddings and widen everything aligned with them."""
+    n = prompts.width
     embeds = kwargs.pop("inputs_embeds", None)
     ids = kwargs.pop("input_ids", None)
     if embeds is None:
         embeds = model.get_input_embeddings()(ids)
-    kwargs["inputs_embeds"] = torch.cat([prompt.to(embeds.dtype).unsqueeze(0).expand(shape[0], -1, -1), embeds], 1)
+    kwargs["inputs_embeds"] = torch.cat([prompts.embeds.to(embeds.dtype), embeds], 1)
+    positions = kwargs.get("position_ids")
     widen_attention_mask(kwargs, n, n + shape[1])
     shift_position_ids(kwargs, n, with_virtual=True)
     prepend_to_token_inputs(kwargs, n, shape)
+    if prompts.lengths is not None:
+        prompts.pack(kwargs, shape, positions)
 
 
 class PromptTuning(PEFTCallback):

@@ -112,16 +112,23 @@ def prepend_to_token_inputs(kwargs: dict[str, Any], n: int, shape: tuple[int, in
         kwargs["labels"] = torch.cat([labels.new_full((batch, n), -100), labels], dim=1)
 
 
-def keep_last_positions(output: Any, total: int, length: int) -> Any:
-    """Cut every tensor of ``output`` whose dim 1 has ``total`` positions to its last ``length`` ones."""
+def keep_last_positions(output: Any, total: int, length: int, index: Tensor | None = None) -> Any:
+    """Cut every tensor of ``output`` whose dim 1 has ``total`` positions to its last ``length`` ones.
+
+    With ``index`` (``(batch, length)``), each row keeps the positions that its row of ``index`` names.
+    """
     if isinstance(output, Tensor):
-        return output[:, -length:] if output.dim() >= 3 and output.shape[1] == total else output
+        if output.dim() < 3 or output.shape[1] != total:
+            return output
+        if index is None:
+            return output[:, -length:]
+        return output.gather(1, index.view(*index.shape, *[1] * (output.dim() - 2)).expand(-1, -1, *output.shape[2:]))
     if isinstance(output, dict):  # transformers' ModelOutput; its attention maps keep all positions
         for key in [k for k in output if k not in ("attentions", "cache", "past_key_values")]:
-            output[key] = keep_last_positions(output[key], total, length)
+            output[key] = keep_last_positions(output[key], total, length, index)
         return output
     if isinstance(output, tuple) and not hasattr(output, "get_seq_length"):
-        return type(output)(keep_last_positions(item, total, length) for item in output)
+        return type(output)(keep_last_positions(item, total, length, index) for item in output)
     return output
 
 

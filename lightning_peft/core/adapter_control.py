@@ -105,9 +105,10 @@ def disable_adapters(module: nn.Module) -> Iterator[nn.Module]:
 def delete_adapter(module: nn.Module, adapter_name: str, method: str | None = None) -> None:
     """Remove one adapter from ``module``; the other adapters stay as they are.
 
-    What the adapter's method added goes, and a layer left with no adapter becomes its plain base
-    layer again. The parameters of the model itself that the adapter trained (Selective's,
-    BitFit's, ``modules_to_save``) stay, as trained, and are frozen.
+    What the adapter's method added goes: a layer left with no adapter becomes its plain base
+    layer again, and a part left with none (a prompt encoder) leaves the model with its hooks.
+    The parameters of the model itself that the adapter trained (Selective's, BitFit's,
+    ``modules_to_save``) stay, as trained, and are frozen.
 
     Args:
         module: a model with adapters, or a LightningModule holding one.
@@ -137,10 +138,15 @@ def delete_adapter(module: nn.Module, adapter_name: str, method: str | None = No
             layer.delete_adapter(adapter_name)
             if not layer.adapters:
                 replace_module(module, name, layer.base_layer)
-    for part in reversed(list(module.modules())):
+    for name, part in reversed(list(module.named_modules())):
         if not isinstance(part, PEFTLayer) and isinstance(part, PEFTModule) and adapter_name in part.adapters \
                 and part.method in methods:
             part.delete_adapter(adapter_name)
+            if not part.adapters:  # a part left with no adapter leaves the model, with its hooks
+                parent_name, _, child = name.rpartition(".")
+                parent = module.get_submodule(parent_name)
+                part.detach_from(parent)
+                delattr(parent, child)
     freeze_unclaimed(module)
 
 

@@ -15,6 +15,8 @@ class PEFTModule(nn.Module):
 
     method: str = "PEFT"
     mergeable: bool = False
+    per_row: bool = False  # whether its forward follows `per_row_adapters`' routing
+    row_adapters = None  # the routing of `per_row_adapters` while its block lasts (a RowAdapters)
 
     def __init__(self) -> None:
         super().__init__()
@@ -33,6 +35,19 @@ class PEFTModule(nn.Module):
 
     def set_active(self, names: list[str]) -> None:
         self.active_adapters = [n for n in names if n in self.adapters]
+
+    def detach_from(self, model: nn.Module) -> None:
+        """Take the hooks this part put on ``model`` (the module holding it) off again, when its last adapter goes."""
+        for hooks in (model._forward_pre_hooks, model._forward_hooks):
+            for key in [k for k, hook in hooks.items() if getattr(hook, "__self__", None) is self]:
+                del hooks[key]
+                for flags in (model._forward_pre_hooks_with_kwargs, model._forward_hooks_with_kwargs,
+                              model._forward_hooks_always_called):
+                    flags.pop(key, None)
+
+    def row_groups(self, batch: Tensor) -> list[tuple[nn.Module, Tensor]]:
+        """Under `per_row_adapters`: ``(adapter, row indices)`` for each routed adapter this part holds."""
+        return self.row_adapters.groups(self, batch)
 
     def extra_repr(self) -> str:
         return f"active={self.active_adapters}"

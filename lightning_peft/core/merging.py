@@ -77,7 +77,7 @@ def unmerge(module: nn.Module) -> nn.Module:
         ```
     """
     restored = False
-    while merged := _merged_layers(module):
+    while merged := merged_layers(module):
         for parent, child, layer in merged:
             if getattr(parent, child) is not layer.base_layer:
                 raise RuntimeError(f"unmerge: '{child}' was replaced after the merge; cannot restore its adapter")
@@ -90,7 +90,7 @@ def unmerge(module: nn.Module) -> nn.Module:
     return module
 
 
-def _merged_layers(module: nn.Module) -> list[tuple[nn.Module, str, PEFTLayer]]:
+def merged_layers(module: nn.Module) -> list[tuple[nn.Module, str, PEFTLayer]]:
     """The merged layers kept by modules of ``module`` now, as ``(parent, child name, layer)``."""
     return [(parent, child, layer) for parent in module.modules()
             for child, layer in parent.__dict__.get(_MERGED, {}).items()]

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from lightning_peft.core.dropout import Dropout
 from lightning_peft.core.layer import PEFTLayer, adapter_dtype, linear_features, to_adapter_dtype
+from lightning_peft.core.per_row import replace_rows
 from lightning_peft.core.weights import read_weight, replace_weight, write_weight
 from lightning_peft.lora.fused import FusedDoRALinear, FusedLoRALinear
 
@@ -45,6 +46,7 @@ class LoRALayer(PEFTLayer):
 
     method = "LoRA"
     mergeable = True
+    per_row = True
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
                     use_dora: bool = False, init: str = "default") -> LoRAAdapter:
@@ -101,6 +103,9 @@ class LoRALayer(PEFTLayer):
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         out = self.base_layer(x, *args, **kwargs)
+        if self.row_adapters is not None:
+            return replace_rows(out, self.row_groups(x),
+                                lambda adapter, rows: out[rows] + self.delta(x[rows], out[rows], adapter).to(out.dtype))
         for name in self.active_adapters:
             out = out + self.delta(x, out, self.adapters[name]).to(out.dtype)
         return out
@@ -189,12 +194,14 @@ class LoRALinear(LoRALayer):
     def fused_adapter(self, x: Tensor, args: tuple, kwargs: dict) -> LoRAAdapter | None:
         """The one active adapter when a fused path computes exactly the layer's formula, else None.
 
-        That needs a frozen, unhooked ``nn.Linear`` base and one dtype for input, weight and adapter
-        without autocast, and for DoRA no active dropout; anything else (a quantized or trainable
-        base, several adapters, DoRA with dropout, mixed dtypes) takes the plain path.
+        That needs one adapter for the whole batch (no `per_row_adapters`), a frozen, unhooked
+        ``nn.Linear`` base and one dtype for input, weight and adapter without autocast, and for
+        DoRA no active dropout; anything else (a quantized or trainable base, several adapters, DoRA
+        with dropout, mixed dtypes) takes the plain path.
         """
         base = self.base_layer
-        if args or kwargs or len(self.active_adapters) != 1 or type(base) is not nn.Linear:
+        routed = self.row_adapters is not None
+        if routed or args or kwargs or len(self.active_adapters) != 1 or type(base) is not nn.Linear:
             return None
         adapter = self.adapters[self.active_adapters[0]]
         frozen = not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)

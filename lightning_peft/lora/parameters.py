@@ -26,6 +26,8 @@ from lightning_peft.lora.layers import LoRAAdapter, LoRALayer
 class LoRAParameter(LoRALayer):
     """LoRA on the parameter ``parameter_name`` (a dotted path below the holding module) of ``base_layer``."""
 
+    per_row = False  # its update is one weight for the whole batch
+
     def __init__(self, base_layer: nn.Module, parameter_name: str) -> None:
         super().__init__(base_layer)
         self.parameter_name = parameter_name

@@ -1,0 +1,129 @@
+"""Per-row adapters: one forward in which each row of the batch computes with its own named adapter, or none.
+
+The context manager puts a :class:`RowAdapters` routing on every PEFT part of the model; a part
+that supports it (``per_row = True``) computes each adapter's formula on that adapter's rows only,
+so a row's output is what the model gives for that row alone with only its adapter active. Parts
+that hold none of the named adapters compute as their base while the block lasts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lightning_peft.core.layer import PEFTModule
+from lightning_peft.core.merging import merged_layers
+from lightning_peft.core.ownership import adapter_refs
+
+
+@dataclass(frozen=True)
+class RowAdapters:
+    """Which adapter each row of a batch uses: ``names`` per row, and the rows of each named adapter."""
+
+    names: tuple[str | None, ...]
+    rows: dict[str, Tensor]  # adapter name -> indices of its rows (int64, on the CPU)
+
+    @classmethod
+    def of(cls, names: Sequence[str | None]) -> RowAdapters:
+        rows: dict[str, list[int]] = {}
+        for i, name in enumerate(names):
+            if name is not None:
+                rows.setdefault(name, []).append(i)
+        return cls(tuple(names), {name: torch.tensor(index) for name, index in rows.items()})
+
+    def groups(self, part: PEFTModule, batch: Tensor) -> list[tuple[nn.Module, Tensor]]:
+        """``(adapter, row indices on batch's device)`` for each named adapter that ``part`` holds."""
+        if batch.shape[0] != len(self.names):
+            raise ValueError(f"per_row_adapters was given {len(self.names)} names, but a {part.method} layer got a "
+                             f"batch of {batch.shape[0]} rows (input shape {tuple(batch.shape)}); give one name per "
+                             "row, and a model whose adapted layers see the batch as their first dimension")
+        return [(part.adapters[name], index.to(batch.device)) for name, index in self.rows.items()
+                if name in part.adapters]
+
+
+def replace_rows(out: Tensor, groups: list[tuple[nn.Module, Tensor]], rows_for) -> Tensor:
+    """``out`` with each group's rows replaced by ``rows_for(adapter, index)``; other rows stay as they are."""
+    if not groups:
+        return out
+    result = out.clone()
+    for adapter, index in groups:
+        result.index_copy_(0, index, rows_for(adapter, index).to(out.dtype))
+    return result
+
+
+@contextmanager
+def per_row_adapters(module: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Let each row of a batch use its own adapter inside a ``with`` block: one forward serves many tasks.
+
+    Row ``i`` of every batch that goes through ``module`` inside the block computes with the
+    adapter ``names[i]`` alone, or with none (the base model) where ``names[i]`` is None: its
+    output is what ``module`` gives for that row alone after ``set_adapter(module, names[i])``.
+    It works through any forward (a LightningModule's ``predict_step`` too), under
+    ``torch.no_grad`` and ``torch.compile``, for LoRA (DoRA included), IA3, Adapter and
+    PromptTuning. Parameters of the model itself that a method trains (Selective, BitFit,
+    ``modules_to_save``) serve every row, as with `set_adapter`. On leaving the block (also on an
+    exception) the adapters that were active are active again.
+
+    Args:
+        module: a model with adapters, or a LightningModule holding one.
+        names: one adapter name (one of `adapter_names` of ``module``) or None per row of the batches.
+
+    Yields:
+        ``module`` itself, routing rows to their adapters.
+
+    Raises:
+        ValueError: when ``names`` is empty or names an adapter that ``module`` lacks, when a named
+            adapter's method has no per-row forward (PrefixTuning), or when ``module`` holds merged
+            adapters; inside the block, when a batch does not have one row per name.
+        TypeError: when a name is neither a string nor None.
+
+    Examples:
+        ```python
+        from lightning_peft import per_row_adapters
+
+        with per_row_adapters(model, ["sentiment", "topic", None, "sentiment"]):
+            logits = model(**batch).logits  # a batch of 4 rows, each with its own adapter
+        ```
+    """
+    parts = _checked_parts(module, list(names))
+    routing = RowAdapters.of(names)
+    saved = [(part, part.row_adapters, list(part.active_adapters)) for part in parts]
+    try:
+        for part in parts:
+            if part.per_row:
+                part.row_adapters = routing
+            else:
+                part.set_active([])
+        yield module
+    finally:
+        for part, routing_before, active in saved:
+            part.row_adapters = routing_before
+            part.set_active(active)
+
+
+def _checked_parts(module: nn.Module, names: list) -> list[PEFTModule]:
+    """The PEFT parts of ``module``, once ``names`` is known to fit them; else one clear error."""
+    if not names:
+        raise ValueError("per_row_adapters needs one adapter name (or None) per row; got no names")
+    wrong = next((n for n in names if n is not None and not isinstance(n, str)), None)
+    if wrong is not None:
+        raise TypeError(f"per_row_adapters takes adapter names (str) or None per row; got {type(wrong).__name__} "
+                        f"{wrong!r}")
+    if merged_layers(module):
+        raise ValueError("per_row_adapters: this model has merged adapters, which every row would use; unmerge it "
+                         "first")
+    known = list(dict.fromkeys(ref.name for ref in adapter_refs(module)))
+    unknown = next((n for n in names if n is not None and n not in known), None)
+    if unknown is not None:
+        raise ValueError(f"per_row_adapters: no adapter named '{unknown}'; this model has: "
+                         f"{', '.join(known) or 'none'}")
+    parts = [m for m in module.modules() if isinstance(m, PEFTModule)]
+    unsupported = sorted({p.method for p in parts if not p.per_row and set(p.adapters) & set(names)})
+    if unsupported:
+        raise ValueError(f"per_row_adapters: {', '.join(unsupported)} adapters have no per-row forward; per-row "
+                         "routing works for LoRA, IA3, Adapter and PromptTuning")
+    return parts

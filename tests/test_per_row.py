@@ -1,0 +1,205 @@
+"""per_row_adapters: each row of one batch with its own adapter equals that row run alone with only its adapter."""
+
+import pytest
+import torch
+
+from lightning_peft import (
+    IA3,
+    Adapter,
+    LoRA,
+    PrefixTuning,
+    PromptTuning,
+    delete_adapter,
+    disable_adapters,
+    merge,
+    per_row_adapters,
+    set_adapter,
+)
+
+from conftest import VOCAB, tiny_bert, tiny_gpt2, tiny_llama
+
+NAMES = ["a", None, "b", "a", "b", None]
+
+
+def randomized(model):
+    """Move every adapter parameter away from its identity start, so each adapter changes the output."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.2)
+    return model.eval()
+
+
+def with_two(method, model, **settings):
+    for name in ("a", "b"):
+        method(adapter_name=name, **settings).inject(model)
+    return randomized(model)
+
+
+def alone(model, name, **inputs):
+    """The output of ``model`` with only ``name`` active (the base model for None)."""
+    if name is None:
+        with disable_adapters(model):
+            return model(**inputs).logits
+    set_adapter(model, name)
+    return model(**inputs).logits
+
+
+def check_rows_match_single_runs(model, names=NAMES, **inputs):
+    with torch.no_grad():
+        with per_row_adapters(model, names):
+            mixed = model(**inputs).logits
+        for i, name in enumerate(names):
+            single = alone(model, name, **{k: v[i:i + 1] for k, v in inputs.items()})
+            torch.testing.assert_close(mixed[i:i + 1], single, atol=1e-5, rtol=1e-5)
+    return mixed
+
+
+def token_inputs(rows=6, length=7, padded=False):
+    ids = torch.randint(0, VOCAB, (rows, length))
+    mask = torch.ones(rows, length, dtype=torch.long)
+    if padded:
+        mask[1, :3] = 0  # left padding on one row
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("settings", [
+    dict(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    dict(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"], use_rslora=True),
+    dict(r=4, target_modules=["q_proj", "down_proj"], use_dora=True),
+], ids=["lora", "lora-embedding-rslora", "dora"])
+def test_lora_rows_equal_single_adapter_runs(settings):
+    model = with_two(LoRA, tiny_llama(), **settings)
+    check_rows_match_single_runs(model, **token_inputs(padded=True))
+
+
+def test_lora_of_different_ranks_and_layers_per_row():
+    model = tiny_llama()
+    LoRA(r=2, target_modules=["q_proj"], adapter_name="a").inject(model)
+    LoRA(r=6, target_modules=["v_proj", "up_proj"], adapter_name="b").inject(model)
+    check_rows_match_single_runs(randomized(model), **token_inputs())
+
+
+def test_ia3_rows_equal_single_adapter_runs():
+    model = with_two(IA3, tiny_llama(), target_modules=["k_proj", "v_proj", "down_proj"],
+                     feedforward_modules=["down_proj"])
+    check_rows_match_single_runs(model, **token_inputs())
+
+
+def test_adapter_rows_equal_single_adapter_runs():
+    model = with_two(Adapter, tiny_gpt2(), bottleneck_dim=8)
+    check_rows_match_single_runs(model, **token_inputs())
+
+
+def test_prompt_rows_of_one_length_equal_single_adapter_runs():
+    model = with_two(PromptTuning, tiny_llama(), num_virtual_tokens=3)
+    check_rows_match_single_runs(model, names=["a", "b", "b", "a"], **token_inputs(rows=4, padded=True))
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_bert], ids=["decoder", "encoder"])
+def test_prompts_of_different_lengths_and_none_are_padded_and_masked(build):
+    model = build()
+    PromptTuning(num_virtual_tokens=2, adapter_name="a").inject(model)
+    PromptTuning(num_virtual_tokens=5, adapter_name="b").inject(model)
+    mixed = check_rows_match_single_runs(randomized(model), **token_inputs())
+    assert mixed.shape[:2] == (len(NAMES), 2 if build is tiny_bert else 7)
+
+
+def test_greedy_generation_with_prompts_per_row_equals_each_row_alone():
+    model = with_two(PromptTuning, tiny_llama(), num_virtual_tokens=3)
+    names, inputs = ["a", "b", "b"], token_inputs(rows=3, length=5)
+    settings = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad(), per_row_adapters(model, names):
+        together = model.generate(**inputs, **settings)
+    for i, name in enumerate(names):
+        set_adapter(model, name)
+        with torch.no_grad():
+            assert torch.equal(together[i:i + 1], model.generate(**{k: v[i:i + 1] for k, v in inputs.items()},
+                                                                 **settings))
+
+
+def test_generating_with_prompts_of_different_lengths_is_refused_before_any_step():
+    model = tiny_llama()
+    PromptTuning(num_virtual_tokens=2, adapter_name="a").inject(model)
+    with torch.no_grad(), per_row_adapters(model, ["a", None]), pytest.raises(ValueError, match="generate each group"):
+        model.generate(**token_inputs(rows=2), max_new_tokens=2, pad_token_id=0)
+
+
+def test_methods_mixed_on_one_model_route_by_name():
+    model = tiny_llama()
+    LoRA(r=4, target_modules=["q_proj"], adapter_name="a").inject(model)
+    IA3(target_modules=["v_proj"], feedforward_modules=[], adapter_name="a").inject(model)
+    Adapter(bottleneck_dim=4, target_modules=["o_proj"], adapter_name="b").inject(model)
+    PromptTuning(num_virtual_tokens=2, adapter_name="b").inject(model)
+    check_rows_match_single_runs(randomized(model), **token_inputs())
+
+
+def test_each_adapter_gets_gradients_from_its_rows_only():
+    model = with_two(LoRA, tiny_llama(), r=4, target_modules=["q_proj", "v_proj"]).train()
+    inputs = token_inputs()
+    with per_row_adapters(model, NAMES):
+        logits = model(**inputs).logits
+    logits[[0, 3]].sum().backward()  # the rows of "a" only
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if ".a." in n and "lora_B" in n)
+    assert all(g is None or not g.any() for n, g in grads.items() if ".b." in n)
+
+
+def test_the_block_restores_what_was_active_and_nests():
+    model = with_two(LoRA, tiny_llama(), r=4, target_modules=["q_proj"])
+    set_adapter(model, "b")
+    inputs = token_inputs(rows=2)
+    with torch.no_grad():
+        before = model(**inputs).logits
+        with per_row_adapters(model, ["a", "a"]):
+            with per_row_adapters(model, [None, None]):
+                inner = model(**inputs).logits
+            outer = model(**inputs).logits
+        after = model(**inputs).logits
+        assert torch.equal(after, before)
+        assert torch.allclose(outer, alone(model, "a", **inputs), atol=1e-6)
+        assert torch.allclose(inner, alone(model, None, **inputs), atol=1e-6)
+
+
+def test_a_compiled_model_follows_the_routing():
+    model = with_two(LoRA, tiny_llama(), r=4, target_modules=["q_proj", "v_proj"])
+    inputs = token_inputs()
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch.no_grad(), per_row_adapters(model, NAMES):
+        eager = model(**inputs).logits
+        torch.testing.assert_close(compiled(**inputs).logits, eager)
+
+
+def test_bad_routing_is_one_clear_error():
+    model = with_two(LoRA, tiny_llama(), r=4, target_modules=["q_proj"])
+    with pytest.raises(ValueError, match="no adapter named 'c'; this model has: a, b"):
+        with per_row_adapters(model, ["a", "c"]):
+            pass
+    with pytest.raises(TypeError, match="adapter names"):
+        with per_row_adapters(model, ["a", 1]):
+            pass
+    with pytest.raises(ValueError, match="given 2 names, but a LoRA layer got a batch of 3 rows"):
+        with per_row_adapters(model, ["a", "b"]):
+            model(**token_inputs(rows=3))
+    PrefixTuning(num_virtual_tokens=2, adapter_name="p").inject(model)
+    with pytest.raises(ValueError, match="PrefixTuning adapters have no per-row forward"):
+        with per_row_adapters(model, ["a", "p"]):
+            pass
+    delete_adapter(model, "p")
+    merge(model)
+    with pytest.raises(ValueError, match="merged adapters"):
+        with per_row_adapters(model, ["a", "b"]):
+            pass
+
+
+def test_a_part_without_the_named_adapters_computes_as_its_base():
+    model = tiny_llama()
+    LoRA(r=4, target_modules=["q_proj"], adapter_name="a").inject(model)
+    PrefixTuning(num_virtual_tokens=2, adapter_name="p").inject(model)
+    model = randomized(model)
+    inputs = token_inputs(rows=2)
+    with torch.no_grad():
+        with per_row_adapters(model, ["a", None]):
+            mixed = model(**inputs).logits
+        set_adapter(model, "a")
+        torch.testing.assert_close(mixed[:1], model(**{k: v[:1] for k, v in inputs.items()}).logits)
