@@ -6,6 +6,7 @@ from lightning_peft.core.adapter_files import save_adapter
 from lightning_peft.core.merging import merge, unmerge
 from lightning_peft.core.per_row import per_row_adapters
 from lightning_peft.core.summary import trainable_summary
+from lightning_peft.hotswap import hotswap_adapter
 from lightning_peft.lightning.callback import PEFTCallback
 from lightning_peft.lightning.host_memory import ReleaseFreedMemory
 from lightning_peft.lightning.sharding import fsdp_auto_wrap_policy, full_adapter_state_dict, fully_shard_peft
@@ -18,5 +19,6 @@ __version__ = "0.1.0"  # the one place the version is written (pyproject.toml re
 
 __all__ = ["IA3", "Adapter", "BitFit", "LoRA", "PEFTCallback", "PrefixTuning", "PromptTuning", "QuantizeBase",
            "ReleaseFreedMemory", "Selective", "adapter_names", "delete_adapter", "disable_adapters",
-           "fsdp_auto_wrap_policy", "full_adapter_state_dict", "fully_shard_peft", "load_adapter", "merge",
-           "per_row_adapters", "register_method", "save_adapter", "set_adapter", "trainable_summary", "unmerge"]
+           "fsdp_auto_wrap_policy", "full_adapter_state_dict", "fully_shard_peft", "hotswap_adapter", "load_adapter",
+           "merge", "per_row_adapters", "register_method", "save_adapter", "set_adapter", "trainable_summary",
+           "unmerge"]

@@ -69,10 +69,10 @@ class IA3Layer(PEFTLayer):
         groups = [(a, rows) for a, rows in self.row_groups(like) if a.feedforward == feedforward]
         if not groups:
             return None
-        vectors = [a.ia3_l.flatten() for a, _ in groups]
-        scale = vectors[0].new_ones(like.shape[0], vectors[0].shape[0])
-        for vector, (_, rows) in zip(vectors, groups, strict=True):
-            scale = scale.index_copy(0, rows, vector.expand(len(rows), -1))
+        vector = groups[0][0].ia3_l
+        scale = vector.new_ones(like.shape[0], vector.numel())
+        for adapter, rows in groups:
+            rows.put(scale, adapter.ia3_l.flatten().expand(len(rows), -1))
         return scale.view(like.shape[0], *[1] * (like.dim() - 2), -1)
 
     @torch.no_grad()

@@ -125,8 +125,8 @@ class PromptInjector(PEFTModule):
         for adapter, rows in groups:
             n = adapter.prompt.shape[0]
             padded = torch.cat([adapter.prompt, first.new_zeros(width - n, first.shape[1])])
-            embeds = embeds.index_copy(0, rows, padded.expand(len(rows), -1, -1))
-            lengths[rows] = n
+            rows.put(embeds, padded.expand(len(rows), -1, -1))
+            rows.put(lengths, lengths.new_full((len(rows),), n))
         return RowPrompts(embeds, None if bool((lengths == width).all()) else lengths)
 
     def before_forward(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:

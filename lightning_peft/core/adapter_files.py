@@ -119,14 +119,27 @@ def adapter_tensors(module: nn.Module, ref: AdapterRef) -> dict[str, torch.Tenso
 
 def file_tensors(module: nn.Module, ref: AdapterRef) -> dict[str, torch.Tensor]:
     """One adapter's tensors under the keys its file uses: peft's where peft has the method, else ours."""
-    tensors = adapter_tensors(module, ref)
     _, root = model_root(module)
     adapter_format = file_format(ref, root)
-    if adapter_format is None:
-        return {native_key(name, root): t for name, t in tensors.items()}
-    if adapter_format.to_file is not None:
-        tensors = adapter_format.to_file(tensors, root)
-    return {adapter_format.file_key(name, root): t for name, t in tensors.items()}
+    if adapter_format is not None and adapter_format.to_file is not None:
+        tensors = adapter_format.to_file(adapter_tensors(module, ref), root)
+        return {adapter_format.file_key(name, root): t for name, t in tensors.items()}
+    return {key: t for key, (_, t) in file_entries(module, ref).items()}
+
+
+def file_entries(module: nn.Module, ref: AdapterRef) -> dict[str, tuple[str, torch.Tensor]]:
+    """Each of one adapter's parameters under the key its file uses, with its name relative to the model root.
+
+    Raises a ValueError for a method whose file holds tensors computed from its parameters (prefix tuning's).
+    """
+    _, root = model_root(module)
+    adapter_format = file_format(ref, root)
+    if adapter_format is not None and adapter_format.to_file is not None:
+        raise ValueError(f"{ref}'s file holds tensors computed from the adapter, not the adapter's own; "
+                         "its parameters cannot be set from it")
+    key = (lambda name: native_key(name, root)) if adapter_format is None else (
+        lambda name: adapter_format.file_key(name, root))
+    return {key(name): (name, t) for name, t in adapter_tensors(module, ref).items()}
 
 
 def file_config(module: nn.Module, ref: AdapterRef) -> dict[str, Any]:

@@ -45,6 +45,20 @@ class PEFTModule(nn.Module):
                               model._forward_hooks_always_called):
                     flags.pop(key, None)
 
+    def swapped(self, tensor: str, value: Tensor, adapter: nn.Module, settings: dict, where: str) -> Tensor:
+        """The value that makes ``adapter``'s ``tensor`` compute what a file's adapter (``settings``) computes.
+
+        For `hotswap_adapter`; by default the file's tensor itself, of the same shape.
+        """
+        return self.same_shape(value, getattr(adapter, tensor), where)
+
+    @staticmethod
+    def same_shape(value: Tensor, slot: Tensor, where: str) -> Tensor:
+        """``value``, once it has ``slot``'s shape; else an error naming both shapes."""
+        if tuple(value.shape) != tuple(slot.shape):
+            raise ValueError(f"{where} has shape {tuple(value.shape)}, but the adapter slot's has {tuple(slot.shape)}")
+        return value
+
     def row_groups(self, batch: Tensor) -> list[tuple[nn.Module, Tensor]]:
         """Under `per_row_adapters`: ``(adapter, row indices)`` for each routed adapter this part holds."""
         return self.row_adapters.groups(self, batch)

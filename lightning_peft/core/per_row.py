@@ -21,11 +21,38 @@ from lightning_peft.core.ownership import adapter_refs
 
 
 @dataclass(frozen=True)
+class RowSet:
+    """The rows of one adapter: their indices, and as a slice when they are consecutive (taken without a copy)."""
+
+    index: Tensor  # int64, on the CPU
+    span: slice | None
+
+    @classmethod
+    def of(cls, rows: list[int]) -> RowSet:
+        consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
+        return cls(torch.tensor(rows), slice(rows[0], rows[0] + len(rows)) if consecutive else None)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def take(self, batch: Tensor) -> Tensor:
+        """These rows of ``batch``."""
+        return batch[self.span] if self.span is not None else batch.index_select(0, self.index.to(batch.device))
+
+    def put(self, target: Tensor, values: Tensor) -> None:
+        """Write ``values`` into these rows of ``target``, in place (``target`` must be a fresh tensor)."""
+        if self.span is not None:
+            target[self.span] = values
+        else:
+            target.index_copy_(0, self.index.to(target.device), values)
+
+
+@dataclass(frozen=True)
 class RowAdapters:
     """Which adapter each row of a batch uses: ``names`` per row, and the rows of each named adapter."""
 
     names: tuple[str | None, ...]
-    rows: dict[str, Tensor]  # adapter name -> indices of its rows (int64, on the CPU)
+    rows: dict[str, RowSet]
 
     @classmethod
     def of(cls, names: Sequence[str | None]) -> RowAdapters:
@@ -33,25 +60,35 @@ class RowAdapters:
         for i, name in enumerate(names):
             if name is not None:
                 rows.setdefault(name, []).append(i)
-        return cls(tuple(names), {name: torch.tensor(index) for name, index in rows.items()})
+        return cls(tuple(names), {name: RowSet.of(index) for name, index in rows.items()})
 
-    def groups(self, part: PEFTModule, batch: Tensor) -> list[tuple[nn.Module, Tensor]]:
-        """``(adapter, row indices on batch's device)`` for each named adapter that ``part`` holds."""
+    def groups(self, part: PEFTModule, batch: Tensor) -> list[tuple[nn.Module, RowSet]]:
+        """``(adapter, its rows)`` for each named adapter that ``part`` holds, once ``batch`` has a row per name."""
         if batch.shape[0] != len(self.names):
             raise ValueError(f"per_row_adapters was given {len(self.names)} names, but a {part.method} layer got a "
                              f"batch of {batch.shape[0]} rows (input shape {tuple(batch.shape)}); give one name per "
                              "row, and a model whose adapted layers see the batch as their first dimension")
-        return [(part.adapters[name], index.to(batch.device)) for name, index in self.rows.items()
-                if name in part.adapters]
+        return [(part.adapters[name], rows) for name, rows in self.rows.items() if name in part.adapters]
 
 
-def replace_rows(out: Tensor, groups: list[tuple[nn.Module, Tensor]], rows_for) -> Tensor:
-    """``out`` with each group's rows replaced by ``rows_for(adapter, index)``; other rows stay as they are."""
+def add_to_rows(out: Tensor, groups: list[tuple[nn.Module, RowSet]], delta_for) -> Tensor:
+    """``out`` plus, on each group's rows, ``delta_for(adapter, rows)``; other rows stay as they are."""
+    if not groups:
+        return out
+    every_row = sum(len(rows) for _, rows in groups) == out.shape[0]
+    delta = out.new_empty(out.shape) if every_row else out.new_zeros(out.shape)
+    for adapter, rows in groups:
+        rows.put(delta, delta_for(adapter, rows).to(out.dtype))
+    return out + delta
+
+
+def replace_rows(out: Tensor, groups: list[tuple[nn.Module, RowSet]], rows_for) -> Tensor:
+    """``out`` with each group's rows replaced by ``rows_for(adapter, rows)``; other rows stay as they are."""
     if not groups:
         return out
     result = out.clone()
-    for adapter, index in groups:
-        result.index_copy_(0, index, rows_for(adapter, index).to(out.dtype))
+    for adapter, rows in groups:
+        rows.put(result, rows_for(adapter, rows).to(out.dtype))
     return result
 
 

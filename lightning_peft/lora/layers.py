@@ -16,11 +16,16 @@ from torch import Tensor, nn
 
 from lightning_peft.core.dropout import Dropout
 from lightning_peft.core.layer import PEFTLayer, adapter_dtype, linear_features, to_adapter_dtype
-from lightning_peft.core.per_row import replace_rows
+from lightning_peft.core.per_row import add_to_rows
 from lightning_peft.core.weights import read_weight, replace_weight, write_weight
 from lightning_peft.lora.fused import FusedDoRALinear, FusedLoRALinear
 
 INITS = ("default", "gaussian", "pissa")
+
+
+def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
+    """The factor on ``B @ A``: ``alpha / r``, or rsLoRA's ``alpha / sqrt(r)``."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 class LoRAAdapter(nn.Module):
@@ -33,7 +38,7 @@ class LoRAAdapter(nn.Module):
         self.lora_A = nn.Parameter(torch.zeros(a_shape, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(b_shape, dtype=dtype, device=device))
         self.dropout = Dropout(dropout)
-        self.scale = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.scale = lora_scale(alpha, r, use_rslora)
         self.magnitude: nn.Parameter | None = None  # DoRA: one learned norm per output feature
 
     def update(self) -> Tensor:
@@ -104,8 +109,8 @@ class LoRALayer(PEFTLayer):
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         out = self.base_layer(x, *args, **kwargs)
         if self.row_adapters is not None:
-            return replace_rows(out, self.row_groups(x),
-                                lambda adapter, rows: out[rows] + self.delta(x[rows], out[rows], adapter).to(out.dtype))
+            return add_to_rows(out, self.row_groups(x),
+                               lambda adapter, rows: self.delta(rows.take(x), rows.take(out), adapter))
         for name in self.active_adapters:
             out = out + self.delta(x, out, self.adapters[name]).to(out.dtype)
         return out
@@ -113,6 +118,22 @@ class LoRALayer(PEFTLayer):
     def delta(self, x: Tensor, out: Tensor, adapter: LoRAAdapter) -> Tensor:
         """What ``adapter`` adds to the base output ``out`` for the input ``x``."""
         return self.lora_output(to_adapter_dtype(adapter.dropout(x), adapter.lora_A.dtype), adapter)
+
+    def swapped(self, tensor: str, value: Tensor, adapter: LoRAAdapter, settings: dict, where: str) -> Tensor:
+        """A file's A or B for this slot: a lower rank padded with zeros, the file's scale folded into B."""
+        if tensor not in ("lora_A", "lora_B"):
+            return super().swapped(tensor, value, adapter, settings, where)
+        rank_dim = 0 if tensor == "lora_A" else 1
+        slot = getattr(adapter, tensor)
+        rank = value.shape[rank_dim]
+        if rank > adapter.r:
+            raise ValueError(f"{where} has rank {rank}, above the slot's r={adapter.r}; use a slot of r >= {rank}")
+        padding = list(value.shape)
+        padding[rank_dim] = adapter.r - rank
+        value = torch.cat([value.to(slot.dtype), slot.new_zeros(padding)], dim=rank_dim)
+        if tensor == "lora_B":
+            value = value * (lora_scale(settings["alpha"], rank, settings["use_rslora"]) / adapter.scale)
+        return self.same_shape(value, slot, where)
 
     def merge_update(self, adapter: LoRAAdapter) -> Tensor:
         """The ``(out, fan_in)`` change that merging ``adapter`` makes to the base weight."""

@@ -20,13 +20,19 @@ import torch
 from torch import Tensor, nn
 
 from lightning_peft.core.layer import innermost_base
-from lightning_peft.lora.layers import LoRAAdapter, LoRALayer
+from lightning_peft.lora.layers import LoRAAdapter, LoRALayer, lora_scale
 
 
 class LoRAParameter(LoRALayer):
     """LoRA on the parameter ``parameter_name`` (a dotted path below the holding module) of ``base_layer``."""
 
     per_row = False  # its update is one weight for the whole batch
+
+    def swapped(self, tensor: str, value: Tensor, adapter: LoRAAdapter, settings: dict, where: str) -> Tensor:
+        """A file's tensor for this slot, of its own rank and scale: the experts' factors interleave the rank."""
+        if lora_scale(settings["alpha"], settings["r"], settings["use_rslora"]) != adapter.scale:
+            raise ValueError(f"{where}: a fused-parameter adapter swaps in only with the slot's rank and scale")
+        return self.same_shape(value, getattr(adapter, tensor), where)
 
     def __init__(self, base_layer: nn.Module, parameter_name: str) -> None:
         super().__init__(base_layer)
