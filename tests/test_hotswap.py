@@ -4,9 +4,10 @@ import copy
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_llama
 
 from lightning_peft import IA3, LoRA, PrefixTuning, PromptTuning, hotswap_adapter, load_adapter, save_adapter
+
+from conftest import VOCAB, tiny_llama
 
 TARGETS = ["q_proj", "v_proj"]
 
