@@ -25,6 +25,7 @@ import warnings
 import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,10 +48,28 @@ _VADER_REQUIREMENT = "vaderSentiment==3.3.2"
 _VADER_SDIST = "vaderSentiment-3.3.2.tar.gz"
 _VADER_DOWNLOAD = f"pip download --no-deps --no-binary :all: {_VADER_REQUIREMENT}"
 _INNER_ARCHIVE = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
-_SNIPPETS_MEMBER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
-_SNIPPETS_LINES = 10_605  # rows in the file; 37 of them score exactly 0
-_SNIPPETS_ROWS = 10_568  # rows kept once the zero scores are dropped
-_SNIPPETS_CACHE = "movie_snippets.tsv"
+
+
+@dataclass(frozen=True)
+class SentimentDomain:
+    """A file of sentiment-scored texts in the vaderSentiment sdist: its rows, those kept, its cache and test size."""
+
+    member: str
+    lines: int  # rows in the file
+    rows: int  # rows kept once the scores of exactly 0 are dropped
+    cache: str
+    test_size: int
+
+
+_VADER_FOLDER = "hutto_ICWSM_2014"
+SENTIMENT_DOMAINS = {
+    "movie-snippets": SentimentDomain("movieReviewSnippets_GroundTruth.txt", 10_605, 10_568, "movie_snippets.tsv",
+                                      2000),
+    "tweets": SentimentDomain("tweets_GroundTruth.txt", 4_200, 4_196, "tweets.tsv", 1000),
+    "amazon-snippets": SentimentDomain("amazonReviewSnippets_GroundTruth.txt", 3_708, 3_610, "amazon_snippets.tsv",
+                                       1000),
+    "nyt-snippets": SentimentDomain("nytEditorialSnippets_GroundTruth.txt", 5_190, 4_946, "nyt_snippets.tsv", 1000),
+}
 
 _AUSTEN_PACKAGE = "r-cran-janeaustenr"
 _AUSTEN_DOWNLOAD = f"apt-get download {_AUSTEN_PACKAGE}"
@@ -183,12 +202,13 @@ def _vader_sdist(download_dir: Path) -> Path:
     return download_dir / _VADER_SDIST
 
 
-def _parse_snippets(sdist: Path) -> list[Snippet]:
-    """Read (text, label) rows from the sdist's inner archive, in file order, dropping the zero scores."""
+def _parse_snippets(sdist: Path, domain: str = "movie-snippets") -> list[Snippet]:
+    """Read (text, label) rows of one domain from the sdist's inner archive, in file order, dropping the zero scores."""
+    spec = SENTIMENT_DOMAINS[domain]
     with tarfile.open(sdist) as outer:
         inner_bytes = outer.extractfile(_INNER_ARCHIVE).read()
     with tarfile.open(fileobj=io.BytesIO(inner_bytes)) as inner:
-        raw = inner.extractfile(_SNIPPETS_MEMBER).read()
+        raw = inner.extractfile(f"{_VADER_FOLDER}/{spec.member}").read()
     # UTF-8 with CRLF line ends and no final newline; str.splitlines would also split on U+2028 and the like.
     lines = raw.decode("utf-8").split("\r\n")
     rows = []
@@ -196,8 +216,9 @@ def _parse_snippets(sdist: Path) -> list[Snippet]:
         _, score, text = line.split("\t")
         if float(score) != 0:
             rows.append((text, int(float(score) > 0)))
-    if len(lines) != _SNIPPETS_LINES or len(rows) != _SNIPPETS_ROWS:
-        raise AssetError(f"{sdist} holds {len(lines)} snippets, {len(rows)} nonzero; expected 10605 and 10568")
+    if len(lines) != spec.lines or len(rows) != spec.rows:
+        raise AssetError(f"{sdist} holds {len(lines)} {domain}, {len(rows)} nonzero; expected {spec.lines} and "
+                         f"{spec.rows}")
     return rows
 
 
@@ -207,40 +228,60 @@ def _write_atomic(path: Path, rows: Iterable[Snippet]) -> None:
     atomic_write(path, lambda tmp: tmp.write_bytes(text.encode("utf-8")))
 
 
-def _read_tsv(path: Path) -> list[Snippet]:
-    """Read the cached snippets TSV back, refusing a file that does not hold every row."""
+def _read_tsv(path: Path, expected: int) -> list[Snippet]:
+    """Read a cached domain TSV back, refusing a file that does not hold every row."""
     with open(path, encoding="utf-8", newline="\n") as handle:
         next(handle)  # header
         rows = [(text, int(label)) for text, label in (line.rstrip("\n").rsplit("\t", 1) for line in handle)]
-    if len(rows) != _SNIPPETS_ROWS:
-        raise AssetError(f"{path} holds {len(rows)} rows, not {_SNIPPETS_ROWS}; delete it to rebuild it")
+    if len(rows) != expected:
+        raise AssetError(f"{path} holds {len(rows)} rows, not {expected}; delete it to rebuild it")
     return rows
 
 
-def movie_snippets() -> list[Snippet]:
-    """Return the 10,568 Pang & Lee movie review snippets as (text, label), label 1 when the score is > 0.
+def sentiment_texts(domain: str) -> list[Snippet]:
+    """Return one domain's sentiment-scored texts as (text, label), label 1 when the score is > 0.
 
-    Parsed once from the vaderSentiment 3.3.2 sdist (downloaded with pip) and cached as a TSV in :func:`cache_dir`.
+    Domains (Hutto & Gilbert, 2014, shipped in the vaderSentiment 3.3.2 sdist): ``movie-snippets``
+    (10,568 Pang & Lee review snippets), ``tweets`` (4,196), ``amazon-snippets`` (3,610 product
+    review snippets) and ``nyt-snippets`` (4,946 New York Times editorial snippets); rows scored
+    exactly 0 are dropped. Parsed once from the sdist (downloaded with pip), every domain at once,
+    and cached as TSVs in :func:`cache_dir`.
     """
-    cached = cache_dir() / _SNIPPETS_CACHE
+    if domain not in SENTIMENT_DOMAINS:
+        raise ValueError(f"unknown sentiment domain {domain!r}; known: {', '.join(SENTIMENT_DOMAINS)}")
+    spec = SENTIMENT_DOMAINS[domain]
+    cached = cache_dir() / spec.cache
     if not cached.is_file():
         with tempfile.TemporaryDirectory() as download_dir:
-            rows = _parse_snippets(_vader_sdist(Path(download_dir)))
-        _write_atomic(cached, rows)
-    return _read_tsv(cached)
+            sdist = _vader_sdist(Path(download_dir))
+            for name, other in SENTIMENT_DOMAINS.items():  # every domain from one download
+                if name == domain or not (cache_dir() / other.cache).is_file():
+                    _write_atomic(cache_dir() / other.cache, _parse_snippets(sdist, name))
+    return _read_tsv(cached, spec.rows)
 
 
-def movie_snippets_split(seed: int = 0, test_size: int = 2000) -> tuple[list[Snippet], list[Snippet]]:
-    """Split the snippets into (train, test) as in the anchors' protocol: 8,568 / 2,000 by default.
+def sentiment_split(domain: str, seed: int = 0, test_size: int | None = None) -> tuple[list[Snippet], list[Snippet]]:
+    """Split one domain into (train, test): 2,000 test rows for the movie snippets, 1,000 for the others by default.
 
     The rows, in file order, are shuffled in place by ``random.Random(seed).shuffle``; the last ``test_size`` are test.
     """
-    rows = movie_snippets()
+    rows = sentiment_texts(domain)
+    test_size = SENTIMENT_DOMAINS[domain].test_size if test_size is None else test_size
     if not 0 <= test_size <= len(rows):
         raise ValueError(f"test_size must be between 0 and {len(rows)}, got {test_size}")
     random.Random(seed).shuffle(rows)
     cut = len(rows) - test_size
     return rows[:cut], rows[cut:]
+
+
+def movie_snippets() -> list[Snippet]:
+    """Return the 10,568 Pang & Lee movie review snippets as (text, label), label 1 when the score is > 0."""
+    return sentiment_texts("movie-snippets")
+
+
+def movie_snippets_split(seed: int = 0, test_size: int = 2000) -> tuple[list[Snippet], list[Snippet]]:
+    """Split the snippets into (train, test) as in the anchors' protocol: 8,568 / 2,000 by default."""
+    return sentiment_split("movie-snippets", seed, test_size)
 
 
 def austen_text() -> str:

@@ -13,6 +13,7 @@ import argparse
 import linecache
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -29,12 +30,14 @@ from lightning_peft.cli_messages import CommandParser, ConfigError, one_line
 from lightning_peft.core.adapter_files import read_adapter_files
 from lightning_peft.core.ownership import adapter_refs
 from lightning_peft.core.summary import trainable_summary
+from lightning_peft.data.files import read_lines
 from lightning_peft.export import export_adapters, export_checkpoint
 from lightning_peft.lightning.callback import PEFTCallback
 from lightning_peft.lightning.checkpointing import read_checkpoint
 from lightning_peft.lightning.curves import plot_curves
 from lightning_peft.lightning.predictions import PredictionWriter
 from lightning_peft.lightning.progress import StepProgressBar
+from lightning_peft.lightning.row_adapters import RowAdapterRouting, parse_adapters, split_rows
 from lightning_peft.registry import LoadAdapter
 
 DEBUG_VARIABLE = "LIGHTNING_PEFT_DEBUG"
@@ -95,6 +98,9 @@ class PEFTCLI(LightningCLI):
         parser.add_argument("--adapter", type=str | None, default=None,
                             help="validate, test, predict: an adapter folder (as fit or export writes) to use "
                                  "instead of the recipe's PEFT methods")
+        parser.add_argument("--adapters", nargs="+", type=str, default=None,
+                            help="predict: several adapter folders at once, as NAME=DIR ...; each input line is then "
+                                 "NAME<TAB>text (NAME '-': the base model), and each row uses its adapter")
         parser.add_argument("--output", type=str | None, default=None,
                             help="predict: also write every input and its prediction to this .csv or .jsonl file")
         parser.add_argument("--untrained", type=bool, default=False,
@@ -106,7 +112,7 @@ class PEFTCLI(LightningCLI):
         if settings.get("adapter"):
             raise ConfigError("fit trains a new adapter: --adapter is for validate, test and predict "
                               "(to continue a run, give --ckpt_path)")
-        for option in ("untrained", "output"):
+        for option in ("untrained", "output", "adapters"):
             if settings.get(option):
                 raise ConfigError(f"--{option} is for predict")
 
@@ -119,13 +125,36 @@ class PEFTCLI(LightningCLI):
     def before_predict(self) -> None:
         """Refuse to predict with untrained adapters and heads, which would print confident nonsense."""
         settings = self.config[self.subcommand]
-        if settings.get("ckpt_path") is None and not settings.get("adapter") and not settings.get("untrained"):
+        weights = ("ckpt_path", "adapter", "untrained", "adapters")
+        if not any(settings.get(option) for option in weights):
             raise ConfigError("predict needs trained weights: give --ckpt_path CHECKPOINT or --adapter FOLDER (the "
                               "fit summary names both), or --untrained true to predict with the model as built")
-        self._use_adapter_folder()
+        writer = next(cb for cb in self.trainer.callbacks if isinstance(cb, PredictionWriter))
         if settings.get("output"):
-            writer = next(cb for cb in self.trainer.callbacks if isinstance(cb, PredictionWriter))
             writer.output = PredictionWriter(settings["output"]).output  # the same check of the file's format
+        if settings.get("adapters"):
+            given = [f"--{option}" for option in weights[:3] if settings.get(option)]
+            if given:
+                raise ConfigError(f"give --adapters or {' / '.join(given)}, not both")
+            writer.row_adapters = self._use_adapter_folders(parse_adapters(settings["adapters"]))
+        else:
+            self._use_adapter_folder()
+
+    def _use_adapter_folders(self, folders: dict[str, str]) -> list[str | None]:
+        """With ``--adapters``: load every folder under its name, and route each input row to the one it names."""
+        for folder in folders.values():
+            read_adapter_files(folder)  # a missing or damaged folder: one line now, not at setup
+        data = self.datamodule
+        if getattr(data, "predict_file", None) is None:
+            raise ConfigError("no texts to predict: give data.predict_file, one NAME<TAB>text line per row (or -)")
+        names, texts = split_rows(read_lines(data.predict_file), list(folders), f"predict file {data.predict_file}")
+        self._texts = tempfile.TemporaryDirectory(prefix="lightning-peft-predict-")
+        data.predict_file = str(Path(self._texts.name) / "texts.txt")
+        Path(data.predict_file).write_text("".join(text + "\n" for text in texts), encoding="utf-8")
+        others = [cb for cb in self.trainer.callbacks if not isinstance(cb, PEFTCallback)]
+        loads = [LoadAdapter(folder, adapter_name=name) for name, folder in folders.items()]
+        self.trainer.callbacks = [*loads, RowAdapterRouting(names), *others]
+        return names
 
     def _use_adapter_folder(self) -> None:
         """With ``--adapter``: load that folder at setup instead of injecting the recipe's PEFT methods."""

@@ -86,7 +86,25 @@ def test_movie_snippets_content(downloaded):
     assert rows[0][1] == 1 and rows[0][0].startswith("The Rock is destined to be the 21st Century's")
     assert rows[-1][1] == 0 and rows[-1][0].startswith("Her fans walked out muttering")
     assert any("Almodóvar" in text for text, _ in rows)
-    assert sorted(p.name for p in path.iterdir()) == ["movie_snippets.tsv"]
+    assert sorted(p.name for p in path.iterdir()) == sorted(d.cache for d in assets.SENTIMENT_DOMAINS.values())
+
+
+def test_the_other_sentiment_domains_come_from_the_same_download(downloaded, monkeypatch):
+    path, _ = downloaded
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # no second download
+    monkeypatch.setenv("LIGHTNING_PEFT_CACHE", str(path))
+    expected = {"tweets": (4_196, 2_897, "Somehow I was blessed with some really amazing friends"),
+                "amazon-snippets": (3_610, 2_128, "troubleshooting ad-2500 and ad-2600 no picture"),
+                "nyt-snippets": (4_946, 2_204, "On Dec. 19, around noon, New York City's Union Square")}
+    for domain, (count, positive, first) in expected.items():
+        rows = assets.sentiment_texts(domain)
+        assert (len(rows), sum(label for _, label in rows)) == (count, positive)
+        assert rows[0][0].startswith(first)
+        train, test = assets.sentiment_split(domain)
+        assert (len(train), len(test)) == (count - 1000, 1000)
+        assert sorted(train + test) == sorted(rows) and assets.sentiment_split(domain) == (train, test)
+    with pytest.raises(ValueError, match="unknown sentiment domain 'reddit'; known: movie-snippets, tweets"):
+        assets.sentiment_texts("reddit")
 
 
 def test_cache_is_reused_without_pip(downloaded, tmp_path, monkeypatch):

@@ -306,3 +306,38 @@ def test_without_matplotlib_the_summary_says_how_to_get_the_curves(tmp_path, mon
     line = cli._curves_after_fit(SimpleNamespace(logger=logger, default_root_dir=str(tmp_path)))
     assert line == f'curves: pip install "lightning-peft[plot]" to draw {logger.experiment.metrics_file_path}'
     assert not (tmp_path / "logs" / "version_0" / "curves.png").exists()
+
+
+def test_predict_with_several_adapters_routes_each_line_to_its_adapter(tmp_path, tiny_model_dir):
+    """Each NAME<TAB>text line is predicted as that adapter alone predicts it ('-': the model as built)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from lightning_peft import LoRA, save_adapter
+
+    folders = {}
+    for seed, name in enumerate(["upbeat", "gloomy"]):
+        model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
+        LoRA(r=4, target_modules=["query", "value"], modules_to_save=["classifier"]).inject(model)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.add_(torch.randn_like(param) * 2)
+        folders[name] = save_adapter(model, tmp_path / name)
+    config = str(recipe(tmp_path, tiny_model_dir, write_data(tmp_path, "train", sentiment_rows(8, 0))))
+    texts = ["the movie was very great", "the plot was awful", "not bad", "fine movie"]
+    routes = ["upbeat", "gloomy", "-", "gloomy"]
+    common = ["predict", "--config", config, "--data.init_args.predict_file", "-"]
+    alone = {name: run_cli(*common, "--adapter", str(folder), stdin="\n".join(texts)).stdout.splitlines()
+             for name, folder in folders.items()}
+    alone["-"] = run_cli(*common, "--untrained", "true", stdin="\n".join(texts)).stdout.splitlines()
+    assert alone["upbeat"] != alone["gloomy"]  # the two adapters predict differently
+    out = tmp_path / "routed.csv"
+    routed = run_cli(*common, "--adapters", *(f"{n}={f}" for n, f in folders.items()), "--output", str(out),
+                     stdin="".join(f"{name}\t{text}\n" for name, text in zip(routes, texts, strict=True)))
+    assert routed.returncode == 0, routed.stderr[-3000:]
+    assert routed.stdout.splitlines() == [alone[name][i] for i, name in enumerate(routes)]
+    rows = list(csv.DictReader(out.open(newline="")))
+    assert [(row["adapter"], row["input"]) for row in rows] == list(zip(routes, texts, strict=True))
+    wrong = run_cli(*common, "--adapters", f"upbeat={folders['upbeat']}", stdin="sunny\tthe movie\n")
+    assert wrong.returncode == 2 and "line 1" in wrong.stderr and "upbeat or '-'" in wrong.stderr, wrong.stderr

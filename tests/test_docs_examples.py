@@ -1,4 +1,4 @@
-"""The Python blocks of the quick start (docs/index.md) and the method pages (docs/methods/*.md) run.
+"""The Python blocks of the quick start (docs/index.md), many tasks (docs/many_tasks.md) and the method pages run.
 
 Contract for the pages' authors:
 
@@ -39,7 +39,8 @@ import pytest
 from conftest import TokenModule, tiny_llama, token_loader
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ["docs/index.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs" / "methods").glob("*.md"))]
+PAGES = ["docs/index.md", "docs/many_tasks.md",
+         *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs" / "methods").glob("*.md"))]
 
 OPENING = re.compile(r"^(?P<indent>[ \t]*)(?P<ticks>`{3,}|~{3,})\s*(?P<info>[^`]*)$")
 MARKER = re.compile(r"^\s*<!--\s*docs-test\b")

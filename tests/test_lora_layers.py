@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lightning_peft import LoRA, merge, trainable_summary, unmerge
+from lightning_peft import IA3, LoRA, merge, trainable_summary, unmerge
 from lightning_peft.lora import LoRAAdapter, LoRALayer
 
 from conftest import VOCAB, tiny_bert, tiny_llama
@@ -512,14 +512,16 @@ def test_all_linear_excludes_heads():
 def test_modules_to_save_trains_and_counts_the_classifier():
     bert = tiny_bert()
     LoRA(r=2, target_modules=["query", "value"], modules_to_save=["classifier"]).inject(bert)
-    assert all(p.requires_grad for p in bert.classifier.parameters())
-    classifier = sum(p.numel() for p in bert.classifier.parameters())
+    head = bert.classifier.adapters["default"]  # the adapter's own copy; the original stays frozen beneath
+    assert all(p.requires_grad for p in head.parameters())
+    assert not any(p.requires_grad for p in bert.classifier.base_layer.parameters())
+    classifier = sum(p.numel() for p in head.parameters())
     lora = 2 * 2 * 2 * (32 + 32)  # 2 blocks x 2 layers x r * (in + out)
     assert trainable_summary(bert).trainable == lora + classifier
     frozen = [n for n, p in bert.named_parameters() if not p.requires_grad]
     assert "bert.pooler.dense.weight" in frozen and "bert.embeddings.word_embeddings.weight" in frozen
     bert(input_ids=torch.randint(0, VOCAB, (2, 5)), labels=torch.tensor([0, 1])).loss.backward()
-    assert bert.classifier.weight.grad is not None
+    assert head.weight.grad is not None and bert.classifier.base_layer.weight.grad is None
 
 
 def test_dropout_in_train_mode_only():
@@ -619,15 +621,15 @@ def test_all_linear_on_multihead_attention_keeps_the_model_working():
         assert torch.equal(model(x), expected)
 
 
-def test_failed_injection_for_a_claimed_module_to_save_leaves_model_unchanged():
-    """A second adapter that also saves ``classifier`` is refused, but only after it was injected."""
+def test_failed_injection_for_a_module_to_save_leaves_model_unchanged():
+    """A second method's adapter of the same name that also saves ``classifier`` is refused after its layers went in."""
     bert = tiny_bert()
     LoRA(r=2, target_modules=["query"], modules_to_save=["classifier"]).inject(bert)
     keys = set(bert.state_dict())
     with pytest.raises(ValueError, match="classifier"):
-        LoRA(r=2, target_modules=["value"], modules_to_save=["classifier"], adapter_name="b").inject(bert)
+        IA3(target_modules=["value"], feedforward_modules=[], modules_to_save=["classifier"]).inject(bert)
     assert set(bert.state_dict()) == keys
-    assert not _lora_layers(bert.bert.encoder.layer[0].attention.self.value)
+    assert isinstance(bert.bert.encoder.layer[0].attention.self.value, nn.Linear)
 
 
 def test_forward_does_not_change_embedding_adapter_with_max_norm():

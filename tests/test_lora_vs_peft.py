@@ -220,4 +220,4 @@ def test_all_linear_with_classifier_saved_matches_peft_seq_cls():
     their_trainable, _ = theirs.get_nb_trainable_parameters()
     assert trainable_summary(ours).trainable == their_trainable
     assert not isinstance(ours.classifier, LoRALayer)
-    assert all(p.requires_grad for p in ours.classifier.parameters())
+    assert all(p.requires_grad for p in ours.classifier.adapters["default"].parameters())

@@ -16,6 +16,7 @@ METHODS = {  # recipe name -> the PEFT callbacks it must configure, in order
     "full_finetune_sentiment": [],
     "head_only_sentiment": [Selective],
     "lora_sentiment": [LoRA],
+    "lora_multitask_sentiment": [LoRA] * 4,
     "bitfit_sentiment": [BitFit],
     "ia3_sentiment": [IA3],
     "adapter_sentiment": [Adapter],

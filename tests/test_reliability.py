@@ -329,7 +329,7 @@ API_CASES = {
     "unknown target": ApiCase(lambda m, f: LoRA(target_modules=["qurey"]).inject(m), ValueError,
                               ["matched no module", "query (Linear)"]),
     "two methods on one parameter": ApiCase(two_methods_on_one_parameter, ValueError,
-                                            ["claimed by both LoRA[default] and BitFit[default]"]),
+                                            ["BitFit[default]", "in modules_to_save of LoRA[default]"]),
     "a flipped byte in an adapter file": ApiCase(lambda m, f: load_adapter(m, damaged_copy(f, flip_a_byte)),
                                                  ValueError, ["adapter_model.safetensors is corrupt", "checksum"]),
     "adapter_config.json without target_modules": ApiCase(

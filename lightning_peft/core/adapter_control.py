@@ -10,6 +10,7 @@ from torch import nn
 from lightning_peft.core.injection import peft_layers, replace_module
 from lightning_peft.core.layer import PEFTLayer, PEFTModule
 from lightning_peft.core.ownership import adapter_refs, freeze_unclaimed, release
+from lightning_peft.core.saved_modules import SavedModule
 
 
 def adapter_names(module: nn.Module) -> list[str]:
@@ -44,8 +45,8 @@ def set_adapter(module: nn.Module, adapter_name: str) -> None:
 
     Every layer or part that a PEFT method added then computes with that adapter alone; parts
     without it compute as their base. It changes what the model computes, not which parameters
-    are trainable. Selective, BitFit and ``modules_to_save`` train the model's own parameters,
-    which stay in use whatever is active.
+    are trainable. Each adapter's ``modules_to_save`` copies (its head) follow it. Selective and
+    BitFit train the model's own parameters, which stay in use whatever is active.
 
     Args:
         module: a model with adapters, or a LightningModule holding one.
@@ -74,9 +75,9 @@ def disable_adapters(module: nn.Module) -> Iterator[nn.Module]:
 
     Inside the block no layer or part that a PEFT method added changes what ``module`` computes;
     on leaving it (also on an exception) the adapters that were active are active again.
-    Selective, BitFit and ``modules_to_save`` train the model's own parameters, which stay as
-    trained inside the block, and a LoRA layer initialized with ``init="pissa"`` keeps its
-    residual base weight.
+    ``modules_to_save`` modules compute as the original, untrained modules. Selective and BitFit
+    train the model's own parameters, which stay as trained inside the block, and a LoRA layer
+    initialized with ``init="pissa"`` keeps its residual base weight.
 
     Args:
         module: a model with adapters, or a LightningModule holding one.
@@ -107,8 +108,8 @@ def delete_adapter(module: nn.Module, adapter_name: str, method: str | None = No
 
     What the adapter's method added goes: a layer left with no adapter becomes its plain base
     layer again, and a part left with none (a prompt encoder) leaves the model with its hooks.
-    The parameters of the model itself that the adapter trained (Selective's, BitFit's,
-    ``modules_to_save``) stay, as trained, and are frozen.
+    Its ``modules_to_save`` copies go with it. The parameters of the model itself that the
+    adapter trained (Selective's, BitFit's) stay, as trained, and are frozen.
 
     Args:
         module: a model with adapters, or a LightningModule holding one.
@@ -132,9 +133,9 @@ def delete_adapter(module: nn.Module, adapter_name: str, method: str | None = No
         raise ValueError(f"no {method} adapter named '{adapter_name}'")
     methods = {r.method_name for r in refs}
     for ref in refs:
-        release(module, ref)  # claims on base modules (selected parameters, modules_to_save)
+        release(module, ref)  # claims on the model's own parameters (Selective's, BitFit's)
     for name, layer in reversed(list(peft_layers(module))):
-        if adapter_name in layer.adapters and layer.method in methods:
+        if adapter_name in layer.adapters and (layer.method in methods or isinstance(layer, SavedModule)):
             layer.delete_adapter(adapter_name)
             if not layer.adapters:
                 replace_module(module, name, layer.base_layer)

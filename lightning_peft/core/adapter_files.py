@@ -26,6 +26,7 @@ from lightning_peft.core.files import PathLike, atomic_write_all
 from lightning_peft.core.integrity import DIGEST_KEY, check_digest, tensor_digest
 from lightning_peft.core.models import model_root
 from lightning_peft.core.ownership import AdapterRef, adapter_refs, owners
+from lightning_peft.core.saved_modules import saved_module_name
 
 PEFT_PREFIX = "base_model.model."  # peft holds the transformers model as base_model.model
 _LAYER_TENSOR = re.compile(r"^(?P<layer>.+)\.adapters\.(?P<adapter>[^.]+)\.(?P<tensor>[^.]+)$")
@@ -110,11 +111,11 @@ def find_adapter(module: nn.Module, adapter_name: str, method: str | None = None
 
 
 def adapter_tensors(module: nn.Module, ref: AdapterRef) -> dict[str, torch.Tensor]:
-    """The tensors of one adapter, named relative to the model root."""
-    prefix, _ = model_root(module)
+    """The tensors of one adapter, named relative to the model root (a saved module's copy under its own name)."""
+    prefix, root = model_root(module)
     claimed = owners(module)
-    return {name[len(prefix) + 1:] if prefix else name: param for name, param in module.named_parameters()
-            if claimed.get(id(param)) == ref}
+    return {saved_module_name(name[len(prefix) + 1:] if prefix else name, root): param
+            for name, param in module.named_parameters() if claimed.get(id(param)) == ref}
 
 
 def file_tensors(module: nn.Module, ref: AdapterRef) -> dict[str, torch.Tensor]:

@@ -90,6 +90,10 @@ class PEFTLayer(PEFTModule):
         """Fold the active adapters into ``base_layer`` in place and return it."""
         raise NotImplementedError(f"{self.method} adapters cannot be merged into the base weights")
 
+    def merged_module(self) -> nn.Module:
+        """The module that stands in the model in this layer's place while it is merged."""
+        return self.base_layer
+
     def unmerge(self) -> None:
         """Take the active adapters' deltas back out of ``base_layer`` (the inverse of a merge)."""
         raise NotImplementedError(f"{self.method} adapters cannot be unmerged")

@@ -79,7 +79,7 @@ def unmerge(module: nn.Module) -> nn.Module:
     restored = False
     while merged := merged_layers(module):
         for parent, child, layer in merged:
-            if getattr(parent, child) is not layer.base_layer:
+            if getattr(parent, child) is not layer.merged_module():
                 raise RuntimeError(f"unmerge: '{child}' was replaced after the merge; cannot restore its adapter")
             layer.unmerge()
             setattr(parent, child, layer)

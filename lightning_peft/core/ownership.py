@@ -102,6 +102,12 @@ def release(root: nn.Module, ref: AdapterRef) -> None:
             del claims[local]
 
 
+def forget_claims(root: nn.Module) -> None:
+    """Drop every claim recorded inside ``root`` (a fresh copy of claimed modules, whose parameters are new)."""
+    for module in root.modules():
+        module.__dict__.pop(_CLAIMS, None)
+
+
 def freeze_unclaimed(root: nn.Module) -> None:
     """Train exactly the claimed parameters of ``root``: set ``requires_grad`` from ownership."""
     claimed = owners(root)

@@ -101,9 +101,9 @@ def per_row_adapters(module: nn.Module, names: Sequence[str | None]) -> Iterator
     output is what ``module`` gives for that row alone after ``set_adapter(module, names[i])``.
     It works through any forward (a LightningModule's ``predict_step`` too), under
     ``torch.no_grad`` and ``torch.compile``, for LoRA (DoRA included), IA3, Adapter and
-    PromptTuning. Parameters of the model itself that a method trains (Selective, BitFit,
-    ``modules_to_save``) serve every row, as with `set_adapter`. On leaving the block (also on an
-    exception) the adapters that were active are active again.
+    PromptTuning, and each adapter's ``modules_to_save`` copies (its own head). Parameters of the
+    model itself that a method trains (Selective, BitFit) serve every row, as with `set_adapter`.
+    On leaving the block (also on an exception) the adapters that were active are active again.
 
     Args:
         module: a model with adapters, or a LightningModule holding one.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 from torch.utils.data import DataLoader
@@ -13,8 +14,8 @@ from lightning_peft import assets
 from lightning_peft.data.base import SourceData
 from lightning_peft.data.files import check_data_arguments, read_lines, read_rows
 
-SOURCES = {"movie-snippets": assets.movie_snippets_split}
-SOURCE_LABELS = {"movie-snippets": ("negative", "positive")}  # a built-in source's label names, by id
+SOURCES = {domain: partial(assets.sentiment_split, domain) for domain in assets.SENTIMENT_DOMAINS}
+SOURCE_LABELS = {domain: ("negative", "positive") for domain in SOURCES}  # a built-in source's label names, by id
 Example = tuple[str, object]
 
 
@@ -30,8 +31,11 @@ class TextClassificationData(SourceData):
 
     Args:
         source: a built-in data set, or ``None`` to read files (with a source, the train, val and
-            test files are not read). ``"movie-snippets"``: 10,568 movie review snippets labelled
-            ``"negative"`` or ``"positive"``, 2,000 of them drawn with ``seed`` for test.
+            test files are not read). Sentiment, labelled ``"negative"`` or ``"positive"``:
+            ``"movie-snippets"`` (10,568 movie review snippets, 2,000 of them drawn with ``seed``
+            for test), ``"tweets"`` (4,196), ``"amazon-snippets"`` (3,610 product review
+            snippets) and ``"nyt-snippets"`` (4,946 New York Times editorial snippets), 1,000 of
+            each drawn for test.
         train_file: training data: a CSV, TSV or JSONL (``.jsonl``, ``.json``) file with
             ``text_column`` and ``label_column``.
         val_file: validation data, in the forms of ``train_file``; without it ``val_fraction`` of
@@ -127,12 +131,14 @@ class TextClassificationData(SourceData):
             raise ValueError(f"no {split} data: give {split}_file" + (" or a source" if split != "val" else ""))
         return self._encode(self.splits[split], shuffle)
 
-    def _encode(self, rows: Sequence[Example], shuffle: bool = False) -> DataLoader:
+    def encoded(self, rows: Sequence[Example]) -> list[dict]:
+        """Each row tokenized: ``input_ids``, ``attention_mask`` and its label id as ``labels``."""
         encoded = self.tokenizer([text for text, _ in rows], truncation=True, max_length=self.max_length)
-        examples = [{"input_ids": ids, "attention_mask": mask, "labels": self.label_id(label)}
-                    for ids, mask, (_, label)
-                    in zip(encoded["input_ids"], encoded["attention_mask"], rows, strict=True)]
-        return DataLoader(examples, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+        return [{"input_ids": ids, "attention_mask": mask, "labels": self.label_id(label)}
+                for ids, mask, (_, label) in zip(encoded["input_ids"], encoded["attention_mask"], rows, strict=True)]
+
+    def _encode(self, rows: Sequence[Example], shuffle: bool = False) -> DataLoader:
+        return DataLoader(self.encoded(rows), batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
                           collate_fn=DataCollatorWithPadding(self.tokenizer, return_tensors="pt"),
                           generator=torch.Generator().manual_seed(self.seed) if shuffle else None)
 

@@ -24,8 +24,9 @@ from lightning_utilities.core.overrides import is_overridden
 from torch import nn
 
 from lightning_peft.core.adapter_files import AdapterFormat, class_path
-from lightning_peft.core.ownership import AdapterRef, adapter_refs, check_unclaimed, claim, freeze_unclaimed
+from lightning_peft.core.ownership import AdapterRef, adapter_refs, claim, freeze_unclaimed
 from lightning_peft.core.rollback import TreeRecord, all_or_nothing
+from lightning_peft.core.saved_modules import save_modules
 from lightning_peft.core.summary import trainable_summary
 from lightning_peft.core.targeting import select_modules
 from lightning_peft.lightning.checkpointing import install_adapter_checkpointing
@@ -112,8 +113,8 @@ class PEFTCallback(ModelSetupCallback):
         checkpoint: ``"adapter"`` keeps checkpoints to the tensors that PEFT methods train,
             ``"full"`` keeps the whole model (one ``"full"`` method in a Trainer is enough for that).
         modules_to_save: whole modules (a new classification head, say), named as ``target_modules``
-            name them (suffixes or a full-match regex), that train fully alongside the method and
-            are saved with its adapter.
+            name them (suffixes or a full-match regex), of which this adapter trains its own copy
+            alongside the method, saved with its adapter; the original stays frozen as the base.
 
     Raises:
         ValueError: when ``checkpoint`` is neither ``"adapter"`` nor ``"full"``.
@@ -161,16 +162,19 @@ class PEFTCallback(ModelSetupCallback):
         raise NotImplementedError
 
     def inject(self, module: nn.Module) -> nn.Module:
-        """Add the method to ``module`` (once), then train only what PEFT methods own."""
+        """Add the method to ``module`` (once), then train only what PEFT methods own; on an error, change nothing."""
         if module in self._injected and self.ref in adapter_refs(module):
             return module  # applied already (setup runs at every stage); a rolled-back injection is redone
         ref = self.ref
         if ref in adapter_refs(module):
             raise ValueError(f"{ref} is already injected into this model; pass another adapter_name")
-        saved = [p for _, m in self._modules_to_save(module) for p in m.parameters()]
-        check_unclaimed(module, ref, saved)
-        claim(module, ref, self.inject_into(module) + saved)
-        freeze_unclaimed(module)
+        with all_or_nothing(module):
+            trained = self.inject_into(module)
+            saved = self._modules_to_save(module)
+            inside = {id(p) for _, m in saved for p in m.parameters()}  # a saved module's own copy trains them
+            trained = [p for p in trained if id(p) not in inside]
+            claim(module, ref, trained + save_modules(module, saved, self.adapter_name, self.owner))
+            freeze_unclaimed(module)
         self._injected.add(module)
         return module
 
@@ -202,9 +206,16 @@ class PEFTCallback(ModelSetupCallback):
             enable_input_grads_for_checkpointing(pl_module)
             rank_zero_info(f"lightning_peft: trainable parameters\n{trainable_summary(pl_module)}")
 
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        tasks = batch.get("task") if isinstance(batch, dict) else None  # MultiTaskData: each row's adapter
+        self._batch_tasks = set(tasks) if tasks is not None else None
+
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step == 0 and self is peft_callbacks(trainer)[0]:
-            check_gradients_reached(trainer, pl_module)
+            routed = getattr(self, "_batch_tasks", None)
+            idle = set() if routed is None else {ref.name for ref in adapter_refs(pl_module)} - routed
+            check_gradients_reached(trainer, pl_module, idle)
 
     def state_dict(self) -> dict[str, Any]:
         """The method and its settings, so ``lightning-peft export`` can rebuild the adapter."""

@@ -16,6 +16,7 @@ import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from lightning_peft.core.files import atomic_write
+from lightning_peft.lightning.row_adapters import BASE_MODEL
 
 TABLE_FORMATS = (".csv", ".jsonl")
 
@@ -28,6 +29,7 @@ class PredictionWriter(BasePredictionWriter):
         if output is not None and Path(output).suffix.lower() not in TABLE_FORMATS:
             raise ValueError(f"--output {output}: write predictions to a {' or '.join(TABLE_FORMATS)} file")
         self.output = output
+        self.row_adapters: list[str | None] | None = None  # each input's adapter, with `predict --adapters`
         self.rows: list[dict[str, Any]] = []
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -41,8 +43,11 @@ class PredictionWriter(BasePredictionWriter):
         for index, item in zip(batch_indices or [None] * len(prediction), prediction, strict=True):
             print(prediction_line(item), flush=True)
             if self.output is not None:
-                text = inputs[index] if index is not None and index < len(inputs) else None
+                known = index is not None and index < len(inputs)
+                text = inputs[index] if known else None
                 self.rows.append(prediction_row(text, item))
+                if self.row_adapters is not None and known:
+                    self.rows[-1] = {"adapter": self.row_adapters[index] or BASE_MODEL, **self.rows[-1]}
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.output is not None and trainer.is_global_zero:

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lightning_peft.core.files import PathLike
 from lightning_peft.core.layer import PEFTLayer
+from lightning_peft.core.ownership import owners
 from lightning_peft.core.weights import is_quantized
 from lightning_peft.lightning.checkpointing import (
     CHECKPOINT_KEY,
@@ -290,13 +291,19 @@ def load_adapter_checkpoints_into_shards(strategy: Strategy, module: L.Lightning
 
 
 # --- DDP --------------------------------------------------------------------------------------
-def check_gradients_reached(trainer: L.Trainer, module: nn.Module) -> None:
+def check_gradients_reached(trainer: L.Trainer, module: nn.Module, idle: set[str] = frozenset()) -> None:
     """After the first backward: name every trainable parameter without a gradient.
 
     DDP (without ``find_unused_parameters``) would fail on them with "Expected to have finished
-    reduction" at the next step, so there it is an error; elsewhere a warning.
+    reduction" at the next step, so there it is an error; elsewhere a warning. Adapters named in
+    ``idle`` (tasks that the batch's rows did not name) are left out.
     """
-    missing = [state_key(name) for name, p in module.named_parameters() if p.requires_grad and p.grad is None]
+    if idle and _reducer_needs_every_gradient(trainer.strategy):
+        raise RuntimeError(f"the first batch names no row of task(s) {', '.join(sorted(idle))}, whose adapters then "
+                           "get no gradient, which DDP cannot train: use DDPStrategy(find_unused_parameters=True)")
+    owner = {param_id: ref.name for param_id, ref in owners(module).items()}
+    missing = [state_key(name) for name, p in module.named_parameters()
+               if p.requires_grad and p.grad is None and owner.get(id(p)) not in idle]
     if not missing:
         return
     message = (

@@ -10,7 +10,11 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import AutoModelForSequenceClassification
 
+from lightning_peft.core.adapter_control import adapter_names
+from lightning_peft.core.per_row import per_row_adapters
 from lightning_peft.tasks.base import TransformersTask
+
+STAGES = ("val", "test")
 
 
 class SequenceClassification(TransformersTask):
@@ -23,7 +27,8 @@ class SequenceClassification(TransformersTask):
     logs ``train_loss``; validation and test log accuracy and macro F1 (``val_acc``, ``val_f1``,
     ``test_acc``, ``test_f1``); ``predict`` returns per text a dict with the most probable
     ``label``, its ``probability`` and every class's ``probabilities``. The optimizer is AdamW over
-    the trainable parameters only.
+    the trainable parameters only. With `MultiTaskData`, each row is computed with the adapter
+    named after its task, and validation and test log each task's metrics too (``test_acc_tweets``).
 
     Args:
         model: a built-in name (``"minilm-l6"``, all-MiniLM-L6-v2) or a transformers model folder.
@@ -80,28 +85,56 @@ class SequenceClassification(TransformersTask):
                                     "f1": MulticlassF1Score(num_labels, average="macro")})
         self.val_metrics = metrics.clone(prefix="val_")
         self.test_metrics = metrics.clone(prefix="test_")
+        tasks = list(getattr(datamodule, "task_names", None) or [])  # MultiTaskData: metrics per task too
+        self.task_metrics = nn.ModuleDict({stage: nn.ModuleDict({
+            task: metrics.clone(prefix=f"{stage}_", postfix=f"_{task}") for task in tasks}) for stage in STAGES})
         model = AutoModelForSequenceClassification.from_pretrained(
             self.model_path, num_labels=num_labels, trust_remote_code=self.trust_remote_code)
         return model.train()  # from_pretrained returns eval mode; Lightning keeps modes as they are
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                tasks: Sequence[str] | None = None) -> torch.Tensor:
+        """The logits; with ``tasks`` (one adapter name per row), each row computed with its own adapter."""
+        if tasks is None:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        with per_row_adapters(self.model, tasks):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def on_fit_start(self) -> None:
+        """Refuse, before any step, tasks of the data that no adapter is named after."""
+        tasks = getattr(self.trainer.datamodule, "task_names", None) or []
+        missing = [task for task in tasks if task not in adapter_names(self)]
+        if missing:
+            raise ValueError(f"task '{missing[0]}' has no adapter of its name: give the trainer a PEFT method with "
+                             f"adapter_name='{missing[0]}' (adapters: {', '.join(adapter_names(self)) or 'none'})")
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = nn.functional.cross_entropy(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        logits = self(batch["input_ids"], batch["attention_mask"], batch.get("task"))
+        loss = nn.functional.cross_entropy(logits, batch["labels"])
         self.log("train_loss", loss, prog_bar=True)
         return loss
 
-    def _evaluate(self, batch: dict[str, torch.Tensor], metrics: MetricCollection) -> None:
-        logits = self(batch["input_ids"], batch["attention_mask"])
-        metrics.update(logits.argmax(-1), batch["labels"])
+    def _evaluate(self, batch: dict[str, torch.Tensor], metrics: MetricCollection, stage: str) -> None:
+        tasks = batch.get("task")
+        predicted = self(batch["input_ids"], batch["attention_mask"], tasks).argmax(-1)
+        metrics.update(predicted, batch["labels"])
         self.log_dict(metrics, prog_bar=True)
+        for task, task_metrics in self.task_metrics[stage].items():
+            rows = [i for i, name in enumerate(tasks or []) if name == task]
+            if rows:
+                task_metrics.update(predicted[rows], batch["labels"][rows])
+                self.log_dict(task_metrics)
+
+    def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
+        for task_metrics in self.task_metrics["val"].values():
+            task_metrics.reset()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, self.val_metrics)
+        self._evaluate(batch, self.val_metrics, "val")
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, self.test_metrics)
+        self._evaluate(batch, self.test_metrics, "test")
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[dict]:
         """Per text: the most probable ``label`` (a name, or an id without names), its ``probability``, and each

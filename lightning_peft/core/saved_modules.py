@@ -1,0 +1,89 @@
+"""Modules that adapters train whole (``modules_to_save``): each adapter trains a copy of its own.
+
+The original module stays beneath, frozen, as the base; the active adapter's copy computes (under
+`per_row_adapters`, each row's adapter's copy). So adapters of many tasks on one base each keep
+their own head, as in Hugging Face peft.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+from torch import Tensor, nn
+
+from lightning_peft.core.injection import wrap_modules
+from lightning_peft.core.layer import PEFTLayer
+from lightning_peft.core.ownership import forget_claims, owners
+from lightning_peft.core.per_row import RowSet, replace_rows
+
+_COPY_TENSOR = re.compile(r"^(?P<module>.+)\.adapters\.[^.]+\.(?P<tensor>.+)$")
+
+
+class SavedModule(PEFTLayer):
+    """A module trained whole by adapters: the frozen original as ``base_layer``, one trainable copy per adapter."""
+
+    method = "modules_to_save"
+    mergeable = True
+    per_row = True
+
+    def add_copy(self, name: str) -> nn.Module:
+        """A trainable copy of the original for the adapter ``name``."""
+        duplicate = copy.deepcopy(self.base_layer)
+        forget_claims(duplicate)
+        self.register_adapter(name, duplicate)
+        return duplicate
+
+    def current(self) -> nn.Module:
+        """The copy of the last active adapter that has one here, else the original."""
+        return next((self.adapters[n] for n in reversed(self.active_adapters) if n in self.adapters), self.base_layer)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.row_adapters is None:
+            return self.current()(*args, **kwargs)
+        batch = next(value for value in (*args, *kwargs.values()) if isinstance(value, Tensor))
+        out = self.base_layer(*args, **kwargs)
+
+        def rows_of(copy_: nn.Module, rows: RowSet) -> Tensor:
+            def take(value: Any) -> Any:
+                same_rows = isinstance(value, Tensor) and value.dim() and value.shape[0] == batch.shape[0]
+                return rows.take(value) if same_rows else value
+            return copy_(*map(take, args), **{k: take(v) for k, v in kwargs.items()})
+
+        return replace_rows(out, self.row_groups(batch), rows_of)
+
+    def merged_base_layer(self) -> nn.Module:
+        return self.current()
+
+    def merged_module(self) -> nn.Module:
+        return self.current()
+
+    def unmerge(self) -> None:
+        """Nothing to take out: merging put the active copy in place of this module, and unmerging puts this back."""
+
+
+def save_modules(root: nn.Module, chosen: list[tuple[str, nn.Module]], adapter_name: str,
+                 owner: str) -> list[nn.Parameter]:
+    """Give ``adapter_name`` its own trainable copy of each chosen module; return the copies' parameters."""
+    layers = wrap_modules(root, chosen, SavedModule, SavedModule)
+    taken = next(((name, layer.adapters[adapter_name]) for name, layer in layers if adapter_name in layer.adapters),
+                 None)
+    if taken is not None:
+        name, copy_ = taken
+        holder = owners(root).get(id(next(copy_.parameters(), None)), "another adapter")
+        raise ValueError(f"{owner}: '{name}' is in modules_to_save of {holder} already; adapters of two methods "
+                         f"with one name cannot each have a copy: name it in one method only, or give this adapter "
+                         "another adapter_name")
+    return [p for _, layer in layers for p in layer.add_copy(adapter_name).parameters()]
+
+
+def saved_module_name(name: str, root: nn.Module) -> str:
+    """A copy's tensor under the original's name (``head.adapters.a.weight`` -> ``head.weight``); others unchanged.
+
+    Files name a saved module's tensors as the module's own, whichever adapter they belong to.
+    """
+    match = _COPY_TENSOR.match(name)
+    if match and isinstance(root.get_submodule(match["module"]), SavedModule):
+        return f"{match['module']}.{match['tensor']}"
+    return name

@@ -1,0 +1,223 @@
+"""Several text classification data sets in one run, each row carrying its task's name, which names its adapter."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Sampler
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from lightning_peft.core.checks import check_choice
+from lightning_peft.data.text_classification import TextClassificationData
+
+Mixing = Literal["mixed", "alternating"]
+MIXINGS = ("mixed", "alternating")
+SHARED = ("max_length", "batch_size", "seed", "tokenizer", "num_workers")  # set once, for every task
+
+
+class MultiTaskData(L.LightningDataModule):
+    """Several labelled text data sets trained in one run on one base: one adapter (and head) per task.
+
+    Every batch carries ``task``, the task name of each row; `SequenceClassification` computes each
+    row with the adapter of that name (`per_row_adapters`), so each task's adapter and head learn
+    from that task's rows only, and it reports validation and test metrics per task
+    (``test_acc_tweets``, ...) beside the overall ones. Give the trainer one PEFT method per task
+    with ``adapter_name`` set to the task's name, and ``modules_to_save`` for a head of each.
+
+    Args:
+        tasks: task name -> the arguments of that task's `TextClassificationData` (``source`` or
+            ``train_file``/``val_file``/``test_file``, columns, ``val_fraction``). The tasks share
+            their labels.
+        mixing: ``"mixed"``: each training batch draws rows from every task; ``"alternating"``:
+            each batch holds the rows of one task.
+        weights: task name -> sampling weight (tasks left out weigh 0); ``None``: each task in
+            proportion to its rows, every row once an epoch. With weights, rows (mixed) or
+            batches (alternating) are drawn with replacement, as many as an epoch has.
+        max_length: tokens per text, for every task.
+        batch_size: rows per batch.
+        seed: seeds every task's splits and the order of the training batches, per epoch.
+        tokenizer: ``None`` takes the task model's tokenizer.
+        num_workers: DataLoader worker processes.
+
+    Raises:
+        ValueError: when ``tasks`` is empty, a task name is not a plain name, a task's settings are
+            wrong or set a shared argument, ``mixing`` is unknown, or ``weights`` name an unknown
+            task or are not positive. At setup: when the tasks' labels differ.
+
+    Examples:
+        ```python
+        from lightning_peft import LoRA
+        from lightning_peft.data import MultiTaskData
+
+        data = MultiTaskData({"tweets": {"source": "tweets"}, "movies": {"source": "movie-snippets"}})
+        callbacks = [LoRA(r=8, target_modules=["query", "value"], modules_to_save=["classifier"], adapter_name=task)
+                     for task in ("tweets", "movies")]
+        ```
+    """
+
+    def __init__(self, tasks: dict[str, dict[str, Any]], mixing: Mixing = "mixed",
+                 weights: dict[str, float] | None = None, max_length: int = 128, batch_size: int = 32, seed: int = 0,
+                 tokenizer: PreTrainedTokenizerBase | None = None, num_workers: int = 0) -> None:
+        super().__init__()
+        check_choice("MultiTaskData", "mixing", mixing, MIXINGS)
+        _check_tasks(tasks, weights)
+        shared = dict(max_length=max_length, batch_size=batch_size, seed=seed, tokenizer=tokenizer,
+                      num_workers=num_workers)
+        self.parts: dict[str, TextClassificationData] = {}
+        for name, settings in tasks.items():
+            try:
+                self.parts[name] = TextClassificationData(**settings, **shared)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"MultiTaskData task '{name}': {err}") from None
+        self.mixing, self.weights, self.batch_size, self.seed = mixing, weights, batch_size, seed
+        self.num_workers = num_workers
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.parts)
+
+    @property
+    def labels(self) -> list[str] | None:
+        """The tasks' shared label names (as `TextClassificationData.labels`), once set up."""
+        return next(iter(self.parts.values())).labels
+
+    def prepare_data(self) -> None:
+        for part in self.parts.values():
+            part.prepare_data()
+
+    def setup(self, stage: str) -> None:
+        for part in self.parts.values():
+            part.trainer = self.trainer
+            part.setup(stage)
+        labels = {name: part.labels for name, part in self.parts.items()}
+        if len({tuple(found or ()) for found in labels.values()}) > 1:
+            raise ValueError("MultiTaskData tasks must share their labels; got " +
+                             "; ".join(f"{name}: {found}" for name, found in labels.items()))
+
+    def _examples(self, split: str) -> dict[str, list[dict]]:
+        """Each task's tokenized rows of ``split``, each row with its ``task``."""
+        return {name: [{**row, "task": name} for row in part.encoded(part.splits[split])]
+                for name, part in self.parts.items() if split in part.splits}
+
+    def _loader(self, examples: dict[str, list[dict]], **batching: Any) -> DataLoader:
+        rows = [row for task_rows in examples.values() for row in task_rows]
+        tokenizer = next(iter(self.parts.values())).tokenizer
+        return DataLoader(rows, collate_fn=TaskCollator(tokenizer), num_workers=self.num_workers, **batching)
+
+    def train_dataloader(self) -> DataLoader:
+        examples = self._examples("train")
+        if not examples:
+            raise ValueError("MultiTaskData has no training rows: give each task a source or a train_file")
+        sampler = TaskBatchSampler({name: len(rows) for name, rows in examples.items()}, self.batch_size,
+                                   self.mixing, self.weights, self.seed)
+        return self._loader(examples, batch_sampler=sampler)
+
+    def val_dataloader(self) -> DataLoader | list:
+        examples = self._examples("val")
+        return self._loader(examples, batch_size=self.batch_size) if examples else []
+
+    def test_dataloader(self) -> DataLoader:
+        examples = self._examples("test")
+        if not examples:
+            raise ValueError("MultiTaskData has no test rows: give the tasks a source or a test_file")
+        return self._loader(examples, batch_size=self.batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        raise ValueError("MultiTaskData does not predict: run lightning-peft predict --adapters NAME=DIR ... with "
+                         "NAME<TAB>text lines, or one task's TextClassificationData")
+
+
+class TaskCollator:
+    """Pads a batch as `TextClassificationData` does and keeps each row's ``task`` name beside it."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.pad = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+
+    def __call__(self, rows: list[dict]) -> dict[str, Any]:
+        batch = dict(self.pad([{k: v for k, v in row.items() if k != "task"} for row in rows]))
+        batch["task"] = [row["task"] for row in rows]
+        return batch
+
+
+class TaskBatchSampler(Sampler[list[int]]):
+    """Batches of row indices over tasks laid one after another, in an order seeded by ``seed`` and the epoch."""
+
+    def __init__(self, sizes: dict[str, int], batch_size: int, mixing: str, weights: dict[str, float] | None,
+                 seed: int) -> None:
+        self.sizes, self.batch_size, self.mixing, self.weights, self.seed = sizes, batch_size, mixing, weights, seed
+        starts = [0, *torch.tensor(list(sizes.values())).cumsum(0).tolist()]
+        self.starts = dict(zip(sizes, starts, strict=False))
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Lightning calls this at each epoch: every epoch has its own order, the same again on a resume."""
+        self.epoch = epoch
+
+    @property
+    def sampler(self) -> TaskBatchSampler:
+        """Lightning calls ``set_epoch`` on a batch sampler's ``sampler``: this batch sampler is its own."""
+        return self
+
+    def __len__(self) -> int:
+        if self.mixing == "mixed":
+            return math.ceil(sum(self.sizes.values()) / self.batch_size)
+        return sum(math.ceil(n / self.batch_size) for n in self.sizes.values())
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        if self.mixing == "mixed":
+            rows = self._mixed_rows(generator)
+            yield from (rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size))
+        else:
+            yield from self._alternating_batches(generator)
+
+    def _task_batches(self, name: str, generator: torch.Generator) -> list[list[int]]:
+        rows = (torch.randperm(self.sizes[name], generator=generator) + self.starts[name]).tolist()
+        return [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+
+    def _mixed_rows(self, generator: torch.Generator) -> list[int]:
+        total = sum(self.sizes.values())
+        if self.weights is None:
+            return torch.randperm(total, generator=generator).tolist()
+        per_row = torch.cat([torch.full((n,), self.weights.get(name, 0.0) / n) for name, n in self.sizes.items()])
+        return torch.multinomial(per_row, total, replacement=True, generator=generator).tolist()
+
+    def _alternating_batches(self, generator: torch.Generator) -> Iterator[list[int]]:
+        batches = {name: self._task_batches(name, generator) for name in self.sizes}
+        if self.weights is None:
+            every = [batch for task_batches in batches.values() for batch in task_batches]
+            yield from (every[i] for i in torch.randperm(len(every), generator=generator).tolist())
+            return
+        names = list(self.sizes)
+        chances = torch.tensor([self.weights.get(name, 0.0) for name in names])
+        drawn = torch.multinomial(chances, len(self), replacement=True, generator=generator).tolist()
+        taken = dict.fromkeys(names, 0)
+        for index in drawn:
+            name = names[index]
+            if taken[name] == len(batches[name]):  # a task used up before the epoch ends: a new order of its rows
+                batches[name], taken[name] = self._task_batches(name, generator), 0
+            yield batches[name][taken[name]]
+            taken[name] += 1
+
+
+def _check_tasks(tasks: dict[str, dict[str, Any]], weights: dict[str, float] | None) -> None:
+    if not tasks:
+        raise ValueError("MultiTaskData needs at least one task")
+    for name, settings in tasks.items():
+        if not name or not name.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"MultiTaskData task name {name!r}: use letters, digits, '-' and '_' (it names the "
+                             "task's adapter)")
+        shared = sorted(set(settings) & set(SHARED))
+        if shared:
+            raise ValueError(f"MultiTaskData task '{name}' sets {', '.join(shared)}; set it once on MultiTaskData, "
+                             "for every task")
+    if weights is not None:
+        unknown = sorted(set(weights) - set(tasks))
+        if unknown:
+            raise ValueError(f"MultiTaskData weights name unknown task '{unknown[0]}'; tasks: {', '.join(tasks)}")
+        if any(not w >= 0 for w in weights.values()) or not sum(weights.values()) > 0:
+            raise ValueError(f"MultiTaskData weights must be >= 0 with a positive sum; got {weights}")

@@ -1,0 +1,73 @@
+"""Predicting with several adapters at once: each input line names its adapter, ``NAME<TAB>text``.
+
+``lightning-peft predict --adapters NAME=DIR ...`` loads every folder under its name and routes
+each row of each batch to its adapter with `per_row_adapters`, so one model serves every task.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+from lightning_peft.core.per_row import per_row_adapters
+
+BASE_MODEL = "-"  # the name that gives a row the base model, without an adapter
+
+
+def parse_adapters(pairs: list[str]) -> dict[str, str]:
+    """``NAME=DIR`` pairs as ``{name: folder}``, or a one-line error that says what is wrong."""
+    folders: dict[str, str] = {}
+    for pair in pairs:
+        name, equals, folder = pair.partition("=")
+        if not equals or not name or not folder:
+            raise ValueError(f"--adapters {pair!r}: give each adapter as NAME=DIR, e.g. --adapters "
+                             "tweets=adapters/tweets movies=adapters/movies")
+        if name == BASE_MODEL or "\t" in name:
+            raise ValueError(f"--adapters {pair!r}: {name!r} cannot name an adapter ('{BASE_MODEL}' is the base model)")
+        if name in folders:
+            raise ValueError(f"--adapters names '{name}' twice")
+        folders[name] = folder
+    return folders
+
+
+def split_rows(lines: list[str], names: list[str], source: str) -> tuple[list[str | None], list[str]]:
+    """Each ``NAME<TAB>text`` line as its adapter name (None for the base model) and its text."""
+    routed, texts = [], []
+    for number, line in enumerate(lines, 1):
+        name, tab, text = line.partition("\t")
+        if not tab or (name not in names and name != BASE_MODEL):
+            raise ValueError(f"{source}, line {number}: {line[:60]!r} does not start with an adapter name and a tab; "
+                             f"with --adapters each line is NAME<TAB>text, NAME one of {', '.join(names)} or "
+                             f"'{BASE_MODEL}' for the base model")
+        routed.append(None if name == BASE_MODEL else name)
+        texts.append(text.strip())
+    return routed, texts
+
+
+class RowAdapterRouting(Callback):
+    """Route each row that ``predict`` sees, in input order, to the adapter its line names."""
+
+    def __init__(self, names: list[str | None]) -> None:
+        self.names = names
+        self._next = 0
+        self._routing = ExitStack()
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._next = 0
+
+    def on_predict_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int,
+                               dataloader_idx: int = 0) -> None:
+        rows = len(next(iter(batch.values())))
+        names = self.names[self._next:self._next + rows]
+        self._next += rows
+        self._routing.enter_context(per_row_adapters(pl_module, names))
+
+    def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._routing.close()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._routing.close()

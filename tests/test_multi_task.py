@@ -1,0 +1,154 @@
+"""Several tasks in one Trainer run: MultiTaskData routes each row to its task's adapter and head."""
+
+import warnings
+
+import lightning as L
+import pytest
+import torch
+from test_cli import WORDS, sentiment_rows, write_data
+
+from lightning_peft import LoRA
+from lightning_peft.data import MultiTaskData
+from lightning_peft.data.multi_task import TaskBatchSampler
+from lightning_peft.tasks import SequenceClassification
+
+from conftest import make_trainer, trainable_tensors
+
+TASKS = ("upbeat", "gloomy")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny BERT classifier folder without dropout (so a resumed run can match bit for bit), with its tokenizer."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-bert-no-dropout")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)}).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    return folder
+
+
+def flipped(rows):
+    """The other task's labelling: the same texts, the opposite labels, so one head cannot serve both tasks."""
+    return [(text, "negative" if label == "positive" else "positive") for text, label in rows]
+
+
+def task_files(folder):
+    rows = {"upbeat": sentiment_rows(48, 0), "gloomy": flipped(sentiment_rows(32, 1))}
+    return {name: {"train_file": str(write_data(folder, f"{name}-train", rows)),
+                   "test_file": str(write_data(folder, f"{name}-test", rows[:16])), "val_fraction": 0}
+            for name, rows in rows.items()}
+
+
+def adapters():
+    return [LoRA(r=4, alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"], adapter_name=task)
+            for task in TASKS]
+
+
+class StopAfterEpoch(L.Callback):
+    """Interrupts a run at the end of its first epoch, as a preempted job stops."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.should_stop = True
+
+
+class EpochOrders(L.Callback):
+    """Records the rows each epoch trains on, in order."""
+
+    def __init__(self):
+        self.rows = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.rows.setdefault(trainer.current_epoch, []).extend(batch["input_ids"].tolist())
+
+
+def fit(model_dir, folder, mixing="mixed", callbacks_after=(), **trainer):
+    torch.manual_seed(0)  # the adapters' initial values: the same in every run
+    module = SequenceClassification(str(model_dir), learning_rate=5e-2, warmup_steps=0)
+    data = MultiTaskData(task_files(folder), mixing=mixing, batch_size=8, max_length=16)
+    trainer = make_trainer([*adapters(), *callbacks_after], **{"max_steps": 160, **trainer})
+    trainer.fit(module, datamodule=data)
+    return module, data, trainer
+
+
+@pytest.mark.parametrize("mixing", ["mixed", "alternating"])
+def test_two_tasks_with_opposite_labels_each_learn_their_own(tiny_model_dir, tmp_path, mixing):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module, data, trainer = fit(tiny_model_dir, tmp_path, mixing)
+    assert not [w for w in caught if "got no gradient" in str(w.message)]  # a task left out of a batch is no alarm
+    results = trainer.test(module, datamodule=data, verbose=False)[0]
+    assert results["test_acc_upbeat"] >= 0.9 and results["test_acc_gloomy"] >= 0.9, results  # opposite labels
+    heads = module.model.classifier.adapters
+    assert not torch.allclose(heads["upbeat"].weight, heads["gloomy"].weight)
+
+
+def test_each_adapter_gets_no_gradient_from_the_other_tasks_rows(tiny_model_dir, tmp_path):
+    module, data, _ = fit(tiny_model_dir, tmp_path, max_steps=1)
+    batch = next(iter(data.train_dataloader()))
+    assert set(batch["task"]) == set(TASKS)  # a mixed batch
+    gloomy = [i for i, task in enumerate(batch["task"]) if task == "gloomy"]
+    module.zero_grad(set_to_none=True)
+    logits = module(batch["input_ids"], batch["attention_mask"], batch["task"])
+    torch.nn.functional.cross_entropy(logits[gloomy], batch["labels"][gloomy]).backward()
+    grads = {name: p.grad for name, p in module.named_parameters() if p.requires_grad}
+    assert all(g is None or not g.any() for name, g in grads.items() if ".upbeat." in name)
+    assert any(g is not None and g.any() for name, g in grads.items() if ".gloomy." in name and "classifier" in name)
+
+
+def test_a_resumed_multi_task_run_ends_where_the_uninterrupted_one_does(tiny_model_dir, tmp_path):
+    orders = EpochOrders()
+    uninterrupted, _, _ = fit(tiny_model_dir, tmp_path, max_epochs=2, max_steps=-1, callbacks_after=[orders])
+    assert orders.rows[0] != orders.rows[1]  # Lightning gives each epoch its own order
+    first, _, trainer = fit(tiny_model_dir, tmp_path, max_epochs=2, max_steps=-1, callbacks_after=[StopAfterEpoch()])
+    trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
+    saved = torch.load(tmp_path / "epoch1.ckpt", weights_only=True)["state_dict"]
+    assert {n for n in saved if ".upbeat." in n} and {n for n in saved if ".gloomy." in n}  # every adapter
+    resumed = SequenceClassification(str(tiny_model_dir), learning_rate=5e-2, warmup_steps=0)
+    data = MultiTaskData(task_files(tmp_path), batch_size=8, max_length=16)
+    make_trainer(adapters(), max_epochs=2, max_steps=-1).fit(resumed, datamodule=data,
+                                                              ckpt_path=tmp_path / "epoch1.ckpt")
+    expected, got = trainable_tensors(uninterrupted), trainable_tensors(resumed)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
+def test_batches_follow_mixing_and_weights_and_each_epoch_has_its_order():
+    sizes = {"a": 10, "b": 30}
+    mixed = TaskBatchSampler(sizes, 8, "mixed", None, seed=0)
+    rows = [i for batch in mixed for i in batch]
+    assert sorted(rows) == list(range(40)) and len(list(mixed)) == len(mixed) == 5  # each row once an epoch
+    first = list(mixed)
+    mixed.set_epoch(1)
+    assert list(mixed) != first
+    mixed.set_epoch(0)
+    assert list(mixed) == first
+    alternating = list(TaskBatchSampler(sizes, 8, "alternating", None, seed=0))
+    assert all(max(batch) < 10 or min(batch) >= 10 for batch in alternating)  # one task a batch
+    assert sorted(i for batch in alternating for i in batch) == list(range(40))
+    only_b = TaskBatchSampler(sizes, 8, "mixed", {"b": 1.0}, seed=0)
+    assert all(i >= 10 for batch in only_b for i in batch)
+    weighted = list(TaskBatchSampler(sizes, 4, "alternating", {"a": 3.0, "b": 1.0}, seed=0))
+    share_a = sum(max(batch) < 10 for batch in weighted) / len(weighted)
+    assert 0.55 < share_a < 0.95  # a: three times b's chance, despite a third of b's rows
+
+
+def test_mistakes_are_one_clear_error(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="task name 'a.b'"):
+        MultiTaskData({"a.b": {"source": "tweets"}})
+    with pytest.raises(ValueError, match="task 'x' sets batch_size; set it once"):
+        MultiTaskData({"x": {"source": "tweets", "batch_size": 4}})
+    with pytest.raises(ValueError, match="task 'x': .*unknown_source"):
+        MultiTaskData({"x": {"source": "unknown_source"}})
+    with pytest.raises(ValueError, match="weights name unknown task 'z'"):
+        MultiTaskData({"x": {"source": "tweets"}}, weights={"z": 1.0})
+    module = SequenceClassification(str(tiny_model_dir))
+    data = MultiTaskData(task_files(tmp_path), batch_size=8, max_length=16)
+    with pytest.raises(ValueError, match="task 'gloomy' has no adapter of its name"):
+        make_trainer(adapters()[:1]).fit(module, datamodule=data)

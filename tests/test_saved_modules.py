@@ -1,0 +1,112 @@
+"""modules_to_save: each adapter trains its own copy of a module (a head), so tasks on one base keep their heads."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_peft import (
+    IA3,
+    LoRA,
+    delete_adapter,
+    disable_adapters,
+    load_adapter,
+    merge,
+    per_row_adapters,
+    save_adapter,
+    set_adapter,
+    unmerge,
+)
+
+from conftest import VOCAB, tiny_bert
+
+INPUTS = {"input_ids": torch.randint(0, VOCAB, (4, 8), generator=torch.Generator().manual_seed(2))}
+
+
+def two_tasks(base):
+    model = copy.deepcopy(base)
+    for name in ("a", "b"):
+        LoRA(r=4, target_modules=["query", "value"], modules_to_save=["classifier"], adapter_name=name).inject(model)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param))
+    return model.eval()
+
+
+def logits(model, **inputs):
+    with torch.no_grad():
+        return model(**(inputs or INPUTS)).logits
+
+
+def test_each_adapter_has_its_own_head_and_the_original_stays_frozen():
+    base = tiny_bert().eval()
+    model = two_tasks(base)
+    heads = model.classifier.adapters
+    assert not torch.equal(heads["a"].weight, heads["b"].weight)
+    assert not model.classifier.base_layer.weight.requires_grad and heads["a"].weight.requires_grad
+    torch.testing.assert_close(model.classifier.base_layer.weight, base.classifier.weight, rtol=0, atol=0)
+    set_adapter(model, "a")
+    with_a = logits(model)
+    set_adapter(model, "b")
+    assert not torch.allclose(with_a, logits(model))
+    with disable_adapters(model):
+        torch.testing.assert_close(logits(model), logits(base))  # the original head, untrained
+
+
+def test_per_row_routes_each_row_to_its_adapters_head_and_gradients_stay_per_task():
+    model = two_tasks(tiny_bert())
+    names = ["a", "b", None, "a"]
+    with torch.no_grad(), per_row_adapters(model, names):
+        mixed = model(**INPUTS).logits
+    for i, name in enumerate(names):
+        row = {k: v[i:i + 1] for k, v in INPUTS.items()}
+        if name is None:
+            with disable_adapters(model):
+                expected = logits(model, **row)
+        else:
+            set_adapter(model, name)
+            expected = logits(model, **row)
+        torch.testing.assert_close(mixed[i:i + 1], expected, atol=1e-5, rtol=1e-5)
+    model.train()
+    with per_row_adapters(model, names):
+        model(**INPUTS).logits[[0, 3]].sum().backward()  # the rows of "a"
+    assert model.classifier.adapters["a"].weight.grad.abs().sum() > 0
+    grad_b = model.classifier.adapters["b"].weight.grad
+    assert grad_b is None or not grad_b.any()
+
+
+def test_a_saved_head_loads_back_under_its_own_name_and_alone(tmp_path):
+    base = tiny_bert().eval()
+    model = two_tasks(base)
+    save_adapter(model, tmp_path / "b", adapter_name="b")
+    set_adapter(model, "b")
+    loaded = load_adapter(copy.deepcopy(base), tmp_path / "b", adapter_name="other").eval()
+    torch.testing.assert_close(logits(loaded), logits(model), atol=1e-6, rtol=1e-6)
+    peft = pytest.importorskip("peft")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "b").eval()
+    torch.testing.assert_close(logits(theirs), logits(model), atol=1e-5, rtol=1e-5)
+
+
+def test_delete_and_merge_handle_the_copies():
+    model = two_tasks(tiny_bert())
+    set_adapter(model, "a")
+    with_a = logits(model)
+    merge(model)
+    assert model.classifier.__class__ is nn.Linear
+    torch.testing.assert_close(logits(model), with_a, atol=1e-5, rtol=1e-5)
+    unmerge(model)
+    delete_adapter(model, "a")
+    assert list(model.classifier.adapters) == ["b"]
+    delete_adapter(model, "b")
+    assert model.classifier.__class__ is nn.Linear and not any(p.requires_grad for p in model.parameters())
+
+
+def test_two_methods_of_one_adapter_name_cannot_both_copy_a_module():
+    model = tiny_bert()
+    LoRA(r=4, target_modules=["query"], modules_to_save=["classifier"]).inject(model)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="'classifier' is in modules_to_save of LoRA\\[default\\] already"):
+        IA3(target_modules=["key"], feedforward_modules=[], modules_to_save=["classifier"]).inject(model)
+    assert model.state_dict().keys() == before.keys()
