@@ -5,7 +5,7 @@ import warnings
 import lightning as L
 import pytest
 import torch
-from test_cli import WORDS, sentiment_rows, write_data
+from test_cli import WORDS, recipe, run_cli, sentiment_rows, write_data
 
 from lightning_peft import LoRA
 from lightning_peft.data import MultiTaskData
@@ -152,3 +152,23 @@ def test_mistakes_are_one_clear_error(tiny_model_dir, tmp_path):
     data = MultiTaskData(task_files(tmp_path), batch_size=8, max_length=16)
     with pytest.raises(ValueError, match="task 'gloomy' has no adapter of its name"):
         make_trainer(adapters()[:1]).fit(module, datamodule=data)
+
+
+def test_a_multi_task_recipe_fits_tests_each_task_and_saves_each_adapter(tiny_model_dir, tmp_path):
+    import yaml
+
+    config = recipe(tmp_path, tiny_model_dir, tmp_path / "unused.csv")
+    settings = yaml.safe_load(config.read_text())
+    settings["trainer"]["callbacks"] = [{"class_path": "lightning_peft.LoRA", "init_args": {
+        "r": 4, "alpha": 8, "target_modules": ["query", "value"], "modules_to_save": ["classifier"],
+        "adapter_name": task}} for task in TASKS]
+    settings["trainer"]["max_steps"] = 100
+    settings["data"] = {"class_path": "lightning_peft.data.MultiTaskData", "init_args": {
+        "tasks": task_files(tmp_path), "mixing": "alternating", "batch_size": 8, "max_length": 16}}
+    config.write_text(yaml.safe_dump(settings))
+    fit = run_cli("fit", "--config", str(config))
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    for task in TASKS:
+        assert float(fit.stdout.split(f"test_acc_{task}: ")[1].split()[0]) >= 0.9, fit.stdout
+        assert (tmp_path / "adapter" / f"LoRA-{task}" / "adapter_model.safetensors").is_file()
+    assert "got no gradient" not in fit.stderr

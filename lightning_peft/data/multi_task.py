@@ -81,6 +81,15 @@ class MultiTaskData(L.LightningDataModule):
         return list(self.parts)
 
     @property
+    def splits(self) -> dict[str, list]:
+        """Every task's rows by split, once set up, one task after another."""
+        found: dict[str, list] = {}
+        for part in self.parts.values():
+            for split, rows in part.splits.items():
+                found.setdefault(split, []).extend(rows)
+        return found
+
+    @property
     def labels(self) -> list[str] | None:
         """The tasks' shared label names (as `TextClassificationData.labels`), once set up."""
         return next(iter(self.parts.values())).labels
