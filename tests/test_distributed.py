@@ -240,9 +240,10 @@ def test_units_put_frozen_and_trainable_parameters_apart():
     model = injected_llama(modules_to_save=["lm_head"])
     names = {module: name for name, module in model.named_modules()}
     units = [names[unit] for unit in sharding_units(model)]
-    assert units[:5] == ["lm_head", "model.layers.1.self_attn.v_proj.base_layer", "model.layers.1.self_attn.v_proj",
+    assert units[:6] == ["lm_head.base_layer", "lm_head",  # the frozen head, then the adapter's copy of it
+                         "model.layers.1.self_attn.v_proj.base_layer", "model.layers.1.self_attn.v_proj",
                          "model.layers.1.self_attn.q_proj.base_layer", "model.layers.1.self_attn.q_proj"]
-    assert units[5] == "model.layers.1" and units[-1] == "model.layers.0"
+    assert units[6] == "model.layers.1" and units[-1] == "model.layers.0"
     check_units_do_not_mix(model, sharding_units(model))
     policy = fsdp_auto_wrap_policy(model)
     assert policy(module=model.model.layers[0].self_attn.q_proj, recurse=False, nonwrapped_numel=0)
