@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from lightning_peft.core.per_row import RowSet
 
 
 class PEFTModule(nn.Module):
@@ -59,7 +64,7 @@ class PEFTModule(nn.Module):
             raise ValueError(f"{where} has shape {tuple(value.shape)}, but the adapter slot's has {tuple(slot.shape)}")
         return value
 
-    def row_groups(self, batch: Tensor) -> list[tuple[nn.Module, Tensor]]:
+    def row_groups(self, batch: Tensor) -> list[tuple[nn.Module, RowSet]]:
         """Under `per_row_adapters`: ``(adapter, row indices)`` for each routed adapter this part holds."""
         return self.row_adapters.groups(self, batch)
 
