@@ -208,8 +208,9 @@ class PEFTCallback(ModelSetupCallback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        tasks = batch.get("task") if isinstance(batch, dict) else None  # MultiTaskData: each row's adapter
-        self._batch_tasks = set(tasks) if tasks is not None else None
+        if trainer.global_step == 0:  # only the first step's gradients are checked
+            tasks = batch.get("task") if isinstance(batch, dict) else None  # MultiTaskData: each row's adapter
+            self._batch_tasks = set(tasks) if tasks is not None else None
 
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step == 0 and self is peft_callbacks(trainer)[0]:
