@@ -11,6 +11,7 @@ from lightning_peft import LoRA
 from lightning_peft.data import MultiTaskData
 from lightning_peft.data.multi_task import TaskBatchSampler
 from lightning_peft.tasks import SequenceClassification
+from lightning_peft.tasks.base import linear_warmup_then_decay
 
 from conftest import make_trainer, trainable_tensors
 
@@ -67,9 +68,23 @@ class EpochOrders(L.Callback):
         self.rows.setdefault(trainer.current_epoch, []).extend(batch["input_ids"].tolist())
 
 
-def fit(model_dir, folder, mixing="mixed", callbacks_after=(), **trainer):
+class TaskSteps(L.Callback):
+    """Records at each step the batch's tasks, each task adapter's learning rate, and the trainable tensors."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        groups = trainer.optimizers[0].param_groups
+        lrs = {task: [g["lr"] for g in groups if any(f".{task}." in names[id(p)] for p in g["params"])]
+               for task in TASKS}
+        self.steps.append((set(batch["task"]), lrs, trainable_tensors(pl_module)))
+
+
+def fit(model_dir, folder, mixing="mixed", callbacks_after=(), warmup_steps=0, **trainer):
     torch.manual_seed(0)  # the adapters' initial values: the same in every run
-    module = SequenceClassification(str(model_dir), learning_rate=5e-2, warmup_steps=0)
+    module = SequenceClassification(str(model_dir), learning_rate=5e-2, warmup_steps=warmup_steps)
     data = MultiTaskData(task_files(folder), mixing=mixing, batch_size=8, max_length=16)
     trainer = make_trainer([*adapters(), *callbacks_after], **{"max_steps": 160, **trainer})
     trainer.fit(module, datamodule=data)
@@ -99,6 +114,24 @@ def test_each_adapter_gets_no_gradient_from_the_other_tasks_rows(tiny_model_dir,
     grads = {name: p.grad for name, p in module.named_parameters() if p.requires_grad}
     assert all(g is None or not g.any() for name, g in grads.items() if ".upbeat." in name)
     assert any(g is not None and g.any() for name, g in grads.items() if ".gloomy." in name and "classifier" in name)
+
+
+def test_in_alternating_batches_each_adapter_keeps_its_own_schedule_and_rests_between(tiny_model_dir, tmp_path):
+    recorded = TaskSteps()
+    module, data, _ = fit(tiny_model_dir, tmp_path, "alternating", [recorded], warmup_steps=3, max_steps=20)
+    assert data.batch_shares == {"upbeat": 0.6, "gloomy": 0.4}  # 6 and 4 batches of 8 rows an epoch
+    schedules = {"upbeat": linear_warmup_then_decay(3, 12), "gloomy": linear_warmup_then_decay(3, 8)}  # 20 steps
+    updates = dict.fromkeys(TASKS, 0)
+    after_each = [before for _, _, before in recorded.steps[1:]] + [trainable_tensors(module)]
+    for (tasks, lrs, before), after in zip(recorded.steps, after_each, strict=True):
+        for task in TASKS:  # as a single run of the task's own steps: warmup over its first 3, zero at its last
+            assert lrs[task] == [pytest.approx(5e-2 * schedules[task](updates[task]))], (task, updates)
+        (task,) = tasks
+        resting = next(other for other in TASKS if other != task)
+        assert all(torch.equal(before[n], after[n]) for n in before if f".{resting}." in n)
+        assert any(not torch.equal(before[n], after[n]) for n in before if f".{task}." in n) or updates[task] == 0
+        updates[task] += 1
+    assert updates == {"upbeat": 12, "gloomy": 8}
 
 
 def test_a_resumed_multi_task_run_ends_where_the_uninterrupted_one_does(tiny_model_dir, tmp_path):
@@ -137,6 +170,10 @@ def test_batches_follow_mixing_and_weights_and_each_epoch_has_its_order():
     weighted = list(TaskBatchSampler(sizes, 4, "alternating", {"a": 3.0, "b": 1.0}, seed=0))
     share_a = sum(max(batch) < 10 for batch in weighted) / len(weighted)
     assert 0.55 < share_a < 0.95  # a: three times b's chance, despite a third of b's rows
+    assert TaskBatchSampler(sizes, 8, "alternating", None, seed=0).shares() == {"a": 2 / 6, "b": 4 / 6}
+    assert TaskBatchSampler(sizes, 4, "alternating", {"a": 3.0, "b": 1.0}, seed=0).shares() == {"a": 0.75, "b": 0.25}
+    mixed_shares = TaskBatchSampler(sizes, 8, "mixed", None, seed=0).shares()
+    assert mixed_shares == pytest.approx({"a": 1 - 0.75 ** 8, "b": 1 - 0.25 ** 8})  # batches with >= 1 of its rows
 
 
 def test_mistakes_are_one_clear_error(tiny_model_dir, tmp_path):

@@ -81,6 +81,12 @@ class MultiTaskData(L.LightningDataModule):
         return list(self.parts)
 
     @property
+    def batch_shares(self) -> dict[str, float]:
+        """Each task's expected share of the training batches (`TaskBatchSampler.shares`), once set up."""
+        sizes = {name: len(part.splits.get("train", ())) for name, part in self.parts.items()}
+        return TaskBatchSampler(sizes, self.batch_size, self.mixing, self.weights, self.seed).shares()
+
+    @property
     def splits(self) -> dict[str, list]:
         """Every task's rows by split, once set up, one task after another."""
         found: dict[str, list] = {}
@@ -175,6 +181,19 @@ class TaskBatchSampler(Sampler[list[int]]):
         if self.mixing == "mixed":
             return math.ceil(sum(self.sizes.values()) / self.batch_size)
         return sum(math.ceil(n / self.batch_size) for n in self.sizes.values())
+
+    def shares(self) -> dict[str, float]:
+        """Each task's expected share of the batches that hold rows of it: its adapter's share of the steps."""
+        if self.weights is not None:
+            chances = {name: self.weights.get(name, 0.0) for name in self.sizes}
+        elif self.mixing == "alternating":
+            chances = {name: math.ceil(n / self.batch_size) for name, n in self.sizes.items()}  # its batches
+        else:
+            chances = dict(self.sizes)  # its rows
+        total = sum(chances.values()) or 1
+        if self.mixing == "alternating":
+            return {name: chance / total for name, chance in chances.items()}
+        return {name: 1 - (1 - chance / total) ** self.batch_size for name, chance in chances.items()}  # >= 1 row
 
     def __iter__(self) -> Iterator[list[int]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)

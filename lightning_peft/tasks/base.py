@@ -12,6 +12,7 @@ from torchmetrics import Metric, MetricCollection
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from lightning_peft.core.checks import check_choice, check_positive_number
+from lightning_peft.core.ownership import owners
 from lightning_peft.core.weights import import_bitsandbytes
 from lightning_peft.lightning.checkpointing import check_methods_present
 from lightning_peft.tasks.models import resolve_model
@@ -68,14 +69,52 @@ class TransformersTask(L.LightningModule):
         self.val_metrics.reset()
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW (or 8-bit AdamW) over the trainable parameters only, linear warmup then linear decay to zero."""
-        params = [p for p in self.parameters() if p.requires_grad]
+        """AdamW (or 8-bit AdamW) over the trainable parameters only, linear warmup then linear decay to zero.
+
+        With several tasks (`MultiTaskData`), each task's adapter is a parameter group of its own
+        whose schedule counts that adapter's own updates, so it warms up and decays as it would
+        trained alone, however its batches are spread over the run.
+        """
         hp = self.hparams
-        optimizer = adamw_class(self.optimizer_name)(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_then_decay(min(hp.warmup_steps, total),
-                                                                                         total))
+        datamodule = getattr(self.trainer, "datamodule", None)
+        shares = getattr(datamodule, "batch_shares", None) or {}
+        groups = parameters_by_task(self, set(shares))
+        optimizer = adamw_class(self.optimizer_name)([{"params": params} for params in groups.values()],
+                                                     lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        factors = []
+        for index, task in enumerate(groups):
+            steps = total if task is None else max(round(total * shares[task]), 1)
+            factor = linear_warmup_then_decay(min(hp.warmup_steps, steps), steps)
+            factors.append(factor if task is None else per_own_updates(factor, optimizer, index))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def parameters_by_task(module: nn.Module, tasks: set[str]) -> dict[str | None, list[nn.Parameter]]:
+    """The trainable parameters grouped by the task whose adapter trains them; ``None``: all the others."""
+    owner = owners(module)
+    groups: dict[str | None, list[nn.Parameter]] = {}
+    for param in module.parameters():
+        if param.requires_grad:
+            ref = owner.get(id(param))
+            groups.setdefault(ref.name if ref is not None and ref.name in tasks else None, []).append(param)
+    return groups
+
+
+def per_own_updates(factor: Callable[[int], float], optimizer: torch.optim.Optimizer,
+                    index: int) -> Callable[[int], float]:
+    """``factor`` of the updates that parameter group ``index`` got so far, read from the optimizer's own count.
+
+    AdamW skips a parameter without a gradient, its count included, so the count is the task's
+    steps; it is in the optimizer's state, so a resumed run goes on from it.
+    """
+    def factor_of_own_updates(_step: int) -> float:
+        state = optimizer.state  # read at each call: loading a checkpoint replaces it
+        counts = (int(state[p]["step"]) for p in optimizer.param_groups[index]["params"] if "step" in state.get(p, {}))
+        return factor(max(counts, default=0))
+
+    return factor_of_own_updates
 
 
 def linear_warmup_then_decay(warmup: int, total: int) -> Callable[[int], float]:

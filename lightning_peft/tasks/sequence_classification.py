@@ -28,7 +28,8 @@ class SequenceClassification(TransformersTask):
     ``test_acc``, ``test_f1``); ``predict`` returns per text a dict with the most probable
     ``label``, its ``probability`` and every class's ``probabilities``. The optimizer is AdamW over
     the trainable parameters only. With `MultiTaskData`, each row is computed with the adapter
-    named after its task, and validation and test log each task's metrics too (``test_acc_tweets``).
+    named after its task, and validation and test log each task's metrics too (``test_acc_tweets``);
+    each task's adapter keeps its own learning-rate schedule, counted in its own updates.
 
     Args:
         model: a built-in name (``"minilm-l6"``, all-MiniLM-L6-v2) or a transformers model folder.
