@@ -115,14 +115,18 @@ def _importable_subclass(path: str | None, method: type[PEFTCallback]) -> type[P
 
 def callback_for(config: dict, adapter_name: str, config_path: Path) -> PEFTCallback:
     """The PEFT callback that an adapter_config.json describes (native layout or peft's)."""
-    if NATIVE_KEY in config:
+    if NATIVE_KEY in config and "peft_type" not in config:
         settings = {k: v for k, v in config.items() if k not in (NATIVE_KEY, CLASS_KEY)}
         return rebuild(config[NATIVE_KEY], config.get(CLASS_KEY), settings, f"adapter file {config_path}",
                        adapter_name=adapter_name)
     for method in METHODS.values():
         if method.peft_format is not None and method.peft_format.peft_type == config.get("peft_type"):
             try:
-                return method(**method.peft_format.to_settings(config), adapter_name=adapter_name)
+                settings = method.peft_format.to_settings(config)
+                if NATIVE_KEY in config:  # a subclass of the method, with its name and class beside peft's config
+                    return rebuild(config[NATIVE_KEY], config.get(CLASS_KEY), settings, f"adapter file {config_path}",
+                                   adapter_name=adapter_name)
+                return method(**settings, adapter_name=adapter_name)
             except KeyError as err:
                 raise ValueError(f"adapter file {config_path}: no {err.args[0]!r} entry, which a "
                                  f"{config['peft_type']} adapter_config.json needs") from None

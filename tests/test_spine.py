@@ -17,11 +17,13 @@ from lightning_peft import (
     disable_adapters,
     load_adapter,
     merge,
+    register_method,
     save_adapter,
     set_adapter,
     trainable_summary,
     unmerge,
 )
+from lightning_peft.core.injection import peft_layers
 from lightning_peft.lora import LoRALayer
 
 from conftest import TokenModule, make_trainer, tiny_llama, token_loader, trainable_tensors
@@ -327,3 +329,32 @@ def test_encoder_decoder_models_under_all_linear(build, tmp_path):
         merge(model)
         assert not any(isinstance(m, LoRALayer) for m in model.modules())
         assert torch.allclose(model(**forward).logits, trained, atol=1e-5)
+
+
+class HalvedLoRA(LoRA):
+    """A LoRA variant under a name of its own: its update counts half, so loading it as LoRA would be wrong."""
+
+    method_name = "HalvedLoRA"
+
+    def inject_into(self, module):
+        params = super().inject_into(module)
+        for _, layer in peft_layers(module):
+            layer.adapters[self.adapter_name].scale /= 2
+        return params
+
+
+def test_a_lora_subclass_with_a_name_of_its_own_loads_back_as_itself_not_as_lora(tmp_path):
+    register_method(HalvedLoRA)
+    base = tiny_llama()
+    ours = copy.deepcopy(base)
+    HalvedLoRA(r=4, target_modules=["q_proj", "v_proj"]).inject(ours)
+    with torch.no_grad():
+        for name, param in ours.named_parameters():
+            if name.endswith("lora_B"):
+                param.normal_(std=0.1)
+    save_adapter(ours, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["lightning_peft_method"] == "HalvedLoRA"  # peft's, plus ours
+    again = load_adapter(copy.deepcopy(base), tmp_path)
+    assert [r.method for r in trainable_summary(again).methods] == ["HalvedLoRA[default]"]
+    assert torch.allclose(logits(again), logits(ours), atol=1e-6)

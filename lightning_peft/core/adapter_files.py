@@ -147,9 +147,17 @@ def file_config(module: nn.Module, ref: AdapterRef) -> dict[str, Any]:
     """One adapter's adapter_config.json: peft's config where peft has the method, else ours."""
     _, root = model_root(module)
     adapter_format = file_format(ref, root)
+    ours = {NATIVE_KEY: ref.method_name, CLASS_KEY: class_path(ref.method)}
     if adapter_format is None:
-        return {NATIVE_KEY: ref.method_name, CLASS_KEY: class_path(ref.method), **ref.config}
-    return adapter_format.to_config(ref.config, root, list(adapter_tensors(module, ref)))
+        return {**ours, **ref.config}
+    config = adapter_format.to_config(ref.config, root, list(adapter_tensors(module, ref)))
+    own_name = ref.method_name != format_owner(ref.method).method_name
+    return {**config, **ours} if own_name else config  # a subclass with a name of its own loads back as itself
+
+
+def format_owner(method: type) -> type:
+    """The class that declares ``method``'s peft layout: the method peft's files name when nothing else is said."""
+    return next(cls for cls in method.__mro__ if "peft_format" in vars(cls))
 
 
 def save_adapter(module: nn.Module, path: PathLike, adapter_name: str = "default", method: str | None = None) -> Path:
