@@ -46,8 +46,11 @@ def _task_from_hyperparameters(checkpoint: dict, path: Path) -> L.LightningModul
 
 def export_checkpoint(ckpt_path: str | Path, out: str | Path, merged: bool = False) -> Path:
     """Write the checkpoint's adapter(s) in the Hugging Face PEFT layout, or a merged transformers model."""
-    module = rebuild_from_checkpoint(ckpt_path)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder (new or existing) for the "
+                         f"{'model' if merged else 'adapter'} files")
+    module = rebuild_from_checkpoint(ckpt_path)
     if merged:
         merge(module)
         _, model = model_root(module)

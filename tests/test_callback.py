@@ -171,6 +171,18 @@ def test_bad_targets_fail_at_setup_before_any_step(kwargs, error, words):
     assert module.state_dict().keys() == state_before.keys()  # nothing was injected
 
 
+def test_the_names_listed_after_no_match_are_of_modules_holding_weights_not_metrics_or_dropout():
+    from torchmetrics.classification import MulticlassAccuracy
+
+    module = CountingModule(tiny_llama())
+    module.val_acc = MulticlassAccuracy(2)
+    with pytest.raises(ValueError, match="matched no module") as info:
+        LoRA(target_modules=["q_porj"]).inject(module)
+    listed = str(info.value).split("Module names that exist: ")[1]
+    assert "q_proj (Linear)" in listed and "embed_tokens (Embedding)" in listed
+    assert "val_acc" not in listed and "act_fn" not in listed and "rotary_emb" not in listed
+
+
 def test_a_listed_name_that_matches_nothing_is_warned_about_with_the_closest_names():
     model = tiny_llama()
     with pytest.warns(UserWarning, match=r"LoRA: target_modules: 'q_porj' matches no module of this model "

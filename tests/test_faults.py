@@ -188,3 +188,21 @@ def test_files_get_the_mode_the_umask_gives(tmp_path, umask):
     expected = 0o666 & ~umask
     for path in [*(tmp_path / "adapter").iterdir(), tmp_path / "last.ckpt"]:
         assert stat.S_IMODE(path.stat().st_mode) == expected, (path.name, oct(path.stat().st_mode))
+
+
+@pytest.mark.parametrize("raised, words", [
+    (PermissionError(13, "Permission denied"), ["last.ckpt cannot be read: permission denied"]),
+    (RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central directory, and then a long "
+                  "tail that names the actual archive member and offset at which reading stopped: data/7 at 123456"),
+     ["last.ckpt cannot be read", "data/7 at 123456"]),  # the reason whole, not cut short
+])
+def test_an_unreadable_checkpoint_is_one_error_that_names_the_file_and_the_whole_reason(tmp_path, monkeypatch,
+                                                                                         raised, words):
+    def failing_load(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(torch, "load", failing_load)
+    with pytest.raises(ValueError) as info:
+        read_checkpoint(tmp_path / "last.ckpt")
+    for word in words:
+        assert word in str(info.value)

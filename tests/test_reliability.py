@@ -176,7 +176,8 @@ CLI_CASES = {
     "export a truncated checkpoint": (["export", "{truncated.ckpt}", "--out", "{out}"],
                                       ["truncated.ckpt cannot be read"]),
     "export a data file": (["export", "{train.csv}", "--out", "{out}"], ["train.csv cannot be read"]),
-    "export into a file": (["export", "{trained.ckpt}", "--out", "{train.csv}"], ["train.csv"]),
+    "export into a file": (["export", "{trained.ckpt}", "--out", "{train.csv}"],
+                           ["--out", "train.csv is a file; give a folder"]),
     "export without --out": (["export", "{trained.ckpt}"], ["required: --out"]),
     "resume an adapter-only checkpoint without its method": (
         ["fit", "--config", "{no_callbacks.yaml}", "--ckpt_path", "{trained.ckpt}", "--trainer.max_steps", "5"],

@@ -173,11 +173,15 @@ def _regex_hint(targets: Targets, candidates: list[tuple[str, nn.Module]]) -> st
 
 
 def _name_overview(named: list[tuple[str, nn.Module]], limit: int = 40) -> str:
-    """Distinct last name components with their layer type, e.g. ``q_proj (Linear)``."""
+    """Distinct last name components with their layer type, e.g. ``q_proj (Linear)``, of modules holding weights.
+
+    Modules without parameters (dropout, activations, a LightningModule's metrics) are left
+    out: no method adapts them.
+    """
     seen: dict[str, str] = {}
     for name, module in named:
         leaf = name.rsplit(".", 1)[-1]
-        if not leaf.isdigit():
+        if not leaf.isdigit() and next(module.parameters(), None) is not None:
             seen.setdefault(leaf, type(innermost_base(module)).__name__)
     items = [f"{leaf} ({kind})" for leaf, kind in seen.items()]
     more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""

@@ -82,6 +82,8 @@ def checkpoint_read_errors(path: PathLike) -> Iterator[None]:
         yield
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint {path} does not exist") from None
+    except PermissionError:
+        raise ValueError(f"checkpoint {path} cannot be read: permission denied") from None
     except IsADirectoryError:
         raise ValueError(f"checkpoint {path} is a folder; give the .ckpt file inside it") from None
     except pickle.UnpicklingError:
@@ -93,7 +95,7 @@ def checkpoint_read_errors(path: PathLike) -> Iterator[None]:
     except Exception as err:  # noqa: BLE001 (inside a read, any failure means: not a readable checkpoint)
         reason = (str(err).splitlines() or [type(err).__name__])[0]
         raise ValueError(f"checkpoint {path} cannot be read: it is empty, truncated or not a checkpoint "
-                         f"({type(err).__name__}: {reason[:120]})") from None
+                         f"({type(err).__name__}: {reason})") from None
 
 
 def read_checkpoint(path: PathLike, **load_options: Any) -> dict[str, Any]:
