@@ -4,6 +4,7 @@ Run as ``python distributed_worker.py OUT_DIR``; Lightning starts the second pro
 rank writes its adapter (full tensors) after each fit, so the test compares ranks and runs.
 """
 
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,11 +13,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from lightning.pytorch.strategies import ModelParallelStrategy, Strategy  # noqa: E402
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy  # noqa: E402
 from torch import nn  # noqa: E402
 
 from lightning_peft import LoRA  # noqa: E402
+from lightning_peft.data import MultiTaskData  # noqa: E402
 from lightning_peft.lightning.sharding import full_adapter_state_dict  # noqa: E402
+from lightning_peft.tasks import SequenceClassification  # noqa: E402
 
 from conftest import TokenModule, tiny_llama, token_loader  # noqa: E402
 
@@ -89,6 +92,69 @@ def unused_adapter_fails_first(out: Path) -> None:
         (out / f"unused_rank{run.global_rank}.txt").write_text(f"step {run.global_step}: {error}")
 
 
+WORDS = ["good", "great", "fine", "bad", "awful", "poor", "the", "movie", "was", "very"]
+TASKS = {"upbeat": 48, "gloomy": 32}  # rows: 6 and 4 batches of 8, so 3 and 2 steps on two processes
+
+
+def tiny_bert_folder(folder: Path) -> Path:
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)}).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=32)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    return folder
+
+
+def write_tasks(folder: Path) -> dict[str, dict]:
+    """A tiny BERT in ``folder/bert`` and each task's training csv, every row one of a kind (a word, then filler
+    words by row), gloomy's labels flipped; returns the tasks' `MultiTaskData` settings."""
+    tiny_bert_folder(folder / "bert")
+    for task, count in TASKS.items():
+        filler = "the" if task == "upbeat" else "very"
+        rows = [(" ".join([filler] * (i // 6) + ["movie", "was", WORDS[i % 6]]),
+                 "positive" if (i % 6 < 3) == (task == "upbeat") else "negative") for i in range(count)]
+        (folder / f"{task}.csv").write_text("text,label\n" + "".join(f"{text},{label}\n" for text, label in rows))
+    return task_settings(folder)
+
+
+def task_settings(folder: Path) -> dict[str, dict]:
+    return {task: {"train_file": str(folder / f"{task}.csv"), "val_fraction": 0} for task in TASKS}
+
+
+class RecordTaskSteps(L.Callback):
+    """Each rank writes, per step, its batch's tasks and rows and which tasks' adapters the step moved."""
+
+    def __init__(self, dirpath: Path) -> None:
+        self.dirpath, self.steps, self.before, self.batch = dirpath, [], {}, {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.before = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+        self.batch = {"tasks": sorted(set(batch["task"])), "rows": batch["input_ids"].tolist()}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        moved = {task for n, p in pl_module.named_parameters() for task in TASKS
+                 if f".{task}." in n and not torch.equal(p, self.before[n])}
+        self.steps.append({**self.batch, "moved": sorted(moved)})
+
+    def on_fit_end(self, trainer, pl_module):
+        (self.dirpath / f"steps_rank{trainer.global_rank}.json").write_text(json.dumps(self.steps))
+
+
+def multi_task(out: Path) -> None:
+    """Two tasks in alternating batches under DDP, each adapter resting while the other task steps."""
+    folder = out / "multi_task"  # the model and data: written by the test before the launch (write_tasks)
+    module = SequenceClassification(str(folder / "bert"), learning_rate=5e-2, warmup_steps=0)
+    data = MultiTaskData(task_settings(folder), mixing="alternating", batch_size=8, max_length=16)
+    torch.manual_seed(0)
+    methods = [LoRA(r=4, alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"],
+                    adapter_name=task) for task in TASKS]
+    trainer(DDPStrategy(find_unused_parameters=True), [*methods, RecordTaskSteps(folder),
+                                                       SaveAdapterPerRank(folder)], max_epochs=1).fit(module, data)
+
+
 def fsdp2() -> ModelParallelStrategy:
     return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
 
@@ -97,6 +163,7 @@ def main(out: Path) -> None:
     fit_save_resume("ddp", lambda: "ddp", out)
     fit_save_resume("fsdp2", fsdp2, out)
     trainer(fsdp2(), [lora(use_dora=True), SaveAdapterPerRank(out / "fsdp2_dora")]).fit(SeededLlama(), loader())
+    multi_task(out)
     unused_adapter_fails_first(out)  # last: a failed fit tears the process group down
 
 

@@ -4,6 +4,7 @@ The multi-process runs are launched once per module (distributed_worker.py) and 
 several tests; each launch has a timeout, so a hang fails instead of blocking.
 """
 
+import json
 import os
 import signal
 import socket
@@ -20,7 +21,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import yaml
-from distributed_worker import PER_RANK_BATCH, SeededLlama, loader, lora
+from distributed_worker import (
+    PER_RANK_BATCH,
+    TASKS,
+    WORDS,
+    SeededLlama,
+    loader,
+    lora,
+    tiny_bert_folder,
+    write_tasks,
+)
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -87,6 +97,8 @@ class Launch:
 def runs(tmp_path_factory, two_nodes) -> Path:
     """The worker's results; asks for ``two_nodes`` so that both launches run side by side."""
     out = tmp_path_factory.mktemp("two_processes")
+    (out / "multi_task").mkdir()
+    write_tasks(out / "multi_task")  # here, once: both processes read it
     launch = Launch([[sys.executable, str(TESTS / "distributed_worker.py"), str(out)]], MASTER_PORT=str(free_port()))
     try:
         launch.outputs()
@@ -163,22 +175,35 @@ def test_ddp_names_an_adapter_outside_the_loss_before_its_reducer_fails(runs):
         assert "q_proj" not in message and "Expected to have finished reduction" not in message
 
 
+def test_ddp_gives_each_process_its_own_batch_of_one_task_a_step_and_rests_the_other_adapter(runs):
+    ranks = [json.loads((runs / "multi_task" / f"steps_rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 5  # 3 steps of upbeat, 2 of gloomy: 10 batches of 8 on two processes
+    for first, second in zip(*ranks, strict=True):
+        assert len(first["tasks"]) == 1 and first["tasks"] == second["tasks"]  # one task a step, on both
+        assert first["moved"] == second["moved"] == first["tasks"] or not first["moved"]  # the other rests
+    rows = sorted(tuple(row) for rank in ranks for step in rank for row in step["rows"])
+    assert len(rows) == sum(TASKS.values()) and len(set(rows)) == len(rows)  # every row once, none twice
+    assert sum(step["moved"] == ["gloomy"] for step in ranks[0]) >= 1  # each adapter trained
+    assert sum(step["moved"] == ["upbeat"] for step in ranks[0]) >= 2
+    first, second = rank_files(runs / "multi_task", "adapter")
+    assert_close(second, first, atol=0)  # the processes stay in step
+
+
+def test_several_tasks_under_ddp_without_find_unused_parameters_are_refused_before_a_step(
+        lightning_launch_in_this_process, tmp_path):
+    from lightning_peft.data import MultiTaskData
+    from lightning_peft.tasks import SequenceClassification
+
+    tasks = write_tasks(tmp_path)
+    module = SequenceClassification(str(tmp_path / "bert"), warmup_steps=0)
+    data = MultiTaskData(tasks, mixing="mixed", batch_size=8, max_length=16)
+    methods = [LoRA(r=4, target_modules=["query"], adapter_name=task) for task in TASKS]
+    with pytest.raises(ValueError, match=r"several tasks under DDP: .*DDPStrategy\(find_unused_parameters=True\)"):
+        make_trainer(methods, strategy="ddp", max_steps=2).fit(module, datamodule=data)
+    assert module.global_step == 0
+
+
 # --- two nodes with torchrun, running a recipe --------------------------------------------------
-WORDS = ["good", "great", "fine", "bad", "awful", "poor", "the", "movie", "was", "very"]
-
-
-def tiny_bert_folder(folder: Path) -> Path:
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)}).save_pretrained(folder)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, max_position_embeddings=32)
-    BertForSequenceClassification(config).save_pretrained(folder)
-    return folder
-
-
 def two_node_recipe(tmp_path: Path) -> Path:
     rows = [(f"the movie was very {WORDS[i % 6]}", "positive" if i % 6 < 3 else "negative") for i in range(32)]
     train = tmp_path / "train.csv"

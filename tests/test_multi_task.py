@@ -6,6 +6,7 @@ import lightning as L
 import pytest
 import torch
 from test_cli import WORDS, recipe, run_cli, sentiment_rows, write_data
+from torch.utils.data import DistributedSampler
 
 from lightning_peft import LoRA
 from lightning_peft.data import MultiTaskData
@@ -174,6 +175,28 @@ def test_batches_follow_mixing_and_weights_and_each_epoch_has_its_order():
     assert TaskBatchSampler(sizes, 4, "alternating", {"a": 3.0, "b": 1.0}, seed=0).shares() == {"a": 0.75, "b": 0.25}
     mixed_shares = TaskBatchSampler(sizes, 8, "mixed", None, seed=0).shares()
     assert mixed_shares == pytest.approx({"a": 1 - 0.75 ** 8, "b": 1 - 0.25 ** 8})  # batches with >= 1 of its rows
+
+
+@pytest.mark.parametrize("mixing, weights", [("alternating", None), ("alternating", {"a": 3.0, "b": 1.0}),
+                                              ("mixed", None)])
+def test_each_process_gets_its_own_batches_the_same_number_and_in_alternating_batches_the_same_task(mixing, weights):
+    sizes = {"a": 20, "b": 44}  # 5 and 11 batches of 4: odd counts, so the last step of each is filled up
+    ranks = [list(TaskBatchSampler(sizes, 4, mixing, weights, seed=0,
+                                   sampler=DistributedSampler(range(64), num_replicas=2, rank=rank)))
+             for rank in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == len(TaskBatchSampler(
+        sizes, 4, mixing, weights, seed=0, sampler=DistributedSampler(range(64), num_replicas=2, rank=0)))
+    task = [[min(batch) >= 20 for batch in rank] for rank in ranks]
+    if mixing == "alternating":
+        assert all(all(i >= 20 for i in batch) or all(i < 20 for i in batch) for rank in ranks for batch in rank)
+        assert task[0] == task[1]  # every process trains the same task at each step
+    if mixing == "alternating" and weights is None:  # the steps each task's adapter gets, as its schedule counts
+        shares = TaskBatchSampler(sizes, 4, mixing, weights, 0, DistributedSampler(range(64), 2, 0)).shares()
+        assert shares == {"a": task[0].count(False) / len(task[0]), "b": task[0].count(True) / len(task[0])}
+    pairs = [(first, second) for first, second in zip(*ranks, strict=True)]
+    assert sum(first == second for first, second in pairs) <= 2  # only a filled-up last step repeats a batch
+    if weights is None:
+        assert {i for rank in ranks for batch in rank for i in batch} == set(range(64))  # every row, every epoch
 
 
 def test_mistakes_are_one_clear_error(tiny_model_dir, tmp_path):

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampler
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from lightning_peft.core.checks import check_choice
@@ -84,7 +84,9 @@ class MultiTaskData(L.LightningDataModule):
     def batch_shares(self) -> dict[str, float]:
         """Each task's expected share of the training batches (`TaskBatchSampler.shares`), once set up."""
         sizes = {name: len(part.splits.get("train", ())) for name, part in self.parts.items()}
-        return TaskBatchSampler(sizes, self.batch_size, self.mixing, self.weights, self.seed).shares()
+        processes = getattr(self.trainer, "world_size", 1) if self.trainer is not None else 1
+        stand_in = DistributedSampler([], num_replicas=processes, rank=0) if processes > 1 else None
+        return TaskBatchSampler(sizes, self.batch_size, self.mixing, self.weights, self.seed, stand_in).shares()
 
     @property
     def splits(self) -> dict[str, list]:
@@ -127,8 +129,9 @@ class MultiTaskData(L.LightningDataModule):
         examples = self._examples("train")
         if not examples:
             raise ValueError("MultiTaskData has no training rows: give each task a source or a train_file")
-        sampler = TaskBatchSampler({name: len(rows) for name, rows in examples.items()}, self.batch_size,
-                                   self.mixing, self.weights, self.seed)
+        sampler = TaskBatchSampler(sizes={name: len(rows) for name, rows in examples.items()},
+                                   batch_size=self.batch_size, mixing=self.mixing, weights=self.weights,
+                                   seed=self.seed)  # keywords: Lightning re-creates it with its sampler
         return self._loader(examples, batch_sampler=sampler)
 
     def val_dataloader(self) -> DataLoader | list:
@@ -158,66 +161,85 @@ class TaskCollator:
         return batch
 
 
-class TaskBatchSampler(Sampler[list[int]]):
-    """Batches of row indices over tasks laid one after another, in an order seeded by ``seed`` and the epoch."""
+class TaskBatchSampler(BatchSampler):
+    """Batches of row indices over tasks laid one after another, in an order seeded by ``seed`` and the epoch.
+
+    Under DDP or FSDP, Lightning passes its ``DistributedSampler`` as ``sampler``, which gives this
+    process's rank, the number of processes and the epoch. Each step then hands every process a
+    batch of its own, the same number of steps to each, and with alternating batches every
+    process a batch of the same task.
+    """
 
     def __init__(self, sizes: dict[str, int], batch_size: int, mixing: str, weights: dict[str, float] | None,
-                 seed: int) -> None:
+                 seed: int, sampler: Sampler | None = None) -> None:
+        # BatchSampler's own __init__ is not called: the batches are drawn here, not from ``sampler``
         self.sizes, self.batch_size, self.mixing, self.weights, self.seed = sizes, batch_size, mixing, weights, seed
         starts = [0, *torch.tensor(list(sizes.values())).cumsum(0).tolist()]
         self.starts = dict(zip(sizes, starts, strict=False))
         self.epoch = 0
+        self.sampler = self if sampler is None else sampler  # Lightning calls set_epoch on a batch sampler's sampler
+        self.replicas, self.rank = getattr(sampler, "num_replicas", 1), getattr(sampler, "rank", 0)
 
     def set_epoch(self, epoch: int) -> None:
-        """Lightning calls this at each epoch: every epoch has its own order, the same again on a resume."""
+        """Every epoch has its own order, the same again on a resume."""
         self.epoch = epoch
 
-    @property
-    def sampler(self) -> TaskBatchSampler:
-        """Lightning calls ``set_epoch`` on a batch sampler's ``sampler``: this batch sampler is its own."""
-        return self
-
     def __len__(self) -> int:
-        if self.mixing == "mixed":
-            return math.ceil(sum(self.sizes.values()) / self.batch_size)
-        return sum(math.ceil(n / self.batch_size) for n in self.sizes.values())
+        if self.mixing == "alternating" and self.weights is None:
+            return sum(self._steps(math.ceil(n / self.batch_size)) for n in self.sizes.values())
+        return self._steps(self._batches())
 
     def shares(self) -> dict[str, float]:
-        """Each task's expected share of the batches that hold rows of it: its adapter's share of the steps."""
+        """Each task's expected share of the steps that hold rows of it (on any process): its adapter's updates."""
         if self.weights is not None:
             chances = {name: self.weights.get(name, 0.0) for name in self.sizes}
         elif self.mixing == "alternating":
-            chances = {name: math.ceil(n / self.batch_size) for name, n in self.sizes.items()}  # its batches
+            chances = {name: self._steps(math.ceil(n / self.batch_size)) for name, n in self.sizes.items()}
         else:
             chances = dict(self.sizes)  # its rows
         total = sum(chances.values()) or 1
         if self.mixing == "alternating":
             return {name: chance / total for name, chance in chances.items()}
-        return {name: 1 - (1 - chance / total) ** self.batch_size for name, chance in chances.items()}  # >= 1 row
+        rows_a_step = self.batch_size * self.replicas
+        return {name: 1 - (1 - chance / total) ** rows_a_step for name, chance in chances.items()}  # >= 1 row
 
     def __iter__(self) -> Iterator[list[int]]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.sampler.epoch)
+        steps = self._mixed_steps(generator) if self.mixing == "mixed" else self._alternating_steps(generator)
+        for batches in steps:  # one batch per process
+            yield batches[self.rank]
+
+    def _batches(self) -> int:
+        """Batches an epoch holds, over every process."""
         if self.mixing == "mixed":
-            rows = self._mixed_rows(generator)
-            yield from (rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size))
-        else:
-            yield from self._alternating_batches(generator)
+            return math.ceil(sum(self.sizes.values()) / self.batch_size)
+        return sum(math.ceil(n / self.batch_size) for n in self.sizes.values())
+
+    def _steps(self, batches: int) -> int:
+        return math.ceil(batches / self.replicas)
+
+    def _per_step(self, batches: list[list[int]]) -> list[list[list[int]]]:
+        """``batches`` in steps of one per process; the last step is filled from the first batches."""
+        return [[batches[(i + j) % len(batches)] for j in range(self.replicas)]
+                for i in range(0, len(batches), self.replicas)]
 
     def _task_batches(self, name: str, generator: torch.Generator) -> list[list[int]]:
         rows = (torch.randperm(self.sizes[name], generator=generator) + self.starts[name]).tolist()
         return [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
 
-    def _mixed_rows(self, generator: torch.Generator) -> list[int]:
+    def _mixed_steps(self, generator: torch.Generator) -> list[list[list[int]]]:
         total = sum(self.sizes.values())
         if self.weights is None:
-            return torch.randperm(total, generator=generator).tolist()
-        per_row = torch.cat([torch.full((n,), self.weights.get(name, 0.0) / n) for name, n in self.sizes.items()])
-        return torch.multinomial(per_row, total, replacement=True, generator=generator).tolist()
+            rows = torch.randperm(total, generator=generator).tolist()
+        else:
+            per_row = torch.cat([torch.full((n,), self.weights.get(name, 0.0) / n) for name, n in self.sizes.items()])
+            rows = torch.multinomial(per_row, total, replacement=True, generator=generator).tolist()
+        return self._per_step([rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)])
 
-    def _alternating_batches(self, generator: torch.Generator) -> Iterator[list[int]]:
+    def _alternating_steps(self, generator: torch.Generator) -> Iterator[list[list[int]]]:
         batches = {name: self._task_batches(name, generator) for name in self.sizes}
         if self.weights is None:
-            every = [batch for task_batches in batches.values() for batch in task_batches]
+            every = [step for task_batches in batches.values() for step in self._per_step(task_batches)]
             yield from (every[i] for i in torch.randperm(len(every), generator=generator).tolist())
             return
         names = list(self.sizes)
@@ -226,10 +248,13 @@ class TaskBatchSampler(Sampler[list[int]]):
         taken = dict.fromkeys(names, 0)
         for index in drawn:
             name = names[index]
-            if taken[name] == len(batches[name]):  # a task used up before the epoch ends: a new order of its rows
-                batches[name], taken[name] = self._task_batches(name, generator), 0
-            yield batches[name][taken[name]]
-            taken[name] += 1
+            step = []
+            for _ in range(self.replicas):
+                if taken[name] == len(batches[name]):  # a task used up before the epoch ends: a new order of its rows
+                    batches[name], taken[name] = self._task_batches(name, generator), 0
+                step.append(batches[name][taken[name]])
+                taken[name] += 1
+            yield step
 
 
 def _check_tasks(tasks: dict[str, dict[str, Any]], weights: dict[str, float] | None) -> None:

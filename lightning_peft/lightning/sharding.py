@@ -298,7 +298,7 @@ def check_gradients_reached(trainer: L.Trainer, module: nn.Module, idle: set[str
     reduction" at the next step, so there it is an error; elsewhere a warning. Adapters named in
     ``idle`` (tasks that the batch's rows did not name) are left out.
     """
-    if idle and _reducer_needs_every_gradient(trainer.strategy):
+    if idle and reducer_needs_every_gradient(trainer.strategy):
         raise RuntimeError(f"the first batch names no row of task(s) {', '.join(sorted(idle))}, whose adapters then "
                            "get no gradient, which DDP cannot train: use DDPStrategy(find_unused_parameters=True)")
     owner = {param_id: ref.name for param_id, ref in owners(module).items()}
@@ -311,11 +311,12 @@ def check_gradients_reached(trainer: L.Trainer, module: nn.Module, idle: set[str
         f"reached the loss: {', '.join(missing[:8])}{', ...' if len(missing) > 8 else ''}. Exclude their modules "
         "from target_modules / modules_to_save, or use them in the loss."
     )
-    if _reducer_needs_every_gradient(trainer.strategy):
+    if reducer_needs_every_gradient(trainer.strategy):
         raise RuntimeError(f"{message} DDP cannot train parameters that get no gradient.")
     rank_zero_warn(message)
 
 
-def _reducer_needs_every_gradient(strategy: Strategy) -> bool:
+def reducer_needs_every_gradient(strategy: Strategy) -> bool:
+    """Whether the strategy's DDP reducer fails on a trainable parameter without a gradient."""
     model = strategy.model
     return isinstance(model, DistributedDataParallel) and not (model.find_unused_parameters or model.static_graph)
