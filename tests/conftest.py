@@ -3,6 +3,7 @@
 import errno
 import os
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -29,6 +30,20 @@ def tiny_bert(num_labels: int = 2):
     config = BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                         num_attention_heads=4, max_position_embeddings=64, num_labels=num_labels)
     return BertForSequenceClassification(config)
+
+
+def tiny_bert_folder(folder: Path, words: list[str], seed: int | None = 0, **config: Any) -> Path:
+    """A tiny BERT classifier folder with a word-level tokenizer over ``words``, as a recipe's ``model:`` takes it."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)}).save_pretrained(folder)
+    if seed is not None:
+        torch.manual_seed(seed)
+    settings = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, max_position_embeddings=32)
+    BertForSequenceClassification(BertConfig(**{**settings, **config})).save_pretrained(folder)
+    return folder
 
 
 def tiny_gpt2():

@@ -21,7 +21,7 @@ from lightning_peft.data import MultiTaskData  # noqa: E402
 from lightning_peft.lightning.sharding import full_adapter_state_dict  # noqa: E402
 from lightning_peft.tasks import SequenceClassification  # noqa: E402
 
-from conftest import TokenModule, tiny_llama, token_loader  # noqa: E402
+from conftest import TokenModule, tiny_bert_folder, tiny_llama, token_loader  # noqa: E402
 
 EPOCHS = 2  # of 8 sequences in global batches of 4 (2 per rank): 4 steps
 SEQUENCES = 8
@@ -96,22 +96,10 @@ WORDS = ["good", "great", "fine", "bad", "awful", "poor", "the", "movie", "was",
 TASKS = {"upbeat": 48, "gloomy": 32}  # rows: 6 and 4 batches of 8, so 3 and 2 steps on two processes
 
 
-def tiny_bert_folder(folder: Path) -> Path:
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)}).save_pretrained(folder)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, max_position_embeddings=32)
-    BertForSequenceClassification(config).save_pretrained(folder)
-    return folder
-
-
 def write_tasks(folder: Path) -> dict[str, dict]:
     """A tiny BERT in ``folder/bert`` and each task's training csv, every row one of a kind (a word, then filler
     words by row), gloomy's labels flipped; returns the tasks' `MultiTaskData` settings."""
-    tiny_bert_folder(folder / "bert")
+    tiny_bert_folder(folder / "bert", WORDS)
     for task, count in TASKS.items():
         filler = "the" if task == "upbeat" else "very"
         rows = [(" ".join([filler] * (i // 6) + ["movie", "was", WORDS[i % 6]]),

@@ -28,7 +28,6 @@ from distributed_worker import (
     SeededLlama,
     loader,
     lora,
-    tiny_bert_folder,
     write_tasks,
 )
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
@@ -47,7 +46,16 @@ from lightning_peft.lightning.sharding import (
     sharding_units,
 )
 
-from conftest import ImageModule, TokenModule, image_loader, make_trainer, tiny_bert, tiny_llama, token_loader
+from conftest import (
+    ImageModule,
+    TokenModule,
+    image_loader,
+    make_trainer,
+    tiny_bert,
+    tiny_bert_folder,
+    tiny_llama,
+    token_loader,
+)
 
 TESTS = Path(__file__).parent
 LAUNCH_TIMEOUT = 300  # seconds; each launch takes 60-90 on two loaded cores
@@ -221,7 +229,7 @@ def two_node_recipe(tmp_path: Path) -> Path:
             ],
         },
         "model": {"class_path": "lightning_peft.tasks.SequenceClassification",
-                  "init_args": {"model": str(tiny_bert_folder(tmp_path / "bert")), "learning_rate": 0.1,
+                  "init_args": {"model": str(tiny_bert_folder(tmp_path / "bert", WORDS)), "learning_rate": 0.1,
                                 "warmup_steps": 0}},
         "data": {"class_path": "lightning_peft.data.TextClassificationData",
                  "init_args": {"train_file": str(train), "batch_size": 4, "max_length": 16, "val_fraction": 0}},

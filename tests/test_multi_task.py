@@ -14,7 +14,7 @@ from lightning_peft.data.multi_task import TaskBatchSampler
 from lightning_peft.tasks import SequenceClassification
 from lightning_peft.tasks.base import linear_warmup_then_decay
 
-from conftest import make_trainer, trainable_tensors
+from conftest import make_trainer, tiny_bert_folder, trainable_tensors
 
 TASKS = ("upbeat", "gloomy")
 
@@ -22,17 +22,8 @@ TASKS = ("upbeat", "gloomy")
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A tiny BERT classifier folder without dropout (so a resumed run can match bit for bit), with its tokenizer."""
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
-    folder = tmp_path_factory.mktemp("tiny-bert-no-dropout")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)}).save_pretrained(folder)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, max_position_embeddings=32, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
-    BertForSequenceClassification(config).save_pretrained(folder)
-    return folder
+    return tiny_bert_folder(tmp_path_factory.mktemp("tiny-bert-no-dropout"), WORDS, hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
 
 
 def flipped(rows):

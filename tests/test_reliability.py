@@ -38,7 +38,14 @@ from lightning_peft import (
 from lightning_peft.export import rebuild_from_checkpoint
 from lightning_peft.tasks import SequenceClassification
 
-from conftest import TokenModule, fail_half_way_with_enospc, make_trainer, tiny_bert, token_loader
+from conftest import (
+    TokenModule,
+    fail_half_way_with_enospc,
+    make_trainer,
+    tiny_bert,
+    tiny_bert_folder,
+    token_loader,
+)
 
 WORDS = ["good", "great", "fine", "bad", "awful", "poor", "movie", "plot", "the", "was", "very", "not"]
 
@@ -46,15 +53,8 @@ WORDS = ["good", "great", "fine", "bad", "awful", "poor", "movie", "plot", "the"
 # --- the inputs: a tiny model folder, data, a recipe, a trained checkpoint and adapter ------------------
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> Path:
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
     folder = tmp_path_factory.mktemp("inputs")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder / "model")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, max_position_embeddings=32)
-    BertForSequenceClassification(config).save_pretrained(folder / "model")
+    tiny_bert_folder(folder / "model", WORDS)
     rows = "".join(f"the movie was {w},{'pos' if i % 2 else 'neg'}\n" for i, w in enumerate(WORDS * 2))
     (folder / "train.csv").write_text("text,label\n" + rows)
     (folder / "texts.txt").write_text("the movie was good\nthe plot was awful\n")

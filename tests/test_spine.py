@@ -26,7 +26,7 @@ from lightning_peft import (
 from lightning_peft.core.injection import peft_layers
 from lightning_peft.lora import LoRALayer
 
-from conftest import TokenModule, make_trainer, tiny_llama, token_loader, trainable_tensors
+from conftest import TokenModule, make_trainer, tiny_bert_folder, tiny_llama, token_loader, trainable_tensors
 
 IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
 
@@ -173,14 +173,8 @@ def test_a_lora_subclass_saves_and_loads_as_lora(tmp_path):
 def sentiment_recipe(tmp_path):
     """A tiny BERT sentiment recipe whose method is ScaledInitLoRA, the class defined in this file."""
     import yaml
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
-    words = ["good", "bad", "movie", "the", "was"]
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
-    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(tmp_path / "bert")
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, max_position_embeddings=32)
-    BertForSequenceClassification(config).save_pretrained(tmp_path / "bert")
+    tiny_bert_folder(tmp_path / "bert", ["good", "bad", "movie", "the", "was"], seed=None)
     rows = "".join(f"the movie was {'good' if i % 2 else 'bad'},{'pos' if i % 2 else 'neg'}\n" for i in range(16))
     (tmp_path / "train.csv").write_text("text,label\n" + rows)
     recipe = {
