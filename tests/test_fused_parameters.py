@@ -2,6 +2,7 @@
 nn.MultiheadAttention's projections; the warning for weights that a target selection leaves out."""
 
 import copy
+import re
 import warnings
 
 import pytest
@@ -106,13 +107,20 @@ def test_expert_updates_train_and_routers_stay_frozen(build):
     (dict(dropout=0.1), "dropout=0.1 cannot apply"),
     (dict(init="pissa"), "init='pissa' cannot apply"),
 ])
-def test_settings_that_cannot_apply_to_fused_weights_are_refused_before_any_change(setting, words):
+def test_settings_that_cannot_apply_to_fused_weights_named_are_refused_and_all_linear_leaves_them_out(setting,
+                                                                                                       words):
     model = mixtral()
     keys = set(model.state_dict())
     with pytest.raises(ValueError, match=words):
-        LoRA(r=R, **setting).inject(model)
+        LoRA(r=R, target_modules=["q_proj"], target_parameters=["experts.gate_up_proj"], **setting).inject(model)
     assert set(model.state_dict()) == keys
-    LoRA(r=R, target_parameters=[], **setting).inject(model)  # the attention layers alone take them
+    setting_words = words.split(" cannot")[0]
+    with pytest.warns(UserWarning, match=rf"{re.escape(setting_words)}: all-linear leaves out "
+                                         r"model\.layers\.0\.mlp\.experts\.gate_up_proj") as caught:
+        LoRA(r=R, **setting).inject(model)  # all-linear: the layers take the setting, the fused experts are left out
+    assert len(caught) == 1  # not also the generic warning about weights no layer reaches
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any(".q_proj." in n for n in trained) and not any("experts" in n for n in trained)
 
 
 def test_target_parameters_that_match_nothing_list_the_weights_that_exist():

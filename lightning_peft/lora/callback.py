@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 from torch import nn
@@ -121,10 +122,18 @@ class LoRA(PEFTCallback):
         layers = [(n, m) for n, m in modules if (n, m) not in attention]
         parameters = [(n, path) for n, m in attention for path in attention_parameters(innermost_base(m))]
         parameters += self._chosen_parameters(module)
+        told = []  # weights left out with a warning of their own
+        if parameters and layers and self._layer_only_setting() and self._all_linear_chose_parameters():
+            warnings.warn(f"LoRA {self._layer_only_setting()}: all-linear leaves out {_listed(parameters)}, whose "
+                          "modules read their weights themselves, where a layer-only setting cannot act; to adapt "
+                          f"them, add a second LoRA without {self._layer_only_setting()} whose targets name them",
+                          stacklevel=2)
+            told = [module.get_submodule(name).get_parameter(path) for name, path in parameters]
+            parameters = []
         self._check_before_injecting(layers, parameters)
         wrapped = [layer for _, layer in wrap_modules(module, layers, lora_layer_for, LoRALayer, innermost=True)]
         on_parameters = wrap_parameters(module, parameters, LoRAParameter, LoRAParameter)
-        warn_left_out_weights(module, "LoRA", [layer.stored_weight() for layer in on_parameters])
+        warn_left_out_weights(module, "LoRA", [layer.stored_weight() for layer in on_parameters] + told)
         return [p for layer in wrapped + on_parameters
                 for p in layer.add_adapter(self.adapter_name, self.r, self.alpha, self.dropout, self.use_rslora,
                                            self.use_dora, self.init).parameters()]
@@ -144,6 +153,15 @@ class LoRA(PEFTCallback):
             return []
         return select_parameters(root, targets, self.exclude_modules, self.layers, method="LoRA")
 
+    def _layer_only_setting(self) -> str | None:
+        """The setting that needs a layer's own forward (its input), which a weight read by its module has not."""
+        return ("use_dora=True" if self.use_dora else f"dropout={self.dropout}" if self.dropout
+                else "init='pissa'" if self.init == "pissa" else None)
+
+    def _all_linear_chose_parameters(self) -> bool:
+        """Whether the weight-level targets came from "all-linear" alone, not from the user naming them."""
+        return self.target_modules == ALL_LINEAR and self.target_parameters is None
+
     def _check_before_injecting(self, layers: list[tuple[str, nn.Module]], parameters: list[ParameterTarget]) -> None:
         """Refuse what would fail half-way, so a refused injection leaves the model untouched."""
         for name, module in layers:
@@ -153,11 +171,15 @@ class LoRA(PEFTCallback):
                 raise TypeError(f"LoRA {what} needs linear layers; '{name}' is {type(base).__name__}")
             if isinstance(base, (nn.Conv1d, nn.Conv2d)) and (base.groups != 1 or base.padding_mode != "zeros"):
                 raise TypeError(f"LoRA adapts convolutions with groups=1 and padding_mode='zeros'; '{name}' is not")
-        setting = ("use_dora=True" if self.use_dora else f"dropout={self.dropout}" if self.dropout
-                   else "init='pissa'" if self.init == "pissa" else None)
+        setting = self._layer_only_setting()
         if parameters and setting:
             name, path = parameters[0]
             raise ValueError(f"LoRA {setting} cannot apply to '{name}.{path}': its module reads that weight itself, "
                              "so the update is added to the weight, not computed by a layer. Leave such weights out "
                              "(target_parameters=[], or target_modules without the attention module) or drop "
                              f"{setting.split('=')[0]}")
+
+
+def _listed(parameters: list[ParameterTarget], limit: int = 4) -> str:
+    names = [f"{name}.{path}" for name, path in parameters]
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
