@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from lightning_peft.core.adapter_files import (
     CONFIG_FILE,
     WEIGHTS_FILE,
+    check_file_keys,
     file_entries,
     find_adapter,
     read_adapter_files,
@@ -63,7 +64,7 @@ def hotswap_adapter(module: nn.Module, path: PathLike, adapter_name: str = "defa
     incoming = callback_for(config, adapter_name, Path(path) / CONFIG_FILE)
     ref = find_adapter(module, adapter_name, incoming.method_name)
     entries = file_entries(module, ref)
-    _check_same_tensors(entries.keys(), tensors.keys(), weights_path)
+    check_file_keys(entries, tensors, weights_path, "a swapped adapter must adapt the same layers as the slot")
     _, root = model_root(module)
     values = {key: _fitted(root, name, tensors[key], param, incoming.config(), f"{weights_path}: tensor '{key}'")
               for key, (name, param) in entries.items()}
@@ -71,14 +72,6 @@ def hotswap_adapter(module: nn.Module, path: PathLike, adapter_name: str = "defa
         for key, (_, param) in entries.items():
             param.copy_(values[key])
     return module
-
-
-def _check_same_tensors(expected, found, weights_path: Path) -> None:
-    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-    if missing or unexpected:
-        what = f"lacks tensor '{missing[0]}'" if missing else f"holds tensor '{unexpected[0]}'"
-        raise ValueError(f"hotswap_adapter: adapter file {weights_path} {what} ({len(missing)} missing, "
-                         f"{len(unexpected)} unexpected): a swapped adapter must adapt the same layers as the slot")
 
 
 def _fitted(root: nn.Module, name: str, value: Tensor, slot: Tensor, settings: dict, where: str) -> Tensor:

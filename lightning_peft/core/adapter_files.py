@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -250,14 +250,7 @@ def read_adapter_files(path: PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
 def copy_file_tensors(module: nn.Module, ref: AdapterRef, tensors: dict[str, torch.Tensor], weights_path: Path) -> None:
     """Check a file's tensors against the adapter ``ref`` just injected into ``module``, then copy them in."""
     expected = file_tensors(module, ref)
-    missing = sorted(expected.keys() - tensors.keys())
-    if missing:
-        raise ValueError(f"adapter file {weights_path} lacks tensor '{missing[0]}' "
-                         f"({len(missing)} missing): it was saved for another model or settings")
-    unexpected = sorted(k for k in tensors.keys() - expected.keys() if not k.endswith("base_layer.weight"))
-    if unexpected:
-        raise ValueError(f"adapter file {weights_path} holds tensor '{unexpected[0]}' that this model has no "
-                         "place for: it was saved for another model")
+    check_file_keys(expected, tensors, weights_path, "it was saved for another model or settings")
     for file_key, param in expected.items():
         if tuple(tensors[file_key].shape) != tuple(param.shape):
             raise ValueError(f"adapter file {weights_path}: tensor '{file_key}' has shape "
@@ -265,6 +258,17 @@ def copy_file_tensors(module: nn.Module, ref: AdapterRef, tensors: dict[str, tor
     with torch.no_grad():
         for file_key, param in expected.items():
             param.copy_(tensors[file_key])
+
+
+def check_file_keys(expected: Iterable[str], found: Iterable[str], weights_path: Path, why: str) -> None:
+    """Refuse a file whose tensor names are not the adapter's (a saved base weight aside), naming the first."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(k for k in set(found) - set(expected) if not k.endswith("base_layer.weight"))
+    if missing:
+        raise ValueError(f"adapter file {weights_path} lacks tensor '{missing[0]}' ({len(missing)} missing): {why}")
+    if unexpected:
+        raise ValueError(f"adapter file {weights_path} holds tensor '{unexpected[0]}' ({len(unexpected)} this model "
+                         f"has no place for): {why}")
 
 
 def class_path(cls: type) -> str:
