@@ -205,3 +205,20 @@ def test_gradient_checkpointing_recomputes_the_same_masks():
     assert plain.keys() == recomputed.keys() and len(plain) == 4 * len(TARGETS)
     for name, grad in plain.items():
         torch.testing.assert_close(recomputed[name], grad, rtol=1e-5, atol=1e-7)
+
+
+def test_the_dropout_temporaries_reuse_one_buffer_per_slot_and_thread_on_cpu():
+    import threading
+
+    from lightning_peft.lora.fused import scratch
+
+    big, small = torch.empty(64, 48), torch.empty(8, 48)
+    first = scratch(0, big)
+    assert scratch(0, small).data_ptr() == scratch(0, big).data_ptr() == first.data_ptr()  # every layer, one buffer
+    assert scratch(1, big).data_ptr() != first.data_ptr()  # the other temporary: its own
+    other_thread = []
+    worker = threading.Thread(target=lambda: other_thread.append(scratch(0, big).data_ptr()))
+    worker.start()
+    worker.join()
+    assert other_thread[0] != first.data_ptr()
+    assert scratch(0, small).shape == (8, 48)
