@@ -13,6 +13,7 @@ rounds; each figure is the median over rounds.
     python benchmarks/per_row.py --model minilm          # MiniLM-L6, 64 tokens a row
     python benchmarks/per_row.py --model smollm2         # SmolLM2-135M, 128 tokens a row
     python benchmarks/per_row.py --model tiny --rounds 2 # a tiny random Llama, seconds
+    python benchmarks/per_row.py --model minilm --device cuda --dtype bfloat16 --random-weights   # on a GPU
 """
 
 from __future__ import annotations
@@ -35,7 +36,14 @@ TARGETS = {"minilm": ["query", "key", "value", "attention.output.dense"],
 LENGTHS = {"minilm": 64, "smollm2": 128, "tiny": 32}
 
 
-def base_model(name: str) -> nn.Module:
+def base_model(name: str, random_weights: bool = False) -> nn.Module:
+    """The base at float32 on the CPU; ``random_weights``: the same architecture at seed 0 (no asset needed)."""
+    if name == "minilm" and random_weights:
+        from transformers import BertConfig, BertForSequenceClassification
+
+        return BertForSequenceClassification(BertConfig(  # all-MiniLM-L6-v2's config.json
+            vocab_size=30522, hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=12,
+            max_position_embeddings=512, num_labels=2))
     if name == "minilm":
         from transformers import AutoModelForSequenceClassification
 
@@ -45,7 +53,7 @@ def base_model(name: str) -> nn.Module:
     if name == "smollm2":
         from models import smollm2
 
-        return smollm2()
+        return smollm2(random_weights=random_weights)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     return LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -80,9 +88,13 @@ def same_random_adapters(ours_model: nn.Module, peft_model: nn.Module) -> None:
 
 
 def timed(step: Callable[[], object]) -> float:
+    """Seconds of one call, the GPU's queue drained before and after."""
+    synchronize = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    synchronize()
     start = time.perf_counter()
     with torch.no_grad():
         step()
+    synchronize()
     return time.perf_counter() - start
 
 
@@ -134,20 +146,25 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(TARGETS), default="minilm")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--length", type=int, help="tokens a row (default: 64 MiniLM, 128 SmolLM2)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--random-weights", action="store_true", help="the model's architecture at random (no asset)")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
-    base = base_model(args.model).eval()
+    base = base_model(args.model, args.random_weights).to(args.device, getattr(torch, args.dtype)).eval()
     names = [f"task{i}" for i in range(ADAPTERS)]
     model, peft_model = ours(base, TARGETS[args.model], names), peers(base, TARGETS[args.model], names)
     del base
     same_random_adapters(model, peft_model)
     length = args.length or LENGTHS[args.model]
     rows = [name for name in names for _ in range(ROWS_EACH)]
-    batch = {"input_ids": torch.randint(5, 500, (len(rows), length)),
-             "attention_mask": torch.ones(len(rows), length, dtype=torch.long)}
-    print(f"{args.model}: {ADAPTERS} LoRA adapters (r={R}, {', '.join(TARGETS[args.model])}), batch {len(rows)} = "
-          f"{ADAPTERS} x {ROWS_EACH} rows of {length} tokens, {THREADS} threads, {args.rounds} rounds")
+    batch = {"input_ids": torch.randint(5, 500, (len(rows), length), device=args.device),
+             "attention_mask": torch.ones(len(rows), length, dtype=torch.long, device=args.device)}
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {THREADS} threads"
+    print(f"{args.model}{' (random weights)' if args.random_weights else ''}, {args.dtype}: {ADAPTERS} LoRA adapters "
+          f"(r={R}, {', '.join(TARGETS[args.model])}), batch {len(rows)} = {ADAPTERS} x {ROWS_EACH} rows of {length} "
+          f"tokens, {where}, {args.rounds} rounds")
     difference = check_outputs_agree(model, peft_model, batch, rows)
     print(f"our per-row logits vs peft's mixed batch: max |diff| {difference:.2e}")
     calls = variants(model, peft_model, batch, names, rows)

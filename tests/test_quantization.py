@@ -357,4 +357,5 @@ def test_run_all_lists_every_gpu_step():
                             env={**os.environ, "PYTHON": sys.executable})
     steps = [line.split(":")[0] for line in result.stdout.splitlines()]
     assert result.returncode == 0 and steps == ["cuda_tests", "quantized", "lora_fsdp1", "lora_fsdp2", "qlora_fsdp2",
-                                                "qlora_fsdp1", "speed_8x128", "speed_16x512"], result.stdout
+                                                "qlora_fsdp1", "speed_8x128", "speed_16x512", "per_row_minilm",
+                                                "per_row_smollm2"], result.stdout

