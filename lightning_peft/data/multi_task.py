@@ -186,7 +186,7 @@ class TaskBatchSampler(BatchSampler):
 
     def __len__(self) -> int:
         if self.mixing == "alternating" and self.weights is None:
-            return sum(self._steps(math.ceil(n / self.batch_size)) for n in self.sizes.values())
+            return sum(self._task_steps().values())
         return self._steps(self._batches())
 
     def shares(self) -> dict[str, float]:
@@ -194,7 +194,7 @@ class TaskBatchSampler(BatchSampler):
         if self.weights is not None:
             chances = {name: self.weights.get(name, 0.0) for name in self.sizes}
         elif self.mixing == "alternating":
-            chances = {name: self._steps(math.ceil(n / self.batch_size)) for name, n in self.sizes.items()}
+            chances = self._task_steps()
         else:
             chances = dict(self.sizes)  # its rows
         total = sum(chances.values()) or 1
@@ -217,6 +217,10 @@ class TaskBatchSampler(BatchSampler):
 
     def _steps(self, batches: int) -> int:
         return math.ceil(batches / self.replicas)
+
+    def _task_steps(self) -> dict[str, int]:
+        """Each task's steps an epoch in unweighted alternating batches: its batches, one per process a step."""
+        return {name: self._steps(math.ceil(n / self.batch_size)) for name, n in self.sizes.items()}
 
     def _per_step(self, batches: list[list[int]]) -> list[list[list[int]]]:
         """``batches`` in steps of one per process; the last step is filled from the first batches."""

@@ -31,7 +31,12 @@ from lightning_peft.core.summary import trainable_summary
 from lightning_peft.core.targeting import select_modules
 from lightning_peft.lightning.checkpointing import install_adapter_checkpointing
 from lightning_peft.lightning.gradient_checkpointing import enable_input_grads_for_checkpointing
-from lightning_peft.lightning.sharding import check_gradients_reached, prepare_sharding, shards_after_injection
+from lightning_peft.lightning.sharding import (
+    check_gradients_reached,
+    check_tasks_can_rest,
+    prepare_sharding,
+    shards_after_injection,
+)
 
 CheckpointPolicy = Literal["adapter", "full"]
 _CHAINED = "_lightning_peft_trainer"
@@ -203,6 +208,7 @@ class PEFTCallback(ModelSetupCallback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         if self is peft_callbacks(trainer)[0]:
+            check_tasks_can_rest(trainer)
             enable_input_grads_for_checkpointing(pl_module)
             rank_zero_info(f"lightning_peft: trainable parameters\n{trainable_summary(pl_module)}")
 

@@ -291,6 +291,15 @@ def load_adapter_checkpoints_into_shards(strategy: Strategy, module: L.Lightning
 
 
 # --- DDP --------------------------------------------------------------------------------------
+def check_tasks_can_rest(trainer: L.Trainer) -> None:
+    """Before any step: refuse several tasks (`MultiTaskData`) under a DDP reducer that needs every gradient."""
+    tasks = getattr(trainer.datamodule, "task_names", None) or []
+    if len(tasks) > 1 and _reducer_needs_every_gradient(trainer.strategy):
+        raise ValueError("several tasks under DDP: a step can hold no row of a task (with alternating batches, "
+                         "every step), whose adapter then gets no gradient, which DDP cannot train: use "
+                         "DDPStrategy(find_unused_parameters=True)")
+
+
 def check_gradients_reached(trainer: L.Trainer, module: nn.Module, idle: set[str] = frozenset()) -> None:
     """After the first backward: name every trainable parameter without a gradient.
 
@@ -298,7 +307,7 @@ def check_gradients_reached(trainer: L.Trainer, module: nn.Module, idle: set[str
     reduction" at the next step, so there it is an error; elsewhere a warning. Adapters named in
     ``idle`` (tasks that the batch's rows did not name) are left out.
     """
-    if idle and reducer_needs_every_gradient(trainer.strategy):
+    if idle and _reducer_needs_every_gradient(trainer.strategy):
         raise RuntimeError(f"the first batch names no row of task(s) {', '.join(sorted(idle))}, whose adapters then "
                            "get no gradient, which DDP cannot train: use DDPStrategy(find_unused_parameters=True)")
     owner = {param_id: ref.name for param_id, ref in owners(module).items()}
@@ -311,12 +320,12 @@ def check_gradients_reached(trainer: L.Trainer, module: nn.Module, idle: set[str
         f"reached the loss: {', '.join(missing[:8])}{', ...' if len(missing) > 8 else ''}. Exclude their modules "
         "from target_modules / modules_to_save, or use them in the loss."
     )
-    if reducer_needs_every_gradient(trainer.strategy):
+    if _reducer_needs_every_gradient(trainer.strategy):
         raise RuntimeError(f"{message} DDP cannot train parameters that get no gradient.")
     rank_zero_warn(message)
 
 
-def reducer_needs_every_gradient(strategy: Strategy) -> bool:
+def _reducer_needs_every_gradient(strategy: Strategy) -> bool:
     """Whether the strategy's DDP reducer fails on a trainable parameter without a gradient."""
     model = strategy.model
     return isinstance(model, DistributedDataParallel) and not (model.find_unused_parameters or model.static_graph)

@@ -123,11 +123,11 @@ class LoRA(PEFTCallback):
         parameters = [(n, path) for n, m in attention for path in attention_parameters(innermost_base(m))]
         parameters += self._chosen_parameters(module)
         told = []  # weights left out with a warning of their own
-        if parameters and layers and self._layer_only_setting() and self._all_linear_chose_parameters():
-            warnings.warn(f"LoRA {self._layer_only_setting()}: all-linear leaves out {_listed(parameters)}, whose "
-                          "modules read their weights themselves, where a layer-only setting cannot act; to adapt "
-                          f"them, add a second LoRA without {self._layer_only_setting()} whose targets name them",
-                          stacklevel=2)
+        setting = self._layer_only_setting()
+        if parameters and layers and setting and self._all_linear_chose_parameters():
+            warnings.warn(f"LoRA {setting}: all-linear leaves out {_listed(parameters)}, whose modules read their "
+                          "weights themselves, where a layer-only setting cannot act; to adapt them, add a second "
+                          f"LoRA without {setting} whose targets name them", stacklevel=2)
             told = [module.get_submodule(name).get_parameter(path) for name, path in parameters]
             parameters = []
         self._check_before_injecting(layers, parameters)

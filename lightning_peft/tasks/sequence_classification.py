@@ -12,7 +12,6 @@ from transformers import AutoModelForSequenceClassification
 
 from lightning_peft.core.adapter_control import adapter_names
 from lightning_peft.core.per_row import per_row_adapters
-from lightning_peft.lightning.sharding import reducer_needs_every_gradient
 from lightning_peft.tasks.base import TransformersTask
 
 STAGES = ("val", "test")
@@ -103,16 +102,12 @@ class SequenceClassification(TransformersTask):
             return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
     def on_fit_start(self) -> None:
-        """Refuse, before any step, tasks of the data that no adapter is named after, and DDP that cannot rest one."""
+        """Refuse, before any step, tasks of the data that no adapter is named after."""
         tasks = getattr(self.trainer.datamodule, "task_names", None) or []
         missing = [task for task in tasks if task not in adapter_names(self)]
         if missing:
             raise ValueError(f"task '{missing[0]}' has no adapter of its name: give the trainer a PEFT method with "
                              f"adapter_name='{missing[0]}' (adapters: {', '.join(adapter_names(self)) or 'none'})")
-        if len(tasks) > 1 and reducer_needs_every_gradient(self.trainer.strategy):
-            raise ValueError("several tasks under DDP: a step can hold no row of a task (with alternating batches, "
-                             "every step), whose adapter then gets no gradient, which DDP cannot train: use "
-                             "DDPStrategy(find_unused_parameters=True)")
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self(batch["input_ids"], batch["attention_mask"], batch.get("task"))
