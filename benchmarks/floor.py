@@ -3,11 +3,13 @@
 No PEFT step can cost less than the base model's forward plus the backward that carries gradients
 down to the inputs with every weight frozen. For LoRA (dropout 0 and 0.1), DoRA, IA3, Adapter and
 prompt tuning on SmolLM2-135M this measures the step time and peak RSS of ours and of peft's
-(where peft has the method), each in a fresh process, with the floor measured in every round; the
-variants run in a rotated order each round, and each ratio is the median of per-round ratios.
+(where peft has the method), each in a fresh process: its peak RSS first, then its steps
+alternating with the steps of a second, frozen copy of the base in the same process, so each
+step/floor ratio pairs two steps taken seconds apart. Every round runs each variant (and a floor
+process, for the floor's peak) in a rotated order; each ratio is the median over rounds.
 
     python benchmarks/floor.py --quick               # tiny random Llama, about a minute
-    python benchmarks/floor.py --rounds 3            # SmolLM2-135M, batch 8 x 128: about 25 minutes
+    python benchmarks/floor.py --rounds 3            # SmolLM2-135M, batch 8 x 128: about 40 minutes
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 
 import peft
 import torch
@@ -93,11 +96,8 @@ def adapted(variant: str, model: nn.Module) -> nn.Module:
         return ours(model) if side == "ours" else theirs(model)
 
 
-def worker(args: argparse.Namespace) -> None:
-    """One process: build the variant, warm up one step, time ``--steps`` steps, print the median and peak RSS."""
-    torch.set_num_threads(THREADS)
-    model = adapted(args.worker, base_model(args)).train()
-    ids = token_batch(model.config.vocab_size, args.batch, args.seq)
+def training_step(model: nn.Module, ids: torch.Tensor) -> Callable[[], None]:
+    """One step on ``ids``: AdamW on the trainable weights, or with none (the floor) the backward to the inputs."""
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=1e-4) if trained else None
     embed = model.get_input_embeddings()
@@ -111,15 +111,48 @@ def worker(args: argparse.Namespace) -> None:
         model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
 
+    return step
+
+
+def seconds(step: Callable[[], None]) -> float:
+    """Wall time of one call of ``step``."""
+    start = time.perf_counter()
     step()
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    print(json.dumps({"step_s": statistics.median(times),
-                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "trainable": sum(p.numel() for p in trained)}))
+    return time.perf_counter() - start
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One process: the variant's peak RSS over a warm-up and a step, then its steps interleaved with the floor's.
+
+    The peak is read before a second, frozen copy of the base is loaded for the floor; after that
+    the variant's and the floor's steps alternate, so each ratio compares two steps taken seconds
+    apart, which this shared machine's drift (up to 25% between processes) does not reach.
+    """
+    torch.set_num_threads(THREADS)
+    model = adapted(args.worker, base_model(args)).train()
+    ids = token_batch(model.config.vocab_size, args.batch, args.seq)
+    step = training_step(model, ids)
+    step()  # warm-up
+    times = [seconds(step)]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result = {"peak_rss_mib": peak, "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    if args.worker == "floor":
+        times += [seconds(step) for _ in range(args.steps - 1)]
+        print(json.dumps({"step_s": statistics.median(times), **result}))
+        return
+    floor_step = training_step(adapted("floor", base_model(args)).train(), ids)
+    floor_step()  # warm-up
+    floor_times = []
+    for i in range(args.steps):  # alternate which goes first
+        if i % 2:
+            times.append(seconds(step))
+            floor_times.append(seconds(floor_step))
+        else:
+            floor_times.append(seconds(floor_step))
+            times.append(seconds(step))
+    ratios = [t / f for t, f in zip(times[1:], floor_times, strict=True)]
+    print(json.dumps({"step_s": statistics.median(times), "floor_s": statistics.median(floor_times),
+                      "to_floor": statistics.median(ratios), **result}))
 
 
 def run_rounds(args: argparse.Namespace, names: list[str]) -> dict[str, list[dict]]:
@@ -141,20 +174,28 @@ def column(results: dict[str, list[dict]], name: str, key: str) -> list[float]:
     return [r[key] for r in results[name]]
 
 
+def to_floor(results: dict[str, list[dict]], name: str) -> list[float]:
+    """Each round's step time over the floor's, both timed interleaved in the variant's process."""
+    return [1.0] * len(results[name]) if name == "floor" else column(results, name, "to_floor")
+
+
 def table(results: dict[str, list[dict]]) -> str:
     """One row per variant: median step and peak, each against the floor and (for ours) against peft's."""
-    floor_s, floor_rss = column(results, "floor", "step_s"), column(results, "floor", "peak_rss_mib")
+    floor_rss = column(results, "floor", "peak_rss_mib")
     rows = ["| variant | trainable | step (s) | step / floor | step / peft | peak RSS (MiB) | peak / floor "
-            "| peak / peft |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            "| peak / peft | step / floor, each round |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for name in results:
         step, rss = column(results, name, "step_s"), column(results, name, "peak_rss_mib")
+        ratios = to_floor(results, name)
         peer = name.replace(", ours", ", peft")
         vs_peft = name.endswith(", ours") and peer in results
         cells = [name, f"{results[name][0]['trainable']:,}", f"{statistics.median(step):.3f}",
-                 f"{paired_ratio(step, floor_s):.3f}",
-                 f"{paired_ratio(step, column(results, peer, 'step_s')):.3f}" if vs_peft else "",
+                 f"{statistics.median(ratios):.3f}",
+                 f"{paired_ratio(ratios, to_floor(results, peer)):.3f}" if vs_peft else "",
                  f"{statistics.median(rss):.0f}", f"{paired_ratio(rss, floor_rss):.3f}",
-                 f"{paired_ratio(rss, column(results, peer, 'peak_rss_mib')):.3f}" if vs_peft else ""]
+                 f"{paired_ratio(rss, column(results, peer, 'peak_rss_mib')):.3f}" if vs_peft else "",
+                 ", ".join(f"{r:.3f}" for r in ratios) if name != "floor" else ""]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -168,8 +209,10 @@ def header(args: argparse.Namespace) -> str:
         f"- command: `python {shlex.join(sys.argv)}`",
         f"- {model} fp32, batch {args.batch} x {args.seq}, causal-LM loss; LoRA/DoRA r=8 alpha=16 on "
         f"{'/'.join(ATTENTION)}; IA3 on {'/'.join(IA3_TARGETS)}; Adapter bottleneck 64; prompt tuning "
-        f"{VIRTUAL_TOKENS} virtual tokens; AdamW; {args.rounds} rounds, each variant a fresh process timing "
-        f"{args.steps} steps after one warm-up; step: median; ratios: median of per-round ratios",
+        f"{VIRTUAL_TOKENS} virtual tokens; AdamW; {args.rounds} rounds, each variant a fresh process: peak RSS over "
+        f"a warm-up and a step, then {args.steps} steps alternating with a frozen base copy's; step: median; "
+        f"step / floor: median over rounds of each process's median paired ratio; peak / floor: against a "
+        f"floor-only process of the same round",
     ])
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_peft.core.dropout import as_factor, keep_mask
-from lightning_peft.lora.fused import FusedLoRALinear
+from lightning_peft.lora.fused import FusedLoRALinear, rank_product
 
 TOKENS, IN, RANK, THREADS = 1024, 576, 8, 2
 
@@ -55,7 +55,10 @@ def cases(out_features: int) -> dict[str, Callable[[], object]]:
         "piece: mask to float": lambda: as_factor(keep, x.dtype),
         "piece: x * mask": lambda: rows * factor,
         "piece: grad_x += m * mask": lambda: torch.zeros(TOKENS, IN).addcmul_(rows, factor),
-        "piece: x @ A^T (rank 8)": lambda: rows @ lora_a.detach().T,
+        "piece: x @ A^T (rank 8)": lambda: rank_product(rows, lora_a.detach()),
+        "piece: x @ A^T, plain layout": lambda: rows @ lora_a.detach().T,
+        "piece: grad @ B (rank 8)": lambda: rank_product(grad, lora_b.detach().T),
+        "piece: grad @ B, plain layout": lambda: grad @ lora_b.detach(),
         "piece: hidden @ A (rank 8)": lambda: hidden @ lora_a.detach(),
     }
 

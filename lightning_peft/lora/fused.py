@@ -28,7 +28,7 @@ class FusedLoRALinear(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                 scale: float, keep: Tensor | None) -> Tensor:
         rows = x.reshape(-1, x.shape[-1])  # (tokens, in)
-        hidden = dropped(rows, keep) @ lora_A.T  # (tokens, r)
+        hidden = rank_product(dropped(rows, keep), lora_A)  # (tokens, r)
         out = F.linear(rows, weight, bias)  # (tokens, out)
         out.addmm_(hidden, lora_B.T, alpha=scale)
         ctx.save_for_backward(x, weight, lora_A, lora_B, hidden, keep)
@@ -40,7 +40,7 @@ class FusedLoRALinear(torch.autograd.Function):
         x, weight, lora_A, lora_B, hidden, keep = ctx.saved_tensors
         rows = x.reshape(-1, x.shape[-1])
         grad_rows = grad_out.reshape(-1, grad_out.shape[-1])  # (tokens, out)
-        grad_hidden = (grad_rows @ lora_B).mul_(ctx.scale)  # (tokens, r)
+        grad_hidden = rank_product(grad_rows, lora_B.T).mul_(ctx.scale)  # (tokens, r)
         grad_B = (hidden.T @ grad_rows).T.mul_(ctx.scale) if ctx.needs_input_grad[4] else None  # fast layout
         factor = None if keep is None else mask_factor(keep, rows)  # made once, used twice
         dropped_rows = rows if factor is None else torch.mul(rows, factor, out=scratch(1, rows))
@@ -54,6 +54,16 @@ class FusedLoRALinear(torch.autograd.Function):
                 grad_x.addcmul_(torch.mm(grad_hidden, lora_A, out=dropped_rows), factor)  # reuses its buffer
             grad_x = grad_x.view(x.shape)
         return grad_x, None, None, grad_A, grad_B, None, None
+
+
+def rank_product(rows: Tensor, factor: Tensor) -> Tensor:
+    """``rows @ factor.T``, a ``(tokens, r)`` result, computed as ``(factor @ rows.T).T``.
+
+    MKL's CPU kernel for a product with few output columns is two to three times slower than for
+    the same product with few output rows (0.26 or 0.47 ms against 0.16 ms at 1,024 x 576, rank 8);
+    the transposed view it returns works as well in every later product.
+    """
+    return (factor @ rows.T).T
 
 
 def dropped(rows: Tensor, keep: Tensor | None) -> Tensor:
@@ -99,7 +109,7 @@ class FusedDoRALinear(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                 magnitude: Tensor, scale: float, norm: Tensor) -> Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        hidden = rows @ lora_A.T
+        hidden = rank_product(rows, lora_A)
         y = F.linear(rows, weight).addmm_(hidden, lora_B.T, alpha=scale)  # x (W + s B A)^T
         norm_scale = magnitude / norm
         out = torch.addcmul(bias, y, norm_scale) if bias is not None else y * norm_scale
@@ -114,7 +124,7 @@ class FusedDoRALinear(torch.autograd.Function):
         grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
         grad_magnitude = (grad_rows * y).sum(0).div_(norm) if ctx.needs_input_grad[5] else None
         grad_y = grad_rows * norm_scale  # (tokens, out)
-        grad_hidden = (grad_y @ lora_B).mul_(ctx.scale)
+        grad_hidden = rank_product(grad_y, lora_B.T).mul_(ctx.scale)
         grad_B = (hidden.T @ grad_y).T.mul_(ctx.scale) if ctx.needs_input_grad[4] else None
         grad_A = grad_hidden.T @ rows if ctx.needs_input_grad[3] else None
         grad_x = (grad_y @ weight).addmm_(grad_hidden, lora_A).view(x.shape) if ctx.needs_input_grad[0] else None
