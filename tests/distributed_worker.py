@@ -131,16 +131,17 @@ class RecordTaskSteps(L.Callback):
         (self.dirpath / f"steps_rank{trainer.global_rank}.json").write_text(json.dumps(self.steps))
 
 
-def multi_task(out: Path) -> None:
-    """Two tasks in alternating batches under DDP, each adapter resting while the other task steps."""
+def multi_task(out: Path, name: str, strategy: Strategy) -> None:
+    """Two tasks in alternating batches, each adapter resting while the other task steps; records in ``name``."""
     folder = out / "multi_task"  # the model and data: written by the test before the launch (write_tasks)
     module = SequenceClassification(str(folder / "bert"), learning_rate=5e-2, warmup_steps=0)
     data = MultiTaskData(task_settings(folder), mixing="alternating", batch_size=8, max_length=16)
     torch.manual_seed(0)
     methods = [LoRA(r=4, alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"],
                     adapter_name=task) for task in TASKS]
-    trainer(DDPStrategy(find_unused_parameters=True), [*methods, RecordTaskSteps(folder),
-                                                       SaveAdapterPerRank(folder)], max_epochs=1).fit(module, data)
+    (folder / name).mkdir(exist_ok=True)  # by both processes
+    trainer(strategy, [*methods, RecordTaskSteps(folder / name), SaveAdapterPerRank(folder / name)],
+            max_epochs=1).fit(module, data)
 
 
 def fsdp2() -> ModelParallelStrategy:
@@ -151,7 +152,8 @@ def main(out: Path) -> None:
     fit_save_resume("ddp", lambda: "ddp", out)
     fit_save_resume("fsdp2", fsdp2, out)
     trainer(fsdp2(), [lora(use_dora=True), SaveAdapterPerRank(out / "fsdp2_dora")]).fit(SeededLlama(), loader())
-    multi_task(out)
+    multi_task(out, "ddp", DDPStrategy(find_unused_parameters=True))
+    multi_task(out, "fsdp2", fsdp2())
     unused_adapter_fails_first(out)  # last: a failed fit tears the process group down
 
 

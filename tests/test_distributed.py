@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_peft import BitFit, LoRA, trainable_summary
 from lightning_peft.lightning.sharding import (
+    check_tasks_can_rest,
     check_units_do_not_mix,
     fsdp_auto_wrap_policy,
     full_adapter_state_dict,
@@ -183,8 +184,9 @@ def test_ddp_names_an_adapter_outside_the_loss_before_its_reducer_fails(runs):
         assert "q_proj" not in message and "Expected to have finished reduction" not in message
 
 
-def test_ddp_gives_each_process_its_own_batch_of_one_task_a_step_and_rests_the_other_adapter(runs):
-    ranks = [json.loads((runs / "multi_task" / f"steps_rank{rank}.json").read_text()) for rank in (0, 1)]
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_each_process_gets_its_own_batch_of_one_task_a_step_and_the_other_adapter_rests(runs, strategy):
+    ranks = [json.loads((runs / "multi_task" / strategy / f"steps_rank{rank}.json").read_text()) for rank in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) == 5  # 3 steps of upbeat, 2 of gloomy: 10 batches of 8 on two processes
     for first, second in zip(*ranks, strict=True):
         assert len(first["tasks"]) == 1 and first["tasks"] == second["tasks"]  # one task a step, on both
@@ -193,7 +195,7 @@ def test_ddp_gives_each_process_its_own_batch_of_one_task_a_step_and_rests_the_o
     assert len(rows) == sum(TASKS.values()) and len(set(rows)) == len(rows)  # every row once, none twice
     assert sum(step["moved"] == ["gloomy"] for step in ranks[0]) >= 1  # each adapter trained
     assert sum(step["moved"] == ["upbeat"] for step in ranks[0]) >= 2
-    first, second = rank_files(runs / "multi_task", "adapter")
+    first, second = rank_files(runs / "multi_task" / strategy, "adapter")
     assert_close(second, first, atol=0)  # the processes stay in step
 
 
@@ -209,6 +211,25 @@ def test_several_tasks_under_ddp_without_find_unused_parameters_are_refused_befo
     with pytest.raises(ValueError, match=r"several tasks under DDP: .*DDPStrategy\(find_unused_parameters=True\)"):
         make_trainer(methods, strategy="ddp", max_steps=2).fit(module, datamodule=data)
     assert module.global_step == 0
+
+
+@pytest.mark.parametrize(("strategy", "mixing", "refused"), [
+    (FSDPStrategy(), "alternating", r"several tasks under FSDP1 \(FSDPStrategy\): .* ModelParallelStrategy"),
+    (ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), "mixed",
+     r"mixed batches of several tasks under FSDP2 .* use mixing='alternating'"),
+    (ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), "alternating", None),
+], ids=["fsdp1", "fsdp2 mixed", "fsdp2 alternating"])
+def test_several_tasks_under_fsdp_are_refused_where_a_resting_adapter_breaks_the_reduction(
+        tmp_path, strategy, mixing, refused):
+    from lightning_peft.data import MultiTaskData
+
+    data = MultiTaskData(write_tasks(tmp_path), mixing=mixing, batch_size=8, max_length=16)
+    trainer = SimpleNamespace(datamodule=data, strategy=strategy, world_size=2)  # what on_fit_start sees on a rank
+    if refused is None:
+        check_tasks_can_rest(trainer)  # the worker's FSDP2 run trains alternating batches (the test above)
+        return
+    with pytest.raises(ValueError, match=refused):
+        check_tasks_can_rest(trainer)
 
 
 # --- two nodes with torchrun, running a recipe --------------------------------------------------

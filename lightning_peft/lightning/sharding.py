@@ -292,12 +292,32 @@ def load_adapter_checkpoints_into_shards(strategy: Strategy, module: L.Lightning
 
 # --- DDP --------------------------------------------------------------------------------------
 def check_tasks_can_rest(trainer: L.Trainer) -> None:
-    """Before any step: refuse several tasks (`MultiTaskData`) under a DDP reducer that needs every gradient."""
-    tasks = getattr(trainer.datamodule, "task_names", None) or []
-    if len(tasks) > 1 and _reducer_needs_every_gradient(trainer.strategy):
+    """Before any step: refuse several tasks (`MultiTaskData`) where a resting adapter would break or drift.
+
+    A step may hold no row of a task, whose adapter then has no gradient: DDP's reducer (without
+    ``find_unused_parameters``) fails on it; FSDP2 leaves it out of the reduction only on the
+    processes without its rows (mixed batches), so the processes' collectives disagree (a crash on
+    gloo); FSDP1 reduces one flat gradient per unit, zeros standing in for a resting adapter's, which
+    AdamW turns into updates (``use_orig_params=False``) or which processes without its rows treat
+    as none, so they stop agreeing (``True``): not run on a GPU here, so refused.
+    """
+    datamodule = trainer.datamodule
+    if len(getattr(datamodule, "task_names", None) or []) < 2:
+        return
+    strategy = trainer.strategy
+    if _reducer_needs_every_gradient(strategy):
         raise ValueError("several tasks under DDP: a step can hold no row of a task (with alternating batches, "
                          "every step), whose adapter then gets no gradient, which DDP cannot train: use "
                          "DDPStrategy(find_unused_parameters=True)")
+    if isinstance(strategy, FSDPStrategy):
+        raise ValueError("several tasks under FSDP1 (FSDPStrategy): its flat gradients hold zeros for a resting "
+                         "task's adapter, which the optimizer can turn into updates; use ModelParallelStrategy "
+                         "(FSDP2) with mixing='alternating', or DDPStrategy(find_unused_parameters=True)")
+    if isinstance(strategy, ModelParallelStrategy) and datamodule.mixing == "mixed" and trainer.world_size > 1:
+        raise ValueError("mixed batches of several tasks under FSDP2 (ModelParallelStrategy): a process whose batch "
+                         "holds no row of a task leaves its adapter out of a gradient reduction that the other "
+                         "processes run, a collective mismatch; use mixing='alternating' (every process gets a "
+                         "batch of the same task each step)")
 
 
 def check_gradients_reached(trainer: L.Trainer, module: nn.Module, idle: set[str] = frozenset()) -> None:
