@@ -78,6 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--random-weights", action="store_true", help="SmolLM2-135M's architecture at random")
     parser.add_argument("--json", metavar="PATH", help="also write every measurement to this JSON file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one variant's process
+    parser.add_argument("--floor-first", action="store_true", help=argparse.SUPPRESS)  # internal: load order
     args = parser.parse_args(argv)
     args.device, args.dtype = "cpu", "float32"
     return args
@@ -122,36 +123,44 @@ def seconds(step: Callable[[], None]) -> float:
 
 
 def worker(args: argparse.Namespace) -> None:
-    """One process: the variant's peak RSS over a warm-up and a step, then its steps interleaved with the floor's.
+    """One process: the variant's steps interleaved with a frozen base copy's, and its peak RSS.
 
-    The peak is read before a second, frozen copy of the base is loaded for the floor; after that
-    the variant's and the floor's steps alternate, so each ratio compares two steps taken seconds
-    apart, which this shared machine's drift (up to 25% between processes) does not reach.
+    The two models alternate steps, so each ratio compares two steps taken seconds apart, which
+    this shared machine's drift (up to 25% between processes) does not reach. Which model is
+    loaded first also matters (the first ran 3-6% slower, whichever it was), so every second round
+    loads the floor's copy first (``--floor-first``); the others load the variant alone first and
+    read its peak RSS over a warm-up and a step before the floor's copy exists.
     """
     torch.set_num_threads(THREADS)
+    floor_step = None
+    if args.floor_first:
+        floor_model = adapted("floor", base_model(args)).train()
+        floor_step = training_step(floor_model, token_batch(floor_model.config.vocab_size, args.batch, args.seq))
+        floor_step()  # warm-up
     model = adapted(args.worker, base_model(args)).train()
     ids = token_batch(model.config.vocab_size, args.batch, args.seq)
     step = training_step(model, ids)
     step()  # warm-up
-    times = [seconds(step)]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    times = [] if args.floor_first else [seconds(step)]
+    peak = None if args.floor_first else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result = {"peak_rss_mib": peak, "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     if args.worker == "floor":
         times += [seconds(step) for _ in range(args.steps - 1)]
         print(json.dumps({"step_s": statistics.median(times), **result}))
         return
-    floor_step = training_step(adapted("floor", base_model(args)).train(), ids)
-    floor_step()  # warm-up
-    floor_times = []
+    if floor_step is None:
+        floor_step = training_step(adapted("floor", base_model(args)).train(), ids)
+        floor_step()  # warm-up
+    paired, floor_times = [], []
     for i in range(args.steps):  # alternate which goes first
         if i % 2:
-            times.append(seconds(step))
+            paired.append(seconds(step))
             floor_times.append(seconds(floor_step))
         else:
             floor_times.append(seconds(floor_step))
-            times.append(seconds(step))
-    ratios = [t / f for t, f in zip(times[1:], floor_times, strict=True)]
-    print(json.dumps({"step_s": statistics.median(times), "floor_s": statistics.median(floor_times),
+            paired.append(seconds(step))
+    ratios = [t / f for t, f in zip(paired, floor_times, strict=True)]
+    print(json.dumps({"step_s": statistics.median(times + paired), "floor_s": statistics.median(floor_times),
                       "to_floor": statistics.median(ratios), **result}))
 
 
@@ -164,7 +173,8 @@ def run_rounds(args: argparse.Namespace, names: list[str]) -> dict[str, list[dic
         shift = round_ % len(names)
         for i, name in enumerate(names[shift:] + names[:shift]):
             print(f"round {round_ + 1}/{args.rounds}, {i + 1}/{len(names)}: {name}", file=sys.stderr, flush=True)
-            command = [sys.executable, os.path.abspath(__file__), "--worker", name, *shared]
+            order = ["--floor-first"] if round_ % 2 and name != "floor" else []
+            command = [sys.executable, os.path.abspath(__file__), "--worker", name, *shared, *order]
             out = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
             results[name].append(json.loads(out.splitlines()[-1]))
     return results
@@ -172,6 +182,11 @@ def run_rounds(args: argparse.Namespace, names: list[str]) -> dict[str, list[dic
 
 def column(results: dict[str, list[dict]], name: str, key: str) -> list[float]:
     return [r[key] for r in results[name]]
+
+
+def peak_ratio(num: list[float | None], den: list[float | None]) -> float:
+    """Median of the per-round peak ratios over the rounds that read both peaks (the variant loaded first)."""
+    return statistics.median(a / b for a, b in zip(num, den, strict=True) if a is not None and b is not None)
 
 
 def to_floor(results: dict[str, list[dict]], name: str) -> list[float]:
@@ -193,8 +208,8 @@ def table(results: dict[str, list[dict]]) -> str:
         cells = [name, f"{results[name][0]['trainable']:,}", f"{statistics.median(step):.3f}",
                  f"{statistics.median(ratios):.3f}",
                  f"{paired_ratio(ratios, to_floor(results, peer)):.3f}" if vs_peft else "",
-                 f"{statistics.median(rss):.0f}", f"{paired_ratio(rss, floor_rss):.3f}",
-                 f"{paired_ratio(rss, column(results, peer, 'peak_rss_mib')):.3f}" if vs_peft else "",
+                 f"{statistics.median(r for r in rss if r is not None):.0f}", f"{peak_ratio(rss, floor_rss):.3f}",
+                 f"{peak_ratio(rss, column(results, peer, 'peak_rss_mib')):.3f}" if vs_peft else "",
                  ", ".join(f"{r:.3f}" for r in ratios) if name != "floor" else ""]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
@@ -210,9 +225,10 @@ def header(args: argparse.Namespace) -> str:
         f"- {model} fp32, batch {args.batch} x {args.seq}, causal-LM loss; LoRA/DoRA r=8 alpha=16 on "
         f"{'/'.join(ATTENTION)}; IA3 on {'/'.join(IA3_TARGETS)}; Adapter bottleneck 64; prompt tuning "
         f"{VIRTUAL_TOKENS} virtual tokens; AdamW; {args.rounds} rounds, each variant a fresh process: peak RSS over "
-        f"a warm-up and a step, then {args.steps} steps alternating with a frozen base copy's; step: median; "
-        f"step / floor: median over rounds of each process's median paired ratio; peak / floor: against a "
-        f"floor-only process of the same round",
+        f"a warm-up and a step (rounds 1, 3, ...; rounds 2, 4, ... load the floor's copy first, no peak), and "
+        f"{args.steps} steps alternating with a frozen base copy's; step: median; step / floor: median over "
+        f"rounds of each process's median paired ratio; peak / floor: against a floor-only process of the "
+        f"same round",
     ])
 
 

@@ -1,4 +1,4 @@
-"""The two-process runs of test_distributed.py, in one launch: DDP and FSDP2 fits, resumes, DoRA, an unused adapter.
+"""Two-process runs of test_distributed.py, in one launch: DDP/FSDP2 fits, resumes, DoRA, two tasks, an unused adapter.
 
 Run as ``python distributed_worker.py OUT_DIR``; Lightning starts the second process itself. Every
 rank writes its adapter (full tensors) after each fit, so the test compares ranks and runs.

@@ -290,7 +290,7 @@ def load_adapter_checkpoints_into_shards(strategy: Strategy, module: L.Lightning
     strategy.load_checkpoint = load_checkpoint
 
 
-# --- DDP --------------------------------------------------------------------------------------
+# --- several tasks and unused gradients: DDP, FSDP ---------------------------------------------
 def check_tasks_can_rest(trainer: L.Trainer) -> None:
     """Before any step: refuse several tasks (`MultiTaskData`) where a resting adapter would break or drift.
 
