@@ -3,10 +3,11 @@
 No PEFT step can cost less than the base model's forward plus the backward that carries gradients
 down to the inputs with every weight frozen. For LoRA (dropout 0 and 0.1), DoRA, IA3, Adapter and
 prompt tuning on SmolLM2-135M this measures the step time and peak RSS of ours and of peft's
-(where peft has the method), each in a fresh process: its peak RSS first, then its steps
-alternating with the steps of a second, frozen copy of the base in the same process, so each
-step/floor ratio pairs two steps taken seconds apart. Every round runs each variant (and a floor
-process, for the floor's peak) in a rotated order; each ratio is the median over rounds.
+(where peft has the method), each in a fresh process whose steps alternate with those of a
+second, frozen copy of the base, so each step/floor ratio pairs two steps taken seconds apart;
+every second round loads the floor's copy first, the others read the variant's peak RSS before
+loading it. Every round runs each variant (and a floor process, for the floor's peak) in a
+rotated order; each ratio is the median over rounds.
 
     python benchmarks/floor.py --quick               # tiny random Llama, about a minute
     python benchmarks/floor.py --rounds 3            # SmolLM2-135M, batch 8 x 128: about 40 minutes
@@ -122,6 +123,14 @@ def seconds(step: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
+def warmed_up(variant: str, args: argparse.Namespace) -> tuple[nn.Module, Callable[[], None]]:
+    """``variant`` on a freshly loaded base, and its training step, run once to warm up."""
+    model = adapted(variant, base_model(args)).train()
+    step = training_step(model, token_batch(model.config.vocab_size, args.batch, args.seq))
+    step()
+    return model, step
+
+
 def worker(args: argparse.Namespace) -> None:
     """One process: the variant's steps interleaved with a frozen base copy's, and its peak RSS.
 
@@ -132,15 +141,8 @@ def worker(args: argparse.Namespace) -> None:
     read its peak RSS over a warm-up and a step before the floor's copy exists.
     """
     torch.set_num_threads(THREADS)
-    floor_step = None
-    if args.floor_first:
-        floor_model = adapted("floor", base_model(args)).train()
-        floor_step = training_step(floor_model, token_batch(floor_model.config.vocab_size, args.batch, args.seq))
-        floor_step()  # warm-up
-    model = adapted(args.worker, base_model(args)).train()
-    ids = token_batch(model.config.vocab_size, args.batch, args.seq)
-    step = training_step(model, ids)
-    step()  # warm-up
+    floor_step = warmed_up("floor", args)[1] if args.floor_first else None
+    model, step = warmed_up(args.worker, args)
     times = [] if args.floor_first else [seconds(step)]
     peak = None if args.floor_first else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result = {"peak_rss_mib": peak, "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
@@ -149,8 +151,7 @@ def worker(args: argparse.Namespace) -> None:
         print(json.dumps({"step_s": statistics.median(times), **result}))
         return
     if floor_step is None:
-        floor_step = training_step(adapted("floor", base_model(args)).train(), ids)
-        floor_step()  # warm-up
+        floor_step = warmed_up("floor", args)[1]
     paired, floor_times = [], []
     for i in range(args.steps):  # alternate which goes first
         if i % 2:
