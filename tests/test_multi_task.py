@@ -12,7 +12,6 @@ from lightning_peft import LoRA
 from lightning_peft.data import MultiTaskData
 from lightning_peft.data.multi_task import TaskBatchSampler
 from lightning_peft.tasks import SequenceClassification
-from lightning_peft.tasks.base import linear_warmup_then_decay
 
 from conftest import make_trainer, tiny_bert_folder, trainable_tensors
 
@@ -108,22 +107,45 @@ def test_each_adapter_gets_no_gradient_from_the_other_tasks_rows(tiny_model_dir,
     assert any(g is not None and g.any() for name, g in grads.items() if ".gloomy." in name and "classifier" in name)
 
 
-def test_in_alternating_batches_each_adapter_keeps_its_own_schedule_and_rests_between(tiny_model_dir, tmp_path):
-    recorded = TaskSteps()
-    module, data, _ = fit(tiny_model_dir, tmp_path, "alternating", [recorded], warmup_steps=3, max_steps=20)
-    assert data.batch_shares == {"upbeat": 0.6, "gloomy": 0.4}  # 6 and 4 batches of 8 rows an epoch
-    schedules = {"upbeat": linear_warmup_then_decay(3, 12), "gloomy": linear_warmup_then_decay(3, 8)}  # 20 steps
+def task_rate(share, total, warmup, step, updates):
+    """The rate a task's adapter should have: warmup over its own updates, then linear decay to 0 at the run's end,
+    spread over the updates it had plus its share of the steps left."""
+    if updates < warmup:
+        return 5e-2 * updates / warmup
+    ahead = share * (total - step)
+    return 5e-2 * ahead / (ahead + updates - warmup)
+
+
+def check_each_step(recorded, module, shares, total, warmup):
+    """Each step's rates against `task_rate`, and only the batch's task moves; returns each task's updates."""
     updates = dict.fromkeys(TASKS, 0)
     after_each = [before for _, _, before in recorded.steps[1:]] + [trainable_tensors(module)]
-    for (tasks, lrs, before), after in zip(recorded.steps, after_each, strict=True):
-        for task in TASKS:  # as a single run of the task's own steps: warmup over its first 3, zero at its last
-            assert lrs[task] == [pytest.approx(5e-2 * schedules[task](updates[task]))], (task, updates)
+    for step, ((tasks, lrs, before), after) in enumerate(zip(recorded.steps, after_each, strict=True)):
+        for task in TASKS:
+            assert lrs[task] == [pytest.approx(task_rate(shares[task], total, warmup, step, updates[task]))], step
         (task,) = tasks
         resting = next(other for other in TASKS if other != task)
         assert all(torch.equal(before[n], after[n]) for n in before if f".{resting}." in n)
         assert any(not torch.equal(before[n], after[n]) for n in before if f".{task}." in n) or updates[task] == 0
         updates[task] += 1
-    assert updates == {"upbeat": 12, "gloomy": 8}
+    return updates
+
+
+def test_in_alternating_batches_each_adapter_keeps_its_own_schedule_and_rests_between(tiny_model_dir, tmp_path):
+    recorded = TaskSteps()
+    module, data, trainer = fit(tiny_model_dir, tmp_path, "alternating", [recorded], warmup_steps=3, max_steps=20)
+    assert data.batch_shares == {"upbeat": 0.6, "gloomy": 0.4}  # 6 and 4 batches of 8 rows an epoch
+    assert check_each_step(recorded, module, data.batch_shares, 20, 3) == {"upbeat": 12, "gloomy": 8}
+    assert [group["lr"] for group in trainer.optimizers[0].param_groups] == [0.0, 0.0]  # zero at the run's end
+
+
+def test_a_task_that_draws_more_than_its_share_learns_until_the_last_step(tiny_model_dir, tmp_path):
+    recorded = TaskSteps()
+    module, data, _ = fit(tiny_model_dir, tmp_path, "alternating", [recorded], warmup_steps=2, max_steps=8)
+    updates = check_each_step(recorded, module, data.batch_shares, 8, 2)
+    (task,) = [task for task in TASKS if updates[task] > round(8 * data.batch_shares[task])]  # the epoch's cut
+    last = max(i for i, (tasks, _, _) in enumerate(recorded.steps) if tasks == {task})
+    assert recorded.steps[last][1][task][0] > 0  # its last update still learns
 
 
 def test_a_resumed_multi_task_run_ends_where_the_uninterrupted_one_does(tiny_model_dir, tmp_path):

@@ -72,8 +72,8 @@ class TransformersTask(L.LightningModule):
         """AdamW (or 8-bit AdamW) over the trainable parameters only, linear warmup then linear decay to zero.
 
         With several tasks (`MultiTaskData`), each task's adapter is a parameter group of its own
-        whose schedule counts that adapter's own updates, so it warms up and decays as it would
-        trained alone, however its batches are spread over the run.
+        whose warmup counts that adapter's own updates and whose decay ends with the run
+        (`per_own_updates`), so it learns as it would trained alone, however its batches fall.
         """
         hp = self.hparams
         total = max(int(self.trainer.estimated_stepping_batches), 1)
@@ -82,11 +82,9 @@ class TransformersTask(L.LightningModule):
         groups = parameters_by_task(self, set(shares))
         optimizer = adamw_class(self.optimizer_name)([{"params": params} for params in groups.values()],
                                                      lr=hp.learning_rate, weight_decay=hp.weight_decay)
-        factors = []
-        for index, task in enumerate(groups):
-            steps = total if task is None else max(round(total * shares[task]), 1)
-            factor = linear_warmup_then_decay(min(hp.warmup_steps, steps), steps)
-            factors.append(factor if task is None else per_own_updates(factor, optimizer, index))
+        factors = [linear_warmup_then_decay(min(hp.warmup_steps, total), total) if task is None
+                   else per_own_updates(hp.warmup_steps, shares[task], total, optimizer, index)
+                   for index, task in enumerate(groups)]
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
@@ -102,19 +100,36 @@ def parameters_by_task(module: nn.Module, tasks: set[str]) -> dict[str | None, l
     return groups
 
 
-def per_own_updates(factor: Callable[[int], float], optimizer: torch.optim.Optimizer,
+def per_own_updates(warmup_steps: int, share: float, total: int, optimizer: torch.optim.Optimizer,
                     index: int) -> Callable[[int], float]:
-    """``factor`` of the updates that parameter group ``index`` got so far, read from the optimizer's own count.
+    """A task's learning-rate factor: warmup over its own first updates, then a decay to zero at the run's end.
 
-    AdamW skips a parameter without a gradient, its count included, so the count is the task's
-    steps; it is in the optimizer's state, so a resumed run goes on from it.
+    The decay runs over the updates the task had plus those it can expect (``share`` of the steps
+    left), so a task whose updates keep pace with its share follows the schedule of a single run
+    of its batches, and one that draws more (sampling weights, an epoch cut by ``max_steps``) still
+    learns until the last step instead of resting at zero.
     """
-    def factor_of_own_updates(_step: int) -> float:
-        state = optimizer.state  # read at each call: loading a checkpoint replaces it
-        counts = (int(state[p]["step"]) for p in optimizer.param_groups[index]["params"] if "step" in state.get(p, {}))
-        return factor(max(counts, default=0))
+    warmup = min(warmup_steps, max(round(total * share), 1))
 
-    return factor_of_own_updates
+    def factor(step: int) -> float:
+        done = own_updates(optimizer, index)
+        if done < warmup:
+            return done / warmup
+        ahead = share * max(total - step, 0)
+        return ahead / (ahead + done - warmup) if ahead > 0 else 0.0
+
+    return factor
+
+
+def own_updates(optimizer: torch.optim.Optimizer, index: int) -> int:
+    """The updates parameter group ``index`` got so far: AdamW's own count, in the checkpoint too.
+
+    AdamW skips a parameter without a gradient, its count included, so the count is the steps
+    whose batches held rows of the group's task.
+    """
+    state = optimizer.state  # read at each call: loading a checkpoint replaces it
+    counts = (int(state[p]["step"]) for p in optimizer.param_groups[index]["params"] if "step" in state.get(p, {}))
+    return max(counts, default=0)
 
 
 def linear_warmup_then_decay(warmup: int, total: int) -> Callable[[int], float]:
