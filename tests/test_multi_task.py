@@ -11,6 +11,7 @@ from torch.utils.data import DistributedSampler
 from lightning_peft import LoRA
 from lightning_peft.data import MultiTaskData
 from lightning_peft.data.multi_task import TaskBatchSampler
+from lightning_peft.lightning.sharding import rest_idle_adapters
 from lightning_peft.tasks import SequenceClassification
 
 from conftest import make_trainer, tiny_bert_folder, trainable_tensors
@@ -73,9 +74,17 @@ class TaskSteps(L.Callback):
         self.steps.append((set(batch["task"]), lrs, trainable_tensors(pl_module)))
 
 
-def fit(model_dir, folder, mixing="mixed", callbacks_after=(), warmup_steps=0, **trainer):
+class ZeroedGradients(SequenceClassification):
+    """Zeroes gradients instead of dropping them between steps, as some training loops do for speed."""
+
+    def optimizer_zero_grad(self, epoch, batch_idx, optimizer):
+        optimizer.zero_grad(set_to_none=False)
+
+
+def fit(model_dir, folder, mixing="mixed", callbacks_after=(), warmup_steps=0, module_class=SequenceClassification,
+        **trainer):
     torch.manual_seed(0)  # the adapters' initial values: the same in every run
-    module = SequenceClassification(str(model_dir), learning_rate=5e-2, warmup_steps=warmup_steps)
+    module = module_class(str(model_dir), learning_rate=5e-2, warmup_steps=warmup_steps)
     data = MultiTaskData(task_files(folder), mixing=mixing, batch_size=8, max_length=16)
     trainer = make_trainer([*adapters(), *callbacks_after], **{"max_steps": 160, **trainer})
     trainer.fit(module, datamodule=data)
@@ -146,6 +155,27 @@ def test_a_task_that_draws_more_than_its_share_learns_until_the_last_step(tiny_m
     (task,) = [task for task in TASKS if updates[task] > round(8 * data.batch_shares[task])]  # the epoch's cut
     last = max(i for i, (tasks, _, _) in enumerate(recorded.steps) if tasks == {task})
     assert recorded.steps[last][1][task][0] > 0  # its last update still learns
+
+
+def test_a_resting_adapter_stays_put_when_the_loop_zeroes_gradients_instead_of_dropping_them(tiny_model_dir,
+                                                                                            tmp_path):
+    recorded = TaskSteps()
+    module, data, _ = fit(tiny_model_dir, tmp_path, "alternating", [recorded], module_class=ZeroedGradients,
+                          max_steps=20)
+    assert check_each_step(recorded, module, data.batch_shares, 20, 0) == {"upbeat": 12, "gloomy": 8}
+
+
+def test_an_idle_adapter_loses_its_gradients_only_where_they_are_all_zero(tiny_model_dir, tmp_path):
+    module, _, _ = fit(tiny_model_dir, tmp_path, max_steps=1)
+    params = {task: [p for n, p in module.named_parameters() if f".{task}." in n] for task in TASKS}
+    for param in params["upbeat"]:  # zeroed, not dropped, by the training loop
+        param.grad = torch.zeros_like(param)
+    for param in params["gloomy"]:  # rows on another process: a reduced gradient, zero in places
+        param.grad = torch.zeros_like(param)
+    params["gloomy"][-1].grad[0] = 1.0
+    rest_idle_adapters(module, {"upbeat", "gloomy"})
+    assert all(param.grad is None for param in params["upbeat"])
+    assert all(param.grad is not None for param in params["gloomy"])
 
 
 def test_a_resumed_multi_task_run_ends_where_the_uninterrupted_one_does(tiny_model_dir, tmp_path):

@@ -35,6 +35,7 @@ from lightning_peft.lightning.sharding import (
     check_gradients_reached,
     check_tasks_can_rest,
     prepare_sharding,
+    rest_idle_adapters,
     shards_after_injection,
 )
 
@@ -207,6 +208,7 @@ class PEFTCallback(ModelSetupCallback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
+        self._step_tasks: set[str] | None = None
         if self is peft_callbacks(trainer)[0]:
             check_tasks_can_rest(trainer)
             enable_input_grads_for_checkpointing(pl_module)
@@ -214,15 +216,24 @@ class PEFTCallback(ModelSetupCallback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if trainer.global_step == 0:  # only the first step's gradients are checked
-            tasks = batch.get("task") if isinstance(batch, dict) else None  # MultiTaskData: each row's adapter
-            self._batch_tasks = set(tasks) if tasks is not None else None
+        tasks = batch.get("task") if isinstance(batch, dict) else None  # MultiTaskData: each row's adapter
+        if tasks is not None:  # the tasks of this optimizer step's batches, over gradient accumulation
+            self._step_tasks = (self._step_tasks or set()) | set(tasks)
 
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_step == 0 and self is peft_callbacks(trainer)[0]:
-            routed = getattr(self, "_batch_tasks", None)
-            idle = set() if routed is None else {ref.name for ref in adapter_refs(pl_module)} - routed
-            check_gradients_reached(trainer, pl_module, idle)
+        if trainer.global_step == 0 and self is peft_callbacks(trainer)[0]:  # only the first step is checked
+            check_gradients_reached(trainer, pl_module, self._idle_tasks(pl_module))
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                                 optimizer: Any) -> None:
+        if self is peft_callbacks(trainer)[0]:
+            rest_idle_adapters(pl_module, self._idle_tasks(pl_module))
+            self._step_tasks = None
+
+    def _idle_tasks(self, pl_module: L.LightningModule) -> set[str]:
+        """The adapters that no row of this step's batches named (none when the batches name no adapters)."""
+        routed = self._step_tasks
+        return set() if routed is None else {ref.name for ref in adapter_refs(pl_module)} - routed
 
     def state_dict(self) -> dict[str, Any]:
         """The method and its settings, so ``lightning-peft export`` can rebuild the adapter."""

@@ -345,6 +345,33 @@ def check_gradients_reached(trainer: L.Trainer, module: nn.Module, idle: set[str
     rank_zero_warn(message)
 
 
+def rest_idle_adapters(module: nn.Module, idle: set[str]) -> None:
+    """Before the optimizer steps: no gradient for the adapters in ``idle`` whose gradients are all zero.
+
+    Zeros (from ``zero_grad(set_to_none=False)``) would still move a resting adapter, through
+    AdamW's momentum and weight decay, and count as an update of its schedule; with no gradient
+    AdamW leaves it as it is. An idle adapter whose task had rows on another process (DDP, mixed
+    batches) has a reduced gradient that is not all zero, and keeps it.
+    """
+    if not idle:
+        return
+    owner = owners(module)
+    with_grads: dict[str, list[nn.Parameter]] = {}
+    for param in module.parameters():
+        ref = owner.get(id(param))
+        if ref is not None and ref.name in idle and param.grad is not None:
+            with_grads.setdefault(ref.name, []).append(param)
+    for params in with_grads.values():
+        if not any(_local(param.grad).any() for param in params):
+            for param in params:
+                param.grad = None
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """This process's part of ``tensor`` (a DTensor's shard)."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def _reducer_needs_every_gradient(strategy: Strategy) -> bool:
     """Whether the strategy's DDP reducer fails on a trainable parameter without a gradient."""
     model = strategy.model
