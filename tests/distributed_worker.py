@@ -15,6 +15,7 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
 
 from lightning_peft import LoRA  # noqa: E402
 from lightning_peft.data import MultiTaskData  # noqa: E402
@@ -112,30 +113,35 @@ def task_settings(folder: Path) -> dict[str, dict]:
     return {task: {"train_file": str(folder / f"{task}.csv"), "val_fraction": 0} for task in TASKS}
 
 
+def local(param: torch.Tensor) -> torch.Tensor:
+    """This rank's values of ``param``: its shard under FSDP2, where each rank updates its own."""
+    return (param.to_local() if isinstance(param, DTensor) else param).detach()
+
+
 class RecordTaskSteps(L.Callback):
-    """Each rank writes, per step, its batch's tasks and rows and which tasks' adapters the step moved."""
+    """Each rank writes, per step, its batch's tasks and rows and which tasks' adapters (its shards) the step moved."""
 
     def __init__(self, dirpath: Path) -> None:
         self.dirpath, self.steps, self.before, self.batch = dirpath, [], {}, {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.before = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+        self.before = {n: local(p).clone() for n, p in pl_module.named_parameters() if p.requires_grad}
         self.batch = {"tasks": sorted(set(batch["task"])), "rows": batch["input_ids"].tolist()}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         moved = {task for n, p in pl_module.named_parameters() for task in TASKS
-                 if f".{task}." in n and not torch.equal(p, self.before[n])}
+                 if f".{task}." in n and not torch.equal(local(p), self.before[n])}
         self.steps.append({**self.batch, "moved": sorted(moved)})
 
     def on_fit_end(self, trainer, pl_module):
         (self.dirpath / f"steps_rank{trainer.global_rank}.json").write_text(json.dumps(self.steps))
 
 
-def multi_task(out: Path, name: str, strategy: Strategy) -> None:
-    """Two tasks in alternating batches, each adapter resting while the other task steps; records in ``name``."""
+def multi_task(out: Path, name: str, strategy: Strategy, mixing: str = "alternating", batch_size: int = 8) -> None:
+    """Two tasks, each adapter resting in the steps without its rows; records in ``name``."""
     folder = out / "multi_task"  # the model and data: written by the test before the launch (write_tasks)
     module = SequenceClassification(str(folder / "bert"), learning_rate=5e-2, warmup_steps=0)
-    data = MultiTaskData(task_settings(folder), mixing="alternating", batch_size=8, max_length=16)
+    data = MultiTaskData(task_settings(folder), mixing=mixing, batch_size=batch_size, max_length=16)
     torch.manual_seed(0)
     methods = [LoRA(r=4, alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"],
                     adapter_name=task) for task in TASKS]
@@ -154,6 +160,8 @@ def main(out: Path) -> None:
     trainer(fsdp2(), [lora(use_dora=True), SaveAdapterPerRank(out / "fsdp2_dora")]).fit(SeededLlama(), loader())
     multi_task(out, "ddp", DDPStrategy(find_unused_parameters=True))
     multi_task(out, "fsdp2", fsdp2())
+    multi_task(out, "ddp_mixed", DDPStrategy(find_unused_parameters=True), "mixed", batch_size=2)
+    multi_task(out, "fsdp2_mixed", fsdp2(), "mixed", batch_size=2)  # often one task on one process, both on the other
     unused_adapter_fails_first(out)  # last: a failed fit tears the process group down
 
 

@@ -36,7 +36,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lightning_peft import BitFit, LoRA, trainable_summary
+from lightning_peft import BitFit, LoRA, PromptTuning, trainable_summary
 from lightning_peft.lightning.sharding import (
     check_tasks_can_rest,
     check_units_do_not_mix,
@@ -199,6 +199,18 @@ def test_each_process_gets_its_own_batch_of_one_task_a_step_and_the_other_adapte
     assert_close(second, first, atol=0)  # the processes stay in step
 
 
+@pytest.mark.parametrize("strategy", ["ddp_mixed", "fsdp2_mixed"])
+def test_in_mixed_batches_an_adapter_steps_where_any_process_had_its_rows_and_rests_where_none_had(runs, strategy):
+    ranks = [json.loads((runs / "multi_task" / strategy / f"steps_rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 20  # 80 rows in batches of 2 on two processes
+    for first, second in zip(*ranks, strict=True):
+        assert first["moved"] == second["moved"] == sorted({*first["tasks"], *second["tasks"]})
+    assert any(first["tasks"] != second["tasks"] for first, second in zip(*ranks, strict=True))  # rows elsewhere
+    assert any(len({*first["tasks"], *second["tasks"]}) == 1 for first, second in zip(*ranks, strict=True))  # rest
+    first, second = rank_files(runs / "multi_task" / strategy, "adapter")
+    assert_close(second, first, atol=0)  # the processes stay in step
+
+
 def test_several_tasks_under_ddp_without_find_unused_parameters_are_refused_before_a_step(
         lightning_launch_in_this_process, tmp_path):
     from lightning_peft.data import MultiTaskData
@@ -213,20 +225,25 @@ def test_several_tasks_under_ddp_without_find_unused_parameters_are_refused_befo
     assert module.global_step == 0
 
 
-@pytest.mark.parametrize(("strategy", "mixing", "refused"), [
-    (FSDPStrategy(), "alternating", r"several tasks under FSDP1 \(FSDPStrategy\): .* ModelParallelStrategy"),
-    (ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), "mixed",
-     r"mixed batches of several tasks under FSDP2 .* use mixing='alternating'"),
-    (ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), "alternating", None),
-], ids=["fsdp1", "fsdp2 mixed", "fsdp2 alternating"])
+@pytest.mark.parametrize(("strategy", "mixing", "method", "refused"), [
+    (FSDPStrategy(), "alternating", LoRA, r"several tasks under FSDP1 \(FSDPStrategy\): .* ModelParallelStrategy"),
+    (ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), "mixed", PromptTuning,
+     r"mixed batches of several PromptTuning tasks under FSDP2 .* use mixing='alternating'"),
+    (ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), "alternating", PromptTuning, None),
+    (ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), "mixed", LoRA, None),
+], ids=["fsdp1", "fsdp2 mixed prompts", "fsdp2 alternating prompts", "fsdp2 mixed lora"])
 def test_several_tasks_under_fsdp_are_refused_where_a_resting_adapter_breaks_the_reduction(
-        tmp_path, strategy, mixing, refused):
+        tmp_path, strategy, mixing, method, refused):
     from lightning_peft.data import MultiTaskData
 
     data = MultiTaskData(write_tasks(tmp_path), mixing=mixing, batch_size=8, max_length=16)
-    trainer = SimpleNamespace(datamodule=data, strategy=strategy, world_size=2)  # what on_fit_start sees on a rank
+    settings = {"target_modules": ["q_proj"]} if method is LoRA else {"num_virtual_tokens": 2}
+    model = tiny_llama()
+    for task in TASKS:
+        method(adapter_name=task, **settings).inject(model)
+    trainer = SimpleNamespace(datamodule=data, strategy=strategy, world_size=2, lightning_module=model)  # on a rank
     if refused is None:
-        check_tasks_can_rest(trainer)  # the worker's FSDP2 run trains alternating batches (the test above)
+        check_tasks_can_rest(trainer)  # the worker's FSDP2 runs train such batches (the tests above)
         return
     with pytest.raises(ValueError, match=refused):
         check_tasks_can_rest(trainer)

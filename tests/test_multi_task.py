@@ -11,7 +11,6 @@ from torch.utils.data import DistributedSampler
 from lightning_peft import LoRA
 from lightning_peft.data import MultiTaskData
 from lightning_peft.data.multi_task import TaskBatchSampler
-from lightning_peft.lightning.sharding import rest_idle_adapters
 from lightning_peft.tasks import SequenceClassification
 
 from conftest import make_trainer, tiny_bert_folder, trainable_tensors
@@ -163,19 +162,6 @@ def test_a_resting_adapter_stays_put_when_the_loop_zeroes_gradients_instead_of_d
     module, data, _ = fit(tiny_model_dir, tmp_path, "alternating", [recorded], module_class=ZeroedGradients,
                           max_steps=20)
     assert check_each_step(recorded, module, data.batch_shares, 20, 0) == {"upbeat": 12, "gloomy": 8}
-
-
-def test_an_idle_adapter_loses_its_gradients_only_where_they_are_all_zero(tiny_model_dir, tmp_path):
-    module, _, _ = fit(tiny_model_dir, tmp_path, max_steps=1)
-    params = {task: [p for n, p in module.named_parameters() if f".{task}." in n] for task in TASKS}
-    for param in params["upbeat"]:  # zeroed, not dropped, by the training loop
-        param.grad = torch.zeros_like(param)
-    for param in params["gloomy"]:  # rows on another process: a reduced gradient, zero in places
-        param.grad = torch.zeros_like(param)
-    params["gloomy"][-1].grad[0] = 1.0
-    rest_idle_adapters(module, {"upbeat", "gloomy"})
-    assert all(param.grad is None for param in params["upbeat"])
-    assert all(param.grad is not None for param in params["gloomy"])
 
 
 def test_a_resumed_multi_task_run_ends_where_the_uninterrupted_one_does(tiny_model_dir, tmp_path):

@@ -58,7 +58,8 @@ class AdapterLayer(PEFTLayer):
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         out = self.base_layer(x, *args, **kwargs)
         if self.row_adapters is not None:
-            return replace_rows(out, self.row_groups(out), lambda adapter, rows: adapter(rows.take(out)))
+            return self.with_resting(replace_rows(out, self.row_groups(out),
+                                                  lambda adapter, rows: adapter(rows.take(out))))
         for name in self.active_adapters:
             out = self.adapters[name](out)
         return out

@@ -52,7 +52,7 @@ class IA3Layer(PEFTLayer):
         output_scale = self._row_scale(False, like=out) if routed else self._active_scale(feedforward=False)
         if output_scale is not None:
             out = (out * output_scale).to(out.dtype)
-        return out
+        return self.with_resting(out) if routed else out
 
     def _active_scale(self, feedforward: bool) -> Tensor | None:
         """The product of the active vectors on the input (``feedforward``) or output, if any."""

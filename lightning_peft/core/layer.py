@@ -68,6 +68,10 @@ class PEFTModule(nn.Module):
         """Under `per_row_adapters`: ``(adapter, row indices)`` for each routed adapter this part holds."""
         return self.row_adapters.groups(self, batch)
 
+    def with_resting(self, out: Tensor) -> Tensor:
+        """Under `per_row_adapters`: ``out``, joined under FSDP2 by the adapters that no row here names."""
+        return self.row_adapters.with_resting(self, out)
+
     def extra_repr(self) -> str:
         return f"active={self.active_adapters}"
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 
 from lightning_peft.core.layer import PEFTModule
 from lightning_peft.core.merging import merged_layers
@@ -49,18 +50,23 @@ class RowSet:
 
 @dataclass(frozen=True)
 class RowAdapters:
-    """Which adapter each row of a batch uses: ``names`` per row, and the rows of each named adapter."""
+    """Which adapter each row of a batch uses: ``names`` per row, and the rows of each named adapter.
+
+    ``sharded``: the model is sharded by FSDP2, whose gradient reduction takes every parameter of a
+    unit that has a gradient, so every process must give the same adapters gradients (`with_resting`).
+    """
 
     names: tuple[str | None, ...]
     rows: dict[str, RowSet]
+    sharded: bool = False
 
     @classmethod
-    def of(cls, names: Sequence[str | None]) -> RowAdapters:
+    def of(cls, names: Sequence[str | None], sharded: bool = False) -> RowAdapters:
         rows: dict[str, list[int]] = {}
         for i, name in enumerate(names):
             if name is not None:
                 rows.setdefault(name, []).append(i)
-        return cls(tuple(names), {name: RowSet.of(index) for name, index in rows.items()})
+        return cls(tuple(names), {name: RowSet.of(index) for name, index in rows.items()}, sharded)
 
     def groups(self, part: PEFTModule, batch: Tensor) -> list[tuple[nn.Module, RowSet]]:
         """``(adapter, its rows)`` for each named adapter that ``part`` holds, once ``batch`` has a row per name."""
@@ -69,6 +75,18 @@ class RowAdapters:
                              f"batch of {batch.shape[0]} rows (input shape {tuple(batch.shape)}); give one name per "
                              "row, and a model whose adapted layers see the batch as their first dimension")
         return [(part.adapters[name], rows) for name, rows in self.rows.items() if name in part.adapters]
+
+    def with_resting(self, part: PEFTModule, out: Tensor) -> Tensor:
+        """``out``, and under FSDP2 training a zero that gives ``part``'s adapters without rows a zero gradient.
+
+        Another process's batch may hold rows of them: its reduction then waits for theirs here.
+        Adapters that no process's rows named lose the zeros again before the optimizer steps.
+        """
+        if not (self.sharded and torch.is_grad_enabled()):
+            return out
+        resting = [param for name, adapter in part.adapters.items() if name not in self.rows
+                   for param in adapter.parameters() if param.requires_grad]
+        return out + sum(param.sum() for param in resting) * 0 if resting else out
 
 
 def add_to_rows(out: Tensor, groups: list[tuple[nn.Module, RowSet]], delta_for) -> Tensor:
@@ -127,7 +145,7 @@ def per_row_adapters(module: nn.Module, names: Sequence[str | None]) -> Iterator
         ```
     """
     parts = _checked_parts(module, list(names))
-    routing = RowAdapters.of(names)
+    routing = RowAdapters.of(names, sharded=any(isinstance(m, FSDPModule) for m in module.modules()))
     saved = [(part, part.row_adapters, list(part.active_adapters)) for part in parts]
     try:
         for part in parts:

@@ -51,7 +51,7 @@ class SavedModule(PEFTLayer):
                 return rows.take(value) if same_rows else value
             return copy_(*map(take, args), **{k: take(v) for k, v in kwargs.items()})
 
-        return replace_rows(out, self.row_groups(batch), rows_of)
+        return self.with_resting(replace_rows(out, self.row_groups(batch), rows_of))
 
     def merged_base_layer(self) -> nn.Module:
         return self.current()

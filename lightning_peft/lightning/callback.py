@@ -34,6 +34,7 @@ from lightning_peft.lightning.gradient_checkpointing import enable_input_grads_f
 from lightning_peft.lightning.sharding import (
     check_gradients_reached,
     check_tasks_can_rest,
+    idle_everywhere,
     prepare_sharding,
     rest_idle_adapters,
     shards_after_injection,
@@ -226,8 +227,9 @@ class PEFTCallback(ModelSetupCallback):
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                  optimizer: Any) -> None:
-        if self is peft_callbacks(trainer)[0]:
-            rest_idle_adapters(pl_module, self._idle_tasks(pl_module))
+        if self is peft_callbacks(trainer)[0] and self._step_tasks is not None:
+            names = sorted({ref.name for ref in adapter_refs(pl_module)})
+            rest_idle_adapters(pl_module, idle_everywhere(trainer.strategy, names, self._step_tasks))
             self._step_tasks = None
 
     def _idle_tasks(self, pl_module: L.LightningModule) -> set[str]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
@@ -27,7 +28,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_peft.core.files import PathLike
-from lightning_peft.core.layer import PEFTLayer
+from lightning_peft.core.layer import PEFTLayer, PEFTModule
 from lightning_peft.core.ownership import owners
 from lightning_peft.core.weights import is_quantized
 from lightning_peft.lightning.checkpointing import (
@@ -297,9 +298,11 @@ def check_tasks_can_rest(trainer: L.Trainer) -> None:
     A step may hold no row of a task, whose adapter then has no gradient: DDP's reducer (without
     ``find_unused_parameters``) fails on it; FSDP2 leaves it out of the reduction only on the
     processes without its rows (mixed batches), so the processes' collectives disagree (a crash on
-    gloo); FSDP1 reduces one flat gradient per unit, zeros standing in for a resting adapter's, which
-    AdamW turns into updates (``use_orig_params=False``) or which processes without its rows treat
-    as none, so they stop agreeing (``True``): not run on a GPU here, so refused.
+    gloo), unless each of its adapters without rows joins with a zero (`RowAdapters.with_resting`),
+    which prompts cannot: they are refused there; FSDP1 reduces one flat gradient per unit, zeros
+    standing in for a resting adapter's, which AdamW turns into updates (``use_orig_params=False``)
+    or which processes without its rows treat as none, so they stop agreeing (``True``): not run
+    on a GPU here, so refused.
     """
     datamodule = trainer.datamodule
     if len(getattr(datamodule, "task_names", None) or []) < 2:
@@ -313,11 +316,14 @@ def check_tasks_can_rest(trainer: L.Trainer) -> None:
         raise ValueError("several tasks under FSDP1 (FSDPStrategy): its flat gradients hold zeros for a resting "
                          "task's adapter, which the optimizer can turn into updates; use ModelParallelStrategy "
                          "(FSDP2) with mixing='alternating', or DDPStrategy(find_unused_parameters=True)")
-    if isinstance(strategy, ModelParallelStrategy) and datamodule.mixing == "mixed" and trainer.world_size > 1:
-        raise ValueError("mixed batches of several tasks under FSDP2 (ModelParallelStrategy): a process whose batch "
-                         "holds no row of a task leaves its adapter out of a gradient reduction that the other "
-                         "processes run, a collective mismatch; use mixing='alternating' (every process gets a "
-                         "batch of the same task each step)")
+    mixed_on_several = datamodule.mixing == "mixed" and trainer.world_size > 1
+    prompts = sorted({part.method for part in trainer.lightning_module.modules()
+                      if isinstance(part, PEFTModule) and part.per_row and not isinstance(part, PEFTLayer)})
+    if isinstance(strategy, ModelParallelStrategy) and mixed_on_several and prompts:
+        raise ValueError(f"mixed batches of several {'/'.join(prompts)} tasks under FSDP2 (ModelParallelStrategy): "
+                         "a process whose batch holds no row of a task leaves its prompt out of a gradient reduction "
+                         "that the other processes run; use mixing='alternating' (every process gets a batch of the "
+                         "same task each step)")
 
 
 def check_gradients_reached(trainer: L.Trainer, module: nn.Module, idle: set[str] = frozenset()) -> None:
@@ -345,31 +351,31 @@ def check_gradients_reached(trainer: L.Trainer, module: nn.Module, idle: set[str
     rank_zero_warn(message)
 
 
-def rest_idle_adapters(module: nn.Module, idle: set[str]) -> None:
-    """Before the optimizer steps: no gradient for the adapters in ``idle`` whose gradients are all zero.
+def idle_everywhere(strategy: Strategy, names: list[str], present: set[str]) -> set[str]:
+    """The adapters in ``names`` that no process's batches named in this step (``present``: this process's).
 
-    Zeros (from ``zero_grad(set_to_none=False)``) would still move a resting adapter, through
-    AdamW's momentum and weight decay, and count as an update of its schedule; with no gradient
-    AdamW leaves it as it is. An idle adapter whose task had rows on another process (DDP, mixed
-    batches) has a reduced gradient that is not all zero, and keeps it.
+    One small all-reduce per step under several processes (every process calls it with the same ``names``).
+    """
+    named = torch.tensor([float(name in present) for name in names], device=strategy.root_device)
+    named = strategy.reduce(named, reduce_op="sum")
+    return {name for name, count in zip(names, named.tolist(), strict=True) if count == 0}
+
+
+def rest_idle_adapters(module: nn.Module, idle: set[str]) -> None:
+    """Before the optimizer steps: no gradient for the adapters in ``idle``, whose tasks had no row in the step.
+
+    Their gradients are zeros where there are any: from a loop that zeroes gradients instead of
+    dropping them, or from FSDP2's reduction (`RowAdapters.with_resting`). AdamW would still move
+    them (momentum, weight decay) and count an update of their schedule; without a gradient it
+    leaves them as they are.
     """
     if not idle:
         return
     owner = owners(module)
-    with_grads: dict[str, list[nn.Parameter]] = {}
     for param in module.parameters():
         ref = owner.get(id(param))
-        if ref is not None and ref.name in idle and param.grad is not None:
-            with_grads.setdefault(ref.name, []).append(param)
-    for params in with_grads.values():
-        if not any(_local(param.grad).any() for param in params):
-            for param in params:
-                param.grad = None
-
-
-def _local(tensor: Tensor) -> Tensor:
-    """This process's part of ``tensor`` (a DTensor's shard)."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        if ref is not None and ref.name in idle:
+            param.grad = None
 
 
 def _reducer_needs_every_gradient(strategy: Strategy) -> bool:

@@ -109,8 +109,8 @@ class LoRALayer(PEFTLayer):
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         out = self.base_layer(x, *args, **kwargs)
         if self.row_adapters is not None:
-            return add_to_rows(out, self.row_groups(x),
-                               lambda adapter, rows: self.delta(rows.take(x), rows.take(out), adapter))
+            return self.with_resting(add_to_rows(out, self.row_groups(x), lambda adapter, rows: self.delta(
+                rows.take(x), rows.take(out), adapter)))
         for name in self.active_adapters:
             out = out + self.delta(x, out, self.adapters[name]).to(out.dtype)
         return out
