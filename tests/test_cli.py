@@ -330,3 +330,11 @@ def test_predict_with_several_adapters_routes_each_line_to_its_adapter(tmp_path,
     assert [(row["adapter"], row["input"]) for row in rows] == list(zip(routes, texts, strict=True))
     wrong = run_cli(*common, "--adapters", f"upbeat={folders['upbeat']}", stdin="sunny\tthe movie\n")
     assert wrong.returncode == 2 and "line 1" in wrong.stderr and "upbeat or '-'" in wrong.stderr, wrong.stderr
+
+
+def test_a_routed_line_without_text_is_refused_rather_than_shifting_later_rows():
+    from lightning_peft.lightning.row_adapters import split_rows
+
+    lines = ["upbeat\tgreat day", "gloomy\t ", "gloomy\tawful plot", "upbeat\tmeh"]
+    with pytest.raises(ValueError, match=r"predict file, line 2: 'gloomy\\t ' has no text after its adapter name"):
+        split_rows(lines, ["upbeat", "gloomy"], "predict file")

@@ -142,7 +142,7 @@ def check_each_step(recorded, module, shares, total, warmup):
 def test_in_alternating_batches_each_adapter_keeps_its_own_schedule_and_rests_between(tiny_model_dir, tmp_path):
     recorded = TaskSteps()
     module, data, trainer = fit(tiny_model_dir, tmp_path, "alternating", [recorded], warmup_steps=3, max_steps=20)
-    assert data.batch_shares == {"upbeat": 0.6, "gloomy": 0.4}  # 6 and 4 batches of 8 rows an epoch
+    assert data.batch_shares == pytest.approx({"upbeat": 0.6, "gloomy": 0.4})  # 6 and 4 batches of 8 rows an epoch
     assert check_each_step(recorded, module, data.batch_shares, 20, 3) == {"upbeat": 12, "gloomy": 8}
     assert [group["lr"] for group in trainer.optimizers[0].param_groups] == [0.0, 0.0]  # zero at the run's end
 
@@ -200,10 +200,15 @@ def test_batches_follow_mixing_and_weights_and_each_epoch_has_its_order():
     weighted = list(TaskBatchSampler(sizes, 4, "alternating", {"a": 3.0, "b": 1.0}, seed=0))
     share_a = sum(max(batch) < 10 for batch in weighted) / len(weighted)
     assert 0.55 < share_a < 0.95  # a: three times b's chance, despite a third of b's rows
-    assert TaskBatchSampler(sizes, 8, "alternating", None, seed=0).shares() == {"a": 2 / 6, "b": 4 / 6}
-    assert TaskBatchSampler(sizes, 4, "alternating", {"a": 3.0, "b": 1.0}, seed=0).shares() == {"a": 0.75, "b": 0.25}
+    assert TaskBatchSampler(sizes, 8, "alternating", None, seed=0).shares() == pytest.approx({"a": 2 / 6, "b": 4 / 6})
+    assert TaskBatchSampler(sizes, 4, "alternating", {"a": 3.0, "b": 1.0}, seed=0).shares() == pytest.approx(
+        {"a": 0.75, "b": 0.25})
     mixed_shares = TaskBatchSampler(sizes, 8, "mixed", None, seed=0).shares()
     assert mixed_shares == pytest.approx({"a": 1 - 0.75 ** 8, "b": 1 - 0.25 ** 8})  # batches with >= 1 of its rows
+    two_batches = TaskBatchSampler(sizes, 8, "alternating", None, seed=0).shares(accumulated=2)  # a step
+    assert two_batches == pytest.approx({"a": 1 - (4 / 6) ** 2, "b": 1 - (2 / 6) ** 2})  # >= 1 of its batches
+    assert TaskBatchSampler(sizes, 8, "mixed", None, seed=0).shares(2) == pytest.approx(
+        {"a": 1 - 0.75 ** 16, "b": 1 - 0.25 ** 16})
 
 
 @pytest.mark.parametrize("mixing, weights", [("alternating", None), ("alternating", {"a": 3.0, "b": 1.0}),
@@ -221,7 +226,8 @@ def test_each_process_gets_its_own_batches_the_same_number_and_in_alternating_ba
         assert task[0] == task[1]  # every process trains the same task at each step
     if mixing == "alternating" and weights is None:  # the steps each task's adapter gets, as its schedule counts
         shares = TaskBatchSampler(sizes, 4, mixing, weights, 0, DistributedSampler(range(64), 2, 0)).shares()
-        assert shares == {"a": task[0].count(False) / len(task[0]), "b": task[0].count(True) / len(task[0])}
+        steps = len(task[0])
+        assert shares == pytest.approx({"a": task[0].count(False) / steps, "b": task[0].count(True) / steps})
     pairs = [(first, second) for first, second in zip(*ranks, strict=True)]
     assert sum(first == second for first, second in pairs) <= 2  # only a filled-up last step repeats a batch
     if weights is None:
@@ -237,6 +243,11 @@ def test_mistakes_are_one_clear_error(tiny_model_dir, tmp_path):
         MultiTaskData({"x": {"source": "unknown_source"}})
     with pytest.raises(ValueError, match="weights name unknown task 'z'"):
         MultiTaskData({"x": {"source": "tweets"}}, weights={"z": 1.0})
+    lonely = {"train_file": str(write_data(tmp_path, "lonely", sentiment_rows(1, 2))), "val_fraction": 0.5}
+    data = MultiTaskData({**task_files(tmp_path), "lonely": lonely}, weights={"upbeat": 1, "lonely": 1},
+                         tokenizer=SequenceClassification(str(tiny_model_dir)).tokenizer)
+    with pytest.raises(ValueError, match="training data has 1 row: too few to hold out val_fraction 0.5"):
+        data.setup("fit")  # its one row would go to validation, and its weight draw from no rows
     module = SequenceClassification(str(tiny_model_dir))
     data = MultiTaskData(task_files(tmp_path), batch_size=8, max_length=16)
     with pytest.raises(ValueError, match="task 'gloomy' has no adapter of its name"):

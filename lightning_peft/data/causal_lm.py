@@ -12,7 +12,14 @@ from transformers import PreTrainedTokenizerBase
 
 from lightning_peft import assets
 from lightning_peft.data.base import SourceData
-from lightning_peft.data.files import READERS, check_data_arguments, read_lines, read_rows, read_text
+from lightning_peft.data.files import (
+    READERS,
+    check_data_arguments,
+    check_enough_to_hold_out,
+    read_lines,
+    read_rows,
+    read_text,
+)
 
 SOURCES = {"austen": assets.austen_text}
 SOURCE_TEST_FRACTION = 0.05  # a built-in corpus's last lines, kept for test
@@ -129,10 +136,7 @@ class CausalLMData(SourceData):
     def _hold_out(self, train: Split) -> tuple[Split, Split]:
         """Split (train, val): a text's last lines, or pairs drawn at random with the seed."""
         rows = len(train.splitlines()) if isinstance(train, str) else len(train)
-        if rows < 2:
-            unit = "line" if isinstance(train, str) else "pair"
-            raise ValueError(f"the training data has {rows} {unit}: too few to hold out val_fraction "
-                             f"{self.val_fraction} for validation; give more, a val_file, or val_fraction 0")
+        check_enough_to_hold_out(rows, "line" if isinstance(train, str) else "pair", self.val_fraction)
         if isinstance(train, str):
             return _split_lines(train, self.val_fraction)
         pairs = train[:]

@@ -107,6 +107,13 @@ def check_data_arguments(source: str | None, sources: dict, split_files: dict[st
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
 
 
+def check_enough_to_hold_out(rows: int, unit: str, val_fraction: float) -> None:
+    """Refuse training data too small to hold out ``val_fraction`` for validation and still train on something."""
+    if rows < 2:
+        raise ValueError(f"the training data has {rows} {unit}{'' if rows == 1 else 's'}: too few to hold out "
+                         f"val_fraction {val_fraction} for validation; give more, a val_file, or val_fraction 0")
+
+
 def read_text(path: str | Path) -> str:
     """The whole text of a UTF-8 file, which must exist and hold more than whitespace."""
     path = Path(path).expanduser()

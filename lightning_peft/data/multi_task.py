@@ -82,11 +82,13 @@ class MultiTaskData(L.LightningDataModule):
 
     @property
     def batch_shares(self) -> dict[str, float]:
-        """Each task's expected share of the training batches (`TaskBatchSampler.shares`), once set up."""
+        """Each task's expected share of the optimizer steps (`TaskBatchSampler.shares`), once set up."""
         sizes = {name: len(part.splits.get("train", ())) for name, part in self.parts.items()}
         processes = getattr(self.trainer, "world_size", 1) if self.trainer is not None else 1
+        accumulated = getattr(self.trainer, "accumulate_grad_batches", 1) if self.trainer is not None else 1
         stand_in = DistributedSampler([], num_replicas=processes, rank=0) if processes > 1 else None
-        return TaskBatchSampler(sizes, self.batch_size, self.mixing, self.weights, self.seed, stand_in).shares()
+        sampler = TaskBatchSampler(sizes, self.batch_size, self.mixing, self.weights, self.seed, stand_in)
+        return sampler.shares(accumulated)
 
     @property
     def splits(self) -> dict[str, list]:
@@ -189,8 +191,9 @@ class TaskBatchSampler(BatchSampler):
             return sum(self._task_steps().values())
         return self._steps(self._batches())
 
-    def shares(self) -> dict[str, float]:
-        """Each task's expected share of the steps that hold rows of it (on any process): its adapter's updates."""
+    def shares(self, accumulated: int = 1) -> dict[str, float]:
+        """Each task's expected share of the optimizer steps that hold rows of it (on any process): its adapter's
+        updates, with ``accumulated`` batches a step (gradient accumulation)."""
         if self.weights is not None:
             chances = {name: self.weights.get(name, 0.0) for name in self.sizes}
         elif self.mixing == "alternating":
@@ -198,9 +201,9 @@ class TaskBatchSampler(BatchSampler):
         else:
             chances = dict(self.sizes)  # its rows
         total = sum(chances.values()) or 1
-        if self.mixing == "alternating":
-            return {name: chance / total for name, chance in chances.items()}
-        rows_a_step = self.batch_size * self.replicas
+        if self.mixing == "alternating":  # >= 1 of the step's batches
+            return {name: 1 - (1 - chance / total) ** accumulated for name, chance in chances.items()}
+        rows_a_step = self.batch_size * self.replicas * accumulated
         return {name: 1 - (1 - chance / total) ** rows_a_step for name, chance in chances.items()}  # >= 1 row
 
     def __iter__(self) -> Iterator[list[int]]:

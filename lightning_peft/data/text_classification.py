@@ -12,7 +12,7 @@ from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from lightning_peft import assets
 from lightning_peft.data.base import SourceData
-from lightning_peft.data.files import check_data_arguments, read_lines, read_rows
+from lightning_peft.data.files import check_data_arguments, check_enough_to_hold_out, read_lines, read_rows
 
 SOURCES = {domain: partial(assets.sentiment_split, domain) for domain in assets.SENTIMENT_DOMAINS}
 SOURCE_LABELS = {domain: ("negative", "positive") for domain in SOURCES}  # a built-in source's label names, by id
@@ -108,6 +108,7 @@ class TextClassificationData(SourceData):
             }
         if "val" not in splits and "train" in splits and self.val_fraction > 0:
             rows = splits["train"][:]
+            check_enough_to_hold_out(len(rows), "row", self.val_fraction)
             random.Random(self.seed).shuffle(rows)
             cut = max(1, int(len(rows) * self.val_fraction))
             splits["val"], splits["train"] = rows[:cut], rows[cut:]

@@ -42,6 +42,9 @@ def split_rows(lines: list[str], names: list[str], source: str) -> tuple[list[st
             raise ValueError(f"{source}, line {number}: {line[:60]!r} does not start with an adapter name and a tab; "
                              f"with --adapters each line is NAME<TAB>text, NAME one of {', '.join(names)} or "
                              f"'{BASE_MODEL}' for the base model")
+        if not text.strip():  # the texts go on alone, where an empty one would shift every later row's adapter
+            raise ValueError(f"{source}, line {number}: {line[:60]!r} has no text after its adapter name; give "
+                             "each line as NAME<TAB>text, or leave the line out")
         routed.append(None if name == BASE_MODEL else name)
         texts.append(text.strip())
     return routed, texts
