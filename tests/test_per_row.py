@@ -50,7 +50,7 @@ def check_rows_match_single_runs(model, names=NAMES, **inputs):
         with per_row_adapters(model, names):
             mixed = model(**inputs).logits
         for i, name in enumerate(names):
-            single = alone(model, name, **{k: v[i:i + 1] for k, v in inputs.items()})
+            single = alone(model, name, **{k: v[i:i + 1] if torch.is_tensor(v) else v for k, v in inputs.items()})
             torch.testing.assert_close(mixed[i:i + 1], single, atol=1e-5, rtol=1e-5)
     return mixed
 
@@ -123,6 +123,39 @@ def test_generating_with_prompts_of_different_lengths_is_refused_before_any_step
     PromptTuning(num_virtual_tokens=2, adapter_name="a").inject(model)
     with torch.no_grad(), per_row_adapters(model, ["a", None]), pytest.raises(ValueError, match="generate each group"):
         model.generate(**token_inputs(rows=2), max_new_tokens=2, pad_token_id=0)
+
+
+def test_keeping_only_the_last_logits_with_prompts_of_different_lengths_is_refused():
+    model = tiny_llama()
+    PromptTuning(num_virtual_tokens=2, adapter_name="a").inject(model)
+    PromptTuning(num_virtual_tokens=5, adapter_name="b").inject(model)
+    with torch.no_grad(), per_row_adapters(model, ["a", "b"]):
+        with pytest.raises(ValueError, match="logits_to_keep would keep padding"):
+            model(**token_inputs(rows=2), logits_to_keep=1)  # the rows' last positions: padding for row a
+        assert model(**token_inputs(rows=2), logits_to_keep=0).logits.shape[1] == 7  # every position: fine
+
+
+def test_a_saved_decoder_block_splits_rows_without_a_cache_and_refuses_to_split_one():
+    model = tiny_llama()
+    for name in ("a", "b"):
+        LoRA(r=2, target_modules=["layers.0.self_attn.q_proj"], modules_to_save=["layers.1"],
+             adapter_name=name).inject(model)
+    randomized(model)
+    inputs = token_inputs(rows=4)
+    check_rows_match_single_runs(model, ["a", "a", "a", "a"], **inputs)  # one copy for every row: the cache is fine
+    check_rows_match_single_runs(model, ["a", "b", None, "a"], use_cache=False, **inputs)
+    with torch.no_grad(), per_row_adapters(model, ["a", "b", None, "a"]):
+        with pytest.raises(ValueError, match="copies of a LlamaDecoderLayer would each add their rows to one cache"):
+            model(**inputs)  # transformers' default: use_cache=True
+
+
+def test_a_saved_module_holding_adapted_layers_is_refused_where_its_rows_split():
+    model = tiny_bert()
+    LoRA(r=4, target_modules=["value", "classifier"], adapter_name="b").inject(model)
+    LoRA(r=4, target_modules=["query"], modules_to_save=["classifier"], adapter_name="a").inject(model)
+    with torch.no_grad(), per_row_adapters(randomized(model), ["a", "b", None, "a"]):
+        with pytest.raises(ValueError, match="copies of a LoRALinear hold LoRA layers, which would see only some"):
+            model(**token_inputs(rows=4))
 
 
 def test_methods_mixed_on_one_model_route_by_name():

@@ -137,6 +137,11 @@ class PromptInjector(PEFTModule):
         if prompts is not None and prompts.lengths is not None and given_cache(kwargs) is not None:
             raise ValueError("per_row_adapters cannot generate with prompts of different lengths in one batch "
                              "(or rows without a prompt): generate each group of equal prompt length separately")
+        kept_logits = next((kwargs[k] for k in ("logits_to_keep", "num_logits_to_keep") if k in kwargs), 0)
+        if prompts is not None and prompts.lengths is not None and not _keeps_every_logit(kept_logits):
+            raise ValueError("per_row_adapters with prompts of different lengths in one batch (or rows without a "
+                             "prompt) ends rows in padding, so logits_to_keep would keep padding; leave it out, or "
+                             "run each group of equal prompt length separately")
         prompted = prompts is not None and not cached
         kept = None if not prompted or prompts.lengths is None else prompts.real_positions(shape[1])
         self._lengths.append((prompts.width + shape[1], shape[1], kept) if prompted else None)
@@ -276,3 +281,8 @@ def prompt_injector(model: nn.Module) -> PromptInjector:
     if not isinstance(getattr(model, "prompt_tuning", None), PromptInjector):
         model.prompt_tuning = PromptInjector(model)
     return model.prompt_tuning
+
+
+def _keeps_every_logit(kept: Any) -> bool:
+    """Whether a model's ``logits_to_keep`` argument keeps every position (0, transformers' default)."""
+    return isinstance(kept, int) and kept == 0

@@ -14,7 +14,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from lightning_peft.core.injection import wrap_modules
-from lightning_peft.core.layer import PEFTLayer
+from lightning_peft.core.layer import PEFTLayer, PEFTModule
 from lightning_peft.core.ownership import forget_claims, owners
 from lightning_peft.core.per_row import RowSet, replace_rows
 
@@ -43,7 +43,11 @@ class SavedModule(PEFTLayer):
         if self.row_adapters is None:
             return self.current()(*args, **kwargs)
         batch = next(value for value in (*args, *kwargs.values()) if isinstance(value, Tensor))
-        out = self.base_layer(*args, **kwargs)
+        groups = self.row_groups(batch)
+        if len(groups) == 1 and len(groups[0][1]) == batch.shape[0]:  # every row: one copy, called as it is
+            return self.with_resting(groups[0][0](*args, **kwargs))
+        if groups:
+            self._check_rows_can_split(args, kwargs)
 
         def rows_of(copy_: nn.Module, rows: RowSet) -> Tensor:
             def take(value: Any) -> Any:
@@ -51,7 +55,19 @@ class SavedModule(PEFTLayer):
                 return rows.take(value) if same_rows else value
             return copy_(*map(take, args), **{k: take(v) for k, v in kwargs.items()})
 
-        return self.with_resting(replace_rows(out, self.row_groups(batch), rows_of))
+        return self.with_resting(replace_rows(self.base_layer(*args, **kwargs), groups, rows_of))
+
+    def _check_rows_can_split(self, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Refuse what calling the original and each copy on their rows would get wrong: a cache or adapted layers."""
+        kind = type(self.base_layer).__name__
+        if any(hasattr(value, "get_seq_length") for value in (*args, *kwargs.values())):
+            raise ValueError(f"per_row_adapters: the modules_to_save copies of a {kind} would each add their rows to "
+                             "one cache; run the forward with use_cache=False, or rows of one adapter at a time")
+        nested = sorted({m.method for m in self.base_layer.modules() if isinstance(m, PEFTModule)})
+        if nested:
+            raise ValueError(f"per_row_adapters: the modules_to_save copies of a {kind} hold {', '.join(nested)} "
+                             "layers, which would see only some rows of the batch; route rows of one adapter at a "
+                             "time (set_adapter)")
 
     def merged_base_layer(self) -> nn.Module:
         return self.current()
