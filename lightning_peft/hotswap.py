@@ -63,6 +63,9 @@ def hotswap_adapter(module: nn.Module, path: PathLike, adapter_name: str = "defa
     weights_path = Path(path) / WEIGHTS_FILE
     incoming = callback_for(config, adapter_name, Path(path) / CONFIG_FILE)
     ref = find_adapter(module, adapter_name, incoming.method_name)
+    refusal = ref.method.swap_refusal(ref.config, incoming.config())
+    if refusal:
+        raise ValueError(f"{Path(path) / CONFIG_FILE}: cannot hot-swap into {ref}: {refusal}")
     entries = file_entries(module, ref)
     check_file_keys(entries, tensors, weights_path, "a swapped adapter must adapt the same layers as the slot")
     _, root = model_root(module)

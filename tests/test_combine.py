@@ -145,11 +145,13 @@ def test_combining_on_a_quantized_base():
 def test_bad_combinations_are_one_clear_error_and_change_nothing():
     model = with_adapters(tiny_llama(), LoRA(r=2, target_modules=["q_proj"], adapter_name="a"),
                           LoRA(r=4, target_modules=["q_proj"], adapter_name="b"),
-                          LoRA(r=2, use_dora=True, target_modules=["q_proj"], adapter_name="d"))
+                          LoRA(r=2, use_dora=True, target_modules=["q_proj"], adapter_name="d"),
+                          LoRA(r=2, init="pissa", target_modules=["v_proj"], adapter_name="p"))
     before = {n: p.clone() for n, p in model.named_parameters()}
     cases = [({"a": 1, "c": 1}, {}, "no adapter named 'c'"),
              ({"a": 1, "b": 1}, {"how": "linear"}, "need one rank; got a: r=2, b: r=4"),
              ({"a": 1, "d": 1}, {"how": "cat"}, "cannot mix DoRA and plain LoRA"),
+             ({"a": 1, "p": 1}, {"how": "cat"}, "'p' is a PiSSA adapter, whose top-r part of W the base"),
              ({"a": 1}, {"new_name": "b"}, "already has an adapter named 'b'"),
              ({"a": 1}, {"how": "mean"}, "how"),
              ({"a": 1}, {"how": "ties", "density": 0}, "density must be in"),

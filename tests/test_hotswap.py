@@ -5,7 +5,16 @@ import copy
 import pytest
 import torch
 
-from lightning_peft import IA3, LoRA, PrefixTuning, PromptTuning, hotswap_adapter, load_adapter, save_adapter
+from lightning_peft import (
+    IA3,
+    Adapter,
+    LoRA,
+    PrefixTuning,
+    PromptTuning,
+    hotswap_adapter,
+    load_adapter,
+    save_adapter,
+)
 
 from conftest import VOCAB, tiny_llama
 
@@ -96,3 +105,26 @@ def test_a_file_that_does_not_fit_the_slot_changes_nothing(base, tmp_path):
     folder = saved(base, tmp_path / "prefix", PrefixTuning(num_virtual_tokens=2))
     with pytest.raises(ValueError, match="computed from the adapter"):
         hotswap_adapter(prefixed, folder)
+
+
+def test_a_swap_that_would_compute_against_other_base_weights_or_another_activation_is_refused(base, tmp_path):
+    plain, pissa = LoRA(r=4, target_modules=TARGETS), LoRA(r=4, target_modules=TARGETS, init="pissa")
+    cases = [  # (slot, file's method, message)
+        (plain, pissa, "base weights hold W itself, and the file's adapter was trained against a rank-4 PiSSA"),
+        (pissa, plain, "base weights hold a rank-4 PiSSA residual, and the file's adapter was trained against W "),
+        (pissa, LoRA(r=2, target_modules=TARGETS, init="pissa"), "hold a rank-4 PiSSA residual, .* a rank-2 PiSSA"),
+        (Adapter(bottleneck_dim=4), Adapter(bottleneck_dim=4, activation="relu"),
+         "the file's adapter uses activation 'relu', the slot 'gelu'"),
+    ]
+    for number, (slot, method, message) in enumerate(cases):
+        model = slot.inject(copy.deepcopy(base))
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        folder = saved(base, tmp_path / str(number), method)
+        with pytest.raises(ValueError, match=message):
+            hotswap_adapter(model, folder)
+        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    model = pissa.inject(copy.deepcopy(base))  # a PiSSA file of the slot's rank fits it
+    folder = saved(base, tmp_path / "pissa", LoRA(r=4, target_modules=TARGETS, init="pissa"))
+    ids = torch.randint(0, VOCAB, (2, 6))
+    torch.testing.assert_close(logits(hotswap_adapter(model, folder), ids), fresh(base, folder, ids),
+                               atol=1e-5, rtol=1e-5)

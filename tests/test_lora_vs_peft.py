@@ -10,14 +10,15 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import copy
+import json
 import warnings
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model  # noqa: E402
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from torch import nn
 
-from lightning_peft import LoRA, trainable_summary
+from lightning_peft import LoRA, load_adapter, save_adapter, trainable_summary
 from lightning_peft.lora import LoRALayer
 
 from conftest import VOCAB, tiny_bert, tiny_gpt2, tiny_llama
@@ -170,6 +171,36 @@ def test_pissa_matches_peft(kind, use_rslora):
     # Residual + adapter is the original model, in both libraries.
     torch.testing.assert_close(_logits(ours, kind), _logits(theirs, kind), rtol=0, atol=1e-5)
     torch.testing.assert_close(_logits(ours, kind), _logits(base, kind), rtol=0, atol=1e-4)
+
+
+def test_a_trained_pissa_adapter_loads_onto_the_original_base_here_and_in_peft(tmp_path):
+    base = _build("llama")
+    ours = LoRA(r=4, alpha=8, target_modules=["q_proj", "v_proj"], init="pissa").inject(copy.deepcopy(base)).eval()
+    with torch.no_grad():  # trained: A and B move away from W's top-r part, which the base no longer holds
+        for param in ours.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.1)
+    save_adapter(ours, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["init_lora_weights"] == "pissa"
+    expected = _logits(ours, "llama")
+    torch.testing.assert_close(_logits(load_adapter(copy.deepcopy(base), tmp_path).eval(), "llama"), expected,
+                               rtol=0, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    torch.testing.assert_close(_logits(theirs, "llama"), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("init", ["olora", "corda", "loftq", "pissa_niter_4"])
+def test_a_peft_file_whose_init_rewrote_the_base_is_refused(tmp_path, init):
+    base = _build("llama")
+    LoRA(r=4, target_modules=["q_proj"]).inject(model := copy.deepcopy(base))
+    save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": init}))
+    with pytest.raises(ValueError, match=f"init_lora_weights='{init}' changed the base weights .*"
+                                         "path_initial_model_for_weight_conversion"):
+        load_adapter(copy.deepcopy(base), tmp_path)
 
 
 COUNT_CASES = [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
@@ -75,6 +76,13 @@ class Adapter(PEFTCallback):
     """
 
     method_name = "Adapter"
+
+    @staticmethod
+    def swap_refusal(slot: dict[str, Any], incoming: dict[str, Any]) -> str | None:
+        """The activation between the projections is no tensor: a swap must keep it."""
+        if slot["activation"] == incoming["activation"]:
+            return None
+        return f"the file's adapter uses activation '{incoming['activation']}', the slot '{slot['activation']}'"
 
     def __init__(
         self,

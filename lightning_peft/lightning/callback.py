@@ -187,6 +187,15 @@ class PEFTCallback(ModelSetupCallback):
 
     apply = inject
 
+    @staticmethod
+    def swap_refusal(slot: dict[str, Any], incoming: dict[str, Any]) -> str | None:
+        """Why an adapter made with the settings ``incoming`` cannot be hot-swapped into one made with ``slot``.
+
+        None where the slot's tensors, given the file's values, compute what the file's adapter
+        computes; a method whose settings change that beyond its tensors' shapes says so here.
+        """
+        return None
+
     def _modules_to_save(self, module: nn.Module) -> list[tuple[str, nn.Module]]:
         if not self.modules_to_save:
             return []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
@@ -87,6 +88,17 @@ class LoRA(PEFTCallback):
 
     method_name = "LoRA"
     peft_format = LORA_FORMAT
+
+    @staticmethod
+    def swap_refusal(slot: dict[str, Any], incoming: dict[str, Any]) -> str | None:
+        """PiSSA leaves the residual of the top-r part of W in the base: only a PiSSA adapter of that rank fits it."""
+        def base(settings: dict[str, Any]) -> str:
+            return f"a rank-{settings['r']} PiSSA residual" if settings.get("init") == "pissa" else "W itself"
+
+        if base(slot) == base(incoming):
+            return None
+        return (f"the slot's base weights hold {base(slot)}, and the file's adapter was trained against "
+                f"{base(incoming)}; load it with load_adapter instead")
 
     def __init__(
         self,

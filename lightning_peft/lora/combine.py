@@ -85,6 +85,11 @@ def combine_adapters(module: nn.Module, weights: Mapping[str, float], new_name: 
     if new_name in {ref.name for ref in adapter_refs(module)}:
         raise ValueError(f"combine_adapters: this model already has an adapter named '{new_name}'")
     configs = {name: find_adapter(module, name, LoRA.method_name).config for name in weights}
+    pissa = [name for name, config in configs.items() if config.get("init") == "pissa"]
+    if pissa:
+        raise ValueError(f"combine_adapters: '{pissa[0]}' is a PiSSA adapter, whose top-r part of W the base weights "
+                         "no longer hold, so a combination would compute against a changed base; combine plain LoRA "
+                         "adapters")
     layers = _layers_of(module, weights)
     use_dora = _same_kind(configs)
     new_rank = _new_rank(how, configs, rank)

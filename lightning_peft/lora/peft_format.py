@@ -18,6 +18,8 @@ from lightning_peft.core.models import name_or_path
 from lightning_peft.lora.layers import LoRAEmbedding, LoRALinear
 from lightning_peft.lora.parameters import LoRAParameter
 
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")  # peft inits that rewrite the base weights
+
 
 def file_key(name: str, root: nn.Module) -> str:
     """peft's key for one of our tensor names: ``x.q_proj.adapters.default.lora_A`` -> ``...q_proj.lora_A.weight``."""
@@ -47,7 +49,8 @@ def to_config(config: dict, root: nn.Module, names: list[str]) -> dict:
         "r": config["r"], "lora_alpha": config["alpha"], "lora_dropout": config["dropout"],
         "target_modules": modules or None, "target_parameters": parameters or None,
         "use_rslora": config["use_rslora"], "use_dora": config["use_dora"],
-        "fan_in_fan_out": transposed, "bias": "none", "init_lora_weights": True,
+        "fan_in_fan_out": transposed, "bias": "none",
+        "init_lora_weights": "pissa" if config.get("init") == "pissa" else True,  # peft redoes PiSSA's SVD on load
         "modules_to_save": config["modules_to_save"] or None,
     }
 
@@ -73,6 +76,11 @@ def to_settings(config: dict) -> dict[str, Any]:
     unsupported = {k: config[k] for k in ("rank_pattern", "alpha_pattern") if config.get(k)}
     if unsupported:
         raise ValueError(f"peft LoRA option(s) {', '.join(unsupported)} are not supported: {unsupported}")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init != "pissa" and init.startswith(BASE_CHANGING_INITS):
+        raise ValueError(f"peft LoRA init_lora_weights={init!r} changed the base weights this adapter was trained "
+                         "against, which cannot be rebuilt here; convert it to plain LoRA with peft's save_pretrained("
+                         "path_initial_model_for_weight_conversion=...)")
     return dict(
         r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
         target_modules=peft_targets(config.get("target_modules")),
@@ -80,7 +88,7 @@ def to_settings(config: dict) -> dict[str, Any]:
         exclude_modules=peft_targets(config.get("exclude_modules")),
         layers=_layers(config.get("layers_to_transform")),
         use_dora=bool(config.get("use_dora")), use_rslora=bool(config.get("use_rslora")),
-        modules_to_save=config.get("modules_to_save"),
+        modules_to_save=config.get("modules_to_save"), init="pissa" if init == "pissa" else "default",
     )
 
 
