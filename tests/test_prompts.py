@@ -392,3 +392,29 @@ def test_peft_saved_adapter_loads_into_ours(case, tmp_path):
     with torch.no_grad():
         got = ours(**batch()).logits
     assert torch.allclose(got, their_logits(theirs, kind), atol=1e-5)
+
+
+def test_an_encoder_decoders_decoder_side_gets_no_prompt_whatever_its_length():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                      decoder_start_token_id=0, pad_token_id=0)
+    model = PromptTuning(num_virtual_tokens=3).inject(T5ForConditionalGeneration(config)).eval()
+    prompt = model.prompt_tuning.adapters["default"].prompt
+    ids, mask = torch.randint(1, VOCAB, (2, 5)), torch.ones(2, 5, dtype=torch.long)
+
+    def by_hand(**decoder):  # the prompt before the encoder's input, the decoder's untouched
+        with disable_adapters(model):
+            embeds = torch.cat([prompt.expand(2, -1, -1), model.get_input_embeddings()(ids)], 1)
+            return model(inputs_embeds=embeds, attention_mask=torch.cat([torch.ones_like(mask[:, :3]), mask], 1),
+                         **decoder)
+
+    with torch.no_grad():
+        for decoder in ({"labels": torch.randint(1, VOCAB, (2, 5))},  # as long as the encoder's input
+                        {"decoder_input_ids": torch.randint(1, VOCAB, (2, 8))}):  # as long as prompt + input
+            ours, expected = model(input_ids=ids, attention_mask=mask, **decoder), by_hand(**decoder)
+            torch.testing.assert_close(ours.logits, expected.logits)
+            if "labels" in decoder:
+                torch.testing.assert_close(ours.loss, expected.loss)
+            torch.testing.assert_close(ours.encoder_last_hidden_state, expected.encoder_last_hidden_state[:, 3:])

@@ -21,6 +21,8 @@ from torch import Tensor, nn
 from lightning_peft.additive.prompt_formats import PROMPT_TUNING_FORMAT
 from lightning_peft.additive.soft_prompts import (
     cached_length,
+    decoder_argument,
+    encoder_decoder,
     given_cache,
     input_shape,
     keep_last_positions,
@@ -66,8 +68,12 @@ class RowPrompts:
         """``(batch, length)``: where each row's real tokens sit once packed."""
         return self.lengths[:, None] + torch.arange(length, device=self.lengths.device)
 
-    def pack(self, kwargs: dict[str, Any], shape: tuple[int, int], positions: Tensor | None) -> None:
-        """Turn inputs laid out as ``[prompt block, tokens]`` into ``[prompt, tokens, padding]`` per row."""
+    def pack(self, kwargs: dict[str, Any], shape: tuple[int, int], positions: Tensor | None,
+             encoder_decoder: bool) -> None:
+        """Turn inputs laid out as ``[prompt block, tokens]`` into ``[prompt, tokens, padding]`` per row.
+
+        An encoder-decoder's decoder inputs stay as they are, whatever their length.
+        """
         batch, length = shape
         n, lengths = self.width, self.lengths[:, None]
         virtual = torch.arange(n, device=lengths.device) < lengths
@@ -80,6 +86,8 @@ class RowPrompts:
         t = torch.arange(n + length, device=lengths.device)
         source = torch.where(t < lengths, t, torch.where(t < lengths + length, t - lengths + n, t - length))
         for key, value in kwargs.items():
+            if encoder_decoder and decoder_argument(key):
+                continue
             if isinstance(value, Tensor) and value.dim() >= 2 and tuple(value.shape[:2]) == (batch, n + length):
                 index = source.view(batch, n + length, *[1] * (value.dim() - 2)).expand_as(value)
                 kwargs[key] = value.gather(1, index)
@@ -158,7 +166,7 @@ class PromptInjector(PEFTModule):
         lengths = self._lengths.pop() if self._lengths else None
         if lengths is None or output is None:
             return output
-        return keep_last_positions(output, *lengths)
+        return keep_last_positions(output, *lengths, encoder_only=encoder_decoder(model))
 
 
 def prepend(model: nn.Module, kwargs: dict[str, Any], prompts: RowPrompts, shape: tuple[int, int]) -> None:
@@ -172,9 +180,9 @@ def prepend(model: nn.Module, kwargs: dict[str, Any], prompts: RowPrompts, shape
     positions = kwargs.get("position_ids")
     widen_attention_mask(kwargs, n, n + shape[1])
     shift_position_ids(kwargs, n, with_virtual=True)
-    prepend_to_token_inputs(kwargs, n, shape)
+    prepend_to_token_inputs(kwargs, n, shape, encoder_decoder(model))
     if prompts.lengths is not None:
-        prompts.pack(kwargs, shape, positions)
+        prompts.pack(kwargs, shape, positions, encoder_decoder(model))
 
 
 class PromptTuning(PEFTCallback):

@@ -101,21 +101,36 @@ def shift_position_ids(kwargs: dict[str, Any], n: int, with_virtual: bool) -> No
     kwargs["position_ids"] = shifted
 
 
-def prepend_to_token_inputs(kwargs: dict[str, Any], n: int, shape: tuple[int, int]) -> None:
-    """Give ``n`` virtual positions token type 0 and label -100 (no loss), beside given token types and labels."""
+def encoder_decoder(model: nn.Module) -> bool:
+    """Whether ``model`` is an encoder-decoder, whose labels and ``decoder_*`` inputs and outputs are the decoder's."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def decoder_argument(key: str) -> bool:
+    """Whether an encoder-decoder's argument ``key`` goes to its decoder, which gets no prompt."""
+    return key == "labels" or key.startswith("decoder_")
+
+
+def prepend_to_token_inputs(kwargs: dict[str, Any], n: int, shape: tuple[int, int], encoder_decoder: bool) -> None:
+    """Give ``n`` virtual positions token type 0 and label -100 (no loss), beside given token types and labels.
+
+    An encoder-decoder's labels are its decoder's, which gets no prompt: they stay as they are.
+    """
     batch, length = shape
     token_types = kwargs.get("token_type_ids")
     if token_types is not None:
         kwargs["token_type_ids"] = torch.cat([token_types.new_zeros(batch, n), token_types], dim=1)
     labels = kwargs.get("labels")
-    if _is_token_labels(labels, shape):  # sequence-level labels (classification) stay as they are
+    if not encoder_decoder and _is_token_labels(labels, shape):  # sequence-level labels (classification) stay
         kwargs["labels"] = torch.cat([labels.new_full((batch, n), -100), labels], dim=1)
 
 
-def keep_last_positions(output: Any, total: int, length: int, index: Tensor | None = None) -> Any:
+def keep_last_positions(output: Any, total: int, length: int, index: Tensor | None = None,
+                        encoder_only: bool = False) -> Any:
     """Cut every tensor of ``output`` whose dim 1 has ``total`` positions to its last ``length`` ones.
 
     With ``index`` (``(batch, length)``), each row keeps the positions that its row of ``index`` names.
+    With ``encoder_only`` (an encoder-decoder), only the encoder's outputs are cut, found by name.
     """
     if isinstance(output, Tensor):
         if output.dim() < 3 or output.shape[1] != total:
@@ -125,9 +140,10 @@ def keep_last_positions(output: Any, total: int, length: int, index: Tensor | No
         return output.gather(1, index.view(*index.shape, *[1] * (output.dim() - 2)).expand(-1, -1, *output.shape[2:]))
     if isinstance(output, dict):  # transformers' ModelOutput; its attention maps keep all positions
         for key in [k for k in output if k not in ("attentions", "cache", "past_key_values")]:
-            output[key] = keep_last_positions(output[key], total, length, index)
+            if key.startswith("encoder_") or not encoder_only:
+                output[key] = keep_last_positions(output[key], total, length, index)
         return output
-    if isinstance(output, tuple) and not hasattr(output, "get_seq_length"):
+    if isinstance(output, tuple) and not hasattr(output, "get_seq_length") and not encoder_only:
         return type(output)(keep_last_positions(item, total, length, index) for item in output)
     return output
 
