@@ -226,15 +226,17 @@ def _has_test_data(datamodule: L.LightningDataModule | None) -> bool:
 
 
 def export_main(args: list[str]) -> None:
-    """``lightning-peft export CKPT --out DIR [--merged]``."""
+    """``lightning-peft export CKPT --out DIR [--merged [--adapter NAME|all]]``."""
     parser = CommandParser(prog="lightning-peft export",
                                      description="Write a checkpoint's adapter in the Hugging Face PEFT layout, "
                                                  "or with --merged a full transformers model folder.")
     parser.add_argument("checkpoint", help="a Lightning checkpoint of a lightning-peft recipe")
     parser.add_argument("--out", required=True, help="the folder to write")
     parser.add_argument("--merged", action="store_true", help="fold the adapter into the base weights")
+    parser.add_argument("--adapter", help="with --merged and adapters of several names (tasks): the one to merge, "
+                                          "or 'all' for adapters that trained together")
     options = parser.parse_args(args)
-    out = export_checkpoint(options.checkpoint, options.out, merged=options.merged)
+    out = export_checkpoint(options.checkpoint, options.out, merged=options.merged, adapter=options.adapter)
     print(f"exported {'merged model' if options.merged else 'adapter'} to {out}")
 
 

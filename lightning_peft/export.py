@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 from torch import nn
 
+from lightning_peft.core.adapter_control import adapter_names, delete_adapter
 from lightning_peft.core.adapter_files import save_adapter
 from lightning_peft.core.merging import merge
 from lightning_peft.core.models import model_root
@@ -44,14 +45,21 @@ def _task_from_hyperparameters(checkpoint: dict, path: Path) -> L.LightningModul
     return getattr(importlib.import_module(module_name), class_name)(**hparams)
 
 
-def export_checkpoint(ckpt_path: str | Path, out: str | Path, merged: bool = False) -> Path:
-    """Write the checkpoint's adapter(s) in the Hugging Face PEFT layout, or a merged transformers model."""
+def export_checkpoint(ckpt_path: str | Path, out: str | Path, merged: bool = False, adapter: str | None = None) -> Path:
+    """Write the checkpoint's adapter(s) in the Hugging Face PEFT layout, or a merged transformers model.
+
+    A merged model of a checkpoint with adapters of several names (several tasks) needs ``adapter``:
+    the one to merge (the others are left out), or ``"all"`` for adapters that trained together.
+    """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder (new or existing) for the "
                          f"{'model' if merged else 'adapter'} files")
+    if adapter is not None and not merged:
+        raise ValueError("--adapter chooses what --merged merges; without --merged every adapter is exported")
     module = rebuild_from_checkpoint(ckpt_path)
     if merged:
+        _keep_for_merging(module, adapter, ckpt_path)
         merge(module)
         _, model = model_root(module)
         model.save_pretrained(out)
@@ -59,6 +67,22 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, merged: bool = Fal
             module.tokenizer.save_pretrained(out)
         return out
     return export_adapters(module, out)
+
+
+def _keep_for_merging(module: nn.Module, adapter: str | None, ckpt_path: str | Path) -> None:
+    """Delete every adapter but ``adapter`` (``"all"`` keeps them all); refuse to guess among several names."""
+    names = adapter_names(module)
+    if adapter == "all" or (adapter is None and len(names) == 1):
+        return
+    if adapter is None:
+        raise ValueError(f"checkpoint {ckpt_path} holds adapters {', '.join(names)}; merging them all would add every "
+                         "task's update to one model: give --adapter NAME for one of them, or --adapter all for "
+                         "adapters that trained together")
+    if adapter not in names:
+        raise ValueError(f"--adapter {adapter}: checkpoint {ckpt_path} holds adapters {', '.join(names)}")
+    for name in names:
+        if name != adapter:
+            delete_adapter(module, name)
 
 
 def export_adapters(module: nn.Module, out: str | Path) -> Path:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lightning_peft import IA3, LoRA, merge, trainable_summary, unmerge
+from lightning_peft import IA3, LoRA, disable_adapters, merge, set_adapter, trainable_summary, unmerge
 from lightning_peft.lora import LoRAAdapter, LoRALayer
 
 from conftest import VOCAB, tiny_bert, tiny_llama
@@ -184,6 +184,21 @@ def test_merge_llama_matches_unmerged_logits():
         unmerge(model)
         assert len(_lora_layers(model)) == 14
         torch.testing.assert_close(model(input_ids=ids).logits, adapted, rtol=0, atol=1e-5)
+
+
+def test_switching_adapters_of_a_merged_model_is_refused_since_no_switch_reaches_its_weights():
+    model = tiny_llama().eval()
+    for name in ("a", "b"):
+        LoRA(r=4, target_modules=["q_proj"], adapter_name=name).inject(model)
+    _randomize(model)
+    merge(model)
+    with pytest.raises(ValueError, match="disable_adapters: this model has merged adapters.* unmerge it first"):
+        with disable_adapters(model):
+            pass
+    with pytest.raises(ValueError, match="set_adapter: this model has merged adapters"):
+        set_adapter(model, "b")
+    unmerge(model)
+    set_adapter(model, "b")  # unmerged, it switches again
 
 
 # --- (c) trainable counts in closed form -------------------------------------------------------------

@@ -6,14 +6,14 @@ import lightning as L
 import pytest
 import torch
 from test_cli import WORDS, recipe, run_cli, sentiment_rows, write_data
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
-from lightning_peft import LoRA
+from lightning_peft import BitFit, LoRA
 from lightning_peft.data import MultiTaskData
 from lightning_peft.data.multi_task import TaskBatchSampler
 from lightning_peft.tasks import SequenceClassification
 
-from conftest import make_trainer, tiny_bert_folder, trainable_tensors
+from conftest import VOCAB, TokenModule, make_trainer, tiny_bert_folder, tiny_gpt2, trainable_tensors
 
 TASKS = ("upbeat", "gloomy")
 
@@ -164,6 +164,31 @@ def test_a_resting_adapter_stays_put_when_the_loop_zeroes_gradients_instead_of_d
     assert check_each_step(recorded, module, data.batch_shares, 20, 0) == {"upbeat": 12, "gloomy": 8}
 
 
+def test_an_adapter_of_no_task_serves_every_row_and_trains_at_every_step(tiny_model_dir, tmp_path):
+    recorded = TaskSteps()
+    module, _, _ = fit(tiny_model_dir, tmp_path, "alternating", [BitFit(adapter_name="shared"), recorded],
+                       max_steps=4)
+    after_each = [before for _, _, before in recorded.steps[1:]] + [trainable_tensors(module)]
+    for (_, _, before), after in zip(recorded.steps, after_each, strict=True):
+        shared = [n for n in before if n.endswith("bias") and ".adapters." not in n]  # BitFit's: the model's own
+        assert sum(not torch.equal(before[n], after[n]) for n in shared) >= len(shared) - 1  # not the key's bias
+
+
+class DictBatches(TokenModule):
+    """Reads ``input_ids`` from a batch dict, whatever else the dict holds."""
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step((batch["input_ids"],), batch_idx)
+
+
+def test_a_batch_with_a_task_column_outside_multi_task_data_trains_as_any_batch():
+    model = DictBatches(tiny_gpt2())
+    loader = DataLoader([{"input_ids": torch.randint(0, VOCAB, (12,)), "task": "summarize"} for _ in range(8)],
+                        batch_size=4)
+    make_trainer([LoRA(r=4, target_modules=["c_attn"])], max_steps=2).fit(model, loader)
+    assert any(p.any() for n, p in model.named_parameters() if n.endswith("lora_B"))  # trained: not resting
+
+
 def test_a_resumed_multi_task_run_ends_where_the_uninterrupted_one_does(tiny_model_dir, tmp_path):
     orders = EpochOrders()
     uninterrupted, _, _ = fit(tiny_model_dir, tmp_path, max_epochs=2, max_steps=-1, callbacks_after=[orders])
@@ -272,3 +297,22 @@ def test_a_multi_task_recipe_fits_tests_each_task_and_saves_each_adapter(tiny_mo
         assert float(fit.stdout.split(f"test_acc_{task}: ")[1].split()[0]) >= 0.9, fit.stdout
         assert (tmp_path / "adapter" / f"LoRA-{task}" / "adapter_model.safetensors").is_file()
     assert "got no gradient" not in fit.stderr
+    check_merged_export_of_one_task(next(tmp_path.rglob("*.ckpt")), tmp_path / "merged")
+
+
+def check_merged_export_of_one_task(ckpt, out):
+    """A merged model of a multi-task checkpoint: refused without --adapter; one task's with it."""
+    from transformers import AutoModelForSequenceClassification
+
+    from lightning_peft.export import export_checkpoint, rebuild_from_checkpoint
+
+    with pytest.raises(ValueError, match="holds adapters upbeat, gloomy; merging them all would add every task's"):
+        export_checkpoint(ckpt, out, merged=True)
+    trained = rebuild_from_checkpoint(ckpt)
+    ids = torch.tensor([[2, 13, 11, 14, 15, 6, 3]])
+    with torch.no_grad():
+        expected = {task: trained(ids, tasks=[task]) for task in TASKS}
+        for task in TASKS:
+            merged = AutoModelForSequenceClassification.from_pretrained(
+                export_checkpoint(ckpt, out / task, merged=True, adapter=task)).eval()
+            torch.testing.assert_close(merged(input_ids=ids).logits, expected[task], atol=1e-5, rtol=1e-5)

@@ -398,8 +398,8 @@ def test_an_encoder_decoders_decoder_side_gets_no_prompt_whatever_its_length():
     from transformers import T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(0)
-    config = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
-                      decoder_start_token_id=0, pad_token_id=0)
+    config = T5Config(vocab_size=VOCAB, d_model=32, d_kv=4, d_ff=64, num_layers=1, num_heads=8,  # 3 + 5 heads
+                      decoder_start_token_id=0, pad_token_id=0, attn_implementation="eager")
     model = PromptTuning(num_virtual_tokens=3).inject(T5ForConditionalGeneration(config)).eval()
     prompt = model.prompt_tuning.adapters["default"].prompt
     ids, mask = torch.randint(1, VOCAB, (2, 5)), torch.ones(2, 5, dtype=torch.long)
@@ -413,8 +413,12 @@ def test_an_encoder_decoders_decoder_side_gets_no_prompt_whatever_its_length():
     with torch.no_grad():
         for decoder in ({"labels": torch.randint(1, VOCAB, (2, 5))},  # as long as the encoder's input
                         {"decoder_input_ids": torch.randint(1, VOCAB, (2, 8))}):  # as long as prompt + input
-            ours, expected = model(input_ids=ids, attention_mask=mask, **decoder), by_hand(**decoder)
+            ours = model(input_ids=ids, attention_mask=mask, output_attentions=True, **decoder)
+            expected = by_hand(output_attentions=True, **decoder)
+            assert ours.encoder_attentions[0].shape[1] == 8  # heads: attention maps keep every position
             torch.testing.assert_close(ours.logits, expected.logits)
             if "labels" in decoder:
                 torch.testing.assert_close(ours.loss, expected.loss)
             torch.testing.assert_close(ours.encoder_last_hidden_state, expected.encoder_last_hidden_state[:, 3:])
+        with pytest.raises(ValueError, match="encoder_outputs were computed without it .generate runs the encoder"):
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2)

@@ -137,10 +137,21 @@ class PromptInjector(PEFTModule):
             rows.put(lengths, lengths.new_full((len(rows),), n))
         return RowPrompts(embeds, None if bool((lengths == width).all()) else lengths)
 
+    def _check_encoder_ran_here(self, model: nn.Module, kwargs: dict[str, Any]) -> None:
+        """Refuse encoder outputs made elsewhere (``generate`` runs the encoder by itself): they lack the prompt."""
+        given = kwargs.get("encoder_outputs")
+        if not encoder_decoder(model) or given is None or input_shape(kwargs) is not None:
+            return
+        if self.prompts_for(given[0].shape[0]) is not None:
+            raise ValueError("PromptTuning on an encoder-decoder puts the prompt before the encoder's input, but these "
+                             "encoder_outputs were computed without it (generate runs the encoder by itself); call "
+                             "the model with input_ids or inputs_embeds, or decode step by step")
+
     def before_forward(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         kwargs = named_forward_arguments(model, args, kwargs)
         shape = input_shape(kwargs)
         prompts = None if shape is None else self.prompts_for(shape[0])
+        self._check_encoder_ran_here(model, kwargs)
         cached = cached_length(given_cache(kwargs))
         if prompts is not None and prompts.lengths is not None and given_cache(kwargs) is not None:
             raise ValueError("per_row_adapters cannot generate with prompts of different lengths in one batch "

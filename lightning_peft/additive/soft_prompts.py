@@ -139,7 +139,7 @@ def keep_last_positions(output: Any, total: int, length: int, index: Tensor | No
             return output[:, -length:]
         return output.gather(1, index.view(*index.shape, *[1] * (output.dim() - 2)).expand(-1, -1, *output.shape[2:]))
     if isinstance(output, dict):  # transformers' ModelOutput; its attention maps keep all positions
-        for key in [k for k in output if k not in ("attentions", "cache", "past_key_values")]:
+        for key in [k for k in output if not k.endswith("attentions") and k not in ("cache", "past_key_values")]:
             if key.startswith("encoder_") or not encoder_only:
                 output[key] = keep_last_positions(output[key], total, length, index)
         return output

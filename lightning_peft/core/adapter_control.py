@@ -9,6 +9,7 @@ from torch import nn
 
 from lightning_peft.core.injection import peft_layers, replace_module
 from lightning_peft.core.layer import PEFTLayer, PEFTModule
+from lightning_peft.core.merging import merged_layers
 from lightning_peft.core.ownership import adapter_refs, freeze_unclaimed, release
 from lightning_peft.core.saved_modules import SavedModule
 
@@ -40,6 +41,12 @@ def _check_known(module: nn.Module, adapter_name: str) -> None:
         raise ValueError(f"no adapter named '{adapter_name}'; this model has: {known}")
 
 
+def _check_unmerged(module: nn.Module, what: str) -> None:
+    """Refuse to switch adapters of a model whose merged adapters are in its weights, where no switch reaches them."""
+    if merged_layers(module):
+        raise ValueError(f"{what}: this model has merged adapters, which are in its weights now; unmerge it first")
+
+
 def set_adapter(module: nn.Module, adapter_name: str) -> None:
     """Make ``adapter_name`` the only active adapter of ``module``, to switch between adapters on one base.
 
@@ -53,7 +60,7 @@ def set_adapter(module: nn.Module, adapter_name: str) -> None:
         adapter_name: the adapter to activate, one of `adapter_names` of ``module``.
 
     Raises:
-        ValueError: when ``module`` has no adapter named ``adapter_name``.
+        ValueError: when ``module`` has no adapter named ``adapter_name``, or has merged adapters.
 
     Examples:
         ```python
@@ -64,6 +71,7 @@ def set_adapter(module: nn.Module, adapter_name: str) -> None:
         set_adapter(model, "topic")  # only "topic" is active
         ```
     """
+    _check_unmerged(module, "set_adapter")
     _check_known(module, adapter_name)
     for part in _peft_parts(module):
         part.set_active([adapter_name])
@@ -85,6 +93,9 @@ def disable_adapters(module: nn.Module) -> Iterator[nn.Module]:
     Yields:
         ``module`` itself, with its adapters off.
 
+    Raises:
+        ValueError: when ``module`` has merged adapters, which no switch reaches.
+
     Examples:
         ```python
         from lightning_peft import disable_adapters
@@ -93,6 +104,7 @@ def disable_adapters(module: nn.Module) -> Iterator[nn.Module]:
             base_logits = model(**batch).logits
         ```
     """
+    _check_unmerged(module, "disable_adapters")
     saved = [(part, list(part.active_adapters)) for part in _peft_parts(module)]
     try:
         for part, _ in saved:

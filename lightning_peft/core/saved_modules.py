@@ -44,7 +44,8 @@ class SavedModule(PEFTLayer):
             return self.current()(*args, **kwargs)
         batch = next(value for value in (*args, *kwargs.values()) if isinstance(value, Tensor))
         groups = self.row_groups(batch)
-        if len(groups) == 1 and len(groups[0][1]) == batch.shape[0]:  # every row: one copy, called as it is
+        one_copy = len(groups) == 1 and len(groups[0][1]) == batch.shape[0]
+        if one_copy and not self.row_adapters.sharded:  # called as it is (FSDP2: every process runs the original)
             return self.with_resting(groups[0][0](*args, **kwargs))
         if groups:
             self._check_rows_can_split(args, kwargs)

@@ -226,9 +226,8 @@ class PEFTCallback(ModelSetupCallback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        tasks = batch.get("task") if isinstance(batch, dict) else None  # MultiTaskData: each row's adapter
-        if tasks is not None:  # the tasks of this optimizer step's batches, over gradient accumulation
-            self._step_tasks = (self._step_tasks or set()) | set(tasks)
+        if task_adapters(trainer, pl_module):  # MultiTaskData: each row's task, over gradient accumulation
+            self._step_tasks = (self._step_tasks or set()) | set(batch["task"])
 
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step == 0 and self is peft_callbacks(trainer)[0]:  # only the first step is checked
@@ -237,14 +236,14 @@ class PEFTCallback(ModelSetupCallback):
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                  optimizer: Any) -> None:
         if self is peft_callbacks(trainer)[0] and self._step_tasks is not None:
-            names = sorted({ref.name for ref in adapter_refs(pl_module)})
-            rest_idle_adapters(pl_module, idle_everywhere(trainer.strategy, names, self._step_tasks))
+            tasks = task_adapters(trainer, pl_module)
+            rest_idle_adapters(pl_module, idle_everywhere(trainer.strategy, tasks, self._step_tasks))
             self._step_tasks = None
 
     def _idle_tasks(self, pl_module: L.LightningModule) -> set[str]:
-        """The adapters that no row of this step's batches named (none when the batches name no adapters)."""
+        """The task adapters that no row of this step's batches named (none outside `MultiTaskData`)."""
         routed = self._step_tasks
-        return set() if routed is None else {ref.name for ref in adapter_refs(pl_module)} - routed
+        return set() if routed is None else set(task_adapters(pl_module.trainer, pl_module)) - routed
 
     def state_dict(self) -> dict[str, Any]:
         """The method and its settings, so ``lightning-peft export`` can rebuild the adapter."""
@@ -253,6 +252,16 @@ class PEFTCallback(ModelSetupCallback):
     @property
     def state_key(self) -> str:
         return self._generate_state_key(adapter_name=self.adapter_name)
+
+
+def task_adapters(trainer: L.Trainer, module: nn.Module) -> list[str]:
+    """The adapters named after a task of the data (`MultiTaskData`), sorted; none for other data.
+
+    Only these rest in a step without their task's rows; adapters of no task (a shared BitFit,
+    say) serve every row and train at every step.
+    """
+    tasks = set(getattr(trainer.datamodule, "task_names", None) or ())
+    return sorted(tasks & {ref.name for ref in adapter_refs(module)}) if tasks else []
 
 
 def apply_all(trainer: L.Trainer, module: nn.Module) -> None:
