@@ -2,6 +2,7 @@
 
 import copy
 
+import lightning as L
 import pytest
 import torch
 from torch import nn
@@ -110,3 +111,62 @@ def test_two_methods_of_one_adapter_name_cannot_both_copy_a_module():
     with pytest.raises(ValueError, match="'classifier' is in modules_to_save of LoRA\\[default\\] already"):
         IA3(target_modules=["key"], feedforward_modules=[], modules_to_save=["classifier"]).inject(model)
     assert model.state_dict().keys() == before.keys()
+
+
+class NormedHead(nn.Module):
+    """A linear layer, then a BatchNorm whose running statistics change as it trains: a head with buffers."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def trained_normed_head():
+    model = LoRA(r=2, target_modules=["net.0"], modules_to_save=["net.1"]).inject(NormedHead()).train()
+    with torch.no_grad():
+        for _ in range(5):
+            model(torch.randn(32, 8) * 3 + 5)  # the copy's running statistics move from 0 and 1
+    return model.eval()
+
+
+def test_a_saved_modules_buffers_travel_with_its_adapter_file(tmp_path):
+    model = trained_normed_head()
+    loaded = load_adapter(NormedHead(), save_adapter(model, tmp_path)).eval()
+    x = torch.randn(4, 8) * 3 + 5
+    torch.testing.assert_close(loaded(x), model(x))  # eval mode reads the running statistics
+    copy_ = loaded.net[1].adapters["default"]
+    assert torch.equal(copy_.running_mean, model.net[1].adapters["default"].running_mean)
+    assert not copy_.running_mean.eq(0).all()
+
+
+def test_an_adapter_only_checkpoint_keeps_a_saved_modules_buffers(tmp_path):
+    from conftest import make_trainer
+
+    class Fitted(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = NormedHead()
+
+        def training_step(self, batch, batch_idx):
+            return self.model(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, 8) * 3 + 5), batch_size=16)
+    methods = lambda: [LoRA(r=2, target_modules=["net.0"], modules_to_save=["net.1"])]  # noqa: E731
+    trained = Fitted()
+    trainer = make_trainer(methods(), max_steps=4)
+    trainer.fit(trained, data)
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    saved = torch.load(tmp_path / "run.ckpt", weights_only=True)["state_dict"]
+    assert {"model.net.1.adapters.default.running_mean", "model.net.1.adapters.default.running_var"} <= set(saved)
+    resumed = Fitted()
+    make_trainer(methods(), max_steps=4).fit(resumed, data, ckpt_path=tmp_path / "run.ckpt")  # nothing left to train
+    expected = trained.model.net[1].adapters["default"]
+    got = resumed.model.net[1].adapters["default"]
+    assert torch.equal(got.running_mean, expected.running_mean) and torch.equal(got.running_var, expected.running_var)

@@ -25,7 +25,7 @@ from torch import nn
 from lightning_peft.core.files import PathLike, atomic_write_all
 from lightning_peft.core.integrity import DIGEST_KEY, check_digest, tensor_digest
 from lightning_peft.core.models import model_root
-from lightning_peft.core.ownership import AdapterRef, adapter_refs, owners
+from lightning_peft.core.ownership import AdapterRef, adapter_refs, buffers_of_trained_modules, owners
 from lightning_peft.core.saved_modules import saved_module_name
 
 PEFT_PREFIX = "base_model.model."  # peft holds the transformers model as base_model.model
@@ -114,8 +114,9 @@ def adapter_tensors(module: nn.Module, ref: AdapterRef) -> dict[str, torch.Tenso
     """The tensors of one adapter, named relative to the model root (a saved module's copy under its own name)."""
     prefix, root = model_root(module)
     claimed = owners(module)
-    return {saved_module_name(name[len(prefix) + 1:] if prefix else name, root): param
-            for name, param in module.named_parameters() if claimed.get(id(param)) == ref}
+    tensors = {name: param for name, param in module.named_parameters() if claimed.get(id(param)) == ref}
+    tensors.update(buffers_of_trained_modules(module, lambda param: claimed.get(id(param)) == ref))
+    return {saved_module_name(name[len(prefix) + 1:] if prefix else name, root): t for name, t in tensors.items()}
 
 
 def file_tensors(module: nn.Module, ref: AdapterRef) -> dict[str, torch.Tensor]:

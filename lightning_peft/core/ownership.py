@@ -10,11 +10,11 @@ Freezing follows ownership: a parameter that no adapter claims is frozen.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 _CLAIMS = "_lightning_peft_claims"
 
@@ -61,6 +61,22 @@ def owners(root: nn.Module) -> dict[int, AdapterRef]:
             param = module._parameters.get(local)
             if param is not None:
                 found[id(param)] = ref
+    return found
+
+
+def buffers_of_trained_modules(root: nn.Module, trained: Callable[[nn.Parameter], bool]) -> dict[str, Tensor]:
+    """The persistent buffers of each module of ``root`` whose own parameters are all ``trained`` (by name).
+
+    They change as those parameters train (a BatchNorm copy's running statistics), so they are
+    saved, and resumed, with them.
+    """
+    found = {}
+    for prefix, module in root.named_modules():
+        params = [p for p in module._parameters.values() if p is not None]
+        if params and all(trained(p) for p in params):
+            for local, buffer in module._buffers.items():
+                if buffer is not None and local not in module._non_persistent_buffers_set:
+                    found[f"{prefix}.{local}" if prefix else local] = buffer
     return found
 
 

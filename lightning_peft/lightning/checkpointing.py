@@ -22,20 +22,21 @@ from torch import nn
 
 from lightning_peft.core.files import PathLike, atomic_write
 from lightning_peft.core.integrity import check_digest, tensor_digest
-from lightning_peft.core.ownership import owners
+from lightning_peft.core.ownership import buffers_of_trained_modules, owners
 
 CHECKPOINT_KEY = "lightning_peft"
 WRAPPER_NAMES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")  # FSDP1 and activation checkpointing
 
 
 def adapter_state_keys(module: nn.Module) -> set[str]:
-    """State-dict keys of the tensors that PEFT methods own or that are trainable."""
+    """State-dict keys of the tensors that PEFT methods own or that are trainable, and of the buffers beside them."""
     owned = owners(module)
-    return {
-        state_key(name)
-        for name, param in module.named_parameters(remove_duplicate=False)
-        if param.requires_grad or id(param) in owned
-    }
+
+    def kept(param: nn.Parameter) -> bool:
+        return param.requires_grad or id(param) in owned
+
+    params = {state_key(name) for name, param in module.named_parameters(remove_duplicate=False) if kept(param)}
+    return params | {state_key(name) for name in buffers_of_trained_modules(module, kept)}
 
 
 def state_key(parameter_name: str) -> str:
