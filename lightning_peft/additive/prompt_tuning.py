@@ -69,7 +69,7 @@ class RowPrompts:
         return self.lengths[:, None] + torch.arange(length, device=self.lengths.device)
 
     def pack(self, kwargs: dict[str, Any], shape: tuple[int, int], positions: Tensor | None,
-             encoder_decoder: bool) -> None:
+             is_encoder_decoder: bool) -> None:
         """Turn inputs laid out as ``[prompt block, tokens]`` into ``[prompt, tokens, padding]`` per row.
 
         An encoder-decoder's decoder inputs stay as they are, whatever their length.
@@ -86,7 +86,7 @@ class RowPrompts:
         t = torch.arange(n + length, device=lengths.device)
         source = torch.where(t < lengths, t, torch.where(t < lengths + length, t - lengths + n, t - length))
         for key, value in kwargs.items():
-            if encoder_decoder and decoder_argument(key):
+            if is_encoder_decoder and decoder_argument(key):
                 continue
             if isinstance(value, Tensor) and value.dim() >= 2 and tuple(value.shape[:2]) == (batch, n + length):
                 index = source.view(batch, n + length, *[1] * (value.dim() - 2)).expand_as(value)
@@ -137,10 +137,10 @@ class PromptInjector(PEFTModule):
             rows.put(lengths, lengths.new_full((len(rows),), n))
         return RowPrompts(embeds, None if bool((lengths == width).all()) else lengths)
 
-    def _check_encoder_ran_here(self, model: nn.Module, kwargs: dict[str, Any]) -> None:
+    def _check_encoder_ran_here(self, model: nn.Module, kwargs: dict[str, Any], shape: tuple | None) -> None:
         """Refuse encoder outputs made elsewhere (``generate`` runs the encoder by itself): they lack the prompt."""
         given = kwargs.get("encoder_outputs")
-        if not encoder_decoder(model) or given is None or input_shape(kwargs) is not None:
+        if not encoder_decoder(model) or given is None or shape is not None:
             return
         if self.prompts_for(given[0].shape[0]) is not None:
             raise ValueError("PromptTuning on an encoder-decoder puts the prompt before the encoder's input, but these "
@@ -151,7 +151,7 @@ class PromptInjector(PEFTModule):
         kwargs = named_forward_arguments(model, args, kwargs)
         shape = input_shape(kwargs)
         prompts = None if shape is None else self.prompts_for(shape[0])
-        self._check_encoder_ran_here(model, kwargs)
+        self._check_encoder_ran_here(model, kwargs, shape)
         cached = cached_length(given_cache(kwargs))
         if prompts is not None and prompts.lengths is not None and given_cache(kwargs) is not None:
             raise ValueError("per_row_adapters cannot generate with prompts of different lengths in one batch "
@@ -191,9 +191,10 @@ def prepend(model: nn.Module, kwargs: dict[str, Any], prompts: RowPrompts, shape
     positions = kwargs.get("position_ids")
     widen_attention_mask(kwargs, n, n + shape[1])
     shift_position_ids(kwargs, n, with_virtual=True)
-    prepend_to_token_inputs(kwargs, n, shape, encoder_decoder(model))
+    is_encoder_decoder = encoder_decoder(model)
+    prepend_to_token_inputs(kwargs, n, shape, is_encoder_decoder)
     if prompts.lengths is not None:
-        prompts.pack(kwargs, shape, positions, encoder_decoder(model))
+        prompts.pack(kwargs, shape, positions, is_encoder_decoder)
 
 
 class PromptTuning(PEFTCallback):

@@ -111,7 +111,8 @@ def decoder_argument(key: str) -> bool:
     return key == "labels" or key.startswith("decoder_")
 
 
-def prepend_to_token_inputs(kwargs: dict[str, Any], n: int, shape: tuple[int, int], encoder_decoder: bool) -> None:
+def prepend_to_token_inputs(kwargs: dict[str, Any], n: int, shape: tuple[int, int],
+                            is_encoder_decoder: bool) -> None:
     """Give ``n`` virtual positions token type 0 and label -100 (no loss), beside given token types and labels.
 
     An encoder-decoder's labels are its decoder's, which gets no prompt: they stay as they are.
@@ -121,7 +122,7 @@ def prepend_to_token_inputs(kwargs: dict[str, Any], n: int, shape: tuple[int, in
     if token_types is not None:
         kwargs["token_type_ids"] = torch.cat([token_types.new_zeros(batch, n), token_types], dim=1)
     labels = kwargs.get("labels")
-    if not encoder_decoder and _is_token_labels(labels, shape):  # sequence-level labels (classification) stay
+    if not is_encoder_decoder and _is_token_labels(labels, shape):  # sequence-level labels (classification) stay
         kwargs["labels"] = torch.cat([labels.new_full((batch, n), -100), labels], dim=1)
 
 

@@ -226,7 +226,7 @@ class PEFTCallback(ModelSetupCallback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if task_adapters(trainer, pl_module):  # MultiTaskData: each row's task, over gradient accumulation
+        if getattr(trainer.datamodule, "task_names", None):  # MultiTaskData: each row's task, over accumulation
             self._step_tasks = (self._step_tasks or set()) | set(batch["task"])
 
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
