@@ -170,3 +170,12 @@ def test_an_adapter_only_checkpoint_keeps_a_saved_modules_buffers(tmp_path):
     expected = trained.model.net[1].adapters["default"]
     got = resumed.model.net[1].adapters["default"]
     assert torch.equal(got.running_mean, expected.running_mean) and torch.equal(got.running_var, expected.running_var)
+
+
+def test_the_gathered_adapter_state_holds_a_saved_modules_buffers():
+    from lightning_peft import full_adapter_state_dict
+
+    model = trained_normed_head()
+    state = full_adapter_state_dict(model)
+    assert torch.equal(state["net.1.adapters.default.running_mean"], model.net[1].adapters["default"].running_mean)
+    assert "net.1.adapters.default.weight" in state and "net.1.base_layer.running_mean" not in state

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -156,8 +157,10 @@ def _bases_read_outside_their_forward(model: nn.Module) -> set[nn.Module]:
 def full_adapter_state_dict(module: nn.Module) -> dict[str, Tensor]:
     """Gather the adapter tensors of a sharded (or plain) ``module`` as full CPU tensors, to save them.
 
-    Takes the tensors that PEFT methods own or that are trainable. Sharded tensors (FSDP2's
-    DTensors) are gathered from all ranks, so every rank must call it.
+    Takes the tensors that PEFT methods own or that are trainable, and the buffers of modules that
+    train whole (a ``modules_to_save`` BatchNorm's running statistics), as adapter-only
+    checkpoints do. Sharded tensors (FSDP2's DTensors) are gathered from all ranks, so every rank
+    must call it.
 
     Args:
         module: the model, sharded with FSDP2 or not.
@@ -177,8 +180,8 @@ def full_adapter_state_dict(module: nn.Module) -> dict[str, Tensor]:
         ```
     """
     keys = adapter_state_keys(module)
-    named = ((state_key(name), param) for name, param in module.named_parameters())
-    return {key: _full_tensor(param) for key, param in named if key in keys}
+    named = ((state_key(name), tensor) for name, tensor in chain(module.named_parameters(), module.named_buffers()))
+    return {key: _full_tensor(tensor) for key, tensor in named if key in keys}
 
 
 def _full_tensor(tensor: Tensor) -> Tensor:
