@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from lightning_peft.core.per_row import RowSet
+from lightning_peft.core.rows import RowSet
 
 
 class PEFTModule(nn.Module):

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from lightning_peft.core.injection import wrap_modules
 from lightning_peft.core.layer import PEFTLayer, PEFTModule
 from lightning_peft.core.ownership import forget_claims, owners
-from lightning_peft.core.per_row import RowSet, replace_rows
+from lightning_peft.core.per_row import replace_rows
+from lightning_peft.core.rows import RowSet
 
 _COPY_TENSOR = re.compile(r"^(?P<module>.+)\.adapters\.[^.]+\.(?P<tensor>.+)$")
 
