@@ -226,7 +226,7 @@ def _has_test_data(datamodule: L.LightningDataModule | None) -> bool:
 
 
 def export_main(args: list[str]) -> None:
-    """``lightning-peft export CKPT --out DIR [--merged [--adapter NAME|all]]``."""
+    """``lightning-peft export CKPT --out DIR [--merged [--adapter NAME|all] | --for-original-base]``."""
     parser = CommandParser(prog="lightning-peft export",
                                      description="Write a checkpoint's adapter in the Hugging Face PEFT layout, "
                                                  "or with --merged a full transformers model folder.")
@@ -235,8 +235,12 @@ def export_main(args: list[str]) -> None:
     parser.add_argument("--merged", action="store_true", help="fold the adapter into the base weights")
     parser.add_argument("--adapter", help="with --merged and adapters of several names (tasks): the one to merge, "
                                           "or 'all' for adapters that trained together")
+    parser.add_argument("--for-original-base", action="store_true",
+                        help="write adapters that apply to the base weights as they were before injection: a PiSSA "
+                             "adapter becomes the plain LoRA of twice its rank equal to it (for vLLM, TGI)")
     options = parser.parse_args(args)
-    out = export_checkpoint(options.checkpoint, options.out, merged=options.merged, adapter=options.adapter)
+    out = export_checkpoint(options.checkpoint, options.out, merged=options.merged, adapter=options.adapter,
+                            for_original_base=options.for_original_base)
     print(f"exported {'merged model' if options.merged else 'adapter'} to {out}")
 
 

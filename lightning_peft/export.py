@@ -45,11 +45,13 @@ def _task_from_hyperparameters(checkpoint: dict, path: Path) -> L.LightningModul
     return getattr(importlib.import_module(module_name), class_name)(**hparams)
 
 
-def export_checkpoint(ckpt_path: str | Path, out: str | Path, merged: bool = False, adapter: str | None = None) -> Path:
+def export_checkpoint(ckpt_path: str | Path, out: str | Path, merged: bool = False, adapter: str | None = None,
+                      for_original_base: bool = False) -> Path:
     """Write the checkpoint's adapter(s) in the Hugging Face PEFT layout, or a merged transformers model.
 
     A merged model of a checkpoint with adapters of several names (several tasks) needs ``adapter``:
     the one to merge (the others are left out), or ``"all"`` for adapters that trained together.
+    ``for_original_base``: adapters that apply to the weights before injection (`save_adapter`'s).
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -57,6 +59,9 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, merged: bool = Fal
                          f"{'model' if merged else 'adapter'} files")
     if adapter is not None and not merged:
         raise ValueError("--adapter chooses what --merged merges; without --merged every adapter is exported")
+    if for_original_base and merged:
+        raise ValueError("--for-original-base rewrites adapters for the original weights; a --merged model holds the "
+                         "adapted weights themselves: give one or the other")
     module = rebuild_from_checkpoint(ckpt_path)
     if merged:
         _keep_for_merging(module, adapter, ckpt_path)
@@ -66,7 +71,7 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, merged: bool = Fal
         if getattr(module, "tokenizer", None) is not None:
             module.tokenizer.save_pretrained(out)
         return out
-    return export_adapters(module, out)
+    return export_adapters(module, out, for_original_base)
 
 
 def _keep_for_merging(module: nn.Module, adapter: str | None, ckpt_path: str | Path) -> None:
@@ -85,11 +90,12 @@ def _keep_for_merging(module: nn.Module, adapter: str | None, ckpt_path: str | P
             delete_adapter(module, name)
 
 
-def export_adapters(module: nn.Module, out: str | Path) -> Path:
+def export_adapters(module: nn.Module, out: str | Path, for_original_base: bool = False) -> Path:
     """Save every adapter of ``module``: one straight into ``out``, several in a folder each."""
     out = Path(out)
     refs = adapter_refs(module)
     for ref in refs:
         folder = out if len(refs) == 1 else out / f"{ref.method_name}-{ref.name}"
-        save_adapter(module, folder, adapter_name=ref.name, method=ref.method_name)
+        save_adapter(module, folder, adapter_name=ref.name, method=ref.method_name,
+                     for_original_base=for_original_base)
     return out

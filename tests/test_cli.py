@@ -255,6 +255,31 @@ def test_export_adapter_and_merged_model(tmp_path, tiny_model_dir):
     assert missing.returncode == 2 and "does not exist" in missing.stderr
 
 
+def test_export_for_the_original_base_turns_a_pissa_adapter_into_plain_lora(tmp_path, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from lightning_peft.export import export_checkpoint, rebuild_from_checkpoint
+
+    config = recipe(tmp_path, tiny_model_dir, write_data(tmp_path, "train", sentiment_rows(32, 0)))
+    fit = run_cli("fit", "--config", str(config), "--trainer.max_steps", "3", "--trainer.callbacks.init_args.init",
+                  "pissa")
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    (ckpt,) = Path(tmp_path).rglob("*.ckpt")
+    ids = torch.tensor([[2, 13, 11, 14, 15, 6, 3]])
+    with torch.no_grad():
+        expected = rebuild_from_checkpoint(ckpt)(ids)
+    exported = run_cli("export", str(ckpt), "--out", str(tmp_path / "plain"), "--for-original-base")
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert json.loads((tmp_path / "plain" / "adapter_config.json").read_text())["init_lora_weights"] is True
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    with torch.no_grad():
+        got = PeftModel.from_pretrained(base, tmp_path / "plain").eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="--for-original-base rewrites adapters .* give one or the other"):
+        export_checkpoint(ckpt, tmp_path / "merged", merged=True, for_original_base=True)
+
+
 def test_validate_before_fit_in_one_process(tiny_model_dir, tmp_path):
     """Metric states from `validate` (inference mode) neither break nor leak into fit's validation (no_grad)."""
     import lightning as L

@@ -191,6 +191,39 @@ def test_a_trained_pissa_adapter_loads_onto_the_original_base_here_and_in_peft(t
     torch.testing.assert_close(_logits(theirs, "llama"), expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind, settings", [("llama", {}), ("llama", {"use_rslora": True}),
+                                             ("llama", {"use_dora": True}), ("gpt2", {})])
+def test_a_pissa_adapter_saved_for_the_original_base_is_a_plain_lora_of_twice_the_rank(tmp_path, kind, settings):
+    base = _build(kind)
+    targets = ["q_proj", "v_proj"] if kind == "llama" else ["c_attn"]
+    ours = LoRA(r=4, alpha=8, target_modules=targets, init="pissa", **settings).inject(copy.deepcopy(base)).eval()
+    with torch.no_grad():  # trained
+        for param in ours.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.1)
+    save_adapter(ours, tmp_path, for_original_base=True)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["r"], config["init_lora_weights"]) == (8, True)
+    expected = _logits(ours, kind)
+    assert (expected - _logits(base, kind)).abs().max() > 1e-2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()  # no SVD: plain LoRA on W
+    torch.testing.assert_close(_logits(theirs, kind), expected, rtol=0, atol=1e-5)
+    mine = load_adapter(copy.deepcopy(base), tmp_path).eval()
+    torch.testing.assert_close(_logits(mine, kind), expected, rtol=0, atol=1e-5)
+    assert not any(torch.equal(layer.base_layer.weight, ours.get_submodule(name).base_layer.weight)
+                   for name, layer in mine.named_modules() if isinstance(layer, LoRALayer))  # W, not the residual
+
+
+def test_saving_a_plain_adapter_for_the_original_base_writes_it_as_it_is(tmp_path):
+    model = LoRA(r=4, target_modules=["q_proj"]).inject(_build("llama"))
+    save_adapter(model, tmp_path / "as_is")
+    save_adapter(model, tmp_path / "original", for_original_base=True)
+    for file in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / "as_is" / file).read_bytes() == (tmp_path / "original" / file).read_bytes()
+
+
 @pytest.mark.parametrize("init", ["olora", "corda", "loftq", "pissa_niter_4"])
 def test_a_peft_file_whose_init_rewrote_the_base_is_refused(tmp_path, init):
     base = _build("llama")

@@ -176,6 +176,19 @@ def test_dequantize_base_then_merge_is_exact():
     torch.testing.assert_close(model(ids()).logits, unmerged, rtol=0, atol=1e-5)
 
 
+def test_a_pissa_adapter_for_the_original_base_says_a_quantized_residual_was_rounded(tmp_path):
+    from lightning_peft import load_adapter, save_adapter
+
+    model = LoRA(r=4, target_modules=["q_proj", "v_proj"], init="pissa").inject(QuantizeBase("nf4").inject(llama()))
+    with pytest.warns(UserWarning, match=r"q_proj' \(4 PiSSA layer\(s\)\) has a quantized base, whose residual was "
+                                         "rounded"):
+        save_adapter(model, tmp_path, for_original_base=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the PiSSA file itself is exact: nothing to say
+        save_adapter(model, tmp_path / "pissa")
+    load_adapter(QuantizeBase("nf4").inject(llama()), tmp_path)  # a plain LoRA file of rank 8
+
+
 def test_dequantized_weight_undoes_the_cpu_inference_layout():
     """AVX512-BF16 CPUs repack 4-bit weights at an eval forward; reading the weight must not depend on it."""
     from bitsandbytes.functional import _convert_weight_packed_for_cpu

@@ -13,7 +13,7 @@ import json
 import re
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -119,14 +119,27 @@ def adapter_tensors(module: nn.Module, ref: AdapterRef) -> dict[str, torch.Tenso
     return {saved_module_name(name[len(prefix) + 1:] if prefix else name, root): t for name, t in tensors.items()}
 
 
-def file_tensors(module: nn.Module, ref: AdapterRef) -> dict[str, torch.Tensor]:
-    """One adapter's tensors under the keys its file uses: peft's where peft has the method, else ours."""
+def file_tensors(module: nn.Module, ref: AdapterRef,
+                 tensors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """One adapter's tensors under the keys its file uses: peft's where peft has the method, else ours.
+
+    ``tensors``: the adapter's tensors named from the model root; by default, those the model holds.
+    """
     _, root = model_root(module)
+    tensors = adapter_tensors(module, ref) if tensors is None else tensors
     adapter_format = file_format(ref, root)
     if adapter_format is not None and adapter_format.to_file is not None:
-        tensors = adapter_format.to_file(adapter_tensors(module, ref), root)
-        return {adapter_format.file_key(name, root): t for name, t in tensors.items()}
-    return {key: t for key, (_, t) in file_entries(module, ref).items()}
+        tensors = adapter_format.to_file(tensors, root)
+    key = file_key_for(ref, root)
+    return {key(name): t for name, t in tensors.items()}
+
+
+def file_key_for(ref: AdapterRef, root: nn.Module) -> Callable[[str], str]:
+    """The file key of each of ``ref``'s tensor names on the model ``root``: peft's where its layout applies."""
+    adapter_format = file_format(ref, root)
+    if adapter_format is None:
+        return lambda name: native_key(name, root)
+    return lambda name: adapter_format.file_key(name, root)
 
 
 def file_entries(module: nn.Module, ref: AdapterRef) -> dict[str, tuple[str, torch.Tensor]]:
@@ -139,8 +152,7 @@ def file_entries(module: nn.Module, ref: AdapterRef) -> dict[str, tuple[str, tor
     if adapter_format is not None and adapter_format.to_file is not None:
         raise ValueError(f"{ref}'s file holds tensors computed from the adapter, not the adapter's own; "
                          "its parameters cannot be set from it")
-    key = (lambda name: native_key(name, root)) if adapter_format is None else (
-        lambda name: adapter_format.file_key(name, root))
+    key = file_key_for(ref, root)
     return {key(name): (name, t) for name, t in adapter_tensors(module, ref).items()}
 
 
@@ -161,7 +173,8 @@ def format_owner(method: type) -> type:
     return next(cls for cls in method.__mro__ if "peft_format" in vars(cls))
 
 
-def save_adapter(module: nn.Module, path: PathLike, adapter_name: str = "default", method: str | None = None) -> Path:
+def save_adapter(module: nn.Module, path: PathLike, adapter_name: str = "default", method: str | None = None,
+                 for_original_base: bool = False) -> Path:
     """Save one adapter to the folder ``path``, in Hugging Face peft's layout where peft has the method.
 
     The folder (created if needed) gets ``adapter_config.json`` and ``adapter_model.safetensors``,
@@ -177,6 +190,10 @@ def save_adapter(module: nn.Module, path: PathLike, adapter_name: str = "default
         adapter_name: name of the adapter to save.
         method: registered name of the adapter's method (``"LoRA"``, ``"IA3"``, ...); needed only
             when adapters of several methods share ``adapter_name``.
+        for_original_base: write an adapter that applies to the base weights as they were before
+            injection. A PiSSA adapter (which moved W's top-r part into itself) becomes the plain
+            LoRA of rank 2r equal to it, which vLLM, TGI and peft apply without redoing the SVD;
+            other adapters are written as they are.
 
     Returns:
         The folder, as a ``Path``.
@@ -200,7 +217,11 @@ def save_adapter(module: nn.Module, path: PathLike, adapter_name: str = "default
     if reason:
         warnings.warn(f"{ref} is saved in lightning-peft's own layout, which peft does not read: {reason}",
                       stacklevel=2)
-    tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in file_tensors(module, ref).items()}
+    own = adapter_tensors(module, ref)
+    if for_original_base:
+        settings, own = ref.method.for_original_base(ref.config, own, root)
+        ref = replace(ref, config=settings)  # the same adapter (refs compare by names) with the settings to write
+    tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in file_tensors(module, ref, own).items()}
     config = json.dumps(_jsonable(file_config(module, ref)), indent=2)
     metadata = {"format": "pt", DIGEST_KEY: tensor_digest(tensors)}
     folder = Path(path)

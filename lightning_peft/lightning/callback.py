@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Literal
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_utilities.core.overrides import is_overridden
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_peft.core.adapter_files import AdapterFormat, class_path
 from lightning_peft.core.ownership import AdapterRef, adapter_refs, claim, freeze_unclaimed
@@ -195,6 +195,15 @@ class PEFTCallback(ModelSetupCallback):
         computes; a method whose settings change that beyond its tensors' shapes says so here.
         """
         return None
+
+    @staticmethod
+    def for_original_base(settings: dict[str, Any], tensors: dict[str, Tensor],
+                          root: nn.Module) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """The adapter's settings and tensors (named from ``root``) as an adapter of the base weights it started from.
+
+        The same adapter, unless the method rewrote base weights when it was injected (LoRA's PiSSA).
+        """
+        return settings, tensors
 
     def _modules_to_save(self, module: nn.Module) -> list[tuple[str, nn.Module]]:
         if not self.modules_to_save:

@@ -6,7 +6,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_peft.core.checks import check_choice, check_positive_int, check_positive_number, check_probability
 from lightning_peft.core.injection import wrap_modules, wrap_parameters
@@ -25,6 +25,7 @@ from lightning_peft.lightning.callback import CheckpointPolicy, PEFTCallback
 from lightning_peft.lora.layers import INITS, LoRALayer, lora_layer_for
 from lightning_peft.lora.parameters import LoRAParameter
 from lightning_peft.lora.peft_format import LORA_FORMAT
+from lightning_peft.lora.pissa import pissa_as_lora
 
 
 class LoRA(PEFTCallback):
@@ -99,6 +100,12 @@ class LoRA(PEFTCallback):
             return None
         return (f"the slot's base weights hold {base(slot)}, and the file's adapter was trained against "
                 f"{base(incoming)}; load it with load_adapter instead")
+
+    @staticmethod
+    def for_original_base(settings: dict[str, Any], tensors: dict[str, Tensor],
+                          root: nn.Module) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """A PiSSA adapter as the rank-2r plain LoRA of the original W (`pissa_as_lora`); any other as it is."""
+        return pissa_as_lora(settings, tensors, root) if settings.get("init") == "pissa" else (settings, tensors)
 
     def __init__(
         self,

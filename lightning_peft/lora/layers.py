@@ -195,6 +195,8 @@ class LoRALinear(LoRALayer):
         root_s = torch.sqrt(s[:r] / adapter.scale)
         adapter.lora_A.copy_(root_s[:, None] * vh[:r])
         adapter.lora_B.copy_(u[:, :r] * root_s[None, :])
+        adapter.register_buffer("initial_A", adapter.lora_A.detach().clone(), persistent=False)  # for pissa_as_lora
+        adapter.register_buffer("initial_B", adapter.lora_B.detach().clone(), persistent=False)
         residual = weight.float() - adapter.update()
         replace_weight(self.base_layer, self.to_weight_layout(residual))  # quantized again on a 4/8-bit base
 
