@@ -8,6 +8,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from lightning_peft import (
+    Adapter,
     LoRA,
     delete_adapter,
     disable_adapters,
@@ -278,3 +279,22 @@ def test_equal_adapters_are_equal_files(tmp_path):
     assert len(files) == 1
     with safe_open(tmp_path / "0" / "adapter_model.safetensors", "pt") as f:
         assert set(f.metadata()) == {"format", "lightning_peft_sha256"}  # read back as a dict in any order
+
+
+@pytest.mark.parametrize("method", [LoRA(r=4, dropout=0.3, target_modules=["q_proj", "v_proj"]),
+                                    Adapter(bottleneck_dim=8, dropout=0.3)])
+def test_an_adapter_loaded_into_a_model_in_eval_mode_runs_in_eval_mode(tmp_path, method):
+    base = tiny_llama().eval()
+    trained = method.inject(copy.deepcopy(base))
+    with torch.no_grad():  # trained: the adapter changes the output
+        for param in trained.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.1)
+    ids = torch.randint(0, VOCAB, (2, 8))
+    expected = trained(ids).logits
+    save_adapter(trained, tmp_path)
+    loaded = load_adapter(copy.deepcopy(base), tmp_path)
+    assert not any(module.training for module in loaded.modules())  # no dropout at inference
+    torch.testing.assert_close(loaded(ids).logits, expected, rtol=0, atol=1e-5)
+    training = load_adapter(copy.deepcopy(base).train(), tmp_path)
+    assert all(module.training for module in training.modules())

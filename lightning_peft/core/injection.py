@@ -70,6 +70,22 @@ def _layer_for_parameter(module: nn.Module, path: str, layer_type: type[PEFTLaye
     return None
 
 
+def modules_of(root: nn.Module) -> set[int]:
+    """The ids of every module in ``root``, to tell afterwards which modules an injection added."""
+    return {id(module) for module in root.modules()}
+
+
+def give_new_modules_their_parents_mode(root: nn.Module, before: set[int]) -> None:
+    """Put each module added since ``before`` in its parent's train or eval mode (new modules start in train).
+
+    So an adapter loaded into a model in eval mode runs without dropout, as the model around it does.
+    """
+    for parent in root.modules():
+        for child in parent.children():
+            if id(child) not in before:
+                child.training = parent.training  # the parent is set first: modules() goes top-down
+
+
 def peft_layers(root: nn.Module) -> Iterator[tuple[str, PEFTLayer]]:
     """Every PEFT layer in ``root`` with its name."""
     for name, module in root.named_modules():

@@ -24,6 +24,7 @@ from lightning_utilities.core.overrides import is_overridden
 from torch import Tensor, nn
 
 from lightning_peft.core.adapter_files import AdapterFormat, class_path
+from lightning_peft.core.injection import give_new_modules_their_parents_mode, modules_of
 from lightning_peft.core.ownership import AdapterRef, adapter_refs, claim, freeze_unclaimed
 from lightning_peft.core.rollback import TreeRecord, all_or_nothing
 from lightning_peft.core.saved_modules import save_modules
@@ -175,6 +176,7 @@ class PEFTCallback(ModelSetupCallback):
         ref = self.ref
         if ref in adapter_refs(module):
             raise ValueError(f"{ref} is already injected into this model; pass another adapter_name")
+        before = modules_of(module)
         with all_or_nothing(module):
             trained = self.inject_into(module)
             saved = self._modules_to_save(module)
@@ -182,6 +184,7 @@ class PEFTCallback(ModelSetupCallback):
             trained = [p for p in trained if id(p) not in inside]
             claim(module, ref, trained + save_modules(module, saved, self.adapter_name, self.owner))
             freeze_unclaimed(module)
+            give_new_modules_their_parents_mode(module, before)
         self._injected.add(module)
         return module
 
