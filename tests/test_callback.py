@@ -87,7 +87,8 @@ def test_step_zero_output_equals_base(case):
 
 def test_merge_and_unmerge_after_training():
     module, loader, lora_kwargs, _ = llama_case()
-    make_trainer([LoRA(r=R, alpha=8, **lora_kwargs)], max_steps=4).fit(module, loader)
+    trainer = make_trainer([LoRA(r=R, alpha=8, **lora_kwargs)], max_steps=4)
+    trainer.fit(module, loader)
     module.eval()
     batch = next(iter(loader))[0]
     base_weights = {n.replace(".base_layer", ""): p.detach().clone() for n, p in module.named_parameters()
@@ -98,6 +99,9 @@ def test_merge_and_unmerge_after_training():
     assert not any(isinstance(m, LoRALayer) for m in module.modules())
     assert not any("adapters" in n for n, _ in module.named_parameters())
     assert torch.allclose(module(batch), unmerged_logits, atol=1e-5)
+    module.predict_step = lambda batch, batch_idx: module(batch[0])
+    trainer.predict(module, loader)  # setup again: the callback knows its adapter is merged, and adds none
+    assert not any(isinstance(m, LoRALayer) for m in module.modules())
 
     unmerge(module)
     for name, param in module.named_parameters():

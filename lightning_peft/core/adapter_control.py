@@ -9,7 +9,7 @@ from torch import nn
 
 from lightning_peft.core.injection import peft_layers, replace_module
 from lightning_peft.core.layer import PEFTLayer, PEFTModule
-from lightning_peft.core.merging import merged_layers
+from lightning_peft.core.merging import check_unmerged
 from lightning_peft.core.ownership import adapter_refs, freeze_unclaimed, release
 from lightning_peft.core.saved_modules import SavedModule
 
@@ -41,12 +41,6 @@ def _check_known(module: nn.Module, adapter_name: str) -> None:
         raise ValueError(f"no adapter named '{adapter_name}'; this model has: {known}")
 
 
-def _check_unmerged(module: nn.Module, what: str) -> None:
-    """Refuse to switch adapters of a model whose merged adapters are in its weights, where no switch reaches them."""
-    if merged_layers(module):
-        raise ValueError(f"{what}: this model has merged adapters, which are in its weights now; unmerge it first")
-
-
 def set_adapter(module: nn.Module, adapter_name: str) -> None:
     """Make ``adapter_name`` the only active adapter of ``module``, to switch between adapters on one base.
 
@@ -71,7 +65,7 @@ def set_adapter(module: nn.Module, adapter_name: str) -> None:
         set_adapter(model, "topic")  # only "topic" is active
         ```
     """
-    _check_unmerged(module, "set_adapter")
+    check_unmerged(module, "set_adapter")
     _check_known(module, adapter_name)
     for part in _peft_parts(module):
         part.set_active([adapter_name])
@@ -104,7 +98,7 @@ def disable_adapters(module: nn.Module) -> Iterator[nn.Module]:
             base_logits = model(**batch).logits
         ```
     """
-    _check_unmerged(module, "disable_adapters")
+    check_unmerged(module, "disable_adapters")
     saved = [(part, list(part.active_adapters)) for part in _peft_parts(module)]
     try:
         for part, _ in saved:

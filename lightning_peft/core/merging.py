@@ -47,6 +47,7 @@ def merge(module: nn.Module) -> nn.Module:
     for name, layer in reversed(list(peft_layers(module))):  # innermost first when layers are nested
         parent_name, _, child = name.rpartition(".")
         parent = module.get_submodule(parent_name)
+        layer.merged_adapters = tuple(layer.active_adapters)  # what unmerge takes out, whatever is active then
         replace_module(module, name, layer.merged_base_layer())
         parent.__dict__.setdefault(_MERGED, {})[child] = layer
     return module
@@ -81,7 +82,9 @@ def unmerge(module: nn.Module) -> nn.Module:
         for parent, child, layer in merged:
             if getattr(parent, child) is not layer.merged_module():
                 raise RuntimeError(f"unmerge: '{child}' was replaced after the merge; cannot restore its adapter")
-            layer.unmerge()
+            active, layer.active_adapters = layer.active_adapters, list(layer.merged_adapters)
+            layer.unmerge()  # the adapters merged, even if another set is active now (disable_adapters ended)
+            layer.active_adapters = active
             setattr(parent, child, layer)
             del parent.__dict__[_MERGED][child]
         restored = True
@@ -94,3 +97,10 @@ def merged_layers(module: nn.Module) -> list[tuple[nn.Module, str, PEFTLayer]]:
     """The merged layers kept by modules of ``module`` now, as ``(parent, child name, layer)``."""
     return [(parent, child, layer) for parent in module.modules()
             for child, layer in parent.__dict__.get(_MERGED, {}).items()]
+
+
+def check_unmerged(module: nn.Module, what: str, instead: str = "") -> None:
+    """Refuse ``what`` on a model whose merged adapters are in its weights, where no switch or new layer acts."""
+    if merged_layers(module):
+        raise ValueError(f"{what}: this model has merged adapters, which are in its weights now; unmerge it first"
+                         + (f", {instead}" if instead else ""))

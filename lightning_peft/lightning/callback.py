@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from lightning_peft.core.adapter_files import AdapterFormat, class_path
 from lightning_peft.core.injection import give_new_modules_their_parents_mode, modules_of
+from lightning_peft.core.merging import check_unmerged, merged_layers
 from lightning_peft.core.ownership import AdapterRef, adapter_refs, claim, freeze_unclaimed
 from lightning_peft.core.rollback import TreeRecord, all_or_nothing
 from lightning_peft.core.saved_modules import save_modules
@@ -171,11 +172,12 @@ class PEFTCallback(ModelSetupCallback):
 
     def inject(self, module: nn.Module) -> nn.Module:
         """Add the method to ``module`` (once), then train only what PEFT methods own; on an error, change nothing."""
-        if module in self._injected and self.ref in adapter_refs(module):
-            return module  # applied already (setup runs at every stage); a rolled-back injection is redone
+        if module in self._injected and (self.ref in adapter_refs(module) or merged_layers(module)):
+            return module  # applied (setup runs at every stage), maybe merged since; a rolled-back one is redone
         ref = self.ref
         if ref in adapter_refs(module):
             raise ValueError(f"{ref} is already injected into this model; pass another adapter_name")
+        check_unmerged(module, f"{ref}: cannot inject", "or save the merged model and use it as a new base")
         before = modules_of(module)
         with all_or_nothing(module):
             trained = self.inject_into(module)
