@@ -11,8 +11,11 @@ from torch import nn
 
 from lightning_peft.core.injection import peft_layers, replace_module
 from lightning_peft.core.layer import PEFTLayer, PEFTModule
+from lightning_peft.core.models import model_root
+from lightning_peft.core.ownership import holders
 
 _MERGED = "_lightning_peft_merged"  # on a parent module: {child name: the PEFT layer merged there}
+_TIED = "_lightning_peft_untied"  # on a merged layer: {local name: the shared weight}; on the model: config untied
 
 
 def merge(module: nn.Module) -> nn.Module:
@@ -22,7 +25,10 @@ def merge(module: nn.Module) -> nn.Module:
     (Adapter, PromptTuning, PrefixTuning) raises before anything changes. The PEFT layers are kept
     aside, inactive adapters included, so `unmerge` can restore them. On a quantized base
     (`QuantizeBase`) the merged weight is rounded to the base's format again, with a warning;
-    ``lightning_peft.quantization.dequantize_base(module)`` first makes the merge exact.
+    ``lightning_peft.quantization.dequantize_base(module)`` first makes the merge exact. A weight
+    shared with another module (tied input and output embeddings) is copied first, so only the
+    adapted end changes, and the transformers config stops tying them, so a saved merged model
+    loads (in vLLM too) as merged; `unmerge` ties them again.
 
     Args:
         module: a model with adapters, or a LightningModule holding one; changed in place.
@@ -44,10 +50,12 @@ def merge(module: nn.Module) -> nn.Module:
     unmergeable = sorted({m.method for m in module.modules() if isinstance(m, PEFTModule) and not m.mergeable})
     if unmergeable:
         raise ValueError(f"{', '.join(unmergeable)} adapters cannot be merged into the base weights")
+    where = holders(module)
     for name, layer in reversed(list(peft_layers(module))):  # innermost first when layers are nested
         parent_name, _, child = name.rpartition(".")
         parent = module.get_submodule(parent_name)
         layer.merged_adapters = tuple(layer.active_adapters)  # what unmerge takes out, whatever is active then
+        _untie(module, layer, where)
         replace_module(module, name, layer.merged_base_layer())
         parent.__dict__.setdefault(_MERGED, {})[child] = layer
     return module
@@ -85,6 +93,7 @@ def unmerge(module: nn.Module) -> nn.Module:
             active, layer.active_adapters = layer.active_adapters, list(layer.merged_adapters)
             layer.unmerge()  # the adapters merged, even if another set is active now (disable_adapters ended)
             layer.active_adapters = active
+            _tie_again(module, layer)
             setattr(parent, child, layer)
             del parent.__dict__[_MERGED][child]
         restored = True
@@ -97,6 +106,34 @@ def merged_layers(module: nn.Module) -> list[tuple[nn.Module, str, PEFTLayer]]:
     """The merged layers kept by modules of ``module`` now, as ``(parent, child name, layer)``."""
     return [(parent, child, layer) for parent in module.modules()
             for child, layer in parent.__dict__.get(_MERGED, {}).items()]
+
+
+def _untie(root: nn.Module, layer: PEFTLayer, where: dict[int, list[tuple[nn.Module, str]]]) -> None:
+    """Give ``layer``'s base its own copy of each weight it shares with a module outside it (tied embeddings).
+
+    So merging changes this layer alone, not the output head tied to an adapted input embedding;
+    the transformers config stops tying them, so a saved merged model loads as merged. The shared
+    tensor is kept on the layer for unmerge.
+    """
+    inside = {id(m) for m in layer.modules()}
+    base = layer.base_layer
+    for local, param in list(base._parameters.items()):
+        if param is not None and any(id(m) not in inside for m, _ in where.get(id(param), [])):
+            layer.__dict__.setdefault(_TIED, {})[local] = param
+            setattr(base, local, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad))
+            _, model = model_root(root)
+            if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+                model.config.tie_word_embeddings = False
+                model.__dict__[_TIED] = True
+
+
+def _tie_again(root: nn.Module, layer: PEFTLayer) -> None:
+    """Give ``layer``'s base back the weights it shared before `merge` (see `_untie`)."""
+    for local, param in layer.__dict__.pop(_TIED, {}).items():
+        setattr(layer.base_layer, local, param)
+        _, model = model_root(root)
+        if model.__dict__.pop(_TIED, False):
+            model.config.tie_word_embeddings = True
 
 
 def check_unmerged(module: nn.Module, what: str, instead: str = "") -> None:
