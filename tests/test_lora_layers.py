@@ -254,6 +254,36 @@ def test_merging_an_adapter_on_a_tied_embedding_leaves_the_other_end_as_it_was(t
     assert base.weight is shared and model.config.tie_word_embeddings  # tied again
 
 
+class TorchEncoder(nn.Module):
+    """PyTorch's own transformer encoder, whose eval-mode fast path reads its layers' weights directly."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 16)
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True), 2)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, input_ids, padding):
+        return self.head(self.encoder(self.embed(input_ids), src_key_padding_mask=padding)[:, 0])
+
+
+@pytest.mark.parametrize("method", [LoRA(r=4), IA3(target_modules=["linear1", "linear2"],
+                                                   feedforward_modules=["linear2"])])
+def test_adapters_act_in_pytorchs_transformer_encoder_in_eval_mode(method):
+    torch.manual_seed(0)
+    model = method.inject(TorchEncoder())
+    with torch.no_grad():  # trained
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.3)
+    ids = torch.randint(0, VOCAB, (2, 6))
+    padding = torch.tensor([[False] * 6, [False] * 4 + [True] * 2])
+    trained = model(ids, padding)  # train mode, no dropout: the plain path
+    with torch.no_grad():
+        inference = model.eval()(ids, padding)  # the fused fast path would skip the adapters
+    torch.testing.assert_close(inference, trained, rtol=0, atol=1e-5)
+
+
 # --- (c) trainable counts in closed form -------------------------------------------------------------
 
 

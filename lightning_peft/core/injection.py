@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 
 from torch import nn
 
-from lightning_peft.core.layer import PEFTLayer
+from lightning_peft.core.layer import PEFTLayer, PEFTModule
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -84,6 +84,29 @@ def give_new_modules_their_parents_mode(root: nn.Module, before: set[int]) -> No
         for child in parent.children():
             if id(child) not in before:
                 child.training = parent.training  # the parent is set first: modules() goes top-down
+
+
+def keep_pytorch_fast_paths_off(root: nn.Module) -> None:
+    """Make each ``nn.TransformerEncoderLayer`` (and its ``nn.TransformerEncoder``) holding PEFT parts run plainly.
+
+    In eval mode PyTorch's fused fast path reads the layer's weights straight off its submodules,
+    the frozen base weights, so it would skip every adapter there. A forward pre-hook on the layer
+    is one of the things that turns it off, per layer and only where adapters sit; the stack's
+    nested-tensor inputs, which only that fast path reads, are turned off with it.
+    """
+    for module in root.modules():
+        if not isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerEncoder)):
+            continue
+        if not any(isinstance(part, PEFTModule) for part in module.modules()):
+            continue
+        if isinstance(module, nn.TransformerEncoder):
+            module.use_nested_tensor = False
+        elif _slow_path not in module._forward_pre_hooks.values():
+            module.register_forward_pre_hook(_slow_path)
+
+
+def _slow_path(module: nn.Module, args: tuple) -> None:
+    """Does nothing: its presence keeps PyTorch's fused fast path off (see `keep_pytorch_fast_paths_off`)."""
 
 
 def peft_layers(root: nn.Module) -> Iterator[tuple[str, PEFTLayer]]:

@@ -24,7 +24,7 @@ from lightning_utilities.core.overrides import is_overridden
 from torch import Tensor, nn
 
 from lightning_peft.core.adapter_files import AdapterFormat, class_path
-from lightning_peft.core.injection import give_new_modules_their_parents_mode, modules_of
+from lightning_peft.core.injection import give_new_modules_their_parents_mode, keep_pytorch_fast_paths_off, modules_of
 from lightning_peft.core.merging import check_unmerged, merged_layers
 from lightning_peft.core.ownership import AdapterRef, adapter_refs, claim, freeze_unclaimed
 from lightning_peft.core.rollback import TreeRecord, all_or_nothing
@@ -187,6 +187,7 @@ class PEFTCallback(ModelSetupCallback):
             claim(module, ref, trained + save_modules(module, saved, self.adapter_name, self.owner))
             freeze_unclaimed(module)
             give_new_modules_their_parents_mode(module, before)
+            keep_pytorch_fast_paths_off(module)
         self._injected.add(module)
         return module
 
