@@ -89,12 +89,13 @@ def test_lr_sweep_chooses_each_rate_on_validation_rows_cut_from_training(tmp_pat
 def test_the_sweep_chooses_the_best_validation_score(tmp_path, monkeypatch, metric, scores, chosen):
     from lightning_peft.compare import runner
 
-    plan = plan_method(yaml.safe_load((RECIPES / "lora_sentiment.yaml").read_text()), "lora_sentiment", "lora", {})
+    recipe = yaml.safe_load((RECIPES / "lora_sentiment.yaml").read_text())
+    plan = plan_method(recipe, "lora_sentiment", "lora", {})
     by_rate = dict(zip([1e-3, 3e-3, 1e-2], scores, strict=True))
     monkeypatch.setattr(runner, "_sweep_run", lambda recipe, candidate, *rest: {
         "status": "ok", "error": None, "metric_name": metric, "higher_is_better": metric == "val_acc",
         "metric": by_rate[round(candidate.learning_rate, 9)]})
-    tried = runner.sweep_rate({}, plan, 0, None, tmp_path, [0.5, 1.5, 5], "[1/1]")["lr_sweep"]
+    tried = runner.sweep_rate(recipe, plan, 0, None, tmp_path, [0.5, 1.5, 5], "[1/1]")["lr_sweep"]
     assert [t["learning_rate"] for t in tried] == pytest.approx([1e-3, 3e-3, 1e-2])  # lora_sentiment's 2e-3 x each
     assert plan.learning_rate == pytest.approx(chosen)
 
@@ -102,12 +103,79 @@ def test_the_sweep_chooses_the_best_validation_score(tmp_path, monkeypatch, metr
 def test_a_saved_run_is_kept_only_for_the_same_settings(tmp_path):
     from lightning_peft.compare.runner import _saved_result, identity
 
-    plan = plan_method(yaml.safe_load((RECIPES / "lora_sentiment.yaml").read_text()), "lora_sentiment", "lora", {})
-    (tmp_path / "result.json").write_text(json.dumps({**identity(plan, 0, None), "status": "ok"}))
-    assert _saved_result(tmp_path, identity(plan, 0, None)) is not None
-    assert _saved_result(tmp_path, identity(plan, 0, 50)) is None  # another step budget
+    recipe = yaml.safe_load((RECIPES / "lora_sentiment.yaml").read_text())
+    plan = plan_method(recipe, "lora_sentiment", "lora", {})
+    (tmp_path / "result.json").write_text(json.dumps({**identity(recipe, plan, 0, None), "status": "ok"}))
+    assert _saved_result(tmp_path, identity(recipe, plan, 0, None)) is not None
+    assert _saved_result(tmp_path, identity(recipe, plan, 0, 50)) is None  # another step budget
+    edited = yaml.safe_load((RECIPES / "lora_sentiment.yaml").read_text())
+    edited["data"]["init_args"]["batch_size"] = 4
+    assert _saved_result(tmp_path, identity(edited, plan, 0, None)) is None  # the recipe changed
+    plan.callbacks[0]["init_args"]["r"] = 4
+    assert _saved_result(tmp_path, identity(recipe, plan, 0, None)) is None  # the method's settings changed
+    plan = plan_method(recipe, "lora_sentiment", "lora", {})
     plan.learning_rate *= 3
-    assert _saved_result(tmp_path, identity(plan, 0, None)) is None  # another rate (a sweep chose otherwise)
+    assert _saved_result(tmp_path, identity(recipe, plan, 0, None)) is None  # another rate (a sweep chose otherwise)
+
+
+def test_a_saved_run_is_run_again_when_its_data_file_changed(tmp_path, tiny_recipe):
+    from lightning_peft.compare.runner import _saved_result, identity
+
+    recipe = yaml.safe_load(tiny_recipe.read_text())
+    plan = plan_method(recipe, str(tiny_recipe), "lora", {})
+    (tmp_path / "result.json").write_text(json.dumps({**identity(recipe, plan, 0, None), "status": "ok"}))
+    train = tmp_path / "train.csv"
+    train.write_text(train.read_text() + "another movie,positive\n")
+    assert _saved_result(tmp_path, identity(recipe, plan, 0, None)) is None
+
+
+def test_a_kept_run_reports_the_sweep_that_chose_its_rate(tmp_path):
+    from lightning_peft.compare.runner import identity, run_once
+
+    recipe = yaml.safe_load((RECIPES / "lora_sentiment.yaml").read_text())
+    plan = plan_method(recipe, "lora_sentiment", "lora", {})
+    run_dir = tmp_path / "runs" / "lora-seed0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "result.json").write_text(json.dumps({**identity(recipe, plan, 0, None), "status": "ok",
+                                                     "lr_sweep": [{"learning_rate": 1.0}]}))
+    sweep = {"lr_sweep": [{"learning_rate": plan.learning_rate}]}
+    assert run_once(recipe, plan, 0, None, tmp_path, "[1/1]", sweep=sweep)["lr_sweep"] == sweep["lr_sweep"]
+
+
+def test_the_recipes_own_method_trains_at_the_tasks_default_rate_when_the_recipe_sets_none():
+    import inspect
+
+    from lightning_peft.tasks import SequenceClassification
+
+    recipe = yaml.safe_load((RECIPES / "lora_sentiment.yaml").read_text())
+    del recipe["model"]["init_args"]["learning_rate"]
+    default = inspect.signature(SequenceClassification).parameters["learning_rate"].default
+    assert plan_method(recipe, "mine.yaml", "lora", {}).learning_rate == default  # as fit trains it
+
+
+def test_steps_count_optimizer_steps_under_gradient_accumulation(tmp_path):
+    import lightning as L
+    import torch
+
+    from lightning_peft.compare.worker import MeasureTraining
+
+    class Dicts(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch["input_ids"].float()).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    measure = MeasureTraining(tmp_path / "progress.json")
+    data = torch.utils.data.DataLoader([{"input_ids": torch.ones(2, 4, dtype=torch.long)}] * 12, batch_size=None)
+    L.Trainer(accelerator="cpu", max_steps=3, accumulate_grad_batches=4, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, callbacks=[measure]).fit(Dicts(), data)
+    assert measure.figures()["steps"] == 3 and len(measure.durations) == 3
+    assert measure.samples == 3 * 4 * 2  # every accumulated batch's rows
 
 
 @pytest.mark.parametrize("command", ["compare", "estimate"])
@@ -123,6 +191,23 @@ def test_a_saved_run_is_kept_only_for_the_same_settings(tmp_path):
 def test_bad_requests_get_one_line_before_any_training(tmp_path, command, args, message, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = run_cli(command, *args, *(["--out", str(tmp_path / "out")] if command == "compare" else []))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(f"lightning-peft: error: {message}")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "lora,ia3,lora"], "--methods: lora is named twice; each is run once"),
+    (["--methods", "lora", "--seeds", "0,1,0"], "--seeds: 0 is named twice; each is run once"),
+    (["--methods", ","], "--methods: name at least one, from: lora,dora"),
+    (["--methods", "lora", "--seeds", ","], "--seeds: name at least one, e.g. 0,1"),
+    (["--methods", "lora", "--max_steps", "0"], "--max_steps 0: every run trains at least 1 step"),
+    (["--methods", "lora", "--set", "lora.learning_rate=abc"],
+     "--set lora.learning_rate=abc: a learning rate is a positive number"),
+])
+def test_bad_compare_lists_get_one_line_before_any_training(tmp_path, args, message, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run_cli("compare", "--config", "lora_sentiment", *args, "--out", str(tmp_path / "out"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(f"lightning-peft: error: {message}")
     assert not (tmp_path / "out").exists()

@@ -198,8 +198,19 @@ def test_all_failed_still_writes_a_report(tmp_path):
     rows = [{"method": "lora", "seed": 0, "status": "failed", "error": "ValueError: no data"}]
     written = write_report(rows, tmp_path, CONTEXT)
     md = written["md"].read_text(encoding="utf-8")
-    assert "No method finished with a measured quality." in md and "- lora (seed 0): ValueError: no data" in md
+    assert "No method finished." in md and "- lora (seed 0): ValueError: no data" in md
     assert set(written) == {"md", "csv", "json"}
+
+
+def test_without_a_test_split_the_costs_are_still_compared(tmp_path):
+    rows = [{**row, "metric": None, "metric_name": None, "metrics": {}} for row in classification_rows()]
+    md = write_report(rows, tmp_path, CONTEXT)["md"].read_text(encoding="utf-8")
+    assert verdict(md, "Quality") == "- Quality: not measured, since the recipe's data has no test split (give it a " \
+                                     "test_file)"
+    assert verdict(md, "Smallest adapter") == "- Smallest adapter: ia3, 75.0 KB (next: lora, 1.2 MB)"
+    assert verdict(md, "Least memory").startswith("- Least memory: ia3")
+    table = [line for line in md.splitlines() if line.startswith("| lora ") or line.startswith("| ia3 ")]
+    assert len(table) == 2 and "| – |" in table[0]  # each finished method, its quality a dash
 
 
 def test_names_of_close_points_do_not_cover_each_other_or_a_point():

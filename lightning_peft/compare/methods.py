@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,8 +118,7 @@ def plan_method(recipe: dict, recipe_name: str, method: str, overrides: dict[str
     slot = method_slot(recipe, recipe_name)
     found = sibling_recipe(recipe_name, "lora" if method == "dora" else method)
     if method == own_method(slot):
-        rate = (recipe["model"].get("init_args") or {}).get("learning_rate", DEFAULTS[method][1])
-        plan = MethodPlan(method, copy.deepcopy(slot), float(rate), (recipe.get("trainer") or {}).get(
+        plan = MethodPlan(method, copy.deepcopy(slot), recipe_rate(recipe), (recipe.get("trainer") or {}).get(
             "gradient_clip_val"), Path(recipe_name).name.removesuffix(".yaml"))
     elif found is not None:
         source, sibling = found
@@ -135,6 +135,20 @@ def plan_method(recipe: dict, recipe_name: str, method: str, overrides: dict[str
         plan = MethodPlan(method, callbacks, rate, (recipe.get("trainer") or {}).get("gradient_clip_val"),
                           "defaults")
     return _overridden(plan, overrides)
+
+
+def recipe_rate(recipe: dict) -> float:
+    """The learning rate that `fit` trains the recipe with: its own, else its task's default."""
+    model = recipe.get("model") or {}
+    rate = (model.get("init_args") or {}).get("learning_rate")
+    if rate is None:
+        task = callback_class(model.get("class_path", ""))
+        default = inspect.signature(task).parameters.get("learning_rate") if task is not None else None
+        if default is None or default.default is inspect.Parameter.empty:
+            raise CompareError(f"the recipe's model ({model.get('class_path')}) sets no learning_rate, and has no "
+                               "default one: set model.init_args.learning_rate")
+        rate = default.default
+    return float(rate)
 
 
 def _with_args(entry: dict, **init_args: Any) -> dict:
@@ -162,7 +176,7 @@ def _overridden(plan: MethodPlan, overrides: dict[str, Any]) -> MethodPlan:
     """``plan`` with ``--set`` values: a training key, or an argument of one of its callbacks."""
     for key, value in overrides.items():
         if key == "learning_rate":
-            plan.learning_rate = float(value)
+            plan.learning_rate = _positive_rate(value, f"--set {plan.method}.learning_rate={value}")
         elif key == "gradient_clip_val":
             plan.gradient_clip_val = value
         else:
@@ -174,6 +188,16 @@ def _overridden(plan: MethodPlan, overrides: dict[str, Any]) -> MethodPlan:
             entry.setdefault("init_args", {})[key] = value
         plan.overrides[key] = value
     return plan
+
+
+def _positive_rate(value: Any, where: str) -> float:
+    try:
+        rate = float(value)
+    except (TypeError, ValueError):
+        rate = math.nan
+    if not (math.isfinite(rate) and rate > 0):
+        raise CompareError(f"{where}: a learning rate is a positive number, e.g. 1e-3")
+    return rate
 
 
 def _arguments(entry: dict) -> list[str]:

@@ -175,14 +175,22 @@ def _ranked_methods(summary: dict[str, dict]) -> list[str]:
     return [method for method, s in summary.items() if _finite(s["metric_mean"])]
 
 
+def _finished(summary: dict[str, dict]) -> list[str]:
+    """The methods with an ok seed, their quality measured or not (a recipe without a test split)."""
+    return [method for method, s in summary.items() if s["seeds_ok"]]
+
+
 def _finite(value: Any) -> bool:
     """Whether ``value`` is a finite number (not None, NaN or infinite)."""
     return isinstance(value, int | float) and math.isfinite(value)
 
 
 def _quality_labels(summary: dict[str, dict]) -> tuple[str, bool]:
-    """The metric's name and direction, from the first method that measured it."""
-    first = summary[_ranked_methods(summary)[0]]
+    """The metric's name and direction, from the first method that measured it ("quality" when none did)."""
+    measured = _ranked_methods(summary)
+    if not measured:
+        return "quality", True
+    first = summary[measured[0]]
     return first["metric_name"] or "metric", first["higher_is_better"] is not False
 
 
@@ -292,7 +300,7 @@ def _cost_label(trade_off: TradeOff, summary: dict[str, dict], methods: list[str
 def markdown(rows: list[dict], summary: dict[str, dict], context: dict, figures: dict[str, Any] | None) -> str:
     """report.md: the context, the verdict, the table, the failures, the plots (``figures`` None: no matplotlib)."""
     lines = _header(context) + ["## Verdict", ""] + _verdict(summary) + [""]
-    if _ranked_methods(summary):
+    if _finished(summary):
         lines += ["## Results", ""] + _table(summary) + [""]
     sweeps = _sweep_table(rows)
     if sweeps:
@@ -319,9 +327,9 @@ def _header(context: dict) -> list[str]:
 
 def _table(summary: dict[str, dict]) -> list[str]:
     """One row per method with an ok seed: quality (and distance to full), size, memory, speed, latency, forgetting."""
-    methods = _ranked_methods(summary)
+    methods = _finished(summary)
     metric, _ = _quality_labels(summary)
-    full = summary[FULL]["metric_mean"] if FULL in methods else None
+    full = summary[FULL]["metric_mean"] if FULL in _ranked_methods(summary) else None
     kinds = sorted({summary[m]["memory_kind"] for m in methods if summary[m]["memory_kind"]})
     batch = f"b{_batch_size(summary)}" if _batch_size(summary) else "batch"
     forgetting = any(summary[m]["forgetting_tuned_ppl"] is not None for m in methods)
@@ -406,11 +414,11 @@ def _plots_section(summary: dict[str, dict], figures: dict[str, Any] | None) -> 
 def _verdict(summary: dict[str, dict]) -> list[str]:
     """A line per question (best quality, smallest adapter, least memory, fastest training and inference, Pareto
     fronts), each naming the winner's numbers and the runner-up's."""
-    methods = _ranked_methods(summary)
-    if not methods:
-        return ["No method finished with a measured quality."]
+    if not _finished(summary):
+        return ["No method finished."]
     metric, higher = _quality_labels(summary)
-    lines = [_best_quality(summary, metric, higher)]
+    lines = [_best_quality(summary, metric, higher) if _ranked_methods(summary) else
+             "- Quality: not measured, since the recipe's data has no test split (give it a test_file)"]
     lines += _cheapest(summary, "Smallest adapter", "adapter_bytes", lambda s: _size(s["adapter_bytes"]))
     lines += _cheapest(summary, "Least memory", "peak_memory_mib", lambda s: f"{_num(s['peak_memory_mib'])} MiB peak"
                        + (f" {s['memory_kind']}" if s["memory_kind"] else ""))
@@ -447,7 +455,7 @@ def _best_quality(summary: dict[str, dict], metric: str, higher: bool) -> str:
 
 def _cheapest(summary: dict[str, dict], title: str, key: str, text: Callable[[dict], str]) -> list[str]:
     """The method with the lowest ``key`` and the runner-up (``text`` gives a method's number), or nothing."""
-    ranked = sorted((m for m in _ranked_methods(summary) if _finite(summary[m][key])), key=lambda m: summary[m][key])
+    ranked = sorted((m for m in _finished(summary) if _finite(summary[m][key])), key=lambda m: summary[m][key])
     if not ranked:
         return []
     runner_up = f" (next: {ranked[1]}, {text(summary[ranked[1]])})" if len(ranked) > 1 else ""
@@ -457,7 +465,7 @@ def _cheapest(summary: dict[str, dict], title: str, key: str, text: Callable[[di
 def _fastest_inference(summary: dict[str, dict], size: str, what: str) -> list[str]:
     """The lowest forward latency at one batch size, merged where the method can merge, against the base model."""
     ranked = []
-    for method in _ranked_methods(summary):
+    for method in _finished(summary):
         s = summary[method]
         merged = _finite(s[f"latency_{size}_merged_ms"])
         latency = s[f"latency_{size}_merged_ms"] if merged else s[f"latency_{size}_ms"]

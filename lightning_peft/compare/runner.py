@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -35,8 +36,10 @@ from lightning_peft.compare.methods import (
     MethodPlan,
     is_method_slot,
     method_slot,
+    own_method,
     parse_overrides,
     plan_method,
+    recipe_rate,
 )
 from lightning_peft.compare.report import duration, write_report
 from lightning_peft.core.files import atomic_write
@@ -77,8 +80,11 @@ def compare_main(argv: list[str]) -> None:
     recipe_file = recipe_path(options.config)
     recipe = yaml.safe_load(Path(recipe_file).read_text())
     method_slot(recipe, options.config)
-    methods = [m.strip() for m in options.methods.split(",") if m.strip()]
-    seeds = _seeds(options.seeds)
+    methods = _distinct("--methods", [m.strip() for m in options.methods.split(",") if m.strip()],
+                        f"from: {','.join(METHOD_NAMES)}")
+    seeds = _distinct("--seeds", _seeds(options.seeds), "e.g. 0,1")
+    if options.max_steps is not None and options.max_steps < 1:
+        raise CompareError(f"--max_steps {options.max_steps}: every run trains at least 1 step")
     factors = _factors(options.lr_sweep) if options.lr_sweep is not None else None
     overrides = parse_overrides(options.set, methods)
     plans = [plan_method(recipe, options.config, method, overrides.get(method, {})) for method in methods]
@@ -118,10 +124,12 @@ def estimate_main(argv: list[str]) -> None:
     recipe = yaml.safe_load(Path(recipe_path(options.config)).read_text())
     slot = method_slot(recipe, options.config)
     methods = [m.strip() for m in (options.methods or "").split(",") if m.strip()]
+    if options.set and not methods:  # --set names a method: the recipe's own, when it is one compare knows
+        methods = [own_method(slot)] if own_method(slot) else []
     overrides = parse_overrides(options.set, methods)
     plans = [plan_method(recipe, options.config, m, overrides.get(m, {})) for m in methods] or [
-        MethodPlan("recipe", slot, recipe["model"]["init_args"]["learning_rate"],
-                   (recipe.get("trainer") or {}).get("gradient_clip_val"), options.config)]
+        MethodPlan("recipe", slot, recipe_rate(recipe), (recipe.get("trainer") or {}).get("gradient_clip_val"),
+                   options.config)]
     rows = []
     with tempfile.TemporaryDirectory(prefix="lightning-peft-estimate-") as folder:
         for i, plan in enumerate(plans, 1):
@@ -188,8 +196,8 @@ def sweep_rate(recipe: dict, plan: MethodPlan, seed: int, max_steps: int | None,
         candidate = dataclasses.replace(plan, learning_rate=rate)
         run_dir = out / "runs" / f"{plan.method}-lr-sweep" / f"lr{rate:.3g}"
         name = f"{label} {plan.method} learning rate {rate:.3g} (sweep)"
-        row = _saved_result(run_dir, identity(candidate, seed, max_steps)) or _sweep_run(recipe, candidate, seed,
-                                                                                           max_steps, run_dir, name)
+        same = identity(recipe, candidate, seed, max_steps, sweep=True)
+        row = _saved_result(run_dir, same) or _sweep_run(recipe, candidate, seed, max_steps, run_dir, name)
         tried.append({"learning_rate": rate, "metric_name": row.get("metric_name"), "metric": row.get("metric"),
                       "higher_is_better": row.get("higher_is_better"), "error": row.get("error")})
         print(f"{name}: " + (f"{row['metric_name']} {row['metric']:.4g}" if row["status"] == "ok" else row["error"]),
@@ -204,6 +212,16 @@ def sweep_rate(recipe: dict, plan: MethodPlan, seed: int, max_steps: int | None,
 def _sweep_run(recipe: dict, plan: MethodPlan, seed: int, max_steps: int | None, run_dir: Path, name: str) -> dict:
     prepare_run(recipe, plan, seed, max_steps, run_dir, sweep=True)
     return run_worker(run_dir, [], name)
+
+
+def _distinct(option: str, values: list, example: str) -> list:
+    """``values`` when there are some and none repeats (a repeat would count one run twice), else a CompareError."""
+    if not values:
+        raise CompareError(f"{option}: name at least one, {example}")
+    repeated = next((v for i, v in enumerate(values) if v in values[:i]), None)
+    if repeated is not None:
+        raise CompareError(f"{option}: {repeated} is named twice; each is run once")
+    return values
 
 
 def _seeds(text: str) -> list[int]:
@@ -238,10 +256,11 @@ def run_once(recipe: dict, plan: MethodPlan, seed: int, max_steps: int | None, o
              forgetting: str | None = None, sweep: dict | None = None) -> dict:
     """One run's result row: saved from an earlier compare, or estimated then trained by fresh worker processes."""
     run_dir = out / "runs" / f"{plan.method}-seed{seed}"
-    saved = _saved_result(run_dir, identity(plan, seed, max_steps))
+    saved = _saved_result(run_dir, identity(recipe, plan, seed, max_steps, forgetting=forgetting))
     if saved is not None:
         print(f"{label} {plan.method} seed {seed}: done before, kept ({run_dir / 'result.json'})", file=sys.stderr)
-        return saved
+        saved.pop("lr_sweep", None)
+        return {**saved, **(sweep or {})}  # this call's sweep chose its rate
     prepare_run(recipe, plan, seed, max_steps, run_dir, forgetting=forgetting)
     name = f"{label} {plan.method} seed {seed}"
     guess = run_worker(run_dir, ["--estimate", "1", "single"], f"{name} (memory estimate)")
@@ -254,10 +273,25 @@ def run_once(recipe: dict, plan: MethodPlan, seed: int, max_steps: int | None, o
     return row
 
 
-def identity(plan: MethodPlan, seed: int, max_steps: int | None) -> dict:
-    """What makes two runs the same run: a saved result is kept only when these match."""
+def identity(recipe: dict, plan: MethodPlan, seed: int, max_steps: int | None, sweep: bool = False,
+             forgetting: str | None = None) -> dict:
+    """What makes two runs the same run: a saved result is kept only when these match.
+
+    ``run``: a digest of the run's whole config (model, data, batch, steps, the method's settings)
+    and of each data file's size and time of change, so an edited recipe or file trains again.
+    """
+    config = run_config(recipe, plan, seed, max_steps, Path("."), sweep)
+    del config["trainer"]["default_root_dir"]
+    files = [forgetting, *((config.get("data") or {}).get("init_args") or {}).values()]
+    stats = [(f, *_changed(Path(f))) for f in files if isinstance(f, str) and Path(f).is_file()]
+    digest = hashlib.sha256(json.dumps([config, stats], sort_keys=True, default=str).encode()).hexdigest()[:16]
     return {"method": plan.method, "seed": seed, "learning_rate": plan.learning_rate, "settings_from": plan.source,
-            "overrides": plan.overrides, "max_steps": max_steps}
+            "overrides": plan.overrides, "max_steps": max_steps, "run": digest}
+
+
+def _changed(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
 
 
 def prepare_run(recipe: dict, plan: MethodPlan, seed: int, max_steps: int | None, run_dir: Path,
@@ -266,7 +300,8 @@ def prepare_run(recipe: dict, plan: MethodPlan, seed: int, max_steps: int | None
     run_dir.mkdir(parents=True, exist_ok=True)
     for leftover in ("progress.json", "result.json", "estimate.json"):
         (run_dir / leftover).unlink(missing_ok=True)
-    about = {**identity(plan, seed, max_steps), "forgetting_text": forgetting, "sweep": sweep}
+    about = {**identity(recipe, plan, seed, max_steps, sweep, forgetting), "forgetting_text": forgetting,
+             "sweep": sweep}
     write_text(run_dir / "plan.json", json.dumps(about, indent=1))
     write_text(run_dir / "config.yaml", yaml.safe_dump(run_config(recipe, plan, seed, max_steps, run_dir, sweep),
                                                         sort_keys=False))

@@ -42,22 +42,27 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 class MeasureTraining(L.Callback):
-    """Time each training step, count its samples and tokens, and report progress to a file."""
+    """Time each optimizer step (all its accumulated batches), count samples and tokens, report progress to a file."""
 
     def __init__(self, progress: Path) -> None:
         self.progress, self.durations, self.samples, self.tokens = progress, [], 0, 0
-        self._step_start = self._fit_start = 0.0
-        self.train_time = 0.0
+        self._step_start: float | None = None
+        self._fit_start = self.train_time = 0.0
+        self._steps_done = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fit_start = time.perf_counter()
+        self._steps_done = trainer.global_step
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
-        self._step_start = time.perf_counter()
+        if self._step_start is None:  # the first batch of an optimizer step
+            self._step_start = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            idx: int) -> None:
-        self.durations.append(time.perf_counter() - self._step_start)
+        if trainer.global_step > self._steps_done:  # the optimizer stepped: the step's batches are done
+            self.durations.append(time.perf_counter() - self._step_start)
+            self._step_start, self._steps_done = None, trainer.global_step
         self.samples += len(batch["input_ids"])
         self.tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
         write_json(self.progress, {"step": trainer.global_step, "max_steps": trainer.max_steps,
