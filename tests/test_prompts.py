@@ -422,3 +422,25 @@ def test_an_encoder_decoders_decoder_side_gets_no_prompt_whatever_its_length():
             torch.testing.assert_close(ours.encoder_last_hidden_state, expected.encoder_last_hidden_state[:, 3:])
         with pytest.raises(ValueError, match="encoder_outputs were computed without it .generate runs the encoder"):
             model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_a_decoder_classifier_pools_the_last_real_token_of_a_right_padded_row(kind):
+    from transformers import GPT2Config, GPT2ForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    if kind == "llama":
+        model = LlamaForSequenceClassification(LlamaConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, num_labels=3, pad_token_id=0))
+    else:  # learned absolute positions
+        model = GPT2ForSequenceClassification(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
+                                                         num_labels=3, pad_token_id=0))
+    PromptTuning(num_virtual_tokens=3).inject(model.eval())
+    ids = torch.randint(1, VOCAB, (1, 5))
+    padded = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], 1)  # right padding, as the recipes' collator pads
+    mask = torch.tensor([[1] * 5 + [0] * 3])
+    alone = model(input_ids=ids).logits
+    torch.testing.assert_close(model(input_ids=padded, attention_mask=mask).logits, alone, rtol=0, atol=1e-5)
+    alone.sum().backward()
+    assert model.prompt_tuning.adapters["default"].prompt.grad.abs().sum() > 0  # the prompt trains

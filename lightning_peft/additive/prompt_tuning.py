@@ -108,8 +108,9 @@ class PromptInjector(PEFTModule):
         super().__init__()
         # per call in flight: (prompted length, real length, per-row real positions when packed)
         self._lengths: list[tuple[int, int, Tensor | None] | None] = []
-        model.register_forward_pre_hook(self.before_forward, with_kwargs=True)
-        model.register_forward_hook(self.after_forward, with_kwargs=True, always_call=True)
+        hooked = prompted_module(model)
+        hooked.register_forward_pre_hook(self.before_forward, with_kwargs=True)
+        hooked.register_forward_hook(self.after_forward, with_kwargs=True, always_call=True)
 
     def active_prompt(self) -> Tensor | None:
         """The active prompts one after the other, ``(virtual tokens, hidden)``, or None when none is active."""
@@ -294,6 +295,18 @@ class PromptTuning(PEFTCallback):
         if not ids:
             raise ValueError(f"PromptTuning init_text {self.init_text!r} tokenizes to no tokens")
         return (ids * math.ceil(self.num_virtual_tokens / len(ids)))[: self.num_virtual_tokens]
+
+
+def prompted_module(model: nn.Module) -> nn.Module:
+    """The module whose input the prompt goes before: the model, or a decoder classifier's body.
+
+    A decoder's sequence classifier (``score`` head) pools each row's last token that is not
+    padding, found in ``input_ids`` after its body ran; given embeddings it takes the last
+    position, padding or not. Prompting its body keeps the ids where the head reads them.
+    """
+    body = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    pools_last_token = type(model).__name__.endswith("ForSequenceClassification") and hasattr(model, "score")
+    return body if pools_last_token and isinstance(body, nn.Module) and body is not model else model
 
 
 def prompt_injector(model: nn.Module) -> PromptInjector:
