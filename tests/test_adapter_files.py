@@ -8,6 +8,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from lightning_peft import (
+    IA3,
     Adapter,
     LoRA,
     delete_adapter,
@@ -298,3 +299,24 @@ def test_an_adapter_loaded_into_a_model_in_eval_mode_runs_in_eval_mode(tmp_path,
     torch.testing.assert_close(loaded(ids).logits, expected, rtol=0, atol=1e-5)
     training = load_adapter(copy.deepcopy(base).train(), tmp_path)
     assert all(module.training for module in training.modules())
+
+
+def test_a_lora_file_saved_from_inside_an_ia3_wrapper_names_the_layer_itself(tmp_path):
+    base = tiny_llama().eval()
+    model = LoRA(r=4, target_modules=["k_proj"]).inject(copy.deepcopy(base))
+    IA3(target_modules=["k_proj"], feedforward_modules=[]).inject(model)  # LoRA now sits at k_proj.base_layer
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    save_adapter(model, tmp_path, method="LoRA")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["model.layers.0.self_attn.k_proj", "model.layers.1.self_attn.k_proj"]
+    delete_adapter(model, "default", "IA3")  # what the LoRA adapter alone computes
+    ids = torch.randint(0, VOCAB, (2, 8))
+    expected = model(ids).logits
+    torch.testing.assert_close(PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()(ids).logits, expected,
+                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(load_adapter(copy.deepcopy(base), tmp_path)(ids).logits, expected, rtol=0, atol=1e-5)
+    IA3(target_modules=["k_proj"], feedforward_modules=[]).inject(again := copy.deepcopy(base))
+    load_adapter(again, tmp_path)  # into a model where IA3 wraps k_proj already

@@ -86,6 +86,17 @@ def test_all_linear_trains_every_expert_and_equals_peft_target_parameters(build,
 
 
 @MOE
+def test_a_peft_file_that_adapts_expert_weights_only_loads(build, tmp_path):
+    base = build().eval()
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=R, lora_alpha=8, target_modules=None,
+                                                            target_parameters=["experts.gate_up_proj"]))
+    randomize_b(theirs)
+    theirs.save_pretrained(tmp_path)  # peft writes "target_modules": [] here
+    loaded = load_adapter(copy.deepcopy(base), tmp_path)
+    assert torch.allclose(logits(loaded), logits(theirs), atol=1e-5)
+
+
+@MOE
 def test_expert_updates_train_and_routers_stay_frozen(build):
     model = build()
     LoRA(r=R, alpha=8, target_modules=None, target_parameters=["experts.gate_up_proj"]).inject(model)

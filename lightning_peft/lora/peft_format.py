@@ -25,11 +25,13 @@ def file_key(name: str, root: nn.Module) -> str:
     """peft's key for one of our tensor names: ``x.q_proj.adapters.default.lora_A`` -> ``...q_proj.lora_A.weight``."""
 
     def layer_key(layer: str, tensor: str) -> str:
+        wrapper = root.get_submodule(layer)  # inside another method's wrapper, the layer stands for what it wraps
+        module = layer if isinstance(wrapper, LoRAParameter) else _outside(layer)  # peft's parameter layers nest
         if tensor == "magnitude":
-            return f"{layer}.lora_magnitude_vector"
-        if isinstance(root.get_submodule(layer), LoRAEmbedding):
-            return f"{layer}.lora_embedding_{tensor[-1]}"
-        return f"{layer}.{tensor}.weight"
+            return f"{module}.lora_magnitude_vector"
+        if isinstance(wrapper, LoRAEmbedding):
+            return f"{module}.lora_embedding_{tensor[-1]}"
+        return f"{module}.{tensor}.weight"
 
     return peft_key(name, layer_key)
 
@@ -60,15 +62,20 @@ def _module_and_parameter_targets(root: nn.Module, layers: list[str]) -> tuple[l
     modules, parameters = [], []
     for name in layers:
         layer = root.get_submodule(name)
+        holder = _outside(name)
         if not isinstance(layer, LoRAParameter):
-            modules.append(name)
+            modules.append(holder)
             continue
-        holder = re.sub(r"(?:\.base_layer)+$", "", name)
         if isinstance(innermost_base(layer), nn.MultiheadAttention):
             modules.append(holder)
         else:
             parameters.append(f"{holder}.{layer.parameter_name}")
     return sorted(set(modules)), sorted(parameters)
+
+
+def _outside(layer: str) -> str:
+    """The name of the module a (possibly nested) wrapper stands for: ``x.k_proj.base_layer`` -> ``x.k_proj``."""
+    return re.sub(r"(?:\.base_layer)+$", "", layer)
 
 
 def to_settings(config: dict) -> dict[str, Any]:
@@ -83,7 +90,7 @@ def to_settings(config: dict) -> dict[str, Any]:
                          "path_initial_model_for_weight_conversion=...)")
     return dict(
         r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
-        target_modules=peft_targets(config.get("target_modules")),
+        target_modules=peft_targets(config.get("target_modules") or None),  # peft writes [] for parameters only
         target_parameters=config.get("target_parameters") or [],
         exclude_modules=peft_targets(config.get("exclude_modules")),
         layers=_layers(config.get("layers_to_transform")),
