@@ -26,7 +26,8 @@ from lightning_peft.core.adapter_files import (
     read_adapter_files,
 )
 from lightning_peft.core.files import PathLike
-from lightning_peft.core.ownership import adapter_refs
+from lightning_peft.core.models import model_root
+from lightning_peft.core.ownership import adapter_refs, freeze_unclaimed
 from lightning_peft.lightning.callback import ModelSetupCallback, PEFTCallback
 from lightning_peft.lora import LoRA
 from lightning_peft.selective import BitFit, Selective
@@ -176,7 +177,9 @@ def load_adapter(module: nn.Module, path: PathLike, adapter_name: str = "default
     config, tensors = read_adapter_files(path)
     callback = callback_for(config, adapter_name, Path(path) / CONFIG_FILE)
     trainable = {id(p): p.requires_grad for p in module.parameters()}
-    callback.inject(module)
+    _, root = model_root(module)
+    callback.inject(root)  # the file names layers from the transformers model: another model beside it stays out
+    freeze_unclaimed(module)
     try:
         copy_file_tensors(module, callback.ref, tensors, Path(path) / WEIGHTS_FILE)
     except BaseException:

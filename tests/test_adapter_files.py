@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
 
 from lightning_peft import (
     IA3,
@@ -320,3 +321,30 @@ def test_a_lora_file_saved_from_inside_an_ia3_wrapper_names_the_layer_itself(tmp
     torch.testing.assert_close(load_adapter(copy.deepcopy(base), tmp_path)(ids).logits, expected, rtol=0, atol=1e-5)
     IA3(target_modules=["k_proj"], feedforward_modules=[]).inject(again := copy.deepcopy(base))
     load_adapter(again, tmp_path)  # into a model where IA3 wraps k_proj already
+
+
+class PolicyAndReference(nn.Module):
+    """Two transformers models side by side (a policy and its frozen reference, as in DPO)."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.model, self.ref_model = copy.deepcopy(base), copy.deepcopy(base)
+
+
+def test_an_adapter_goes_into_the_first_of_two_models_and_one_on_both_is_refused_on_save(tmp_path):
+    base = tiny_llama().eval()
+    trained = LoRA(r=4, target_modules=["q_proj"]).inject(copy.deepcopy(base))
+    with torch.no_grad():
+        for name, param in trained.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    save_adapter(trained, tmp_path / "adapter")
+    both = load_adapter(PolicyAndReference(base), tmp_path / "adapter")
+    ids = torch.randint(0, VOCAB, (2, 8))
+    torch.testing.assert_close(both.model(ids).logits, trained(ids).logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(both.ref_model(ids).logits, base(ids).logits, rtol=0, atol=1e-5)  # left out
+    assert not any(p.requires_grad for p in both.ref_model.parameters())
+    LoRA(r=4, target_modules=["q_proj"]).inject(everywhere := PolicyAndReference(base))
+    with pytest.raises(ValueError, match=r"LoRA\[default\] trains 'ref_model\.model\.layers\.0\.self_attn\.q_proj\."
+                                         r".*outside the transformers model 'model'"):
+        save_adapter(everywhere, tmp_path / "both")

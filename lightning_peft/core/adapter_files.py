@@ -116,6 +116,12 @@ def adapter_tensors(module: nn.Module, ref: AdapterRef) -> dict[str, torch.Tenso
     claimed = owners(module)
     tensors = {name: param for name, param in module.named_parameters() if claimed.get(id(param)) == ref}
     tensors.update(buffers_of_trained_modules(module, lambda param: claimed.get(id(param)) == ref))
+    outside = [name for name in tensors if prefix and not name.startswith(prefix + ".")]
+    if outside:
+        raise ValueError(f"{ref} trains '{outside[0]}' ({len(outside)} tensor(s)), outside the transformers model "
+                         f"'{prefix}' that its file names layers from; save from the model that holds them "
+                         f"(save_adapter(module.{outside[0].split('.')[0]}, ...)), or keep the method to one model "
+                         "(exclude_modules, a target regex)")
     return {saved_module_name(name[len(prefix) + 1:] if prefix else name, root): t for name, t in tensors.items()}
 
 
