@@ -213,6 +213,26 @@ def test_generate_equals_greedy_decoding_through_peft(method):
         assert torch.equal(their_first, expected[:, :8])
 
 
+@pytest.mark.parametrize("new_architecture, kv_heads", [(False, 1), (True, 4)])  # the newer broadcasts to all
+def test_prefix_tuning_on_falcon_counts_its_key_value_heads(new_architecture, kv_heads):
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    config = FalconConfig(vocab_size=VOCAB, hidden_size=H, num_hidden_layers=LAYERS, num_attention_heads=4,
+                          multi_query=True, new_decoder_architecture=new_architecture, num_kv_heads=2)
+    base = FalconForCausalLM(config).eval()
+    model = PrefixTuning(num_virtual_tokens=N, projection=False).inject(copy.deepcopy(base))
+    prefix = model.prefix_tuning.adapters["default"].prefix
+    assert prefix.shape == (N, LAYERS * 2 * kv_heads * H // 4)  # falcon-7b's multi-query: one key/value head
+    with torch.no_grad():
+        prefix.normal_(generator=torch.Generator().manual_seed(1))
+        ids = batch(padded=False)["input_ids"]
+        assert not torch.allclose(model(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-3)
+        model.generation_config.eos_token_id = None
+        generated = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
+        assert torch.equal(generated, greedy(model, ids, 3))  # the cache holds the prefix as the layers read it
+
+
 @pytest.mark.parametrize("method", [PromptTuning(num_virtual_tokens=N), PrefixTuning(num_virtual_tokens=N)])
 def test_merge_refuses_soft_prompts(method):
     model = method.inject(build("llama"))

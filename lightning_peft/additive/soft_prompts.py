@@ -36,7 +36,16 @@ class KVShape:
         text = config.get_text_config()
         heads = text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        return cls(text.num_hidden_layers, getattr(text, "num_key_value_heads", None) or heads, head_dim)
+        return cls(text.num_hidden_layers, _key_value_heads(text), head_dim)
+
+
+def _key_value_heads(text: Any) -> int:
+    """Key/value heads as the cache holds them: ``num_key_value_heads`` (GQA), else every head, but one for Falcon's
+    older multi-query layout (its newer one broadcasts its key/value heads to every head before caching)."""
+    if getattr(text, "num_key_value_heads", None):
+        return text.num_key_value_heads
+    older_falcon = getattr(text, "new_decoder_architecture", None) is False
+    return 1 if older_falcon and text.multi_query else text.num_attention_heads
 
 
 def named_forward_arguments(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
