@@ -162,3 +162,12 @@ def test_nothing_matching_says_what_exists(method, words):
 def test_bad_arguments_fail_at_construction(kwargs):
     with pytest.raises(ValueError):
         Selective(**kwargs)
+
+
+def test_bitfit_trains_the_biases_of_fused_experts_too():
+    from architectures import gpt_oss
+
+    model = BitFit().inject(gpt_oss())
+    biases = [name for name, _ in model.named_parameters() if name.endswith("bias")]
+    assert any(name.endswith("experts.gate_up_proj_bias") for name in biases)
+    assert biases and all(param.requires_grad for name, param in model.named_parameters() if name in biases)

@@ -31,9 +31,10 @@ class Selective(PEFTCallback):
             string), as ``target_modules``; every parameter inside a matching module passes.
         layers: block indices whose parameters pass, read as the first integer in a parameter's name.
         param_types: kinds of parameter that pass, any of ``"bias"`` (every parameter named
-            ``bias``), ``"norm"`` (parameters of ``nn.LayerNorm`` and of modules whose class name
-            contains ``Norm``, as RMSNorm) and ``"embedding"`` (``nn.Embedding`` weights); one
-            string is taken as a list of one.
+            ``bias``, or ending in ``_bias`` as fused experts' ``gate_up_proj_bias``), ``"norm"``
+            (parameters of ``nn.LayerNorm`` and of modules whose class name contains ``Norm``, as
+            RMSNorm) and ``"embedding"`` (``nn.Embedding`` weights); one string is taken as a list
+            of one.
         modules_to_save: whole modules trained as well, whatever the filters, e.g. ``["classifier"]``.
         adapter_name: name under which the parameters are claimed.
         checkpoint: ``"adapter"`` keeps checkpoints to the tensors that PEFT methods train,
@@ -153,7 +154,7 @@ class BitFit(Selective):
 def kinds(base: BaseParameter) -> frozenset[str]:
     """Which of PARAM_TYPES a base parameter is."""
     found = set()
-    if base.local == "bias":
+    if base.local == "bias" or base.local.endswith("_bias"):  # fused experts hold gate_up_proj_bias, down_proj_bias
         found.add("bias")
     if isinstance(base.module, nn.LayerNorm) or "Norm" in type(base.module).__name__:
         found.add("norm")
