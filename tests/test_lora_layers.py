@@ -284,6 +284,27 @@ def test_adapters_act_in_pytorchs_transformer_encoder_in_eval_mode(method):
     torch.testing.assert_close(inference, trained, rtol=0, atol=1e-5)
 
 
+def tiny_mamba():
+    from transformers import MambaConfig, MambaForCausalLM
+
+    return MambaForCausalLM(MambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, state_size=4,
+                                        expand=2, conv_kernel=4))
+
+
+def test_all_linear_leaves_out_layers_whose_weight_the_parent_reads_and_naming_one_is_refused():
+    model = LoRA(r=4).inject(tiny_mamba())  # MambaMixer computes dt_proj.weight @ ..., never calling dt_proj
+    model(torch.randint(0, VOCAB, (2, 8))).logits.sum().backward()
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and not any("dt_proj" in n for n in trained)
+    assert all(p.grad is not None for p in trained.values())  # every adapter takes part in the forward
+    with pytest.raises(TypeError, match=r"LoRA cannot adapt 'backbone\.layers\.0\.mixer\.dt_proj' on its own: "
+                                        r"MambaMixer 'backbone\.layers\.0\.mixer' reads its weight directly"):
+        LoRA(r=4, target_modules=["dt_proj"]).inject(tiny_mamba())
+    attention = nn.Sequential(nn.MultiheadAttention(16, 2))
+    with pytest.raises(TypeError, match=r"cannot adapt '0\.out_proj' on its own: nn.MultiheadAttention '0' reads"):
+        LoRA(r=4, target_modules=["out_proj"]).inject(attention)
+
+
 # --- (c) trainable counts in closed form -------------------------------------------------------------
 
 

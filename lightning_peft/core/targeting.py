@@ -68,9 +68,21 @@ def _head_names(root: nn.Module) -> set[str]:
 
 
 def _attribute_read_layers(root: nn.Module) -> dict[str, str]:
-    """Layers whose parent reads their weight directly (nn.MultiheadAttention's out_proj), with that parent's name."""
-    return {f"{name}.out_proj" if name else "out_proj": name
-            for name, m in root.named_modules() if isinstance(innermost_base(m), nn.MultiheadAttention)}
+    """Layers whose parent reads their weight directly, so a wrapper there never acts, with why.
+
+    nn.MultiheadAttention's ``out_proj``; a Mamba mixer's ``dt_proj`` (``dt_proj.weight @ ...``).
+    """
+    found = {}
+    for name, module in root.named_modules():
+        base = innermost_base(module)
+        where = f"{name}." if name else ""
+        if isinstance(base, nn.MultiheadAttention):
+            found[f"{where}out_proj"] = (f"nn.MultiheadAttention '{name}' reads its weight directly; target the "
+                                         "attention module itself (LoRA adapts its input and output projections)")
+        elif type(base).__name__.endswith("MambaMixer") and hasattr(base, "dt_proj"):
+            found[f"{where}dt_proj"] = (f"{type(base).__name__} '{name}' reads its weight directly "
+                                        "(dt_proj.weight @ ...), so an adapter there would never act")
+    return found
 
 
 def candidate_modules(root: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -134,9 +146,7 @@ def select_modules(
         )
     for name, module in chosen:
         if name in unwrappable:
-            raise TypeError(f"{method} cannot adapt '{name}' on its own: nn.MultiheadAttention '{unwrappable[name]}' "
-                            "reads its weight directly; target the attention module itself (LoRA adapts its input "
-                            "and output projections)")
+            raise TypeError(f"{method} cannot adapt '{name}' on its own: {unwrappable[name]}")
         if not isinstance(innermost_base(module), supported):
             kinds = ", ".join(t.__name__ for t in supported)
             raise TypeError(
