@@ -191,7 +191,7 @@ def test_command_line_overrides_recipe_keys(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.parametrize("problem", ["missing_column", "empty_file", "unseen_label", "no_model", "bad_key",
-                                     "bad_target"])
+                                     "bad_target", "label_order", "label_id"])
 def test_bad_input_gives_one_clear_error(tmp_path, tiny_model_dir, problem):
     train = write_data(tmp_path, "train", sentiment_rows(16, 0))
     args = []
@@ -202,6 +202,8 @@ def test_bad_input_gives_one_clear_error(tmp_path, tiny_model_dir, problem):
         "no_model": "is neither a built-in name",
         "bad_key": "lr_typo",
         "bad_target": "matched no module",
+        "label_order": "the task's labels (positive, negative) differ from the data's (negative, positive)",
+        "label_id": "train data has label 2, but the model has num_labels=2: integer labels run from 0 to 1",
     }[problem]
     if problem == "missing_column":
         train.write_text("text,sentiment\nthe movie,positive\n")
@@ -213,6 +215,10 @@ def test_bad_input_gives_one_clear_error(tmp_path, tiny_model_dir, problem):
         args = ["--model.init_args.lr_typo", "1"]
     if problem == "bad_target":
         args = ["--trainer.callbacks.init_args.target_modules", "[nothing]"]
+    if problem == "label_order":  # the data numbers its labels in sorted order
+        args = ["--model.init_args.labels", "[positive,negative]"]
+    if problem == "label_id":
+        train.write_text("text,label\nthe movie,0\nthe plot,1\nthe film,2\n")
     result = run_cli("fit", "--config", str(config), *args)
     assert result.returncode != 0
     assert expected in result.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -82,6 +83,7 @@ class SequenceClassification(TransformersTask):
         if self.labels is None and getattr(datamodule, "labels", None):
             self.hparams.labels = list(datamodule.labels)  # saved with checkpoints
         num_labels = len(self.labels) if self.labels else self.hparams.num_labels
+        check_labels_fit(self.labels, num_labels, datamodule)
         metrics = MetricCollection({"acc": MulticlassAccuracy(num_labels, average="micro"),
                                     "f1": MulticlassF1Score(num_labels, average="macro")})
         self.val_metrics = metrics.clone(prefix="val_")
@@ -144,3 +146,23 @@ class SequenceClassification(TransformersTask):
         names = list(self.labels) if self.labels else list(range(probabilities.shape[-1]))
         return [{"label": names[int(row.argmax())], "probability": float(row.max()),
                  "probabilities": dict(zip(names, row.tolist(), strict=True))} for row in probabilities]
+
+
+def check_labels_fit(labels: Sequence[str] | None, num_labels: int, datamodule: Any) -> None:
+    """Refuse data whose class ids would not mean what the model's outputs are named (or count) before any step.
+
+    The data numbers string labels in its own (sorted) order; integer labels must lie below ``num_labels``.
+    """
+    theirs = getattr(datamodule, "labels", None)
+    if labels and theirs and list(labels) != list(theirs):
+        raise ValueError(f"the task's labels ({', '.join(labels)}) differ from the data's ({', '.join(theirs)}), "
+                         "which number the classes: give the task the data's labels in that order, or none")
+    splits = getattr(datamodule, "splits", None)
+    if theirs or not isinstance(splits, dict):
+        return
+    for split, rows in splits.items():
+        for row in rows:
+            label = row[1] if isinstance(row, tuple) and len(row) == 2 else None
+            if isinstance(label, int | str) and str(label).lstrip("-").isdigit() and not 0 <= int(label) < num_labels:
+                raise ValueError(f"{split} data has label {label}, but the model has num_labels={num_labels}: "
+                                 f"integer labels run from 0 to {num_labels - 1}")
