@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from lightning_peft import LoRA, QuantizeBase, merge, trainable_summary, unmerge
+from lightning_peft import LoRA, QuantizeBase, adapter_names, merge, trainable_summary, unmerge
 from lightning_peft.lora import LoRALayer
 
 from conftest import (
@@ -208,13 +208,26 @@ def test_bad_hyperparameters_fail_at_construction(kwargs):
         LoRA(**kwargs)
 
 
-def test_injecting_the_same_adapter_twice_is_an_error():
+def test_an_adapter_name_injected_again_is_the_same_adapter_or_an_error():
     model = tiny_llama()
     LoRA(target_modules=["q_proj"]).inject(model)
     keys = set(model.state_dict())
-    with pytest.raises(ValueError, match="already injected"):
-        LoRA(target_modules=["q_proj"]).inject(model)
+    LoRA(target_modules=["q_proj"]).inject(model)  # the same settings: that adapter, left as it is
     assert set(model.state_dict()) == keys
+    with pytest.raises(ValueError, match=r"LoRA\[default\] is in this model already, made with target_modules="
+                                         r"\['q_proj'\]; give this one another adapter_name"):
+        LoRA(target_modules=["k_proj"]).inject(model)
+    assert set(model.state_dict()) == keys
+
+
+def test_a_new_trainer_with_the_same_method_evaluates_the_trained_adapter():
+    module, loader, lora_kwargs, _ = llama_case()
+    make_trainer([LoRA(r=R, alpha=8, **lora_kwargs)], max_steps=2).fit(module, loader)
+    trained = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    module.predict_step = lambda batch, batch_idx: module(batch[0])
+    make_trainer([LoRA(r=R, alpha=8, **lora_kwargs)]).predict(module, loader)  # a second Trainer, as after a fit
+    assert adapter_names(module) == ["default"]
+    assert all(torch.equal(p, trained[n]) for n, p in module.named_parameters() if n in trained)
 
 
 @pytest.mark.parametrize("precision, adapter_dtype", [

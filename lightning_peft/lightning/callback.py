@@ -175,8 +175,14 @@ class PEFTCallback(ModelSetupCallback):
         if module in self._injected and (self.ref in adapter_refs(module) or merged_layers(module)):
             return module  # applied (setup runs at every stage), maybe merged since; a rolled-back one is redone
         ref = self.ref
-        if ref in adapter_refs(module):
-            raise ValueError(f"{ref} is already injected into this model; pass another adapter_name")
+        there = next((r for r in adapter_refs(module) if r == ref), None)
+        if there is not None and _comparable(there.config) == _comparable(ref.config):
+            return module  # put there by another callback of the same settings (an earlier Trainer's): the same adapter
+        if there is not None:
+            changed = ", ".join(f"{k}={v!r}" for k, v in _comparable(there.config).items()
+                                if _comparable(ref.config).get(k) != v)
+            raise ValueError(f"{ref} is in this model already, made with {changed}; give this one another "
+                             "adapter_name, or use those settings to go on with that adapter")
         check_unmerged(module, f"{ref}: cannot inject", "or save the merged model and use it as a new base")
         before = modules_of(module)
         with all_or_nothing(module):
