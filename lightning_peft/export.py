@@ -13,7 +13,7 @@ from lightning_peft.core.adapter_files import save_adapter
 from lightning_peft.core.merging import merge
 from lightning_peft.core.models import model_root
 from lightning_peft.core.ownership import adapter_refs
-from lightning_peft.lightning.checkpointing import CHECKPOINT_KEY, complete_from_model, read_checkpoint
+from lightning_peft.lightning.checkpointing import CHECKPOINT_KEY, complete_from_model, read_checkpoint, saved_methods
 from lightning_peft.registry import rebuild
 
 
@@ -23,7 +23,7 @@ def rebuild_from_checkpoint(ckpt_path: str | Path) -> L.LightningModule:
     checkpoint = read_checkpoint(path)
     module = _task_from_hyperparameters(checkpoint, path)
     module.configure_model()
-    methods = [state for state in checkpoint.get("callbacks", {}).values() if "method" in state]
+    methods = list(saved_methods(checkpoint).values())
     if not methods:
         raise ValueError(f"checkpoint {path} records no lightning_peft method: was it trained with one?")
     for state in methods:

@@ -102,6 +102,18 @@ def test_resuming_with_other_settings_is_refused_before_anything_is_loaded(tmp_p
         assert all(torch.equal(after[k], v) for k, v in before.items() if k in after)
 
 
+def test_a_weights_only_checkpoint_keeps_its_methods_settings_checked(tmp_path):
+    module = TokenModule(big_vocab_llama())
+    trainer = make_trainer([lora()], max_steps=1)
+    trainer.fit(module, token_loader())
+    trainer.save_checkpoint(tmp_path / "weights.ckpt", weights_only=True)
+    saved = torch.load(tmp_path / "weights.ckpt", weights_only=True)
+    assert "callbacks" not in saved  # Lightning leaves the callbacks' states out of weights-only checkpoints
+    with pytest.raises(ValueError, match=re.escape("alpha=8 (here 32)")):
+        make_trainer([LoRA(r=4, alpha=32, target_modules=["q_proj", "v_proj"])], max_steps=2).fit(
+            TokenModule(big_vocab_llama()), token_loader(), ckpt_path=tmp_path / "weights.ckpt")
+
+
 def test_checkpoint_with_other_targets_is_refused(tmp_path):
     module = TokenModule(big_vocab_llama())
     trainer = make_trainer([lora()], max_steps=1)

@@ -31,7 +31,7 @@ from lightning_peft.core.rollback import TreeRecord, all_or_nothing
 from lightning_peft.core.saved_modules import save_modules
 from lightning_peft.core.summary import trainable_summary
 from lightning_peft.core.targeting import select_modules
-from lightning_peft.lightning.checkpointing import install_adapter_checkpointing
+from lightning_peft.lightning.checkpointing import install_adapter_checkpointing, saved_methods
 from lightning_peft.lightning.gradient_checkpointing import enable_input_grads_for_checkpointing
 from lightning_peft.lightning.sharding import (
     check_gradients_reached,
@@ -235,7 +235,8 @@ class PEFTCallback(ModelSetupCallback):
     def prepare(self, trainer: L.Trainer) -> None:
         install_adapter_checkpointing(trainer, adapter_only=lambda: adapter_only_checkpoints(trainer),
                                       check_loaded=lambda checkpoint, path: check_saved_settings(trainer, checkpoint,
-                                                                                                 path))
+                                                                                                 path),
+                                      methods=lambda: {cb.state_key: cb.state_dict() for cb in peft_callbacks(trainer)})
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
@@ -328,7 +329,7 @@ def peft_callbacks(trainer: L.Trainer) -> list[PEFTCallback]:
 
 def check_saved_settings(trainer: L.Trainer, checkpoint: dict[str, Any], path: Any) -> None:
     """Refuse a checkpoint whose adapters were made with other settings than the trainer's methods have."""
-    saved = checkpoint.get("callbacks", {})
+    saved = saved_methods(checkpoint)
     for callback in peft_callbacks(trainer):
         state = saved.get(callback.state_key)
         if state is None or "config" not in state:

@@ -113,7 +113,7 @@ def check_methods_present(checkpoint: dict[str, Any], module: nn.Module) -> None
     """Refuse an adapter-only checkpoint for a model without adapters: its tensors have nowhere to go."""
     if not checkpoint.get(CHECKPOINT_KEY, {}).get("adapter_only") or owners(module):
         return
-    methods = [_described(state) for state in checkpoint.get("callbacks", {}).values() if "method" in state]
+    methods = [_described(state) for state in saved_methods(checkpoint).values()]
     raise ValueError(f"this checkpoint holds only the adapter of {' and '.join(methods) or 'a PEFT method'}, not the "
                      "whole model: add the callback it was trained with to the trainer (in a recipe: "
                      "trainer.callbacks, class_path lightning_peft.<Method> with those settings)")
@@ -161,18 +161,21 @@ class AdapterCheckpointIO(CheckpointIO):
     """Wraps the strategy's CheckpointIO: trims what is saved to the adapter and saves atomically."""
 
     def __init__(self, inner: CheckpointIO, trainer: Any, adapter_only: Callable[[], bool],
-                 check_loaded: Callable[[dict[str, Any], PathLike], None]) -> None:
+                 check_loaded: Callable[[dict[str, Any], PathLike], None],
+                 methods: Callable[[], dict[str, Any]]) -> None:
         super().__init__()
         self.inner = inner
         self.trainer = trainer
         self.adapter_only = adapter_only  # asked at each save: the trainer's callbacks say
         self.check_loaded = check_loaded  # before anything is restored: the settings match the trainer's
+        self.methods = methods  # the PEFT methods' states by callback key, kept even in weights-only checkpoints
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: PathLike, storage_options: Any | None = None) -> None:
         module = self.trainer.lightning_module
         if self.adapter_only():
             checkpoint = keep_adapter_only(checkpoint, module)
         checkpoint = with_adapter_digest(checkpoint, module)
+        checkpoint = {**checkpoint, CHECKPOINT_KEY: {**checkpoint.get(CHECKPOINT_KEY, {}), "methods": self.methods()}}
         if type(self.inner) is TorchCheckpointIO and storage_options is None and _is_local(path):
             atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
         else:
@@ -200,11 +203,19 @@ class AdapterCheckpointIO(CheckpointIO):
 
 
 def install_adapter_checkpointing(trainer: Any, adapter_only: Callable[[], bool],
-                                  check_loaded: Callable[[dict[str, Any], PathLike], None]) -> None:
+                                  check_loaded: Callable[[dict[str, Any], PathLike], None],
+                                  methods: Callable[[], dict[str, Any]]) -> None:
     """Route the trainer's checkpoint saving and loading through :class:`AdapterCheckpointIO` (once)."""
     strategy = trainer.strategy
     if not isinstance(strategy.checkpoint_io, AdapterCheckpointIO):
-        strategy.checkpoint_io = AdapterCheckpointIO(strategy.checkpoint_io, trainer, adapter_only, check_loaded)
+        strategy.checkpoint_io = AdapterCheckpointIO(strategy.checkpoint_io, trainer, adapter_only, check_loaded,
+                                                     methods)
+
+
+def saved_methods(checkpoint: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The PEFT methods' states a checkpoint holds by callback key (weights-only ones keep them beside the checksum)."""
+    states = {**checkpoint.get(CHECKPOINT_KEY, {}).get("methods", {}), **checkpoint.get("callbacks", {})}
+    return {key: state for key, state in states.items() if isinstance(state, dict) and "method" in state}
 
 
 def _is_local(path: PathLike) -> bool:
