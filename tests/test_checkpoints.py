@@ -71,6 +71,13 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     check_resume_reproduces_the_uninterrupted_run(lambda: TokenModule(big_vocab_llama()), lambda: [lora()], tmp_path)
 
 
+def test_a_resumed_run_draws_the_dropout_masks_of_the_uninterrupted_one(tmp_path):
+    """The random states go with the checkpoint: with dropout, the resumed run still ends bit for bit."""
+    check_resume_reproduces_the_uninterrupted_run(
+        lambda: TokenModule(big_vocab_llama()), lambda: [LoRA(r=4, alpha=8, dropout=0.1, target_modules=["q_proj"])],
+        tmp_path)
+
+
 def test_mismatched_checkpoint_names_the_tensor_and_both_shapes(tmp_path):
     module = TokenModule(big_vocab_llama())
     trainer = make_trainer([lora()], max_steps=1)

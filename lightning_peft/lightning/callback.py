@@ -31,7 +31,12 @@ from lightning_peft.core.rollback import TreeRecord, all_or_nothing
 from lightning_peft.core.saved_modules import save_modules
 from lightning_peft.core.summary import trainable_summary
 from lightning_peft.core.targeting import select_modules
-from lightning_peft.lightning.checkpointing import install_adapter_checkpointing, saved_methods
+from lightning_peft.lightning.checkpointing import (
+    install_adapter_checkpointing,
+    random_states,
+    saved_methods,
+    set_random_states,
+)
 from lightning_peft.lightning.gradient_checkpointing import enable_input_grads_for_checkpointing
 from lightning_peft.lightning.sharding import (
     check_gradients_reached,
@@ -268,8 +273,17 @@ class PEFTCallback(ModelSetupCallback):
         return set() if routed is None else set(task_adapters(pl_module.trainer, pl_module)) - routed
 
     def state_dict(self) -> dict[str, Any]:
-        """The method and its settings, so ``lightning-peft export`` can rebuild the adapter."""
-        return {"method": self.method_name, "class_path": class_path(type(self)), "config": self.config()}
+        """The method and its settings, so ``lightning-peft export`` can rebuild the adapter; the random states.
+
+        A resumed fit puts the random generators back as they were at the save, so dropout draws
+        the masks the uninterrupted run draws.
+        """
+        return {"method": self.method_name, "class_path": class_path(type(self)), "config": self.config(),
+                "random_states": random_states()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "random_states" in state_dict:  # restored before the data loaders start, as they were at the save
+            set_random_states(state_dict["random_states"])
 
     @property
     def state_key(self) -> str:

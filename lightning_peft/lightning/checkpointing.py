@@ -10,10 +10,12 @@ that cannot be read is one error naming it.
 from __future__ import annotations
 
 import pickle
+import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
@@ -210,6 +212,25 @@ def install_adapter_checkpointing(trainer: Any, adapter_only: Callable[[], bool]
     if not isinstance(strategy.checkpoint_io, AdapterCheckpointIO):
         strategy.checkpoint_io = AdapterCheckpointIO(strategy.checkpoint_io, trainer, adapter_only, check_loaded,
                                                      methods)
+
+
+def random_states() -> dict[str, Any]:
+    """The random number generators' states (torch, CUDA, numpy, Python) in types ``weights_only`` loading reads."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "python": random.getstate(),
+            "numpy": [kind, keys.tolist(), position, has_gauss, gauss]}
+
+
+def set_random_states(states: dict[str, Any]) -> None:
+    """Put the generators back as `random_states` found them, so dropout draws on as it would have."""
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
 
 
 def saved_methods(checkpoint: dict[str, Any]) -> dict[str, dict[str, Any]]:
