@@ -3,6 +3,7 @@
 import os
 import re
 
+import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -149,3 +150,48 @@ def test_a_crash_during_save_leaves_the_previous_checkpoint(tmp_path, monkeypatc
         trainer.save_checkpoint(path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temporary file left
+
+
+class StopAt(L.Callback):
+    """Ends the fit after ``step`` optimizer steps, as a preempted job ends."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize("budget", [dict(max_steps=6), dict(max_epochs=2)])  # by epochs, the steps are counted
+@pytest.mark.parametrize("stop", [1, 3, 4])  # inside the first epoch of 3 batches, at its end, inside the second
+def test_a_recipe_fit_resumed_from_any_step_sees_the_same_batches_and_ends_bit_for_bit(tmp_path, stop, budget):
+    from test_cli import WORDS, sentiment_rows, write_data
+
+    from lightning_peft.data import TextClassificationData
+    from lightning_peft.tasks import SequenceClassification
+
+    from conftest import tiny_bert_folder
+
+    model_dir = tiny_bert_folder(tmp_path / "model", WORDS)
+    train = write_data(tmp_path, "train", sentiment_rows(24, 0))
+
+    def fit(*callbacks, ckpt_path=None):
+        torch.manual_seed(0)
+        task = SequenceClassification(str(model_dir), warmup_steps=1, learning_rate=1e-2)
+        data = TextClassificationData(train_file=str(train), batch_size=8, val_fraction=0)
+        seen = []
+        task.on_train_batch_start = lambda batch, batch_idx: seen.append(batch["input_ids"].tolist())
+        trainer = L.Trainer(accelerator="cpu", **budget, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, enable_checkpointing=bool(callbacks), num_sanity_val_steps=0,
+                            callbacks=[LoRA(r=4, dropout=0.1, target_modules=["query", "value"]), *callbacks])
+        trainer.fit(task, datamodule=data, ckpt_path=ckpt_path)
+        return seen, trainable_tensors(task)
+
+    order, expected = fit()
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=1, save_top_k=-1)
+    fit(saver, StopAt(stop))
+    resumed_order, got = fit(ckpt_path=tmp_path / "ckpt" / f"step={stop}.ckpt")
+    assert resumed_order == order[stop:]  # the batches after the checkpoint's, in the uninterrupted order
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name

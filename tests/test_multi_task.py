@@ -207,6 +207,26 @@ def test_a_resumed_multi_task_run_ends_where_the_uninterrupted_one_does(tiny_mod
         assert torch.equal(got[name], expected[name]), name
 
 
+@pytest.mark.parametrize("stop", [3, 12])  # inside the first epoch (of 10 batches), inside the second
+def test_a_multi_task_run_resumed_inside_an_epoch_goes_on_with_its_next_batch(tiny_model_dir, tmp_path, stop):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from test_checkpoints import StopAt
+
+    orders = EpochOrders()
+    uninterrupted, data, _ = fit(tiny_model_dir, tmp_path, max_steps=16, callbacks_after=[orders])
+    assert len(orders.rows) == 2 and len(data.train_dataloader()) == 10
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=1, save_top_k=-1)
+    fit(tiny_model_dir, tmp_path, max_steps=16, callbacks_after=[saver, StopAt(stop)], enable_checkpointing=True)
+    torch.manual_seed(0)
+    resumed = SequenceClassification(str(tiny_model_dir), learning_rate=5e-2, warmup_steps=0)
+    data = MultiTaskData(task_files(tmp_path), batch_size=8, max_length=16)
+    resume_from = tmp_path / "ckpt" / f"step={stop}.ckpt"
+    make_trainer(adapters(), max_steps=16).fit(resumed, datamodule=data, ckpt_path=resume_from)
+    expected, got = trainable_tensors(uninterrupted), trainable_tensors(resumed)
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
 def test_batches_follow_mixing_and_weights_and_each_epoch_has_its_order():
     sizes = {"a": 10, "b": 30}
     mixed = TaskBatchSampler(sizes, 8, "mixed", None, seed=0)

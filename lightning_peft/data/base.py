@@ -1,11 +1,16 @@
-"""What the data modules share: a built-in source fetched once, splits read once, the task's tokenizer."""
+"""What the data modules share: a built-in source fetched once, splits read once, the task's tokenizer, and
+shuffled training batches that a resumed fit takes up where the checkpoint left them."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterator, Sized
 from typing import Any, ClassVar
 
 import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, RandomSampler
 
 
 class SourceData(L.LightningDataModule):
@@ -36,3 +41,84 @@ class SourceData(L.LightningDataModule):
 
     def _check_tokenizer(self) -> None:
         """Called once the tokenizer is known."""
+
+
+class ResumableShuffle(RandomSampler):
+    """A seeded shuffle whose epoch a resumed run can take up: it notes its generator's state as each epoch starts.
+
+    It draws exactly what ``DataLoader(shuffle=True, generator=...)`` draws (it is that sampler),
+    so a run that is not resumed sees the same batches.
+    """
+
+    def __init__(self, data_source: Sized, generator: torch.Generator) -> None:
+        super().__init__(data_source, generator=generator)
+        self.epoch_start: Tensor | None = None  # the generator's state when this epoch's order was drawn
+        self.resume_from: tuple[Tensor, int] | None = None  # (that state, rows already trained) from a checkpoint
+
+    def __iter__(self) -> Iterator[int]:
+        skip = 0
+        if self.resume_from is not None:
+            state, skip = self.resume_from
+            self.resume_from = None
+            self.generator.set_state(state)
+        self.epoch_start = self.generator.get_state()
+        return itertools.islice(super().__iter__(), skip, None)
+
+
+class ResumableLoader(DataLoader):
+    """A shuffled training DataLoader whose place goes into Lightning checkpoints (its ``state_dict``).
+
+    A fit resumed from a checkpoint inside an epoch draws that epoch's order again and goes on
+    with the batch after the last one trained (``batches_done``, from the restored loop); from
+    one at an epoch's end, the next epoch's order. Either way it sees the uninterrupted run's batches.
+    """
+
+    def __init__(self, *args: Any, batches_done: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches_done = batches_done
+
+    def state_dict(self) -> dict[str, Any]:
+        sampler = self.sampler
+        if not isinstance(sampler, ResumableShuffle) or sampler.epoch_start is None:
+            return {}
+        return {"epoch_start": sampler.epoch_start, "now": sampler.generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        sampler = self.sampler
+        if not state_dict or not isinstance(sampler, ResumableShuffle):  # another sampler (distributed): its own order
+            return
+        if 0 < self.batches_done < len(self):
+            sampler.resume_from = (state_dict["epoch_start"], self.batches_done * self.batch_size)
+        else:
+            sampler.generator.set_state(state_dict["now"])
+
+
+def shuffled_loader(rows: Any, seed: int, trainer: Any, **kwargs: Any) -> ResumableLoader:
+    """A training DataLoader over ``rows`` shuffled with ``seed``, which a resumed fit takes up where it was."""
+    generator = torch.Generator().manual_seed(seed)
+    after_epoch = _state_at_epoch_end(trainer)
+    if after_epoch is not None:
+        generator.set_state(after_epoch)
+    return ResumableLoader(rows, sampler=ResumableShuffle(rows, generator), generator=generator,
+                           batches_done=batches_done_in_epoch(trainer), **kwargs)
+
+
+def _state_at_epoch_end(trainer: Any) -> Tensor | None:
+    """The shuffle's state that a checkpoint from an epoch's end saved, for the next epoch's order.
+
+    Lightning starts such a fit as a new epoch, not as a restart, and so loads no loader state itself.
+    """
+    loop = getattr(trainer, "fit_loop", None)
+    saved = getattr(loop, "_combined_loader_states_to_load", None)
+    if loop is None or loop.restarting or not saved or not saved[0]:
+        return None
+    return saved[0]["now"]
+
+
+def batches_done_in_epoch(trainer: Any) -> int:
+    """Training batches of the current epoch that a fit resumed from a checkpoint had done (0 for a fresh fit)."""
+    loop = getattr(trainer, "fit_loop", None)
+    if loop is None or not loop.restarting:
+        return 0
+    return loop.epoch_loop.batch_progress.current.processed
+

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from lightning_peft import assets
-from lightning_peft.data.base import SourceData
+from lightning_peft.data.base import SourceData, shuffled_loader
 from lightning_peft.data.files import (
     READERS,
     check_data_arguments,
@@ -193,9 +193,11 @@ class CausalLMData(SourceData):
 
     def _loader(self, examples: list[Example], shuffle: bool = False, left_pad: bool = False) -> DataLoader:
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0  # masked anyway
-        return DataLoader(examples, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=partial(pad_batch, pad_id=pad_id, left=left_pad),
-                          generator=torch.Generator().manual_seed(self.seed) if shuffle else None)
+        settings = dict(batch_size=self.batch_size, num_workers=self.num_workers,
+                        collate_fn=partial(pad_batch, pad_id=pad_id, left=left_pad))
+        if shuffle:
+            return shuffled_loader(examples, self.seed, self.trainer, **settings)
+        return DataLoader(examples, **settings)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self._examples("train"), shuffle=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -12,6 +13,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampl
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from lightning_peft.core.checks import check_choice
+from lightning_peft.data.base import batches_done_in_epoch
 from lightning_peft.data.text_classification import TextClassificationData
 
 Mixing = Literal["mixed", "alternating"]
@@ -134,6 +136,7 @@ class MultiTaskData(L.LightningDataModule):
         sampler = TaskBatchSampler(sizes={name: len(rows) for name, rows in examples.items()},
                                    batch_size=self.batch_size, mixing=self.mixing, weights=self.weights,
                                    seed=self.seed)  # keywords: Lightning re-creates it with its sampler
+        sampler.skip = batches_done_in_epoch(self.trainer)  # a fit resumed inside an epoch goes on from there
         return self._loader(examples, batch_sampler=sampler)
 
     def val_dataloader(self) -> DataLoader | list:
@@ -179,6 +182,7 @@ class TaskBatchSampler(BatchSampler):
         starts = [0, *torch.tensor(list(sizes.values())).cumsum(0).tolist()]
         self.starts = dict(zip(sizes, starts, strict=False))
         self.epoch = 0
+        self.skip = 0  # batches the next pass leaves out: those a resumed epoch had done
         self.sampler = self if sampler is None else sampler  # Lightning calls set_epoch on a batch sampler's sampler
         self.replicas, self.rank = getattr(sampler, "num_replicas", 1), getattr(sampler, "rank", 0)
 
@@ -209,7 +213,8 @@ class TaskBatchSampler(BatchSampler):
     def __iter__(self) -> Iterator[list[int]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.sampler.epoch)
         steps = self._mixed_steps(generator) if self.mixing == "mixed" else self._alternating_steps(generator)
-        for batches in steps:  # one batch per process
+        skip, self.skip = self.skip, 0
+        for batches in itertools.islice(steps, skip, None):  # one batch per process
             yield batches[self.rank]
 
     def _batches(self) -> int:

@@ -6,12 +6,11 @@ import random
 from collections.abc import Sequence
 from functools import partial
 
-import torch
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from lightning_peft import assets
-from lightning_peft.data.base import SourceData
+from lightning_peft.data.base import SourceData, shuffled_loader
 from lightning_peft.data.files import check_data_arguments, check_enough_to_hold_out, read_lines, read_rows
 
 SOURCES = {domain: partial(assets.sentiment_split, domain) for domain in assets.SENTIMENT_DOMAINS}
@@ -139,9 +138,11 @@ class TextClassificationData(SourceData):
                 for ids, mask, (_, label) in zip(encoded["input_ids"], encoded["attention_mask"], rows, strict=True)]
 
     def _encode(self, rows: Sequence[Example], shuffle: bool = False) -> DataLoader:
-        return DataLoader(self.encoded(rows), batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=DataCollatorWithPadding(self.tokenizer, return_tensors="pt"),
-                          generator=torch.Generator().manual_seed(self.seed) if shuffle else None)
+        settings = dict(batch_size=self.batch_size, num_workers=self.num_workers,
+                        collate_fn=DataCollatorWithPadding(self.tokenizer, return_tensors="pt"))
+        if shuffle:
+            return shuffled_loader(self.encoded(rows), self.seed, self.trainer, **settings)
+        return DataLoader(self.encoded(rows), **settings)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

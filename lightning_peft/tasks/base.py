@@ -76,17 +76,43 @@ class TransformersTask(L.LightningModule):
         (`per_own_updates`), so it learns as it would trained alone, however its batches fall.
         """
         hp = self.hparams
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
         datamodule = getattr(self.trainer, "datamodule", None)
         shares = getattr(datamodule, "batch_shares", None) or {}
         groups = parameters_by_task(self, set(shares))
         optimizer = adamw_class(self.optimizer_name)([{"params": params} for params in groups.values()],
                                                      lr=hp.learning_rate, weight_decay=hp.weight_decay)
-        factors = [linear_warmup_then_decay(min(hp.warmup_steps, total), total) if task is None
-                   else per_own_updates(hp.warmup_steps, shares[task], total, optimizer, index)
-                   for index, task in enumerate(groups)]
+
+        def schedule_of(index: int, task: str | None) -> Callable[[], Callable[[int], float]]:
+            def build() -> Callable[[int], float]:
+                total = max(int(self.trainer.estimated_stepping_batches), 1)
+                if task is None:
+                    return linear_warmup_then_decay(min(hp.warmup_steps, total), total)
+                return per_own_updates(hp.warmup_steps, shares[task], total, optimizer, index)
+            return build
+
+        at_start = 0.0 if hp.warmup_steps > 0 else 1.0  # either schedule's factor before any update
+        factors = [built_at_first_step(schedule_of(index, task), at_start) for index, task in enumerate(groups)]
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def built_at_first_step(build: Callable[[], Callable[[int], float]], at_start: float) -> Callable[[int], float]:
+    """The factor ``build()`` makes, made when a step past 0 first asks (``at_start`` before that).
+
+    Its length is the run's optimizer steps, which Lightning counts by building the training data
+    loader; counted while the optimizers are made, that is before a checkpoint is restored, so a
+    resumed fit's loader would start its batches afresh (`lightning_peft.data.base.ResumableLoader`).
+    """
+    made: list[Callable[[int], float]] = []
+
+    def factor(step: int) -> float:
+        if not made and step == 0:
+            return at_start
+        if not made:
+            made.append(build())
+        return made[0](step)
+
+    return factor
 
 
 def parameters_by_task(module: nn.Module, tasks: set[str]) -> dict[str | None, list[nn.Parameter]]:
