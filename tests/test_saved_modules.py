@@ -143,19 +143,22 @@ def test_a_saved_modules_buffers_travel_with_its_adapter_file(tmp_path):
     assert not copy_.running_mean.eq(0).all()
 
 
+class Fitted(L.LightningModule):
+    """A LightningModule around `NormedHead`."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = NormedHead()
+
+    def training_step(self, batch, batch_idx):
+        return self.model(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
+
+
 def test_an_adapter_only_checkpoint_keeps_a_saved_modules_buffers(tmp_path):
     from conftest import make_trainer
-
-    class Fitted(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.model = NormedHead()
-
-        def training_step(self, batch, batch_idx):
-            return self.model(batch[0]).pow(2).mean()
-
-        def configure_optimizers(self):
-            return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
 
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, 8) * 3 + 5), batch_size=16)
     methods = lambda: [LoRA(r=2, target_modules=["net.0"], modules_to_save=["net.1"])]  # noqa: E731
@@ -178,4 +181,20 @@ def test_the_gathered_adapter_state_holds_a_saved_modules_buffers():
     model = trained_normed_head()
     state = full_adapter_state_dict(model)
     assert torch.equal(state["net.1.adapters.default.running_mean"], model.net[1].adapters["default"].running_mean)
-    assert "net.1.adapters.default.weight" in state and "net.1.base_layer.running_mean" not in state
+    assert "net.1.adapters.default.weight" in state
+
+
+def test_an_adapter_only_checkpoint_keeps_a_frozen_norms_running_statistics(tmp_path):
+    from conftest import make_trainer
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, 8) * 3 + 5), batch_size=16)
+    methods = lambda: [LoRA(r=2, target_modules=["net.0", "net.3"])]  # noqa: E731  (the BatchNorm stays frozen)
+    trained = Fitted()
+    trainer = make_trainer(methods(), max_steps=4)
+    trainer.fit(trained, data)  # in train mode the frozen BatchNorm's statistics move
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    resumed = Fitted()
+    make_trainer(methods(), max_steps=4).fit(resumed, data, ckpt_path=tmp_path / "run.ckpt")  # nothing left to train
+    assert not torch.equal(resumed.model.net[1].running_mean, Fitted().model.net[1].running_mean)
+    assert torch.equal(resumed.model.net[1].running_mean, trained.model.net[1].running_mean)
+    assert torch.equal(resumed.model.net[1].running_var, trained.model.net[1].running_var)

@@ -31,14 +31,24 @@ WRAPPER_NAMES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")  # FSDP
 
 
 def adapter_state_keys(module: nn.Module) -> set[str]:
-    """State-dict keys of the tensors that PEFT methods own or that are trainable, and of the buffers beside them."""
+    """State-dict keys of the tensors that PEFT methods own or that are trainable, of the buffers beside them, and
+    of norm layers' running statistics (a frozen BatchNorm in train mode moves them)."""
     owned = owners(module)
 
     def kept(param: nn.Parameter) -> bool:
         return param.requires_grad or id(param) in owned
 
     params = {state_key(name) for name, param in module.named_parameters(remove_duplicate=False) if kept(param)}
-    return params | {state_key(name) for name in buffers_of_trained_modules(module, kept)}
+    buffers = [*buffers_of_trained_modules(module, kept), *running_statistics(module)]
+    return params | {state_key(name) for name in buffers}
+
+
+def running_statistics(module: nn.Module) -> list[str]:
+    """The buffers of norm layers that track running statistics: they move in training, frozen or not."""
+    return [f"{name}.{local}" if name else local for name, m in module.named_modules()
+            if getattr(m, "track_running_stats", False) and hasattr(m, "running_mean")
+            for local, buffer in m._buffers.items()
+            if buffer is not None and local not in m._non_persistent_buffers_set]
 
 
 def state_key(parameter_name: str) -> str:
