@@ -232,6 +232,10 @@ def test_settings_come_from_the_methods_own_recipe_for_the_same_task():
     lora = plan_method(mine, "mine.yaml", "lora", {})
     assert (lora.source, lora.learning_rate, lora.callbacks) == ("mine", 0.5, mine["trainer"]["callbacks"])
     assert plan_method(mine, "mine.yaml", "ia3", {}).source == "defaults"
+    dora = plan_method(mine, "mine.yaml", "dora", {})  # beside the user's LoRA: its settings, with DoRA on
+    assert (dora.source, dora.learning_rate) == ("mine", 0.5)
+    assert dora.callbacks[0]["init_args"] == {**mine["trainer"]["callbacks"][0]["init_args"], "use_dora": True,
+                                               "dropout": 0.0}
 
 
 def test_estimate_prints_each_methods_parts_and_total(tiny_recipe):

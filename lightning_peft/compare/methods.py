@@ -120,6 +120,10 @@ def plan_method(recipe: dict, recipe_name: str, method: str, overrides: dict[str
     if method == own_method(slot):
         plan = MethodPlan(method, copy.deepcopy(slot), recipe_rate(recipe), (recipe.get("trainer") or {}).get(
             "gradient_clip_val"), Path(recipe_name).name.removesuffix(".yaml"))
+    elif method == "dora" and own_method(slot) == "lora":  # DoRA beside the recipe's own LoRA: its settings
+        callbacks = [_with_args(e, use_dora=True, dropout=0.0) for e in slot]
+        plan = MethodPlan(method, callbacks, recipe_rate(recipe), (recipe.get("trainer") or {}).get(
+            "gradient_clip_val"), Path(recipe_name).name.removesuffix(".yaml"))
     elif found is not None:
         source, sibling = found
         trainer = sibling.get("trainer") or {}
