@@ -173,16 +173,18 @@ class PEFTCLI(LightningCLI):
         if trainer.interrupted:
             return
         results = {}
-        if _has_test_data(self.datamodule):
-            tested = trainer.test(module, datamodule=self.datamodule, verbose=False)
+        checkpoint = trainer.checkpoint_callback
+        best = checkpoint.best_model_path if checkpoint is not None and checkpoint.monitor else ""
+        if _has_test_data(self.datamodule):  # a monitored best checkpoint is what is tested (and then exported)
+            tested = trainer.test(module, datamodule=self.datamodule, ckpt_path=best or None, verbose=False)
             results = tested[0] if tested else {}  # none with --trainer.limit_test_batches=0
         summary = trainable_summary(module)
         lines = [f"{name}: {value:.4f}" for name, value in results.items()]
         lines.append(f"trainable parameters: {summary.trainable:,} of {summary.total:,} ({summary.percent:.3f}%)")
-        checkpoint = trainer.checkpoint_callback
         path = checkpoint and (checkpoint.best_model_path or checkpoint.last_model_path)
         if path:
-            lines.append(f"checkpoint: {path}")
+            weights = "tested and exported" if _has_test_data(self.datamodule) else "the adapter is the last step's"
+            lines.append(f"checkpoint: {path}" + (f" (best by {checkpoint.monitor}; {weights})" if best else ""))
         if adapter_refs(module):
             lines.append(_export_after_fit(trainer, module, path))
         if trainer.is_global_zero:

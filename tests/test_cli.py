@@ -286,6 +286,27 @@ def test_export_for_the_original_base_turns_a_pissa_adapter_into_plain_lora(tmp_
         export_checkpoint(ckpt, tmp_path / "merged", merged=True, for_original_base=True)
 
 
+def test_fit_tests_and_exports_the_best_checkpoint_when_one_is_monitored(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    config = recipe(tmp_path, tiny_model_dir, write_data(tmp_path, "train", sentiment_rows(48, 0)),
+                    write_data(tmp_path, "test", sentiment_rows(16, 1)), val_fraction=0.25)
+    settings = yaml.safe_load(config.read_text())
+    settings["trainer"]["callbacks"].append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
+        "monitor": "val_acc", "mode": "min", "save_top_k": 1, "filename": "best"}})  # the worst: not the last
+    settings["trainer"].update(max_steps=8, val_check_interval=2)
+    config.write_text(yaml.safe_dump(settings))
+    fit = run_cli("fit", "--config", str(config))
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    (best,) = Path(tmp_path).rglob("best.ckpt")
+    assert f"checkpoint: {best} (best by val_acc; tested and exported)" in fit.stdout
+    exported = run_cli("export", str(best), "--out", str(tmp_path / "from-best"))
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    after_fit = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    from_best = load_file(tmp_path / "from-best" / "adapter_model.safetensors")
+    assert all(torch.equal(after_fit[key], from_best[key]) for key in from_best)
+
+
 def test_validate_before_fit_in_one_process(tiny_model_dir, tmp_path):
     """Metric states from `validate` (inference mode) neither break nor leak into fit's validation (no_grad)."""
     import lightning as L
