@@ -213,6 +213,7 @@ def test_an_adapter_name_injected_again_is_the_same_adapter_or_an_error():
     LoRA(target_modules=["q_proj"]).inject(model)
     keys = set(model.state_dict())
     LoRA(target_modules=["q_proj"]).inject(model)  # the same settings: that adapter, left as it is
+    LoRA(target_modules=["q_proj"], checkpoint="full").inject(model)  # how it is checkpointed is no setting of it
     assert set(model.state_dict()) == keys
     with pytest.raises(ValueError, match=r"LoRA\[default\] is in this model already, made with target_modules="
                                          r"\['q_proj'\]; give this one another adapter_name"):

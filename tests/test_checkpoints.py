@@ -163,7 +163,8 @@ class StopAt(L.Callback):
             trainer.should_stop = True
 
 
-@pytest.mark.parametrize("budget", [dict(max_steps=6), dict(max_epochs=2)])  # by epochs, the steps are counted
+@pytest.mark.parametrize("budget", [dict(max_steps=6), dict(max_epochs=2),  # by epochs, the steps are counted
+                                    dict(max_steps=6, limit_train_batches=2)])  # epochs of 2 of the 3 batches
 @pytest.mark.parametrize("stop", [1, 3, 4])  # inside the first epoch of 3 batches, at its end, inside the second
 def test_a_recipe_fit_resumed_from_any_step_sees_the_same_batches_and_ends_bit_for_bit(tmp_path, stop, budget):
     from test_cli import WORDS, sentiment_rows, write_data
@@ -193,5 +194,37 @@ def test_a_recipe_fit_resumed_from_any_step_sees_the_same_batches_and_ends_bit_f
     fit(saver, StopAt(stop))
     resumed_order, got = fit(ckpt_path=tmp_path / "ckpt" / f"step={stop}.ckpt")
     assert resumed_order == order[stop:]  # the batches after the checkpoint's, in the uninterrupted order
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
+@pytest.mark.parametrize("budget", [dict(max_steps=6), dict(max_epochs=2)])  # by epochs, not restarted: sanity check
+def test_a_fit_resumed_from_an_epoch_end_checkpoint_after_a_sanity_check_ends_bit_for_bit(tmp_path, budget):
+    """Lightning starts such a fit as a new epoch and runs the sanity check, whose loaders draw random numbers."""
+    from test_cli import WORDS, sentiment_rows, write_data
+    from test_multi_task import StopAfterEpoch
+
+    from lightning_peft.data import TextClassificationData
+    from lightning_peft.tasks import SequenceClassification
+
+    from conftest import tiny_bert_folder
+
+    model_dir = tiny_bert_folder(tmp_path / "model", WORDS)
+    train = write_data(tmp_path, "train", sentiment_rows(32, 0))
+
+    def fit(*callbacks, ckpt_path=None):
+        torch.manual_seed(0)
+        task = SequenceClassification(str(model_dir), warmup_steps=1, learning_rate=1e-2)
+        data = TextClassificationData(train_file=str(train), batch_size=8, val_fraction=0.25)
+        trainer = L.Trainer(accelerator="cpu", **budget, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, enable_checkpointing=bool(callbacks), num_sanity_val_steps=1,
+                            callbacks=[LoRA(r=4, dropout=0.1, target_modules=["query", "value"]), *callbacks])
+        trainer.fit(task, datamodule=data, ckpt_path=ckpt_path)
+        return trainable_tensors(task)
+
+    expected = fit()
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="epoch", save_on_train_epoch_end=True)
+    fit(saver, StopAfterEpoch())
+    got = fit(ckpt_path=tmp_path / "ckpt" / "epoch.ckpt")
     for name in expected:
         assert torch.equal(got[name], expected[name]), name

@@ -234,21 +234,24 @@ def test_merging_an_adapter_on_a_tied_embedding_leaves_the_other_end_as_it_was(t
 
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    model = LlamaForCausalLM(config).eval()
+    holder = nn.Module()  # a reference model first, then the adapted one (as a policy beside its reference)
+    holder.reference, holder.policy = LlamaForCausalLM(copy.deepcopy(config)), LlamaForCausalLM(config).eval()
+    model = holder.policy
     shared = model.lm_head.weight
     assert shared is model.model.embed_tokens.weight
-    LoRA(r=4, target_modules=[target]).inject(model)
+    LoRA(r=4, target_modules=[f"policy.{'lm_head' if target == 'lm_head' else 'model.embed_tokens'}"]).inject(holder)
     _randomize(model)
     ids = torch.randint(0, VOCAB, (2, 9))
     with torch.no_grad():
         adapted = model(input_ids=ids).logits
-        merge(model)
+        merge(holder)
         torch.testing.assert_close(model(input_ids=ids).logits, adapted, rtol=0, atol=1e-5)
         assert not model.config.tie_word_embeddings  # so no loader (vLLM, older transformers) ties them again
+        assert holder.reference.config.tie_word_embeddings  # the other model's config stays
         model.save_pretrained(tmp_path)
         reloaded = LlamaForCausalLM.from_pretrained(tmp_path).eval()
         torch.testing.assert_close(reloaded(input_ids=ids).logits, adapted, rtol=0, atol=1e-5)
-        unmerge(model)
+        unmerge(holder)
         torch.testing.assert_close(model(input_ids=ids).logits, adapted, rtol=0, atol=1e-5)
     base = model.lm_head.base_layer if target == "lm_head" else model.lm_head
     assert base.weight is shared and model.config.tie_word_embeddings  # tied again

@@ -207,7 +207,7 @@ def test_a_resumed_multi_task_run_ends_where_the_uninterrupted_one_does(tiny_mod
         assert torch.equal(got[name], expected[name]), name
 
 
-@pytest.mark.parametrize("stop", [3, 12])  # inside the first epoch (of 10 batches), inside the second
+@pytest.mark.parametrize("stop", [3, 10, 12])  # inside the first epoch (of 10 batches), at its end, in the second
 def test_a_multi_task_run_resumed_inside_an_epoch_goes_on_with_its_next_batch(tiny_model_dir, tmp_path, stop):
     from lightning.pytorch.callbacks import ModelCheckpoint
     from test_checkpoints import StopAt

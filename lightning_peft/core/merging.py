@@ -11,7 +11,7 @@ from torch import nn
 
 from lightning_peft.core.injection import peft_layers, replace_module
 from lightning_peft.core.layer import PEFTLayer, PEFTModule
-from lightning_peft.core.models import model_root
+from lightning_peft.core.models import transformers_models
 from lightning_peft.core.ownership import holders
 
 _MERGED = "_lightning_peft_merged"  # on a parent module: {child name: the PEFT layer merged there}
@@ -121,7 +121,7 @@ def _untie(root: nn.Module, layer: PEFTLayer, where: dict[int, list[tuple[nn.Mod
         if param is not None and any(id(m) not in inside for m, _ in where.get(id(param), [])):
             layer.__dict__.setdefault(_TIED, {})[local] = param
             setattr(base, local, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad))
-            _, model = model_root(root)
+            model = _model_holding(root, base)
             if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
                 model.config.tie_word_embeddings = False
                 model.__dict__[_TIED] = True
@@ -131,9 +131,14 @@ def _tie_again(root: nn.Module, layer: PEFTLayer) -> None:
     """Give ``layer``'s base back the weights it shared before `merge` (see `_untie`)."""
     for local, param in layer.__dict__.pop(_TIED, {}).items():
         setattr(layer.base_layer, local, param)
-        _, model = model_root(root)
+        model = _model_holding(root, layer.base_layer)  # in the model now, where the layer was
         if model.__dict__.pop(_TIED, False):
             model.config.tie_word_embeddings = True
+
+
+def _model_holding(root: nn.Module, module: nn.Module) -> nn.Module:
+    """The transformers model of ``root`` that holds ``module`` (a module may hold several), or ``root``."""
+    return next((model for _, model in transformers_models(root) if any(m is module for m in model.modules())), root)
 
 
 def check_unmerged(module: nn.Module, what: str, instead: str = "") -> None:

@@ -46,8 +46,10 @@ class SourceData(L.LightningDataModule):
 class ResumableShuffle(RandomSampler):
     """A seeded shuffle whose epoch a resumed run can take up: it notes its generator's state as each epoch starts.
 
-    It draws exactly what ``DataLoader(shuffle=True, generator=...)`` draws (it is that sampler),
-    so a run that is not resumed sees the same batches.
+    Each epoch it draws what ``DataLoader(shuffle=True, generator=...)`` draws from its generator
+    (the loader's draw of its workers' seed, then the sampler's), so a run that is not resumed
+    sees the same batches; the loader itself draws from a generator of its own, so however often
+    Lightning makes iterators, the order depends on the epoch alone.
     """
 
     def __init__(self, data_source: Sized, generator: torch.Generator) -> None:
@@ -61,6 +63,8 @@ class ResumableShuffle(RandomSampler):
             state, skip = self.resume_from
             self.resume_from = None
             self.generator.set_state(state)
+        else:
+            torch.empty((), dtype=torch.int64).random_(generator=self.generator)  # the draw a shuffled loader makes
         self.epoch_start = self.generator.get_state()
         return itertools.islice(super().__iter__(), skip, None)
 
@@ -87,7 +91,7 @@ class ResumableLoader(DataLoader):
         sampler = self.sampler
         if not state_dict or not isinstance(sampler, ResumableShuffle):  # another sampler (distributed): its own order
             return
-        if 0 < self.batches_done < len(self):
+        if self.batches_done:
             sampler.resume_from = (state_dict["epoch_start"], self.batches_done * self.batch_size)
         else:
             sampler.generator.set_state(state_dict["now"])
@@ -99,8 +103,10 @@ def shuffled_loader(rows: Any, seed: int, trainer: Any, **kwargs: Any) -> Resuma
     after_epoch = _state_at_epoch_end(trainer)
     if after_epoch is not None:
         generator.set_state(after_epoch)
-    return ResumableLoader(rows, sampler=ResumableShuffle(rows, generator), generator=generator,
-                           batches_done=batches_done_in_epoch(trainer), **kwargs)
+    loader = ResumableLoader(rows, sampler=ResumableShuffle(rows, generator),
+                             generator=torch.Generator().manual_seed(seed), **kwargs)  # the workers' seeds
+    loader.batches_done = batches_done_in_epoch(trainer, len(loader))
+    return loader
 
 
 def _state_at_epoch_end(trainer: Any) -> Tensor | None:
@@ -115,10 +121,14 @@ def _state_at_epoch_end(trainer: Any) -> Tensor | None:
     return saved[0]["now"]
 
 
-def batches_done_in_epoch(trainer: Any) -> int:
-    """Training batches of the current epoch that a fit resumed from a checkpoint had done (0 for a fresh fit)."""
+def batches_done_in_epoch(trainer: Any, batches: int) -> int:
+    """Training batches of its epoch that a fit resumed from inside an epoch had done; 0 for a fresh fit, or one
+    resumed from an epoch's end (of ``batches``, or fewer under ``limit_train_batches``)."""
     loop = getattr(trainer, "fit_loop", None)
     if loop is None or not loop.restarting:
         return 0
-    return loop.epoch_loop.batch_progress.current.processed
+    limit = trainer.limit_train_batches
+    epoch = min(limit, batches) if isinstance(limit, int) else int(batches * limit)
+    done = loop.epoch_loop.batch_progress.current.processed
+    return done if done < epoch else 0
 

@@ -86,11 +86,14 @@ class MultiTaskData(L.LightningDataModule):
     def batch_shares(self) -> dict[str, float]:
         """Each task's expected share of the optimizer steps (`TaskBatchSampler.shares`), once set up."""
         sizes = {name: len(part.splits.get("train", ())) for name, part in self.parts.items()}
-        processes = getattr(self.trainer, "world_size", 1) if self.trainer is not None else 1
         accumulated = getattr(self.trainer, "accumulate_grad_batches", 1) if self.trainer is not None else 1
+        return self._sampler_of_a_process(sizes).shares(accumulated)
+
+    def _sampler_of_a_process(self, sizes: dict[str, int]) -> TaskBatchSampler:
+        """The sampler of one of the trainer's processes (as Lightning re-creates it under DDP), to count with."""
+        processes = getattr(self.trainer, "world_size", 1) if self.trainer is not None else 1
         stand_in = DistributedSampler([], num_replicas=processes, rank=0) if processes > 1 else None
-        sampler = TaskBatchSampler(sizes, self.batch_size, self.mixing, self.weights, self.seed, stand_in)
-        return sampler.shares(accumulated)
+        return TaskBatchSampler(sizes, self.batch_size, self.mixing, self.weights, self.seed, stand_in)
 
     @property
     def splits(self) -> dict[str, list]:
@@ -133,11 +136,11 @@ class MultiTaskData(L.LightningDataModule):
         examples = self._examples("train")
         if not examples:
             raise ValueError("MultiTaskData has no training rows: give each task a source or a train_file")
-        sampler = TaskBatchSampler(sizes={name: len(rows) for name, rows in examples.items()},
-                                   batch_size=self.batch_size, mixing=self.mixing, weights=self.weights,
-                                   seed=self.seed)  # keywords: Lightning re-creates it with its sampler
-        sampler.skip = batches_done_in_epoch(self.trainer)  # a fit resumed inside an epoch goes on from there
-        return self._loader(examples, batch_sampler=sampler)
+        sizes = {name: len(rows) for name, rows in examples.items()}
+        batches = len(self._sampler_of_a_process(sizes))  # a process's batches an epoch
+        sampler = TaskBatchSampler(sizes=sizes, batch_size=self.batch_size, mixing=self.mixing, weights=self.weights,
+                                   seed=self.seed, skip=batches_done_in_epoch(self.trainer, batches))
+        return self._loader(examples, batch_sampler=sampler)  # keywords: Lightning re-creates it with its sampler
 
     def val_dataloader(self) -> DataLoader | list:
         examples = self._examples("val")
@@ -176,13 +179,13 @@ class TaskBatchSampler(BatchSampler):
     """
 
     def __init__(self, sizes: dict[str, int], batch_size: int, mixing: str, weights: dict[str, float] | None,
-                 seed: int, sampler: Sampler | None = None) -> None:
+                 seed: int, sampler: Sampler | None = None, skip: int = 0) -> None:
         # BatchSampler's own __init__ is not called: the batches are drawn here, not from ``sampler``
         self.sizes, self.batch_size, self.mixing, self.weights, self.seed = sizes, batch_size, mixing, weights, seed
         starts = [0, *torch.tensor(list(sizes.values())).cumsum(0).tolist()]
         self.starts = dict(zip(sizes, starts, strict=False))
         self.epoch = 0
-        self.skip = 0  # batches the next pass leaves out: those a resumed epoch had done
+        self.skip = skip  # batches the next pass leaves out: those a fit resumed inside an epoch had done
         self.sampler = self if sampler is None else sampler  # Lightning calls set_epoch on a batch sampler's sampler
         self.replicas, self.rank = getattr(sampler, "num_replicas", 1), getattr(sampler, "rank", 0)
 

@@ -181,11 +181,11 @@ class PEFTCallback(ModelSetupCallback):
             return module  # applied (setup runs at every stage), maybe merged since; a rolled-back one is redone
         ref = self.ref
         there = next((r for r in adapter_refs(module) if r == ref), None)
-        if there is not None and _comparable(there.config) == _comparable(ref.config):
+        theirs, ours = (_adapter_settings(r.config) for r in (there or ref, ref))
+        if there is not None and theirs == ours:
             return module  # put there by another callback of the same settings (an earlier Trainer's): the same adapter
         if there is not None:
-            changed = ", ".join(f"{k}={v!r}" for k, v in _comparable(there.config).items()
-                                if _comparable(ref.config).get(k) != v)
+            changed = ", ".join(f"{k}={v!r}" for k, v in theirs.items() if ours.get(k) != v)
             raise ValueError(f"{ref} is in this model already, made with {changed}; give this one another "
                              "adapter_name, or use those settings to go on with that adapter")
         check_unmerged(module, f"{ref}: cannot inject", "or save the merged model and use it as a new base")
@@ -359,9 +359,15 @@ def check_saved_settings(trainer: L.Trainer, checkpoint: dict[str, Any], path: A
 RESUMABLE_SETTINGS = ("checkpoint",)  # settings that may change between a run and its resumption
 
 
+def _adapter_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The settings that make an adapter what it is: comparable, those a run may change left out."""
+    return {key: value for key, value in _comparable(config).items() if key not in RESUMABLE_SETTINGS}
+
+
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    """Settings as a checkpoint holds them (tuples as lists), so saved and current ones compare equal."""
-    return json.loads(json.dumps(config, default=str))
+    """Settings as a checkpoint holds them (tuples as lists, an empty list as None, which mean the same), so saved
+    and current ones compare equal."""
+    return {key: None if value == [] else value for key, value in json.loads(json.dumps(config, default=str)).items()}
 
 
 def adapter_only_checkpoints(trainer: L.Trainer) -> bool:

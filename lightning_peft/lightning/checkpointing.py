@@ -39,8 +39,13 @@ def adapter_state_keys(module: nn.Module) -> set[str]:
         return param.requires_grad or id(param) in owned
 
     params = {state_key(name) for name, param in module.named_parameters(remove_duplicate=False) if kept(param)}
-    buffers = [*buffers_of_trained_modules(module, kept), *running_statistics(module)]
-    return params | {state_key(name) for name in buffers}
+    return (params | {state_key(name) for name in buffers_of_trained_modules(module, kept)}
+            | running_statistic_keys(module))
+
+
+def running_statistic_keys(module: nn.Module) -> set[str]:
+    """The state-dict keys of `running_statistics`."""
+    return {state_key(name) for name in running_statistics(module)}
 
 
 def running_statistics(module: nn.Module) -> list[str]:
@@ -142,14 +147,17 @@ def complete_from_model(checkpoint: dict[str, Any], module: nn.Module, path: Pat
     saved = checkpoint["state_dict"]
     current = module.state_dict()
     shapes = {key: tuple(tensor.shape) for key, tensor in current.items()}
-    check_adapter_state(saved, shapes, adapter_state_keys(module), path)
+    check_adapter_state(saved, shapes, adapter_state_keys(module), path, running_statistic_keys(module))
     for key, tensor in current.items():
         saved.setdefault(key, tensor)
 
 
 def check_adapter_state(saved: dict[str, Any], shapes: dict[str, tuple[int, ...]], expected: set[str],
-                        path: PathLike) -> None:
-    """Raise unless ``saved`` fits a model of these tensor ``shapes`` and holds its ``expected`` adapter keys."""
+                        path: PathLike, optional: set[str] = frozenset()) -> None:
+    """Raise unless ``saved`` fits a model of these tensor ``shapes`` and holds its ``expected`` adapter keys.
+
+    ``optional`` keys may be missing (running statistics, which checkpoints of earlier versions left out).
+    """
     for key, tensor in saved.items():
         if key not in shapes:
             raise ValueError(
@@ -161,7 +169,7 @@ def check_adapter_state(saved: dict[str, Any], shapes: dict[str, tuple[int, ...]
                 f"checkpoint {path}: tensor '{key}' has shape {tuple(tensor.shape)}, but the model's has "
                 f"{shapes[key]}. Was the adapter trained with another r or model?"
             )
-    missing = sorted(expected - saved.keys())
+    missing = sorted(expected - saved.keys() - optional)
     if missing:
         raise ValueError(
             f"checkpoint {path} lacks {len(missing)} adapter tensor(s) of this model, first '{missing[0]}'. "
@@ -225,9 +233,10 @@ def install_adapter_checkpointing(trainer: Any, adapter_only: Callable[[], bool]
 
 
 def random_states() -> dict[str, Any]:
-    """The random number generators' states (torch, CUDA, numpy, Python) in types ``weights_only`` loading reads."""
+    """The random number generators' states (torch, this device's CUDA, numpy, Python), in types ``weights_only``
+    loading reads."""
     kind, keys, position, has_gauss, gauss = np.random.get_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    cuda = [torch.cuda.get_rng_state()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     return {"torch": torch.get_rng_state(), "cuda": cuda, "python": random.getstate(),
             "numpy": [kind, keys.tolist(), position, has_gauss, gauss]}
 
@@ -235,8 +244,8 @@ def random_states() -> dict[str, Any]:
 def set_random_states(states: dict[str, Any]) -> None:
     """Put the generators back as `random_states` found them, so dropout draws on as it would have."""
     torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if states["cuda"] and torch.cuda.is_available():  # this process's device: every rank draws as rank 0 saved
+        torch.cuda.set_rng_state(states["cuda"][0])
     version, internal, gauss = states["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, position, has_gauss, cached = states["numpy"]

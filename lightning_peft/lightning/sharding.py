@@ -38,6 +38,7 @@ from lightning_peft.lightning.checkpointing import (
     adapter_state_keys,
     check_adapter_state,
     read_checkpoint,
+    running_statistic_keys,
     state_key,
 )
 
@@ -275,7 +276,7 @@ def load_adapter_checkpoints_into_shards(strategy: Strategy, module: L.Lightning
     if getattr(load, _PATCHED, False):
         return
     shapes = {key: tuple(tensor.shape) for key, tensor in module.state_dict().items()}
-    expected = adapter_state_keys(module)
+    expected, optional = adapter_state_keys(module), running_statistic_keys(module)
 
     def load_checkpoint(checkpoint_path: PathLike, weights_only: bool | None = None) -> dict[str, Any]:
         checkpoint = read_checkpoint(checkpoint_path, mmap=True) if Path(checkpoint_path).is_file() else None
@@ -283,7 +284,7 @@ def load_adapter_checkpoints_into_shards(strategy: Strategy, module: L.Lightning
             strategy.checkpoint_io.check_loaded(checkpoint, checkpoint_path)  # the methods' settings, as elsewhere
         if checkpoint is None or not checkpoint.get(CHECKPOINT_KEY, {}).get("adapter_only"):
             return load(checkpoint_path, weights_only=weights_only)
-        check_adapter_state(checkpoint["state_dict"], shapes, expected, checkpoint_path)
+        check_adapter_state(checkpoint["state_dict"], shapes, expected, checkpoint_path, optional)
         strict, module.strict_loading = module.strict_loading, False
         try:
             return load(checkpoint_path, weights_only=weights_only)
