@@ -198,3 +198,19 @@ def test_an_adapter_only_checkpoint_keeps_a_frozen_norms_running_statistics(tmp_
     assert not torch.equal(resumed.model.net[1].running_mean, Fitted().model.net[1].running_mean)
     assert torch.equal(resumed.model.net[1].running_mean, trained.model.net[1].running_mean)
     assert torch.equal(resumed.model.net[1].running_var, trained.model.net[1].running_var)
+
+
+def test_a_checkpoint_without_running_statistics_still_loads(tmp_path):
+    from conftest import make_trainer
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, 8) * 3 + 5), batch_size=16)
+    methods = lambda: [LoRA(r=2, target_modules=["net.0", "net.3"])]  # noqa: E731
+    trainer = make_trainer(methods(), max_steps=4)
+    trainer.fit(Fitted(), data)
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    older = torch.load(tmp_path / "run.ckpt", weights_only=True)  # as checkpoints were written before
+    statistics = (".running_mean", ".running_var", ".num_batches_tracked")
+    older["state_dict"] = {k: v for k, v in older["state_dict"].items() if not k.endswith(statistics)}
+    del older["lightning_peft"]["sha256"]
+    torch.save(older, tmp_path / "older.ckpt")
+    make_trainer(methods(), max_steps=4).fit(Fitted(), data, ckpt_path=tmp_path / "older.ckpt")  # loads
