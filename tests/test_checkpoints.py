@@ -163,10 +163,8 @@ class StopAt(L.Callback):
             trainer.should_stop = True
 
 
-@pytest.mark.parametrize("budget", [dict(max_steps=6), dict(max_epochs=2),  # by epochs, the steps are counted
-                                    dict(max_steps=6, limit_train_batches=2)])  # epochs of 2 of the 3 batches
-@pytest.mark.parametrize("stop", [1, 3, 4])  # inside the first epoch of 3 batches, at its end, inside the second
-def test_a_recipe_fit_resumed_from_any_step_sees_the_same_batches_and_ends_bit_for_bit(tmp_path, stop, budget):
+def recipe_fit(folder, budget: dict, *callbacks, ckpt_path=None, rows: int = 24, val_fraction: float = 0.0):
+    """A LoRA recipe fit (tiny BERT, dropout on) from a fixed seed: the batches it trained on and its adapter."""
     from test_cli import WORDS, sentiment_rows, write_data
 
     from lightning_peft.data import TextClassificationData
@@ -174,25 +172,31 @@ def test_a_recipe_fit_resumed_from_any_step_sees_the_same_batches_and_ends_bit_f
 
     from conftest import tiny_bert_folder
 
-    model_dir = tiny_bert_folder(tmp_path / "model", WORDS)
-    train = write_data(tmp_path, "train", sentiment_rows(24, 0))
+    model_dir = folder / "model"
+    if not model_dir.is_dir():
+        tiny_bert_folder(model_dir, WORDS)
+    train = write_data(folder, "train", sentiment_rows(rows, 0))
+    torch.manual_seed(0)
+    task = SequenceClassification(str(model_dir), warmup_steps=1, learning_rate=1e-2)
+    data = TextClassificationData(train_file=str(train), batch_size=8, val_fraction=val_fraction)
+    seen = []
+    task.on_train_batch_start = lambda batch, batch_idx: seen.append(batch["input_ids"].tolist())
+    trainer = L.Trainer(accelerator="cpu", **budget, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=bool(callbacks),
+                        num_sanity_val_steps=1 if val_fraction else 0,
+                        callbacks=[LoRA(r=4, dropout=0.1, target_modules=["query", "value"]), *callbacks])
+    trainer.fit(task, datamodule=data, ckpt_path=ckpt_path)
+    return seen, trainable_tensors(task)
 
-    def fit(*callbacks, ckpt_path=None):
-        torch.manual_seed(0)
-        task = SequenceClassification(str(model_dir), warmup_steps=1, learning_rate=1e-2)
-        data = TextClassificationData(train_file=str(train), batch_size=8, val_fraction=0)
-        seen = []
-        task.on_train_batch_start = lambda batch, batch_idx: seen.append(batch["input_ids"].tolist())
-        trainer = L.Trainer(accelerator="cpu", **budget, logger=False, enable_progress_bar=False,
-                            enable_model_summary=False, enable_checkpointing=bool(callbacks), num_sanity_val_steps=0,
-                            callbacks=[LoRA(r=4, dropout=0.1, target_modules=["query", "value"]), *callbacks])
-        trainer.fit(task, datamodule=data, ckpt_path=ckpt_path)
-        return seen, trainable_tensors(task)
 
-    order, expected = fit()
+@pytest.mark.parametrize("budget", [dict(max_steps=6), dict(max_epochs=2),  # by epochs, the steps are counted
+                                    dict(max_steps=6, limit_train_batches=2)])  # epochs of 2 of the 3 batches
+@pytest.mark.parametrize("stop", [1, 3, 4])  # inside the first epoch of 3 batches, at its end, inside the second
+def test_a_recipe_fit_resumed_from_any_step_sees_the_same_batches_and_ends_bit_for_bit(tmp_path, stop, budget):
+    order, expected = recipe_fit(tmp_path, budget)
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=1, save_top_k=-1)
-    fit(saver, StopAt(stop))
-    resumed_order, got = fit(ckpt_path=tmp_path / "ckpt" / f"step={stop}.ckpt")
+    recipe_fit(tmp_path, budget, saver, StopAt(stop))
+    resumed_order, got = recipe_fit(tmp_path, budget, ckpt_path=tmp_path / "ckpt" / f"step={stop}.ckpt")
     assert resumed_order == order[stop:]  # the batches after the checkpoint's, in the uninterrupted order
     for name in expected:
         assert torch.equal(got[name], expected[name]), name
@@ -201,30 +205,13 @@ def test_a_recipe_fit_resumed_from_any_step_sees_the_same_batches_and_ends_bit_f
 @pytest.mark.parametrize("budget", [dict(max_steps=6), dict(max_epochs=2)])  # by epochs, not restarted: sanity check
 def test_a_fit_resumed_from_an_epoch_end_checkpoint_after_a_sanity_check_ends_bit_for_bit(tmp_path, budget):
     """Lightning starts such a fit as a new epoch and runs the sanity check, whose loaders draw random numbers."""
-    from test_cli import WORDS, sentiment_rows, write_data
     from test_multi_task import StopAfterEpoch
 
-    from lightning_peft.data import TextClassificationData
-    from lightning_peft.tasks import SequenceClassification
-
-    from conftest import tiny_bert_folder
-
-    model_dir = tiny_bert_folder(tmp_path / "model", WORDS)
-    train = write_data(tmp_path, "train", sentiment_rows(32, 0))
-
-    def fit(*callbacks, ckpt_path=None):
-        torch.manual_seed(0)
-        task = SequenceClassification(str(model_dir), warmup_steps=1, learning_rate=1e-2)
-        data = TextClassificationData(train_file=str(train), batch_size=8, val_fraction=0.25)
-        trainer = L.Trainer(accelerator="cpu", **budget, logger=False, enable_progress_bar=False,
-                            enable_model_summary=False, enable_checkpointing=bool(callbacks), num_sanity_val_steps=1,
-                            callbacks=[LoRA(r=4, dropout=0.1, target_modules=["query", "value"]), *callbacks])
-        trainer.fit(task, datamodule=data, ckpt_path=ckpt_path)
-        return trainable_tensors(task)
-
-    expected = fit()
+    settings = dict(rows=32, val_fraction=0.25)
+    order, expected = recipe_fit(tmp_path, budget, **settings)
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="epoch", save_on_train_epoch_end=True)
-    fit(saver, StopAfterEpoch())
-    got = fit(ckpt_path=tmp_path / "ckpt" / "epoch.ckpt")
+    recipe_fit(tmp_path, budget, saver, StopAfterEpoch(), **settings)
+    resumed_order, got = recipe_fit(tmp_path, budget, ckpt_path=tmp_path / "ckpt" / "epoch.ckpt", **settings)
+    assert resumed_order == order[3:]  # after the first epoch's 3 batches
     for name in expected:
         assert torch.equal(got[name], expected[name]), name
