@@ -77,9 +77,7 @@ class ResumableLoader(DataLoader):
     one at an epoch's end, the next epoch's order. Either way it sees the uninterrupted run's batches.
     """
 
-    def __init__(self, *args: Any, batches_done: int = 0, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.batches_done = batches_done
+    batches_done = 0  # set by `shuffled_loader` for a resumed fit
 
     def state_dict(self) -> dict[str, Any]:
         sampler = self.sampler
@@ -131,4 +129,3 @@ def batches_done_in_epoch(trainer: Any, batches: int) -> int:
     epoch = min(limit, batches) if isinstance(limit, int) else int(batches * limit)
     done = loop.epoch_loop.batch_progress.current.processed
     return done if done < epoch else 0
-

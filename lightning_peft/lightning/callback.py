@@ -181,12 +181,12 @@ class PEFTCallback(ModelSetupCallback):
             return module  # applied (setup runs at every stage), maybe merged since; a rolled-back one is redone
         ref = self.ref
         there = next((r for r in adapter_refs(module) if r == ref), None)
-        theirs, ours = (_adapter_settings(r.config) for r in (there or ref, ref))
-        if there is not None and theirs == ours:
-            return module  # put there by another callback of the same settings (an earlier Trainer's): the same adapter
         if there is not None:
-            changed = ", ".join(f"{k}={v!r}" for k, v in theirs.items() if ours.get(k) != v)
-            raise ValueError(f"{ref} is in this model already, made with {changed}; give this one another "
+            changed = changed_settings(there.config, ref.config)
+            if not changed:
+                return module  # put there by a callback of the same settings (an earlier Trainer's): that adapter
+            made_with = ", ".join(f"{key}={theirs!r}" for key, (theirs, _) in changed.items())
+            raise ValueError(f"{ref} is in this model already, made with {made_with}; give this one another "
                              "adapter_name, or use those settings to go on with that adapter")
         check_unmerged(module, f"{ref}: cannot inject", "or save the merged model and use it as a new base")
         before = modules_of(module)
@@ -348,10 +348,9 @@ def check_saved_settings(trainer: L.Trainer, checkpoint: dict[str, Any], path: A
         state = saved.get(callback.state_key)
         if state is None or "config" not in state:
             continue
-        ours, theirs = _comparable(callback.config()), _comparable(state["config"])
-        changed = [key for key in ours if key not in RESUMABLE_SETTINGS and key in theirs and ours[key] != theirs[key]]
+        changed = changed_settings(state["config"], callback.config())
         if changed:
-            settings = ", ".join(f"{key}={theirs[key]!r} (here {ours[key]!r})" for key in changed)
+            settings = ", ".join(f"{key}={theirs!r} (here {ours!r})" for key, (theirs, ours) in changed.items())
             raise ValueError(f"checkpoint {path} holds {callback.owner} trained with {settings}; "
                              "resume with the settings it was trained with, or start a new run")
 
@@ -359,9 +358,11 @@ def check_saved_settings(trainer: L.Trainer, checkpoint: dict[str, Any], path: A
 RESUMABLE_SETTINGS = ("checkpoint",)  # settings that may change between a run and its resumption
 
 
-def _adapter_settings(config: dict[str, Any]) -> dict[str, Any]:
-    """The settings that make an adapter what it is: comparable, those a run may change left out."""
-    return {key: value for key, value in _comparable(config).items() if key not in RESUMABLE_SETTINGS}
+def changed_settings(theirs: dict[str, Any], ours: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{setting: (theirs, ours)}`` for each setting of both that makes the adapter another one."""
+    theirs, ours = _comparable(theirs), _comparable(ours)
+    return {key: (theirs[key], ours[key]) for key in ours
+            if key in theirs and key not in RESUMABLE_SETTINGS and theirs[key] != ours[key]}
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
