@@ -137,7 +137,20 @@ class RecordTaskSteps(L.Callback):
         (self.dirpath / f"steps_rank{trainer.global_rank}.json").write_text(json.dumps(self.steps))
 
 
-def multi_task(out: Path, name: str, strategy: Strategy, mixing: str = "alternating", batch_size: int = 8) -> None:
+class SaveAndStopAt(L.Callback):
+    """Saves a checkpoint after ``step`` optimizer steps, inside the epoch, and ends the fit, as a preempted job."""
+
+    def __init__(self, step: int, path: Path) -> None:
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)  # by every rank, as ModelCheckpoint does
+            trainer.should_stop = True
+
+
+def multi_task(out: Path, name: str, strategy: Strategy, mixing: str = "alternating", batch_size: int = 8,
+               *callbacks: L.Callback, ckpt_path: Path | None = None) -> None:
     """Two tasks, each adapter resting in the steps without its rows; records in ``name``."""
     folder = out / "multi_task"  # the model and data: written by the test before the launch (write_tasks)
     module = SequenceClassification(str(folder / "bert"), learning_rate=5e-2, warmup_steps=0)
@@ -146,8 +159,16 @@ def multi_task(out: Path, name: str, strategy: Strategy, mixing: str = "alternat
     methods = [LoRA(r=4, alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"],
                     adapter_name=task) for task in TASKS]
     (folder / name).mkdir(exist_ok=True)  # by both processes
-    trainer(strategy, [*methods, RecordTaskSteps(folder / name), SaveAdapterPerRank(folder / name)],
-            max_epochs=1).fit(module, data)
+    trainer(strategy, [*methods, RecordTaskSteps(folder / name), SaveAdapterPerRank(folder / name), *callbacks],
+            max_epochs=1).fit(module, data, ckpt_path=ckpt_path)
+
+
+def multi_task_resumed_inside_the_epoch(out: Path) -> None:
+    """The DDP two-task fit stopped after two steps, saved, and resumed: records in ``ddp_stopped``/``ddp_resumed``."""
+    checkpoint = out / "multi_task" / "ddp_stopped" / "step2.ckpt"
+    multi_task(out, "ddp_stopped", DDPStrategy(find_unused_parameters=True), "alternating", 8,
+               SaveAndStopAt(2, checkpoint))
+    multi_task(out, "ddp_resumed", DDPStrategy(find_unused_parameters=True), ckpt_path=checkpoint)
 
 
 def fsdp2() -> ModelParallelStrategy:
@@ -159,6 +180,7 @@ def main(out: Path) -> None:
     fit_save_resume("fsdp2", fsdp2, out)
     trainer(fsdp2(), [lora(use_dora=True), SaveAdapterPerRank(out / "fsdp2_dora")]).fit(SeededLlama(), loader())
     multi_task(out, "ddp", DDPStrategy(find_unused_parameters=True))
+    multi_task_resumed_inside_the_epoch(out)
     multi_task(out, "fsdp2", fsdp2())
     multi_task(out, "ddp_mixed", DDPStrategy(find_unused_parameters=True), "mixed", batch_size=2)
     multi_task(out, "fsdp2_mixed", fsdp2(), "mixed", batch_size=2)  # often one task on one process, both on the other

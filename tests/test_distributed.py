@@ -199,6 +199,19 @@ def test_each_process_gets_its_own_batch_of_one_task_a_step_and_the_other_adapte
     assert_close(second, first, atol=0)  # the processes stay in step
 
 
+def test_two_tasks_under_ddp_resumed_inside_the_epoch_train_the_uninterrupted_run_s_batches(runs):
+    def steps(name: str) -> list[list[dict]]:
+        return [json.loads((runs / "multi_task" / name / f"steps_rank{rank}.json").read_text()) for rank in (0, 1)]
+
+    stopped, resumed, straight = steps("ddp_stopped"), steps("ddp_resumed"), steps("ddp")
+    assert [len(rank) for rank in stopped] == [2, 2] and [len(rank) for rank in resumed] == [3, 3]
+    for rank in (0, 1):  # each process carries on with its own next batches: none again, none left out
+        assert [step["rows"] for step in stopped[rank] + resumed[rank]] == [step["rows"] for step in straight[rank]]
+    first, second = rank_files(runs / "multi_task" / "ddp_resumed", "adapter")
+    assert_close(first, rank_files(runs / "multi_task" / "ddp", "adapter")[0])
+    assert_close(second, first, atol=0)
+
+
 @pytest.mark.parametrize("strategy", ["ddp_mixed", "fsdp2_mixed"])
 def test_in_mixed_batches_an_adapter_steps_where_any_process_had_its_rows_and_rests_where_none_had(runs, strategy):
     ranks = [json.loads((runs / "multi_task" / strategy / f"steps_rank{rank}.json").read_text()) for rank in (0, 1)]

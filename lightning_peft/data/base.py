@@ -70,7 +70,8 @@ class ResumableShuffle(RandomSampler):
 
 
 class ResumableLoader(DataLoader):
-    """A shuffled training DataLoader whose place goes into Lightning checkpoints (its ``state_dict``).
+    """A shuffled training DataLoader whose place goes into Lightning checkpoints (its ``state_dict``), or whose
+    batch sampler leaves out the batches done itself (`MultiTaskData`'s: no state then).
 
     A fit resumed from a checkpoint inside an epoch draws that epoch's order again and goes on
     with the batch after the last one trained (``batches_done``, from the restored loop); from

@@ -13,7 +13,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampl
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from lightning_peft.core.checks import check_choice
-from lightning_peft.data.base import batches_done_in_epoch
+from lightning_peft.data.base import ResumableLoader, batches_done_in_epoch
 from lightning_peft.data.text_classification import TextClassificationData
 
 Mixing = Literal["mixed", "alternating"]
@@ -127,10 +127,11 @@ class MultiTaskData(L.LightningDataModule):
         return {name: [{**row, "task": name} for row in part.encoded(part.splits[split])]
                 for name, part in self.parts.items() if split in part.splits}
 
-    def _loader(self, examples: dict[str, list[dict]], **batching: Any) -> DataLoader:
+    def _loader(self, examples: dict[str, list[dict]], kind: type[DataLoader] = DataLoader,
+                **batching: Any) -> DataLoader:
         rows = [row for task_rows in examples.values() for row in task_rows]
         tokenizer = next(iter(self.parts.values())).tokenizer
-        return DataLoader(rows, collate_fn=TaskCollator(tokenizer), num_workers=self.num_workers, **batching)
+        return kind(rows, collate_fn=TaskCollator(tokenizer), num_workers=self.num_workers, **batching)
 
     def train_dataloader(self) -> DataLoader:
         examples = self._examples("train")
@@ -140,7 +141,10 @@ class MultiTaskData(L.LightningDataModule):
         batches = len(self._sampler_of_a_process(sizes))  # a process's batches an epoch
         sampler = TaskBatchSampler(sizes=sizes, batch_size=self.batch_size, mixing=self.mixing, weights=self.weights,
                                    seed=self.seed, skip=batches_done_in_epoch(self.trainer, batches))
-        return self._loader(examples, batch_sampler=sampler)  # keywords: Lightning re-creates it with its sampler
+        # keywords: Lightning re-creates it with its sampler; its own generator, so that starting an epoch (again, on
+        # a resume) leaves the global one, and with it the dropout masks, as the uninterrupted run has it
+        return self._loader(examples, ResumableLoader, batch_sampler=sampler,
+                            generator=torch.Generator().manual_seed(self.seed))
 
     def val_dataloader(self) -> DataLoader | list:
         examples = self._examples("val")
