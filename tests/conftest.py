@@ -16,11 +16,11 @@ from torch import nn
 VOCAB = 128
 
 
-def tiny_llama(vocab: int = VOCAB, hidden: int = 32, layers: int = 2):
+def tiny_llama(vocab: int = VOCAB, hidden: int = 32, layers: int = 2, **settings: Any):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **settings)
     return LlamaForCausalLM(config)
 
 

@@ -4,6 +4,7 @@ import copy
 import logging
 import math
 import os
+import re
 import sys
 import warnings
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_peft import IA3, Adapter, LoRA, PromptTuning, merge, unmerge
+from lightning_peft import IA3, Adapter, BitFit, LoRA, PromptTuning, merge, unmerge
 from lightning_peft.quantization import (
     QuantizeBase,
     base_weight_bytes,
@@ -21,7 +22,14 @@ from lightning_peft.quantization import (
     statistics_bytes,
 )
 
-from conftest import TokenModule, check_resume_reproduces_the_uninterrupted_run, make_trainer, tiny_llama, token_loader
+from conftest import (
+    VOCAB,
+    TokenModule,
+    check_resume_reproduces_the_uninterrupted_run,
+    make_trainer,
+    tiny_llama,
+    token_loader,
+)
 
 H = 128  # hidden size: 4-bit blocks hold 64 values, and the fixed statistics stay small next to the weight
 LINEARS_PER_BLOCK = 7  # q, k, v, o, gate, up, down
@@ -74,6 +82,35 @@ def test_skip_modules_stay_full_precision():
     QuantizeBase("nf4", skip_modules=["down_proj"]).inject(model)
     assert all(type(block.mlp.down_proj) is nn.Linear for block in model.model.layers)
     assert len(quantized_layers(model)) == 2 * (LINEARS_PER_BLOCK - 1)
+
+
+def test_modules_a_later_method_trains_whole_stay_full_precision_in_a_trainer():
+    module = TokenModule(llama())
+    lora = LoRA(r=4, target_modules=["q_proj"], modules_to_save=["down_proj"])
+    make_trainer([QuantizeBase("nf4"), lora], max_steps=1).fit(module, token_loader())
+    assert len(quantized_layers(module)) == 2 * (LINEARS_PER_BLOCK - 1)
+    assert all(block.mlp.down_proj.adapters["default"].weight.requires_grad for block in module.model.model.layers)
+
+
+def test_a_method_told_to_train_a_quantized_weight_is_refused_in_one_line_and_nothing_changes():
+    model = QuantizeBase("nf4").inject(llama())
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match=r"would train 'model\.layers\.0\.mlp\.down_proj.*', stored in torch\.uint8 "
+                                         r"\(a quantized base weight\); keep its module in full precision with "
+                                         r"QuantizeBase\(skip_modules=\[\.\.\.\]\), or put QuantizeBase after"):
+        LoRA(r=4, target_modules=["q_proj"], modules_to_save=["down_proj"]).inject(model)
+    assert [type(m) for m in model.modules()] == before
+
+
+def test_bart_s_classification_head_stays_full_precision():
+    from transformers import BartConfig, BartForSequenceClassification
+
+    model = BartForSequenceClassification(BartConfig(
+        vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64))
+    QuantizeBase("nf4").inject(model)
+    assert type(model.classification_head.dense) is type(model.classification_head.out_proj) is nn.Linear
+    assert quantized_layers(model.model)
 
 
 def test_base_bytes_before_and_after_are_reported():
@@ -130,6 +167,30 @@ def test_resume_from_an_adapter_checkpoint_reproduces_the_uninterrupted_run(mode
     assert all("lora_" in name for name in saved)
 
 
+def test_resuming_on_a_base_quantized_otherwise_is_refused_and_without_quantize_base_warned(tmp_path):
+    def fit(callbacks, **kwargs):
+        torch.manual_seed(0)
+        trainer = make_trainer(callbacks, max_steps=2, default_root_dir=tmp_path)
+        trainer.fit(TokenModule(llama()), token_loader(), **kwargs)
+        return trainer
+
+    fit([QuantizeBase("nf4"), LoRA(r=4)]).save_checkpoint(tmp_path / "nf4.ckpt")
+    for other, setting in ((QuantizeBase("int8"), "mode='nf4' (here 'int8')"),
+                           (QuantizeBase("nf4", double_quant=False), "double_quant=True (here False)")):
+        with pytest.raises(ValueError, match=re.escape(f"holds QuantizeBase trained with {setting}; resume with")):
+            fit([other, LoRA(r=4)], ckpt_path=tmp_path / "nf4.ckpt")
+    with pytest.warns(UserWarning, match=r"trained with QuantizeBase\(mode='nf4', double_quant=True, compute_dtype="
+                                         r"None, skip_modules=None\), which this fit does not have"):
+        fit([LoRA(r=4)], ckpt_path=tmp_path / "nf4.ckpt")
+
+
+def test_a_base_quantized_in_another_format_already_is_refused():
+    model = QuantizeBase("nf4").inject(llama())
+    with pytest.raises(ValueError, match=r"QuantizeBase\(int8\): the base holds nf4 layers already; quantize it once"):
+        QuantizeBase("int8").inject(model)
+    QuantizeBase("nf4").inject(model)  # the same format: nothing more to do
+
+
 @pytest.mark.parametrize("mode", ["int8", "nf4"])
 @pytest.mark.parametrize("quantize_first", [True, False], ids=["quantize-then-lora", "lora-then-quantize"])
 def test_step_zero_output_equals_the_quantized_base(mode, quantize_first):
@@ -174,6 +235,36 @@ def test_dequantize_base_then_merge_is_exact():
         warnings.simplefilter("error")  # nothing is rounded
         merge(model)
     torch.testing.assert_close(model(ids()).logits, unmerged, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_dequantize_base_gives_a_bf16_model_its_dtype_back(mode):
+    model = llama().to(torch.bfloat16).eval()
+    QuantizeBase(mode).inject(model)
+    quantized = model(ids()).logits
+    dequantize_base(model)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    tolerance = 0 if mode == "nf4" else 0.03  # int8 multiplies float16 inputs (bitsandbytes casts bf16 to it)
+    torch.testing.assert_close(model(ids()).logits, quantized, rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_a_bias_trained_on_a_quantized_base_keeps_its_dtype_and_trains_under_bf16(mode):
+    torch.manual_seed(0)
+    module = TokenModule(tiny_llama(attention_bias=True, mlp_bias=True), lr=1e-3)
+    bias = module.model.model.layers[0].self_attn.o_proj.bias  # its input comes in bf16 under autocast
+    before = bias.detach().clone()
+    make_trainer([QuantizeBase(mode), BitFit()], max_steps=3, precision="bf16-mixed").fit(module, token_loader())
+    assert module.model.model.layers[0].self_attn.o_proj.bias is bias
+    assert bias.dtype == torch.float32 and (bias != before).all()  # bitsandbytes would cast it to bf16 for good
+
+
+def test_a_4bit_base_without_compute_dtype_computes_in_each_input_s_dtype():
+    fresh, used = (QuantizeBase("nf4").inject(llama()).eval() for _ in range(2))
+    used.load_state_dict(fresh.state_dict())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        used(ids())
+    torch.testing.assert_close(used(ids()).logits, fresh(ids()).logits, rtol=0, atol=0)  # not bf16 from then on
 
 
 def test_a_pissa_adapter_for_the_original_base_says_a_quantized_residual_was_rounded(tmp_path):

@@ -24,8 +24,9 @@ Targets = str | Sequence[str] | None
 ParameterTarget = tuple[str, str]  # (holding module's name, parameter path below it)
 
 ALL_LINEAR = "all-linear"
-# Last-layer names of task heads (transformers' and timm's ``head``): "all-linear" leaves them alone.
-HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "qa_outputs", "cls", "head"})
+# Names of task heads (transformers' and timm's ``head``, BART's ``classification_head``): "all-linear" leaves them
+# alone.
+HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "qa_outputs", "cls", "head", "classification_head"})
 _BLOCK_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
@@ -42,7 +43,8 @@ def block_index(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _matches(name: str, targets: Targets) -> bool:
+def name_matches(name: str, targets: Targets) -> bool:
+    """Whether a module name ends with one of ``targets``' names (a list) or matches it whole (a regex string)."""
     if targets is None:
         return False
     if isinstance(targets, str):
@@ -130,9 +132,9 @@ def select_modules(
             if isinstance(innermost_base(m), linear) and n not in heads and isinstance(innermost_base(m), supported)
         ]
     else:
-        chosen = [(n, m) for n, m in candidates if _matches(n, target_modules)]
+        chosen = [(n, m) for n, m in candidates if name_matches(n, target_modules)]
         _warn_unmatched_entries(target_modules, candidates, f"{method}: {option}")
-    chosen = [(n, m) for n, m in chosen if not _matches(n, exclude_modules)]
+    chosen = [(n, m) for n, m in chosen if not name_matches(n, exclude_modules)]
     if layers is not None:
         wanted = set(layers)
         chosen = [(n, m) for n, m in chosen if block_index(n) in wanted]
@@ -161,7 +163,7 @@ def _warn_unmatched_entries(targets: Targets, candidates: list[tuple[str, nn.Mod
     """Warn about each name of a target list that matches no module while others do, with the closest name."""
     if targets is None or isinstance(targets, str):
         return
-    unmatched = [t for t in targets if not any(_matches(name, [t]) for name, _ in candidates)]
+    unmatched = [t for t in targets if not any(name_matches(name, [t]) for name, _ in candidates)]
     if not unmatched or len(unmatched) == len(targets):  # all unmatched: the error below says what exists
         return
     leaves = sorted({name.rsplit(".", 1)[-1] for name, _ in candidates})
@@ -266,9 +268,9 @@ def select_parameters(
     if target_parameters == ALL_LINEAR:
         found = fused_expert_parameters(root)
     else:
-        found = [p for p in base_parameters(root) if _matches(p.name, target_parameters)]
+        found = [p for p in base_parameters(root) if name_matches(p.name, target_parameters)]
     chosen = [(p.module_name, p.local) for p in found
-              if not _matches(p.module_name, exclude_modules) and not _matches(p.name, exclude_modules)
+              if not name_matches(p.module_name, exclude_modules) and not name_matches(p.name, exclude_modules)
               and (layers is None or block_index(p.module_name) in set(layers))]
     if not chosen and target_parameters != ALL_LINEAR:
         raise ValueError(f"{method}: target_parameters={target_parameters!r} matched no parameter. Weights that no "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import warnings
 import weakref
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
@@ -34,7 +35,7 @@ from lightning_peft.core.targeting import select_modules
 from lightning_peft.lightning.checkpointing import (
     install_adapter_checkpointing,
     random_states,
-    saved_methods,
+    saved_setup_states,
     set_random_states,
 )
 from lightning_peft.lightning.gradient_checkpointing import enable_input_grads_for_checkpointing
@@ -63,6 +64,19 @@ class ModelSetupCallback(L.Callback):
 
     def prepare(self, trainer: L.Trainer) -> None:
         """Take from ``trainer`` what :meth:`apply` will need (its device, say); called just before applying."""
+
+    def config(self) -> dict[str, Any]:
+        """The settings a checkpoint keeps, which a resumed fit must have again (none here)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        config = self.config()
+        return {"config": config} if config else {}
+
+    @property
+    def owner(self) -> str:
+        """What a message calls this callback's work, e.g. ``QuantizeBase`` (``LoRA[default]`` for a method)."""
+        return type(self).__name__
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self is not setup_callbacks(trainer)[0]:
@@ -238,10 +252,10 @@ class PEFTCallback(ModelSetupCallback):
         return {name: getattr(self, name) for name in dict.fromkeys(names) if name != "self" and hasattr(self, name)}
 
     def prepare(self, trainer: L.Trainer) -> None:
-        install_adapter_checkpointing(trainer, adapter_only=lambda: adapter_only_checkpoints(trainer),
-                                      check_loaded=lambda checkpoint, path: check_saved_settings(trainer, checkpoint,
-                                                                                                 path),
-                                      methods=lambda: {cb.state_key: cb.state_dict() for cb in peft_callbacks(trainer)})
+        install_adapter_checkpointing(
+            trainer, adapter_only=lambda: adapter_only_checkpoints(trainer),
+            check_loaded=lambda checkpoint, path: check_saved_settings(trainer, checkpoint, path),
+            methods=lambda: {cb.state_key: cb.state_dict() for cb in setup_callbacks(trainer)})
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
@@ -342,9 +356,9 @@ def peft_callbacks(trainer: L.Trainer) -> list[PEFTCallback]:
 
 
 def check_saved_settings(trainer: L.Trainer, checkpoint: dict[str, Any], path: Any) -> None:
-    """Refuse a checkpoint whose adapters were made with other settings than the trainer's methods have."""
-    saved = saved_methods(checkpoint)
-    for callback in peft_callbacks(trainer):
+    """Refuse a checkpoint whose adapters (or quantized base) were made with other settings than the trainer's."""
+    saved = saved_setup_states(checkpoint)
+    for callback in setup_callbacks(trainer):
         state = saved.get(callback.state_key)
         if state is None or "config" not in state:
             continue
@@ -353,6 +367,12 @@ def check_saved_settings(trainer: L.Trainer, checkpoint: dict[str, Any], path: A
             settings = ", ".join(f"{key}={theirs!r} (here {ours!r})" for key, (theirs, ours) in changed.items())
             raise ValueError(f"checkpoint {path} holds {callback.owner} trained with {settings}; "
                              "resume with the settings it was trained with, or start a new run")
+    here = {callback.state_key for callback in setup_callbacks(trainer)}
+    for key, state in saved.items():
+        if key not in here and "method" not in state and state.get("config"):
+            settings = ", ".join(f"{name}={value!r}" for name, value in state["config"].items())
+            warnings.warn(f"checkpoint {path} was trained with {key}({settings}), which this fit does not have: "
+                          "its adapters go on without it", stacklevel=2)
 
 
 RESUMABLE_SETTINGS = ("checkpoint",)  # settings that may change between a run and its resumption

@@ -252,10 +252,16 @@ def set_random_states(states: dict[str, Any]) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
 
 
-def saved_methods(checkpoint: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The PEFT methods' states a checkpoint holds by callback key (weights-only ones keep them beside the checksum)."""
+def saved_setup_states(checkpoint: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The model-changing callbacks' states a checkpoint holds by callback key (weights-only ones keep them beside
+    the checksum)."""
     states = {**checkpoint.get(CHECKPOINT_KEY, {}).get("methods", {}), **checkpoint.get("callbacks", {})}
-    return {key: state for key, state in states.items() if isinstance(state, dict) and "method" in state}
+    return {key: state for key, state in states.items() if isinstance(state, dict)}
+
+
+def saved_methods(checkpoint: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The PEFT methods' states a checkpoint holds by callback key."""
+    return {key: state for key, state in saved_setup_states(checkpoint).items() if "method" in state}
 
 
 def _is_local(path: PathLike) -> bool:

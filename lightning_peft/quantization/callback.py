@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from typing import Any
 
 import lightning as L
 import torch
@@ -15,9 +16,9 @@ from lightning_peft.core.layer import PEFTLayer
 from lightning_peft.core.models import transformers_models
 from lightning_peft.core.ownership import owners
 from lightning_peft.core.summary import base_weight_bytes, size_text
-from lightning_peft.core.targeting import ALL_LINEAR, Targets, fused_expert_parameters, select_modules
-from lightning_peft.core.weights import import_bitsandbytes, is_quantized
-from lightning_peft.lightning.callback import ModelSetupCallback
+from lightning_peft.core.targeting import ALL_LINEAR, Targets, fused_expert_parameters, name_matches, select_modules
+from lightning_peft.core.weights import import_bitsandbytes, is_quantized, quantized_format
+from lightning_peft.lightning.callback import ModelSetupCallback, setup_callbacks
 from lightning_peft.quantization.layers import MODES, quantize_linear
 from lightning_peft.quantization.memory import release_file_pages, return_freed_memory
 
@@ -78,12 +79,15 @@ class QuantizeBase(ModelSetupCallback):
         self._compute_dtype = _as_compute_dtype(compute_dtype)
         self.compute_dtype = None if compute_dtype is None else str(self._compute_dtype).removeprefix("torch.")
         self._device: torch.device | None = None
+        self._trained_whole: list[str] = []  # the trainer's methods' modules_to_save: they stay in full precision
         self.base_bytes: tuple[int, int] | None = None  # frozen base weights before and after quantizing
         self.quantized_layers = 0
         self._applied: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
     def prepare(self, trainer: L.Trainer) -> None:
         self._device = trainer.strategy.root_device  # quantize on the device it trains on, before it moves there
+        self._trained_whole = [name for callback in setup_callbacks(trainer)
+                               for name in getattr(callback, "modules_to_save", ())]
 
     def apply(self, module: nn.Module) -> nn.Module:
         """Quantize the frozen linear layers of ``module`` (once)."""
@@ -94,7 +98,13 @@ class QuantizeBase(ModelSetupCallback):
 
     inject = apply  # as the PEFT methods spell it, for use outside a Trainer
 
+    def config(self) -> dict[str, Any]:
+        """The settings that make the base what it is: a checkpoint keeps them, and a resumed fit must have them."""
+        return {"mode": self.mode, "double_quant": self.double_quant, "compute_dtype": self.compute_dtype,
+                "skip_modules": self.skip_modules}
+
     def _quantize_all(self, module: nn.Module) -> None:
+        self._check_no_other_format(module)
         names = self._layers_to_quantize(module)
         if names:
             self._warn_if_slow(self._device or module.get_submodule(names[0]).weight.device)
@@ -104,6 +114,13 @@ class QuantizeBase(ModelSetupCallback):
             return_freed_memory()
         self.base_bytes, self.quantized_layers = (before, base_weight_bytes(module)), len(names)
         self._warn_fused_experts(module)
+
+    def _check_no_other_format(self, module: nn.Module) -> None:
+        """A base quantized in another format already (by another QuantizeBase, or transformers) is refused."""
+        other = sorted({quantized_format(m) for m in module.modules() if is_quantized(m)} - {self.mode})
+        if other:
+            raise ValueError(f"QuantizeBase({self.mode}): the base holds {other[0]} layers already; quantize it "
+                             "once, in one format")
 
     def _warn_fused_experts(self, module: nn.Module) -> None:
         """Fused expert weights stay in full precision (bitsandbytes quantizes 2-D linear layers): say how much."""
@@ -139,9 +156,10 @@ class QuantizeBase(ModelSetupCallback):
                              "skip_modules (transformers' Conv1D, as in GPT-2, is not quantized)") from None
         trained = owners(module)
         kept = kept_in_full_precision(module)
+        whole = [name for name, _ in module.named_modules() if name_matches(name, self._trained_whole)]
         names = []
         for name, layer in chosen:
-            if set(name.split(".")) & kept:
+            if set(name.split(".")) & kept or any(name == w or name.startswith(w + ".") for w in whole):
                 continue
             while isinstance(layer, PEFTLayer):
                 name, layer = f"{name}.base_layer", layer.base_layer

@@ -5,11 +5,20 @@ Reading and writing their weights is :mod:`lightning_peft.core.weights`' job, sh
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from torch import nn
 
 from lightning_peft.core.injection import replace_module
-from lightning_peft.core.weights import dequantized_weight, import_bitsandbytes, is_quantized, replace_quantized_weight
+from lightning_peft.core.ownership import owners
+from lightning_peft.core.weights import (
+    dequantized_weight,
+    import_bitsandbytes,
+    is_quantized,
+    quantized_format,
+    replace_quantized_weight,
+)
 
 MODES = ("int8", "nf4", "fp4")
 
@@ -21,19 +30,15 @@ def quantize_linear(layer: nn.Linear, mode: str, double_quant: bool = True, comp
     Only one layer's weight is ever copied, so quantizing a model layer by layer needs
     little more memory than the model itself.
     """
-    bnb = import_bitsandbytes("QuantizeBase")
+    import_bitsandbytes("QuantizeBase")  # one clear line when it is missing
     shape = (layer.in_features, layer.out_features, layer.bias is not None)
-    if mode == "int8":
-        from lightning_peft.quantization.int8 import FrozenLinear8bit  # needs bitsandbytes, which is optional
+    from lightning_peft.quantization.frozen_layers import FrozenLinear4bit, FrozenLinear8bit  # bitsandbytes: optional
 
+    if mode == "int8":
         quantized = FrozenLinear8bit(*shape, has_fp16_weights=False, device="meta")
     else:
-        quantized = bnb.nn.Linear4bit(*shape, compute_dtype=compute_dtype, compress_statistics=double_quant,
-                                      quant_type=mode, device="meta")
-        # bitsandbytes would repack the weight at its first no-grad eval forward on AVX512-BF16 CPUs, keeping
-        # the block scales in bf16 from then on: outputs would then depend on the call history (about 1e-2
-        # relative), and differ from the weight that merging and DoRA read. One layout, always.
-        quantized.support_avx512bf16_for_cpu = False
+        quantized = FrozenLinear4bit(*shape, compute_dtype=compute_dtype, compress_statistics=double_quant,
+                                     quant_type=mode, device="meta")
         quantized.register_load_state_dict_pre_hook(_load_4bit_statistics)
     replace_quantized_weight(quantized, layer.weight.detach().to(device or layer.weight.device), warn=False)
     quantized.bias = layer.bias  # same Parameter: full precision, and a method that trains biases keeps it
@@ -41,16 +46,26 @@ def quantize_linear(layer: nn.Linear, mode: str, double_quant: bool = True, comp
 
 
 def dequantize_base(module: nn.Module) -> nn.Module:
-    """Put a full-precision nn.Linear back for every bitsandbytes layer of ``module`` (in place).
+    """Put a full-precision nn.Linear back for every bitsandbytes layer of ``module`` (in place), in the dtype it
+    had (a 4-bit layer records it; an 8-bit one takes the rest of the base's).
 
     For example, to merge exactly."""
+    rest = _base_float_dtype(module)
     for name, layer in list(module.named_modules()):
         if is_quantized(layer):
+            dtype = getattr(layer.weight.quant_state, "dtype", None) if quantized_format(layer) != "int8" else rest
             plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-            plain.weight = nn.Parameter(dequantized_weight(layer), requires_grad=False)
+            plain.weight = nn.Parameter(dequantized_weight(layer).to(dtype or torch.float32), requires_grad=False)
             plain.bias = layer.bias
             replace_module(module, name, plain)
     return module
+
+
+def _base_float_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype most of the base's floating-point parameters in ``module`` have (no adapter's; float32 if none)."""
+    adapters = owners(module)
+    counts = Counter(p.dtype for p in module.parameters() if p.is_floating_point() and id(p) not in adapters)
+    return counts.most_common(1)[0][0] if counts else torch.float32
 
 
 def _load_4bit_statistics(layer: nn.Module, state_dict: dict, prefix: str, *_) -> None:
