@@ -23,6 +23,7 @@ from lightning_peft.core.adapter_files import (
 )
 from lightning_peft.core.files import PathLike
 from lightning_peft.core.layer import PEFTModule
+from lightning_peft.core.merging import check_unmerged
 from lightning_peft.core.models import model_root
 from lightning_peft.registry import callback_for
 
@@ -59,6 +60,7 @@ def hotswap_adapter(module: nn.Module, path: PathLike, adapter_name: str = "defa
         hotswap_adapter(model, "adapters/customer-42")  # the next call runs customer 42's adapter
         ```
     """
+    check_unmerged(module, "hotswap_adapter")
     config, tensors = read_adapter_files(path)
     weights_path = Path(path) / WEIGHTS_FILE
     incoming = callback_for(config, adapter_name, Path(path) / CONFIG_FILE)

@@ -156,6 +156,29 @@ def test_delete_adapter_restores_plain_layers():
     assert trainable_summary(model).methods == []
 
 
+def test_deleting_the_active_adapter_activates_another_with_a_warning():
+    model, inputs = two_adapter_model(), torch.randint(0, VOCAB, (1, 6))
+    set_adapter(model, "a")
+    with pytest.warns(UserWarning, match="adapter 'a' was active and is deleted; 'b' is active now"):
+        delete_adapter(model, "a")
+    with torch.no_grad():
+        with_b = model(inputs).logits
+        with disable_adapters(model):
+            assert not torch.allclose(model(inputs).logits, with_b)  # b computes: not the base model
+
+
+def test_changing_adapters_of_a_merged_model_is_refused_as_merged(tmp_path):
+    from lightning_peft import combine_adapters, hotswap_adapter, merge
+
+    model = two_adapter_model()
+    save_adapter(model, tmp_path, adapter_name="b")
+    merge(model)
+    for change in (lambda: delete_adapter(model, "a"), lambda: hotswap_adapter(model, tmp_path, adapter_name="b"),
+                   lambda: combine_adapters(model, {"a": 1.0}, new_name="c")):
+        with pytest.raises(ValueError, match="this model has merged adapters, which are in its weights now; unmerge"):
+            change()
+
+
 def saved_adapter(tmp_path):
     model = tiny_llama()
     LoRA(r=4, target_modules=["q_proj"]).inject(model)

@@ -242,6 +242,7 @@ def test_batches_follow_mixing_and_weights_and_each_epoch_has_its_order():
     only_b = TaskBatchSampler(sizes, 8, "mixed", {"b": 1.0}, seed=0)
     assert all(i >= 10 for batch in only_b for i in batch)
     weighted = list(TaskBatchSampler(sizes, 4, "alternating", {"a": 3.0, "b": 1.0}, seed=0))
+    assert list(TaskBatchSampler(sizes, 4, "alternating", {"a": 3, "b": 1}, seed=0)) == weighted  # integer weights
     share_a = sum(max(batch) < 10 for batch in weighted) / len(weighted)
     assert 0.55 < share_a < 0.95  # a: three times b's chance, despite a third of b's rows
     assert TaskBatchSampler(sizes, 8, "alternating", None, seed=0).shares() == pytest.approx({"a": 2 / 6, "b": 4 / 6})

@@ -144,6 +144,8 @@ def test_a_saved_decoder_block_splits_rows_without_a_cache_and_refuses_to_split_
     inputs = token_inputs(rows=4)
     check_rows_match_single_runs(model, ["a", "a", "a", "a"], **inputs)  # one copy for every row: the cache is fine
     check_rows_match_single_runs(model, ["a", "b", None, "a"], use_cache=False, **inputs)
+    positions = torch.arange(7).repeat(4, 1)  # given: each row's rotary (cos, sin) reaches the block, split by row
+    check_rows_match_single_runs(model, ["a", "b", None, "b"], use_cache=False, position_ids=positions, **inputs)
     with torch.no_grad(), per_row_adapters(model, ["a", "b", None, "a"]):
         with pytest.raises(ValueError, match="copies of a LlamaDecoderLayer would each add their rows to one cache"):
             model(**inputs)  # transformers' default: use_cache=True
@@ -192,6 +194,19 @@ def test_the_block_restores_what_was_active_and_nests():
         assert torch.equal(after, before)
         assert torch.allclose(outer, alone(model, "a", **inputs), atol=1e-6)
         assert torch.allclose(inner, alone(model, None, **inputs), atol=1e-6)
+
+
+def test_inside_a_block_merge_is_refused_and_disable_adapters_gives_every_row_the_base():
+    model = with_two(LoRA, tiny_llama(), r=4, target_modules=["q_proj"])
+    inputs = token_inputs(rows=2)
+    with torch.no_grad(), per_row_adapters(model, ["a", "b"]):
+        with pytest.raises(ValueError, match="merge inside a per_row_adapters block would give every row"):
+            merge(model)
+        with disable_adapters(model):
+            base = model(**inputs).logits
+        routed = model(**inputs).logits
+    torch.testing.assert_close(base, alone(model, None, **inputs))
+    torch.testing.assert_close(routed[1:], alone(model, "b", **{k: v[1:] for k, v in inputs.items()}))
 
 
 def test_a_compiled_model_follows_the_routing():

@@ -104,6 +104,17 @@ def test_delete_and_merge_handle_the_copies():
     assert model.classifier.__class__ is nn.Linear and not any(p.requires_grad for p in model.parameters())
 
 
+def test_deleting_one_method_s_adapter_keeps_the_head_another_method_of_that_name_trains():
+    model = tiny_bert()
+    LoRA(r=4, target_modules=["query"], modules_to_save=["classifier"], adapter_name="x").inject(model)
+    IA3(target_modules=["key"], feedforward_modules=[], adapter_name="x").inject(model)
+    head = model.classifier.adapters["x"]
+    delete_adapter(model, "x", method="IA3")
+    assert model.classifier.adapters["x"] is head and all(p.requires_grad for p in head.parameters())
+    delete_adapter(model, "x", method="LoRA")
+    assert model.classifier.__class__ is nn.Linear
+
+
 def test_two_methods_of_one_adapter_name_cannot_both_copy_a_module():
     model = tiny_bert()
     LoRA(r=4, target_modules=["query"], modules_to_save=["classifier"]).inject(model)

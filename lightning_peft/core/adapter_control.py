@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -10,7 +11,7 @@ from torch import nn
 from lightning_peft.core.injection import peft_layers, replace_module
 from lightning_peft.core.layer import PEFTLayer, PEFTModule
 from lightning_peft.core.merging import check_unmerged
-from lightning_peft.core.ownership import adapter_refs, freeze_unclaimed, release
+from lightning_peft.core.ownership import AdapterRef, adapter_refs, freeze_unclaimed, owners, release
 from lightning_peft.core.saved_modules import SavedModule
 
 
@@ -76,7 +77,8 @@ def disable_adapters(module: nn.Module) -> Iterator[nn.Module]:
     """Switch every adapter of ``module`` off inside a ``with`` block, to compare with the base model.
 
     Inside the block no layer or part that a PEFT method added changes what ``module`` computes;
-    on leaving it (also on an exception) the adapters that were active are active again.
+    on leaving it (also on an exception) the adapters that were active are active again. Inside a
+    `per_row_adapters` block it switches the rows' adapters off too, and back on after.
     ``modules_to_save`` modules compute as the original, untrained modules. Selective and BitFit
     train the model's own parameters, which stay as trained inside the block, and a LoRA layer
     initialized with ``init="pissa"`` keeps its residual base weight.
@@ -99,14 +101,16 @@ def disable_adapters(module: nn.Module) -> Iterator[nn.Module]:
         ```
     """
     check_unmerged(module, "disable_adapters")
-    saved = [(part, list(part.active_adapters)) for part in _peft_parts(module)]
+    saved = [(part, list(part.active_adapters), part.row_adapters) for part in _peft_parts(module)]
     try:
-        for part, _ in saved:
+        for part, _, _ in saved:
             part.set_active([])
+            part.row_adapters = None  # inside a `per_row_adapters` block too: no row uses an adapter
         yield module
     finally:
-        for part, active in saved:
+        for part, active, routing in saved:
             part.set_active(active)
+            part.row_adapters = routing
 
 
 def delete_adapter(module: nn.Module, adapter_name: str, method: str | None = None) -> None:
@@ -114,8 +118,10 @@ def delete_adapter(module: nn.Module, adapter_name: str, method: str | None = No
 
     What the adapter's method added goes: a layer left with no adapter becomes its plain base
     layer again, and a part left with none (a prompt encoder) leaves the model with its hooks.
-    Its ``modules_to_save`` copies go with it. The parameters of the model itself that the
-    adapter trained (Selective's, BitFit's) stay, as trained, and are frozen.
+    Its ``modules_to_save`` copies go with it (not another method's of the same name). The
+    parameters of the model itself that the adapter trained (Selective's, BitFit's) stay, as
+    trained, and are frozen. When it was the active adapter and the model is left with none
+    active, the first remaining adapter becomes active, with a warning (as in peft).
 
     Args:
         module: a model with adapters, or a LightningModule holding one.
@@ -124,7 +130,8 @@ def delete_adapter(module: nn.Module, adapter_name: str, method: str | None = No
             ``None`` removes the adapters of that name of every method.
 
     Raises:
-        ValueError: when ``module`` has no adapter named ``adapter_name`` (of ``method``, when given).
+        ValueError: when ``module`` has no adapter named ``adapter_name`` (of ``method``, when given),
+            or has merged adapters.
 
     Examples:
         ```python
@@ -133,15 +140,18 @@ def delete_adapter(module: nn.Module, adapter_name: str, method: str | None = No
         delete_adapter(model, "sentiment")
         ```
     """
+    check_unmerged(module, "delete_adapter")
     refs = [r for r in adapter_refs(module) if r.name == adapter_name and method in (None, r.method_name)]
     if not refs:
         _check_known(module, adapter_name)
         raise ValueError(f"no {method} adapter named '{adapter_name}'")
-    methods = {r.method_name for r in refs}
+    was_active = any(adapter_name in part.active_adapters for part in _peft_parts(module))
+    methods, claimed = {r.method_name for r in refs}, owners(module)
     for ref in refs:
         release(module, ref)  # claims on the model's own parameters (Selective's, BitFit's)
     for name, layer in reversed(list(peft_layers(module))):
-        if adapter_name in layer.adapters and (layer.method in methods or isinstance(layer, SavedModule)):
+        if adapter_name in layer.adapters and (layer.method in methods or _trained_by(layer, adapter_name, refs,
+                                                                                        claimed)):
             layer.delete_adapter(adapter_name)
             if not layer.adapters:
                 replace_module(module, name, layer.base_layer)
@@ -155,6 +165,16 @@ def delete_adapter(module: nn.Module, adapter_name: str, method: str | None = No
                 part.detach_from(parent)
                 delattr(parent, child)
     freeze_unclaimed(module)
+    left = adapter_names(module)
+    if was_active and left and not any(part.active_adapters for part in _peft_parts(module)):
+        set_adapter(module, left[0])
+        warnings.warn(f"adapter '{adapter_name}' was active and is deleted; '{left[0]}' is active now",
+                      stacklevel=2)
+
+
+def _trained_by(layer: PEFTLayer, name: str, refs: list[AdapterRef], claimed: dict[int, AdapterRef]) -> bool:
+    """Whether ``layer``'s copy ``name`` (a ``modules_to_save`` copy) belongs to one of ``refs``, by its claims."""
+    return isinstance(layer, SavedModule) and any(claimed.get(id(p)) in refs for p in layer.adapters[name].parameters())
 
 
 def _peft_parts(module: nn.Module) -> list[PEFTModule]:

@@ -37,7 +37,8 @@ def merge(module: nn.Module) -> nn.Module:
         ``module`` itself, its adapted layers replaced by their merged base layers.
 
     Raises:
-        ValueError: when ``module`` holds adapters of a method that cannot merge.
+        ValueError: when ``module`` holds adapters of a method that cannot merge, or inside a
+            `per_row_adapters` block.
 
     Examples:
         ```python
@@ -47,6 +48,9 @@ def merge(module: nn.Module) -> nn.Module:
         model.save_pretrained("merged-model")
         ```
     """
+    if any(m.row_adapters is not None for m in module.modules() if isinstance(m, PEFTModule)):
+        raise ValueError("merge inside a per_row_adapters block would give every row the active adapters; merge "
+                         "after the block")
     unmergeable = sorted({m.method for m in module.modules() if isinstance(m, PEFTModule) and not m.mergeable})
     if unmergeable:
         raise ValueError(f"{', '.join(unmergeable)} adapters cannot be merged into the base weights")

@@ -53,6 +53,8 @@ class SavedModule(PEFTLayer):
 
         def rows_of(copy_: nn.Module, rows: RowSet) -> Tensor:
             def take(value: Any) -> Any:
+                if type(value) in (tuple, list):  # rotary (cos, sin) of each row, say
+                    return type(value)(map(take, value))
                 same_rows = isinstance(value, Tensor) and value.dim() and value.shape[0] == batch.shape[0]
                 return rows.take(value) if same_rows else value
             return copy_(*map(take, args), **{k: take(v) for k, v in kwargs.items()})

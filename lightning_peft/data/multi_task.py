@@ -262,7 +262,7 @@ class TaskBatchSampler(BatchSampler):
             yield from (every[i] for i in torch.randperm(len(every), generator=generator).tolist())
             return
         names = list(self.sizes)
-        chances = torch.tensor([self.weights.get(name, 0.0) for name in names])
+        chances = torch.tensor([self.weights.get(name, 0.0) for name in names], dtype=torch.float)  # ints too
         drawn = torch.multinomial(chances, len(self), replacement=True, generator=generator).tolist()
         taken = dict.fromkeys(names, 0)
         for index in drawn:

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from lightning_peft.core.adapter_files import find_adapter
 from lightning_peft.core.checks import check_choice
 from lightning_peft.core.injection import peft_layers
+from lightning_peft.core.merging import check_unmerged
 from lightning_peft.core.ownership import adapter_refs
 from lightning_peft.lora.callback import LoRA
 from lightning_peft.lora.layers import LoRAAdapter, LoRALayer
@@ -78,6 +79,7 @@ def combine_adapters(module: nn.Module, weights: Mapping[str, float], new_name: 
         ```
     """
     check_choice("combine_adapters", "how", how, HOWS)
+    check_unmerged(module, "combine_adapters")
     if not weights:
         raise ValueError("combine_adapters needs at least one adapter to combine; weights is empty")
     if not 0 < density <= 1:
