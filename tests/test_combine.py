@@ -112,14 +112,41 @@ def test_ties_and_dare_prune_elect_and_rescale():
         adapters = layer.adapters
         torch.testing.assert_close(adapters["ties_one"].update(), scaled_update(adapters["a"], 1.0))
         torch.testing.assert_close(adapters["dare_full"].update(), adapters["linear"].update())
-        a, b = (math.sqrt(w * adapters[n].scale) * adapters[n].lora_A for n, w in (("a", 0.8), ("b", 0.4)))
-        a, b = (t * (t.abs() >= t.abs().flatten().topk(t.numel() // 4).values[-1]) for t in (a, b))  # top 25%
-        sign = torch.where(a + b >= 0, 1.0, -1.0)
+        a, b = (t * (t.abs() >= t.abs().flatten().topk(t.numel() // 4).values[-1])  # their top 25%
+                for t in (adapters["a"].lora_A, adapters["b"].lora_A))
+        sign = torch.where(a + b >= 0, 1.0, -1.0)  # elected on the factors as they are, as peft does
         agree_a, agree_b = a.sign() == sign, b.sign() == sign
-        expected = (a * agree_a + b * agree_b) / (agree_a.float() + agree_b.float()).clamp(min=1)
+        ca, cb = (math.sqrt(w * adapters[n].scale) for n, w in (("a", 0.8), ("b", 0.4)))
+        expected = (ca * a * agree_a + cb * b * agree_b) / (agree_a.float() + agree_b.float()).clamp(min=1)
         torch.testing.assert_close(adapters["ties"].lora_A, expected)
         assert torch.equal(adapters["dare0"].lora_A, adapters["dare0_again"].lora_A)
         assert not torch.equal(adapters["dare0"].lora_A, adapters["dare1"].lora_A)
+
+
+@pytest.mark.parametrize("how, settings", [("ties", {}), ("ties", {"majority_sign": "frequency"}),
+                                           ("dare_linear", {"density": 1.0}), ("linear", {})])
+def test_ties_and_linear_equal_peft_s_add_weighted_adapter(how, settings):
+    peft = pytest.importorskip("peft")
+    base = tiny_llama().eval()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]),
+                                 adapter_name="a")
+    theirs.add_adapter("b", peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj"]))
+    ours = with_adapters(copy.deepcopy(base), *(LoRA(r=4, alpha=alpha, target_modules=["q_proj"], adapter_name=name)
+                                                for name, alpha in (("a", 8), ("b", 16))))
+    values = {f"{module}.{name}": param for module, layer in peft_layers(ours)
+              for name, param in layer.named_parameters() if "lora_" in name}  # e.g. ...q_proj.adapters.a.lora_A
+    with torch.no_grad():
+        for key, param in theirs.named_parameters():
+            if "lora_" in key:  # ...q_proj.lora_A.a.weight
+                module, factor, name = key.removeprefix("base_model.model.").removesuffix(".weight").rsplit(".", 2)
+                param.copy_(values[f"{module}.adapters.{name}.{factor}"])
+    theirs.add_weighted_adapter(["a", "b"], [0.9, 0.3], "ab", combination_type=how,
+                                density=settings.get("density", 0.5),
+                                majority_sign_method=settings.get("majority_sign", "total"))
+    combine_adapters(ours, {"a": 0.9, "b": 0.3}, new_name="ab", how=how, **settings)
+    theirs.set_adapter("ab")
+    with torch.no_grad():
+        torch.testing.assert_close(logits(ours, "ab"), theirs(input_ids=IDS).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_peft_loads_the_combined_adapter(tmp_path):

@@ -7,9 +7,10 @@ scale is 1 and its factors carry every scale: nothing depends on how the inputs 
 - ``cat``: A and B stacked along the rank: exactly ``sum_i w_i s_i B_i A_i`` (rank ``sum r_i``).
 - ``linear``: ``B = sum_i c_i B_i``, ``A = sum_i sign(w_i) c_i A_i`` with ``c_i = sqrt(|w_i| s_i)``;
   cross terms included, as peft's ``linear`` (same rank for all).
-- ``ties`` / ``dare_linear`` / ``dare_ties``: the same factor weights, each factor merged with
-  TIES (magnitude pruning to ``density``, sign election, disjoint mean) or DARE (random pruning
-  to ``density``, rescaled), as peft does.
+- ``ties`` / ``dare_linear`` / ``dare_ties``: each factor merged with TIES (magnitude pruning to
+  ``density``, sign election, disjoint mean) or DARE (random pruning to ``density``, rescaled),
+  as peft does: pruning and the sign election read the inputs' own factors, and the factor
+  weights above apply to what is kept.
 - ``svd``: the exact sum refactored by a truncated SVD to ``rank`` (default: the largest input rank).
 
 DoRA adapters (all inputs DoRA) also combine their magnitudes as task vectors on the base's row
@@ -157,8 +158,11 @@ def _combined(layer: LoRALayer, weights: Mapping[str, float], how: str, rank: in
         a, b = _pad_rank(torch.cat([_weighted(x, w)[0] for x, w in present]),
                          torch.cat([_weighted(x, w)[1] for x, w in present], dim=1), rank)
     else:
-        a_parts, b_parts = zip(*(_weighted(x, w) for x, w in present), strict=True)
-        a, b = (_merge(list(parts), how, density, majority_sign, generator) for parts in (a_parts, b_parts))
+        coefficients = [_coefficients(x, w) for x, w in present]
+        a = _merge([x.lora_A.float() for x, _ in present], [c for c, _ in coefficients], how, density, majority_sign,
+                   generator)
+        b = _merge([x.lora_B.float() for x, _ in present], [c for _, c in coefficients], how, density, majority_sign,
+                   generator)
     values = {"lora_A": a, "lora_B": b}
     if use_dora:
         base_norm = torch.linalg.norm(layer.from_weight_layout(layer.base_weight()).float(), dim=1)
@@ -166,10 +170,16 @@ def _combined(layer: LoRALayer, weights: Mapping[str, float], how: str, rank: in
     return values
 
 
-def _weighted(adapter: LoRAAdapter, weight: float) -> tuple[Tensor, Tensor]:
-    """``(sign(w) c A, c B)`` with ``c = sqrt(|w| s)``: their product is ``w s B A``."""
+def _coefficients(adapter: LoRAAdapter, weight: float) -> tuple[float, float]:
+    """``(sign(w) c, c)`` with ``c = sqrt(|w| s)``: the factors of ``w s B A`` that A and B take."""
     c = math.sqrt(abs(weight) * adapter.scale)
-    return math.copysign(c, weight) * adapter.lora_A.float(), c * adapter.lora_B.float()
+    return math.copysign(c, weight), c
+
+
+def _weighted(adapter: LoRAAdapter, weight: float) -> tuple[Tensor, Tensor]:
+    """``(sign(w) c A, c B)``: their product is ``w s B A``."""
+    for_a, for_b = _coefficients(adapter, weight)
+    return for_a * adapter.lora_A.float(), for_b * adapter.lora_B.float()
 
 
 def _pad_rank(a: Tensor, b: Tensor, rank: int) -> tuple[Tensor, Tensor]:
@@ -179,17 +189,20 @@ def _pad_rank(a: Tensor, b: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     return a, torch.cat([b, b.new_zeros(b.shape[0], missing, *b.shape[2:])], dim=1)
 
 
-def _merge(parts: list[Tensor], how: str, density: float, majority_sign: str, generator: torch.Generator) -> Tensor:
-    """One factor of the new adapter from the inputs' weighted factors, as ``how`` merges them (entry by entry)."""
+def _merge(parts: list[Tensor], coefficients: list[float], how: str, density: float, majority_sign: str,
+           generator: torch.Generator) -> Tensor:
+    """One factor of the new adapter from the inputs' factors and their ``coefficients``, as ``how`` merges them
+    (entry by entry)."""
     stacked = torch.stack(parts)
+    weights = torch.tensor(coefficients).view(-1, *[1] * (stacked.dim() - 1))
     if how == "linear":
-        return stacked.sum(0)
+        return (weights * stacked).sum(0)
     if how == "dare_linear":
-        return _random_pruned(stacked, density, generator).sum(0)
+        return (weights * _random_pruned(stacked, density, generator)).sum(0)
     kept = _magnitude_pruned(stacked, density) if how == "ties" else _random_pruned(stacked, density, generator)
     total = kept.sum(0) if majority_sign == "total" else kept.sign().sum(0)
     agrees = kept.sign() == torch.where(total >= 0, 1.0, -1.0)
-    return (kept * agrees).sum(0) / agrees.sum(0).clamp(min=1)
+    return (weights * kept * agrees).sum(0) / agrees.sum(0).clamp(min=1)
 
 
 def _magnitude_pruned(stacked: Tensor, density: float) -> Tensor:
