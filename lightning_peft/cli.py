@@ -14,6 +14,7 @@ import linecache
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -37,8 +38,9 @@ from lightning_peft.lightning.checkpointing import read_checkpoint
 from lightning_peft.lightning.curves import plot_curves
 from lightning_peft.lightning.predictions import PredictionWriter
 from lightning_peft.lightning.progress import StepProgressBar
-from lightning_peft.lightning.row_adapters import RowAdapterRouting, parse_adapters, split_rows
+from lightning_peft.lightning.row_adapters import RowAdapterRouting, parse_adapters, prompt_lengths, split_rows
 from lightning_peft.registry import LoadAdapter
+from lightning_peft.tasks.causal_lm import CausalLM
 
 DEBUG_VARIABLE = "LIGHTNING_PEFT_DEBUG"
 USAGE_ERROR = 2  # the exit code of every user mistake, as argparse uses
@@ -142,12 +144,17 @@ class PEFTCLI(LightningCLI):
 
     def _use_adapter_folders(self, folders: dict[str, str]) -> list[str | None]:
         """With ``--adapters``: load every folder under its name, and route each input row to the one it names."""
-        for folder in folders.values():
-            read_adapter_files(folder)  # a missing or damaged folder: one line now, not at setup
+        configs = {name: read_adapter_files(folder)[0] for name, folder in folders.items()}  # damaged: one line now
         data = self.datamodule
         if getattr(data, "predict_file", None) is None:
             raise ConfigError("no texts to predict: give data.predict_file, one NAME<TAB>text line per row (or -)")
         names, texts = split_rows(read_lines(data.predict_file), list(folders), f"predict file {data.predict_file}")
+        lengths = prompt_lengths(configs, names)
+        if len(lengths) > 1 and isinstance(self.model, CausalLM) and data.batch_size > 1:
+            warnings.warn(f"predict generates one row at a time: the rows' soft prompts have different lengths "
+                          f"({', '.join(map(str, sorted(lengths)))}), and one generated batch takes one length",
+                          stacklevel=1)
+            data.batch_size = 1
         self._texts = tempfile.TemporaryDirectory(prefix="lightning-peft-predict-")
         data.predict_file = str(Path(self._texts.name) / "texts.txt")
         Path(data.predict_file).write_text("".join(text + "\n" for text in texts), encoding="utf-8")

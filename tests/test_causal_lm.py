@@ -183,6 +183,31 @@ def test_cli_fit_then_predict_generates(tmp_path, tiny_lm_dir):
                     {"input": "seven", "generated": "eight nine ten one"}]
 
 
+def test_predict_with_prompt_adapters_of_different_lengths_generates_one_row_at_a_time(tmp_path, tiny_lm_dir):
+    from transformers import AutoModelForCausalLM
+
+    from lightning_peft import PromptTuning, save_adapter
+
+    folders = {}
+    for seed, (name, length) in enumerate((("short", 2), ("long", 3))):
+        model = PromptTuning(num_virtual_tokens=length).inject(AutoModelForCausalLM.from_pretrained(tiny_lm_dir))
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            model.prompt_tuning.adapters["default"].prompt.normal_(std=3)
+        folders[name] = save_adapter(model, tmp_path / name)
+    train = tmp_path / "counting.txt"
+    train.write_text(COUNTING)
+    common = ["predict", "--config", str(lm_recipe(tmp_path, tiny_lm_dir, train)), "--data.init_args.predict_file", "-"]
+    texts, routes = ["three four", "seven", "one two", "five"], ["short", "-", "long", "short"]
+    routed = run_cli(*common, "--adapters", *(f"{n}={f}" for n, f in folders.items()),
+                     stdin="".join(f"{name}\t{text}\n" for name, text in zip(routes, texts, strict=True)))
+    assert routed.returncode == 0, routed.stderr[-3000:]
+    assert "predict generates one row at a time: the rows' soft prompts have different lengths (0, 2, 3)" in \
+        routed.stderr
+    short = run_cli(*common, "--adapter", str(folders["short"]), stdin="three four\nfive\n").stdout.splitlines()
+    assert [line for line, name in zip(routed.stdout.splitlines(), routes, strict=True) if name == "short"] == short
+
+
 @pytest.mark.parametrize("problem", ["missing_column", "empty_file", "no_model", "one_line", "one_pair",
                                      "source_and_files"])
 def test_bad_input_gives_one_clear_error(tmp_path, tiny_lm_dir, problem):

@@ -233,6 +233,33 @@ def test_prefix_tuning_on_falcon_counts_its_key_value_heads(new_architecture, kv
         assert torch.equal(generated, greedy(model, ids, 3))  # the cache holds the prefix as the layers read it
 
 
+def test_a_prompt_and_a_prefix_together_compute_both_or_refuse_where_the_prompt_would_be_skipped():
+    def randomized(model):
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.normal_()
+        return model
+
+    inputs = batch(padded=False)
+    model = randomized(PrefixTuning(N, projection=False, adapter_name="x").inject(
+        PromptTuning(N, adapter_name="p").inject(build("llama"))))
+    prefix_only = copy.deepcopy(model)
+    delete_adapter(prefix_only, "p")
+    prompt = model.prompt_tuning.adapters["p"].prompt
+    by_hand = torch.cat([prompt.expand(2, -1, -1), model.get_input_embeddings()(inputs["input_ids"])], 1)
+    with torch.no_grad():
+        expected = prefix_only(inputs_embeds=by_hand, attention_mask=torch.ones(2, N + 7, dtype=torch.long)).logits
+        torch.testing.assert_close(model(**inputs).logits, expected[:, N:])
+    model = randomized(PromptTuning(N, adapter_name="p").inject(
+        PrefixTuning(N, projection=False, adapter_name="x").inject(build("llama"))))
+    with pytest.raises(ValueError, match="PromptTuning and PrefixTuning adapters are active together, and the "
+                                         "prefix went in first, so the prompt would be skipped"):
+        model(**inputs)
+    set_adapter(model, "x")
+    model(**inputs)  # one at a time: fine
+
+
 @pytest.mark.parametrize("method", [PromptTuning(num_virtual_tokens=N), PrefixTuning(num_virtual_tokens=N)])
 def test_merge_refuses_soft_prompts(method):
     model = method.inject(build("llama"))
@@ -326,6 +353,11 @@ def test_errors_are_clear():
     getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()  # renamed in v5
     with pytest.raises(ValueError, match="gradient checkpointing"):
         model(**batch())
+    for method in (PromptTuning(N), PrefixTuning(N)):
+        model = method.inject(build("llama")).eval()
+        with pytest.raises(ValueError, match=r"got one of shape \(2, 1, 7, \d+\)\. generate with a static cache builds "
+                                             "such masks itself: leave cache_implementation unset"):
+            model.generate(**batch(), max_new_tokens=2, cache_implementation="static")
 
 
 @pytest.mark.parametrize("method", [PromptTuning, PrefixTuning])
@@ -424,10 +456,10 @@ def test_an_encoder_decoders_decoder_side_gets_no_prompt_whatever_its_length():
     prompt = model.prompt_tuning.adapters["default"].prompt
     ids, mask = torch.randint(1, VOCAB, (2, 5)), torch.ones(2, 5, dtype=torch.long)
 
-    def by_hand(**decoder):  # the prompt before the encoder's input, the decoder's untouched
+    def by_hand(attention=mask, **decoder):  # the prompt before the encoder's input, the decoder's untouched
         with disable_adapters(model):
             embeds = torch.cat([prompt.expand(2, -1, -1), model.get_input_embeddings()(ids)], 1)
-            return model(inputs_embeds=embeds, attention_mask=torch.cat([torch.ones_like(mask[:, :3]), mask], 1),
+            return model(inputs_embeds=embeds, attention_mask=torch.cat([torch.ones_like(mask[:, :3]), attention], 1),
                          **decoder)
 
     with torch.no_grad():
@@ -442,6 +474,17 @@ def test_an_encoder_decoders_decoder_side_gets_no_prompt_whatever_its_length():
             torch.testing.assert_close(ours.encoder_last_hidden_state, expected.encoder_last_hidden_state[:, 3:])
         with pytest.raises(ValueError, match="encoder_outputs were computed without it .generate runs the encoder"):
             model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2)
+        as_tuple = model(input_ids=ids, attention_mask=mask, decoder_input_ids=ids, return_dict=False)
+        torch.testing.assert_close(as_tuple[-1], by_hand(decoder_input_ids=ids).encoder_last_hidden_state[:, 3:])
+        padded = mask.clone()
+        padded[1, 3:] = 0
+        decoder_ids, cache, steps = torch.randint(1, VOCAB, (2, 4)), None, []  # step by step, with the decoder's cache
+        for i in range(4):
+            out = model(input_ids=ids, attention_mask=padded, decoder_input_ids=decoder_ids[:, i:i + 1], cache=cache,
+                        use_cache=True)
+            cache = out.past_key_values
+            steps.append(out.logits)
+        torch.testing.assert_close(torch.cat(steps, 1), by_hand(padded, decoder_input_ids=decoder_ids).logits)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])

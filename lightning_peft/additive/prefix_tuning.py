@@ -24,6 +24,7 @@ from lightning_peft.additive.soft_prompts import (
     cached_length,
     given_cache,
     input_shape,
+    mark_prefix_cache,
     named_forward_arguments,
     shift_position_ids,
     widen_attention_mask,
@@ -138,6 +139,7 @@ class PrefixInjector(PEFTModule):
         values = self.active_values().to(input_embedding_weight(model).dtype)
         for layer, (key, value) in enumerate(self.key_values(values, batch)):
             cache.update(key, value, layer)
+        mark_prefix_cache(cache, cached_length(cache))
         return cache
 
 

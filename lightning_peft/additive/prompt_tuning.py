@@ -24,6 +24,7 @@ from lightning_peft.additive.soft_prompts import (
     decoder_argument,
     encoder_decoder,
     given_cache,
+    holds_only_a_prefix,
     input_shape,
     keep_last_positions,
     named_forward_arguments,
@@ -106,8 +107,8 @@ class PromptInjector(PEFTModule):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        # per call in flight: (prompted length, real length, per-row real positions when packed)
-        self._lengths: list[tuple[int, int, Tensor | None] | None] = []
+        # per call in flight: (prompted length, real length, per-row real positions when packed, tuple output)
+        self._lengths: list[tuple[int, int, Tensor | None, bool] | None] = []
         hooked = prompted_module(model)
         hooked.register_forward_pre_hook(self.before_forward, with_kwargs=True)
         hooked.register_forward_hook(self.after_forward, with_kwargs=True, always_call=True)
@@ -153,7 +154,12 @@ class PromptInjector(PEFTModule):
         shape = input_shape(kwargs)
         prompts = None if shape is None else self.prompts_for(shape[0])
         self._check_encoder_ran_here(model, kwargs, shape)
-        cached = cached_length(given_cache(kwargs))
+        # an encoder-decoder's cache is its decoder's: the encoder, and so its prompt, runs at every call
+        cached = 0 if encoder_decoder(model) else cached_length(given_cache(kwargs))
+        if prompts is not None and holds_only_a_prefix(given_cache(kwargs)):
+            raise ValueError("PromptTuning and PrefixTuning adapters are active together, and the prefix went in "
+                             "first, so the prompt would be skipped: activate one at a time, or inject PromptTuning "
+                             "first (into a decoder-only language model)")
         if prompts is not None and prompts.lengths is not None and given_cache(kwargs) is not None:
             raise ValueError("per_row_adapters cannot generate with prompts of different lengths in one batch "
                              "(or rows without a prompt): generate each group of equal prompt length separately")
@@ -164,7 +170,11 @@ class PromptInjector(PEFTModule):
                              "run each group of equal prompt length separately")
         prompted = prompts is not None and not cached
         kept = None if not prompted or prompts.lengths is None else prompts.real_positions(shape[1])
-        self._lengths.append((prompts.width + shape[1], shape[1], kept) if prompted else None)
+        as_tuple = prompted and encoder_decoder(model) and not kwargs.get("return_dict",
+                                                                           getattr(model.config, "return_dict", True))
+        if as_tuple:  # the encoder's outputs are cut by name, then the output goes back as the tuple asked for
+            kwargs["return_dict"] = True
+        self._lengths.append((prompts.width + shape[1], shape[1], kept, as_tuple) if prompted else None)
         if prompts is None:  # nothing to put in front, or nothing to put it before
             return (), kwargs
         if cached:  # a later decoding step: the cache holds the prompt already
@@ -178,7 +188,9 @@ class PromptInjector(PEFTModule):
         lengths = self._lengths.pop() if self._lengths else None
         if lengths is None or output is None:
             return output
-        return keep_last_positions(output, *lengths, encoder_only=encoder_decoder(model))
+        total, length, kept, as_tuple = lengths
+        output = keep_last_positions(output, total, length, kept, encoder_only=encoder_decoder(model))
+        return output.to_tuple() if as_tuple else output
 
 
 def prepend(model: nn.Module, kwargs: dict[str, Any], prompts: RowPrompts, shape: tuple[int, int]) -> None:

@@ -70,6 +70,19 @@ def given_cache(kwargs: dict[str, Any]) -> Any:
     return next((kwargs[name] for name in CACHE_ARGUMENTS if kwargs.get(name) is not None), None)
 
 
+_PREFIX_LENGTH = "_lightning_peft_prefix_length"  # on a cache PrefixTuning filled: the prefix's length
+
+
+def mark_prefix_cache(cache: Any, length: int) -> None:
+    """Note on ``cache`` that it holds PrefixTuning's prefix of ``length`` positions and nothing else yet."""
+    setattr(cache, _PREFIX_LENGTH, length)
+
+
+def holds_only_a_prefix(cache: Any) -> bool:
+    """Whether ``cache`` is one PrefixTuning filled in this call, before any token: not a later decoding step."""
+    return cache is not None and cached_length(cache) == getattr(cache, _PREFIX_LENGTH, None)
+
+
 def cached_length(cache: Any) -> int:
     """How many positions ``cache`` already holds (0 for no cache or an empty one)."""
     if cache is None:
@@ -92,8 +105,10 @@ def widen_attention_mask(kwargs: dict[str, Any], n: int, attended_length: int) -
     mask = kwargs.get("attention_mask")
     if mask is None:
         return
-    if mask.dim() != 2:
-        raise ValueError(f"soft prompts extend 2D attention masks only; got one of shape {tuple(mask.shape)}")
+    if not isinstance(mask, Tensor) or mask.dim() != 2:
+        got = f"one of shape {tuple(mask.shape)}" if isinstance(mask, Tensor) else f"a {type(mask).__name__}"
+        raise ValueError(f"soft prompts extend 2D attention masks (batch, tokens) only; got {got}. generate with a "
+                         "static cache builds such masks itself: leave cache_implementation unset")
     if mask.shape[1] < attended_length:
         kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
 

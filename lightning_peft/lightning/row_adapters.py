@@ -50,6 +50,13 @@ def split_rows(lines: list[str], names: list[str], source: str) -> tuple[list[st
     return routed, texts
 
 
+def prompt_lengths(configs: dict[str, dict], names: list[str | None]) -> set[int]:
+    """The soft-prompt lengths that the rows' adapters (by their folders' ``configs``) put before the text (or 0)."""
+    length = {name: config.get("num_virtual_tokens", 0) if config.get("peft_type") == "PROMPT_TUNING" else 0
+              for name, config in configs.items()}
+    return {0 if name is None else length[name] for name in names}
+
+
 class RowAdapterRouting(Callback):
     """Route each row that ``predict`` sees, in input order, to the adapter its line names."""
 
