@@ -167,6 +167,19 @@ def test_deleting_the_active_adapter_activates_another_with_a_warning():
             assert not torch.allclose(model(inputs).logits, with_b)  # b computes: not the base model
 
 
+def test_deleting_the_active_adapter_activates_one_with_layers_of_its_method():
+    from lightning_peft import BitFit
+
+    model = tiny_bert()
+    for method in (LoRA(r=2, target_modules=["query"], adapter_name="a"),
+                   LoRA(r=2, target_modules=["query"], adapter_name="b"), BitFit(adapter_name="c")):
+        method.inject(model)
+    set_adapter(model, "a")
+    with pytest.warns(UserWarning, match="'a' was active and is deleted; 'b' is active now"):
+        delete_adapter(model, "a")
+    assert all(layer.active_adapters == ["b"] for layer in model.modules() if isinstance(layer, LoRALayer))
+
+
 def test_changing_adapters_of_a_merged_model_is_refused_as_merged(tmp_path):
     from lightning_peft import combine_adapters, hotswap_adapter, merge
 

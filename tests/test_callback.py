@@ -208,6 +208,24 @@ def test_bad_hyperparameters_fail_at_construction(kwargs):
         LoRA(**kwargs)
 
 
+def test_two_adapter_folders_load_in_one_trainer(tmp_path):
+    from lightning_peft import adapter_names, save_adapter
+    from lightning_peft.registry import LoadAdapter
+
+    for name in ("a", "b"):
+        save_adapter(LoRA(r=2, target_modules=["q_proj"]).inject(tiny_llama()), tmp_path / name)
+    module = TokenModule(tiny_llama())
+    loads = [LoadAdapter(tmp_path / name, adapter_name=name) for name in ("a", "b")]
+    make_trainer(loads, max_steps=1).fit(module, token_loader())
+    assert adapter_names(module) == ["a", "b"]
+
+
+def test_modules_to_save_given_as_one_string_is_refused():
+    with pytest.raises(ValueError, match=r"LoRA modules_to_save takes a list of module names, e.g. \['classifier'\]; "
+                                         "got the string 'classifier'"):
+        LoRA(modules_to_save="classifier")
+
+
 def test_an_adapter_name_injected_again_is_the_same_adapter_or_an_error():
     model = tiny_llama()
     LoRA(target_modules=["q_proj"]).inject(model)

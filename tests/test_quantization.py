@@ -167,7 +167,7 @@ def test_resume_from_an_adapter_checkpoint_reproduces_the_uninterrupted_run(mode
     assert all("lora_" in name for name in saved)
 
 
-def test_resuming_on_a_base_quantized_otherwise_is_refused_and_without_quantize_base_warned(tmp_path):
+def test_a_fit_from_a_checkpoint_of_a_base_stored_otherwise_is_warned(tmp_path):
     def fit(callbacks, **kwargs):
         torch.manual_seed(0)
         trainer = make_trainer(callbacks, max_steps=2, default_root_dir=tmp_path)
@@ -177,11 +177,17 @@ def test_resuming_on_a_base_quantized_otherwise_is_refused_and_without_quantize_
     fit([QuantizeBase("nf4"), LoRA(r=4)]).save_checkpoint(tmp_path / "nf4.ckpt")
     for other, setting in ((QuantizeBase("int8"), "mode='nf4' (here 'int8')"),
                            (QuantizeBase("nf4", double_quant=False), "double_quant=True (here False)")):
-        with pytest.raises(ValueError, match=re.escape(f"holds QuantizeBase trained with {setting}; resume with")):
+        with pytest.warns(UserWarning, match=re.escape(f"was trained with QuantizeBase {setting}: its adapters go on")):
             fit([other, LoRA(r=4)], ckpt_path=tmp_path / "nf4.ckpt")
-    with pytest.warns(UserWarning, match=r"trained with QuantizeBase\(mode='nf4', double_quant=True, compute_dtype="
-                                         r"None, skip_modules=None\), which this fit does not have"):
+    with pytest.warns(UserWarning, match=r"trained with QuantizeBase\(mode='nf4', double_quant=True, skip_modules="
+                                         r"None\), which this fit does not have"):
         fit([LoRA(r=4)], ckpt_path=tmp_path / "nf4.ckpt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit([QuantizeBase("nf4", compute_dtype="float32"), LoRA(r=4)], ckpt_path=tmp_path / "nf4.ckpt")
+    assert not [w for w in caught if "QuantizeBase" in str(w.message)]  # how it computes is no other base
+    with pytest.raises(ValueError, match=re.escape("holds LoRA[default] trained with r=4 (here 8)")):
+        fit([QuantizeBase("nf4"), LoRA(r=8)], ckpt_path=tmp_path / "nf4.ckpt")  # the adapter's settings must match
 
 
 def test_a_base_quantized_in_another_format_already_is_refused():

@@ -28,6 +28,20 @@ BERT_BIASES = L * (4 * H + H + BERT_FFN + H + H) + H + H + LABELS
 GPT2_BIASES = L * (H + 3 * H + H + H + GPT2_FFN + H) + H
 
 
+def test_a_complex_parameter_trains():
+    class Spectral(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.filter = nn.Parameter(torch.ones(4, dtype=torch.cfloat))
+
+        def forward(self, x):
+            return torch.fft.ifft(torch.fft.fft(x) * self.filter).real
+
+    model = nn.Sequential(nn.Linear(4, 4), Spectral())
+    Selective(modules=["1"]).inject(model)
+    assert [name for name, p in model.named_parameters() if p.requires_grad] == ["1.filter"]
+
+
 def is_bias(name):
     return name.endswith(".bias")
 

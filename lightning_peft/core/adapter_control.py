@@ -121,7 +121,8 @@ def delete_adapter(module: nn.Module, adapter_name: str, method: str | None = No
     Its ``modules_to_save`` copies go with it (not another method's of the same name). The
     parameters of the model itself that the adapter trained (Selective's, BitFit's) stay, as
     trained, and are frozen. When it was the active adapter and the model is left with none
-    active, the first remaining adapter becomes active, with a warning (as in peft).
+    active, another adapter with layers becomes active (of the same method where there is one),
+    with a warning, as in peft.
 
     Args:
         module: a model with adapters, or a LightningModule holding one.
@@ -165,11 +166,15 @@ def delete_adapter(module: nn.Module, adapter_name: str, method: str | None = No
                 part.detach_from(parent)
                 delattr(parent, child)
     freeze_unclaimed(module)
-    left = adapter_names(module)
-    if was_active and left and not any(part.active_adapters for part in _peft_parts(module)):
-        set_adapter(module, left[0])
-        warnings.warn(f"adapter '{adapter_name}' was active and is deleted; '{left[0]}' is active now",
-                      stacklevel=2)
+    parts = _peft_parts(module)
+    if was_active and not any(part.active_adapters for part in parts):
+        # another adapter with parts to switch on, of the deleted one's method where there is one (as peft)
+        left = [name for first in (True, False) for part in parts if (part.method in methods) == first
+                for name in part.adapters]
+        if left:
+            set_adapter(module, left[0])
+            warnings.warn(f"adapter '{adapter_name}' was active and is deleted; '{left[0]}' is active now",
+                          stacklevel=2)
 
 
 def _trained_by(layer: PEFTLayer, name: str, refs: list[AdapterRef], claimed: dict[int, AdapterRef]) -> bool:

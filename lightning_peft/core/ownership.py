@@ -108,7 +108,7 @@ def check_unclaimed(root: nn.Module, ref: AdapterRef, params: Iterable[nn.Parame
                              f"{ref}; a parameter can be trained by one PEFT method only")
         if id(param) not in where:
             raise ValueError(f"{ref} claims a parameter that the model does not hold")
-        if not param.is_floating_point():
+        if not (param.is_floating_point() or param.is_complex()):
             raise ValueError(f"{ref} would train '{names.get(id(param), '<unnamed>')}', stored in {param.dtype} (a "
                              "quantized base weight); keep its module in full precision with QuantizeBase("
                              "skip_modules=[...]), or put QuantizeBase after the method")

@@ -66,12 +66,8 @@ class ModelSetupCallback(L.Callback):
         """Take from ``trainer`` what :meth:`apply` will need (its device, say); called just before applying."""
 
     def config(self) -> dict[str, Any]:
-        """The settings a checkpoint keeps, which a resumed fit must have again (none here)."""
+        """The settings a checkpoint keeps, which a fit from it compares with its own (none here)."""
         return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        config = self.config()
-        return {"config": config} if config else {}
 
     @property
     def owner(self) -> str:
@@ -137,15 +133,17 @@ class PEFTCallback(ModelSetupCallback):
 
     Args:
         adapter_name: name of this adapter; several adapters with different names can live on one
-            model, and injecting one whose method and name are already there raises a ValueError.
+            model. Injecting one whose method and name are already there keeps that adapter when
+            its settings are the same, and raises a ValueError naming them when they differ.
         checkpoint: ``"adapter"`` keeps checkpoints to the tensors that PEFT methods train,
             ``"full"`` keeps the whole model (one ``"full"`` method in a Trainer is enough for that).
-        modules_to_save: whole modules (a new classification head, say), named as ``target_modules``
-            name them (suffixes or a full-match regex), of which this adapter trains its own copy
+        modules_to_save: whole modules (a new classification head, say), a list of module-name
+            suffixes as ``target_modules`` takes them, of which this adapter trains its own copy
             alongside the method, saved with its adapter; the original stays frozen as the base.
 
     Raises:
-        ValueError: when ``checkpoint`` is neither ``"adapter"`` nor ``"full"``.
+        ValueError: when ``checkpoint`` is neither ``"adapter"`` nor ``"full"``, or
+            ``modules_to_save`` is a string rather than a list of names.
 
     Examples:
         ```python
@@ -170,6 +168,9 @@ class PEFTCallback(ModelSetupCallback):
                  modules_to_save: Sequence[str] | None = None) -> None:
         if checkpoint not in ("adapter", "full"):
             raise ValueError(f"checkpoint must be 'adapter' or 'full', got {checkpoint!r}")
+        if isinstance(modules_to_save, str):  # list("classifier") would be its letters
+            raise ValueError(f"{self.method_name} modules_to_save takes a list of module names, e.g. ['classifier']; "
+                             f"got the string {modules_to_save!r}")
         self.adapter_name = adapter_name
         self.checkpoint = checkpoint
         self.modules_to_save = list(modules_to_save or [])
@@ -356,17 +357,23 @@ def peft_callbacks(trainer: L.Trainer) -> list[PEFTCallback]:
 
 
 def check_saved_settings(trainer: L.Trainer, checkpoint: dict[str, Any], path: Any) -> None:
-    """Refuse a checkpoint whose adapters (or quantized base) were made with other settings than the trainer's."""
+    """Refuse a checkpoint whose adapters were made with other settings than the trainer's; warn of a base stored
+    otherwise (QuantizeBase's settings, or none)."""
     saved = saved_setup_states(checkpoint)
     for callback in setup_callbacks(trainer):
         state = saved.get(callback.state_key)
         if state is None or "config" not in state:
             continue
         changed = changed_settings(state["config"], callback.config())
-        if changed:
-            settings = ", ".join(f"{key}={theirs!r} (here {ours!r})" for key, (theirs, ours) in changed.items())
-            raise ValueError(f"checkpoint {path} holds {callback.owner} trained with {settings}; "
-                             "resume with the settings it was trained with, or start a new run")
+        if not changed:
+            continue
+        settings = ", ".join(f"{key}={theirs!r} (here {ours!r})" for key, (theirs, ours) in changed.items())
+        if not isinstance(callback, PEFTCallback):  # the base stored otherwise (QuantizeBase): the adapters still fit
+            warnings.warn(f"checkpoint {path} was trained with {callback.owner} {settings}: its adapters go on on "
+                          "this base", stacklevel=2)
+            continue
+        raise ValueError(f"checkpoint {path} holds {callback.owner} trained with {settings}; "
+                         "resume with the settings it was trained with, or start a new run")
     here = {callback.state_key for callback in setup_callbacks(trainer)}
     for key, state in saved.items():
         if key not in here and "method" not in state and state.get("config"):

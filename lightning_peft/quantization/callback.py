@@ -99,9 +99,12 @@ class QuantizeBase(ModelSetupCallback):
     inject = apply  # as the PEFT methods spell it, for use outside a Trainer
 
     def config(self) -> dict[str, Any]:
-        """The settings that make the base what it is: a checkpoint keeps them, and a resumed fit must have them."""
-        return {"mode": self.mode, "double_quant": self.double_quant, "compute_dtype": self.compute_dtype,
-                "skip_modules": self.skip_modules}
+        """How the base is stored (not how it computes): a checkpoint keeps it, and a fit from one on a base stored
+        otherwise is warned."""
+        return {"mode": self.mode, "double_quant": self.double_quant, "skip_modules": self.skip_modules}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": self.config()}
 
     def _quantize_all(self, module: nn.Module) -> None:
         self._check_no_other_format(module)
