@@ -27,6 +27,7 @@ from lightning_peft.core.integrity import DIGEST_KEY, check_digest, tensor_diges
 from lightning_peft.core.models import model_root
 from lightning_peft.core.ownership import AdapterRef, adapter_refs, buffers_of_trained_modules, owners
 from lightning_peft.core.saved_modules import saved_module_name
+from lightning_peft.core.weights import whole
 
 PEFT_PREFIX = "base_model.model."  # peft holds the transformers model as base_model.model
 _LAYER_TENSOR = re.compile(r"^(?P<layer>.+)\.adapters\.(?P<adapter>[^.]+)\.(?P<tensor>[^.]+)$")
@@ -204,6 +205,9 @@ def save_adapter(module: nn.Module, path: PathLike, adapter_name: str = "default
     Returns:
         The folder, as a ``Path``.
 
+    Under FSDP2 the adapter's shards are gathered, so every rank must call it; each writes the
+    same files, atomically.
+
     Raises:
         ValueError: when ``module`` has no adapter named ``adapter_name`` (of ``method``, when
             given), or several methods have one and ``method`` is not given.
@@ -223,7 +227,7 @@ def save_adapter(module: nn.Module, path: PathLike, adapter_name: str = "default
     if reason:
         warnings.warn(f"{ref} is saved in lightning-peft's own layout, which peft does not read: {reason}",
                       stacklevel=2)
-    own = adapter_tensors(module, ref)
+    own = {name: whole(tensor) for name, tensor in adapter_tensors(module, ref).items()}  # FSDP2: gathered
     if for_original_base:
         settings, own = ref.method.for_original_base(ref.config, own, root)
         ref = replace(ref, config=settings)  # the same adapter (refs compare by names) with the settings to write

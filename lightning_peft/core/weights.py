@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from lightning_peft.core.checks import import_optional
 from lightning_peft.core.layer import innermost_base
@@ -131,3 +132,9 @@ def standard_4bit_layout(weight: nn.Parameter) -> tuple[Tensor, QuantState]:
     from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
     return _convert_weight_packed_for_cpu_inverse(weight.data, copy.deepcopy(state))
+
+
+def whole(tensor: Tensor) -> Tensor:
+    """``tensor`` detached and whole: an FSDP2 shard (a DTensor) is gathered from every rank, which must all call."""
+    tensor = tensor.detach()
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor

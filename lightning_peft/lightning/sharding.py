@@ -25,13 +25,12 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel, fully_shard
 from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_peft.core.files import PathLike
 from lightning_peft.core.layer import PEFTLayer, PEFTModule
 from lightning_peft.core.ownership import owners
-from lightning_peft.core.weights import is_quantized
+from lightning_peft.core.weights import is_quantized, whole
 from lightning_peft.lightning.checkpointing import (
     CHECKPOINT_KEY,
     AdapterCheckpointIO,
@@ -182,12 +181,7 @@ def full_adapter_state_dict(module: nn.Module) -> dict[str, Tensor]:
     """
     keys = adapter_state_keys(module)
     named = ((state_key(name), tensor) for name, tensor in chain(module.named_parameters(), module.named_buffers()))
-    return {key: _full_tensor(tensor) for key, tensor in named if key in keys}
-
-
-def _full_tensor(tensor: Tensor) -> Tensor:
-    tensor = tensor.detach()
-    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).cpu()
+    return {key: whole(tensor).cpu() for key, tensor in named if key in keys}
 
 
 # --- FSDP1 ------------------------------------------------------------------------------------
