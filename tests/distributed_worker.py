@@ -17,7 +17,7 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Str
 from torch import nn  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
-from lightning_peft import LoRA  # noqa: E402
+from lightning_peft import LoRA, PrefixTuning, PromptTuning  # noqa: E402
 from lightning_peft.data import MultiTaskData  # noqa: E402
 from lightning_peft.lightning.sharding import full_adapter_state_dict  # noqa: E402
 from lightning_peft.tasks import SequenceClassification  # noqa: E402
@@ -31,6 +31,10 @@ PER_RANK_BATCH = 2
 
 def lora(**kwargs) -> LoRA:
     return LoRA(r=4, alpha=8, target_modules=["q_proj", "v_proj"], **kwargs)
+
+
+SOFT_PROMPTS = {"prompt": lambda: PromptTuning(num_virtual_tokens=3),
+                "prefix": lambda: PrefixTuning(num_virtual_tokens=3, projection_dim=8)}
 
 
 class SeededLlama(TokenModule):
@@ -179,6 +183,8 @@ def main(out: Path) -> None:
     fit_save_resume("ddp", lambda: "ddp", out)
     fit_save_resume("fsdp2", fsdp2, out)
     trainer(fsdp2(), [lora(use_dora=True), SaveAdapterPerRank(out / "fsdp2_dora")]).fit(SeededLlama(), loader())
+    for name, method in SOFT_PROMPTS.items():  # read by hooks on the model, outside their units' forward
+        trainer(fsdp2(), [method(), SaveAdapterPerRank(out / f"fsdp2_{name}")]).fit(SeededLlama(), loader())
     multi_task(out, "ddp", DDPStrategy(find_unused_parameters=True))
     multi_task_resumed_inside_the_epoch(out)
     multi_task(out, "fsdp2", fsdp2())

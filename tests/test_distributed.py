@@ -23,6 +23,7 @@ import torch.distributed as dist
 import yaml
 from distributed_worker import (
     PER_RANK_BATCH,
+    SOFT_PROMPTS,
     TASKS,
     WORDS,
     SeededLlama,
@@ -123,9 +124,9 @@ def same_global_batches() -> DataLoader:
     return DataLoader(dataset, batch_size=2 * PER_RANK_BATCH, sampler=sampler)
 
 
-def single_process_adapter(**lora_kwargs) -> dict[str, torch.Tensor]:
+def single_process_adapter(method=None, **lora_kwargs) -> dict[str, torch.Tensor]:
     module = SeededLlama()
-    make_trainer([lora(**lora_kwargs)], max_epochs=2, max_steps=-1).fit(module, same_global_batches())
+    make_trainer([method or lora(**lora_kwargs)], max_epochs=2, max_steps=-1).fit(module, same_global_batches())
     return full_adapter_state_dict(module)
 
 
@@ -168,6 +169,17 @@ def test_resume_from_an_adapter_checkpoint_continues_exactly(runs, strategy):
     uninterrupted = rank_files(runs / strategy, "adapter")[0]
     for resumed in rank_files(runs / strategy, "resumed"):
         assert_close(resumed, uninterrupted, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", SOFT_PROMPTS)
+def test_soft_prompts_under_fsdp2_match_one_process(runs, method):
+    expected = single_process_adapter(SOFT_PROMPTS[method]())
+    for adapter in rank_files(runs / f"fsdp2_{method}", "adapter"):
+        assert_close(adapter, expected)
+    untrained = SeededLlama()
+    untrained.configure_model()
+    SOFT_PROMPTS[method]().inject(untrained)
+    assert all(not torch.allclose(t, expected[n]) for n, t in full_adapter_state_dict(untrained).items())  # trained
 
 
 def test_dora_under_fsdp2_matches_one_process(runs):

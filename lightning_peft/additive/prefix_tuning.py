@@ -22,6 +22,7 @@ from lightning_peft.additive.soft_prompts import (
     KVShape,
     cache_argument,
     cached_length,
+    gather_if_sharded,
     given_cache,
     input_shape,
     mark_prefix_cache,
@@ -104,6 +105,7 @@ class PrefixInjector(PEFTModule):
         return [(kv[0].expand(batch, -1, -1, -1), kv[1].expand(batch, -1, -1, -1)) for kv in per_layer]
 
     def before_forward(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        gather_if_sharded(self)
         kwargs = named_forward_arguments(model, args, kwargs)
         shape = input_shape(kwargs)
         if not self.active_adapters or shape is None:  # no prefix, or nothing to attend from

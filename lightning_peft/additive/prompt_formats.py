@@ -73,15 +73,20 @@ def prefix_config(config: dict, root: nn.Module, names: list[str]) -> dict:
 
 @torch.no_grad()
 def computed_prefixes(tensors: dict[str, Tensor], root: nn.Module) -> dict[str, Tensor]:
-    """Each prefix MLP's tensors replaced by the prefix it computes (``...adapters.NAME.prefix``)."""
+    """Each prefix MLP's tensors replaced by the prefix it computes (``...adapters.NAME.prefix``), from ``tensors``
+    (whole ones, where the model's own are FSDP2 shards)."""
     out = {}
     for name, tensor in tensors.items():
         match = PREFIX_MLP_TENSOR.match(name)
-        if match:
-            out[match["encoder"] + ".prefix"] = root.get_submodule(match["encoder"]).values().detach()
-        else:
+        if not match:
             out[name] = tensor
-    return out
+            continue
+        encoder = match["encoder"]
+        mlp = {key.removeprefix(f"{encoder}.transform."): value for key, value in tensors.items()
+               if key.startswith(f"{encoder}.transform.")}
+        transform = root.get_submodule(encoder).transform
+        out[encoder + ".prefix"] = torch.func.functional_call(transform, mlp, (tensors[f"{encoder}.embedding"],))
+    return {name: tensor.detach() for name, tensor in out.items()}
 
 
 def checked_tokens(config: dict) -> int:

@@ -23,6 +23,7 @@ from lightning_peft.additive.soft_prompts import (
     cached_length,
     decoder_argument,
     encoder_decoder,
+    gather_if_sharded,
     given_cache,
     holds_only_a_prefix,
     input_shape,
@@ -150,6 +151,7 @@ class PromptInjector(PEFTModule):
                              "the model with input_ids or inputs_embeds, or decode step by step")
 
     def before_forward(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        gather_if_sharded(self)
         kwargs = named_forward_arguments(model, args, kwargs)
         shape = input_shape(kwargs)
         prompts = None if shape is None else self.prompts_for(shape[0])

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 
 CACHE_ARGUMENTS = ("cache", "past_key_values")  # transformers 5 name, then the deprecated one
 
@@ -176,3 +177,10 @@ def keep_last_positions(output: Any, total: int, length: int, index: Tensor | No
 def _is_token_labels(labels: Any, shape: tuple[int, int]) -> bool:
     return (isinstance(labels, Tensor) and not labels.is_floating_point() and labels.dim() == 2
             and tuple(labels.shape) == shape)
+
+
+def gather_if_sharded(part: nn.Module) -> None:
+    """Gather an FSDP2-sharded prompt or prefix before a hook reads it: FSDP2 gathers a unit in its own forward,
+    which these never run. It stays whole until the backward has reduced its gradients (FSDP2's last callback)."""
+    if isinstance(part, FSDPModule):
+        part.unshard()
