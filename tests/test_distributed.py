@@ -346,6 +346,20 @@ def test_units_put_frozen_and_trainable_parameters_apart():
     assert not policy(module=model.model.layers[0].self_attn, recurse=False, nonwrapped_numel=0)
 
 
+@pytest.mark.parametrize("settings", [dict(target_modules=["q_proj", "lm_head"]),
+                                      dict(target_modules=["q_proj"], modules_to_save=["lm_head"])])
+def test_a_weight_tied_across_units_is_refused_by_name(settings):
+    model = tiny_llama()
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied, as SmolLM2's
+    LoRA(r=4, **settings).inject(model)
+    with pytest.raises(ValueError, match=r"cannot shard 'lm_head.base_layer' apart: its parameter 'weight' is tied to "
+                                         r"'model.embed_tokens'"):
+        check_units_do_not_mix(model, sharding_units(model))
+    untied = tiny_llama()
+    LoRA(r=4, **settings).inject(untied)
+    check_units_do_not_mix(untied, sharding_units(untied))  # fine
+
+
 @pytest.fixture
 def one_process_mesh():
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lightning_peft.core.files import PathLike
 from lightning_peft.core.layer import PEFTLayer, PEFTModule
-from lightning_peft.core.ownership import owners
+from lightning_peft.core.ownership import holders, owners
 from lightning_peft.core.weights import is_quantized, whole
 from lightning_peft.lightning.checkpointing import (
     CHECKPOINT_KEY,
@@ -71,11 +71,20 @@ def _trainable_modules(module: nn.Module) -> Iterator[nn.Module]:
 
 
 def check_units_do_not_mix(model: nn.Module, units: list[nn.Module]) -> None:
-    """Raise if a unit (``units`` in sharding order, then ``model``) would hold frozen and trainable parameters."""
+    """Raise if a unit (``units`` in sharding order, then ``model``) would hold frozen and trainable parameters, or
+    a parameter tied to a module outside it (FSDP shards each parameter in one unit)."""
     names = {module: name for name, module in model.named_modules()}
+    shared_with = holders(model)
     taken: set[int] = set()
     for unit in [*units, model]:
         own = [(name, p) for name, p in unit.named_parameters() if id(p) not in taken]
+        inside = set(unit.modules())
+        tied = next(((name, other) for name, p in own for other, _ in shared_with[id(p)] if other not in inside), None)
+        if tied:
+            raise ValueError(
+                f"cannot shard '{names[unit]}' apart: its parameter '{tied[0]}' is tied to '{names[tied[1]]}' (tied "
+                "input and output embeddings, say), which is sharded in another unit. Leave the tied module out of "
+                "target_modules and modules_to_save, or untie the weights before fitting")
         frozen = [name for name, p in own if not p.requires_grad]
         trainable = [name for name, p in own if p.requires_grad]
         if frozen and trainable:
