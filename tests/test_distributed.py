@@ -418,6 +418,11 @@ def test_a_model_built_in_init_is_sharded_after_injection(lightning_launch_in_th
     trainer.save_checkpoint(tmp_path / "adapter.ckpt")
     saved = torch.load(tmp_path / "adapter.ckpt", weights_only=True)["state_dict"]
     assert sorted(saved) == sorted(full_adapter_state_dict(module)) and len(saved) == 4
+    again = make_trainer([LoRA(r=4, target_modules=["q_proj"])], max_steps=3,  # a later Trainer, the module sharded
+                         strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1))
+    again.fit(module, token_loader())
+    again.save_checkpoint(tmp_path / "again.ckpt")  # was: a folder of the whole model's shards
+    assert sorted(torch.load(tmp_path / "again.ckpt", weights_only=True)["state_dict"]) == sorted(saved)
 
 
 @pytest.mark.parametrize("mode", ["nf4", "int8"])
@@ -439,9 +444,31 @@ def test_qlora_under_fsdp2_keeps_the_quantized_base_whole_and_trains(lightning_l
     assert sorted(saved) == sorted(full_adapter_state_dict(module)) and len(saved) == 8
 
 
-def test_fsdp2_resume_with_other_settings_is_refused(lightning_launch_in_this_process, tmp_path):
+def test_a_checkpoint_from_one_device_resumes_under_fsdp2_with_each_parameter_s_optimizer_state(
+        lightning_launch_in_this_process, tmp_path):
+    from lightning_peft.core.weights import whole
+
+    one_device = make_trainer([LoRA(r=4, target_modules=["q_proj", "v_proj"])], max_steps=2)
+    module = TokenModule(tiny_llama())
+    one_device.fit(module, token_loader())
+    one_device.save_checkpoint(tmp_path / "one.ckpt")
+    trained = [name for name, p in module.named_parameters() if p.requires_grad]  # the optimizer's order
+    saved = torch.load(tmp_path / "one.ckpt", weights_only=True)["optimizer_states"][0]["state"]
+    sharded = make_trainer([LoRA(r=4, target_modules=["q_proj", "v_proj"])], max_steps=2,  # restores, then stops
+                           strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1))
+    resumed = TokenModule(tiny_llama())
+    sharded.fit(resumed, token_loader(), ckpt_path=tmp_path / "one.ckpt")  # failed: states on the wrong parameters
+    state = sharded.optimizers[0].state
+    got = {name: whole(state[p]["exp_avg"]) for name, p in resumed.named_parameters() if p in state}
+    assert got.keys() == set(trained)
+    for k, name in enumerate(trained):
+        torch.testing.assert_close(got[name], saved[k]["exp_avg"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("checkpoint", ["adapter", "full"])  # a file, or a folder of the whole model's shards
+def test_fsdp2_resume_with_other_settings_is_refused(lightning_launch_in_this_process, tmp_path, checkpoint):
     def fsdp2_trainer(alpha: float) -> L.Trainer:
-        return make_trainer([LoRA(r=4, alpha=alpha, target_modules=["q_proj"])], max_steps=2,
+        return make_trainer([LoRA(r=4, alpha=alpha, target_modules=["q_proj"], checkpoint=checkpoint)], max_steps=2,
                             strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1))
 
     trainer = fsdp2_trainer(alpha=8)

@@ -20,6 +20,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from lightning_peft.core.files import PathLike, atomic_write
@@ -27,6 +28,9 @@ from lightning_peft.core.integrity import check_digest, tensor_digest
 from lightning_peft.core.ownership import buffers_of_trained_modules, owners
 
 CHECKPOINT_KEY = "lightning_peft"
+# how integer keys of the optimizer states count parameters: "optimizer" (its own, as torch does) or "model" (all
+# the module's, as Lightning's FSDP2 strategy saves and loads them)
+OPTIMIZER_NUMBERING = "optimizer_numbering"
 WRAPPER_NAMES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")  # FSDP1 and activation checkpointing
 
 
@@ -195,7 +199,9 @@ class AdapterCheckpointIO(CheckpointIO):
         if self.adapter_only():
             checkpoint = keep_adapter_only(checkpoint, module)
         checkpoint = with_adapter_digest(checkpoint, module)
-        checkpoint = {**checkpoint, CHECKPOINT_KEY: {**checkpoint.get(CHECKPOINT_KEY, {}), "methods": self.methods()}}
+        numbered = "model" if isinstance(self.trainer.strategy, ModelParallelStrategy) else "optimizer"
+        checkpoint = {**checkpoint, CHECKPOINT_KEY: {**checkpoint.get(CHECKPOINT_KEY, {}), "methods": self.methods(),
+                                                     OPTIMIZER_NUMBERING: numbered}}
         if type(self.inner) is TorchCheckpointIO and storage_options is None and _is_local(path):
             atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
         else:

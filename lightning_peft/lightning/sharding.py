@@ -12,6 +12,7 @@ both stay adapter-only files of full tensors, written by rank 0, that load back 
 from __future__ import annotations
 
 import functools
+import tempfile
 from collections.abc import Callable, Iterator
 from itertools import chain
 from pathlib import Path
@@ -33,6 +34,7 @@ from lightning_peft.core.ownership import holders, owners
 from lightning_peft.core.weights import is_quantized, whole
 from lightning_peft.lightning.checkpointing import (
     CHECKPOINT_KEY,
+    OPTIMIZER_NUMBERING,
     AdapterCheckpointIO,
     adapter_state_keys,
     check_adapter_state,
@@ -235,21 +237,23 @@ def shards_after_injection(strategy: Strategy) -> bool:
 def prepare_sharding(trainer: L.Trainer, module: L.LightningModule, adapter_checkpoints: bool) -> None:
     """Called once PEFT is injected: shard for ModelParallelStrategy, or give FSDPStrategy its units."""
     strategy = trainer.strategy
-    if isinstance(strategy, ModelParallelStrategy) and not module.__dict__.get(_SHARDED):
+    if isinstance(strategy, ModelParallelStrategy):
         _shard_with_fsdp2(strategy, module, adapter_checkpoints)
     elif isinstance(strategy, FSDPStrategy) and not _wrapped_by_fsdp1(module):
         _give_fsdp1_its_units(strategy, module, adapter_checkpoints)
 
 
 def _shard_with_fsdp2(strategy: ModelParallelStrategy, module: L.LightningModule, adapter_checkpoints: bool) -> None:
+    """Give every trainer's strategy adapter-only checkpoints; shard the module once (a later Trainer finds it so)."""
     if strategy.device_mesh["tensor_parallel"].size() > 1:
         raise ValueError("lightning_peft shards PEFT models with FSDP2 over data parallelism only: "
                          "use ModelParallelStrategy(data_parallel_size=..., tensor_parallel_size=1)")
     if adapter_checkpoints:  # one file of full adapter tensors, written by rank 0 through CheckpointIO
         strategy._save_distributed_checkpoint = False
         strategy.lightning_module_state_dict = functools.partial(full_adapter_state_dict, module)
-        load_adapter_checkpoints_into_shards(strategy, module)
-    fully_shard_peft(module, strategy.device_mesh["data_parallel"])
+    load_adapter_checkpoints_into_shards(strategy, module)  # the settings checked, an adapter-only file loaded
+    if not module.__dict__.get(_SHARDED):
+        fully_shard_peft(module, strategy.device_mesh["data_parallel"])
 
 
 def _give_fsdp1_its_units(strategy: FSDPStrategy, module: L.LightningModule, adapter_checkpoints: bool) -> None:
@@ -261,8 +265,7 @@ def _give_fsdp1_its_units(strategy: FSDPStrategy, module: L.LightningModule, ada
     if quantized:  # whole on every rank, as under FSDP2 (flat parameters would lose the quantization state)
         given = [state for state in strategy.kwargs.get("ignored_states") or [] if state not in quantized]
         strategy.kwargs["ignored_states"] = [*given, *quantized]
-    if adapter_checkpoints:
-        load_adapter_checkpoints_into_shards(strategy, module)
+    load_adapter_checkpoints_into_shards(strategy, module)
 
 
 def _wrapped_by_fsdp1(module: nn.Module) -> bool:
@@ -270,10 +273,11 @@ def _wrapped_by_fsdp1(module: nn.Module) -> bool:
 
 
 def load_adapter_checkpoints_into_shards(strategy: Strategy, module: L.LightningModule) -> None:
-    """Let the strategy load adapter-only files: checked against the model, then loaded with non-strict keys.
+    """Let the strategy check a checkpoint's settings (a file, or a folder's ``meta.pt``) and load adapter-only files:
+    checked against the model, then loaded with non-strict keys.
 
     Sharded strategies load checkpoints themselves, without CheckpointIO, so the frozen tensors
-    cannot be filled in from the model as for other strategies. Call before the model is sharded.
+    cannot be filled in from the model as for other strategies.
     """
     load = strategy.load_checkpoint
     if getattr(load, _PATCHED, False):
@@ -282,10 +286,13 @@ def load_adapter_checkpoints_into_shards(strategy: Strategy, module: L.Lightning
     expected, optional = adapter_state_keys(module), running_statistic_keys(module)
 
     def load_checkpoint(checkpoint_path: PathLike, weights_only: bool | None = None) -> dict[str, Any]:
-        checkpoint = read_checkpoint(checkpoint_path, mmap=True) if Path(checkpoint_path).is_file() else None
+        is_file = Path(checkpoint_path).is_file()
+        checkpoint = read_checkpoint(checkpoint_path, mmap=True) if is_file else _folder_state(checkpoint_path)
         if checkpoint is not None and isinstance(strategy.checkpoint_io, AdapterCheckpointIO):
             strategy.checkpoint_io.check_loaded(checkpoint, checkpoint_path)  # the methods' settings, as elsewhere
-        if checkpoint is None or not checkpoint.get(CHECKPOINT_KEY, {}).get("adapter_only"):
+        if is_file and _numbered_by_the_optimizer(strategy, checkpoint):
+            return _load_renumbered(checkpoint, strategy, module, load_checkpoint, weights_only)
+        if not is_file or not checkpoint.get(CHECKPOINT_KEY, {}).get("adapter_only"):
             return load(checkpoint_path, weights_only=weights_only)
         check_adapter_state(checkpoint["state_dict"], shapes, expected, checkpoint_path, optional)
         strict, module.strict_loading = module.strict_loading, False
@@ -296,6 +303,38 @@ def load_adapter_checkpoints_into_shards(strategy: Strategy, module: L.Lightning
 
     setattr(load_checkpoint, _PATCHED, True)
     strategy.load_checkpoint = load_checkpoint
+
+
+def _numbered_by_the_optimizer(strategy: Strategy, checkpoint: dict[str, Any]) -> bool:
+    """Whether FSDP2 is to load optimizer states saved without it: numbered by the optimizer's own parameters, where
+    Lightning's FSDP2 loading counts all the module's."""
+    numbering = checkpoint.get(CHECKPOINT_KEY, {}).get(OPTIMIZER_NUMBERING)
+    return isinstance(strategy, ModelParallelStrategy) and numbering == "optimizer" and bool(
+        checkpoint.get("optimizer_states"))
+
+
+def _load_renumbered(checkpoint: dict[str, Any], strategy: Strategy, module: nn.Module, load: Callable,
+                     weights_only: bool | None) -> dict[str, Any]:
+    """Load ``checkpoint`` (from one device or DDP) under FSDP2, its optimizer states renumbered by the module's
+    parameters: the optimizer's ``k``-th parameter is the one its ``k``-th saved state belongs to, as torch has it."""
+    position = {id(param): i for i, param in enumerate(module.parameters())}
+    states = []
+    for saved, optimizer in zip(checkpoint["optimizer_states"], strategy.optimizers, strict=True):
+        ours = [position[id(param)] for group in optimizer.param_groups for param in group["params"]]
+        states.append({"state": {ours[k]: value for k, value in saved["state"].items()},
+                       "param_groups": [{**group, "params": [ours[k] for k in group["params"]]}
+                                        for group in saved["param_groups"]]})
+    meta = {**checkpoint[CHECKPOINT_KEY], OPTIMIZER_NUMBERING: "model"}
+    with tempfile.TemporaryDirectory(prefix="lightning-peft-renumbered-") as folder:
+        path = Path(folder) / "checkpoint.ckpt"
+        torch.save({**checkpoint, "optimizer_states": states, CHECKPOINT_KEY: meta}, path)
+        return load(path, weights_only=weights_only)
+
+
+def _folder_state(path: PathLike) -> dict[str, Any] | None:
+    """The loop and callback states of a distributed checkpoint folder (FSDP2's ``meta.pt``), where there is one."""
+    meta = Path(path) / "meta.pt"
+    return read_checkpoint(meta) if meta.is_file() else None
 
 
 # --- several tasks and unused gradients: DDP, FSDP ---------------------------------------------
