@@ -43,6 +43,9 @@ def one_line(message: str, option_names: Iterable[str] = ()) -> str:
     return _unknown_option(message, list(option_names)) or _wrong_value(message) or _specific_lines(message)
 
 
+OWN_COMMANDS = ("export", "compare", "estimate")  # the commands main() runs itself, beside LightningCLI's
+
+
 def did_you_mean(word: str, names: Iterable[str]) -> str:
     """``; did you mean 'x'?`` for the closest of ``names``, or nothing."""
     close = difflib.get_close_matches(word, list(names), n=1, cutoff=0.6)
@@ -53,7 +56,7 @@ def _unknown_command(message: str) -> str | None:
     match = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
     if not match:
         return None
-    commands = [*re.findall(r"'([^']+)'", match[2]), "export"]
+    commands = [*re.findall(r"'([^']+)'", match[2]), *OWN_COMMANDS]
     return f"unknown command '{match[1]}'{did_you_mean(match[1], commands)} (commands: {', '.join(commands)})"
 
 

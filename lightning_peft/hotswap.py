@@ -48,9 +48,10 @@ def hotswap_adapter(module: nn.Module, path: PathLike, adapter_name: str = "defa
 
     Raises:
         FileNotFoundError: when a file of the folder is missing.
-        ValueError: when the file cannot be read, ``module`` has no adapter ``adapter_name`` of the
-            file's method, or the file's tensors do not fit the slot (other layers, a higher rank,
-            another shape).
+        ValueError: when the file cannot be read, ``module`` has merged adapters or no adapter
+            ``adapter_name`` of the file's method, the file's settings make another kind of adapter
+            than the slot's (PiSSA against plain LoRA, another Adapter activation), or its tensors
+            do not fit the slot (other layers, a higher rank, another shape).
 
     Examples:
         ```python

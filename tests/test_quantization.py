@@ -372,7 +372,7 @@ def test_a_skip_module_that_matches_nothing_is_an_error():
 
 def test_half_precision_compute_on_cpu_warns_that_it_is_slow():
     model = llama()
-    with pytest.warns(UserWarning, match="about 10x slower"):
+    with pytest.warns(UserWarning, match="11-14x slower"):
         QuantizeBase("nf4", compute_dtype=torch.bfloat16).inject(model)
     assert torch.isfinite(model(ids()).logits).all()  # it works, only slowly
 

@@ -136,6 +136,8 @@ CLI_CASES = {
     "task argument typo": (["fit", "--config", "{recipe.yaml}", "--model.init_args.learning_rat", "1"],
                            ["does not take 'learning_rat'", "did you mean 'learning_rate'"]),
     "unknown command": (["fiit", "--config", "{recipe.yaml}"], ["unknown command 'fiit'", "did you mean 'fit'"]),
+    "unknown own command": (["comapre", "--config", "{recipe.yaml}"],
+                            ["unknown command 'comapre'", "did you mean 'compare'", "export, compare, estimate)"]),
     "value of the wrong type": (["fit", "--config", "{recipe.yaml}", "--trainer.max_steps", "many"],
                                 ["trainer.max_steps: expected int, got 'many'"]),
     "missing recipe": (["fit", "--config", "{missing.yaml}"], ["missing.yaml", "does not exist"]),

@@ -99,9 +99,9 @@ def base_weight_bytes(module: nn.Module, claimed: dict | None = None) -> int:
 
 
 def size_text(num_bytes: float) -> str:
-    """``num_bytes`` in B, KB, MB or GB, for people."""
-    for unit in ("B", "KB", "MB", "GB"):
-        if num_bytes < 1024 or unit == "GB":
+    """``num_bytes`` in B, KiB, MiB or GiB (powers of 1024, named so), for people."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if num_bytes < 1024 or unit == "GiB":
             return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
         num_bytes /= 1024
     return ""

@@ -42,8 +42,9 @@ class LoRA(PEFTCallback):
         r: rank of the update, a positive integer.
         alpha: scaling numerator, a finite number above zero.
         dropout: dropout rate on the adapter's input, in ``[0, 1)``; embeddings get none. Above 0
-            it cannot apply to weight targets (``target_parameters``, ``nn.MultiheadAttention``),
-            which then raise a ValueError at injection.
+            it cannot apply to weight targets (``target_parameters``, ``nn.MultiheadAttention``):
+            ``"all-linear"`` then leaves them out with a warning, and naming one raises a ValueError
+            at injection.
         target_modules: module-name suffixes (a list: ``["q_proj", "v_proj"]`` matches every
             ``...q_proj`` and ``...v_proj``), a regex that must match the whole module name (a
             string), or ``"all-linear"``: every linear-like layer and ``nn.MultiheadAttention``
@@ -63,8 +64,8 @@ class LoRA(PEFTCallback):
             ``"gaussian"``: the same with the random factor normal of std ``1 / r``; ``"pissa"``
             (linear layers only): A and B from the weight's top ``r`` singular components, and the
             base weight is replaced by the rest.
-        modules_to_save: whole modules trained fully and saved with the adapter, named in the forms
-            of ``target_modules``, e.g. ``["classifier"]`` for a new classification head.
+        modules_to_save: whole modules trained fully and saved with the adapter, a list of
+            module-name suffixes, e.g. ``["classifier"]`` for a new classification head.
         adapter_name: name of this adapter; several adapters with different names can live on one
             model (see `set_adapter`).
         checkpoint: ``"adapter"`` keeps checkpoints to the tensors that PEFT methods train,
@@ -73,7 +74,8 @@ class LoRA(PEFTCallback):
     Raises:
         ValueError: when ``r``, ``alpha``, ``dropout``, ``init`` or ``checkpoint`` is not an allowed
             value, or ``target_modules`` is ``None`` without ``target_parameters``. At setup (or
-            `inject`): when the targets match nothing, or dropout, DoRA or PiSSA meet a weight target.
+            `inject`): when the targets match nothing, or dropout, DoRA or PiSSA meet a weight target
+            that was named (``"all-linear"`` leaves those out with a warning).
         TypeError: at setup (or `inject`), when a named module is of a type LoRA does not adapt, or
             DoRA or PiSSA meet a layer that is not linear.
 

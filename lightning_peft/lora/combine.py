@@ -66,9 +66,10 @@ def combine_adapters(module: nn.Module, weights: Mapping[str, float], new_name: 
         ``module`` itself, with the new adapter.
 
     Raises:
-        ValueError: for no weights, an unknown name or ``how``, an existing ``new_name``, inputs that
-            are not LoRA adapters of modules (fused parameters), a factor-wise ``how`` over inputs of
-            different ranks, DoRA mixed with plain LoRA, or ``density`` outside (0, 1].
+        ValueError: for no weights, an unknown name or ``how``, an existing ``new_name``, a model with
+            merged adapters, PiSSA inputs, inputs that are not LoRA adapters of modules (fused
+            parameters), a factor-wise ``how`` over inputs of different ranks, DoRA mixed with plain
+            LoRA, or ``density`` outside (0, 1].
 
     Examples:
         ```python

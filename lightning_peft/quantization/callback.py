@@ -181,7 +181,7 @@ class QuantizeBase(ModelSetupCallback):
         """Half-precision 4-bit matmuls work on CPU but measured 11-14x slower than float32 ones: say so."""
         if self._compute_dtype in (torch.bfloat16, torch.float16) and torch.device(device).type == "cpu":
             warnings.warn(f"QuantizeBase compute_dtype={self.compute_dtype} on CPU: bitsandbytes runs half-precision "
-                          "4-bit matmuls about 10x slower there than float32 ones; leave compute_dtype=None on CPU",
+                          "4-bit matmuls 11-14x slower there than float32 ones; leave compute_dtype=None on CPU",
                           stacklevel=2)
 
 
