@@ -2,6 +2,7 @@
 
 import json
 import lzma
+import math
 import shutil
 import subprocess
 import zlib
@@ -162,6 +163,18 @@ def lm_recipe(tmp_path: Path, model_dir: Path, train: Path, **data_extra) -> Pat
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def test_the_loss_logged_over_a_split_is_its_tokens_mean_whatever_the_batches(tmp_path, tiny_lm_dir):
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [("one", "two three four five six"), ("seven eight nine", "ten"), ("two", "three four")]
+    pairs.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in rows))
+    model = CausalLM(model=str(tiny_lm_dir))
+    results = [make_trainer([]).validate(model, datamodule=CausalLMData(
+        train_file=str(pairs), val_file=str(pairs), batch_size=batch), verbose=False)[0] for batch in (1, 3)]
+    for result in results:  # was: a mean of batch means, which moved with the batch size
+        assert result["val_loss"] == pytest.approx(math.log(result["val_ppl"]), rel=1e-5)
+    assert results[0]["val_loss"] == pytest.approx(results[1]["val_loss"], rel=1e-5)
 
 
 def test_cli_fit_then_predict_generates(tmp_path, tiny_lm_dir):

@@ -473,6 +473,97 @@ def test_jsonl_texts_may_hold_unicode_line_separators_and_csv_a_byte_order_mark(
     assert read_rows(tmp_path / "rows.csv", ["text", "label"]) == [{"text": "good", "label": "1"}]
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".tsv"])
+def test_a_quote_left_open_is_an_error_at_its_line_rather_than_rows_swallowed(tmp_path, suffix):
+    from lightning_peft.data.files import read_rows
+
+    sep = "," if suffix == ".csv" else "\t"
+    rows = ["text", "label"], ['"Best film ever', "pos"], ["boring plot", "neg"], ['the twist" was dumb', "neg"]
+    (tmp_path / f"rows{suffix}").write_text("".join(sep.join(row) + "\n" for row in rows))
+    with pytest.raises(ValueError, match=rf"rows\{suffix}, line 2: .* in '\"Best film ever.*'; quote a text that "
+                                         "holds a quote mark whole"):
+        read_rows(tmp_path / f"rows{suffix}", ["text", "label"])  # was: two rows, a 'pos' review in a 'neg' text
+
+
+def test_a_text_longer_than_csv_s_default_field_limit_is_read(tmp_path):
+    from lightning_peft.data.files import read_rows
+
+    (tmp_path / "long.csv").write_text(f"text,label\n{'a' * 200_000},1\n")
+    assert read_rows(tmp_path / "long.csv", ["text", "label"])[0]["text"] == "a" * 200_000
+
+
+def test_predict_lines_from_standard_input_split_at_line_breaks_only(monkeypatch):
+    import io
+
+    from lightning_peft.data.files import read_lines
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("first\u2028still first\nsecond\x0csame line\n"))
+    assert read_lines("-") == ["first\u2028still first", "second\x0csame line"]
+
+
+def test_class_names_come_from_every_training_row_or_else_from_the_task(tmp_path):
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from lightning_peft.data import TextClassificationData
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_folder(tmp_path / "model", WORDS))
+    rows = [{"text": f"the movie was {w}", "label": "neutral" if i == 7 else ("pos" if i % 2 else "neg")}
+            for i, w in enumerate(WORDS * 2)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    for seed in range(40):  # a hold-out that takes the one 'neutral' row still knows the class
+        data = TextClassificationData(train_file=str(tmp_path / "train.jsonl"), val_fraction=0.2, seed=seed,
+                                      tokenizer=tokenizer)
+        data.setup("fit")
+        assert data.labels == ["neg", "neutral", "pos"]
+    (tmp_path / "test.jsonl").write_text(json.dumps({"text": 2001, "label": "good"}) + "\n")  # a number as text
+    data = TextClassificationData(test_file=str(tmp_path / "test.jsonl"), tokenizer=tokenizer)
+    data.trainer = SimpleNamespace(lightning_module=SimpleNamespace(labels=["bad", "good"]))
+    data.setup("test")  # was: "test data has label 'good', but training labels are integers"
+    assert data.labels == ["bad", "good"] and next(iter(data.test_dataloader()))["labels"].tolist() == [1]
+
+
+def test_a_run_without_an_end_is_refused_before_its_first_step(tmp_path):
+    from lightning_peft.data import TextClassificationData
+    from lightning_peft.tasks import SequenceClassification
+
+    folder = tiny_bert_folder(tmp_path / "model", WORDS)
+    (tmp_path / "train.csv").write_text("text,label\n" + "".join(f"the movie was {w},{i % 2}\n"
+                                                                  for i, w in enumerate(WORDS)))
+    module = SequenceClassification(str(folder))
+    data = TextClassificationData(train_file=str(tmp_path / "train.csv"), val_fraction=0)
+    trainer = make_trainer([LoRA(r=4, target_modules=["query"])], max_steps=-1, max_epochs=-1, max_time="00:00:01:00")
+    with pytest.raises(ValueError, match="the learning rate decays to 0 at the run's last step, so the run needs an end"):
+        trainer.fit(module, datamodule=data)  # was: OverflowError at the first step
+    assert trainer.global_step == 0
+
+
+def test_a_loader_made_again_each_epoch_shuffles_each_epoch_as_one_loader_does(tmp_path):
+    import lightning as L
+
+    from lightning_peft.data import TextClassificationData
+    from lightning_peft.tasks import SequenceClassification
+
+    class Orders(L.Callback):
+        def __init__(self):
+            self.rows = {}
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.rows.setdefault(trainer.current_epoch, []).extend(batch["input_ids"][:, 1].tolist())
+
+    folder = tiny_bert_folder(tmp_path / "model", WORDS)
+    (tmp_path / "train.csv").write_text("text,label\n" + "".join(f"{w},{i % 2}\n" for i, w in enumerate(WORDS)))
+    orders = {}
+    for reload in (0, 1):
+        orders[reload] = Orders()
+        data = TextClassificationData(train_file=str(tmp_path / "train.csv"), batch_size=4, val_fraction=0)
+        make_trainer([LoRA(r=2, target_modules=["query"]), orders[reload]], max_steps=-1, max_epochs=3,
+                     reload_dataloaders_every_n_epochs=reload).fit(SequenceClassification(str(folder)), data)
+    assert orders[1].rows == orders[0].rows  # was: epoch 0's order again at every reload
+    assert len({tuple(rows) for rows in orders[0].rows.values()}) == 3
+
+
 def test_predict_refuses_several_processes_rather_than_printing_out_of_order():
     from types import SimpleNamespace
 

@@ -3,7 +3,6 @@ shuffled training batches that a resumed fit takes up where the checkpoint left 
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterator, Sized
 from typing import Any, ClassVar
 
@@ -66,7 +65,9 @@ class ResumableShuffle(RandomSampler):
         else:
             torch.empty((), dtype=torch.int64).random_(generator=self.generator)  # the draw a shuffled loader makes
         self.epoch_start = self.generator.get_state()
-        return itertools.islice(super().__iter__(), skip, None)
+        # drawn now, whole: the generator then moves by one order an epoch, however far the epoch is iterated
+        order = torch.randperm(len(self.data_source), generator=self.generator).tolist()
+        return iter(order[skip:])
 
 
 class ResumableLoader(DataLoader):
@@ -99,11 +100,14 @@ class ResumableLoader(DataLoader):
 def shuffled_loader(rows: Any, seed: int, trainer: Any, **kwargs: Any) -> ResumableLoader:
     """A training DataLoader over ``rows`` shuffled with ``seed``, which a resumed fit takes up where it was."""
     generator = torch.Generator().manual_seed(seed)
+    sampler = ResumableShuffle(rows, generator)
     after_epoch = _state_at_epoch_end(trainer)
     if after_epoch is not None:
         generator.set_state(after_epoch)
-    loader = ResumableLoader(rows, sampler=ResumableShuffle(rows, generator),
-                             generator=torch.Generator().manual_seed(seed), **kwargs)  # the workers' seeds
+    for _ in range(_epochs_done_before(trainer)):  # a loader made again each epoch (reload_dataloaders_every_n_epochs)
+        list(sampler)  # draws that epoch's order, so this one is the next, as with one loader
+    loader = ResumableLoader(rows, sampler=sampler, generator=torch.Generator().manual_seed(seed),
+                             **kwargs)  # the workers' seeds
     loader.batches_done = batches_done_in_epoch(trainer, len(loader))
     return loader
 
@@ -118,6 +122,15 @@ def _state_at_epoch_end(trainer: Any) -> Tensor | None:
     if loop is None or loop.restarting or not saved or not saved[0]:
         return None
     return saved[0]["now"]
+
+
+def _epochs_done_before(trainer: Any) -> int:
+    """Epochs trained before this loader was made, for a fit that makes it again each epoch; 0 when a checkpoint
+    says where the order stands (a resumed fit)."""
+    loop = getattr(trainer, "fit_loop", None)
+    if loop is None or loop.restarting or _state_at_epoch_end(trainer) is not None:
+        return 0
+    return trainer.current_epoch
 
 
 def batches_done_in_epoch(trainer: Any, batches: int) -> int:

@@ -6,7 +6,9 @@ import csv
 import io
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 READERS = (".csv", ".tsv", ".jsonl", ".json")
 
@@ -58,14 +60,17 @@ def _utf8_text(path: Path) -> str:
 
 
 def _csv_rows(text: str, path: Path, delimiter: str) -> list[tuple[int, dict]]:
-    """``(line, row)`` for each CSV record; a record with another number of fields than the header is an error."""
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    header = next(reader, None)
+    """``(line, row)`` for each CSV record; a record with another number of fields than the header, or a quote
+    left open (which would swallow the next lines into one text), is an error."""
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # a long text is a text, not an error
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    lines = _lines(text)
+    records = _records(reader, path, lines)
+    header = next(records, (0, None))[1]
     if header is None:
         return []
-    lines = _lines(text)
     rows = []
-    for fields in reader:
+    for _, fields in records:
         if not fields:
             continue  # a blank line
         if len(fields) != len(header):
@@ -74,6 +79,20 @@ def _csv_rows(text: str, path: Path, delimiter: str) -> list[tuple[int, dict]]:
                              f"{'tab' if delimiter == chr(9) else 'comma'}")
         rows.append((reader.line_num, dict(zip(header, fields, strict=True))))
     return rows
+
+
+def _records(reader: Any, path: Path, lines: list[str]) -> Iterator[tuple[int, list[str]]]:
+    """``(first line, fields)`` of each record, or a one-line error naming the line where a bad record starts."""
+    while True:
+        start = reader.line_num + 1
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            raise ValueError(f"data file {path}, line {start}: {err} in {_shown(lines, start)}; quote a text that "
+                             'holds a quote mark whole, with its quote marks doubled ("")') from None
+        yield start, fields
 
 
 def _json_line(line: str, path: Path, number: int) -> dict:
@@ -128,7 +147,7 @@ def read_text(path: str | Path) -> str:
 def read_lines(path: str | Path) -> list[str]:
     """Non-empty lines of a text file, or of standard input when ``path`` is ``-``."""
     if str(path) == "-":
-        lines = sys.stdin.read().splitlines()
+        lines = _lines(sys.stdin.read())
     else:
         path = Path(path).expanduser()
         if not path.is_file():

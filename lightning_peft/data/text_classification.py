@@ -90,8 +90,17 @@ class TextClassificationData(SourceData):
         self.predict_texts: list[str] = []  # the texts of the last predict_dataloader, in order
 
     def _splits_read(self) -> None:
-        self.labels = _label_names(self.splits.get("train", []))
+        """Label names from the training rows (those held out for validation too), else from the task."""
+        train = self.splits.get("train", [])
+        held_out = self.splits.get("val", []) if self.files["val"] is None else []
+        self.labels = _label_names([*train, *held_out]) if train else self._task_labels()
         self._check_labels()
+
+    def _task_labels(self) -> list[str] | None:
+        """The task's own label names (``SequenceClassification(labels=...)``), for data without a training split."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        labels = getattr(module, "labels", None)
+        return list(labels) if labels else None
 
     def _read_splits(self) -> dict[str, list[Example]]:
         if self.source is not None:
@@ -102,7 +111,7 @@ class TextClassificationData(SourceData):
         else:
             columns = [self.text_column, self.label_column]
             splits = {
-                name: [(row[self.text_column], row[self.label_column]) for row in read_rows(path, columns)]
+                name: [(str(row[self.text_column]), row[self.label_column]) for row in read_rows(path, columns)]
                 for name, path in self.files.items() if path is not None
             }
         if "val" not in splits and "train" in splits and self.val_fraction > 0:
@@ -121,7 +130,10 @@ class TextClassificationData(SourceData):
                     raise ValueError(f"{name} data has label {label!r} that training never saw; "
                                      f"known labels: {', '.join(self.labels)}")
                 if known is None and not _is_int(label):
-                    raise ValueError(f"{name} data has label {label!r}, but training labels are integers")
+                    raise ValueError(f"{name} data has label {label!r}, but training labels are integers"
+                                     if "train" in self.splits else
+                                     f"{name} data has label {label!r}, and no training data names the classes: "
+                                     "give the task its labels (labels=[...], in class-id order)")
 
     def label_id(self, label: object) -> int:
         return self.labels.index(str(label)) if self.labels else int(label)

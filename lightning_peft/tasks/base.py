@@ -71,11 +71,16 @@ class TransformersTask(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW (or 8-bit AdamW) over the trainable parameters only, linear warmup then linear decay to zero.
 
+        The decay ends with the run, so the run needs an end (``max_steps`` or ``max_epochs``).
+
         With several tasks (`MultiTaskData`), each task's adapter is a parameter group of its own
         whose warmup counts that adapter's own updates and whose decay ends with the run
         (`per_own_updates`), so it learns as it would trained alone, however its batches fall.
         """
         hp = self.hparams
+        if self.trainer.max_steps == -1 and (self.trainer.max_epochs or 0) < 0:
+            raise ValueError("the learning rate decays to 0 at the run's last step, so the run needs an end: give "
+                             "max_steps or max_epochs (max_time alone leaves it open; it may stop a run early)")
         datamodule = getattr(self.trainer, "datamodule", None)
         shares = getattr(datamodule, "batch_shares", None) or {}
         groups = parameters_by_task(self, set(shares))

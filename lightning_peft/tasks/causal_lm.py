@@ -6,6 +6,7 @@ import warnings
 
 import torch
 from torch import nn
+from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 from transformers import AutoModelForCausalLM
 
@@ -71,6 +72,8 @@ class CausalLM(TransformersTask):
         self.use_chunked_loss = chunked_loss  # turned off for good if the model proves to transform its logits
         self.val_metrics = Perplexity(ignore_index=IGNORE_INDEX)
         self.test_metrics = Perplexity(ignore_index=IGNORE_INDEX)
+        # the loss over all of a split's tokens (log of its perplexity), not a mean of batch means
+        self.val_token_loss, self.test_token_loss = MeanMetric(), MeanMetric()
 
     def build_model(self) -> nn.Module:
         model = AutoModelForCausalLM.from_pretrained(self.model_path, trust_remote_code=self.trust_remote_code)
@@ -107,17 +110,24 @@ class CausalLM(TransformersTask):
                 1, torch.arange(hidden.shape[1], device=labels.device)[positions], labels)
         return next_token_loss(hidden, head, labels)
 
-    def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, perplexity: Perplexity) -> None:
+    def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, perplexity: Perplexity,
+                  token_loss: MeanMetric) -> None:
         output = self(**batch)
-        perplexity.update(output.logits[:, :-1], batch["labels"][:, 1:])  # token t predicts token t + 1
-        self.log(f"{stage}_loss", output.loss, prog_bar=True, batch_size=len(batch["input_ids"]))
+        targets = batch["labels"][:, 1:]  # token t predicts token t + 1
+        perplexity.update(output.logits[:, :-1], targets)
+        token_loss.update(output.loss, weight=(targets != IGNORE_INDEX).sum())  # the batch's mean, by its tokens
+        self.log(f"{stage}_loss", token_loss, prog_bar=True)
         self.log(f"{stage}_ppl", perplexity, prog_bar=True)
 
+    def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
+        self.val_token_loss.reset()
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "val", self.val_metrics)
+        self._evaluate(batch, "val", self.val_metrics, self.val_token_loss)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test", self.test_metrics)
+        self._evaluate(batch, "test", self.test_metrics, self.test_token_loss)
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[str]:
         """Greedy continuations of the (left-padded) prompts, decoded without the prompts."""
