@@ -87,7 +87,7 @@ def test_fit_then_predict_with_string_labels(tmp_path, tiny_model_dir):
     config_file = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert config_file["peft_type"] == "LORA" and config_file["r"] == 4
 
-    texts = "the movie was very great\nthe plot was awful\n"
+    texts = "the movie was very great\nthe movie was very awful\n"  # as the training texts are put
     predict = run_cli("predict", "--config", str(config), "--data.init_args.predict_file", "-",
                       "--ckpt_path", str(ckpt), "--trainer.enable_progress_bar", "true", stdin=texts)
     assert predict.returncode == 0, predict.stderr[-3000:]
