@@ -45,10 +45,12 @@ class SourceData(L.LightningDataModule):
 class ResumableShuffle(RandomSampler):
     """A seeded shuffle whose epoch a resumed run can take up: it notes its generator's state as each epoch starts.
 
-    Each epoch it draws what ``DataLoader(shuffle=True, generator=...)`` draws from its generator
-    (the loader's draw of its workers' seed, then the sampler's), so a run that is not resumed
-    sees the same batches; the loader itself draws from a generator of its own, so however often
-    Lightning makes iterators, the order depends on the epoch alone.
+    Each epoch it draws as ``DataLoader(shuffle=True, generator=...)`` does (the loader's draw of
+    its workers' seed, then a permutation), so the first epoch's batches are that loader's; the
+    permutation is drawn whole as the epoch starts, so the generator moves by one epoch however far
+    the epoch is iterated (a loader made again each epoch can draw the epochs before it). The
+    loader itself draws from a generator of its own, so however often Lightning makes iterators,
+    the order depends on the epoch alone.
     """
 
     def __init__(self, data_source: Sized, generator: torch.Generator) -> None:
