@@ -156,13 +156,14 @@ class PromptInjector(PEFTModule):
         shape = input_shape(kwargs)
         prompts = None if shape is None else self.prompts_for(shape[0])
         self._check_encoder_ran_here(model, kwargs, shape)
+        cache, is_encoder_decoder = given_cache(kwargs), encoder_decoder(model)
         # an encoder-decoder's cache is its decoder's: the encoder, and so its prompt, runs at every call
-        cached = 0 if encoder_decoder(model) else cached_length(given_cache(kwargs))
-        if prompts is not None and holds_only_a_prefix(given_cache(kwargs)):
+        cached = 0 if is_encoder_decoder else cached_length(cache)
+        if prompts is not None and holds_only_a_prefix(cache):
             raise ValueError("PromptTuning and PrefixTuning adapters are active together, and the prefix went in "
                              "first, so the prompt would be skipped: activate one at a time, or inject PromptTuning "
                              "first (into a decoder-only language model)")
-        if prompts is not None and prompts.lengths is not None and given_cache(kwargs) is not None:
+        if prompts is not None and prompts.lengths is not None and cache is not None:
             raise ValueError("per_row_adapters cannot generate with prompts of different lengths in one batch "
                              "(or rows without a prompt): generate each group of equal prompt length separately")
         kept_logits = next((kwargs[k] for k in ("logits_to_keep", "num_logits_to_keep") if k in kwargs), 0)
@@ -172,7 +173,7 @@ class PromptInjector(PEFTModule):
                              "run each group of equal prompt length separately")
         prompted = prompts is not None and not cached
         kept = None if not prompted or prompts.lengths is None else prompts.real_positions(shape[1])
-        as_tuple = prompted and encoder_decoder(model) and not kwargs.get("return_dict",
+        as_tuple = prompted and is_encoder_decoder and not kwargs.get("return_dict",
                                                                            getattr(model.config, "return_dict", True))
         if as_tuple:  # the encoder's outputs are cut by name, then the output goes back as the tuple asked for
             kwargs["return_dict"] = True

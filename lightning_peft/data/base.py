@@ -106,8 +106,9 @@ def shuffled_loader(rows: Any, seed: int, trainer: Any, **kwargs: Any) -> Resuma
     after_epoch = _state_at_epoch_end(trainer)
     if after_epoch is not None:
         generator.set_state(after_epoch)
-    for _ in range(_epochs_done_before(trainer)):  # a loader made again each epoch (reload_dataloaders_every_n_epochs)
-        list(sampler)  # draws that epoch's order, so this one is the next, as with one loader
+    else:  # a loader made again each epoch (reload_dataloaders_every_n_epochs): draw the epochs before, as one loader
+        for _ in range(_epochs_done_before(trainer)):
+            list(sampler)
     loader = ResumableLoader(rows, sampler=sampler, generator=torch.Generator().manual_seed(seed),
                              **kwargs)  # the workers' seeds
     loader.batches_done = batches_done_in_epoch(trainer, len(loader))
@@ -127,10 +128,10 @@ def _state_at_epoch_end(trainer: Any) -> Tensor | None:
 
 
 def _epochs_done_before(trainer: Any) -> int:
-    """Epochs trained before this loader was made, for a fit that makes it again each epoch; 0 when a checkpoint
-    says where the order stands (a resumed fit)."""
+    """Epochs trained before this loader was made, for a fit that makes it again each epoch; 0 for a fit resumed
+    inside an epoch (its checkpoint says where the order stands)."""
     loop = getattr(trainer, "fit_loop", None)
-    if loop is None or loop.restarting or _state_at_epoch_end(trainer) is not None:
+    if loop is None or loop.restarting:
         return 0
     return trainer.current_epoch
 

@@ -129,7 +129,7 @@ class TextClassificationData(SourceData):
                 if known is not None and str(label) not in known:
                     raise ValueError(f"{name} data has label {label!r} that training never saw; "
                                      f"known labels: {', '.join(self.labels)}")
-                if known is None and not _is_int(label):
+                if known is None and not is_int_label(label):
                     raise ValueError(f"{name} data has label {label!r}, but training labels are integers"
                                      if "train" in self.splits else
                                      f"{name} data has label {label!r}, and no training data names the classes: "
@@ -172,12 +172,13 @@ class TextClassificationData(SourceData):
         return self._encode([(text, self.labels[0] if self.labels else 0) for text in self.predict_texts])
 
 
-def _is_int(value: object) -> bool:
+def is_int_label(value: object) -> bool:
+    """Whether a label is an integer class id (an int, or a string of digits), not a class name."""
     return isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("-").isdigit())
 
 
 def _label_names(rows: Sequence[Example]) -> list[str] | None:
     """Sorted label names when the training labels are strings; None when they are integers."""
-    if not rows or all(_is_int(label) for _, label in rows):
+    if not rows or all(is_int_label(label) for _, label in rows):
         return None
     return sorted({str(label) for _, label in rows})

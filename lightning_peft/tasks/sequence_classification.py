@@ -13,6 +13,7 @@ from transformers import AutoModelForSequenceClassification
 
 from lightning_peft.core.adapter_control import adapter_names
 from lightning_peft.core.per_row import per_row_adapters
+from lightning_peft.data.text_classification import is_int_label
 from lightning_peft.tasks.base import TransformersTask
 
 STAGES = ("val", "test")
@@ -163,6 +164,6 @@ def check_labels_fit(labels: Sequence[str] | None, num_labels: int, datamodule: 
     for split, rows in splits.items():
         for row in rows:
             label = row[1] if isinstance(row, tuple) and len(row) == 2 else None
-            if isinstance(label, int | str) and str(label).lstrip("-").isdigit() and not 0 <= int(label) < num_labels:
+            if is_int_label(label) and not 0 <= int(label) < num_labels:
                 raise ValueError(f"{split} data has label {label}, but the model has num_labels={num_labels}: "
                                  f"integer labels run from 0 to {num_labels - 1}")
