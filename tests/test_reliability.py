@@ -13,6 +13,7 @@ import importlib.abc
 import json
 import math
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -582,3 +583,15 @@ def test_a_failed_setup_undoes_quantization_too():
         make_trainer([QuantizeBase("int8"), LoRA(target_modules=["nope"])]).fit(module, token_loader())
     assert {name: (type(m), id(m)) for name, m in module.named_modules()} == before
     assert not any(is_quantized(m) for m in module.modules())
+
+
+def test_blank_predict_lines_are_skipped_with_a_warning_naming_them(tmp_path):
+    from lightning_peft.data.files import read_lines
+
+    (tmp_path / "in.txt").write_text("good film\n\nbad film\n   \nfine\n\n")
+    with pytest.warns(UserWarning, match=r"2 blank line\(s\) skipped \(line 2, 4\)"):
+        assert read_lines(tmp_path / "in.txt") == ["good film", "bad film", "fine"]
+    (tmp_path / "plain.txt").write_text("good film\nbad film\n\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_lines(tmp_path / "plain.txt") == ["good film", "bad film"]  # trailing blank lines: no warning

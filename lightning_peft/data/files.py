@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -153,7 +154,20 @@ def read_lines(path: str | Path) -> list[str]:
         if not path.is_file():
             raise FileNotFoundError(f"predict file {path} does not exist")
         lines = _lines(_utf8_text(path))
+    source = "standard input" if str(path) == "-" else path
     texts = [line.strip() for line in lines if line.strip()]
     if not texts:
-        raise ValueError(f"no texts to predict in {'standard input' if str(path) == '-' else path}")
+        raise ValueError(f"no texts to predict in {source}")
+    _warn_of_blank_lines(lines, source)
     return texts
+
+
+def _warn_of_blank_lines(lines: list[str], source: object) -> None:
+    """Say which blank lines are skipped, so nobody pairs predictions with input lines one to one by mistake."""
+    while lines and not lines[-1].strip():
+        lines = lines[:-1]
+    blank = [number for number, line in enumerate(lines, 1) if not line.strip()]
+    if blank:
+        shown = ", ".join(map(str, blank[:5])) + (", ..." if len(blank) > 5 else "")
+        warnings.warn(f"{source}: {len(blank)} blank line(s) skipped (line {shown}); there is one prediction "
+                      "per non-blank line", stacklevel=2)
