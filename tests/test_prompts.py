@@ -507,3 +507,47 @@ def test_a_decoder_classifier_pools_the_last_real_token_of_a_right_padded_row(ki
     torch.testing.assert_close(model(input_ids=padded, attention_mask=mask).logits, alone, rtol=0, atol=1e-5)
     alone.sum().backward()
     assert model.prompt_tuning.adapters["default"].prompt.grad.abs().sum() > 0  # the prompt trains
+
+
+def tiny_roberta():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    return RobertaForSequenceClassification(RobertaConfig(vocab_size=VOCAB, hidden_size=H, intermediate_size=2 * H,
+                                                          num_hidden_layers=1, num_attention_heads=4,
+                                                          max_position_embeddings=64))
+
+
+@pytest.mark.parametrize("model, method, table", [
+    (tiny_bert, PromptTuning, 64), (tiny_roberta, PromptTuning, 62),  # RoBERTa numbers from its padding index + 1
+    (tiny_gpt2, PromptTuning, 64), (tiny_gpt2, PrefixTuning, 64)])
+def test_inputs_that_would_overrun_a_learned_position_table_are_refused_naming_the_length_that_fits(model, method,
+                                                                                                    table):
+    module = TokenModule(model())
+    method(num_virtual_tokens=N).inject(module)
+    module.model(input_ids=torch.randint(3, VOCAB, (2, table - N)))  # the longest input that fits runs
+    with pytest.raises(ValueError, match=f"{N} virtual tokens \\+ {table - N + 1} tokens .* has {table} learned "
+                                         f"positions: keep inputs to at most {table - N} tokens"):
+        module.model(input_ids=torch.randint(3, VOCAB, (2, table - N + 1)))  # was: an index or size error deep inside
+
+
+def test_a_rotary_model_takes_inputs_beyond_its_max_position_embeddings_with_a_prompt():
+    module = TokenModule(build("llama"))
+    PromptTuning(num_virtual_tokens=N).inject(module)
+    assert module.model(input_ids=torch.randint(3, VOCAB, (1, 70))).logits.shape[1] == 70  # 64 positions configured
+
+
+def test_a_fit_whose_data_could_overrun_the_position_table_stops_before_any_step_and_leaves_the_model_as_it_was():
+    import lightning as L
+
+    class Data(L.LightningDataModule):
+        max_length = 62  # 62 + 4 virtual tokens > tiny BERT's 64 positions, though this loader's rows are short
+
+        def train_dataloader(self):
+            return token_loader()
+
+    module = TokenModule(build("bert"))
+    with pytest.raises(ValueError, match="keep inputs to at most 60 tokens"):
+        make_trainer([PromptTuning(num_virtual_tokens=N)]).fit(module, datamodule=Data())
+    assert not hasattr(module.model, "prompt_tuning") and all(p.requires_grad for p in module.parameters())
+    Data.max_length = 60
+    make_trainer([PromptTuning(num_virtual_tokens=N)], max_steps=1).fit(module, datamodule=Data())

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import lightning as L
 import torch
 from torch import Tensor, nn
 
@@ -22,6 +23,8 @@ from lightning_peft.additive.soft_prompts import (
     KVShape,
     cache_argument,
     cached_length,
+    check_data_fits_positions,
+    check_positions_fit,
     gather_if_sharded,
     given_cache,
     input_shape,
@@ -117,6 +120,7 @@ class PrefixInjector(PEFTModule):
         for name in CACHE_ARGUMENTS:
             kwargs.pop(name, None)
         if not cached_length(cache):  # a first step (or no generation at all): the prefix goes in first
+            check_positions_fit(model, "PrefixTuning", self.active_virtual_tokens(), shape[1], "the input")
             cache = self.fill(cache, model, shape[0])
         kwargs[self._cache_argument] = cache
         n = self.active_virtual_tokens()
@@ -206,6 +210,11 @@ class PrefixTuning(PEFTCallback):
         if projection_dim is not None and not projection:
             raise ValueError("PrefixTuning projection_dim needs projection=True")
         self.num_virtual_tokens, self.projection, self.projection_dim = num_virtual_tokens, projection, projection_dim
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        check_data_fits_positions(trainer, require_transformers_model(pl_module, "PrefixTuning"), self.owner,
+                                  self.num_virtual_tokens)
+        super().on_fit_start(trainer, pl_module)
 
     def inject_into(self, module: nn.Module) -> list[nn.Parameter]:
         model = require_transformers_model(module, "PrefixTuning")

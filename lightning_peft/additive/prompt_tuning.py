@@ -15,12 +15,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import lightning as L
 import torch
 from torch import Tensor, nn
 
 from lightning_peft.additive.prompt_formats import PROMPT_TUNING_FORMAT
 from lightning_peft.additive.soft_prompts import (
     cached_length,
+    check_data_fits_positions,
+    check_positions_fit,
     decoder_argument,
     encoder_decoder,
     gather_if_sharded,
@@ -184,6 +187,7 @@ class PromptInjector(PEFTModule):
             widen_attention_mask(kwargs, prompts.width, cached + shape[1])
             shift_position_ids(kwargs, prompts.width, with_virtual=False)
         else:
+            check_positions_fit(model, "PromptTuning", prompts.width, shape[1], "the input")
             prepend(model, kwargs, prompts, shape)
         return (), kwargs
 
@@ -279,6 +283,11 @@ class PromptTuning(PEFTCallback):
             raise ValueError(f"PromptTuning init_text is read only with init='text', not {init!r}")
         self.num_virtual_tokens, self.init_text, self.init = num_virtual_tokens, init_text, init
         self._tokenizer = tokenizer  # a tool, not a setting: kept out of the saved config
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        check_data_fits_positions(trainer, require_token_model(pl_module, "PromptTuning"), self.owner,
+                                  self.num_virtual_tokens)
+        super().on_fit_start(trainer, pl_module)
 
     def inject_into(self, module: nn.Module) -> list[nn.Parameter]:
         model = require_token_model(module, "PromptTuning")

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 
 CACHE_ARGUMENTS = ("cache", "past_key_values")  # transformers 5 name, then the deprecated one
+POSITION_TABLES = ("position_embeddings", "wpe", "embed_positions")  # BERT-likes; GPT-2 and GPT-Neo; OPT and BART
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,36 @@ def input_shape(kwargs: dict[str, Any]) -> tuple[int, int] | None:
     if tokens is None:
         tokens = kwargs.get("inputs_embeds")
     return None if tokens is None else (tokens.shape[0], tokens.shape[1])
+
+
+def learned_positions(model: nn.Module) -> int | None:
+    """How many positions ``model``'s learned position table numbers; None for rotary, relative or ALiBi models.
+
+    RoBERTa's table starts after its padding index, and OPT's and BART's after an offset of 2.
+    """
+    tables = [table for name, table in model.named_modules()
+              if isinstance(table, nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES]
+    first = [getattr(table, "offset", 0) + (0 if table.padding_idx is None else table.padding_idx + 1)
+             for table in tables]
+    return min((table.num_embeddings - start for table, start in zip(tables, first, strict=True)), default=None)
+
+
+def check_positions_fit(model: nn.Module, method: str, virtual: int, length: int, source: str) -> None:
+    """Refuse ``virtual`` tokens before ``length`` real ones that overrun the model's learned position table."""
+    table = learned_positions(model)
+    if table is not None and virtual + length > table:
+        raise ValueError(f"{method}: {virtual} virtual tokens + {length} tokens ({source}) need {virtual + length} "
+                         f"positions, but {type(model).__name__} has {table} learned positions: keep inputs to at "
+                         f"most {table - virtual} tokens (a smaller max_length or block_size), or use fewer virtual "
+                         "tokens")
+
+
+def check_data_fits_positions(trainer: Any, model: nn.Module, method: str, virtual: int) -> None:
+    """Refuse, before training, a data module whose longest rows would overrun the position table mid-run."""
+    data = getattr(trainer, "datamodule", None)
+    length = getattr(data, "max_length", None) or getattr(data, "block_size", None)
+    if isinstance(length, int):
+        check_positions_fit(model, method, virtual, length, f"the data's {type(data).__name__} max_length/block_size")
 
 
 def widen_attention_mask(kwargs: dict[str, Any], n: int, attended_length: int) -> None:
