@@ -18,12 +18,21 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from torch import nn
 
-from lightning_peft import LoRA, load_adapter, save_adapter, trainable_summary
+from lightning_peft import LoRA, load_adapter, merge, save_adapter, trainable_summary
 from lightning_peft.lora import LoRALayer
 
 from conftest import VOCAB, tiny_bert, tiny_gpt2, tiny_llama
 
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
+
+
+def tiny_gemma():
+    """Gemma multiplies its embedding lookups by sqrt(hidden): a scaled embedding."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    return GemmaForCausalLM(GemmaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                        max_position_embeddings=64))
 # Targets given to both libraries; "dense" on BERT hits attention.output, intermediate, output and pooler.
 TARGETS = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -41,7 +50,7 @@ def _build(kind: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = BUILDERS[kind]()
+        model = tiny_gemma() if kind == "gemma" else BUILDERS[kind]()
     return model.eval()
 
 
@@ -127,9 +136,10 @@ def test_logits_match_peft(kind, variant):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("use_rslora", [False, True])
-def test_embedding_lora_matches_peft(use_rslora):
-    base, theirs, ours = _pair("llama", ["embed_tokens", "q_proj"], use_rslora=use_rslora)
+@pytest.mark.parametrize("kind, use_rslora", [("llama", False), ("llama", True), ("gemma", False)])
+def test_embedding_lora_matches_peft_and_its_merge(kind, use_rslora):
+    base, theirs, ours = _pair(kind, ["embed_tokens", "q_proj"], use_rslora=use_rslora)
+    kind = "llama"  # the same inputs
     torch.testing.assert_close(_logits(ours, "llama"), _logits(base, "llama"), rtol=0, atol=1e-6)
     their_params = dict(theirs.named_parameters())
     # peft's embedding shapes are ours: A (r, num_embeddings), B (dim, r).
@@ -142,7 +152,8 @@ def test_embedding_lora_matches_peft(use_rslora):
     _copy_random_adapters(theirs, ours)
     got = _logits(ours, "llama")
     assert (got - _logits(base, "llama")).abs().max() > 1e-2
-    torch.testing.assert_close(got, _logits(theirs, "llama"), rtol=0, atol=1e-5)
+    torch.testing.assert_close(got, _logits(theirs, "llama"), rtol=0, atol=1e-5)  # Gemma: was 1/8 of the update
+    torch.testing.assert_close(_logits(merge(ours), "llama"), got, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("use_rslora", [False, True])

@@ -295,7 +295,8 @@ class LoRAEmbedding(LoRALayer):
         base = self.base_layer
         # No max_norm here: F.embedding would renormalise A's columns in place on every call.
         rows = F.embedding(x, adapter.lora_A.T, base.padding_idx, None, 2.0, base.scale_grad_by_freq, base.sparse)
-        return F.linear(rows, adapter.lora_B) * adapter.scale
+        # a scaled embedding (Gemma's, BART's) multiplies its lookup by embed_scale: the update's row too, as merged
+        return F.linear(rows, adapter.lora_B) * (adapter.scale * getattr(base, "embed_scale", 1.0))
 
     def to_weight_layout(self, update: Tensor) -> Tensor:
         return update.T
