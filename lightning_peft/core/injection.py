@@ -10,10 +10,22 @@ from lightning_peft.core.layer import PEFTLayer, PEFTModule
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` where the submodule ``name`` of ``root`` is."""
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
+    """Put ``new`` where the submodule ``name`` of ``root`` is, and wherever else that module object sits.
+
+    A layer that two places of the model share (one ``nn.Linear`` in two blocks) stays one layer
+    everywhere, so its adapter acts wherever it does and a merge into its shared weight keeps outputs.
+    """
+    if not name:
+        raise ValueError(f"a PEFT layer cannot replace the model root itself ({type(root).__name__}); adapt a "
+                         "submodule, or wrap the model in another module first")
+    put_in_place_of(root, root.get_submodule(name), new)
+
+
+def put_in_place_of(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` at every place of ``root``'s tree where the module object ``old`` sits."""
+    places = [(parent, key) for parent in root.modules() for key, child in parent._modules.items() if child is old]
+    for parent, key in places:
+        setattr(parent, key, new)
 
 
 def wrap_modules(

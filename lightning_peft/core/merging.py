@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from lightning_peft.core.injection import peft_layers, replace_module
+from lightning_peft.core.injection import peft_layers, put_in_place_of, replace_module
 from lightning_peft.core.layer import PEFTLayer, PEFTModule
 from lightning_peft.core.models import transformers_models
 from lightning_peft.core.ownership import holders
@@ -98,7 +98,7 @@ def unmerge(module: nn.Module) -> nn.Module:
             layer.unmerge()  # the adapters merged, even if another set is active now (disable_adapters ended)
             layer.active_adapters = active
             _tie_again(module, layer)
-            setattr(parent, child, layer)
+            put_in_place_of(module, layer.merged_module(), layer)  # a layer shared by several places: at each
             del parent.__dict__[_MERGED][child]
         restored = True
     if not restored:

@@ -91,7 +91,7 @@ def candidate_modules(root: nn.Module) -> list[tuple[str, nn.Module]]:
     """Named modules of ``root`` that belong to the base model (adapter internals excluded)."""
     skipped: list[str] = []
     found = []
-    for name, module in root.named_modules():
+    for name, module in root.named_modules(remove_duplicate=False):  # a layer shared by two places: both names
         if not name or any(name.startswith(prefix) for prefix in skipped):
             continue
         if isinstance(module, PEFTLayer):
@@ -146,6 +146,7 @@ def select_modules(
             + f" matched no module. Module names that exist: {_name_overview(candidates)}"
             + _regex_hint(target_modules, candidates)
         )
+    chosen = list({id(module): (name, module) for name, module in reversed(chosen)}.values())[::-1]  # one per layer
     for name, module in chosen:
         if name in unwrappable:
             raise TypeError(f"{method} cannot adapt '{name}' on its own: {unwrappable[name]}")

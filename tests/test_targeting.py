@@ -1,0 +1,64 @@
+"""Targeting on the models users bring: shared layers, parameters of the root, nested choices, plain containers."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_peft import IA3, LoRA, load_adapter, merge, save_adapter, unmerge
+
+
+def shared_linear_model() -> nn.Sequential:
+    """One nn.Linear used at two places (weight sharing by reuse, as a repeated block does)."""
+    torch.manual_seed(0)
+    linear = nn.Linear(8, 8)
+    return nn.Sequential(linear, nn.Tanh(), linear)
+
+
+@torch.no_grad()
+def randomize_trainable(module: nn.Module) -> None:
+    for param in module.parameters():
+        if param.requires_grad:
+            param.add_(torch.randn_like(param) * 0.3)
+
+
+@pytest.mark.parametrize("method", [lambda: LoRA(r=2, target_modules=["2"]), lambda: LoRA(r=2),
+                                    lambda: IA3(target_modules=["0"], feedforward_modules=[])])
+def test_a_layer_shared_by_two_places_is_one_adapted_layer_at_both_and_merges_exactly(method, tmp_path):
+    model = shared_linear_model()
+    method().inject(model)  # was: the second place kept the bare layer ('2' matched no module)
+    assert model[0] is model[2] and type(model[0]).__name__ != "Linear"
+    randomize_trainable(model)
+    x = torch.randn(4, 8)
+    adapted = model(x)
+    layer = model[0]
+    torch.testing.assert_close(adapted, layer(torch.tanh(layer(x))))
+    merge(model)
+    assert model[0] is model[2] and type(model[0]) is nn.Linear
+    torch.testing.assert_close(model(x), adapted, atol=1e-5, rtol=0)  # was: 20.4 apart
+    unmerge(model)
+    assert model[0] is model[2] is layer
+    torch.testing.assert_close(model(x), adapted, atol=1e-5, rtol=0)
+    save_adapter(model, tmp_path / "a")
+    fresh = shared_linear_model()
+    load_adapter(fresh, tmp_path / "a")
+    torch.testing.assert_close(fresh(x), adapted, atol=1e-6, rtol=0)
+
+
+def test_a_target_parameter_of_the_root_module_is_refused_and_the_model_left_as_it_was():
+    class Root(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.proj = nn.Parameter(torch.randn(8, 8))
+
+        def forward(self, x):
+            return self.fc(x) @ self.proj.T
+
+    model = Root()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="cannot replace the model root itself"):
+        LoRA(r=2, target_modules=None, target_parameters=["proj"]).inject(model)  # was: an inert wrapper at ''
+    assert [name for name, _ in model.named_children()] == ["fc"]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
