@@ -26,7 +26,7 @@ from lightning_peft.core.adapter_files import (
     read_adapter_files,
 )
 from lightning_peft.core.files import PathLike
-from lightning_peft.core.models import model_root
+from lightning_peft.core.models import model_root, warn_of_other_models
 from lightning_peft.core.ownership import adapter_refs, freeze_unclaimed
 from lightning_peft.lightning.callback import ModelSetupCallback, PEFTCallback
 from lightning_peft.lora import LoRA
@@ -178,6 +178,7 @@ def load_adapter(module: nn.Module, path: PathLike, adapter_name: str = "default
     callback = callback_for(config, adapter_name, Path(path) / CONFIG_FILE)
     trainable = {id(p): p.requires_grad for p in module.parameters()}
     _, root = model_root(module)
+    warn_of_other_models(module, f"load_adapter({str(path)!r})")
     callback.inject(root)  # the file names layers from the transformers model: another model beside it stays out
     freeze_unclaimed(module)
     try:

@@ -187,9 +187,11 @@ def test_changing_adapters_of_a_merged_model_is_refused_as_merged(tmp_path):
     save_adapter(model, tmp_path, adapter_name="b")
     merge(model)
     for change in (lambda: delete_adapter(model, "a"), lambda: hotswap_adapter(model, tmp_path, adapter_name="b"),
-                   lambda: combine_adapters(model, {"a": 1.0}, new_name="c")):
+                   lambda: combine_adapters(model, {"a": 1.0}, new_name="c"),
+                   lambda: save_adapter(model, tmp_path / "merged", adapter_name="b")):  # was: a file of merged values
         with pytest.raises(ValueError, match="this model has merged adapters, which are in its weights now; unmerge"):
             change()
+    assert not (tmp_path / "merged").exists()
 
 
 def saved_adapter(tmp_path):
@@ -375,7 +377,9 @@ def test_an_adapter_goes_into_the_first_of_two_models_and_one_on_both_is_refused
             if "lora_B" in name:
                 param.normal_()
     save_adapter(trained, tmp_path / "adapter")
-    both = load_adapter(PolicyAndReference(base), tmp_path / "adapter")
+    with pytest.warns(UserWarning, match=r"holds 2 transformers models \(model, ref_model\); the adapter goes into "
+                                         r"the first, 'model'. To choose another, pass it itself \(module.ref_model"):
+        both = load_adapter(PolicyAndReference(base), tmp_path / "adapter")
     ids = torch.randint(0, VOCAB, (2, 8))
     torch.testing.assert_close(both.model(ids).logits, trained(ids).logits, rtol=0, atol=1e-5)
     torch.testing.assert_close(both.ref_model(ids).logits, base(ids).logits, rtol=0, atol=1e-5)  # left out

@@ -551,3 +551,18 @@ def test_a_fit_whose_data_could_overrun_the_position_table_stops_before_any_step
     assert not hasattr(module.model, "prompt_tuning") and all(p.requires_grad for p in module.parameters())
     Data.max_length = 60
     make_trainer([PromptTuning(num_virtual_tokens=N)], max_steps=1).fit(module, datamodule=Data())
+
+
+@pytest.mark.parametrize("method", [PromptTuning, PrefixTuning])
+def test_a_soft_prompt_says_which_of_two_models_it_goes_into(method):
+    class TeacherAndStudent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.teacher, self.student = build("llama"), build("llama")
+
+    module = TeacherAndStudent()
+    with pytest.warns(UserWarning, match=r"holds 2 transformers models \(teacher, student\); the adapter goes into "
+                                         r"the first, 'teacher'"):
+        method(num_virtual_tokens=N).inject(module)  # was: silently the teacher's
+    method(num_virtual_tokens=N).inject(module.student)
+    assert any(p.requires_grad for p in module.student.parameters())

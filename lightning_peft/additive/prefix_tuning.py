@@ -35,7 +35,7 @@ from lightning_peft.additive.soft_prompts import (
 )
 from lightning_peft.core.checks import check_positive_int
 from lightning_peft.core.layer import PEFTModule
-from lightning_peft.core.models import input_embedding_weight, require_transformers_model
+from lightning_peft.core.models import input_embedding_weight, require_transformers_model, warn_of_other_models
 from lightning_peft.core.ownership import claim
 from lightning_peft.lightning.callback import CheckpointPolicy, PEFTCallback
 
@@ -218,6 +218,7 @@ class PrefixTuning(PEFTCallback):
 
     def inject_into(self, module: nn.Module) -> list[nn.Parameter]:
         model = require_transformers_model(module, "PrefixTuning")
+        warn_of_other_models(module, self.owner)
         _check_decoder_with_cache(model)
         injector = prefix_injector(model)
         embedding = input_embedding_weight(model)

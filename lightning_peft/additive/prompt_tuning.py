@@ -38,7 +38,7 @@ from lightning_peft.additive.soft_prompts import (
 )
 from lightning_peft.core.checks import check_choice, check_positive_int
 from lightning_peft.core.layer import PEFTModule, adapter_dtype
-from lightning_peft.core.models import input_embedding_weight, require_token_model
+from lightning_peft.core.models import input_embedding_weight, require_token_model, warn_of_other_models
 from lightning_peft.lightning.callback import CheckpointPolicy, PEFTCallback
 
 PromptInit = Literal["random", "vocab", "text"]
@@ -291,6 +291,7 @@ class PromptTuning(PEFTCallback):
 
     def inject_into(self, module: nn.Module) -> list[nn.Parameter]:
         model = require_token_model(module, "PromptTuning")
+        warn_of_other_models(module, self.owner)
         prompt = Prompt(self.initial_prompt(model, module))
         prompt_injector(model).register_adapter(self.adapter_name, prompt)
         return [prompt.prompt]

@@ -24,6 +24,7 @@ from torch import nn
 
 from lightning_peft.core.files import PathLike, atomic_write_all
 from lightning_peft.core.integrity import DIGEST_KEY, check_digest, tensor_digest
+from lightning_peft.core.merging import check_unmerged
 from lightning_peft.core.models import model_root
 from lightning_peft.core.ownership import AdapterRef, adapter_refs, buffers_of_trained_modules, owners
 from lightning_peft.core.saved_modules import saved_module_name
@@ -221,6 +222,7 @@ def save_adapter(module: nn.Module, path: PathLike, adapter_name: str = "default
         save_adapter(model, "out/my-adapter")
         ```
     """
+    check_unmerged(module, "save_adapter", "or save before merging (a merged model's weights hold the adapters)")
     ref = find_adapter(module, adapter_name, method)
     _, root = model_root(module)
     reason = no_peft_layout(ref, root)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Iterator
 
 from torch import Tensor, nn
@@ -29,6 +30,15 @@ def _within(name: str, outer: str) -> bool:
 def model_root(module: nn.Module) -> tuple[str, nn.Module]:
     """The first transformers model inside ``module`` (its name and itself), or ``("", module)``."""
     return next(transformers_models(module), ("", module))
+
+
+def warn_of_other_models(module: nn.Module, needed_by: str) -> None:
+    """Say which model an adapter goes into when ``module`` holds several (a policy and its reference, a teacher)."""
+    found = [name for name, _ in transformers_models(module)]
+    if len(found) > 1:
+        warnings.warn(f"{needed_by}: {type(module).__name__} holds {len(found)} transformers models ("
+                      f"{', '.join(found)}); the adapter goes into the first, '{found[0]}'. To choose another, "
+                      f"pass it itself (module.{found[1]})", stacklevel=3)
 
 
 def require_transformers_model(module: nn.Module, needed_by: str) -> nn.Module:
