@@ -84,15 +84,30 @@ class IA3Layer(PEFTLayer):
     @torch.no_grad()
     def unmerge(self) -> None:
         for name in reversed(self.active_adapters):
-            self._scale_base(self.adapters[name], 1 / self.adapters[name].ia3_l)
+            self._scale_base(self.adapters[name], self.adapters[name].ia3_l, divide=True)
 
-    def _scale_base(self, adapter: IA3Adapter, factor: Tensor) -> None:
-        """Multiply the weight's columns (input scaling) or rows and bias (output scaling) by ``factor``."""
+    def unmerge_refusal(self) -> str | None:
+        """A vector with a zero (or non-finite) entry wiped what it scaled: dividing it out would write inf/NaN."""
+        for name in self.merged_adapters:
+            vector = self.adapters[name].ia3_l
+            bad = int((~torch.isfinite(1 / vector.float())).sum())
+            if bad:
+                return (f"IA3[{name}]'s vector has {bad} zero or non-finite entr{'y' if bad == 1 else 'ies'}, which "
+                        "the merge multiplied into the weights for good; load the base model again instead")
+        return None
+
+    def _scale_base(self, adapter: IA3Adapter, vector: Tensor, divide: bool = False) -> None:
+        """Multiply (or divide) the weight's columns (input scaling) or rows and bias (output scaling) by ``vector``.
+
+        In float32, rounded once to the weight's dtype, so a merge and an unmerge give the weights back.
+        """
+        scale = torch.div if divide else torch.mul
         weight = read_weight(self.base_layer)
-        write_weight(self.base_layer, self._as_out_in(self._as_out_in(weight) * factor.to(weight.dtype)))
+        scaled = scale(self._as_out_in(weight).float(), vector.float())
+        write_weight(self.base_layer, self._as_out_in(scaled.to(weight.dtype)))
         bias = getattr(self.base_layer, "bias", None)
         if not adapter.feedforward and bias is not None:
-            bias.mul_(factor.flatten().to(bias.dtype))
+            bias.copy_(scale(bias.float(), vector.flatten().float()))
 
     def _as_out_in(self, weight: Tensor) -> Tensor:
         """``weight`` as an ``(out, in)`` view, or back: Conv1D stores it as ``(in, out)``."""

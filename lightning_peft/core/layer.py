@@ -104,6 +104,10 @@ class PEFTLayer(PEFTModule):
         """Take the active adapters' deltas back out of ``base_layer`` (the inverse of a merge)."""
         raise NotImplementedError(f"{self.method} adapters cannot be unmerged")
 
+    def unmerge_refusal(self) -> str | None:
+        """Why the merged adapters cannot be taken back out of ``base_layer`` exactly enough, or None."""
+        return None
+
 
 def innermost_base(module: nn.Module) -> nn.Module:
     """The base-model layer under any number of nested PEFT layers."""

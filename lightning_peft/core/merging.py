@@ -91,6 +91,7 @@ def unmerge(module: nn.Module) -> nn.Module:
     """
     restored = False
     while merged := merged_layers(module):
+        _check_unmergeable(merged)
         for parent, child, layer in merged:
             if getattr(parent, child) is not layer.merged_module():
                 raise RuntimeError(f"unmerge: '{child}' was replaced after the merge; cannot restore its adapter")
@@ -104,6 +105,14 @@ def unmerge(module: nn.Module) -> nn.Module:
     if not restored:
         raise ValueError("unmerge: this module has no merged adapters")
     return module
+
+
+def _check_unmergeable(merged: list[tuple[nn.Module, str, PEFTLayer]]) -> None:
+    """Refuse, before any change, an unmerge that some merged layer cannot take back out."""
+    for _, child, layer in merged:
+        refusal = layer.unmerge_refusal()
+        if refusal is not None:
+            raise ValueError(f"unmerge: '{child}': {refusal}; nothing was changed")
 
 
 def merged_layers(module: nn.Module) -> list[tuple[nn.Module, str, PEFTLayer]]:
