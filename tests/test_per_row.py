@@ -251,3 +251,29 @@ def test_a_part_without_the_named_adapters_computes_as_its_base():
             mixed = model(**inputs).logits
         set_adapter(model, "a")
         torch.testing.assert_close(mixed[:1], model(**{k: v[:1] for k, v in inputs.items()}).logits)
+
+
+def test_names_given_as_an_iterator_route_as_a_list_does():
+    model = with_two(LoRA, tiny_llama(), r=4, target_modules=["q_proj", "v_proj"])
+    inputs = token_inputs()
+    with torch.no_grad():
+        with per_row_adapters(model, NAMES):
+            expected = model(**inputs).logits
+        with per_row_adapters(model, iter(NAMES)):  # was: "given 0 names" (the check spent the iterator)
+            torch.testing.assert_close(model(**inputs).logits, expected, atol=0, rtol=0)
+
+
+def test_beam_search_takes_each_name_once_per_beam_and_says_so_when_not():
+    model = with_two(LoRA, tiny_llama(), r=4, target_modules=["q_proj", "v_proj"])
+    names, inputs = ["a", "b"], token_inputs(rows=2, length=5)
+    settings = dict(max_new_tokens=3, num_beams=2, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="num_beams or num_return_sequences k makes k rows of each: repeat each"):
+            with per_row_adapters(model, names):
+                model.generate(**inputs, **settings)
+        with per_row_adapters(model, [n for n in names for _ in range(2)]):
+            together = model.generate(**inputs, **settings)
+        for i, name in enumerate(names):
+            set_adapter(model, name)
+            assert torch.equal(together[i:i + 1], model.generate(**{k: v[i:i + 1] for k, v in inputs.items()},
+                                                                 **settings))

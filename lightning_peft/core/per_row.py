@@ -47,7 +47,9 @@ class RowAdapters:
         if batch.shape[0] != len(self.names):
             raise ValueError(f"per_row_adapters was given {len(self.names)} names, but a {part.method} layer got a "
                              f"batch of {batch.shape[0]} rows (input shape {tuple(batch.shape)}); give one name per "
-                             "row, and a model whose adapted layers see the batch as their first dimension")
+                             "row, and a model whose adapted layers see the batch as their first dimension (generate "
+                             "with num_beams or num_return_sequences k makes k rows of each: repeat each name k "
+                             "times in a row)")
         return [(part.adapters[name], rows) for name, rows in self.rows.items() if name in part.adapters]
 
     def with_resting(self, part: PEFTModule, out: Tensor) -> Tensor:
@@ -118,7 +120,8 @@ def per_row_adapters(module: nn.Module, names: Sequence[str | None]) -> Iterator
             logits = model(**batch).logits  # a batch of 4 rows, each with its own adapter
         ```
     """
-    parts = _checked_parts(module, list(names))
+    names = list(names)  # an iterator would be spent by the check
+    parts = _checked_parts(module, names)
     routing = RowAdapters.of(names, sharded=any(isinstance(m, FSDPModule) for m in module.modules()))
     saved = [(part, part.row_adapters, list(part.active_adapters)) for part in parts]
     try:
