@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
 from torch import nn
 
 from lightning_peft import (
@@ -388,3 +389,29 @@ def test_an_adapter_goes_into_the_first_of_two_models_and_one_on_both_is_refused
     with pytest.raises(ValueError, match=r"LoRA\[default\] trains 'ref_model\.model\.layers\.0\.self_attn\.q_proj\."
                                          r".*outside the transformers model 'model'"):
         save_adapter(everywhere, tmp_path / "both")
+
+
+@pytest.mark.parametrize("method", ["Adapter", "BitFit"])
+def test_a_native_file_saved_beside_another_methods_wrapper_loads_with_or_without_it(method, tmp_path):
+    import lightning_peft
+
+    base = tiny_bert()
+    trained = copy.deepcopy(base)
+    LoRA(r=4, target_modules=["query", "value"], adapter_name="lora").inject(trained)
+    settings = {"bottleneck_dim": 4, "target_modules": ["attention.output.dense"]} if method == "Adapter" else {}
+    getattr(lightning_peft, method)(adapter_name="native", **settings).inject(trained)
+    IA3(target_modules=["attention.output.dense", "output.dense"], feedforward_modules=[],
+        adapter_name="ia3").inject(trained)  # another wrapper around the Adapter's layers too
+    randomize_trainable(trained)
+    for name in ("lora", "native", "ia3"):
+        save_adapter(trained, tmp_path / name, adapter_name=name)
+    keys = load_file(tmp_path / "native" / "adapter_model.safetensors")
+    assert keys and not any("base_layer" in key for key in keys)  # was: 'query.base_layer.bias', ...
+    alone = load_adapter(copy.deepcopy(base), tmp_path / "native")  # was: "lacks tensor"
+    only = copy.deepcopy(trained)
+    set_adapter(only, "native")
+    torch.testing.assert_close(last_hidden(alone), last_hidden(only), atol=1e-6, rtol=0)
+    again = copy.deepcopy(base)
+    for name in ("lora", "native", "ia3"):
+        load_adapter(again, tmp_path / name, adapter_name=name)
+    torch.testing.assert_close(last_hidden(again), last_hidden(trained), atol=1e-6, rtol=0)

@@ -90,8 +90,9 @@ def saved_module_key(name: str) -> str:
 
 
 def native_key(name: str, root: nn.Module) -> str:
-    """Our tensor name without the adapter's name, so a file loads under any adapter_name."""
-    return re.sub(r"\.adapters\.[^.]+\.", ".adapter.", name)
+    """Our tensor name without the adapter's name, so a file loads under any adapter_name, and without other
+    methods' wrappers (``.base_layer``), so it loads whichever methods wrap the layer and in whatever order."""
+    return re.sub(r"\.base_layer(?=\.)", "", re.sub(r"\.adapters\.[^.]+\.", ".adapter.", name))
 
 
 def peft_targets(value: str | list[str] | None) -> str | list[str] | None:
