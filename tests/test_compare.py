@@ -263,7 +263,7 @@ def test_the_estimate_splits_as_each_strategy_holds_memory():
 def test_a_causal_lm_run_measures_forgetting_before_and_after_on_another_text(tmp_path, tiny_lm_dir):  # noqa: F811
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lightning_peft import load_adapter
+    from lightning_peft import QuantizeBase, load_adapter
     from lightning_peft.compare.worker import perplexity
 
     train = tmp_path / "counting.txt"
@@ -272,15 +272,21 @@ def test_a_causal_lm_run_measures_forgetting_before_and_after_on_another_text(tm
     backwards.write_text("".join(" ".join(reversed(COUNTING.split()[:10])) + "\n" for _ in range(30)))
     out = tmp_path / "out"
     config = lm_recipe(tmp_path, tiny_lm_dir, train, test_file=str(train))
-    result = run_cli("compare", "--config", str(config), "--methods", "lora",
+    result = run_cli("compare", "--config", str(config), "--methods", "lora,qlora", "--set", "lora.init=pissa",
                      "--max_steps", "20", "--out", str(out), "--forgetting_text", str(backwards), timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    (row,) = json.loads((out / "report.json").read_text())["rows"]
-    assert row["status"] == "ok", row["error"]
-    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_lm_dir), AutoTokenizer.from_pretrained(tiny_lm_dir)
-    text = backwards.read_text()
-    assert row["forgetting_base_ppl"] == pytest.approx(perplexity(model, tokenizer, text, 16), rel=1e-4)  # untouched
-    load_adapter(model, out / "runs" / "lora-seed0" / "adapter")  # the adapter the run trained
-    assert row["forgetting_tuned_ppl"] == pytest.approx(perplexity(model, tokenizer, text, 16), rel=1e-4)
-    assert row["forgetting_tuned_ppl"] != pytest.approx(row["forgetting_base_ppl"], rel=1e-3)
+    rows = {row["method"]: row for row in json.loads((out / "report.json").read_text())["rows"]}
+    assert all(row["status"] == "ok" for row in rows.values()), rows
+    tokenizer, text = AutoTokenizer.from_pretrained(tiny_lm_dir), backwards.read_text()
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    for method, row in rows.items():  # was: PiSSA's base with its residual weights, QLoRA's rounded base
+        assert row["forgetting_base_ppl"] == pytest.approx(perplexity(base, tokenizer, text, 16), rel=1e-4)
+        model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+        if method == "qlora":
+            QuantizeBase("nf4", double_quant=True).inject(model)
+        load_adapter(model, out / "runs" / f"{method}-seed0" / "adapter")  # the adapter the run trained
+        # was, for QLoRA: measured after the merged-latency merge and unmerge had rounded the base again
+        assert row["forgetting_tuned_ppl"] == pytest.approx(perplexity(model, tokenizer, text, 16), rel=1e-4)
+        assert row["forgetting_tuned_ppl"] != pytest.approx(row["forgetting_base_ppl"], rel=1e-3)
+    row = rows["lora"]
     assert row["metric_name"] == "test_ppl" and "other-domain ppl" in (out / "report.md").read_text()

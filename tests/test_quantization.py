@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_peft import IA3, Adapter, BitFit, LoRA, PromptTuning, merge, unmerge
+from lightning_peft import IA3, Adapter, BitFit, LoRA, PromptTuning, merge, trainable_summary, unmerge
 from lightning_peft.quantization import (
     QuantizeBase,
     base_weight_bytes,
@@ -121,6 +121,17 @@ def test_base_bytes_before_and_after_are_reported():
     before, after = quantize.base_bytes
     assert before == fp32_bytes and after == base_weight_bytes(model) < before
     assert "QuantizeBase(nf4): 14 linear layers quantized" in quantize.summary()
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4", "fp4"])
+def test_the_summary_counts_a_quantized_base_by_its_real_shapes(mode):
+    model = llama()
+    full = sum(p.numel() for p in model.parameters())
+    QuantizeBase(mode).inject(model)
+    LoRA(r=4, target_modules=["q_proj", "v_proj"]).inject(model)
+    summary = trainable_summary(model)
+    assert summary.total == full + summary.trainable  # was: 4-bit weights counted as packed bytes (about half)
+    assert summary.percent == pytest.approx(100 * summary.trainable / summary.total)
 
 
 @pytest.mark.parametrize("mode", ["int8", "nf4"])
@@ -466,6 +477,6 @@ def test_run_all_lists_every_gpu_step():
     result = subprocess.run(["bash", str(script), "--dry-run", "/tmp/x"], capture_output=True, text=True, timeout=60,
                             env={**os.environ, "PYTHON": sys.executable})
     steps = [line.split(":")[0] for line in result.stdout.splitlines()]
-    assert result.returncode == 0 and steps == ["cuda_tests", "quantized", "lora_fsdp1", "lora_fsdp2", "qlora_fsdp2",
-                                                "qlora_fsdp1", "speed_8x128", "speed_16x512", "per_row_minilm",
-                                                "per_row_smollm2"], result.stdout
+    assert result.returncode == 0 and steps == ["per_row_minilm", "per_row_smollm2", "speed_8x128", "speed_16x512",
+                                                "quantized", "cuda_tests", "lora_fsdp2", "qlora_fsdp2", "lora_fsdp1",
+                                                "qlora_fsdp1"], result.stdout

@@ -19,6 +19,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lightning_peft.cli import build_cli, error_line, user_mistake
@@ -151,22 +152,26 @@ def perplexity(model: nn.Module, tokenizer: Any, text: str, block_size: int) -> 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        losses = [model(input_ids=block[None].to(device), labels=block[None].to(device)).loss for block in blocks]
+    with torch.no_grad():  # the loss from the logits: a soft prompt's labels would add a prediction of the first token
+        losses = [F.cross_entropy(model(input_ids=block[None].to(device)).logits[0, :-1].float(), block[1:].to(device))
+                  for block in blocks]
     model.train(was_training)
     return float(torch.stack(losses).mean().exp())
 
 
-class MeasureForgetting(L.Callback):
-    """Perplexity of another domain's text: the base model's at fit start (adapters off, weights untouched yet)."""
+class MeasureForgetting:
+    """Perplexity of another domain's text: the recipe's base model's, and the tuned model's.
 
-    def __init__(self, text: str, block_size: int) -> None:
+    The base is built on its own, before the run: a method changes its model at setup (PiSSA
+    rewrites base weights, a quantized base rounds them), and every method is compared with the
+    same base.
+    """
+
+    def __init__(self, text: str, block_size: int, module: L.LightningModule, device: torch.device) -> None:
         self.text, self.block_size = text, block_size
-        self.before: float | None = None
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        with disable_adapters(pl_module.model):
-            self.before = perplexity(pl_module.model, pl_module.tokenizer, self.text, self.block_size)
+        base = module.build_model().to(device)
+        self.before = perplexity(base, module.tokenizer, text, block_size)
+        del base
 
     def figures(self, module: L.LightningModule) -> dict[str, float]:
         """Before and after: the tuned model with its adapters on."""
@@ -194,9 +199,8 @@ def run(run_dir: Path, forgetting_text: str | None = None) -> dict[str, Any]:
     """Train, test and measure the run in ``run_dir``; the result row (without method and seed)."""
     started = time.perf_counter()
     trainer, module, data, measure = build_run(run_dir)
-    forgetting = MeasureForgetting(Path(forgetting_text).read_text(), data.block_size) if forgetting_text else None
-    if forgetting:
-        trainer.callbacks.append(forgetting)
+    forgetting = MeasureForgetting(Path(forgetting_text).read_text(), data.block_size, module,
+                                   trainer.strategy.root_device) if forgetting_text else None
     trainer.fit(module, datamodule=data)
     device = module.device
     peak, kind = peak_memory_mib(device)
@@ -205,12 +209,13 @@ def run(run_dir: Path, forgetting_text: str | None = None) -> dict[str, Any]:
         else {}
     name, value, higher = ranked_metric(results)
     batch = next(iter(data.test_dataloader() if results else data.train_dataloader()))
-    return {"status": "ok", "error": None, "trainable_params": summary.trainable, "total_params": summary.total,
-            "trainable_percent": summary.percent, "adapter_bytes": adapter_bytes(module, run_dir),
-            "peak_memory_mib": peak, "memory_kind": kind, **measure.figures(), "metric_name": name,
-            "metric": value, "higher_is_better": higher, "metrics": {k: float(v) for k, v in results.items()},
-            "batch_size": len(batch["input_ids"]), **latencies(module, batch),
-            **(forgetting.figures(module) if forgetting else {}), "wall_s": time.perf_counter() - started}
+    row = {"status": "ok", "error": None, "trainable_params": summary.trainable, "total_params": summary.total,
+           "trainable_percent": summary.percent, "adapter_bytes": adapter_bytes(module, run_dir),
+           "peak_memory_mib": peak, "memory_kind": kind, **measure.figures(), "metric_name": name,
+           "metric": value, "higher_is_better": higher, "metrics": {k: float(v) for k, v in results.items()},
+           "batch_size": len(batch["input_ids"]), **(forgetting.figures(module) if forgetting else {})}
+    # last: the merged latency merges and unmerges, which rounds a quantized base's weights again
+    return {**row, **latencies(module, batch), "wall_s": time.perf_counter() - started}
 
 
 def score_rate(run_dir: Path) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from lightning_peft.core.ownership import owners
-from lightning_peft.core.weights import is_quantized, quantized_format, statistics_bytes
+from lightning_peft.core.weights import element_count, is_quantized, quantized_format, statistics_bytes
 
 
 @dataclass
@@ -84,7 +84,7 @@ def trainable_summary(module: nn.Module) -> TrainableSummary:
             row.bytes += param.nbytes
     return TrainableSummary(
         trainable=sum(p.numel() for p in module.parameters() if p.requires_grad),
-        total=sum(p.numel() for p in module.parameters()),
+        total=sum(element_count(p) for p in module.parameters()),  # a 4-bit base's weights by their real shape
         methods=list(rows.values()),
         base_bytes=base_weight_bytes(module, claimed),
         quantized_layers=dict(Counter(quantized_format(m) for m in module.modules() if is_quantized(m))),

@@ -10,6 +10,7 @@ bitsandbytes is never imported here unless a quantized layer exists.
 from __future__ import annotations
 
 import copy
+import math
 import sys
 import warnings
 from types import ModuleType
@@ -100,6 +101,12 @@ def replace_quantized_weight(layer: nn.Module, weight: Tensor, warn: bool = True
         warnings.warn(f"a merged or unmerged weight written into an {kind} base layer is rounded to {kind}: outputs "
                       "move about as much as quantizing moved them. For an exact merge, call "
                       "lightning_peft.quantization.dequantize_base(model) first", stacklevel=3)
+
+
+def element_count(param: Tensor) -> int:
+    """How many values ``param`` holds: a bitsandbytes 4-bit weight packs two in a byte, counted by its real shape."""
+    state = getattr(param, "quant_state", None)
+    return math.prod(state.shape) if state is not None else param.numel()
 
 
 def quantized_format(layer: nn.Module) -> str:
