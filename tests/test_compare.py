@@ -21,6 +21,10 @@ def tiny_recipe(tmp_path, tiny_model_dir):  # noqa: F811 (the fixture imported a
 
 
 def test_a_failing_method_is_a_row_the_others_finish_and_a_rerun_resumes(tmp_path, tiny_recipe):
+    config = yaml.safe_load(tiny_recipe.read_text())  # a checkpoint callback, as recipes often have: runs keep none
+    config["trainer"]["callbacks"].append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                           "init_args": {"monitor": "val_loss"}})
+    tiny_recipe.write_text(yaml.safe_dump(config))  # was: every run and the estimate failed on it
     out = tmp_path / "compare"
     command = ["compare", "--config", str(tiny_recipe), "--methods", "lora,ia3", "--max_steps", "4", "--out", str(out)]
     first = run_cli(*command, "--set", "ia3.target_modules=[no_such_layer]", timeout=900)  # 4 processes
@@ -202,6 +206,7 @@ def test_bad_requests_get_one_line_before_any_training(tmp_path, command, args, 
     (["--methods", ","], "--methods: name at least one, from: lora,dora"),
     (["--methods", "lora", "--seeds", ","], "--seeds: name at least one, e.g. 0,1"),
     (["--methods", "lora", "--max_steps", "0"], "--max_steps 0: every run trains at least 1 step"),
+    (["--methods", "lora", "--seeds=-1"], "--seeds -1: a seed is from 0 to 4294967295"),  # was: a failed run each
     (["--methods", "lora", "--set", "lora.learning_rate=abc"],
      "--set lora.learning_rate=abc: a learning rate is a positive number"),
 ])
@@ -290,3 +295,18 @@ def test_a_causal_lm_run_measures_forgetting_before_and_after_on_another_text(tm
         assert row["forgetting_tuned_ppl"] != pytest.approx(row["forgetting_base_ppl"], rel=1e-3)
     row = rows["lora"]
     assert row["metric_name"] == "test_ppl" and "other-domain ppl" in (out / "report.md").read_text()
+
+
+def test_estimate_refuses_fewer_than_one_device(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run_cli("estimate", "--config", "lora_sentiment", "--devices", "0")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("lightning-peft: error: --devices 0: the memory is split")
+
+
+def test_a_compare_whose_every_run_failed_exits_with_1_after_its_report(tmp_path, tiny_recipe):
+    out = tmp_path / "compare"
+    result = run_cli("compare", "--config", str(tiny_recipe), "--methods", "ia3", "--max_steps", "2", "--out", str(out),
+                     "--set", "ia3.target_modules=[no_such_layer]", timeout=600)
+    assert result.returncode == 1 and "0 of 1 runs ok" in result.stdout  # was: 0, as if all went well
+    assert "no_such_layer" in (out / "report.md").read_text()

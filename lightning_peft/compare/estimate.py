@@ -152,7 +152,9 @@ def probe_loader(original: Callable[[], Any], sizes: tuple[int, int], steps: int
 def probe(config: Path, steps: int = PROBE_STEPS) -> MemoryParts:
     """Build the recipe of ``config`` and measure what its training holds, for the recipe's batch size."""
     cli = build_cli(["--config", str(config), f"--trainer.max_steps={2 * steps}", "--trainer.limit_val_batches=0",
-                     "--trainer.logger=false", "--trainer.enable_checkpointing=false",
+                     "--trainer.logger=false", "--trainer.enable_checkpointing=false", "--trainer.max_epochs=-1",
+                     "--trainer.limit_train_batches=1.0", "--trainer.accumulate_grad_batches=1",  # both sizes seen
+                     "--trainer.devices=1", "--trainer.num_nodes=1", "--trainer.strategy=auto",  # one device's memory
                      "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
                      f"--trainer.default_root_dir={config.parent / 'probe'}"],  # the probe's files apart from the run's
                     run=False)

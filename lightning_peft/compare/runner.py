@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TextIO
 
 import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lightning_peft
 from lightning_peft.builtin_recipes import recipe_path
@@ -34,6 +35,7 @@ from lightning_peft.compare.methods import (
     METHOD_NAMES,
     CompareError,
     MethodPlan,
+    callback_class,
     is_method_slot,
     method_slot,
     own_method,
@@ -100,7 +102,10 @@ def compare_main(argv: list[str]) -> None:
                "machine": machine(), "versions": versions(), "started": started,
                "wall_s": time.perf_counter() - clock}
     written = write_report(rows, out, context)
-    print(f"compare: {sum(r['status'] == 'ok' for r in rows)} of {len(rows)} runs ok; report: {written['md']}")
+    ok = sum(r["status"] == "ok" for r in rows)
+    print(f"compare: {ok} of {len(rows)} runs ok; report: {written['md']}")
+    if not ok:
+        raise SystemExit(1)  # the report lists why; a script or CI job sees that nothing trained
 
 
 def estimate_parser() -> argparse.ArgumentParser:
@@ -121,6 +126,8 @@ def estimate_parser() -> argparse.ArgumentParser:
 def estimate_main(argv: list[str]) -> None:
     """Print each method's estimated peak memory per device, each probed in its own process."""
     options = estimate_parser().parse_args(argv)
+    if options.devices < 1:
+        raise CompareError(f"--devices {options.devices}: the memory is split across 1 device or more")
     recipe = yaml.safe_load(Path(recipe_path(options.config)).read_text())
     slot = method_slot(recipe, options.config)
     methods = [m.strip() for m in (options.methods or "").split(",") if m.strip()]
@@ -226,9 +233,13 @@ def _distinct(option: str, values: list, example: str) -> list:
 
 def _seeds(text: str) -> list[int]:
     try:
-        return [int(s) for s in text.split(",") if s.strip()]
+        seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise CompareError(f"--seeds {text}: write integers separated by commas, e.g. 0,1") from None
+    bad = [seed for seed in seeds if not 0 <= seed < 2**32]
+    if bad:
+        raise CompareError(f"--seeds {text}: a seed is from 0 to 4294967295 (2**32 - 1), not {bad[0]}")
+    return seeds
 
 
 def run_config(recipe: dict, plan: MethodPlan, seed: int, max_steps: int | None, run_dir: Path,
@@ -239,9 +250,10 @@ def run_config(recipe: dict, plan: MethodPlan, seed: int, max_steps: int | None,
     """
     config = copy.deepcopy(recipe)
     trainer = config.setdefault("trainer", {})
-    others = [entry for entry in trainer.get("callbacks") or [] if not is_method_slot(entry)]
+    others = [entry for entry in trainer.get("callbacks") or [] if not is_method_slot(entry) and not _saves(entry)]
     trainer.update(callbacks=copy.deepcopy(plan.callbacks) + others, default_root_dir=str(run_dir),
-                   enable_checkpointing=False, enable_progress_bar=False, gradient_clip_val=plan.gradient_clip_val)
+                   enable_checkpointing=False, enable_progress_bar=False, gradient_clip_val=plan.gradient_clip_val,
+                   devices=1, num_nodes=1, strategy="auto")  # every run on one device, as the report says
     if max_steps is not None:
         trainer["max_steps"] = max_steps
     config["seed_everything"] = seed
@@ -250,6 +262,12 @@ def run_config(recipe: dict, plan: MethodPlan, seed: int, max_steps: int | None,
     if sweep and not data.get("val_file") and not data.get("val_fraction", 1):
         data["val_fraction"] = SWEEP_VAL_FRACTION
     return config
+
+
+def _saves(entry: dict | str) -> bool:
+    """Whether a recipe's callback entry writes checkpoints (a ModelCheckpoint): compare's runs keep none."""
+    cls = callback_class(entry)
+    return isinstance(cls, type) and issubclass(cls, ModelCheckpoint)
 
 
 def run_once(recipe: dict, plan: MethodPlan, seed: int, max_steps: int | None, out: Path, label: str,
