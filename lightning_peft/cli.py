@@ -110,19 +110,35 @@ class PEFTCLI(LightningCLI):
                                  "(adapters and new heads untrained)")
 
     def before_fit(self) -> None:
-        settings = self.config[self.subcommand]
-        if settings.get("adapter"):
+        if self.config[self.subcommand].get("adapter"):
             raise ConfigError("fit trains a new adapter: --adapter is for validate, test and predict "
                               "(to continue a run, give --ckpt_path)")
-        for option in ("untrained", "output", "adapters"):
-            if settings.get(option):
-                raise ConfigError(f"--{option} is for predict")
+        self._refuse_predict_options()
 
     def before_validate(self) -> None:
+        self._refuse_predict_options()
+        if self.trainer.limit_val_batches == 0:
+            raise ConfigError("validate has nothing to run: the recipe sets trainer.limit_val_batches to 0 (give "
+                              "--trainer.limit_val_batches 1.0)")
+        data = self.datamodule
+        if getattr(data, "val_file", None) is None and getattr(data, "val_fraction", None) == 0:
+            raise ConfigError("validate has no data: the recipe holds out no validation rows (give "
+                              "--data.init_args.val_file FILE, or a val_fraction above 0 for a fresh fit)")
         self._use_adapter_folder()
 
     def before_test(self) -> None:
+        self._refuse_predict_options()
+        if self.trainer.limit_test_batches == 0:
+            raise ConfigError("test has nothing to run: trainer.limit_test_batches is 0 (give "
+                              "--trainer.limit_test_batches 1.0)")
         self._use_adapter_folder()
+
+    def _refuse_predict_options(self) -> None:
+        """``--adapters``, ``--output`` and ``--untrained`` mean something to predict alone: elsewhere, one line."""
+        for option in ("untrained", "output", "adapters"):
+            if self.config[self.subcommand].get(option):
+                raise ConfigError(f"--{option} is for predict, not {self.subcommand}"
+                                  + (" (give one folder with --adapter)" if option == "adapters" else ""))
 
     def before_predict(self) -> None:
         """Refuse to predict with untrained adapters and heads, which would print confident nonsense."""

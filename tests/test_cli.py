@@ -390,3 +390,20 @@ def test_a_routed_line_without_text_is_refused_rather_than_shifting_later_rows()
     lines = ["upbeat\tgreat day", "gloomy\t ", "gloomy\tawful plot", "upbeat\tmeh"]
     with pytest.raises(ValueError, match=r"predict file, line 2: 'gloomy\\t ' has no text after its adapter name"):
         split_rows(lines, ["upbeat", "gloomy"], "predict file")
+
+
+@pytest.mark.parametrize("command, args, message", [
+    ("test", ["--adapters", "a=somewhere"], "--adapters is for predict, not test (give one folder with --adapter)"),
+    ("validate", ["--output", "out.csv"], "--output is for predict, not validate"),
+    ("validate", ["--trainer.limit_val_batches", "0"], "validate has nothing to run: the recipe sets "
+                                                       "trainer.limit_val_batches to 0"),
+    ("validate", ["--data.init_args.val_fraction", "0"], "validate has no data: the recipe holds out no validation"),
+    ("test", ["--trainer.limit_test_batches", "0"], "test has nothing to run"),
+])
+def test_evaluating_with_options_that_would_be_ignored_or_nothing_to_run_is_one_line(tmp_path, tiny_model_dir, command,
+                                                                                     args, message):
+    train = write_data(tmp_path, "train", sentiment_rows(16, 0))
+    config = recipe(tmp_path, tiny_model_dir, train, train, val_fraction=0.25)
+    result = run_cli(command, "--config", str(config), "--untrained", "false", *args)
+    assert result.returncode == 2  # was: exit 0, the base model's score (--adapters), or nothing printed
+    assert result.stderr.strip().splitlines()[-1].startswith(f"lightning-peft: error: {message}")

@@ -595,3 +595,14 @@ def test_blank_predict_lines_are_skipped_with_a_warning_naming_them(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert read_lines(tmp_path / "plain.txt") == ["good film", "bad film"]  # trailing blank lines: no warning
+
+
+def test_a_predict_table_gives_its_text_column_and_is_refused_where_lines_are_read(tmp_path):
+    from lightning_peft.data.files import read_lines
+
+    (tmp_path / "in.csv").write_text('text,label\n"good, really",1\nbad film,0\n')
+    (tmp_path / "in.jsonl").write_text('{"text": "good", "label": 1}\n{"text": "bad", "label": 0}\n')
+    assert read_lines(tmp_path / "in.csv", "text") == ["good, really", "bad film"]  # was: the header line a text
+    assert read_lines(tmp_path / "in.jsonl", "text") == ["good", "bad"]  # was: each JSON object a text
+    with pytest.raises(ValueError, match=r"in.csv: here each line is one input \(NAME<TAB>text\)"):
+        read_lines(tmp_path / "in.csv")

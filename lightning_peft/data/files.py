@@ -145,8 +145,17 @@ def read_text(path: str | Path) -> str:
     return text
 
 
-def read_lines(path: str | Path) -> list[str]:
-    """Non-empty lines of a text file, or of standard input when ``path`` is ``-``."""
+def read_lines(path: str | Path, column: str | None = None) -> list[str]:
+    """Non-empty lines of a text file, or of standard input when ``path`` is ``-``.
+
+    A CSV, TSV or JSONL file (by its suffix) gives its ``column``'s values, its header and other
+    columns left out; without a ``column`` it is refused rather than read as lines.
+    """
+    if Path(str(path)).suffix.lower() in READERS:
+        if column is None:
+            raise ValueError(f"predict file {path}: here each line is one input (NAME<TAB>text), so give a plain text "
+                             "file, not a CSV or JSONL table")
+        return [str(row[column]).strip() for row in read_rows(path, [column])]
     if str(path) == "-":
         lines = _lines(sys.stdin.read())
     else:

@@ -168,7 +168,7 @@ class TextClassificationData(SourceData):
     def predict_dataloader(self) -> DataLoader:
         if self.predict_file is None:
             raise ValueError("no texts to predict: give data.predict_file (a text file, one text per line, or -)")
-        self.predict_texts = read_lines(self.predict_file)
+        self.predict_texts = read_lines(self.predict_file, self.text_column)  # a table: its text column
         return self._encode([(text, self.labels[0] if self.labels else 0) for text in self.predict_texts])
 
 
