@@ -10,6 +10,7 @@ from torch import nn
 
 from lightning_peft.core.adapter_control import adapter_names, delete_adapter
 from lightning_peft.core.adapter_files import save_adapter
+from lightning_peft.core.files import replace_folder
 from lightning_peft.core.merging import merge
 from lightning_peft.core.models import model_root
 from lightning_peft.core.ownership import adapter_refs
@@ -66,12 +67,28 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, merged: bool = Fal
     if merged:
         _keep_for_merging(module, adapter, ckpt_path)
         merge(module)
-        _, model = model_root(module)
-        model.save_pretrained(out)
-        if getattr(module, "tokenizer", None) is not None:
-            module.tokenizer.save_pretrained(out)
-        return out
+        return replace_folder(out, lambda folder: _save_merged(module, folder), "--out", is_export)
     return export_adapters(module, out, for_original_base)
+
+
+def _save_merged(module: nn.Module, folder: Path) -> None:
+    """The merged transformers model, its class names (a classifier's labels) and its tokenizer, in ``folder``."""
+    _, model = model_root(module)
+    labels = getattr(module, "labels", None)
+    if labels and getattr(model.config, "num_labels", None) == len(labels):  # pipelines then say 'positive'
+        model.config.id2label = dict(enumerate(labels))
+        model.config.label2id = {name: i for i, name in enumerate(labels)}
+    model.save_pretrained(folder)
+    if getattr(module, "tokenizer", None) is not None:
+        module.tokenizer.save_pretrained(folder)
+
+
+def is_export(folder: Path) -> bool:
+    """Whether ``folder`` holds what an export writes: an adapter, a model folder, or a folder of adapters."""
+    if (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file():
+        return True
+    entries = list(folder.iterdir())
+    return bool(entries) and all(entry.is_dir() and (entry / "adapter_config.json").is_file() for entry in entries)
 
 
 def _keep_for_merging(module: nn.Module, adapter: str | None, ckpt_path: str | Path) -> None:
@@ -92,10 +109,12 @@ def _keep_for_merging(module: nn.Module, adapter: str | None, ckpt_path: str | P
 
 def export_adapters(module: nn.Module, out: str | Path, for_original_base: bool = False) -> Path:
     """Save every adapter of ``module``: one straight into ``out``, several in a folder each."""
-    out = Path(out)
     refs = adapter_refs(module)
-    for ref in refs:
-        folder = out if len(refs) == 1 else out / f"{ref.method_name}-{ref.name}"
-        save_adapter(module, folder, adapter_name=ref.name, method=ref.method_name,
-                     for_original_base=for_original_base)
-    return out
+
+    def write(out: Path) -> None:
+        for ref in refs:
+            folder = out if len(refs) == 1 else out / f"{ref.method_name}-{ref.name}"
+            save_adapter(module, folder, adapter_name=ref.name, method=ref.method_name,
+                         for_original_base=for_original_base)
+
+    return replace_folder(out, write, "adapter folder", is_export)  # no adapter of an earlier run stays beside

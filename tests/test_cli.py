@@ -260,6 +260,17 @@ def test_export_adapter_and_merged_model(tmp_path, tiny_model_dir):
     missing = run_cli("export", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "x"))
     assert missing.returncode == 2 and "does not exist" in missing.stderr
 
+    again = run_cli("export", str(ckpt), "--out", str(tmp_path / "adapter"), "--merged")  # over the adapter export
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert not (tmp_path / "adapter" / "adapter_config.json").exists()  # was: left there, so loading applied it twice
+    replaced = AutoModelForSequenceClassification.from_pretrained(tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert torch.allclose(replaced(input_ids=ids).logits, expected, atol=1e-5)
+    assert replaced.config.id2label == dict(enumerate(trained.labels))  # was: LABEL_0, LABEL_1
+    mine = run_cli("export", str(ckpt), "--out", str(tmp_path))  # a folder of the user's own
+    assert mine.returncode == 2 and "holds other files; give a new or empty folder" in mine.stderr
+    assert (tmp_path / "recipe.yaml").exists()
+
 
 def test_export_for_the_original_base_turns_a_pissa_adapter_into_plain_lora(tmp_path, tiny_model_dir):
     from peft import PeftModel

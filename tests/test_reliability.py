@@ -404,6 +404,19 @@ def test_a_full_disk_on_export_is_one_line_and_keeps_the_previous_adapter(inputs
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
+def test_a_full_disk_on_a_merged_export_keeps_the_previous_model_folder(inputs, tmp_path, monkeypatch):
+    import transformers.modeling_utils as modeling_utils
+
+    out = tmp_path / "merged"
+    assert run_cli(["export", str(inputs / "trained.ckpt"), "--out", str(out), "--merged"])[0] == 0
+    before = file_digests(out)
+    monkeypatch.setattr(modeling_utils, "safe_save_file", fail_half_way_with_enospc(modeling_utils.safe_save_file))
+    code, stderr = run_cli(["export", str(inputs / "trained.ckpt"), "--out", str(out), "--merged"])
+    assert code == 2 and "No space left on device" in stderr
+    assert file_digests(out) == before  # was: model.safetensors cut to 100 bytes, the folder unloadable
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_the_table_covers_at_least_thirty_mistakes():
     assert len(CLI_CASES) + len(API_CASES) + 1 >= 30  # + the broken bitsandbytes
 

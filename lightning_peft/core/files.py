@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import tempfile
 from collections.abc import Callable
@@ -46,6 +47,38 @@ def atomic_write_all(writers: dict[PathLike, Writer]) -> None:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def replace_folder(folder: PathLike, write: Writer, what: str, ours: Callable[[Path], bool]) -> Path:
+    """Write a whole folder: ``write`` fills a temporary folder beside ``folder``, which then takes its place.
+
+    A failure leaves the old folder as it was; success leaves no file of the old one (stale files
+    beside new ones change what loaders read). A non-empty ``folder`` must be one that ``ours``
+    recognises (an earlier export), so nobody loses a folder of their own to a mistyped path.
+    """
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not ours(folder))):
+        raise ValueError(f"{what} {folder} holds other files; give a new or empty folder, or one that an earlier "
+                         "export wrote (it is replaced whole)")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    new = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".new"))
+    old = new.with_suffix(".old")
+    try:
+        write(new)
+        for file in new.rglob("*"):
+            if file.is_file():
+                _make_durable(file)
+        os.chmod(new, 0o777 & ~current_umask())
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(new, folder)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        if old.exists() and not folder.exists():
+            os.replace(old, folder)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
 
 
 def _temporary_beside(path: Path) -> Path:
