@@ -336,3 +336,20 @@ def check_merged_export_of_one_task(ckpt, out):
             merged = AutoModelForSequenceClassification.from_pretrained(
                 export_checkpoint(ckpt, out / task, merged=True, adapter=task)).eval()
             torch.testing.assert_close(merged(input_ids=ids).logits, expected[task], atol=1e-5, rtol=1e-5)
+
+
+def test_evaluating_a_multi_task_checkpoint_without_its_routing_is_refused(tiny_model_dir, tmp_path):
+    from lightning_peft.data import TextClassificationData
+
+    module, data, trainer = fit(tiny_model_dir, tmp_path, max_steps=2)
+    trainer.save_checkpoint(tmp_path / "tasks.ckpt")
+
+    def test(data):
+        fresh = SequenceClassification(str(tiny_model_dir), learning_rate=5e-2, labels=module.labels)
+        return make_trainer(adapters()).test(fresh, datamodule=data, ckpt_path=tmp_path / "tasks.ckpt", verbose=False)
+
+    assert test(MultiTaskData(task_files(tmp_path), batch_size=8, max_length=16))  # with routing: each task's score
+    plain = TextClassificationData(test_file=task_files(tmp_path)["upbeat"]["test_file"], batch_size=8, max_length=16)
+    with pytest.raises(ValueError, match=r"holds one adapter per task \(upbeat, gloomy\), and this data routes no "
+                                         r"rows to them"):  # was: every task's adapter at once, a score of neither
+        test(plain)

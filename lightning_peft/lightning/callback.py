@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_utilities.core.overrides import is_overridden
 from torch import Tensor, nn
@@ -33,6 +34,8 @@ from lightning_peft.core.saved_modules import save_modules
 from lightning_peft.core.summary import trainable_summary
 from lightning_peft.core.targeting import select_modules
 from lightning_peft.lightning.checkpointing import (
+    CHECKPOINT_KEY,
+    TASKS,
     install_adapter_checkpointing,
     random_states,
     saved_setup_states,
@@ -374,12 +377,24 @@ def check_saved_settings(trainer: L.Trainer, checkpoint: dict[str, Any], path: A
             continue
         raise ValueError(f"checkpoint {path} holds {callback.owner} trained with {settings}; "
                          "resume with the settings it was trained with, or start a new run")
+    _check_tasks_routed(trainer, checkpoint, path)
     here = {callback.state_key for callback in setup_callbacks(trainer)}
     for key, state in saved.items():
         if key not in here and "method" not in state and state.get("config"):
             settings = ", ".join(f"{name}={value!r}" for name, value in state["config"].items())
             warnings.warn(f"checkpoint {path} was trained with {key}({settings}), which this fit does not have: "
                           "its adapters go on without it", stacklevel=2)
+
+
+def _check_tasks_routed(trainer: L.Trainer, checkpoint: dict[str, Any], path: Any) -> None:
+    """Refuse to evaluate a multi-task checkpoint without its tasks' routing: every task's adapter would act at once."""
+    tasks = checkpoint.get(CHECKPOINT_KEY, {}).get(TASKS) or []
+    evaluating = trainer.state.fn != TrainerFn.FITTING
+    if len(tasks) > 1 and evaluating and not getattr(trainer.datamodule, "task_names", None):
+        raise ValueError(f"checkpoint {path} holds one adapter per task ({', '.join(tasks)}), and this data routes "
+                         "no rows to them, so all would act at once: evaluate with the multi-task recipe's data, "
+                         "predict with --adapters NAME=DIR (export writes one folder per task), or export --merged "
+                         "--adapter NAME")
 
 
 RESUMABLE_SETTINGS = ("checkpoint",)  # settings that may change between a run and its resumption

@@ -31,6 +31,7 @@ CHECKPOINT_KEY = "lightning_peft"
 # how integer keys of the optimizer states count parameters: "optimizer" (its own, as torch does) or "model" (all
 # the module's, as Lightning's FSDP2 strategy saves and loads them)
 OPTIMIZER_NUMBERING = "optimizer_numbering"
+TASKS = "tasks"  # the tasks of a multi-task run, each with its adapter: evaluating it needs their routing
 WRAPPER_NAMES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")  # FSDP1 and activation checkpointing
 
 
@@ -200,8 +201,9 @@ class AdapterCheckpointIO(CheckpointIO):
             checkpoint = keep_adapter_only(checkpoint, module)
         checkpoint = with_adapter_digest(checkpoint, module)
         numbered = "model" if isinstance(self.trainer.strategy, ModelParallelStrategy) else "optimizer"
+        tasks = list(getattr(self.trainer.datamodule, "task_names", None) or [])  # MultiTaskData's: routed adapters
         checkpoint = {**checkpoint, CHECKPOINT_KEY: {**checkpoint.get(CHECKPOINT_KEY, {}), "methods": self.methods(),
-                                                     OPTIMIZER_NUMBERING: numbered}}
+                                                     OPTIMIZER_NUMBERING: numbered, TASKS: tasks}}
         if type(self.inner) is TorchCheckpointIO and storage_options is None and _is_local(path):
             atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
         else:
