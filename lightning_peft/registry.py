@@ -198,6 +198,9 @@ class LoadAdapter(ModelSetupCallback):
         self.path, self.adapter_name = path, adapter_name
 
     def apply(self, module: nn.Module) -> nn.Module:
-        if self.adapter_name not in {ref.name for ref in adapter_refs(module)}:
+        """Load the folder, unless its adapter (this method, this name) is there already (a second run)."""
+        config, _ = read_adapter_files(self.path)
+        method = callback_for(config, self.adapter_name, Path(self.path) / CONFIG_FILE).method_name
+        if (method, self.adapter_name) not in {(ref.method_name, ref.name) for ref in adapter_refs(module)}:
             load_adapter(module, self.path, self.adapter_name)
         return module

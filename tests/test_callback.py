@@ -263,3 +263,15 @@ def test_precision_settings(precision, adapter_dtype):
     assert adapters and all(p.dtype == adapter_dtype for p in adapters)
     assert all(torch.isfinite(p).all() for p in adapters)
     assert any(p.abs().sum() > 0 for n, p in module.named_parameters() if n.endswith("lora_B"))
+
+
+def test_a_loaded_folder_of_another_method_under_a_name_already_taken_still_loads(tmp_path):
+    from lightning_peft import IA3, save_adapter
+    from lightning_peft.core.ownership import adapter_refs
+    from lightning_peft.registry import LoadAdapter
+
+    save_adapter(IA3(target_modules=["v_proj"], feedforward_modules=[]).inject(tiny_llama()), tmp_path / "ia3")
+    model = LoRA(r=4, target_modules=["q_proj"]).inject(tiny_llama())  # LoRA[default]
+    LoadAdapter(tmp_path / "ia3").apply(model)  # was: skipped, as if IA3[default] were there
+    LoadAdapter(tmp_path / "ia3").apply(model)  # a second run: loaded once
+    assert sorted(map(str, adapter_refs(model))) == ["IA3[default]", "LoRA[default]"]

@@ -225,3 +225,37 @@ def test_a_checkpoint_without_running_statistics_still_loads(tmp_path):
     del older["lightning_peft"]["sha256"]
     torch.save(older, tmp_path / "older.ckpt")
     make_trainer(methods(), max_steps=4).fit(Fitted(), data, ckpt_path=tmp_path / "older.ckpt")  # loads
+
+
+@pytest.mark.parametrize("names", [["block", "fc"], ["fc", "block"], ["block", "block.fc"]])
+def test_a_saved_module_and_one_inside_it_make_one_copy_that_saves_and_loads_exactly(names, tmp_path):
+    from lightning_peft import LoRA, load_adapter, save_adapter
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.norm = nn.Linear(8, 8), nn.LayerNorm(8)
+
+        def forward(self, x):
+            return self.norm(self.fc(x))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.block = nn.Linear(8, 8), Block()
+
+        def forward(self, x):
+            return self.block(self.inp(x))
+
+    torch.manual_seed(0)
+    base = Net()
+    model = LoRA(r=2, target_modules=["inp"], modules_to_save=names).inject(copy.deepcopy(base))
+    assert [n for n, _ in model.named_modules() if "adapters" not in n and n.startswith("block")] == [
+        "block", "block.base_layer", "block.base_layer.fc", "block.base_layer.norm"]  # was: a stray block.fc copy
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.5)
+    x = torch.randn(2, 8)
+    save_adapter(model, tmp_path)
+    torch.testing.assert_close(load_adapter(copy.deepcopy(base), tmp_path)(x), model(x), atol=0, rtol=0)

@@ -85,7 +85,11 @@ class SavedModule(PEFTLayer):
 
 def save_modules(root: nn.Module, chosen: list[tuple[str, nn.Module]], adapter_name: str,
                  owner: str) -> list[nn.Parameter]:
-    """Give ``adapter_name`` its own trainable copy of each chosen module; return the copies' parameters."""
+    """Give ``adapter_name`` its own trainable copy of each chosen module; return the copies' parameters.
+
+    A chosen module inside another chosen one is left to that one's copy, which holds it.
+    """
+    chosen = [(name, module) for name, module in chosen if not any(name.startswith(f"{outer}.") for outer, _ in chosen)]
     layers = wrap_modules(root, chosen, SavedModule, SavedModule)
     taken = next(((name, layer.adapters[adapter_name]) for name, layer in layers if adapter_name in layer.adapters),
                  None)
