@@ -62,3 +62,51 @@ def test_a_target_parameter_of_the_root_module_is_refused_and_the_model_left_as_
         LoRA(r=2, target_modules=None, target_parameters=["proj"]).inject(model)  # was: an inert wrapper at ''
     assert [name for name, _ in model.named_children()] == ["fc"]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class TwoLayers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_a_compiled_plain_model_saves_the_names_of_the_uncompiled_one_and_loads_either_way(tmp_path):
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    base = TwoLayers()
+    compiled = torch.compile(copy.deepcopy(base), backend="eager")
+    LoRA(r=2, target_modules=["fc1"]).inject(compiled)
+    randomize_trainable(compiled)
+    x = torch.randn(3, 8)
+    save_adapter(compiled, tmp_path)
+    assert sorted(load_file(tmp_path / "adapter_model.safetensors")) == [
+        "base_model.model.fc1.lora_A.weight", "base_model.model.fc1.lora_B.weight"]  # was: ..._orig_mod.fc1...
+    torch.testing.assert_close(load_adapter(copy.deepcopy(base), tmp_path)(x), compiled(x), atol=1e-6, rtol=0)
+    again = torch.compile(copy.deepcopy(base), backend="eager")
+    torch.testing.assert_close(load_adapter(again, tmp_path)(x), compiled(x), atol=1e-6, rtol=0)
+
+
+def test_a_module_named_base_layers_keeps_its_name_in_parameter_targets():
+    class Stack(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.base_layers = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+
+        def forward(self, x):
+            return self.base_layers[1](self.base_layers[0](x))
+
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = Stack()
+
+        def forward(self, x):
+            return self.model(x)
+
+    model = LoRA(r=2, target_modules=None, target_parameters=["weight"]).inject(Outer())  # was: 'models.0', an error
+    assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == [
+        f"model.base_layers.{i}.adapters.default.{t}" for i in (0, 1) for t in ("lora_A", "lora_B")]

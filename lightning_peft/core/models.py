@@ -6,6 +6,7 @@ import inspect
 import warnings
 from collections.abc import Iterator
 
+import torch
 from torch import Tensor, nn
 
 from lightning_peft.core.layer import innermost_base
@@ -28,8 +29,17 @@ def _within(name: str, outer: str) -> bool:
 
 
 def model_root(module: nn.Module) -> tuple[str, nn.Module]:
-    """The first transformers model inside ``module`` (its name and itself), or ``("", module)``."""
-    return next(transformers_models(module), ("", module))
+    """The first transformers model inside ``module`` (its name and itself), or ``("", module)``.
+
+    A plain model wrapped by ``torch.compile`` is the model it wraps (``_orig_mod``), so files name
+    its layers as the uncompiled model does.
+    """
+    found = next(transformers_models(module), None)
+    if found is not None:
+        return found
+    if isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
+        return "_orig_mod", module._orig_mod
+    return "", module
 
 
 def warn_of_other_models(module: nn.Module, needed_by: str) -> None:

@@ -228,7 +228,7 @@ def base_parameters(root: nn.Module) -> list[BaseParameter]:
         for local, param in module.named_parameters(recurse=False):
             if id(param) not in added and id(param) not in seen:
                 seen.add(id(param))
-                found.append(BaseParameter(module_name.replace(".base_layer", ""), module, local, param))
+                found.append(BaseParameter(re.sub(r"\.base_layer(?=\.|$)", "", module_name), module, local, param))
     return found
 
 
