@@ -110,3 +110,33 @@ def test_a_module_named_base_layers_keeps_its_name_in_parameter_targets():
     model = LoRA(r=2, target_modules=None, target_parameters=["weight"]).inject(Outer())  # was: 'models.0', an error
     assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == [
         f"model.base_layers.{i}.adapters.default.{t}" for i in (0, 1) for t in ("lora_A", "lora_B")]
+
+
+def test_pissa_with_a_rank_above_a_layers_smallest_dimension_is_refused_naming_it():
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4))
+    with pytest.raises(ValueError, match=r"'1' has only 4 \(its smallest dimension\): use r <= 4"):
+        LoRA(r=8, target_modules=["0", "1"], init="pissa").inject(model)  # was: a broadcast error from the SVD
+    assert all(type(m) is nn.Linear for m in model)
+
+
+def test_one_block_index_alone_is_taken_as_peft_takes_it():
+    from lightning_peft import Selective
+
+    for method in (LoRA(r=2, target_modules=["0"], layers=1), IA3(target_modules=["0"], feedforward_modules=[],
+                                                                  layers=1), Selective(layers=1)):
+        model = nn.ModuleList([nn.Sequential(nn.Linear(4, 4)) for _ in range(2)])
+        method.inject(model)  # was: TypeError: 'int' object is not iterable
+        assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"1"}
+
+
+def test_an_exclusion_that_excludes_nothing_is_warned_about():
+    model = nn.ModuleDict({"teacher": nn.Sequential(nn.Linear(4, 4)), "student": nn.Sequential(nn.Linear(4, 4))})
+    with pytest.warns(UserWarning, match="exclude_modules 'teacher' excludes none of the chosen modules"):
+        LoRA(r=2, exclude_modules=["teacher"]).inject(model)  # the container's name: its layers are still chosen
+
+
+def test_only_lora_is_pointed_at_a_multihead_attention_module():
+    model = nn.ModuleDict({"mha": nn.MultiheadAttention(8, 2)})
+    for method in (IA3(target_modules=["out_proj"], feedforward_modules=[]), LoRA(r=2, target_modules=["out_proj"])):
+        with pytest.raises(TypeError, match="only LoRA adapts nn.MultiheadAttention, targeted as the attention module"):
+            method.inject(model)

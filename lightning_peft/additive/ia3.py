@@ -13,6 +13,7 @@ from torch import nn
 
 from lightning_peft.additive.ia3_format import IA3_FORMAT
 from lightning_peft.additive.ia3_layers import IA3Layer
+from lightning_peft.core.checks import layer_list
 from lightning_peft.core.injection import wrap_modules
 from lightning_peft.core.models import model_type
 from lightning_peft.core.targeting import Targets, linear_types, select_modules, warn_left_out_weights
@@ -108,14 +109,14 @@ class IA3(PEFTCallback):
         target_modules: Targets = None,
         feedforward_modules: Targets = None,
         exclude_modules: Targets = None,
-        layers: Sequence[int] | None = None,
+        layers: int | Sequence[int] | None = None,
         modules_to_save: Sequence[str] | None = None,
         adapter_name: str = "default",
         checkpoint: CheckpointPolicy = "adapter",
     ) -> None:
         super().__init__(adapter_name=adapter_name, checkpoint=checkpoint, modules_to_save=modules_to_save)
         self.target_modules, self.feedforward_modules = target_modules, feedforward_modules
-        self.exclude_modules, self.layers = exclude_modules, layers
+        self.exclude_modules, self.layers = exclude_modules, layer_list(layers)
 
     def inject_into(self, module: nn.Module) -> list[nn.Parameter]:
         chosen = select_modules(module, self._target_modules(module), self.exclude_modules, self.layers,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -27,6 +27,11 @@ def check_probability(owner: str, name: str, value: Any) -> None:
     """Raise unless ``value`` lies in [0, 1), as a dropout rate must."""
     if not isinstance(value, (int, float)) or not 0 <= value < 1:
         raise ValueError(f"{owner} {name} must be in [0, 1), got {value!r}")
+
+
+def layer_list(layers: int | Sequence[int] | None) -> list[int] | None:
+    """Block indices as a list: one index alone (as peft's ``layers_to_transform`` takes it) is a list of one."""
+    return None if layers is None else [layers] if isinstance(layers, int) else list(layers)
 
 
 def check_choice(owner: str, name: str, value: Any, choices: Collection[Any]) -> None:

@@ -79,8 +79,9 @@ def _attribute_read_layers(root: nn.Module) -> dict[str, str]:
         base = innermost_base(module)
         where = f"{name}." if name else ""
         if isinstance(base, nn.MultiheadAttention):
-            found[f"{where}out_proj"] = (f"nn.MultiheadAttention '{name}' reads its weight directly; target the "
-                                         "attention module itself (LoRA adapts its input and output projections)")
+            found[f"{where}out_proj"] = (f"nn.MultiheadAttention '{name}' reads its weight directly, so an adapter "
+                                         "there would never act; only LoRA adapts nn.MultiheadAttention, targeted "
+                                         "as the attention module itself (its input and output projections)")
         elif type(base).__name__.endswith("MambaMixer") and hasattr(base, "dt_proj"):
             found[f"{where}dt_proj"] = (f"{type(base).__name__} '{name}' reads its weight directly "
                                         "(dt_proj.weight @ ...), so an adapter there would never act")
@@ -134,6 +135,7 @@ def select_modules(
     else:
         chosen = [(n, m) for n, m in candidates if name_matches(n, target_modules)]
         _warn_unmatched_entries(target_modules, candidates, f"{method}: {option}")
+    _warn_of_exclusions_that_exclude_nothing(exclude_modules, chosen, method)
     chosen = [(n, m) for n, m in chosen if not name_matches(n, exclude_modules)]
     if layers is not None:
         wanted = set(layers)
@@ -158,6 +160,18 @@ def select_modules(
                 f"{_name_overview([(n, m) for n, m in candidates if n.startswith(name + '.')], 5)}"
             )
     return chosen
+
+
+def _warn_of_exclusions_that_exclude_nothing(exclude: Targets, chosen: list[tuple[str, nn.Module]],
+                                            method: str) -> None:
+    """Warn of each exclude_modules entry that leaves out none of the chosen modules (peft warns too)."""
+    if not exclude:
+        return
+    entries = [exclude] if isinstance(exclude, str) else list(exclude)
+    for entry in entries:
+        if not any(name_matches(name, entry if isinstance(exclude, str) else [entry]) for name, _ in chosen):
+            warnings.warn(f"{method}: exclude_modules {entry!r} excludes none of the chosen modules (an entry names "
+                          "the adapted layers themselves, by suffix, or a regex over their full names)", stacklevel=3)
 
 
 def _warn_unmatched_entries(targets: Targets, candidates: list[tuple[str, nn.Module]], where: str) -> None:

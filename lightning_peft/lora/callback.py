@@ -8,9 +8,15 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_peft.core.checks import check_choice, check_positive_int, check_positive_number, check_probability
+from lightning_peft.core.checks import (
+    check_choice,
+    check_positive_int,
+    check_positive_number,
+    check_probability,
+    layer_list,
+)
 from lightning_peft.core.injection import wrap_modules, wrap_parameters
-from lightning_peft.core.layer import innermost_base
+from lightning_peft.core.layer import innermost_base, linear_features
 from lightning_peft.core.targeting import (
     ALL_LINEAR,
     ParameterTarget,
@@ -117,7 +123,7 @@ class LoRA(PEFTCallback):
         target_modules: Targets = "all-linear",
         target_parameters: Targets = None,
         exclude_modules: Targets = None,
-        layers: Sequence[int] | None = None,
+        layers: int | Sequence[int] | None = None,
         use_dora: bool = False,
         use_rslora: bool = False,
         init: str = "default",
@@ -134,7 +140,7 @@ class LoRA(PEFTCallback):
             raise ValueError("LoRA needs target_modules, target_parameters or both")
         self.r, self.alpha, self.dropout = r, alpha, dropout
         self.target_modules, self.target_parameters = target_modules, target_parameters
-        self.exclude_modules, self.layers = exclude_modules, layers
+        self.exclude_modules, self.layers = exclude_modules, layer_list(layers)
         self.use_dora, self.use_rslora, self.init = use_dora, use_rslora, init
 
     def inject_into(self, module: nn.Module) -> list[nn.Parameter]:
@@ -192,6 +198,10 @@ class LoRA(PEFTCallback):
                 raise TypeError(f"LoRA {what} needs linear layers; '{name}' is {type(base).__name__}")
             if isinstance(base, (nn.Conv1d, nn.Conv2d)) and (base.groups != 1 or base.padding_mode != "zeros"):
                 raise TypeError(f"LoRA adapts convolutions with groups=1 and padding_mode='zeros'; '{name}' is not")
+            smallest = min(linear_features(base)) if isinstance(base, linear_types()) else None
+            if self.init == "pissa" and smallest is not None and self.r > smallest:
+                raise ValueError(f"LoRA init='pissa' takes the top r={self.r} singular vectors of each weight, but "
+                                 f"'{name}' has only {smallest} (its smallest dimension): use r <= {smallest}")
         setting = self._layer_only_setting()
         if parameters and setting:
             name, path = parameters[0]

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from lightning_peft.core.checks import layer_list
 from lightning_peft.core.targeting import BaseParameter, Targets, base_parameters, block_index, select_modules
 from lightning_peft.lightning.callback import CheckpointPolicy, PEFTCallback
 
@@ -60,7 +61,7 @@ class Selective(PEFTCallback):
     def __init__(
         self,
         modules: Targets = None,
-        layers: Sequence[int] | None = None,
+        layers: int | Sequence[int] | None = None,
         param_types: Sequence[str] | None = None,
         modules_to_save: Sequence[str] | None = None,
         adapter_name: str = "default",
@@ -75,7 +76,7 @@ class Selective(PEFTCallback):
             raise ValueError(f"{self.method_name} needs modules, layers or param_types; "
                              "training every parameter is full fine-tuning")
         self.modules = modules
-        self.layers = None if layers is None else list(layers)
+        self.layers = layer_list(layers)
         self.param_types = param_types
 
     def inject_into(self, module: nn.Module) -> list[nn.Parameter]:
