@@ -185,3 +185,20 @@ def test_bitfit_trains_the_biases_of_fused_experts_too():
     biases = [name for name, _ in model.named_parameters() if name.endswith("bias")]
     assert any(name.endswith("experts.gate_up_proj_bias") for name in biases)
     assert biases and all(param.requires_grad for name, param in model.named_parameters() if name in biases)
+
+
+def test_selective_trains_an_attention_projection_that_its_module_reads_directly():
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, dim_feedforward=16), num_layers=1)
+    Selective(modules=["out_proj"]).inject(model)  # was: refused, as if it had to wrap the layer
+    assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == [
+        "layers.0.self_attn.out_proj.bias", "layers.0.self_attn.out_proj.weight"]
+
+
+def test_bitfit_beside_another_adapters_head_copy_leaves_the_hidden_original_alone():
+    from lightning_peft import IA3
+
+    model = tiny_bert()
+    IA3(target_modules=["key", "value"], feedforward_modules=[], modules_to_save=["classifier"]).inject(model)
+    BitFit(adapter_name="bf").inject(model)
+    assert not model.classifier.base_layer.bias.requires_grad  # was: trained, though the copy runs in its place
+    assert model.classifier.adapters["default"].bias.requires_grad

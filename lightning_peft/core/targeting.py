@@ -114,12 +114,14 @@ def select_modules(
     supported: tuple[type[nn.Module], ...],
     method: str,
     option: str = "target_modules",
+    wraps: bool = True,
 ) -> list[tuple[str, nn.Module]]:
     """The modules of ``root`` that ``method`` adapts, or a ValueError that says what exists.
 
     ``supported`` are the layer types the method can carry; an explicitly named module of
     another type is an error, while ``"all-linear"`` silently takes linear-like layers only.
-    ``option`` is the argument's name in messages. A listed name that matches nothing while
+    ``option`` is the argument's name in messages; ``wraps``: the method wraps what it chooses, so a
+    layer whose parent reads its weight directly is refused. A listed name that matches nothing while
     others match is warned about (a typo, or a recipe shared across architectures).
     """
     candidates = candidate_modules(root)
@@ -150,7 +152,7 @@ def select_modules(
         )
     chosen = list({id(module): (name, module) for name, module in reversed(chosen)}.values())[::-1]  # one per layer
     for name, module in chosen:
-        if name in unwrappable:
+        if wraps and name in unwrappable:  # a method that trains the weight in place (Selective) is not fooled
             raise TypeError(f"{method} cannot adapt '{name}' on its own: {unwrappable[name]}")
         if not isinstance(innermost_base(module), supported):
             kinds = ", ".join(t.__name__ for t in supported)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from lightning_peft.core.checks import layer_list
+from lightning_peft.core.saved_modules import SavedModule
 from lightning_peft.core.targeting import BaseParameter, Targets, base_parameters, block_index, select_modules
 from lightning_peft.lightning.callback import CheckpointPolicy, PEFTCallback
 
@@ -81,7 +82,8 @@ class Selective(PEFTCallback):
 
     def inject_into(self, module: nn.Module) -> list[nn.Parameter]:
         """The base parameters that pass every filter, or a ValueError saying what exists."""
-        base = base_parameters(module)
+        shadowed = {id(p) for m in module.modules() if isinstance(m, SavedModule) for p in m.base_layer.parameters()}
+        base = [b for b in base_parameters(module) if id(b.param) not in shadowed]  # another adapter's copy runs there
         passing = self._passing_per_filter(module, base)
         chosen = [b.param for b in base if all(id(b.param) in ids for ids in passing.values())]
         if not chosen:
@@ -92,7 +94,8 @@ class Selective(PEFTCallback):
         """For each given filter, described as it was given, the ids of the base parameters that pass it."""
         passing = {}
         if self.modules is not None:
-            chosen = select_modules(root, self.modules, supported=(nn.Module,), method=f"{self.owner} modules")
+            chosen = select_modules(root, self.modules, supported=(nn.Module,), method=f"{self.owner} modules",
+                                    wraps=False)
             inside = {id(p) for _, m in chosen for p in m.parameters()}
             passing[f"modules={self.modules!r}"] = {id(b.param) for b in base if id(b.param) in inside}
         if self.layers is not None:
