@@ -239,3 +239,26 @@ def test_unmerging_a_vector_with_a_zero_entry_is_refused_before_anything_changes
         unmerge(model)  # was: inf and NaN written into the weight, NaN logits, no word
     assert all(torch.equal(p, merged[n]) for n, p in model.named_parameters())
     assert not any(isinstance(m, IA3Layer) for m in model.modules())
+
+
+def test_a_peft_adapter_with_regex_targets_and_listed_feedforward_modules_loads(tmp_path):
+    from peft import IA3Config, get_peft_model
+
+    from lightning_peft import load_adapter
+
+    torch.manual_seed(0)
+    base = quiet(tiny_llama).eval()
+    config = IA3Config(target_modules=r".*\.(k_proj|v_proj)|.*layers\.1\.mlp\.down_proj",
+                       feedforward_modules=["down_proj"])
+    theirs = quiet(lambda: get_peft_model(copy.deepcopy(base), config))
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            if "ia3" in name:
+                param.mul_(torch.rand(param.shape) + 0.5)
+    theirs.eval().save_pretrained(tmp_path)
+    ours = load_adapter(copy.deepcopy(base), tmp_path)  # was: "feedforward_modules must be among the targets"
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="feedforward_modules must be among the targets"):  # two lists: checked
+        IA3(target_modules=["k_proj"], feedforward_modules=["down_proj"]).inject(quiet(tiny_llama))
