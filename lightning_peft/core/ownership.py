@@ -68,12 +68,14 @@ def buffers_of_trained_modules(root: nn.Module, trained: Callable[[nn.Parameter]
     """The persistent buffers of each module of ``root`` whose own parameters are all ``trained`` (by name).
 
     They change as those parameters train (a BatchNorm copy's running statistics), so they are
-    saved, and resumed, with them.
+    saved, and resumed, with them; a norm layer's running statistics go with any of its
+    parameters (BitFit trains a BatchNorm's bias, and the statistics move with it).
     """
     found = {}
     for prefix, module in root.named_modules():
         params = [p for p in module._parameters.values() if p is not None]
-        if params and all(trained(p) for p in params):
+        tracks = getattr(module, "track_running_stats", False)
+        if params and (all(trained(p) for p in params) or (tracks and any(trained(p) for p in params))):
             for local, buffer in module._buffers.items():
                 if buffer is not None and local not in module._non_persistent_buffers_set:
                     found[f"{prefix}.{local}" if prefix else local] = buffer
