@@ -133,6 +133,19 @@ def test_a_saved_run_is_run_again_when_its_data_file_changed(tmp_path, tiny_reci
     assert _saved_result(tmp_path, identity(recipe, plan, 0, None)) is None
 
 
+def test_a_saved_multi_task_run_is_run_again_when_a_tasks_data_file_changed(tmp_path, tiny_recipe):
+    from lightning_peft.compare.runner import _saved_result, identity
+
+    recipe = yaml.safe_load(tiny_recipe.read_text())
+    recipe["data"] = {"class_path": "lightning_peft.data.MultiTaskData", "init_args": {
+        "tasks": {"a": {"train_file": str(tmp_path / "train.csv")}}}}
+    plan = plan_method(recipe, str(tiny_recipe), "lora", {})
+    (tmp_path / "result.json").write_text(json.dumps({**identity(recipe, plan, 0, None), "status": "ok"}))
+    train = tmp_path / "train.csv"
+    train.write_text(train.read_text() + "another movie,positive\n")
+    assert _saved_result(tmp_path, identity(recipe, plan, 0, None)) is None  # was: kept, its file never looked at
+
+
 def test_a_kept_run_reports_the_sweep_that_chose_its_rate(tmp_path):
     from lightning_peft.compare.runner import identity, run_once
 
@@ -157,11 +170,15 @@ def test_the_recipes_own_method_trains_at_the_tasks_default_rate_when_the_recipe
     assert plan_method(recipe, "mine.yaml", "lora", {}).learning_rate == default  # as fit trains it
 
 
-def test_steps_count_optimizer_steps_under_gradient_accumulation(tmp_path):
+def test_steps_count_optimizer_steps_under_gradient_accumulation(tmp_path, monkeypatch):
     import lightning as L
     import torch
 
+    import lightning_peft.compare.worker as worker
     from lightning_peft.compare.worker import MeasureTraining
+
+    writes = []
+    monkeypatch.setattr(worker, "write_json", lambda path, value: writes.append(value["step"]))
 
     class Dicts(L.LightningModule):
         def __init__(self):
@@ -180,6 +197,7 @@ def test_steps_count_optimizer_steps_under_gradient_accumulation(tmp_path):
               enable_progress_bar=False, enable_model_summary=False, callbacks=[measure]).fit(Dicts(), data)
     assert measure.figures()["steps"] == 3 and len(measure.durations) == 3
     assert measure.samples == 3 * 4 * 2  # every accumulated batch's rows
+    assert writes == [1, 2, 3]  # progress once a step, between steps (was: each batch, inside the step's time)
 
 
 @pytest.mark.parametrize("command", ["compare", "estimate"])

@@ -231,3 +231,15 @@ def test_names_of_close_points_do_not_cover_each_other_or_a_point():
     for box in boxes:
         for x, y in (axes.transData.transform((cost, quality)) for _, cost, quality in points):
             assert not box.contains(x, y)  # no name over a point's centre
+
+
+def test_a_diverged_run_is_null_in_strict_json(tmp_path):
+    rows = classification_rows()
+    rows[0] = {**rows[0], "metric": float("nan"), "step_time_s": float("inf")}
+    written = write_report(rows, tmp_path, CONTEXT)
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    report = json.loads(written["json"].read_text(), parse_constant=refuse)  # was: NaN, which strict parsers refuse
+    assert report["rows"][0]["metric"] is None and report["rows"][0]["step_time_s"] is None

@@ -48,6 +48,17 @@ TRADE_OFFS = (TradeOff("quality_vs_params.png", "trainable_params", "trainable p
 Point = tuple[str, float, float]  # method, cost (lower is better), quality
 
 
+def _json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinities as None (JSON's null): strict JSON has no NaN, and a diverged run has one."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def write_report(rows: list[dict], out: Path | str, context: dict) -> dict[str, Path]:
     """Write report.csv, report.json, report.md and the plots into ``out``; return their paths by kind.
 
@@ -59,7 +70,8 @@ def write_report(rows: list[dict], out: Path | str, context: dict) -> dict[str, 
     figures = plot_figures(summary, context.get("recipe")) if _matplotlib_installed() else None
     plots = {Path(file).stem: out / file for file in figures or {}}
     report = {"context": context, "rows": rows, "summary": summary}
-    texts = {paths["csv"]: csv_text(rows), paths["json"]: json.dumps(report, indent=2, default=str) + "\n",
+    as_json = json.dumps(_json_safe(report), indent=2, default=str, allow_nan=False) + "\n"
+    texts = {paths["csv"]: csv_text(rows), paths["json"]: as_json,
              paths["md"]: markdown(rows, summary, context, figures)}
     writers = {path: _bytes_writer(text) for path, text in texts.items()}
     writers.update({out / file: _png_writer(figure) for file, figure in (figures or {}).items()})
@@ -100,7 +112,7 @@ def _aggregate(rows: list[dict]) -> dict[str, Any]:
             "errors": [{"seed": row.get("seed"), "error": row.get("error")} for row in failed],
             **{label: next((row[label] for row in ok if row.get(label) is not None), None) for label in LABELS},
             "metric_mean": statistics.fmean(values) if values else None,
-            "metric_std": statistics.stdev(values) if len(values) > 1 else None,
+            "metric_std": _spread(values),
             **{key: _mean(_present(ok, key)) for key in AVERAGED},
             "metrics": {name: _mean([row["metrics"][name] for row in ok if (row.get("metrics") or {}).get(name)
                                      is not None]) for name in names}}
@@ -109,6 +121,13 @@ def _aggregate(rows: list[dict]) -> dict[str, Any]:
 def _present(rows: list[dict], key: str) -> list[Any]:
     """The values of ``key`` in the rows that have one."""
     return [row[key] for row in rows if row.get(key) is not None]
+
+
+def _spread(values: list[float]) -> float | None:
+    """The sample standard deviation over two seeds or more; NaN when a seed diverged (stdev fails on one)."""
+    if len(values) < 2:
+        return None
+    return statistics.stdev(values) if all(math.isfinite(v) for v in values) else math.nan
 
 
 def _mean(values: list[float]) -> float | None:

@@ -300,11 +300,22 @@ def identity(recipe: dict, plan: MethodPlan, seed: int, max_steps: int | None, s
     """
     config = run_config(recipe, plan, seed, max_steps, Path("."), sweep)
     del config["trainer"]["default_root_dir"]
-    files = [forgetting, *((config.get("data") or {}).get("init_args") or {}).values()]
+    files = [forgetting, *_strings(config.get("data"))]  # MultiTaskData's tasks name theirs a level down
     stats = [(f, *_changed(Path(f))) for f in files if isinstance(f, str) and Path(f).is_file()]
     digest = hashlib.sha256(json.dumps([config, stats], sort_keys=True, default=str).encode()).hexdigest()[:16]
     return {"method": plan.method, "seed": seed, "learning_rate": plan.learning_rate, "settings_from": plan.source,
             "overrides": plan.overrides, "max_steps": max_steps, "run": digest}
+
+
+def _strings(value: object) -> list[str]:
+    """Every string anywhere in a recipe section (its file paths among them)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for item in value.values() for s in _strings(item)]
+    if isinstance(value, list):
+        return [s for item in value for s in _strings(item)]
+    return []
 
 
 def _changed(path: Path) -> tuple[int, int]:

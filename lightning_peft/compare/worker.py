@@ -61,13 +61,14 @@ class MeasureTraining(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            idx: int) -> None:
+        self.samples += len(batch["input_ids"])
+        self.tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
         if trainer.global_step > self._steps_done:  # the optimizer stepped: the step's batches are done
             self.durations.append(time.perf_counter() - self._step_start)
             self._step_start, self._steps_done = None, trainer.global_step
-        self.samples += len(batch["input_ids"])
-        self.tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-        write_json(self.progress, {"step": trainer.global_step, "max_steps": trainer.max_steps,
-                                   "elapsed_s": time.perf_counter() - self._fit_start})
+            # once a step, between steps: the file's write is in no step's time
+            write_json(self.progress, {"step": trainer.global_step, "max_steps": trainer.max_steps,
+                                       "elapsed_s": time.perf_counter() - self._fit_start})
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.train_time = time.perf_counter() - self._fit_start
