@@ -337,6 +337,9 @@ def main(args: list[str] | None = None) -> None:
         if args is None:  # LightningCLI reads sys.argv itself, and warns when given both
             sys.argv[1:], resolved = resolved, None
         build_cli(resolved)
+    except KeyboardInterrupt as err:  # Ctrl-C, or compare stopped by SIGTERM: one line, the shell's code for it
+        print(f"lightning-peft: {err or 'interrupted'}", file=sys.stderr)
+        sys.exit(130)
     except Exception as err:
         mistake = user_mistake(err)
         if os.environ.get(DEBUG_VARIABLE) == "1" or mistake is None:

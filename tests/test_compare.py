@@ -328,3 +328,31 @@ def test_a_compare_whose_every_run_failed_exits_with_1_after_its_report(tmp_path
                      "--set", "ia3.target_modules=[no_such_layer]", timeout=600)
     assert result.returncode == 1 and "0 of 1 runs ok" in result.stdout  # was: 0, as if all went well
     assert "no_such_layer" in (out / "report.md").read_text()
+
+
+def test_a_compare_stopped_by_sigterm_stops_its_worker(tmp_path, tiny_recipe):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "compare"
+    parent = subprocess.Popen([sys.executable, "-m", "lightning_peft.cli", "compare", "--config", str(tiny_recipe),
+                               "--methods", "lora", "--max_steps", "100000", "--out", str(out)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    progress = out / "runs" / "lora-seed0" / "progress.json"
+    deadline = time.monotonic() + 120
+    while not progress.exists() and time.monotonic() < deadline:  # the worker is training
+        time.sleep(0.5)
+    assert progress.exists(), parent.communicate(timeout=60)[1][-2000:]
+    step = json.loads(progress.read_text())["step"]
+    parent.send_signal(signal.SIGTERM)
+    _, stderr = parent.communicate(timeout=60)
+    assert parent.returncode == 130 and stderr.strip().splitlines()[-1] == "lightning-peft: stopped by SIGTERM"
+    time.sleep(2)  # a worker left running (was: an orphan training on alone) would move the progress on
+    assert json.loads(progress.read_text())["step"] < step + 50
+    before = progress.stat().st_mtime_ns
+    time.sleep(2)
+    assert progress.stat().st_mtime_ns == before

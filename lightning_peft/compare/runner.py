@@ -8,6 +8,7 @@ a row that says why, and the others go on. A rerun skips the runs whose results 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -20,7 +21,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TextIO
@@ -47,6 +50,7 @@ from lightning_peft.compare.report import duration, write_report
 from lightning_peft.core.files import atomic_write
 
 POLL_S = 0.5
+WORKER_GRACE_S = 10  # seconds a stopped compare gives its worker to end before killing it
 FORGETTING_SNIPPETS = 2000  # movie review snippets: the other domain of a model tuned on Austen's novels
 SWEEP_FACTORS = "0.3,1,3"  # --lr-sweep without a value: each method's own rate, a third of it and three times it
 SWEEP_VAL_FRACTION = 0.1  # the training rows a sweep holds out to score on, when the recipe holds none out
@@ -344,10 +348,41 @@ def run_worker(run_dir: Path, args: list[str], label: str) -> dict:
     with open(log, "w") as stream:
         worker = subprocess.Popen([sys.executable, "-m", "lightning_peft.compare.worker", str(run_dir), *args],
                                   stdout=stream, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        code = watch(worker, run_dir / "progress.json", label, sys.stderr)
+        try:
+            with _terminated_as_interrupt():
+                code = watch(worker, run_dir / "progress.json", label, sys.stderr)
+        finally:  # compare stopped (Ctrl-C, a job's time limit): its worker stops too, not training on alone
+            _stop(worker)
     if target.is_file():
         return json.loads(target.read_text())
     return {**json.loads((run_dir / "plan.json").read_text()), "status": "failed", "error": died(code, log)}
+
+
+@contextlib.contextmanager
+def _terminated_as_interrupt() -> Iterator[None]:
+    """Inside the block, SIGTERM (a scheduler's stop) raises KeyboardInterrupt, so cleanup runs (main thread only)."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, interrupt) if main_thread else None
+    try:
+        yield
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stop(worker: subprocess.Popen) -> None:
+    """End ``worker`` if it still runs: SIGTERM, then SIGKILL after a grace period."""
+    if worker.poll() is not None:
+        return
+    worker.terminate()
+    try:
+        worker.wait(timeout=WORKER_GRACE_S)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait()
 
 
 def _saved_result(run_dir: Path, same: dict) -> dict | None:
