@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,18 @@ from lightning_peft.lightning.row_adapters import BASE_MODEL
 TABLE_FORMATS = (".csv", ".jsonl")
 
 
+def _check_writable(path: Path) -> None:
+    """Refuse, before any prediction, a table that could not be written at the end (a file in the way, no rights)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"):
+            pass
+    except OSError as err:
+        raise ValueError(f"--output {path}: cannot write there ({err.strerror or err})") from None
+    if path.is_dir():
+        raise ValueError(f"--output {path} is a folder; give a file name ending in {' or '.join(TABLE_FORMATS)}")
+
+
 class PredictionWriter(BasePredictionWriter):
     """Print each prediction on its own line; with ``output``, also write every input and prediction to that table."""
 
@@ -28,6 +41,8 @@ class PredictionWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         if output is not None and Path(output).suffix.lower() not in TABLE_FORMATS:
             raise ValueError(f"--output {output}: write predictions to a {' or '.join(TABLE_FORMATS)} file")
+        if output is not None:
+            _check_writable(Path(output))
         self.output = output
         self.row_adapters: list[str | None] | None = None  # each input's adapter, with `predict --adapters`
         self.rows: list[dict[str, Any]] = []
