@@ -89,12 +89,31 @@ class PEFTCLI(LightningCLI):
                 trainer.callbacks[index] = StepProgressBar()
         return trainer
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        self._given = list(args) if isinstance(args, list) else sys.argv[1:]  # what the command line itself says
+        super().parse_arguments(parser, args)
+
     def _parse_ckpt_path(self) -> None:
-        """LightningCLI reads the checkpoint's hyperparameters first: an unreadable one is one line naming it."""
+        """LightningCLI puts the checkpoint's model hyperparameters over the recipe's: an unreadable checkpoint is
+        one line naming it, and a model setting given on the command line itself (``--model.init_args.K``) wins."""
         ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
         if ckpt_path and Path(ckpt_path).is_file():
             read_checkpoint(ckpt_path)
+        given = self._model_settings_given() if ckpt_path else {}
         super()._parse_ckpt_path()
+        model = self.config[self.config.subcommand].get("model") if self.config.get("subcommand") else None
+        for key, value in given.items():
+            for part in ("init_args", "dict_kwargs"):
+                if model is not None and model.get(part) is not None and key in model[part]:
+                    model[part][key] = value
+
+    def _model_settings_given(self) -> dict[str, Any]:
+        """The model's init arguments named on the command line, with the values the parser gave them."""
+        names = [arg.split("=", 1)[0].removeprefix("--model.").removeprefix("init_args.")
+                 for arg in getattr(self, "_given", []) if arg.startswith("--model.")]
+        model = self.config[self.config.subcommand].get("model")
+        init_args = model.get("init_args") if model is not None else None
+        return {name: init_args[name] for name in names if init_args is not None and name in init_args}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--adapter", type=str | None, default=None,

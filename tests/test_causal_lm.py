@@ -194,6 +194,9 @@ def test_cli_fit_then_predict_generates(tmp_path, tiny_lm_dir):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows == [{"input": "three four", "generated": "five six seven eight"},
                     {"input": "seven", "generated": "eight nine ten one"}]
+    shorter = run_cli("predict", "--config", str(config), "--data.init_args.predict_file", "-", "--ckpt_path",
+                      str(ckpt), "--model.init_args.max_new_tokens", "2", stdin="three four\n")
+    assert shorter.stdout.splitlines() == ["five six"]  # the command line wins (was: the checkpoint's 4 tokens)
 
 
 def test_predict_with_prompt_adapters_of_different_lengths_generates_one_row_at_a_time(tmp_path, tiny_lm_dir):
