@@ -140,3 +140,11 @@ def test_only_lora_is_pointed_at_a_multihead_attention_module():
     for method in (IA3(target_modules=["out_proj"], feedforward_modules=[]), LoRA(r=2, target_modules=["out_proj"])):
         with pytest.raises(TypeError, match="only LoRA adapts nn.MultiheadAttention, targeted as the attention module"):
             method.inject(model)
+
+
+def test_errors_on_a_plain_sequential_name_its_numbered_layers():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"Module names that exist: 0 \(Linear\), 2 \(Linear\)$"):  # was: (none)
+        LoRA(r=2, target_modules=["proj"]).inject(model)
+    with pytest.raises(TypeError, match="'1' of type ReLU.* It holds no layer with weights: leave it out"):
+        LoRA(r=2, target_modules=["1"]).inject(model)

@@ -156,10 +156,11 @@ def select_modules(
             raise TypeError(f"{method} cannot adapt '{name}' on its own: {unwrappable[name]}")
         if not isinstance(innermost_base(module), supported):
             kinds = ", ".join(t.__name__ for t in supported)
+            inside = _name_overview([(n, m) for n, m in candidates if n.startswith(name + ".")], 5)
             raise TypeError(
                 f"{method} cannot adapt '{name}' of type {type(innermost_base(module)).__name__}; "
-                f"it adapts {kinds}. Name the layers inside it instead, e.g. "
-                f"{_name_overview([(n, m) for n, m in candidates if n.startswith(name + '.')], 5)}"
+                f"it adapts {kinds}." + (f" Name the layers inside it instead, e.g. {inside}" if inside != "(none)"
+                                         else " It holds no layer with weights: leave it out of the targets")
             )
     return chosen
 
@@ -210,7 +211,9 @@ def _name_overview(named: list[tuple[str, nn.Module]], limit: int = 40) -> str:
     seen: dict[str, str] = {}
     for name, module in named:
         leaf = name.rsplit(".", 1)[-1]
-        if not leaf.isdigit() and next(module.parameters(), None) is not None:
+        if leaf.isdigit():  # a container's entry: named in full, and only a layer holding weights of its own
+            leaf = name if next(innermost_base(module).parameters(recurse=False), None) is not None else ""
+        if leaf and next(module.parameters(), None) is not None:
             seen.setdefault(leaf, type(innermost_base(module)).__name__)
     items = [f"{leaf} ({kind})" for leaf, kind in seen.items()]
     more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
