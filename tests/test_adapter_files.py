@@ -415,3 +415,16 @@ def test_a_native_file_saved_beside_another_methods_wrapper_loads_with_or_withou
     for name in ("lora", "native", "ia3"):
         load_adapter(again, tmp_path / name, adapter_name=name)
     torch.testing.assert_close(last_hidden(again), last_hidden(trained), atol=1e-6, rtol=0)
+
+
+def test_a_head_of_ones_own_beside_the_transformers_model_is_refused_with_advice_that_works(tmp_path):
+    class BackboneAndHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone, self.head = tiny_bert().bert, nn.Linear(32, 2)
+
+    module = BackboneAndHead()
+    LoRA(r=4, target_modules=["query"], modules_to_save=["head"]).inject(module)
+    with pytest.raises(ValueError, match="'head' is a module of your own beside that model, which an adapter file"):
+        save_adapter(module, tmp_path / "a")  # was: advice to save_adapter(module.head), which wrote a wrong file
+    assert not (tmp_path / "a").exists()

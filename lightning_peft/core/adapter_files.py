@@ -25,7 +25,7 @@ from torch import nn
 from lightning_peft.core.files import PathLike, atomic_write_all
 from lightning_peft.core.integrity import DIGEST_KEY, check_digest, tensor_digest
 from lightning_peft.core.merging import check_unmerged
-from lightning_peft.core.models import model_root
+from lightning_peft.core.models import model_root, transformers_models
 from lightning_peft.core.ownership import AdapterRef, adapter_refs, buffers_of_trained_modules, owners
 from lightning_peft.core.saved_modules import saved_module_name
 from lightning_peft.core.weights import whole
@@ -121,10 +121,15 @@ def adapter_tensors(module: nn.Module, ref: AdapterRef) -> dict[str, torch.Tenso
     tensors.update(buffers_of_trained_modules(module, lambda param: claimed.get(id(param)) == ref))
     outside = [name for name in tensors if prefix and not name.startswith(prefix + ".")]
     if outside:
+        holder = outside[0].split(".")[0]
+        in_another_model = any(name.split(".")[0] == holder for name, _ in transformers_models(module))
+        advice = (f"save from the model that holds them (save_adapter(module.{holder}, ...)), or keep the method to "
+                  "one model (exclude_modules, a target regex)" if in_another_model else
+                  f"'{holder}' is a module of your own beside that model, which an adapter file (peft's layout "
+                  "names a transformers model's layers) cannot hold: keep it out of the method's targets and "
+                  "modules_to_save, and train and save it yourself (torch.save of its state_dict)")
         raise ValueError(f"{ref} trains '{outside[0]}' ({len(outside)} tensor(s)), outside the transformers model "
-                         f"'{prefix}' that its file names layers from; save from the model that holds them "
-                         f"(save_adapter(module.{outside[0].split('.')[0]}, ...)), or keep the method to one model "
-                         "(exclude_modules, a target regex)")
+                         f"'{prefix}' that its file names layers from; {advice}")
     return {saved_module_name(name[len(prefix) + 1:] if prefix else name, root): t for name, t in tensors.items()}
 
 
