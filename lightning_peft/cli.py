@@ -107,6 +107,20 @@ class PEFTCLI(LightningCLI):
                 if model is not None and model.get(part) is not None and key in model[part]:
                     model[part][key] = value
 
+    def before_instantiate_classes(self) -> None:
+        """Say which callback a ``--trainer.callbacks.init_args.K`` flag changed: jsonargparse gives it to the last."""
+        given = [arg.split("=", 1)[0] for arg in getattr(self, "_given", [])
+                 if arg.startswith("--trainer.callbacks.init_args.")]
+        trainer = self.config[self.subcommand].get("trainer") if self.subcommand else self.config.get("trainer")
+        callbacks = (trainer or {}).get("callbacks") or []
+        if given and len(callbacks) > 1:
+            last = callbacks[-1]
+            name = str(last.get("class_path", last)).rsplit(".", 1)[-1] if hasattr(last, "get") else type(last).__name__
+            adapter = (last.get("init_args") or {}).get("adapter_name") if hasattr(last, "get") else None
+            name += f"[{adapter}]" if adapter else ""
+            warnings.warn(f"{given[0]} changes the last of the recipe's {len(callbacks)} callbacks ({name}) only; to "
+                          "change another, edit the recipe (or give the whole list: --trainer.callbacks)", stacklevel=1)
+
     def _model_settings_given(self) -> dict[str, Any]:
         """The model's init arguments named on the command line, with the values the parser gave them."""
         names = [arg.split("=", 1)[0].removeprefix("--model.").removeprefix("init_args.")

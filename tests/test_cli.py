@@ -418,3 +418,16 @@ def test_evaluating_with_options_that_would_be_ignored_or_nothing_to_run_is_one_
     result = run_cli(command, "--config", str(config), "--untrained", "false", *args)
     assert result.returncode == 2  # was: exit 0, the base model's score (--adapters), or nothing printed
     assert result.stderr.strip().splitlines()[-1].startswith(f"lightning-peft: error: {message}")
+
+
+def test_a_callback_setting_on_the_command_line_says_it_changed_the_last_callback(tmp_path, tiny_model_dir):
+    train = write_data(tmp_path, "train", sentiment_rows(16, 0))
+    config = yaml.safe_load(recipe(tmp_path, tiny_model_dir, train).read_text())
+    lora = config["trainer"]["callbacks"][0]
+    config["trainer"]["callbacks"] = [{**lora, "init_args": {**lora["init_args"], "adapter_name": name,
+                                                             "modules_to_save": None}} for name in ("a", "b")]
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(config))
+    fit = run_cli("fit", "--config", str(tmp_path / "two.yaml"), "--trainer.max_steps", "1",
+                  "--trainer.callbacks.init_args.r", "2")
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    assert "--trainer.callbacks.init_args.r changes the last of the recipe's 2 callbacks (LoRA[b]) only" in fit.stderr
