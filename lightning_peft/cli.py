@@ -381,6 +381,11 @@ def main(args: list[str] | None = None) -> None:
         sys.exit(USAGE_ERROR)
 
 
+# where Lightning and torch check the trainer's and loaders' settings (an accelerator name, batch_size=0)
+SETTING_CHECKS = (os.path.join("lightning", "pytorch", "trainer", "connectors", ""),
+                  os.path.join("torch", "utils", "data", ""))
+
+
 def user_mistake(err: BaseException) -> BaseException | None:
     """The user's mistake behind ``err``: itself, or the cause that jsonargparse wrapped while building a class."""
     chain = []
@@ -409,7 +414,8 @@ def _raised_here(err: BaseException) -> bool:
         return False
     filename = os.path.abspath(tb.tb_frame.f_code.co_filename)
     in_package = filename.startswith(os.path.dirname(lightning_peft.__file__) + os.sep)
-    return in_package and linecache.getline(filename, tb.tb_lineno).lstrip().startswith("raise ")
+    checks_settings = any(part in filename for part in SETTING_CHECKS)
+    return (in_package or checks_settings) and linecache.getline(filename, tb.tb_lineno).lstrip().startswith("raise ")
 
 
 def error_line(err: BaseException) -> str:

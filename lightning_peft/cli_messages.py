@@ -19,7 +19,8 @@ _GENERIC = re.compile(r"^(Does not validate|Subtypes:|Errors:|Given value|Not a 
                       r"- Expected a <class 'NoneType'>|Expected a <class 'NoneType'>|tip:|usage:)")
 KEY_CLASSES = {  # where a bad init_args key has no class_path in the message: the classes that key takes
     "model": ("lightning_peft.tasks.SequenceClassification", "lightning_peft.tasks.CausalLM"),
-    "data": ("lightning_peft.data.TextClassificationData", "lightning_peft.data.CausalLMData"),
+    "data": ("lightning_peft.data.TextClassificationData", "lightning_peft.data.CausalLMData",
+             "lightning_peft.data.MultiTaskData"),
 }
 
 
@@ -36,11 +37,11 @@ class CommandParser(argparse.ArgumentParser):
 
 def one_line(message: str, option_names: Iterable[str] = ()) -> str:
     """The cause of a jsonargparse error ``message`` in one line; ``option_names`` are the keys that exist."""
-    for rule in (_unknown_command, _unknown_class, _not_accepted):
+    for rule in (_unknown_command, _unknown_class, _wrong_value, _not_accepted):  # a bad value of a key that exists
         line = rule(message)
         if line:
             return line
-    return _unknown_option(message, list(option_names)) or _wrong_value(message) or _specific_lines(message)
+    return _unknown_option(message, list(option_names)) or _specific_lines(message)
 
 
 OWN_COMMANDS = ("export", "compare", "estimate")  # the commands main() runs itself, beside LightningCLI's
@@ -102,9 +103,12 @@ def _not_accepted(message: str) -> str | None:
     option = match[1]
     for path in _candidate_classes(message, option):
         accepted = _init_arguments(path)
-        if accepted:
+        if accepted and option not in accepted:  # a class that takes the option is not the one it was given to
             name, hint = path.rpartition(".")[2], did_you_mean(option, accepted)
             return f"{name} does not take '{option}'{hint} ({name} takes: {', '.join(accepted)})"
+    if 'Parser key "trainer.callbacks"' in message:
+        return (f"unknown setting '{option}' for the recipe's last callback: a --trainer.callbacks.init_args flag "
+                "goes to the last entry of trainer.callbacks (edit the recipe to set another)")
     return f"unknown setting '{option}'"
 
 
