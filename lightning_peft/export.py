@@ -10,7 +10,7 @@ from torch import nn
 
 from lightning_peft.core.adapter_control import adapter_names, delete_adapter
 from lightning_peft.core.adapter_files import save_adapter
-from lightning_peft.core.files import replace_folder
+from lightning_peft.core.files import write_export
 from lightning_peft.core.merging import merge
 from lightning_peft.core.models import model_root
 from lightning_peft.core.ownership import adapter_refs
@@ -67,7 +67,7 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, merged: bool = Fal
     if merged:
         _keep_for_merging(module, adapter, ckpt_path)
         merge(module)
-        return replace_folder(out, lambda folder: _save_merged(module, folder), "--out", is_export)
+        return write_export(out, lambda folder: _save_merged(module, folder), "--out", loader_reads)
     return export_adapters(module, out, for_original_base)
 
 
@@ -83,12 +83,10 @@ def _save_merged(module: nn.Module, folder: Path) -> None:
         module.tokenizer.save_pretrained(folder)
 
 
-def is_export(folder: Path) -> bool:
-    """Whether ``folder`` holds what an export writes: an adapter, a model folder, or a folder of adapters."""
-    if (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file():
-        return True
-    entries = list(folder.iterdir())
-    return bool(entries) and all(entry.is_dir() and (entry / "adapter_config.json").is_file() for entry in entries)
+def loader_reads(name: str) -> bool:
+    """Whether transformers or peft reads a file of this name in a model or adapter folder (a stale one misleads)."""
+    return name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "config.json",
+                    "pytorch_model.bin") or (name.startswith("model") and ".safetensors" in name)
 
 
 def _keep_for_merging(module: nn.Module, adapter: str | None, ckpt_path: str | Path) -> None:
@@ -117,4 +115,4 @@ def export_adapters(module: nn.Module, out: str | Path, for_original_base: bool 
             save_adapter(module, folder, adapter_name=ref.name, method=ref.method_name,
                          for_original_base=for_original_base)
 
-    return replace_folder(out, write, "adapter folder", is_export)  # no adapter of an earlier run stays beside
+    return write_export(out, write, "adapter folder", loader_reads)  # no adapter of an earlier run stays beside

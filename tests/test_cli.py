@@ -267,9 +267,15 @@ def test_export_adapter_and_merged_model(tmp_path, tiny_model_dir):
     with torch.no_grad():
         assert torch.allclose(replaced(input_ids=ids).logits, expected, atol=1e-5)
     assert replaced.config.id2label == dict(enumerate(trained.labels))  # was: LABEL_0, LABEL_1
-    mine = run_cli("export", str(ckpt), "--out", str(tmp_path))  # a folder of the user's own
-    assert mine.returncode == 2 and "holds other files; give a new or empty folder" in mine.stderr
-    assert (tmp_path / "recipe.yaml").exists()
+    mine = run_cli("export", str(ckpt), "--out", str(tmp_path))  # a folder of the user's own: its files stay
+    assert mine.returncode == 0 and (tmp_path / "adapter_config.json").is_file(), mine.stderr[-2000:]
+    assert (tmp_path / "recipe.yaml").read_text() == config.read_text()
+    foreign = tmp_path / "hub-clone"
+    foreign.mkdir()
+    (foreign / "config.json").write_text("{}")  # a model's config that no export wrote: a loader would read both
+    refused = run_cli("export", str(ckpt), "--out", str(foreign))
+    assert refused.returncode == 2 and "holds config.json, which no lightning-peft export wrote" in refused.stderr
+    assert [p.name for p in foreign.iterdir()] == ["config.json"]
 
 
 def test_export_for_the_original_base_turns_a_pissa_adapter_into_plain_lora(tmp_path, tiny_model_dir):

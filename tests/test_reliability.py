@@ -45,6 +45,7 @@ from conftest import (
     make_trainer,
     tiny_bert,
     tiny_bert_folder,
+    tiny_llama,
     token_loader,
 )
 
@@ -410,7 +411,7 @@ def test_a_full_disk_on_export_is_one_line_and_keeps_the_previous_adapter(inputs
     assert code == 2 and len(errors) == 1 and "Traceback" not in stderr, stderr[-2000:]
     assert "No space left on device" in errors[0] and "adapter_model.safetensors" in errors[0]
     assert file_digests(out) == before
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".lightning-peft-files"]
 
 
 def test_a_full_disk_on_a_merged_export_keeps_the_previous_model_folder(inputs, tmp_path, monkeypatch):
@@ -423,7 +424,7 @@ def test_a_full_disk_on_a_merged_export_keeps_the_previous_model_folder(inputs, 
     code, stderr = run_cli(["export", str(inputs / "trained.ckpt"), "--out", str(out), "--merged"])
     assert code == 2 and "No space left on device" in stderr
     assert file_digests(out) == before  # was: model.safetensors cut to 100 bytes, the folder unloadable
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".lightning-peft-files"]  # no staging left
 
 
 def test_the_table_covers_at_least_thirty_mistakes():
@@ -628,3 +629,28 @@ def test_a_predict_table_gives_its_text_column_and_is_refused_where_lines_are_re
     assert read_lines(tmp_path / "in.jsonl", "text") == ["good", "bad"]  # was: each JSON object a text
     with pytest.raises(ValueError, match=r"in.csv: here each line is one input \(NAME<TAB>text\)"):
         read_lines(tmp_path / "in.csv")
+
+
+def test_an_export_keeps_other_files_writes_through_links_and_replaces_only_its_own(tmp_path, monkeypatch):
+    from lightning_peft import IA3, LoRA
+    from lightning_peft.export import export_adapters
+
+    two = TokenModule(tiny_llama())
+    LoRA(r=2, target_modules=["q_proj"], adapter_name="a").inject(two)
+    IA3(target_modules=["v_proj"], feedforward_modules=[], adapter_name="b").inject(two)
+    one = LoRA(r=2, target_modules=["q_proj"]).inject(TokenModule(tiny_llama()))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / ".git").mkdir()
+    (scratch / "README.md").write_text("mine")
+    (tmp_path / "link").symlink_to(scratch)  # an output folder on another disk, as clusters link them
+    export_adapters(two, tmp_path / "link")
+    assert sorted(p.name for p in scratch.iterdir()) == [".git", ".lightning-peft-files", "IA3-b", "LoRA-a",
+                                                         "README.md"]
+    export_adapters(one, tmp_path / "link")  # was: the user's files deleted, the link replaced by a folder
+    assert (tmp_path / "link").is_symlink()
+    assert sorted(p.name for p in scratch.iterdir()) == [".git", ".lightning-peft-files", "README.md",
+                                                         "adapter_config.json", "adapter_model.safetensors"]
+    monkeypatch.chdir(scratch)
+    export_adapters(one, ".")  # was: OSError, a folder cannot be renamed while it is the current one
+    assert (scratch / "README.md").read_text() == "mine"

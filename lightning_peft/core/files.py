@@ -8,6 +8,7 @@ on that host. Files get the mode a plain ``open`` gives (``0o666`` less the umas
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -49,36 +50,71 @@ def atomic_write_all(writers: dict[PathLike, Writer]) -> None:
         raise
 
 
-def replace_folder(folder: PathLike, write: Writer, what: str, ours: Callable[[Path], bool]) -> Path:
-    """Write a whole folder: ``write`` fills a temporary folder beside ``folder``, which then takes its place.
+EXPORT_LIST = ".lightning-peft-files"  # in an export's folder: the files it wrote, which the next export replaces
 
-    A failure leaves the old folder as it was; success leaves no file of the old one (stale files
-    beside new ones change what loaders read). A non-empty ``folder`` must be one that ``ours``
-    recognises (an earlier export), so nobody loses a folder of their own to a mistyped path.
+
+def write_export(folder: PathLike, write: Writer, what: str, loads: Callable[[str], bool]) -> Path:
+    """Write an export's files into ``folder`` so that a failure changes nothing and no stale file stays.
+
+    ``write`` fills a staging folder inside ``folder`` (the same disk, whatever links or mounts
+    lead there); only once it is whole are its files renamed into place, and the files that the
+    previous export listed but this one does not write are removed. Other files (the user's own)
+    stay; one that a loader reads (``loads(name)``: an ``adapter_config.json``, model weights) and
+    no export of ours wrote is refused, since a loader would read it beside the new files.
     """
     folder = Path(folder)
-    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not ours(folder))):
-        raise ValueError(f"{what} {folder} holds other files; give a new or empty folder, or one that an earlier "
-                         "export wrote (it is replaced whole)")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    new = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".new"))
-    old = new.with_suffix(".old")
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{what} {folder} is a file; give a folder (new or existing)")
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    previous = _export_list(folder)
+    stage = Path(tempfile.mkdtemp(dir=folder, prefix=".export-", suffix=".tmp"))
     try:
-        write(new)
-        for file in new.rglob("*"):
-            if file.is_file():
-                _make_durable(file)
-        os.chmod(new, 0o777 & ~current_umask())
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(new, folder)
+        write(stage)
+        written = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
+        _refuse_strangers(folder, {*previous, *written}, what, loads)
+        for name in written:
+            _make_durable(stage / name)
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(stage / name, folder / name)
+        for name in sorted(set(previous) - set(written)):
+            (folder / name).unlink(missing_ok=True)
+            _remove_empty_parents(folder / name, folder)
+        atomic_write(folder / EXPORT_LIST, lambda tmp: tmp.write_text(json.dumps(written, indent=0)))
     except BaseException:
-        shutil.rmtree(new, ignore_errors=True)
-        if old.exists() and not folder.exists():
-            os.replace(old, folder)
+        shutil.rmtree(folder if created else stage, ignore_errors=True)  # a folder made for this export goes too
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(stage, ignore_errors=True)
     return folder
+
+
+def _export_list(folder: Path) -> list[str]:
+    """The files that the previous export into ``folder`` wrote (none: no export, or an unreadable list)."""
+    try:
+        names = json.loads((folder / EXPORT_LIST).read_text())
+    except (OSError, ValueError):
+        return []
+    return [n for n in names if isinstance(n, str) and ".." not in Path(n).parts and not Path(n).is_absolute()]
+
+
+def _refuse_strangers(folder: Path, ours: set[str], what: str, loads: Callable[[str], bool]) -> None:
+    """Refuse a file that a loader of ``folder`` would read and no export of ours wrote."""
+    for path in folder.iterdir():
+        name = path.name
+        if path.is_file() and loads(name) and name not in ours:
+            raise ValueError(f"{what} {folder} holds {name}, which no lightning-peft export wrote and a loader would "
+                             "read beside the new files; remove it, or give another folder")
+
+
+def _remove_empty_parents(path: Path, top: Path) -> None:
+    """Remove ``path``'s parent folders up to ``top`` (not included) while they are empty."""
+    parent = path.parent
+    while parent != top and top in parent.parents:
+        try:
+            parent.rmdir()
+        except OSError:
+            return
+        parent = parent.parent
 
 
 def _temporary_beside(path: Path) -> Path:
