@@ -154,7 +154,8 @@ class PEFTCLI(LightningCLI):
             raise ConfigError("validate has nothing to run: the recipe sets trainer.limit_val_batches to 0 (give "
                               "--trainer.limit_val_batches 1.0)")
         data = self.datamodule
-        if getattr(data, "val_file", None) is None and getattr(data, "val_fraction", None) == 0:
+        val_file = (getattr(data, "files", None) or {}).get("val")
+        if val_file is None and getattr(data, "val_fraction", None) == 0:
             raise ConfigError("validate has no data: the recipe holds out no validation rows (give "
                               "--data.init_args.val_file FILE, or a val_fraction above 0 for a fresh fit)")
         self._use_adapter_folder()

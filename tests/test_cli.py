@@ -437,3 +437,10 @@ def test_a_callback_setting_on_the_command_line_says_it_changed_the_last_callbac
                   "--trainer.callbacks.init_args.r", "2")
     assert fit.returncode == 0, fit.stderr[-2000:]
     assert "--trainer.callbacks.init_args.r changes the last of the recipe's 2 callbacks (LoRA[b]) only" in fit.stderr
+
+
+def test_validate_runs_on_a_recipes_own_validation_file(tmp_path, tiny_model_dir):
+    train = write_data(tmp_path, "train", sentiment_rows(16, 0))
+    config = recipe(tmp_path, tiny_model_dir, train, val_fraction=0, val_file=str(train))
+    result = run_cli("validate", "--config", str(config), "--untrained", "false")
+    assert result.returncode == 0 and "val_acc" in result.stdout, result.stderr[-2000:]

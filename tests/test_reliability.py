@@ -629,6 +629,8 @@ def test_a_predict_table_gives_its_text_column_and_is_refused_where_lines_are_re
     assert read_lines(tmp_path / "in.jsonl", "text") == ["good", "bad"]  # was: each JSON object a text
     with pytest.raises(ValueError, match=r"in.csv: here each line is one input \(NAME<TAB>text\)"):
         read_lines(tmp_path / "in.csv")
+    (tmp_path / "routed.tsv").write_text("upbeat\tgreat day\ngloomy\tawful plot\n")
+    assert read_lines(tmp_path / "routed.tsv") == ["upbeat\tgreat day", "gloomy\tawful plot"]  # NAME<TAB>text lines
 
 
 def test_an_export_keeps_other_files_writes_through_links_and_replaces_only_its_own(tmp_path, monkeypatch):

@@ -149,12 +149,14 @@ def read_lines(path: str | Path, column: str | None = None) -> list[str]:
     """Non-empty lines of a text file, or of standard input when ``path`` is ``-``.
 
     A CSV, TSV or JSONL file (by its suffix) gives its ``column``'s values, its header and other
-    columns left out; without a ``column`` it is refused rather than read as lines.
+    columns left out; without a ``column`` (``NAME<TAB>text`` lines) a TSV file is lines, and a CSV
+    or JSONL table is refused rather than read as lines.
     """
-    if Path(str(path)).suffix.lower() in READERS:
-        if column is None:
-            raise ValueError(f"predict file {path}: here each line is one input (NAME<TAB>text), so give a plain text "
-                             "file, not a CSV or JSONL table")
+    suffix = Path(str(path)).suffix.lower()
+    if column is None and suffix in (".csv", ".jsonl", ".json"):
+        raise ValueError(f"predict file {path}: here each line is one input (NAME<TAB>text), so give a plain text "
+                         "or .tsv file, not a CSV or JSONL table")
+    if column is not None and suffix in READERS:
         return [str(row[column]).strip() for row in read_rows(path, [column])]
     if str(path) == "-":
         lines = _lines(sys.stdin.read())
