@@ -174,7 +174,7 @@ def test_multihead_attention_trains_merges_and_becomes_plain_again(tmp_path):
 
 
 def test_the_output_projection_alone_points_to_the_attention_module():
-    with pytest.raises(TypeError, match="target the attention module itself"):
+    with pytest.raises(TypeError, match="only LoRA adapts nn.MultiheadAttention, targeted as the attention module"):
         LoRA(target_modules=["attn.out_proj"]).inject(MHAClassifier())
 
 

@@ -226,7 +226,8 @@ def test_the_qlora_recipe_exports_one_peft_adapter_for_the_plain_base(tmp_path):
     assert adapter_names(cli.model) == ["default"]
     assert trainable_summary(cli.model).quantized_layers == {"nf4": 30 * 7}
     folder = tmp_path / "adapter"
-    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [".lightning-peft-files", "adapter_config.json",
+                                                        "adapter_model.safetensors"]
     plain = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32)
     theirs = PeftModel.from_pretrained(plain, folder)
     ours = {n: p for n, p in cli.model.named_parameters() if "lora_B" in n}

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from lightning_peft.core.injection import peft_layers, replace_module
+from lightning_peft.core.injection import ModulePlaces, peft_layers
 from lightning_peft.core.layer import PEFTLayer, PEFTModule
 from lightning_peft.core.merging import check_unmerged
 from lightning_peft.core.ownership import AdapterRef, adapter_refs, freeze_unclaimed, owners, release
@@ -150,12 +150,13 @@ def delete_adapter(module: nn.Module, adapter_name: str, method: str | None = No
     methods, claimed = {r.method_name for r in refs}, owners(module)
     for ref in refs:
         release(module, ref)  # claims on the model's own parameters (Selective's, BitFit's)
-    for name, layer in reversed(list(peft_layers(module))):
+    places = ModulePlaces(module)
+    for _, layer in reversed(list(peft_layers(module))):
         if adapter_name in layer.adapters and (layer.method in methods or _trained_by(layer, adapter_name, refs,
                                                                                         claimed)):
             layer.delete_adapter(adapter_name)
             if not layer.adapters:
-                replace_module(module, name, layer.base_layer)
+                places.put_in_place_of(layer, layer.base_layer)
     for name, part in reversed(list(module.named_modules())):
         if not isinstance(part, PEFTLayer) and isinstance(part, PEFTModule) and adapter_name in part.adapters \
                 and part.method in methods:

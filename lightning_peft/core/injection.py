@@ -9,23 +9,36 @@ from torch import nn
 from lightning_peft.core.layer import PEFTLayer, PEFTModule
 
 
-def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` where the submodule ``name`` of ``root`` is, and wherever else that module object sits.
+class ModulePlaces:
+    """Where each module object of a tree sits (parent, attribute name), found in one walk, kept as modules change.
 
-    A layer that two places of the model share (one ``nn.Linear`` in two blocks) stays one layer
-    everywhere, so its adapter acts wherever it does and a merge into its shared weight keeps outputs.
+    A layer that two places of the model share (one ``nn.Linear`` in two blocks) is replaced at
+    both, so it stays one layer, its adapter acts wherever it does, and a merge into its shared
+    weight keeps the outputs. One walk serves a whole injection (a walk per layer would make
+    adapting thousands of expert layers quadratic).
     """
-    if not name:
-        raise ValueError(f"a PEFT layer cannot replace the model root itself ({type(root).__name__}); adapt a "
-                         "submodule, or wrap the model in another module first")
-    put_in_place_of(root, root.get_submodule(name), new)
 
+    def __init__(self, root: nn.Module) -> None:
+        self.root = root
+        self.at: dict[int, list[tuple[nn.Module, str]]] = {}
+        for parent in root.modules():
+            self._note_children(parent)
 
-def put_in_place_of(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    """Put ``new`` at every place of ``root``'s tree where the module object ``old`` sits."""
-    places = [(parent, key) for parent in root.modules() for key, child in parent._modules.items() if child is old]
-    for parent, key in places:
-        setattr(parent, key, new)
+    def _note_children(self, parent: nn.Module) -> None:
+        for key, child in parent._modules.items():
+            if child is not None:
+                self.at.setdefault(id(child), []).append((parent, key))
+
+    def put_in_place_of(self, old: nn.Module, new: nn.Module) -> None:
+        """Put ``new`` at every place where the module object ``old`` sits."""
+        if old is self.root:
+            raise ValueError(f"a PEFT layer cannot replace the model root itself ({type(self.root).__name__}); adapt "
+                             "a submodule, or wrap the model in another module first")
+        places = self.at.pop(id(old), [])
+        for parent, key in places:
+            setattr(parent, key, new)
+        self.at[id(new)] = places
+        self._note_children(new)  # a wrapper holds ``old`` (and its adapters) now
 
 
 def wrap_modules(
@@ -40,13 +53,13 @@ def wrap_modules(
     A module already wrapped by another method is wrapped again on the outside, or, with
     ``innermost`` (methods that change the weight itself, like LoRA), right around its base layer.
     """
-    layers = []
+    layers, places = [], ModulePlaces(root)
     for name, module in chosen:
         while innermost and isinstance(module, PEFTLayer) and not isinstance(module, layer_type):
             name, module = f"{name}.base_layer", module.base_layer
         layer = module if isinstance(module, layer_type) else layer_for(module)
         if layer is not module:
-            replace_module(root, name, layer)
+            places.put_in_place_of(module, layer)
         layers.append((name, layer))
     return layers
 
@@ -62,13 +75,13 @@ def wrap_parameters(
     A layer already there for the parameter is reused. Several parameters of one module nest: the
     first chosen innermost, as peft nests its parameter wrappers.
     """
-    layers = []
+    layers, places = [], ModulePlaces(root)
     for name, path in chosen:
         module = root.get_submodule(name)
         layer = _layer_for_parameter(module, path, layer_type)
         if layer is None:
             layer = layer_for(module, path)
-            replace_module(root, name, layer)
+            places.put_in_place_of(module, layer)
         layers.append(layer)
     return layers
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from lightning_peft.core.injection import peft_layers, put_in_place_of, replace_module
+from lightning_peft.core.injection import ModulePlaces, peft_layers
 from lightning_peft.core.layer import PEFTLayer, PEFTModule
 from lightning_peft.core.models import transformers_models
 from lightning_peft.core.ownership import holders
@@ -54,13 +54,13 @@ def merge(module: nn.Module) -> nn.Module:
     unmergeable = sorted({m.method for m in module.modules() if isinstance(m, PEFTModule) and not m.mergeable})
     if unmergeable:
         raise ValueError(f"{', '.join(unmergeable)} adapters cannot be merged into the base weights")
-    where = holders(module)
+    where, places = holders(module), ModulePlaces(module)
     for name, layer in reversed(list(peft_layers(module))):  # innermost first when layers are nested
         parent_name, _, child = name.rpartition(".")
         parent = module.get_submodule(parent_name)
         layer.merged_adapters = tuple(layer.active_adapters)  # what unmerge takes out, whatever is active then
         _untie(module, layer, where)
-        replace_module(module, name, layer.merged_base_layer())
+        places.put_in_place_of(layer, layer.merged_base_layer())
         parent.__dict__.setdefault(_MERGED, {})[child] = layer
     return module
 
@@ -92,6 +92,7 @@ def unmerge(module: nn.Module) -> nn.Module:
     restored = False
     while merged := merged_layers(module):
         _check_unmergeable(merged)
+        places = ModulePlaces(module)
         for parent, child, layer in merged:
             if getattr(parent, child) is not layer.merged_module():
                 raise RuntimeError(f"unmerge: '{child}' was replaced after the merge; cannot restore its adapter")
@@ -99,7 +100,7 @@ def unmerge(module: nn.Module) -> nn.Module:
             layer.unmerge()  # the adapters merged, even if another set is active now (disable_adapters ended)
             layer.active_adapters = active
             _tie_again(module, layer)
-            put_in_place_of(module, layer.merged_module(), layer)  # a layer shared by several places: at each
+            places.put_in_place_of(layer.merged_module(), layer)  # a layer shared by several places: at each
             del parent.__dict__[_MERGED][child]
         restored = True
     if not restored:

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lightning_peft.core.injection import replace_module
+from lightning_peft.core.injection import ModulePlaces
 from lightning_peft.core.layer import PEFTLayer
 from lightning_peft.core.models import transformers_models
 from lightning_peft.core.ownership import owners
@@ -111,9 +111,9 @@ class QuantizeBase(ModelSetupCallback):
         names = self._layers_to_quantize(module)
         if names:
             self._warn_if_slow(self._device or module.get_submodule(names[0]).weight.device)
-        before = base_weight_bytes(module)
+        before, places = base_weight_bytes(module), ModulePlaces(module)
         for name in names:
-            self._quantize(module, name)
+            self._quantize(places, name)
             return_freed_memory()
         self.base_bytes, self.quantized_layers = (before, base_weight_bytes(module)), len(names)
         self._warn_fused_experts(module)
@@ -170,11 +170,11 @@ class QuantizeBase(ModelSetupCallback):
                 names.append(name)
         return names
 
-    def _quantize(self, root: nn.Module, name: str) -> None:
+    def _quantize(self, places: ModulePlaces, name: str) -> None:
         """Replace one layer by its quantized copy; the full-precision weight leaves memory on return."""
-        layer = root.get_submodule(name)
+        layer = places.root.get_submodule(name)
         device = self._device or layer.weight.device
-        replace_module(root, name, quantize_linear(layer, self.mode, self.double_quant, self._compute_dtype, device))
+        places.put_in_place_of(layer, quantize_linear(layer, self.mode, self.double_quant, self._compute_dtype, device))
         release_file_pages(layer.weight)  # a memory-mapped checkpoint's pages would stay resident otherwise
 
     def _warn_if_slow(self, device: torch.device) -> None:

@@ -10,7 +10,7 @@ from collections import Counter
 import torch
 from torch import nn
 
-from lightning_peft.core.injection import replace_module
+from lightning_peft.core.injection import ModulePlaces
 from lightning_peft.core.ownership import owners
 from lightning_peft.core.weights import (
     dequantized_weight,
@@ -50,14 +50,14 @@ def dequantize_base(module: nn.Module) -> nn.Module:
     had (a 4-bit layer records it; an 8-bit one takes the rest of the base's).
 
     For example, to merge exactly."""
-    rest = _base_float_dtype(module)
-    for name, layer in list(module.named_modules()):
+    rest, places = _base_float_dtype(module), ModulePlaces(module)
+    for _, layer in list(module.named_modules()):
         if is_quantized(layer):
             dtype = getattr(layer.weight.quant_state, "dtype", None) if quantized_format(layer) != "int8" else rest
             plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
             plain.weight = nn.Parameter(dequantized_weight(layer).to(dtype or torch.float32), requires_grad=False)
             plain.bias = layer.bias
-            replace_module(module, name, plain)
+            places.put_in_place_of(layer, plain)
     return module
 
 
