@@ -221,3 +221,10 @@ def test_a_bitfit_file_keeps_the_running_statistics_of_the_batchnorm_whose_bias_
     x = torch.randn(2, 1, 8, 8)
     loaded = load_adapter(build().eval(), tmp_path)
     torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)  # was: 0.24 apart, the statistics left out
+
+
+def test_a_weight_tied_to_a_copied_head_still_runs_and_can_be_selected():
+    model = tiny_llama(tie_word_embeddings=True)
+    LoRA(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]).inject(model)
+    Selective(modules=["embed_tokens"], adapter_name="emb").inject(model)  # was: "selects 0 tensor(s)"
+    assert model.model.embed_tokens.weight.requires_grad

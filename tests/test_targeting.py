@@ -1,12 +1,15 @@
 """Targeting on the models users bring: shared layers, parameters of the root, nested choices, plain containers."""
 
 import copy
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from lightning_peft import IA3, LoRA, load_adapter, merge, save_adapter, unmerge
+from lightning_peft import IA3, LoRA, QuantizeBase, load_adapter, merge, save_adapter, unmerge
+
+from conftest import tiny_llama
 
 
 def shared_linear_model() -> nn.Sequential:
@@ -131,8 +134,17 @@ def test_one_block_index_alone_is_taken_as_peft_takes_it():
 
 def test_an_exclusion_that_excludes_nothing_is_warned_about():
     model = nn.ModuleDict({"teacher": nn.Sequential(nn.Linear(4, 4)), "student": nn.Sequential(nn.Linear(4, 4))})
-    with pytest.warns(UserWarning, match="exclude_modules 'teacher' excludes none of the chosen modules"):
+    with pytest.warns(UserWarning, match=r"exclude_modules 'teacher' names 'teacher', which holds chosen layers but "
+                                         r"is not one: they stay chosen; .* e\.g\. r'teacher\\\.\.\*'"):
         LoRA(r=2, exclude_modules=["teacher"]).inject(model)  # the container's name: its layers are still chosen
+    with pytest.warns(UserWarning, match="exclude_modules 'techer' matches no module of this model"):
+        LoRA(r=2, exclude_modules=["techer"]).inject(nn.ModuleDict({"teacher": nn.Sequential(nn.Linear(4, 4))}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # what the method would leave out anyway (the head under all-linear): no alarm
+        LoRA(r=2, exclude_modules=["lm_head"]).inject(tiny_llama())
+        IA3(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"],
+            exclude_modules=["layers.0.self_attn.k_proj"]).inject(tiny_llama())
+        QuantizeBase("nf4", skip_modules=["lm_head"]).inject(tiny_llama(hidden=64))
 
 
 def test_only_lora_is_pointed_at_a_multihead_attention_module():

@@ -142,7 +142,7 @@ class IA3(PEFTCallback):
             return set()
         filters = (self.exclude_modules, self.layers) if given is not None else (None, None)
         named = {name for name, _ in select_modules(root, patterns, *filters, supported=(nn.Module,),
-                                                    method="IA3 feedforward_modules")}
+                                                    method="IA3 feedforward_modules", check_exclusions=False)}
         stray = sorted(named - targets)
         if given is not None and stray and not isinstance(self.target_modules, str):
             raise ValueError(f"IA3 feedforward_modules must be among the targets; these are not: {stray[:8]}")

@@ -173,6 +173,9 @@ class MeasureForgetting:
         base = module.build_model().to(device)
         self.before = perplexity(base, module.tokenizer, text, block_size)
         del base
+        if device.type == "cuda":  # the run's peak memory is its own, not this full-precision copy's
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
 
     def figures(self, module: L.LightningModule) -> dict[str, float]:
         """Before and after: the tuned model with its adapters on."""

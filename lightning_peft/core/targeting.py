@@ -115,6 +115,7 @@ def select_modules(
     method: str,
     option: str = "target_modules",
     wraps: bool = True,
+    check_exclusions: bool = True,
 ) -> list[tuple[str, nn.Module]]:
     """The modules of ``root`` that ``method`` adapts, or a ValueError that says what exists.
 
@@ -137,7 +138,8 @@ def select_modules(
     else:
         chosen = [(n, m) for n, m in candidates if name_matches(n, target_modules)]
         _warn_unmatched_entries(target_modules, candidates, f"{method}: {option}")
-    _warn_of_exclusions_that_exclude_nothing(exclude_modules, chosen, method)
+    if check_exclusions:
+        _warn_of_exclusions_that_exclude_nothing(exclude_modules, candidates, chosen, method)
     chosen = [(n, m) for n, m in chosen if not name_matches(n, exclude_modules)]
     if layers is not None:
         wanted = set(layers)
@@ -165,16 +167,24 @@ def select_modules(
     return chosen
 
 
-def _warn_of_exclusions_that_exclude_nothing(exclude: Targets, chosen: list[tuple[str, nn.Module]],
-                                            method: str) -> None:
-    """Warn of each exclude_modules entry that leaves out none of the chosen modules (peft warns too)."""
+def _warn_of_exclusions_that_exclude_nothing(exclude: Targets, candidates: list[tuple[str, nn.Module]],
+                                            chosen: list[tuple[str, nn.Module]], method: str) -> None:
+    """Warn of an exclude_modules entry that names no module (a typo, as peft warns), or only a module holding
+    chosen layers, which it does not leave out."""
     if not exclude:
         return
-    entries = [exclude] if isinstance(exclude, str) else list(exclude)
-    for entry in entries:
-        if not any(name_matches(name, entry if isinstance(exclude, str) else [entry]) for name, _ in chosen):
-            warnings.warn(f"{method}: exclude_modules {entry!r} excludes none of the chosen modules (an entry names "
-                          "the adapted layers themselves, by suffix, or a regex over their full names)", stacklevel=3)
+    for entry in [exclude] if isinstance(exclude, str) else list(exclude):
+        pattern = entry if isinstance(exclude, str) else [entry]
+        if any(name_matches(name, pattern) for name, _ in chosen):
+            continue
+        matched = [name for name, _ in candidates if name_matches(name, pattern)]
+        holders = [name for name in matched if any(c.startswith(name + ".") for c, _ in chosen)]
+        if not matched:
+            warnings.warn(f"{method}: exclude_modules {entry!r} matches no module of this model", stacklevel=3)
+        elif holders:
+            warnings.warn(f"{method}: exclude_modules {entry!r} names '{holders[0]}', which holds chosen layers but "
+                          "is not one: they stay chosen; to leave them out, give a regex over their names, e.g. "
+                          rf"r'{re.escape(holders[0])}\..*'", stacklevel=3)
 
 
 def _warn_unmatched_entries(targets: Targets, candidates: list[tuple[str, nn.Module]], where: str) -> None:

@@ -153,7 +153,7 @@ class QuantizeBase(ModelSetupCallback):
                            option="skip_modules")
         try:
             chosen = select_modules(module, ALL_LINEAR, self.skip_modules, supported=(nn.Linear,),
-                                    method="QuantizeBase")
+                                    method="QuantizeBase", check_exclusions=False)  # skip_modules checked above
         except ValueError:
             raise ValueError("QuantizeBase found no nn.Linear layer to quantize outside the output head and "
                              "skip_modules (transformers' Conv1D, as in GPT-2, is not quantized)") from None

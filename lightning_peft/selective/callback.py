@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from lightning_peft.core.checks import layer_list
+from lightning_peft.core.ownership import holders
 from lightning_peft.core.saved_modules import SavedModule
 from lightning_peft.core.targeting import BaseParameter, Targets, base_parameters, block_index, select_modules
 from lightning_peft.lightning.callback import CheckpointPolicy, PEFTCallback
@@ -82,8 +83,7 @@ class Selective(PEFTCallback):
 
     def inject_into(self, module: nn.Module) -> list[nn.Parameter]:
         """The base parameters that pass every filter, or a ValueError saying what exists."""
-        shadowed = {id(p) for m in module.modules() if isinstance(m, SavedModule) for p in m.base_layer.parameters()}
-        base = [b for b in base_parameters(module) if id(b.param) not in shadowed]  # another adapter's copy runs there
+        base = [b for b in base_parameters(module) if id(b.param) not in _shadowed(module)]
         passing = self._passing_per_filter(module, base)
         chosen = [b.param for b in base if all(id(b.param) in ids for ids in passing.values())]
         if not chosen:
@@ -115,6 +115,15 @@ class Selective(PEFTCallback):
             + ", ".join(f"{counts[kind]} {kind} tensor(s)" for kind in PARAM_TYPES)
             + f" and blocks {blocks or '(none)'}"
         )
+
+
+def _shadowed(root: nn.Module) -> set[int]:
+    """Parameters that only originals behind another adapter's ``modules_to_save`` copies hold: they never run.
+
+    A weight tied to a module outside (an embedding tied to a copied head) still runs there.
+    """
+    hidden = {id(m) for saved in root.modules() if isinstance(saved, SavedModule) for m in saved.base_layer.modules()}
+    return {param for param, where in holders(root).items() if all(id(m) in hidden for m, _ in where)}
 
 
 class BitFit(Selective):
