@@ -28,6 +28,7 @@ from lightning_peft.additive.soft_prompts import (
     gather_if_sharded,
     given_cache,
     input_shape,
+    learned_positions,
     mark_prefix_cache,
     named_forward_arguments,
     shift_position_ids,
@@ -91,6 +92,7 @@ class PrefixInjector(PEFTModule):
         super().__init__()
         self.shape = shape
         self._cache_argument = cache_argument(model)
+        self.positions = learned_positions(model)  # the learned position table's size, if the model has one
         model.register_forward_pre_hook(self.before_forward, with_kwargs=True)
         model.register_forward_hook(self.after_forward, with_kwargs=True)
 
@@ -120,7 +122,8 @@ class PrefixInjector(PEFTModule):
         for name in CACHE_ARGUMENTS:
             kwargs.pop(name, None)
         if not cached_length(cache):  # a first step (or no generation at all): the prefix goes in first
-            check_positions_fit(model, "PrefixTuning", self.active_virtual_tokens(), shape[1], "the input")
+            check_positions_fit(self.positions, model, "PrefixTuning", self.active_virtual_tokens(), shape[1],
+                                "the input")
             cache = self.fill(cache, model, shape[0])
         kwargs[self._cache_argument] = cache
         n = self.active_virtual_tokens()

@@ -31,6 +31,7 @@ from lightning_peft.additive.soft_prompts import (
     holds_only_a_prefix,
     input_shape,
     keep_last_positions,
+    learned_positions,
     named_forward_arguments,
     prepend_to_token_inputs,
     shift_position_ids,
@@ -113,6 +114,7 @@ class PromptInjector(PEFTModule):
         super().__init__()
         # per call in flight: (prompted length, real length, per-row real positions when packed, tuple output)
         self._lengths: list[tuple[int, int, Tensor | None, bool] | None] = []
+        self.positions = learned_positions(model)  # the learned position table's size, if the model has one
         hooked = prompted_module(model)
         hooked.register_forward_pre_hook(self.before_forward, with_kwargs=True)
         hooked.register_forward_hook(self.after_forward, with_kwargs=True, always_call=True)
@@ -187,7 +189,7 @@ class PromptInjector(PEFTModule):
             widen_attention_mask(kwargs, prompts.width, cached + shape[1])
             shift_position_ids(kwargs, prompts.width, with_virtual=False)
         else:
-            check_positions_fit(model, "PromptTuning", prompts.width, shape[1], "the input")
+            check_positions_fit(self.positions, model, "PromptTuning", prompts.width, shape[1], "the input")
             prepend(model, kwargs, prompts, shape)
         return (), kwargs
 

@@ -114,9 +114,12 @@ def learned_positions(model: nn.Module) -> int | None:
     return min((table.num_embeddings - start for table, start in zip(tables, first, strict=True)), default=None)
 
 
-def check_positions_fit(model: nn.Module, method: str, virtual: int, length: int, source: str) -> None:
-    """Refuse ``virtual`` tokens before ``length`` real ones that overrun the model's learned position table."""
-    table = learned_positions(model)
+def check_positions_fit(table: int | None, model: nn.Module, method: str, virtual: int, length: int,
+                        source: str) -> None:
+    """Refuse ``virtual`` tokens before ``length`` real ones that overrun ``model``'s learned position table.
+
+    ``table``: its `learned_positions`, found once (a forward's hook must not walk the model).
+    """
     if table is not None and virtual + length > table:
         raise ValueError(f"{method}: {virtual} virtual tokens + {length} tokens ({source}) need {virtual + length} "
                          f"positions, but {type(model).__name__} has {table} learned positions: keep inputs to at "
@@ -129,7 +132,8 @@ def check_data_fits_positions(trainer: Any, model: nn.Module, method: str, virtu
     data = getattr(trainer, "datamodule", None)
     length = getattr(data, "max_length", None) or getattr(data, "block_size", None)
     if isinstance(length, int):
-        check_positions_fit(model, method, virtual, length, f"the data's {type(data).__name__} max_length/block_size")
+        check_positions_fit(learned_positions(model), model, method, virtual, length,
+                            f"the data's {type(data).__name__} max_length/block_size")
 
 
 def widen_attention_mask(kwargs: dict[str, Any], n: int, attended_length: int) -> None:

@@ -73,10 +73,15 @@ def callback_class(entry: dict | str) -> type | None:
         return None
 
 
+def names_a(entry: dict | str, base: type) -> bool:
+    """Whether a recipe's callback entry names a subclass of ``base``."""
+    cls = callback_class(entry)
+    return isinstance(cls, type) and issubclass(cls, base)
+
+
 def is_method_slot(entry: dict | str) -> bool:
     """Whether a callback entry sets up the model (a PEFT method, a quantized base): what compare replaces."""
-    cls = callback_class(entry)
-    return isinstance(cls, type) and issubclass(cls, ModelSetupCallback)
+    return names_a(entry, ModelSetupCallback)
 
 
 def method_slot(recipe: dict, name: str) -> list[dict]:

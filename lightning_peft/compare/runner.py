@@ -38,9 +38,9 @@ from lightning_peft.compare.methods import (
     METHOD_NAMES,
     CompareError,
     MethodPlan,
-    callback_class,
     is_method_slot,
     method_slot,
+    names_a,
     own_method,
     parse_overrides,
     plan_method,
@@ -254,7 +254,8 @@ def run_config(recipe: dict, plan: MethodPlan, seed: int, max_steps: int | None,
     """
     config = copy.deepcopy(recipe)
     trainer = config.setdefault("trainer", {})
-    others = [entry for entry in trainer.get("callbacks") or [] if not is_method_slot(entry) and not _saves(entry)]
+    others = [entry for entry in trainer.get("callbacks") or []  # compare's runs keep no checkpoints
+              if not is_method_slot(entry) and not names_a(entry, ModelCheckpoint)]
     trainer.update(callbacks=copy.deepcopy(plan.callbacks) + others, default_root_dir=str(run_dir),
                    enable_checkpointing=False, enable_progress_bar=False, gradient_clip_val=plan.gradient_clip_val,
                    devices=1, num_nodes=1, strategy="auto")  # every run on one device, as the report says
@@ -266,12 +267,6 @@ def run_config(recipe: dict, plan: MethodPlan, seed: int, max_steps: int | None,
     if sweep and not data.get("val_file") and not data.get("val_fraction", 1):
         data["val_fraction"] = SWEEP_VAL_FRACTION
     return config
-
-
-def _saves(entry: dict | str) -> bool:
-    """Whether a recipe's callback entry writes checkpoints (a ModelCheckpoint): compare's runs keep none."""
-    cls = callback_class(entry)
-    return isinstance(cls, type) and issubclass(cls, ModelCheckpoint)
 
 
 def run_once(recipe: dict, plan: MethodPlan, seed: int, max_steps: int | None, out: Path, label: str,

@@ -83,7 +83,8 @@ class Selective(PEFTCallback):
 
     def inject_into(self, module: nn.Module) -> list[nn.Parameter]:
         """The base parameters that pass every filter, or a ValueError saying what exists."""
-        base = [b for b in base_parameters(module) if id(b.param) not in _shadowed(module)]
+        shadowed = _shadowed(module)
+        base = [b for b in base_parameters(module) if id(b.param) not in shadowed]
         passing = self._passing_per_filter(module, base)
         chosen = [b.param for b in base if all(id(b.param) in ids for ids in passing.values())]
         if not chosen:
