@@ -209,13 +209,68 @@ def test_inside_a_block_merge_is_refused_and_disable_adapters_gives_every_row_th
     torch.testing.assert_close(routed[1:], alone(model, "b", **{k: v[1:] for k, v in inputs.items()}))
 
 
-def test_a_compiled_model_follows_the_routing():
-    model = with_two(LoRA, tiny_llama(), r=4, target_modules=["q_proj", "v_proj"])
+ROUTINGS = [["a", "b", None, "a", "b", None], ["b", "a", "a", None, None, "b"], ["a"] * 6, [None] * 6]
+
+
+def compiled_counting(model):
+    """``model`` compiled with a backend that records each graph it compiles, and that record."""
+    graphs = []
+
+    def counting_backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()
+    return torch.compile(model, backend=counting_backend), graphs
+
+
+def check_compiled_rows_match_single_runs(model, compiled, names, inputs):
+    with torch.no_grad():
+        with per_row_adapters(model, names):
+            got = compiled(**inputs).logits
+        for i, name in enumerate(names):
+            one_row = {k: v[i:i + 1] for k, v in inputs.items()}
+            torch.testing.assert_close(got[i:i + 1], alone(model, name, **one_row), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("build", [
+    lambda: with_two(LoRA, tiny_llama(), r=4, target_modules=["q_proj", "v_proj"]),
+    lambda: with_two(LoRA, tiny_llama(), r=4, target_modules=["q_proj", "down_proj"], use_dora=True),
+    lambda: with_two(IA3, tiny_llama(), target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    lambda: with_two(Adapter, tiny_gpt2(), bottleneck_dim=8),
+    lambda: with_two(LoRA, tiny_bert(), r=4, target_modules=["query"], modules_to_save=["classifier"]),
+], ids=["lora", "dora", "ia3", "adapter", "own-heads"])
+def test_a_compiled_model_follows_every_routing_with_one_compilation(build):
+    model = build()
+    compiled, graphs = compiled_counting(model)
     inputs = token_inputs()
-    compiled = torch.compile(model, backend="aot_eager")
-    with torch.no_grad(), per_row_adapters(model, NAMES):
-        eager = model(**inputs).logits
-        torch.testing.assert_close(compiled(**inputs).logits, eager)
+    check_compiled_rows_match_single_runs(model, compiled, ROUTINGS[0], inputs)
+    compiled_once = len(graphs)
+    assert compiled_once > 0
+    for names in ROUTINGS[1:]:
+        check_compiled_rows_match_single_runs(model, compiled, names, inputs)
+    assert len(graphs) == compiled_once  # a new routing compiled nothing
+
+
+def test_a_compiled_model_gives_each_adapter_gradients_from_its_rows_only():
+    model = with_two(LoRA, tiny_llama(), r=4, target_modules=["q_proj", "v_proj"]).train()
+    compiled, _ = compiled_counting(model)
+    with per_row_adapters(model, NAMES):
+        logits = compiled(**token_inputs()).logits
+    logits[[0, 3]].sum().backward()  # the rows of "a" only
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if ".a." in n and "lora_B" in n)
+    assert all(g is None or not g.any() for n, g in grads.items() if ".b." in n)
+
+
+def test_compiled_prompts_per_row_equal_single_adapter_runs():
+    model = tiny_llama()
+    PromptTuning(num_virtual_tokens=2, adapter_name="a").inject(model)
+    PromptTuning(num_virtual_tokens=4, adapter_name="b").inject(model)
+    compiled, _ = compiled_counting(randomized(model))
+    inputs = token_inputs()
+    for names in ROUTINGS:
+        check_compiled_rows_match_single_runs(model, compiled, names, inputs)
 
 
 def test_bad_routing_is_one_clear_error():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lightning_peft.core.rows import RowSet
+from lightning_peft.core.rows import RowMask, RowSet
 
 
 class PEFTModule(nn.Module):
@@ -61,7 +61,7 @@ class PEFTModule(nn.Module):
             raise ValueError(f"{where} has shape {tuple(value.shape)}, but the adapter slot's has {tuple(slot.shape)}")
         return value
 
-    def row_groups(self, batch: Tensor) -> list[tuple[nn.Module, RowSet]]:
+    def row_groups(self, batch: Tensor) -> list[tuple[nn.Module, RowSet | RowMask]]:
         """Under `per_row_adapters`: ``(adapter, row indices)`` for each routed adapter this part holds."""
         return self.row_adapters.groups(self, batch)
 

@@ -3,7 +3,9 @@
 The context manager puts a :class:`RowAdapters` routing on every PEFT part of the model; a part
 that supports it (``per_row = True``) computes each adapter's formula on that adapter's rows only,
 so a row's output is what the model gives for that row alone with only its adapter active. Parts
-that hold none of the named adapters compute as their base while the block lasts.
+that hold none of the named adapters compute as their base while the block lasts. Under
+torch.compile each part computes every adapter it holds on all rows and keeps each row's own, with
+the routing as tensors, so one compiled graph serves every assignment of adapters to rows.
 """
 
 from __future__ import annotations
@@ -19,31 +21,45 @@ from torch.distributed.fsdp import FSDPModule
 from lightning_peft.core.layer import PEFTModule
 from lightning_peft.core.merging import merged_layers
 from lightning_peft.core.ownership import adapter_refs
-from lightning_peft.core.rows import RowSet
+from lightning_peft.core.rows import RowMask, RowSet
 
 
 @dataclass(frozen=True)
 class RowAdapters:
     """Which adapter each row of a batch uses: ``names`` per row, and the rows of each named adapter.
 
-    ``sharded``: the model is sharded by FSDP2, whose gradient reduction takes every parameter of a
-    unit that has a gradient, so every process must give the same adapters gradients (`with_resting`).
+    ``slots`` numbers every adapter of the model, and ``row_slots`` holds each row's adapter's number
+    (-1 for none, on the model's device): the routing as torch.compile sees it. ``sharded``: the
+    model is sharded by FSDP2, whose gradient reduction takes every parameter of a unit that has a
+    gradient, so every process must give the same adapters gradients (`with_resting`).
     """
 
     names: tuple[str | None, ...]
     rows: dict[str, RowSet]
+    slots: dict[str, int]
+    row_slots: Tensor
     sharded: bool = False
 
     @classmethod
-    def of(cls, names: Sequence[str | None], sharded: bool = False) -> RowAdapters:
+    def of(cls, names: Sequence[str | None], adapters: Sequence[str], device: torch.device,
+           sharded: bool = False) -> RowAdapters:
+        """The routing of ``names`` (one per row) on a model holding ``adapters``, its ``row_slots`` on ``device``."""
         rows: dict[str, list[int]] = {}
         for i, name in enumerate(names):
             if name is not None:
                 rows.setdefault(name, []).append(i)
-        return cls(tuple(names), {name: RowSet.of(index) for name, index in rows.items()}, sharded)
+        slots = {name: slot for slot, name in enumerate(adapters)}
+        row_slots = torch.tensor([-1 if n is None else slots[n] for n in names], device=device)
+        return cls(tuple(names), {name: RowSet.of(index) for name, index in rows.items()}, slots, row_slots, sharded)
 
-    def groups(self, part: PEFTModule, batch: Tensor) -> list[tuple[nn.Module, RowSet]]:
-        """``(adapter, its rows)`` for each named adapter that ``part`` holds, once ``batch`` has a row per name."""
+    def groups(self, part: PEFTModule, batch: Tensor) -> list[tuple[nn.Module, RowSet | RowMask]]:
+        """``(adapter, its rows)`` for each named adapter that ``part`` holds, once ``batch`` has a row per name.
+
+        Under torch.compile: every adapter ``part`` holds, its rows as a mask, so that the graph
+        reads nothing of the routing but tensors and a new routing compiles nothing.
+        """
+        if torch.compiler.is_compiling():
+            return self._masked_groups(part, batch)
         if batch.shape[0] != len(self.names):
             raise ValueError(f"per_row_adapters was given {len(self.names)} names, but a {part.method} layer got a "
                              f"batch of {batch.shape[0]} rows (input shape {tuple(batch.shape)}); give one name per "
@@ -52,31 +68,40 @@ class RowAdapters:
                              "times in a row)")
         return [(part.adapters[name], rows) for name, rows in self.rows.items() if name in part.adapters]
 
+    def _masked_groups(self, part: PEFTModule, batch: Tensor) -> list[tuple[nn.Module, RowMask]]:
+        """``(adapter, its rows as a mask)`` for every adapter that ``part`` holds (compiled: no Python routing)."""
+        if batch.shape[0] != self.row_slots.shape[0]:
+            raise ValueError(f"per_row_adapters was given {self.row_slots.shape[0]} names, but a compiled "
+                             f"{part.method} layer got a batch of {batch.shape[0]} rows (input shape "
+                             f"{tuple(batch.shape)}); give one name per row")
+        return [(adapter, RowMask(self.row_slots == self.slots[name])) for name, adapter in part.adapters.items()
+                if name in self.slots]
+
     def with_resting(self, part: PEFTModule, out: Tensor) -> Tensor:
         """``out``, and under FSDP2 training a zero that gives ``part``'s adapters without rows a zero gradient.
 
         Another process's batch may hold rows of them: its reduction then waits for theirs here.
         Adapters that no process's rows named lose the zeros again before the optimizer steps.
         """
-        if not (self.sharded and torch.is_grad_enabled()):
-            return out
+        if not (self.sharded and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+            return out  # compiled, every adapter computes every row, and so has a gradient
         resting = [param for name, adapter in part.adapters.items() if name not in self.rows
                    for param in adapter.parameters() if param.requires_grad]
         return out + sum(param.sum() for param in resting) * 0 if resting else out
 
 
-def add_to_rows(out: Tensor, groups: list[tuple[nn.Module, RowSet]], delta_for) -> Tensor:
+def add_to_rows(out: Tensor, groups: list[tuple[nn.Module, RowSet | RowMask]], delta_for) -> Tensor:
     """``out`` plus, on each group's rows, ``delta_for(adapter, rows)``; other rows stay as they are."""
     if not groups:
         return out
-    every_row = sum(len(rows) for _, rows in groups) == out.shape[0]
+    every_row = all(rows.only_these for _, rows in groups) and sum(len(rows) for _, rows in groups) == out.shape[0]
     delta = out.new_empty(out.shape) if every_row else out.new_zeros(out.shape)
     for adapter, rows in groups:
         rows.put(delta, delta_for(adapter, rows).to(out.dtype))
     return out + delta
 
 
-def replace_rows(out: Tensor, groups: list[tuple[nn.Module, RowSet]], rows_for) -> Tensor:
+def replace_rows(out: Tensor, groups: list[tuple[nn.Module, RowSet | RowMask]], rows_for) -> Tensor:
     """``out`` with each group's rows replaced by ``rows_for(adapter, rows)``; other rows stay as they are."""
     if not groups:
         return out
@@ -122,7 +147,8 @@ def per_row_adapters(module: nn.Module, names: Sequence[str | None]) -> Iterator
     """
     names = list(names)  # an iterator would be spent by the check
     parts = _checked_parts(module, names)
-    routing = RowAdapters.of(names, sharded=any(isinstance(m, FSDPModule) for m in module.modules()))
+    routing = RowAdapters.of(names, _adapter_names(module), _device_of(module),
+                             sharded=any(isinstance(m, FSDPModule) for m in module.modules()))
     saved = [(part, part.row_adapters, list(part.active_adapters)) for part in parts]
     try:
         for part in parts:
@@ -148,7 +174,7 @@ def _checked_parts(module: nn.Module, names: list) -> list[PEFTModule]:
     if merged_layers(module):
         raise ValueError("per_row_adapters: this model has merged adapters, which every row would use; unmerge it "
                          "first")
-    known = list(dict.fromkeys(ref.name for ref in adapter_refs(module)))
+    known = _adapter_names(module)
     unknown = next((n for n in names if n is not None and n not in known), None)
     if unknown is not None:
         raise ValueError(f"per_row_adapters: no adapter named '{unknown}'; this model has: "
@@ -159,3 +185,13 @@ def _checked_parts(module: nn.Module, names: list) -> list[PEFTModule]:
         raise ValueError(f"per_row_adapters: {', '.join(unsupported)} adapters have no per-row forward; per-row "
                          "routing works for LoRA, IA3, Adapter and PromptTuning")
     return parts
+
+
+def _adapter_names(module: nn.Module) -> list[str]:
+    """The names of ``module``'s adapters, each once, in the order they were added."""
+    return list(dict.fromkeys(ref.name for ref in adapter_refs(module)))
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    """Where ``module``'s first parameter lives (the CPU for a model without parameters)."""
+    return next((param.device for param in module.parameters()), torch.device("cpu"))

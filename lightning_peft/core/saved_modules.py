@@ -17,7 +17,7 @@ from lightning_peft.core.injection import wrap_modules
 from lightning_peft.core.layer import PEFTLayer, PEFTModule
 from lightning_peft.core.ownership import forget_claims, owners
 from lightning_peft.core.per_row import replace_rows
-from lightning_peft.core.rows import RowSet
+from lightning_peft.core.rows import RowMask, RowSet
 
 _COPY_TENSOR = re.compile(r"^(?P<module>.+)\.adapters\.[^.]+\.(?P<tensor>.+)$")
 
@@ -45,13 +45,13 @@ class SavedModule(PEFTLayer):
             return self.current()(*args, **kwargs)
         batch = next(value for value in (*args, *kwargs.values()) if isinstance(value, Tensor))
         groups = self.row_groups(batch)
-        one_copy = len(groups) == 1 and len(groups[0][1]) == batch.shape[0]
+        one_copy = len(groups) == 1 and groups[0][1].only_these and len(groups[0][1]) == batch.shape[0]
         if one_copy and not self.row_adapters.sharded:  # called as it is (FSDP2: every process runs the original)
             return self.with_resting(groups[0][0](*args, **kwargs))
         if groups:
             self._check_rows_can_split(args, kwargs)
 
-        def rows_of(copy_: nn.Module, rows: RowSet) -> Tensor:
+        def rows_of(copy_: nn.Module, rows: RowSet | RowMask) -> Tensor:
             def take(value: Any) -> Any:
                 if type(value) in (tuple, list):  # rotary (cos, sin) of each row, say
                     return type(value)(map(take, value))
