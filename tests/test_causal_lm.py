@@ -13,7 +13,7 @@ import torch
 import yaml
 from test_cli import run_cli
 
-from lightning_peft import LoRA, assets
+from lightning_peft import LoRA, PromptTuning, assets
 from lightning_peft.assets import AssetError, austen_text
 from lightning_peft.data import CausalLMData
 from lightning_peft.tasks import CausalLM
@@ -175,6 +175,18 @@ def test_the_loss_logged_over_a_split_is_its_tokens_mean_whatever_the_batches(tm
     for result in results:  # was: a mean of batch means, which moved with the batch size
         assert result["val_loss"] == pytest.approx(math.log(result["val_ppl"]), rel=1e-5)
     assert results[0]["val_loss"] == pytest.approx(results[1]["val_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("callbacks, precision", [([PromptTuning(num_virtual_tokens=3)], "32-true"),
+                                                 ([], "bf16-true")], ids=["prompt-tuning", "bf16"])
+def test_loss_and_perplexity_are_over_the_same_tokens_in_float32(tmp_path, tiny_lm_dir, callbacks, precision):
+    text = tmp_path / "counting.txt"
+    text.write_text(COUNTING)
+    data = CausalLMData(train_file=str(text), block_size=16, batch_size=4, val_fraction=0.2)
+    result = make_trainer(callbacks, precision=precision).validate(CausalLM(model=str(tiny_lm_dir)), datamodule=data,
+                                                                   verbose=False)[0]
+    # was: the loss also counted the first token (after the prompt), the perplexity was taken in bf16
+    assert result["val_loss"] == pytest.approx(math.log(result["val_ppl"]), rel=1e-6)
 
 
 def test_cli_fit_then_predict_generates(tmp_path, tiny_lm_dir):

@@ -52,8 +52,18 @@ def _prompt_tuned(model):
     return PromptTuning(num_virtual_tokens=3).inject(model)
 
 
+def _mixtral_with_router_loss():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           output_router_logits=True, router_aux_loss_coef=0.5)
+    return LoRA(r=4, target_modules=["q_proj", "v_proj"]).inject(MixtralForCausalLM(config))
+
+
 MODELS = {
     "llama+lora": lambda: _lora(tiny_llama()),
+    "mixtral+router loss": _mixtral_with_router_loss,
     "gpt2+lora": lambda: _lora(tiny_gpt2()),
     "tied llama, all trained": lambda: _tied_llama().requires_grad_(True),
     "llama+prompt tuning": lambda: _prompt_tuned(tiny_llama()),
@@ -119,7 +129,7 @@ def test_a_model_that_transforms_its_logits_falls_back_to_its_own_loss(tiny_lm_d
     config = Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=3.0)
     task = _task(tiny_lm_dir, Gemma2ForCausalLM(config))
-    with pytest.warns(UserWarning, match="transforms its logits after the output projection"):
+    with pytest.warns(UserWarning, match="transforms or copies its logits after the output projection"):
         assert task.chunked_loss(_batch()) is None
     assert task.use_chunked_loss is False
     # An adapted head is no plain nn.Linear: the model's own loss, silently.
@@ -127,3 +137,33 @@ def test_a_model_that_transforms_its_logits_falls_back_to_its_own_loss(tiny_lm_d
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert task.chunked_loss(_batch()) is None
+
+
+def test_labels_that_are_no_token_and_not_ignored_are_refused(tiny_lm_dir):  # noqa: F811
+    task, batch = _task(tiny_lm_dir, _lora(tiny_llama())), _batch()
+    batch["labels"][1, 3] = -1  # the model's own loss raises on it; counted as token 0 it would train silently
+    with pytest.raises(RuntimeError, match=f"labels must be token ids below {VOCAB} or -100"):
+        task.chunked_loss(batch)
+
+
+def test_float16_autocast_takes_the_models_own_loss(tiny_lm_dir):  # noqa: F811
+    task = _task(tiny_lm_dir, _lora(tiny_llama()))
+    with torch.autocast("cpu", dtype=torch.float16):  # the gradient would be made before loss scaling
+        assert task.chunked_loss(_batch()) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert task.chunked_loss(_batch()) is not None
+    assert task.use_chunked_loss  # only that step
+
+
+def test_falling_back_leaves_the_random_state_as_a_plain_step_finds_it(tiny_lm_dir):  # noqa: F811
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=3.0)
+    task = _task(tiny_lm_dir, LoRA(r=2, dropout=0.5, target_modules=["q_proj"]).inject(Gemma2ForCausalLM(config)))
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="training uses its own loss"):
+        assert task.chunked_loss(_batch()) is None  # a forward that drew dropout masks, then was dropped
+    after_fallback = torch.rand(4)
+    torch.manual_seed(0)
+    assert torch.equal(after_fallback, torch.rand(4))  # so a resumed run, which probes again, draws the same

@@ -6,13 +6,21 @@ import warnings
 
 import torch
 from torch import nn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, Metric
 from torchmetrics.text import Perplexity
 from transformers import AutoModelForCausalLM
 
 from lightning_peft.data.causal_lm import IGNORE_INDEX
 from lightning_peft.tasks.base import TransformersTask
-from lightning_peft.tasks.chunked_loss import capturing_head_input, next_token_loss, plain_linear_head, positions_behind
+from lightning_peft.tasks.chunked_loss import (
+    capturing_head_input,
+    fp16_autocast,
+    next_token_loss,
+    plain_linear_head,
+    positions_behind,
+    restore_rng,
+    rng_state,
+)
 
 
 class CausalLM(TransformersTask):
@@ -20,9 +28,12 @@ class CausalLM(TransformersTask):
 
     The tokenizer is loaded at once (given the end token as padding when it has none); the
     transformers model is built in ``configure_model``, so the PEFT callbacks change it at setup.
-    Training logs ``train_loss``; validation and test log ``val_loss``/``val_ppl`` and
-    ``test_loss``/``test_ppl``; ``predict`` returns each prompt's greedy continuation as text,
-    without the prompt. The optimizer is AdamW over the trainable parameters only.
+    Training logs ``train_loss`` (each micro-batch's token mean; under gradient accumulation each
+    micro-batch counts equally, as in Lightning); validation and test log ``val_loss``/``val_ppl``
+    and ``test_loss``/``test_ppl``, over the same tokens (each predicted from the one before, so a
+    soft prompt's first prediction is not counted), summed in float32 over the whole split;
+    ``predict`` returns each prompt's greedy continuation as text, without the prompt. The
+    optimizer is AdamW over the trainable parameters only.
 
     Args:
         model: a built-in name (``"smollm2-135m"``, SmolLM2-135M-Instruct) or a transformers model
@@ -35,9 +46,10 @@ class CausalLM(TransformersTask):
         trust_remote_code: allow model and tokenizer code from the model folder (off: safe by default).
         optimizer: ``"adamw"`` (torch) or ``"adamw8bit"`` (bitsandbytes, 8-bit moment estimates).
         chunked_loss: compute the training loss with the output projection, a few rows at a time, so
-            the whole batch's fp32 logits never exist at once (same loss and gradients); it falls back
-            to the model's own loss where the head is not a plain ``nn.Linear`` or the model
-            transforms its logits.
+            the whole batch's fp32 logits never exist at once (same loss and gradients, a
+            mixture-of-experts model's router loss included); it falls back to the model's own loss
+            where the head is not a plain ``nn.Linear``, the model transforms its logits, or
+            autocast computes in float16 (whose loss scaling comes after the gradient is made).
 
     Raises:
         ValueError: when ``optimizer``, ``learning_rate``, ``weight_decay`` or ``warmup_steps`` is
@@ -94,34 +106,52 @@ class CausalLM(TransformersTask):
     def chunked_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """The model's mean next-token loss without full logits, or None where that would not be exact."""
         head = self.model.get_output_embeddings()
-        if not plain_linear_head(head) or "labels" not in batch:
+        device = batch["input_ids"].device
+        if not plain_linear_head(head) or "labels" not in batch or fp16_autocast(device):
             return None
+        rng = rng_state(device)
         with capturing_head_input(head) as captured:
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
-        positions = positions_behind(logits, captured["placeholder"])
+            output = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+        positions = positions_behind(output.logits, captured["placeholder"])
         if positions is None:
-            warnings.warn(f"{type(self.model).__name__} transforms its logits after the output projection: "
+            warnings.warn(f"{type(self.model).__name__} transforms or copies its logits after the output projection: "
                           "training uses its own loss (chunked_loss is off)", stacklevel=2)
             self.use_chunked_loss = False
+            restore_rng(device, rng)  # the plain step draws the dropout masks a run without this forward draws
             return None
         hidden, labels = captured["hidden"], batch["labels"]
         if hidden.shape[1] != labels.shape[1]:  # positions before the returned ones (virtual tokens): no loss
             labels = labels.new_full(hidden.shape[:2], IGNORE_INDEX).index_copy_(
                 1, torch.arange(hidden.shape[1], device=labels.device)[positions], labels)
-        return next_token_loss(hidden, head, labels)
+        return next_token_loss(hidden, head, labels) + self._router_loss(output)
+
+    def _router_loss(self, output) -> torch.Tensor | float:
+        """The load-balancing loss a mixture-of-experts model adds to its own loss (``output_router_logits``), or 0."""
+        aux = getattr(output, "aux_loss", None)
+        if aux is None:
+            return 0.0
+        return getattr(self.model, "router_aux_loss_coef", self.model.config.router_aux_loss_coef) * aux
 
     def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, perplexity: Perplexity,
                   token_loss: MeanMetric) -> None:
-        output = self(**batch)
-        targets = batch["labels"][:, 1:]  # token t predicts token t + 1
-        perplexity.update(output.logits[:, :-1], targets)
-        token_loss.update(output.loss, weight=(targets != IGNORE_INDEX).sum())  # the batch's mean, by its tokens
+        """Log the loss and perplexity over the same tokens, each predicted from the one before, in float32."""
+        logits = self(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+        logits, targets = logits[:, :-1].float(), batch["labels"][:, 1:]  # token t predicts token t + 1
+        counted = (targets != IGNORE_INDEX).sum()
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                                 reduction="sum") / counted.clamp(min=1)
+        perplexity.update(logits, targets)
+        token_loss.update(loss, weight=counted)  # the batch's mean, by its tokens
         self.log(f"{stage}_loss", token_loss, prog_bar=True)
         self.log(f"{stage}_ppl", perplexity, prog_bar=True)
 
     def on_validation_epoch_start(self) -> None:
         super().on_validation_epoch_start()
         self.val_token_loss.reset()
+        _sum_in_float32(self.val_metrics, self.val_token_loss)
+
+    def on_test_epoch_start(self) -> None:
+        _sum_in_float32(self.test_metrics, self.test_token_loss)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_metrics, self.val_token_loss)
@@ -135,3 +165,9 @@ class CausalLM(TransformersTask):
                                         max_new_tokens=self.hparams.max_new_tokens, do_sample=False,
                                         pad_token_id=self.tokenizer.pad_token_id)
         return self.tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def _sum_in_float32(*metrics: Metric) -> None:
+    """Keep ``metrics``' sums in float32: ``bf16-true`` casts them with the model, and bf16 sums drift."""
+    for metric in metrics:
+        metric.set_dtype(torch.float32)

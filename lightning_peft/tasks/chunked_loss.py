@@ -78,10 +78,30 @@ def loss_and_logit_gradient(logits: Tensor, targets: Tensor, grad_scale: Tensor)
 
 def next_token_loss(hidden: Tensor, head: nn.Linear, labels: Tensor) -> Tensor:
     """The causal-LM loss of transformers (position t predicts label t + 1, -100 ignored, mean) without full logits."""
+    valid = (labels == IGNORE_INDEX) | ((labels >= 0) & (labels < head.out_features))
+    torch._assert_async(valid.all(), f"labels must be token ids below {head.out_features} or {IGNORE_INDEX} (ignored)")
     shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     flat = hidden.reshape(-1, hidden.shape[-1])
     chunk = max(1, CHUNK_ELEMENTS // head.out_features)
     return LinearCrossEntropy.apply(flat, head.weight, head.bias, shifted.reshape(-1), chunk)
+
+
+def fp16_autocast(device: torch.device) -> bool:
+    """Whether autocast computes in float16 on ``device``: its loss scaling would come after the gradient is made."""
+    return torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.float16
+
+
+def rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """The random state of the CPU and of ``device``'s accelerator, to draw the same numbers again."""
+    accelerator = torch.get_device_module(device.type).get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), accelerator
+
+
+def restore_rng(device: torch.device, state: tuple[Tensor, Tensor | None]) -> None:
+    """Put back the random state :func:`rng_state` took."""
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.get_device_module(device.type).set_rng_state(state[1], device)
 
 
 def plain_linear_head(head: nn.Module | None) -> bool:
