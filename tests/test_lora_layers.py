@@ -257,6 +257,70 @@ def test_merging_an_adapter_on_a_tied_embedding_leaves_the_other_end_as_it_was(t
     assert base.weight is shared and model.config.tie_word_embeddings  # tied again
 
 
+@pytest.mark.parametrize("settings", [dict(target_modules=["decoder.embed_tokens"]),
+                                      dict(target_modules=["embed_tokens"]),
+                                      dict(target_modules=["q_proj"], modules_to_save=["lm_head"])],
+                         ids=["lora-on-one-embedding", "lora-on-both", "own-head"])
+def test_a_merged_bart_saves_and_loads_as_merged_then_unmerges_into_one_shared_embedding(tmp_path, settings):
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    config = BartConfig(vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32)
+    model = BartForConditionalGeneration(config).eval()
+    places = ("model.shared", "model.encoder.embed_tokens", "model.decoder.embed_tokens", "lm_head")
+    assert len({model.get_submodule(p).weight.data_ptr() for p in places}) == 1  # four places, one weight
+    LoRA(r=4, **settings).inject(model)
+    _randomize(model)
+    ids = torch.randint(0, VOCAB, (2, 7))
+    with torch.no_grad():
+        adapted = model(input_ids=ids, decoder_input_ids=ids).logits
+        merge(model)
+        model.save_pretrained(tmp_path)  # was: the weight saved once, the untied config loading the rest at random
+        reloaded = BartForConditionalGeneration.from_pretrained(tmp_path).eval()
+        torch.testing.assert_close(reloaded(input_ids=ids, decoder_input_ids=ids).logits, adapted, rtol=0, atol=1e-5)
+        unmerge(model)
+        torch.testing.assert_close(model(input_ids=ids, decoder_input_ids=ids).logits, adapted, rtol=0, atol=1e-5)
+    weights = [base_of(model.get_submodule(p)).weight for p in places]
+    assert len({w.data_ptr() for w in weights}) == 1 and model.config.tie_word_embeddings  # shared again
+
+
+@pytest.mark.parametrize("method", [lambda: LoRA(r=4, target_modules="0"),
+                                    lambda: IA3(target_modules="0", feedforward_modules=[])], ids=["lora", "ia3"])
+def test_merging_into_a_weight_normed_layer_writes_through_its_parametrization(method):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(8, 6)), nn.Tanh())
+    x = torch.randn(3, 8)
+    base = model(x).detach()
+    method().inject(model)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.3)
+        adapted = model(x)
+        assert not torch.allclose(adapted, base, atol=1e-3)
+        merge(model)  # was: written into the weight computed for that call, so the merged model was the base
+        torch.testing.assert_close(model(x), adapted, rtol=0, atol=1e-5)
+        unmerge(model)
+        torch.testing.assert_close(model(x), adapted, rtol=0, atol=1e-5)
+        with disable_adapters(model):
+            torch.testing.assert_close(model(x), base, rtol=0, atol=1e-5)
+
+
+def test_pissa_on_a_weight_normed_layer_is_refused_and_the_model_kept():
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(8, 6)))
+    x = torch.randn(3, 8)
+    before = model(x).detach()
+    with pytest.raises(ValueError, match="computed by a parametrization"):
+        LoRA(r=2, init="pissa", target_modules="0").inject(model)
+    assert not any(isinstance(m, LoRALayer) for m in model.modules())
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
+def base_of(layer: nn.Module) -> nn.Module:
+    """The layer a PEFT wrapper wraps, or the layer itself."""
+    return getattr(layer, "base_layer", layer)
+
+
 class TorchEncoder(nn.Module):
     """PyTorch's own transformer encoder, whose eval-mode fast path reads its layers' weights directly."""
 

@@ -15,7 +15,7 @@ from lightning_peft.core.models import transformers_models
 from lightning_peft.core.ownership import holders
 
 _MERGED = "_lightning_peft_merged"  # on a parent module: {child name: the PEFT layer merged there}
-_TIED = "_lightning_peft_untied"  # on a merged layer: {local name: the shared weight}; on the model: config untied
+_TIED = "_lightning_peft_untied"  # on a merged layer: {local name: the shared weight}; on the model: copies made
 
 
 def merge(module: nn.Module) -> nn.Module:
@@ -99,12 +99,13 @@ def unmerge(module: nn.Module) -> nn.Module:
             active, layer.active_adapters = layer.active_adapters, list(layer.merged_adapters)
             layer.unmerge()  # the adapters merged, even if another set is active now (disable_adapters ended)
             layer.active_adapters = active
-            _tie_again(module, layer)
+            _tie_again(layer)
             places.put_in_place_of(layer.merged_module(), layer)  # a layer shared by several places: at each
             del parent.__dict__[_MERGED][child]
         restored = True
     if not restored:
         raise ValueError("unmerge: this module has no merged adapters")
+    _tie_models_again(module)
     return module
 
 
@@ -127,26 +128,44 @@ def _untie(root: nn.Module, layer: PEFTLayer, where: dict[int, list[tuple[nn.Mod
 
     So merging changes this layer alone, not the output head tied to an adapted input embedding;
     the transformers config stops tying them, so a saved merged model loads as merged. The shared
-    tensor is kept on the layer for unmerge.
+    tensor is kept on the layer for unmerge. With the config untied, transformers ties none of the
+    model's weights when it loads, so the other places that share the weight (BART's encoder and
+    decoder embeddings and head) get copies too, or a saved model would hold it once and load the
+    rest at random; `unmerge` shares it again.
     """
     inside = {id(m) for m in layer.modules()}
     base = layer.base_layer
     for local, param in list(base._parameters.items()):
-        if param is not None and any(id(m) not in inside for m, _ in where.get(id(param), [])):
+        outside = [(m, name) for m, name in where.get(id(param), []) if id(m) not in inside]
+        if param is not None and outside:
             layer.__dict__.setdefault(_TIED, {})[local] = param
-            setattr(base, local, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad))
+            setattr(base, local, _own_copy(param))
             model = _model_holding(root, base)
             if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
                 model.config.tie_word_embeddings = False
-                model.__dict__[_TIED] = True
+                model.__dict__[_TIED] = [(m, name, param) for m, name in outside[1:]]
+                for m, name in outside[1:]:
+                    setattr(m, name, _own_copy(param))
 
 
-def _tie_again(root: nn.Module, layer: PEFTLayer) -> None:
+def _own_copy(param: nn.Parameter) -> nn.Parameter:
+    """A parameter with ``param``'s values in memory of its own."""
+    return nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+
+
+def _tie_again(layer: PEFTLayer) -> None:
     """Give ``layer``'s base back the weights it shared before `merge` (see `_untie`)."""
     for local, param in layer.__dict__.pop(_TIED, {}).items():
         setattr(layer.base_layer, local, param)
-        model = _model_holding(root, layer.base_layer)  # in the model now, where the layer was
-        if model.__dict__.pop(_TIED, False):
+
+
+def _tie_models_again(root: nn.Module) -> None:
+    """Once every merged layer is back: the places `_untie` gave copies share the weight again, and the config ties."""
+    for model in root.modules():
+        separated = model.__dict__.pop(_TIED, None)
+        if separated is not None:
+            for module, name, param in separated:
+                setattr(module, name, param)
             model.config.tie_word_embeddings = True
 
 

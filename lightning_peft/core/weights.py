@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
+from torch.nn.utils import parametrize
 
 from lightning_peft.core.checks import import_optional
 from lightning_peft.core.layer import innermost_base
@@ -53,6 +54,8 @@ def write_weight(layer: nn.Module, weight: Tensor, warn: bool = True) -> None:
     layer = innermost_base(layer)
     if is_quantized(layer):
         replace_quantized_weight(layer, weight, warn)
+    elif parametrize.is_parametrized(layer, "weight"):  # weight_norm: the originals that give this weight
+        layer.weight = weight.to(layer.weight.dtype)
     else:
         layer.weight.copy_(weight.to(layer.weight.dtype))
 
@@ -65,6 +68,10 @@ def replace_weight(layer: nn.Module, weight: Tensor) -> None:
     (a rollback record) still has it.
     """
     layer = innermost_base(layer)
+    if parametrize.is_parametrized(layer, "weight"):
+        raise ValueError(f"the weight of this {type(layer).__name__} is computed by a parametrization (weight_norm, "
+                         "say), which cannot take a new tensor; use another init for it (init='pissa' replaces "
+                         "the base weight)")
     if is_quantized(layer):
         replace_quantized_weight(layer, weight, warn=False)
     else:
