@@ -10,11 +10,13 @@ from __future__ import annotations
 from torch import nn
 
 from lightning_peft.core.injection import ModulePlaces, peft_layers
-from lightning_peft.core.layer import PEFTLayer, PEFTModule
+from lightning_peft.core.layer import PEFTLayer, PEFTModule, innermost_base
 from lightning_peft.core.models import transformers_models
 from lightning_peft.core.ownership import holders
+from lightning_peft.core.weights import quantized_codes, restore_quantized_codes
 
 _MERGED = "_lightning_peft_merged"  # on a parent module: {child name: the PEFT layer merged there}
+_CODES = "_lightning_peft_codes"  # on a merged layer over a quantized base: the base's codes before the merge
 _TIED = "_lightning_peft_untied"  # on a merged layer: {local name: the shared weight}; on the model: copies made
 
 
@@ -60,6 +62,9 @@ def merge(module: nn.Module) -> nn.Module:
         parent = module.get_submodule(parent_name)
         layer.merged_adapters = tuple(layer.active_adapters)  # what unmerge takes out, whatever is active then
         _untie(module, layer, where)
+        codes = quantized_codes(layer.base_layer)
+        if codes is not None:
+            layer.__dict__[_CODES] = codes
         places.put_in_place_of(layer, layer.merged_base_layer())
         parent.__dict__.setdefault(_MERGED, {})[child] = layer
     return module
@@ -97,7 +102,7 @@ def unmerge(module: nn.Module) -> nn.Module:
             if getattr(parent, child) is not layer.merged_module():
                 raise RuntimeError(f"unmerge: '{child}' was replaced after the merge; cannot restore its adapter")
             active, layer.active_adapters = layer.active_adapters, list(layer.merged_adapters)
-            layer.unmerge()  # the adapters merged, even if another set is active now (disable_adapters ended)
+            _unmerge_layer(layer)  # the adapters merged, even if another set is active now (disable_adapters ended)
             layer.active_adapters = active
             _tie_again(layer)
             places.put_in_place_of(layer.merged_module(), layer)  # a layer shared by several places: at each
@@ -107,6 +112,15 @@ def unmerge(module: nn.Module) -> nn.Module:
         raise ValueError("unmerge: this module has no merged adapters")
     _tie_models_again(module)
     return module
+
+
+def _unmerge_layer(layer: PEFTLayer) -> None:
+    """Take ``layer``'s merged adapters back out: a quantized base gets its codes from before the merge back."""
+    codes = layer.__dict__.pop(_CODES, None)
+    if codes is not None and codes[0] is innermost_base(layer.base_layer):
+        restore_quantized_codes(codes)
+    else:
+        layer.unmerge()
 
 
 def _check_unmergeable(merged: list[tuple[nn.Module, str, PEFTLayer]]) -> None:

@@ -96,7 +96,8 @@ def replace_quantized_weight(layer: nn.Module, weight: Tensor, warn: bool = True
         layer.weight = bnb.nn.Int8Params(rows, requires_grad=False, has_fp16_weights=False, CB=rows, SCB=scales)
     else:
         old = layer.weight
-        packed, state = bnb.functional.quantize_4bit(weight, blocksize=old.blocksize,
+        dtype = getattr(old.quant_state, "dtype", weight.dtype) if old.quant_state is not None else weight.dtype
+        packed, state = bnb.functional.quantize_4bit(weight.to(dtype), blocksize=old.blocksize,
                                                      compress_statistics=old.compress_statistics,
                                                      quant_type=old.quant_type, quant_storage=old.quant_storage)
         layer.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=old.blocksize,
@@ -108,6 +109,32 @@ def replace_quantized_weight(layer: nn.Module, weight: Tensor, warn: bool = True
         warnings.warn(f"a merged or unmerged weight written into an {kind} base layer is rounded to {kind}: outputs "
                       "move about as much as quantizing moved them. For an exact merge, call "
                       "lightning_peft.quantization.dequantize_base(model) first", stacklevel=3)
+
+
+def quantized_codes(layer: nn.Module) -> tuple | None:
+    """What puts a quantized ``layer``'s weight back bit for bit (its codes and statistics), or None for a float one.
+
+    A merge into a 4-bit weight and its unmerge each round the weight again; going back to the
+    codes from before the merge keeps merge/unmerge cycles from adding up rounding.
+    """
+    layer = innermost_base(layer)
+    if not is_quantized(layer):
+        return None
+    if quantized_format(layer) == "int8":
+        return layer, layer.weight.data, int8_scales(layer)
+    return layer, layer.weight
+
+
+def restore_quantized_codes(codes: tuple) -> None:
+    """Put back the weight that :func:`quantized_codes` kept."""
+    layer, *kept = codes
+    if len(kept) == 2:
+        rows, scales = kept
+        layer.weight = import_bitsandbytes("QuantizeBase").nn.Int8Params(rows, requires_grad=False,
+                                                                        has_fp16_weights=False, CB=rows, SCB=scales)
+    else:
+        layer.weight = kept[0]
+        layer.quant_state = kept[0].quant_state
 
 
 def element_count(param: Tensor) -> int:

@@ -13,6 +13,7 @@ from torch import nn
 
 from lightning_peft.core.injection import ModulePlaces
 from lightning_peft.core.layer import PEFTLayer
+from lightning_peft.core.merging import check_unmerged
 from lightning_peft.core.models import transformers_models
 from lightning_peft.core.ownership import owners
 from lightning_peft.core.summary import base_weight_bytes, size_text
@@ -92,6 +93,7 @@ class QuantizeBase(ModelSetupCallback):
     def apply(self, module: nn.Module) -> nn.Module:
         """Quantize the frozen linear layers of ``module`` (once)."""
         if module not in self._applied or not any(is_quantized(m) for m in module.modules()):  # a rollback undoes it
+            check_unmerged(module, "QuantizeBase", "or save the merged model and quantize it as a new base")
             self._quantize_all(module)
             self._applied.add(module)
         return module
@@ -148,9 +150,10 @@ class QuantizeBase(ModelSetupCallback):
 
     def _layers_to_quantize(self, module: nn.Module) -> list[str]:
         """Names of the base's full-precision nn.Linear layers to quantize, innermost under any PEFT layer."""
+        skipped = []  # a block named here keeps every layer inside it in full precision, as transformers does
         if self.skip_modules is not None:  # a name that matches nothing is a typo: the error lists what exists
-            select_modules(module, self.skip_modules, supported=(nn.Module,), method="QuantizeBase",
-                           option="skip_modules")
+            skipped = [name for name, _ in select_modules(module, self.skip_modules, supported=(nn.Module,),
+                                                          method="QuantizeBase", option="skip_modules")]
         try:
             chosen = select_modules(module, ALL_LINEAR, self.skip_modules, supported=(nn.Linear,),
                                     method="QuantizeBase", check_exclusions=False)  # skip_modules checked above
@@ -159,7 +162,7 @@ class QuantizeBase(ModelSetupCallback):
                              "skip_modules (transformers' Conv1D, as in GPT-2, is not quantized)") from None
         trained = owners(module)
         kept = kept_in_full_precision(module)
-        whole = [name for name, _ in module.named_modules() if name_matches(name, self._trained_whole)]
+        whole = [name for name, _ in module.named_modules() if name_matches(name, self._trained_whole)] + skipped
         names = []
         for name, layer in chosen:
             if set(name.split(".")) & kept or any(name == w or name.startswith(w + ".") for w in whole):

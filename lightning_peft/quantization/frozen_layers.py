@@ -41,15 +41,15 @@ class FrozenInt8MatMul(torch.autograd.Function):
 
 
 class FrozenLinear8bit(bnb.nn.Linear8bitLt):
-    """``bnb.nn.Linear8bitLt`` whose CPU training forward keeps nothing of its input (its weight is frozen), and whose
-    bias keeps its dtype."""
+    """``bnb.nn.Linear8bitLt`` whose CPU forward keeps nothing of its input (its weight is frozen) and computes
+    the same in training and eval, and whose bias keeps its dtype."""
 
     def forward(self, x: Tensor) -> Tensor:
         self.state.is_training = self.training
         if self.weight.CB is not None:
             self.init_8bit_state()
         bias = None if self.bias is None else self.bias.to(x.dtype)  # a cast copy; the gradient reaches the bias
-        if self.training and x.device.type == "cpu":
+        if x.device.type == "cpu":  # in eval mode too: bitsandbytes would quantize the input as well
             return FrozenInt8MatMul.apply(x, self.state.CB, self.state.SCB, bias)
         out = bnb.matmul(x, self.weight, bias=bias, state=self.state)
         if self.state.CB is not None:  # as bitsandbytes does: the weight points at its int8 rows again

@@ -35,7 +35,7 @@ def quantize_linear(layer: nn.Linear, mode: str, double_quant: bool = True, comp
     from lightning_peft.quantization.frozen_layers import FrozenLinear4bit, FrozenLinear8bit  # bitsandbytes: optional
 
     if mode == "int8":
-        quantized = FrozenLinear8bit(*shape, has_fp16_weights=False, device="meta")
+        quantized = FrozenLinear8bit(*shape, has_fp16_weights=False, threshold=6.0, device="meta")  # LLM.int8()
     else:
         quantized = FrozenLinear4bit(*shape, compute_dtype=compute_dtype, compress_statistics=double_quant,
                                      quant_type=mode, device="meta")
