@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lightning_peft import IA3, Adapter, BitFit, LoRA, PromptTuning, merge, trainable_summary, unmerge
+from lightning_peft.core.weights import is_quantized
 from lightning_peft.quantization import (
     QuantizeBase,
     base_weight_bytes,
@@ -262,6 +263,29 @@ def test_merged_output_stays_within_the_stated_tolerance(mode):
     assert (model(ids()).logits - unmerged).abs().max() <= MERGE_TOLERANCE * quantization_error
     unmerge(model)  # the codes from before the merge, not the merged weight rounded once more
     torch.testing.assert_close(model(ids()).logits, unmerged, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_save_pretrained_of_a_merged_quantized_model_loads_quantized_with_the_same_codes(mode, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    model = llama().eval()
+    QuantizeBase(mode, skip_modules=["down_proj"]).inject(model)
+    LoRA(r=4, target_modules=["q_proj"]).inject(model)
+    randomize_lora_b(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the merge rounds, and says so
+        merge(model)
+    model.save_pretrained(tmp_path)  # was: the codes written as weights, read back as weights (no error)
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path)
+    for name, layer in model.named_modules():
+        if isinstance(layer, nn.Linear):
+            again = reloaded.get_submodule(name)
+            assert is_quantized(again) == is_quantized(layer), name
+            if is_quantized(layer):
+                torch.testing.assert_close(dequantized_weight(again), dequantized_weight(layer), rtol=0, atol=0)
+    dequantize_base(model)
+    assert getattr(model.config, "quantization_config", None) is None  # plain weights: saved as such
 
 
 @pytest.mark.parametrize("mode", ["int8", "nf4"])

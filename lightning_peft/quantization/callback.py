@@ -20,7 +20,7 @@ from lightning_peft.core.summary import base_weight_bytes, size_text
 from lightning_peft.core.targeting import ALL_LINEAR, Targets, fused_expert_parameters, name_matches, select_modules
 from lightning_peft.core.weights import import_bitsandbytes, is_quantized, quantized_format
 from lightning_peft.lightning.callback import ModelSetupCallback, setup_callbacks
-from lightning_peft.quantization.layers import MODES, quantize_linear
+from lightning_peft.quantization.layers import MODES, describe_in_config, quantize_linear
 from lightning_peft.quantization.memory import release_file_pages, return_freed_memory
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -118,6 +118,7 @@ class QuantizeBase(ModelSetupCallback):
             self._quantize(places, name)
             return_freed_memory()
         self.base_bytes, self.quantized_layers = (before, base_weight_bytes(module)), len(names)
+        describe_in_config(module, self.mode, self.double_quant)
         self._warn_fused_experts(module)
 
     def _check_no_other_format(self, module: nn.Module) -> None:

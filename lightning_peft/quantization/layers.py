@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lightning_peft.core.injection import ModulePlaces
+from lightning_peft.core.models import transformers_models
 from lightning_peft.core.ownership import owners
 from lightning_peft.core.weights import (
     dequantized_weight,
@@ -45,6 +46,26 @@ def quantize_linear(layer: nn.Linear, mode: str, double_quant: bool = True, comp
     return quantized.train(layer.training)  # bitsandbytes computes differently in eval mode
 
 
+def describe_in_config(module: nn.Module, mode: str, double_quant: bool) -> None:
+    """Write into each transformers model's config how its base is quantized, as transformers' own loading would.
+
+    ``save_pretrained`` then writes a folder that ``from_pretrained`` loads quantized (bitsandbytes),
+    with the same codes, rather than reading the codes as weights. Its layers left in full
+    precision are listed as not to convert.
+    """
+    from transformers import BitsAndBytesConfig
+
+    for _, model in transformers_models(module):
+        layers = [(name, layer) for name, layer in model.named_modules() if isinstance(layer, nn.Linear)]
+        described = getattr(model.config, "quantization_config", None) is not None  # by transformers, say
+        if described or not any(is_quantized(layer) for _, layer in layers):
+            continue
+        kept = [name.replace(".base_layer", "") for name, layer in layers if not is_quantized(layer)]
+        model.config.quantization_config = BitsAndBytesConfig(
+            load_in_8bit=mode == "int8", load_in_4bit=mode != "int8", bnb_4bit_quant_type=mode if mode != "int8"
+            else "nf4", bnb_4bit_use_double_quant=double_quant, llm_int8_threshold=6.0, llm_int8_skip_modules=kept)
+
+
 def dequantize_base(module: nn.Module) -> nn.Module:
     """Put a full-precision nn.Linear back for every bitsandbytes layer of ``module`` (in place), in the dtype it
     had (a 4-bit layer records it; an 8-bit one takes the rest of the base's).
@@ -58,6 +79,9 @@ def dequantize_base(module: nn.Module) -> nn.Module:
             plain.weight = nn.Parameter(dequantized_weight(layer).to(dtype or torch.float32), requires_grad=False)
             plain.bias = layer.bias
             places.put_in_place_of(layer, plain)
+    for _, model in transformers_models(module):
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config  # plain weights again, which save_pretrained writes as such
     return module
 
 
