@@ -19,10 +19,13 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import lightning as L
+from fsspec.core import url_to_fs
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_info
 
 import lightning_peft
 from lightning_peft.assets import AssetError
@@ -229,6 +232,7 @@ class PEFTCLI(LightningCLI):
         trainer, module = self.trainer, self.model
         if trainer.interrupted:
             return
+        _retire_requeue_checkpoints(trainer)
         results = {}
         checkpoint = trainer.checkpoint_callback
         best = checkpoint.best_model_path if checkpoint is not None and checkpoint.monitor else ""
@@ -248,6 +252,26 @@ class PEFTCLI(LightningCLI):
             lines.append(_curves_after_fit(trainer))
             print("\n".join(["", "lightning-peft fit summary:", *("  " + line for line in lines if line)]),
                   flush=True)
+
+
+def _retire_requeue_checkpoints(trainer: L.Trainer) -> None:
+    """After a finished fit under SLURM, rename its requeue checkpoints ``hpc_ckpt_N.ckpt`` ``hpc-ckpt-N.resumed.ckpt``.
+
+    Lightning loads the newest of them into any later ``test`` or ``fit`` in this folder that names
+    no checkpoint: the test after fit would measure (and export) the preempted weights, and a new
+    job would resume a finished run.
+    """
+    if not SLURMEnvironment.detect():
+        return
+    if trainer.is_global_zero:
+        fs, root = url_to_fs(str(trainer.default_root_dir))
+        for path in sorted(fs.glob(f"{root.rstrip('/')}/hpc_ckpt_*.ckpt")):
+            folder, _, name = path.rpartition("/")
+            retired = f"{folder}/{name.replace('hpc_ckpt_', 'hpc-ckpt-').removesuffix('.ckpt')}.resumed.ckpt"
+            fs.mv(path, retired)
+            rank_zero_info(f"lightning-peft: the fit is finished; {path} renamed {retired}, so that nothing in "
+                           "this folder resumes from it again")
+    trainer.strategy.barrier("lightning-peft: requeue checkpoints retired")
 
 
 def _curves_after_fit(trainer: L.Trainer) -> str:

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from conftest import tiny_bert_folder
 
@@ -444,3 +446,26 @@ def test_validate_runs_on_a_recipes_own_validation_file(tmp_path, tiny_model_dir
     config = recipe(tmp_path, tiny_model_dir, train, val_fraction=0, val_file=str(train))
     result = run_cli("validate", "--config", str(config), "--untrained", "false")
     assert result.returncode == 0 and "val_acc" in result.stdout, result.stderr[-2000:]
+
+
+def test_a_finished_fit_under_slurm_tests_and_exports_its_own_weights_not_the_requeue_checkpoint(
+        tmp_path, tiny_model_dir, monkeypatch):
+    train = write_data(tmp_path, "train", sentiment_rows(64, 0))
+    config = recipe(tmp_path, tiny_model_dir, train, write_data(tmp_path, "test", sentiment_rows(16, 1)))
+    preempted = run_cli("fit", "--config", str(config), "--trainer.max_steps=2")
+    assert preempted.returncode == 0, preempted.stderr[-3000:]
+    requeue = tmp_path / "hpc_ckpt_1.ckpt"  # what Lightning writes when SLURM signals the end of the time limit
+    shutil.copy(next(tmp_path.glob("checkpoints/*.ckpt")), requeue)
+    for name, value in {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "1", "SLURM_JOB_ID": "7",
+                        "SLURM_JOB_NAME": "lora", "SLURM_NODELIST": "127.0.0.1", "SLURM_NODEID": "0",
+                        "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}.items():
+        monkeypatch.setenv(name, value)
+    requeued = run_cli("fit", "--config", str(config), "--trainer.max_steps=12")
+    assert requeued.returncode == 0, requeued.stderr[-3000:]
+    assert "Restored all states from the checkpoint" in requeued.stdout + requeued.stderr  # it resumed from it
+    assert not requeue.exists() and (tmp_path / "hpc-ckpt-1.resumed.ckpt").is_file()
+    stale = torch.load(tmp_path / "hpc-ckpt-1.resumed.ckpt", weights_only=True)["state_dict"]
+    exported = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    key = next(k for k in exported if "layer.0.attention.self.query.lora_B" in k)
+    stale_key = next(k for k in stale if "layer.0.attention.self.query" in k and k.endswith("lora_B"))
+    assert not torch.equal(exported[key], stale[stale_key])  # was: the test after fit loaded the requeue checkpoint
