@@ -18,7 +18,7 @@ from torch import nn  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
 from lightning_peft import LoRA, PrefixTuning, PromptTuning  # noqa: E402
-from lightning_peft.data import MultiTaskData  # noqa: E402
+from lightning_peft.data import MultiTaskData, TextClassificationData  # noqa: E402
 from lightning_peft.lightning.sharding import full_adapter_state_dict  # noqa: E402
 from lightning_peft.tasks import SequenceClassification  # noqa: E402
 
@@ -130,7 +130,7 @@ class RecordTaskSteps(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.before = {n: local(p).clone() for n, p in pl_module.named_parameters() if p.requires_grad}
-        self.batch = {"tasks": sorted(set(batch["task"])), "rows": batch["input_ids"].tolist()}
+        self.batch = {"tasks": sorted(set(batch.get("task", []))), "rows": batch["input_ids"].tolist()}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         moved = {task for n, p in pl_module.named_parameters() for task in TASKS
@@ -175,6 +175,26 @@ def multi_task_resumed_inside_the_epoch(out: Path) -> None:
     multi_task(out, "ddp_resumed", DDPStrategy(find_unused_parameters=True), ckpt_path=checkpoint)
 
 
+def one_task_resumed_inside_the_epoch(out: Path) -> None:
+    """One task's data (Lightning's DistributedSampler) under DDP with dropout: straight, and stopped after two of
+    its three steps, saved and resumed; records in ``one_task/{straight,stopped,resumed}``."""
+    folder = out / "one_task"
+
+    def fit(name: str, *callbacks: L.Callback, ckpt_path: Path | None = None) -> None:
+        module = SequenceClassification(str(out / "multi_task" / "bert"), learning_rate=5e-2, warmup_steps=0)
+        data = TextClassificationData(**task_settings(out / "multi_task")["upbeat"], batch_size=8, max_length=16)
+        torch.manual_seed(0)
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        lora_with_dropout = LoRA(r=4, alpha=8, dropout=0.3, target_modules=["query", "value"],
+                                 modules_to_save=["classifier"])
+        trainer("ddp", [lora_with_dropout, RecordTaskSteps(folder / name), SaveAdapterPerRank(folder / name),
+                        *callbacks], max_epochs=1).fit(module, data, ckpt_path=ckpt_path)
+
+    fit("straight")
+    fit("stopped", SaveAndStopAt(2, folder / "stopped" / "step2.ckpt"))
+    fit("resumed", ckpt_path=folder / "stopped" / "step2.ckpt")
+
+
 def fsdp2() -> ModelParallelStrategy:
     return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
 
@@ -187,6 +207,7 @@ def main(out: Path) -> None:
         trainer(fsdp2(), [method(), SaveAdapterPerRank(out / f"fsdp2_{name}")]).fit(SeededLlama(), loader())
     multi_task(out, "ddp", DDPStrategy(find_unused_parameters=True))
     multi_task_resumed_inside_the_epoch(out)
+    one_task_resumed_inside_the_epoch(out)
     multi_task(out, "fsdp2", fsdp2())
     multi_task(out, "ddp_mixed", DDPStrategy(find_unused_parameters=True), "mixed", batch_size=2)
     multi_task(out, "fsdp2_mixed", fsdp2(), "mixed", batch_size=2)  # often one task on one process, both on the other

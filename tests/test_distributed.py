@@ -224,6 +224,19 @@ def test_two_tasks_under_ddp_resumed_inside_the_epoch_train_the_uninterrupted_ru
     assert_close(second, first, atol=0)
 
 
+def test_one_task_under_ddp_resumed_inside_the_epoch_trains_the_uninterrupted_run_s_batches_and_dropout(runs):
+    def steps(name: str) -> list[list[dict]]:
+        return [json.loads((runs / "one_task" / name / f"steps_rank{rank}.json").read_text()) for rank in (0, 1)]
+
+    stopped, resumed, straight = steps("stopped"), steps("resumed"), steps("straight")
+    assert [len(rank) for rank in stopped] == [2, 2] and [len(rank) for rank in resumed] == [1, 1]
+    for rank in (0, 1):  # was: the resumed fit trained the epoch's first batch again and never its last
+        assert [step["rows"] for step in stopped[rank] + resumed[rank]] == [step["rows"] for step in straight[rank]]
+    first, second = rank_files(runs / "one_task" / "resumed", "adapter")
+    assert_close(first, rank_files(runs / "one_task" / "straight", "adapter")[0], atol=0)  # each rank's dropout too
+    assert_close(second, first, atol=0)
+
+
 @pytest.mark.parametrize("strategy", ["ddp_mixed", "fsdp2_mixed"])
 def test_in_mixed_batches_an_adapter_steps_where_any_process_had_its_rows_and_rests_where_none_had(runs, strategy):
     ranks = [json.loads((runs / "multi_task" / strategy / f"steps_rank{rank}.json").read_text()) for rank in (0, 1)]

@@ -3,13 +3,15 @@ shuffled training batches that a resumed fit takes up where the checkpoint left 
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Callable, Iterator, Sized
 from typing import Any, ClassVar
 
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 
 class SourceData(L.LightningDataModule):
@@ -83,6 +85,15 @@ class ResumableLoader(DataLoader):
 
     batches_done = 0  # set by `shuffled_loader` for a resumed fit
 
+    def __iter__(self) -> Iterator[Any]:
+        """The batches; under DDP or FSDP (Lightning's ``DistributedSampler``, whose order is the epoch's), once after
+        a resume inside an epoch, without the batches this process had trained."""
+        skip = self.batches_done if isinstance(self.sampler, DistributedSampler) else 0
+        if not skip:
+            return super().__iter__()
+        self.batches_done = 0  # the next epoch starts at its first batch
+        return itertools.islice(super().__iter__(), skip, None)
+
     def state_dict(self) -> dict[str, Any]:
         sampler = self.sampler
         if not isinstance(sampler, ResumableShuffle) or sampler.epoch_start is None:
@@ -111,8 +122,15 @@ def shuffled_loader(rows: Any, seed: int, trainer: Any, **kwargs: Any) -> Resuma
             list(sampler)
     loader = ResumableLoader(rows, sampler=sampler, generator=torch.Generator().manual_seed(seed),
                              **kwargs)  # the workers' seeds
-    loader.batches_done = batches_done_in_epoch(trainer, len(loader))
+    loader.batches_done = batches_done_in_epoch(trainer, _batches_per_process(loader, trainer))
     return loader
+
+
+def _batches_per_process(loader: DataLoader, trainer: Any) -> int:
+    """The batches of an epoch on each process: Lightning's ``DistributedSampler`` gives each an equal share of rows."""
+    processes = getattr(trainer, "world_size", 1) or 1
+    rows = math.ceil(len(loader.dataset) / processes)
+    return math.ceil(rows / loader.batch_size) if not loader.drop_last else rows // loader.batch_size
 
 
 def _state_at_epoch_end(trainer: Any) -> Tensor | None:

@@ -36,10 +36,10 @@ from lightning_peft.core.targeting import select_modules
 from lightning_peft.lightning.checkpointing import (
     CHECKPOINT_KEY,
     TASKS,
+    every_process_random_states,
     install_adapter_checkpointing,
-    random_states,
     saved_setup_states,
-    set_random_states,
+    set_this_process_random_states,
 )
 from lightning_peft.lightning.gradient_checkpointing import enable_input_grads_for_checkpointing
 from lightning_peft.lightning.sharding import (
@@ -259,7 +259,8 @@ class PEFTCallback(ModelSetupCallback):
         install_adapter_checkpointing(
             trainer, adapter_only=lambda: adapter_only_checkpoints(trainer),
             check_loaded=lambda checkpoint, path: check_saved_settings(trainer, checkpoint, path),
-            methods=lambda: {cb.state_key: cb.state_dict() for cb in setup_callbacks(trainer)})
+            methods=lambda: {cb.state_key: getattr(cb, "method_state", cb.state_dict)()
+                             for cb in setup_callbacks(trainer)})  # on the saving process alone: no gathering
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
@@ -290,18 +291,21 @@ class PEFTCallback(ModelSetupCallback):
         routed = self._step_tasks
         return set() if routed is None else set(task_adapters(pl_module.trainer, pl_module)) - routed
 
+    def method_state(self) -> dict[str, Any]:
+        """The method and its settings, so ``lightning-peft export`` can rebuild the adapter."""
+        return {"method": self.method_name, "class_path": class_path(type(self)), "config": self.config()}
+
     def state_dict(self) -> dict[str, Any]:
-        """The method and its settings, so ``lightning-peft export`` can rebuild the adapter; the random states.
+        """`method_state`, and every process's random states (gathered: called on every process).
 
         A resumed fit puts the random generators back as they were at the save, so dropout draws
         the masks the uninterrupted run draws.
         """
-        return {"method": self.method_name, "class_path": class_path(type(self)), "config": self.config(),
-                "random_states": random_states()}
+        return {**self.method_state(), "random_states": every_process_random_states()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "random_states" in state_dict:  # restored before the data loaders start, as they were at the save
-            set_random_states(state_dict["random_states"])
+            set_this_process_random_states(state_dict["random_states"])
 
     @property
     def state_key(self) -> str:

@@ -249,10 +249,31 @@ def random_states() -> dict[str, Any]:
             "numpy": [kind, keys.tolist(), position, has_gauss, gauss]}
 
 
+def every_process_random_states() -> list[dict[str, Any]]:
+    """`random_states` of every process, by rank: under DDP each draws its own dropout masks (its batches' shapes).
+
+    A checkpoint is made on every process, so each gives its states to all here.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [random_states()]
+    states: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(states, random_states())
+    return states
+
+
+def set_this_process_random_states(saved: list[dict[str, Any]] | dict[str, Any]) -> None:
+    """Put this process's generators back as `every_process_random_states` found them (rank 0's where the checkpoint
+    holds no states of this rank: another world size, or a file from before each rank's were kept)."""
+    every = [saved] if isinstance(saved, dict) else saved
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
+    set_random_states(every[rank] if rank < len(every) else every[0])
+
+
 def set_random_states(states: dict[str, Any]) -> None:
     """Put the generators back as `random_states` found them, so dropout draws on as it would have."""
     torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():  # this process's device: every rank draws as rank 0 saved
+    if states["cuda"] and torch.cuda.is_available():  # this process's device
         torch.cuda.set_rng_state(states["cuda"][0])
     version, internal, gauss = states["python"]
     random.setstate((version, tuple(internal), gauss))
