@@ -1,6 +1,7 @@
 """LoRA through the Trainer: what trains, what stays, what a step-0 model computes."""
 
 import logging
+import pickle
 import warnings
 
 import pytest
@@ -275,3 +276,22 @@ def test_a_loaded_folder_of_another_method_under_a_name_already_taken_still_load
     LoadAdapter(tmp_path / "ia3").apply(model)  # was: skipped, as if IA3[default] were there
     LoadAdapter(tmp_path / "ia3").apply(model)  # a second run: loaded once
     assert sorted(map(str, adapter_refs(model))) == ["IA3[default]", "LoRA[default]"]
+
+
+def test_callbacks_pickle_for_launchers_that_need_it():
+    method = LoRA(r=4, target_modules=["q_proj"])
+    method.inject(tiny_llama())  # it has seen a module (a weak set of them, which pickle cannot take)
+    again = pickle.loads(pickle.dumps(method))
+    assert again.config() == method.config()
+    again.inject(tiny_llama())  # still works
+
+
+@pytest.mark.parametrize("strategy", ["ddp_fork", "ddp_spawn"])
+def test_multiprocessing_launchers_are_refused_at_setup_and_the_model_is_left_as_it_was(strategy):
+    from torch.multiprocessing import ProcessRaisedException
+
+    module = TokenModule(tiny_llama())
+    trainer = make_trainer([LoRA(r=4, target_modules=["q_proj"])], devices=2, strategy=strategy)
+    with pytest.raises(ProcessRaisedException, match="starts its processes by multiprocessing"):
+        trainer.fit(module, token_loader())  # was: trained copies, then a KeyError (fork) or a pickling error (spawn)
+    assert not any(isinstance(m, LoRALayer) for m in module.modules())

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 import lightning as L
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_utilities.core.overrides import is_overridden
@@ -53,6 +54,7 @@ from lightning_peft.lightning.sharding import (
 
 CheckpointPolicy = Literal["adapter", "full"]
 _CHAINED = "_lightning_peft_trainer"
+_WEAK_SET = "<a weak set of modules, left behind when pickled>"
 
 
 class ModelSetupCallback(L.Callback):
@@ -77,7 +79,16 @@ class ModelSetupCallback(L.Callback):
         """What a message calls this callback's work, e.g. ``QuantizeBase`` (``LoRA[default]`` for a method)."""
         return type(self).__name__
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable (Lightning's spawn launcher pickles the trainer): sets of modules seen here stay behind, empty."""
+        return {key: _WEAK_SET if isinstance(value, weakref.WeakSet) else value for key, value in self.__dict__.items()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update({key: weakref.WeakSet() if isinstance(value, str) and value == _WEAK_SET else value
+                              for key, value in state.items()})
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        check_launcher(trainer, self.owner)
         if self is not setup_callbacks(trainer)[0]:
             return  # the first of these callbacks applies them all, together
         for callback in setup_callbacks(trainer):
@@ -351,6 +362,16 @@ def _apply_after_configure_model(trainer: L.Trainer, pl_module: L.LightningModul
 
     setattr(configure_model_then_apply, _CHAINED, trainer)
     pl_module.configure_model = configure_model_then_apply
+
+
+def check_launcher(trainer: L.Trainer, owner: str) -> None:
+    """Refuse strategies that start their processes by multiprocessing: they train copies and hand no adapters back."""
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if isinstance(launcher, _MultiProcessingLauncher):
+        raise ValueError(f"{owner}: this strategy starts its processes by multiprocessing ('{launcher._start_method}': "
+                         "ddp_spawn, ddp_fork, or ddp_notebook, Lightning's choice in a notebook), whose processes "
+                         "train copies of the model and hand no adapters back to it; use strategy='ddp' from a "
+                         "script started once per device (python or torchrun), or devices=1 in a notebook")
 
 
 def setup_callbacks(trainer: L.Trainer) -> list[ModelSetupCallback]:
