@@ -281,6 +281,8 @@ def test_the_estimate_splits_as_each_strategy_holds_memory():
     assert per_device(parts, 4, "ddp") == 300 + 400 + 200 + 250 + 100  # gradient buckets
     assert per_device(parts, 4, "fsdp") == 300 + (400 + 200) / 4 + 250 - 100 * 3 / 4  # sharded; gradients too
     assert per_device(MemoryParts(400, 100, 300, 250, 900, 8, (1, 2)), 4, "fsdp") == 900  # each builds it whole
+    qlora = MemoryParts(400, 100, 300, 250, 0, 8, (1, 2), unsharded=240)  # a 4-bit base: FSDP leaves it whole
+    assert per_device(qlora, 4, "fsdp") == 300 + 240 + (400 - 240 + 200) / 4 + 250 - 100 * 3 / 4
 
 
 def test_a_causal_lm_run_measures_forgetting_before_and_after_on_another_text(tmp_path, tiny_lm_dir):  # noqa: F811

@@ -24,6 +24,7 @@ import lightning as L
 import torch
 
 from lightning_peft.cli import build_cli
+from lightning_peft.core.weights import is_quantized
 
 MIB = 2**20
 OPTIMIZER_STATES = 2  # AdamW's exp_avg and exp_avg_sq, each the size of its parameter
@@ -42,19 +43,21 @@ class MemoryParts:
     load_peak: float  # the peak while the model was built (loading can briefly hold weights twice)
     batch_size: int
     probe_batches: tuple[int, int]
+    unsharded: float = 0.0  # of ``weights``: a quantized base's, which FSDP keeps whole on every device
 
 
 def per_device(parts: MemoryParts, devices: int = 1, strategy: str = "single") -> float:
     """One device's estimated peak (MiB): the probe's single-device figures split as the strategy splits them.
 
     DDP keeps everything on every device and adds gradient buckets the size of the gradients; FSDP
-    shards weights, gradients and optimizer states across the devices. Every process builds the
-    whole model first, so the loading peak stays.
+    shards weights (but a quantized base's, which it leaves whole), gradients and optimizer states
+    across the devices. Every process builds the whole model first, so the loading peak stays.
     """
     states = parts.trainable * OPTIMIZER_STATES
     if strategy == "fsdp" and devices > 1:
         step = parts.step - parts.trainable * (1 - 1 / devices)  # the step's gradients, sharded
-        return max(parts.load_peak, parts.runtime + (parts.weights + states) / devices + step)
+        sharded = parts.weights - parts.unsharded + states
+        return max(parts.load_peak, parts.runtime + parts.unsharded + sharded / devices + step)
     buckets = parts.trainable if strategy == "ddp" and devices > 1 else 0.0
     return max(parts.load_peak, parts.runtime + parts.weights + states + parts.step + buckets)
 
@@ -168,11 +171,12 @@ def probe(config: Path, steps: int = PROBE_STEPS) -> MemoryParts:
     trainer.fit(module, datamodule=data)
     weights = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers())) / MIB
     trainable = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad) / MIB
+    unsharded = sum(m.weight.numel() * m.weight.element_size() for m in module.modules() if is_quantized(m)) / MIB
     small, large = recorded.growth[steps - 1], recorded.growth[-1]
     slope = (large - small) / (sizes[1] - sizes[0]) if sizes[1] > sizes[0] else 0.0
     step = large + max(slope, 0.0) * (batch_size - sizes[1]) - trainable * OPTIMIZER_STATES
     runtime = 0.0 if recorded.meter.cuda else recorded.start - weights
-    return MemoryParts(weights, trainable, runtime, step, recorded.load_peak, batch_size, sizes)
+    return MemoryParts(weights, trainable, runtime, step, recorded.load_peak, batch_size, sizes, unsharded)
 
 
 def as_row(parts: MemoryParts, devices: int, strategy: str) -> dict[str, Any]:
