@@ -244,7 +244,8 @@ class PEFTCLI(LightningCLI):
         lines.append(f"trainable parameters: {summary.trainable:,} of {summary.total:,} ({summary.percent:.3f}%)")
         path = checkpoint and (checkpoint.best_model_path or checkpoint.last_model_path)
         if path:
-            weights = "tested and exported" if _has_test_data(self.datamodule) else "the adapter is the last step's"
+            tested = "tested and exported" if trainer.world_size == 1 else "tested"
+            weights = tested if _has_test_data(self.datamodule) else "the adapter is the last step's"
             lines.append(f"checkpoint: {path}" + (f" (best by {checkpoint.monitor}; {weights})" if best else ""))
         if adapter_refs(module):
             lines.append(_export_after_fit(trainer, module, path))
@@ -299,6 +300,8 @@ def _export_after_fit(trainer: L.Trainer, module: L.LightningModule, checkpoint:
         except (ValueError, TypeError, OSError) as err:  # training is done and checkpointed: report, do not fail
             return f"adapter: not saved ({err})"
         return f"adapter: {out}"
+    if checkpoint and Path(checkpoint).is_dir():  # sharded (FSDP, checkpoint="full"): export reads one file
+        return "adapter: not exported (the checkpoint is sharded; train with checkpoint='adapter' to export one)"
     source = checkpoint or "CHECKPOINT"
     return f"adapter: export it with `lightning-peft export {source} --out DIR`"
 

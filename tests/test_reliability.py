@@ -75,6 +75,9 @@ def inputs(tmp_path_factory) -> Path:
     checkpoint = next((folder / "trained" / "checkpoints").glob("*.ckpt"))
     checkpoint.rename(folder / "trained.ckpt")
     (folder / "truncated.ckpt").write_bytes((folder / "trained.ckpt").read_bytes()[:1000])
+    (folder / "sharded.ckpt").mkdir()  # as FSDP writes a full checkpoint: a folder of shards
+    for name in (".metadata", "__0_0.distcp", "meta.pt"):
+        (folder / "sharded.ckpt" / name).write_bytes(b"")
     mismatched = folder / "adapter_r8"  # the trained adapter's files, with a config that says r=8
     mismatched.mkdir()
     config = json.loads((folder / "trained" / "adapter" / "adapter_config.json").read_text())
@@ -189,6 +192,8 @@ CLI_CASES = {
     "export a truncated checkpoint": (["export", "{truncated.ckpt}", "--out", "{out}"],
                                       ["truncated.ckpt cannot be read"]),
     "export a data file": (["export", "{train.csv}", "--out", "{out}"], ["train.csv cannot be read"]),
+    "export a sharded checkpoint": (["export", "{sharded.ckpt}", "--out", "{out}"],
+                                    ["sharded.ckpt is a sharded checkpoint", "checkpoint='adapter'"]),
     "export into a file": (["export", "{trained.ckpt}", "--out", "{train.csv}"],
                            ["--out", "train.csv is a file; give a folder"]),
     "export without --out": (["export", "{trained.ckpt}"], ["required: --out"]),

@@ -13,6 +13,7 @@ import pickle
 import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -108,6 +109,11 @@ def checkpoint_read_errors(path: PathLike) -> Iterator[None]:
     except PermissionError:
         raise ValueError(f"checkpoint {path} cannot be read: permission denied") from None
     except IsADirectoryError:
+        if (Path(path) / ".metadata").is_file():
+            raise ValueError(f"checkpoint {path} is a sharded checkpoint (a folder: FSDP with checkpoint='full'), "
+                             "which test, predict and export cannot read on one process; resume the fit from it "
+                             "with the same strategy, or train with checkpoint='adapter' (the default) for a "
+                             "one-file checkpoint") from None
         raise ValueError(f"checkpoint {path} is a folder; give the .ckpt file inside it") from None
     except pickle.UnpicklingError:
         raise ValueError(f"checkpoint {path} holds objects other than tensors and plain values, which "
