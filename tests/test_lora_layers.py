@@ -362,11 +362,14 @@ def test_all_linear_leaves_out_layers_whose_weight_the_parent_reads_and_naming_o
     model = LoRA(r=4).inject(tiny_mamba())  # MambaMixer computes dt_proj.weight @ ..., never calling dt_proj
     model(torch.randint(0, VOCAB, (2, 8))).logits.sum().backward()
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    assert trained and not any("dt_proj" in n for n in trained)
+    assert trained and all(".in_proj." in n for n in trained)  # the kernel takes x_proj's and out_proj's weights
     assert all(p.grad is not None for p in trained.values())  # every adapter takes part in the forward
     with pytest.raises(TypeError, match=r"LoRA cannot adapt 'backbone\.layers\.0\.mixer\.dt_proj' on its own: "
                                         r"MambaMixer 'backbone\.layers\.0\.mixer' reads its weight directly"):
         LoRA(r=4, target_modules=["dt_proj"]).inject(tiny_mamba())
+    for layer in ("x_proj", "out_proj", "conv1d"):
+        with pytest.raises(TypeError, match=rf"cannot adapt 'backbone\.layers\.0\.mixer\.{layer}' on its own"):
+            LoRA(r=4, target_modules=[layer]).inject(tiny_mamba())
     attention = nn.Sequential(nn.MultiheadAttention(16, 2))
     with pytest.raises(TypeError, match=r"cannot adapt '0\.out_proj' on its own: nn.MultiheadAttention '0' reads"):
         LoRA(r=4, target_modules=["out_proj"]).inject(attention)

@@ -72,7 +72,10 @@ def _head_names(root: nn.Module) -> set[str]:
 def _attribute_read_layers(root: nn.Module) -> dict[str, str]:
     """Layers whose parent reads their weight directly, so a wrapper there never acts, with why.
 
-    nn.MultiheadAttention's ``out_proj``; a Mamba mixer's ``dt_proj`` (``dt_proj.weight @ ...``).
+    nn.MultiheadAttention's ``out_proj``; a Mamba mixer's ``dt_proj`` (``dt_proj.weight @ ...``) and
+    ``conv1d`` always, and its ``x_proj`` and ``out_proj`` in training wherever the mamba-ssm
+    kernel is installed (it takes their weights), so an adapter there would act on one machine and
+    not on another (peft refuses them too).
     """
     found = {}
     for name, module in root.named_modules():
@@ -85,6 +88,12 @@ def _attribute_read_layers(root: nn.Module) -> dict[str, str]:
         elif type(base).__name__.endswith("MambaMixer") and hasattr(base, "dt_proj"):
             found[f"{where}dt_proj"] = (f"{type(base).__name__} '{name}' reads its weight directly "
                                         "(dt_proj.weight @ ...), so an adapter there would never act")
+            found[f"{where}conv1d"] = (f"{type(base).__name__} '{name}' passes its weight to its convolution "
+                                       "kernel, so an adapter there would never act")
+            for layer in ("x_proj", "out_proj"):
+                found[f"{where}{layer}"] = (f"{type(base).__name__} '{name}' passes its weight to the mamba-ssm "
+                                            "kernel in training where that is installed, so an adapter there would "
+                                            "not act; adapt in_proj")
     return found
 
 
