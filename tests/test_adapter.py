@@ -198,6 +198,21 @@ def test_unknown_architecture_without_targets_names_the_fix_before_any_change():
     assert len(adapter_layer_names(module)) == 2
 
 
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_a_model_with_some_mixture_of_experts_blocks_is_refused_without_targets(placement):
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    config = Qwen2MoeConfig(vocab_size=128, hidden_size=H, intermediate_size=2 * H, moe_intermediate_size=H,
+                            shared_expert_intermediate_size=H, num_experts=4, num_experts_per_tok=2,
+                            num_hidden_layers=4, decoder_sparse_step=2, num_attention_heads=4, num_key_value_heads=2)
+    model = Qwen2MoeForCausalLM(config)  # blocks 0 and 2 dense (mlp.down_proj), 1 and 3 experts
+    keys = set(model.state_dict())
+    with pytest.raises(ValueError, match=r"2 of the model's 4 blocks \(model\.layers\.1, model\.layers\.3\) have "
+                                         r"no mlp\.down_proj"):  # was: adapters on the dense blocks only, silently
+        Adapter(bottleneck_dim=B, placement=placement).inject(model)
+    assert set(model.state_dict()) == keys
+
+
 def test_a_plain_torch_model_without_targets_is_an_error():
     with pytest.raises(ValueError, match="found no block output projections.*target_modules"):
         Adapter().inject(ConvMLP())

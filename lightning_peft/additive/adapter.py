@@ -120,12 +120,32 @@ class Adapter(PEFTCallback):
         for scheme, (attention, feedforward) in OUTPUT_PROJECTIONS.items():
             needed = [attention, feedforward] if self.placement == "houlsby" else [feedforward]
             if all(any(re.fullmatch(pattern, name) for name in names) for pattern in needed):
+                _check_every_block_has(names, attention, feedforward)
                 return placement_pattern(scheme, self.placement)
         known = ", ".join(f"{scheme} ({_readable(a)} / {_readable(f)})"
                           for scheme, (a, f) in OUTPUT_PROJECTIONS.items())
         raise ValueError(f"Adapter placement={self.placement!r} found no block output projections of a known naming "
                          f"scheme in this model; known: {known}. Pass target_modules with the output projections of "
                          "each block, e.g. Adapter(target_modules=['attn.out_proj', 'mlp.fc2'])")
+
+
+def _check_every_block_has(names: list[str], attention: str, feedforward: str) -> None:
+    """Refuse a model whose blocks do not all have the scheme's feed-forward output (a mixture-of-experts block)."""
+    with_attention = {_block_of(n): n for n in names if re.fullmatch(attention, n)}
+    with_feedforward = {_block_of(n) for n in names if re.fullmatch(feedforward, n)}
+    missing = [block for block in with_attention if block not in with_feedforward]
+    if missing:
+        shown = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")
+        raise ValueError(f"Adapter: {len(missing)} of the model's {len(with_attention)} blocks ({shown}) have no "
+                         f"{_readable(feedforward)} (mixture-of-experts "
+                         "blocks, say), so the default placement would leave them without an adapter; pass "
+                         "target_modules with each block's feed-forward output (its shared expert's, say)")
+
+
+def _block_of(name: str) -> str:
+    """The block a module belongs to: its name up to the first number (``model.layers.3``), or '' outside blocks."""
+    match = re.match(r"^(.*?\.\d+)(?:\.|$)", name)
+    return match.group(1) if match else ""
 
 
 def placement_pattern(scheme: str, placement: str) -> str:
