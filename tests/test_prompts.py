@@ -566,3 +566,21 @@ def test_a_soft_prompt_says_which_of_two_models_it_goes_into(method):
         method(num_virtual_tokens=N).inject(module)  # was: silently the teacher's
     method(num_virtual_tokens=N).inject(module.student)
     assert any(p.requires_grad for p in module.student.parameters())
+
+
+def test_a_prompt_on_a_state_space_model_saves_and_loads_and_a_prefix_is_refused(tmp_path):
+    from transformers import MambaConfig, MambaForCausalLM
+
+    base = MambaForCausalLM(MambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, state_size=4,
+                                        expand=2, conv_kernel=4)).eval()
+    model = PromptTuning(num_virtual_tokens=N).inject(copy.deepcopy(base))
+    with torch.no_grad():
+        model.prompt_tuning.adapters["default"].prompt.normal_()
+    ids = torch.randint(0, VOCAB, (2, 6))
+    save_adapter(model, tmp_path)  # was: an AttributeError (a config without attention heads)
+    with torch.no_grad():
+        torch.testing.assert_close(load_adapter(copy.deepcopy(base), tmp_path)(ids).logits, model(ids).logits)
+    keys = set(base.state_dict())
+    with pytest.raises(TypeError, match="MambaForCausalLM has no attention heads"):
+        PrefixTuning(num_virtual_tokens=N).inject(base)
+    assert set(base.state_dict()) == keys

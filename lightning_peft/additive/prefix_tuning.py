@@ -252,6 +252,9 @@ def _check_decoder_with_cache(model: nn.Module) -> None:
     if cache_argument(model) is None:
         raise TypeError(f"PrefixTuning needs a model whose forward takes a key/value cache (decoder-only models such "
                         f"as Llama or GPT-2); {name}.forward takes none. Use PromptTuning instead")
+    if getattr(model.config.get_text_config(), "num_attention_heads", None) is None:
+        raise TypeError(f"PrefixTuning puts keys and values before each attention layer's; {name} has no attention "
+                        "heads (a state-space model such as Mamba, whose cache holds states). Use PromptTuning instead")
 
 
 def prefix_injector(model: nn.Module) -> PrefixInjector:

@@ -58,7 +58,8 @@ def prompt_config(config: dict, root: nn.Module, names: list[str]) -> dict:
     """peft's PromptTuningConfig; the initialization is moot once the trained prompt is loaded."""
     text = root.config.get_text_config()
     return {"peft_type": "PROMPT_TUNING", **common_config(config, root),
-            "token_dim": input_embedding_weight(root).shape[1], "num_attention_heads": text.num_attention_heads,
+            "token_dim": input_embedding_weight(root).shape[1],
+            "num_attention_heads": getattr(text, "num_attention_heads", None),  # none in a state-space model (Mamba)
             "num_layers": text.num_hidden_layers, "prompt_tuning_init": "RANDOM"}
 
 
