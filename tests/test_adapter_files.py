@@ -424,7 +424,8 @@ def test_a_head_of_ones_own_beside_the_transformers_model_is_refused_with_advice
             self.backbone, self.head = tiny_bert().bert, nn.Linear(32, 2)
 
     module = BackboneAndHead()
-    LoRA(r=4, target_modules=["query"], modules_to_save=["head"]).inject(module)
+    with pytest.warns(UserWarning, match="'head' is a module of your own.*save_adapter will refuse it"):
+        LoRA(r=4, target_modules=["query"], modules_to_save=["head"]).inject(module)  # said before training, too
     with pytest.raises(ValueError, match="'head' is a module of your own beside that model, which an adapter file"):
         save_adapter(module, tmp_path / "a")  # was: advice to save_adapter(module.head), which wrote a wrong file
     assert not (tmp_path / "a").exists()

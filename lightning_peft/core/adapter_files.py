@@ -116,21 +116,37 @@ def find_adapter(module: nn.Module, adapter_name: str, method: str | None = None
 def adapter_tensors(module: nn.Module, ref: AdapterRef) -> dict[str, torch.Tensor]:
     """The tensors of one adapter, named relative to the model root (a saved module's copy under its own name)."""
     prefix, root = model_root(module)
+    tensors = _trained_tensors(module, ref)
+    refusal = outside_the_file(module, ref, tensors)
+    if refusal is not None:
+        raise ValueError(refusal)
+    return {saved_module_name(name[len(prefix) + 1:] if prefix else name, root): t for name, t in tensors.items()}
+
+
+def _trained_tensors(module: nn.Module, ref: AdapterRef) -> dict[str, torch.Tensor]:
+    """The tensors ``ref`` trains in ``module``, by name, with the buffers of modules it trains whole."""
     claimed = owners(module)
     tensors = {name: param for name, param in module.named_parameters() if claimed.get(id(param)) == ref}
     tensors.update(buffers_of_trained_modules(module, lambda param: claimed.get(id(param)) == ref))
+    return tensors
+
+
+def outside_the_file(module: nn.Module, ref: AdapterRef, tensors: dict[str, torch.Tensor] | None = None) -> str | None:
+    """Why ``ref``'s adapter file cannot hold what it trains in ``module`` (tensors outside its transformers model)."""
+    prefix, _ = model_root(module)
+    tensors = _trained_tensors(module, ref) if tensors is None else tensors
     outside = [name for name in tensors if prefix and not name.startswith(prefix + ".")]
-    if outside:
-        holder = outside[0].split(".")[0]
-        in_another_model = any(name.split(".")[0] == holder for name, _ in transformers_models(module))
-        advice = (f"save from the model that holds them (save_adapter(module.{holder}, ...)), or keep the method to "
-                  "one model (exclude_modules, a target regex)" if in_another_model else
-                  f"'{holder}' is a module of your own beside that model, which an adapter file (peft's layout "
-                  "names a transformers model's layers) cannot hold: keep it out of the method's targets and "
-                  "modules_to_save, and train and save it yourself (torch.save of its state_dict)")
-        raise ValueError(f"{ref} trains '{outside[0]}' ({len(outside)} tensor(s)), outside the transformers model "
-                         f"'{prefix}' that its file names layers from; {advice}")
-    return {saved_module_name(name[len(prefix) + 1:] if prefix else name, root): t for name, t in tensors.items()}
+    if not outside:
+        return None
+    holder = outside[0].split(".")[0]
+    in_another_model = any(name.split(".")[0] == holder for name, _ in transformers_models(module))
+    advice = (f"save from the model that holds them (save_adapter(module.{holder}, ...)), or keep the method to "
+              "one model (exclude_modules, a target regex)" if in_another_model else
+              f"'{holder}' is a module of your own beside that model, which an adapter file (peft's layout "
+              "names a transformers model's layers) cannot hold: keep it out of the method's targets and "
+              "modules_to_save, and train and save it yourself (torch.save of its state_dict)")
+    return (f"{ref} trains '{outside[0]}' ({len(outside)} tensor(s)), outside the transformers model "
+            f"'{prefix}' that its file names layers from; {advice}")
 
 
 def file_tensors(module: nn.Module, ref: AdapterRef,

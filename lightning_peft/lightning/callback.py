@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_utilities.core.overrides import is_overridden
 from torch import Tensor, nn
 
-from lightning_peft.core.adapter_files import AdapterFormat, class_path
+from lightning_peft.core.adapter_files import AdapterFormat, class_path, outside_the_file
 from lightning_peft.core.injection import give_new_modules_their_parents_mode, keep_pytorch_fast_paths_off, modules_of
 from lightning_peft.core.merging import check_unmerged, merged_layers
 from lightning_peft.core.ownership import AdapterRef, adapter_refs, claim, freeze_unclaimed
@@ -229,7 +229,14 @@ class PEFTCallback(ModelSetupCallback):
             give_new_modules_their_parents_mode(module, before)
             keep_pytorch_fast_paths_off(module)
         self._injected.add(module)
+        self._warn_if_no_file_can_hold(module)
         return module
+
+    def _warn_if_no_file_can_hold(self, module: nn.Module) -> None:
+        """Say now, before training, what `save_adapter` would refuse at the end: tensors beside the model."""
+        refusal = outside_the_file(module, self.ref)
+        if refusal is not None:
+            rank_zero_warn(f"{refusal}. It trains and checkpoints, but save_adapter will refuse it")
 
     apply = inject
 
