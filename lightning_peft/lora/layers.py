@@ -102,9 +102,11 @@ class LoRALayer(PEFTLayer):
         return read_weight(self.base_layer)
 
     def row_norm(self, adapter: LoRAAdapter) -> Tensor:
-        """DoRA's per-output norm of ``W + scale * B @ A``."""
+        """DoRA's per-output norm of ``W + scale * B @ A``; 1 for an all-zero row (a pruned unit), which stays 0
+        whatever it is scaled by, where 0 would make its output 0/0."""
         weight = self.from_weight_layout(self.base_weight()).to(adapter.lora_A.dtype)
-        return torch.linalg.norm(weight + adapter.update(), dim=1)
+        norm = torch.linalg.norm(weight + adapter.update(), dim=1)
+        return norm.masked_fill(norm == 0, 1)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         out = self.base_layer(x, *args, **kwargs)
