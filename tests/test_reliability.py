@@ -502,16 +502,31 @@ def test_jsonl_texts_may_hold_unicode_line_separators_and_csv_a_byte_order_mark(
     assert read_rows(tmp_path / "rows.csv", ["text", "label"]) == [{"text": "good", "label": "1"}]
 
 
-@pytest.mark.parametrize("suffix", [".csv", ".tsv"])
-def test_a_quote_left_open_is_an_error_at_its_line_rather_than_rows_swallowed(tmp_path, suffix):
+def test_a_quote_left_open_is_an_error_at_its_line_rather_than_rows_swallowed(tmp_path):
     from lightning_peft.data.files import read_rows
 
-    sep = "," if suffix == ".csv" else "\t"
     rows = ["text", "label"], ['"Best film ever', "pos"], ["boring plot", "neg"], ['the twist" was dumb', "neg"]
-    (tmp_path / f"rows{suffix}").write_text("".join(sep.join(row) + "\n" for row in rows))
-    with pytest.raises(ValueError, match=rf"rows\{suffix}, line 2: .* in '\"Best film ever.*'; quote a text that "
+    (tmp_path / "rows.csv").write_text("".join(",".join(row) + "\n" for row in rows))
+    with pytest.raises(ValueError, match=r"rows\.csv, line 2: .* in '\"Best film ever.*'; quote a text that "
                                          "holds a quote mark whole"):
-        read_rows(tmp_path / f"rows{suffix}", ["text", "label"])  # was: two rows, a 'pos' review in a 'neg' text
+        read_rows(tmp_path / "rows.csv", ["text", "label"])  # was: two rows, a 'pos' review in a 'neg' text
+    rows = ["text", "label"], ['"Best film ever', "pos"], ["boring plot", "neg"], ['the critic said: a mess."', "neg"]
+    (tmp_path / "closed.csv").write_text("".join(",".join(row) + "\n" for row in rows))
+    with pytest.raises(ValueError, match=r"closed\.csv, line 2: a quote opened here runs on to line 4, taking in 1 "
+                                         r"line\(s\) that look like rows of their own, such as line 3"):
+        read_rows(tmp_path / "closed.csv", ["text", "label"])  # was: one row, its text three reviews
+    (tmp_path / "spans.csv").write_text('text,label\n"a review\nover two lines",pos\n')
+    assert read_rows(tmp_path / "spans.csv", ["text", "label"]) == [{"text": "a review\nover two lines",
+                                                                     "label": "pos"}]
+
+
+def test_quote_marks_in_a_tab_separated_file_are_text(tmp_path):
+    from lightning_peft.data.files import read_rows
+
+    rows = ["text", "label"], ['"Best film ever', "pos"], ["boring plot", "neg"], ['the critic said: a mess."', "neg"]
+    (tmp_path / "rows.tsv").write_text("".join("\t".join(row) + "\n" for row in rows))
+    assert [row["text"] for row in read_rows(tmp_path / "rows.tsv", ["text", "label"])] == [
+        '"Best film ever', "boring plot", 'the critic said: a mess."']  # was: the three read as one text
 
 
 def test_a_text_longer_than_csv_s_default_field_limit_is_read(tmp_path):

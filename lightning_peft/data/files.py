@@ -64,22 +64,39 @@ def _csv_rows(text: str, path: Path, delimiter: str) -> list[tuple[int, dict]]:
     """``(line, row)`` for each CSV record; a record with another number of fields than the header, or a quote
     left open (which would swallow the next lines into one text), is an error."""
     csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # a long text is a text, not an error
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    tsv = delimiter == "\t"  # a tab-separated text holds no tab: its quote marks are text, as in most TSV files
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=not tsv,
+                        quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
     lines = _lines(text)
     records = _records(reader, path, lines)
     header = next(records, (0, None))[1]
     if header is None:
         return []
     rows = []
-    for _, fields in records:
+    for start, fields in records:
         if not fields:
             continue  # a blank line
+        _check_no_rows_swallowed(lines, start, reader.line_num, len(header), path, delimiter)
         if len(fields) != len(header):
             raise ValueError(f"data file {path}, line {reader.line_num}: {len(fields)} fields where the header has "
                              f"{len(header)} in {_shown(lines, reader.line_num)}; quote a text that holds a "
                              f"{'tab' if delimiter == chr(9) else 'comma'}")
         rows.append((reader.line_num, dict(zip(header, fields, strict=True))))
     return rows
+
+
+def _check_no_rows_swallowed(lines: list[str], start: int, end: int, fields: int, path: Path, delimiter: str) -> None:
+    """Refuse a quoted text running from line ``start`` to ``end`` over lines that look like rows of their own.
+
+    A quote left open reads on to the next text that ends in a quote mark, taking the rows between
+    into one text; a text that really spans lines seldom has lines of the table's shape.
+    """
+    inner = range(start + 1, end)  # the last line holds the closing quote and the record's other fields
+    swallowed = [number for number in inner if len(lines[number - 1].split(delimiter)) == fields]
+    if swallowed:
+        raise ValueError(f"data file {path}, line {start}: a quote opened here runs on to line {end}, taking in "
+                         f"{len(swallowed)} line(s) that look like rows of their own, such as line {swallowed[0]} "
+                         f"{_shown(lines, swallowed[0])}; close the quote, or double a quote mark inside a text (\"\")")
 
 
 def _records(reader: Any, path: Path, lines: list[str]) -> Iterator[tuple[int, list[str]]]:
