@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
@@ -676,3 +677,25 @@ def test_an_export_keeps_other_files_writes_through_links_and_replaces_only_its_
     monkeypatch.chdir(scratch)
     export_adapters(one, ".")  # was: OSError, a folder cannot be renamed while it is the current one
     assert (scratch / "README.md").read_text() == "mine"
+
+
+class FirstBatch(L.Callback):
+    """Keeps the token ids of the first training batch."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.ids = getattr(self, "ids", batch["input_ids"].tolist())
+
+
+def test_data_reused_for_a_model_with_another_tokenizer_is_tokenized_with_that_one(tmp_path):
+    from lightning_peft.data import TextClassificationData
+
+    words = ["good", "bad", "the", "movie", "was"]
+    rows = "".join(f"the movie was {word},{word}\n" for word in ["good", "bad"] * 4)
+    (tmp_path / "rows.csv").write_text("text,label\n" + rows)
+    data = TextClassificationData(train_file=str(tmp_path / "rows.csv"), batch_size=4, val_fraction=0)
+    for name, vocabulary in (("a", words), ("b", list(reversed(words)))):  # the same words under other ids
+        task = SequenceClassification(str(tiny_bert_folder(tmp_path / name, vocabulary)), warmup_steps=0)
+        first = FirstBatch()
+        make_trainer([first], max_steps=1).fit(task, datamodule=data)
+        texts = {task.tokenizer.decode(ids, skip_special_tokens=True) for ids in first.ids}
+        assert texts <= {"the movie was good", "the movie was bad"}, texts  # was: b's rows were a's ids

@@ -26,13 +26,21 @@ class SourceData(L.LightningDataModule):
         if self.source is not None:
             self.SOURCES[self.source]()  # fetch into the cache once, on one process
 
+    tokenizer_from_task = False  # whether ``tokenizer`` is the task's, taken at setup (none was given)
+
     def setup(self, stage: str) -> None:
         if not self.splits:
             self.splits = self._read_splits()
             self._splits_read()
-        if self.tokenizer is None:
-            self.tokenizer = self.trainer.lightning_module.tokenizer
+        if self.tokenizer is None or self.tokenizer_from_task:  # the task of this run's (reused data: another's)
+            task_tokenizer = self.trainer.lightning_module.tokenizer
+            if task_tokenizer is not self.tokenizer:
+                self.tokenizer, self.tokenizer_from_task = task_tokenizer, True
+                self._tokenizer_changed()
         self._check_tokenizer()
+
+    def _tokenizer_changed(self) -> None:
+        """Called when setup takes another tokenizer: what was tokenized with the one before must go."""
 
     def _read_splits(self) -> dict[str, Any]:
         raise NotImplementedError

@@ -109,6 +109,9 @@ class CausalLMData(SourceData):
         self.predict_texts: list[str] = []  # the prompts of the last predict_dataloader, in order
         self.encoded: dict[str, list[Example]] = {}
 
+    def _tokenizer_changed(self) -> None:
+        self.encoded.clear()
+
     def _check_tokenizer(self) -> None:
         if self.chat_template and not self.tokenizer.chat_template:
             raise ValueError("chat_template is on, but the tokenizer has no chat template")
