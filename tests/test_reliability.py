@@ -699,3 +699,15 @@ def test_data_reused_for_a_model_with_another_tokenizer_is_tokenized_with_that_o
         make_trainer([first], max_steps=1).fit(task, datamodule=data)
         texts = {task.tokenizer.decode(ids, skip_special_tokens=True) for ids in first.ids}
         assert texts <= {"the movie was good", "the movie was bad"}, texts  # was: b's rows were a's ids
+
+
+def test_label_names_and_column_names_lose_the_spaces_around_them(tmp_path):
+    from lightning_peft.data import TextClassificationData
+
+    (tmp_path / "rows.csv").write_text("text, label\nthe plot was great, pos\nthe plot was dull,neg\ngood film,pos\n")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_folder(tmp_path / "model", WORDS))
+    data = TextClassificationData(train_file=str(tmp_path / "rows.csv"), val_fraction=0, tokenizer=tokenizer)
+    data.setup("fit")  # was: no column 'label', and with it ' pos' and 'pos' as two classes
+    assert data.labels == ["neg", "pos"]

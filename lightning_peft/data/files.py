@@ -72,6 +72,7 @@ def _csv_rows(text: str, path: Path, delimiter: str) -> list[tuple[int, dict]]:
     header = next(records, (0, None))[1]
     if header is None:
         return []
+    header = [name.strip() for name in header]  # "text, label" names the column 'label
     rows = []
     for start, fields in records:
         if not fields:

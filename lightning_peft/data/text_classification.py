@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
@@ -111,7 +112,8 @@ class TextClassificationData(SourceData):
         else:
             columns = [self.text_column, self.label_column]
             splits = {
-                name: [(str(row[self.text_column]), row[self.label_column]) for row in read_rows(path, columns)]
+                name: [(str(row[self.text_column]), _label(row[self.label_column]))
+                       for row in read_rows(path, columns)]
                 for name, path in self.files.items() if path is not None
             }
         if "val" not in splits and "train" in splits and self.val_fraction > 0:
@@ -182,3 +184,8 @@ def _label_names(rows: Sequence[Example]) -> list[str] | None:
     if not rows or all(is_int_label(label) for _, label in rows):
         return None
     return sorted({str(label) for _, label in rows})
+
+
+def _label(value: Any) -> Any:
+    """A label as read: a name without the spaces around it (``"pos, neg"`` gives `` neg``), or a JSON number."""
+    return value.strip() if isinstance(value, str) else value
