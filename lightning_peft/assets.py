@@ -192,7 +192,8 @@ def _vader_sdist(download_dir: Path) -> Path:
     if seeded.is_file():
         return seeded
     logger.info("Downloading the %s sdist for the movie review snippets", _VADER_REQUIREMENT)
-    done = subprocess.run([sys.executable, "-m", *_VADER_DOWNLOAD.split(), "-d", str(download_dir)], check=False)
+    done = subprocess.run([sys.executable, "-m", *_VADER_DOWNLOAD.split(), "-d", str(download_dir)], check=False,
+                          stdout=sys.stderr)  # pip's progress is a log: stdout holds predictions
     if done.returncode != 0 or not (download_dir / _VADER_SDIST).is_file():
         raise AssetError(
             f"Could not download the {_VADER_REQUIREMENT} sdist that holds the movie review snippets. "
@@ -205,10 +206,15 @@ def _vader_sdist(download_dir: Path) -> Path:
 def _parse_snippets(sdist: Path, domain: str = "movie-snippets") -> list[Snippet]:
     """Read (text, label) rows of one domain from the sdist's inner archive, in file order, dropping the zero scores."""
     spec = SENTIMENT_DOMAINS[domain]
-    with tarfile.open(sdist) as outer:
-        inner_bytes = outer.extractfile(_INNER_ARCHIVE).read()
-    with tarfile.open(fileobj=io.BytesIO(inner_bytes)) as inner:
-        raw = inner.extractfile(f"{_VADER_FOLDER}/{spec.member}").read()
+    try:
+        with tarfile.open(sdist) as outer:
+            inner_bytes = outer.extractfile(_INNER_ARCHIVE).read()
+        with tarfile.open(fileobj=io.BytesIO(inner_bytes)) as inner:
+            raw = inner.extractfile(f"{_VADER_FOLDER}/{spec.member}").read()
+    except (tarfile.TarError, EOFError, OSError, KeyError, AttributeError) as err:
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")
+        raise AssetError(f"{sdist} is damaged or not the {_VADER_REQUIREMENT} sdist ({reason}); delete it to fetch "
+                         "it again") from None
     # UTF-8 with CRLF line ends and no final newline; str.splitlines would also split on U+2028 and the like.
     lines = raw.decode("utf-8").split("\r\n")
     rows = []
@@ -230,9 +236,12 @@ def _write_atomic(path: Path, rows: Iterable[Snippet]) -> None:
 
 def _read_tsv(path: Path, expected: int) -> list[Snippet]:
     """Read a cached domain TSV back, refusing a file that does not hold every row."""
-    with open(path, encoding="utf-8", newline="\n") as handle:
-        next(handle)  # header
-        rows = [(text, int(label)) for text, label in (line.rstrip("\n").rsplit("\t", 1) for line in handle)]
+    try:
+        with open(path, encoding="utf-8", newline="\n") as handle:
+            next(handle)  # header
+            rows = [(text, int(label)) for text, label in (line.rstrip("\n").rsplit("\t", 1) for line in handle)]
+    except (StopIteration, ValueError, UnicodeDecodeError) as err:
+        raise AssetError(f"{path} is damaged ({type(err).__name__}); delete it to rebuild it") from None
     if len(rows) != expected:
         raise AssetError(f"{path} holds {len(rows)} rows, not {expected}; delete it to rebuild it")
     return rows

@@ -134,6 +134,31 @@ def test_failed_download_names_command_and_leaves_nothing(downloaded, cache, mon
     assert assets.movie_snippets() == downloaded[1]
 
 
+def test_a_damaged_cache_is_one_error_that_says_to_delete_the_file(cache):
+    import gzip
+
+    cache.mkdir()
+    sdist = cache / assets._VADER_SDIST
+    sdist.write_bytes(gzip.compress(b"x" * 100_000)[:500])  # half copied
+    with pytest.raises(assets.AssetError, match=r"is damaged or not the vaderSentiment==3\.3\.2 sdist .* delete it"):
+        assets.movie_snippets()  # was: EOFError
+    sdist.unlink()
+    (cache / "tweets.tsv").write_text("text\tlabel\nfine day\n")  # a label cut off
+    with pytest.raises(assets.AssetError, match=r"tweets\.tsv is damaged .*delete it to rebuild it"):
+        assets.sentiment_texts("tweets")  # was: ValueError: not enough values to unpack
+    (cache / "tweets.tsv").write_text("")
+    with pytest.raises(assets.AssetError, match=r"tweets\.tsv is damaged"):
+        assets.sentiment_texts("tweets")  # was: StopIteration
+
+
+def test_pip_s_output_goes_to_standard_error(cache, monkeypatch, capfd):
+    monkeypatch.setattr(assets, "_VADER_DOWNLOAD", "pip download --help")  # pip prints, and fetches nothing
+    with pytest.raises(assets.AssetError):
+        assets.movie_snippets()
+    out, err = capfd.readouterr()
+    assert "Usage" in err and out == ""  # was: on standard output, where `predict > predictions.txt` writes
+
+
 def test_interrupted_write_leaves_no_file(tmp_path):
     def rows():
         yield "first", 1

@@ -542,8 +542,12 @@ def test_predict_lines_from_standard_input_split_at_line_breaks_only(monkeypatch
 
     from lightning_peft.data.files import read_lines
 
-    monkeypatch.setattr("sys.stdin", io.StringIO("first\u2028still first\nsecond\x0csame line\n"))
+    text = "first\u2028still first\nsecond\x0csame line\n"
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(text.encode())))
     assert read_lines("-") == ["first\u2028still first", "second\x0csame line"]
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("fine\ncaf\u00e9\n".encode("latin-1"))))
+    with pytest.raises(ValueError, match=r"standard input, line 2: not UTF-8 text \(byte 0xe9\)"):
+        read_lines("-")  # was: a traceback from the tokenizer, or a UnicodeDecodeError
 
 
 def test_class_names_come_from_every_training_row_or_else_from_the_task(tmp_path):

@@ -52,12 +52,17 @@ def _lines(text: str) -> list[str]:
 
 def _utf8_text(path: Path) -> str:
     """The file's text; a UTF-8 byte-order mark (as spreadsheet programs write) is dropped."""
+    return _decoded(path.read_bytes(), f"data file {path}")
+
+
+def _decoded(raw: bytes, source: str) -> str:
+    """``raw`` as UTF-8 text (a byte-order mark dropped), or one line naming ``source``'s line that is not."""
     try:
-        return path.read_text(encoding="utf-8-sig")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        line = path.read_bytes()[:err.start].count(b"\n") + 1
-        raise ValueError(f"data file {path}, line {line}: not UTF-8 text (byte {err.object[err.start]:#04x}); "
-                         "save the file as UTF-8") from None
+        line = raw[:err.start].count(b"\n") + 1
+        raise ValueError(f"{source}, line {line}: not UTF-8 text (byte {raw[err.start]:#04x}); save it as "
+                         "UTF-8") from None
 
 
 def _csv_rows(text: str, path: Path, delimiter: str) -> list[tuple[int, dict]]:
@@ -177,7 +182,7 @@ def read_lines(path: str | Path, column: str | None = None) -> list[str]:
     if column is not None and suffix in READERS:
         return [str(row[column]).strip() for row in read_rows(path, [column])]
     if str(path) == "-":
-        lines = _lines(sys.stdin.read())
+        lines = _lines(_decoded(sys.stdin.buffer.read(), "standard input"))
     else:
         path = Path(path).expanduser()
         if not path.is_file():
