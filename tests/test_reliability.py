@@ -715,3 +715,29 @@ def test_label_names_and_column_names_lose_the_spaces_around_them(tmp_path):
     data = TextClassificationData(train_file=str(tmp_path / "rows.csv"), val_fraction=0, tokenizer=tokenizer)
     data.setup("fit")  # was: no column 'label', and with it ' pos' and 'pos' as two classes
     assert data.labels == ["neg", "pos"]
+
+
+def test_a_decoder_classifier_whose_tokenizer_has_no_pad_token_trains_and_reads_each_row_s_last_token(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
+
+    from lightning_peft.data import TextClassificationData
+
+    vocabulary = {word: i for i, word in enumerate(["<unk>", "<s>", "</s>", *WORDS])}
+    backend = Tokenizer(models.WordLevel(vocabulary, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(tmp_path / "model")  # no pad token
+    LlamaForSequenceClassification(LlamaConfig(vocab_size=len(vocabulary), hidden_size=16, intermediate_size=32,
+                                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                               eos_token_id=2, bos_token_id=1)).save_pretrained(tmp_path / "model")
+    rows = "".join(f"the {'very ' * (i % 3)}movie was {word},{word}\n" for i, word in enumerate(["good", "bad"] * 4))
+    (tmp_path / "rows.csv").write_text("text,label\n" + rows)
+    task = SequenceClassification(str(tmp_path / "model"), warmup_steps=0)
+    data = TextClassificationData(train_file=str(tmp_path / "rows.csv"), batch_size=4, val_fraction=0)
+    make_trainer([LoRA(r=2, target_modules=["q_proj"])], max_steps=2).fit(task, datamodule=data)  # was: no pad token
+    batch = task.tokenizer(["the movie was good", "the very very movie was bad"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        together = task(batch["input_ids"], batch["attention_mask"])
+        alone = task(task.tokenizer(["the movie was good"], return_tensors="pt")["input_ids"])
+    torch.testing.assert_close(together[:1], alone, atol=1e-5, rtol=0)  # the padded row reads its own last token

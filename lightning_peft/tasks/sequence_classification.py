@@ -73,6 +73,8 @@ class SequenceClassification(TransformersTask):
                  learning_rate: float = 5e-4, weight_decay: float = 0.01, warmup_steps: int = 30,
                  trust_remote_code: bool = False, optimizer: str = "adamw") -> None:
         super().__init__(model, learning_rate, weight_decay, warmup_steps, trust_remote_code, optimizer)
+        if self.tokenizer.pad_token is None:  # a decoder's tokenizer: batches pad with its end token
+            self.tokenizer.pad_token = self.tokenizer.eos_token
         self.save_hyperparameters()
 
     @property
@@ -94,6 +96,8 @@ class SequenceClassification(TransformersTask):
             task: metrics.clone(prefix=f"{stage}_", postfix=f"_{task}") for task in tasks}) for stage in STAGES})
         model = AutoModelForSequenceClassification.from_pretrained(
             self.model_path, num_labels=num_labels, trust_remote_code=self.trust_remote_code)
+        if getattr(model.config, "pad_token_id", None) is None:  # a decoder's classifier reads its last non-pad token
+            model.config.pad_token_id = self.tokenizer.pad_token_id
         return model.train()  # from_pretrained returns eval mode; Lightning keeps modes as they are
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
