@@ -57,6 +57,7 @@ def merge(module: nn.Module) -> nn.Module:
     if unmergeable:
         raise ValueError(f"{', '.join(unmergeable)} adapters cannot be merged into the base weights")
     where, places = holders(module), ModulePlaces(module)
+    alive = list(module.parameters())  # noqa: F841  (``where`` is by id: a weight a merge replaces must keep its id)
     for name, layer in reversed(list(peft_layers(module))):  # innermost first when layers are nested
         parent_name, _, child = name.rpartition(".")
         parent = module.get_submodule(parent_name)

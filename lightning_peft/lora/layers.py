@@ -60,7 +60,13 @@ class LoRALayer(PEFTLayer):
         adapter = LoRAAdapter(r, self.a_shape(r), self.b_shape(r), alpha, dropout, use_rslora, dtype, weight.device)
         self.initialize(adapter, init)
         if use_dora:
-            adapter.magnitude = nn.Parameter(self.row_norm(adapter).to(dtype))
+            norm = self.row_norm(adapter)
+            zero = int((norm == 0).sum())
+            if zero:  # its direction W / ||W|| is 0 / 0: NaN from the first forward (as in peft)
+                raise ValueError(f"DoRA cannot adapt a layer whose weight has all-zero rows (here {zero} of "
+                                 f"{len(norm)}: pruned or zero-initialised units), whose direction is undefined; "
+                                 "use plain LoRA there, or leave the layer out (exclude_modules)")
+            adapter.magnitude = nn.Parameter(norm.to(dtype))
         self.register_adapter(name, adapter)
         return adapter
 
@@ -102,11 +108,9 @@ class LoRALayer(PEFTLayer):
         return read_weight(self.base_layer)
 
     def row_norm(self, adapter: LoRAAdapter) -> Tensor:
-        """DoRA's per-output norm of ``W + scale * B @ A``; 1 for an all-zero row (a pruned unit), which stays 0
-        whatever it is scaled by, where 0 would make its output 0/0."""
+        """DoRA's per-output norm of ``W + scale * B @ A``."""
         weight = self.from_weight_layout(self.base_weight()).to(adapter.lora_A.dtype)
-        norm = torch.linalg.norm(weight + adapter.update(), dim=1)
-        return norm.masked_fill(norm == 0, 1)
+        return torch.linalg.norm(weight + adapter.update(), dim=1)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         out = self.base_layer(x, *args, **kwargs)
