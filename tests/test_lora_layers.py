@@ -306,6 +306,14 @@ def test_merging_into_a_weight_normed_layer_writes_through_its_parametrization(m
             torch.testing.assert_close(model(x), base, rtol=0, atol=1e-5)
 
 
+def test_merging_into_a_spectral_normed_layer_is_refused_before_any_change():
+    model = nn.Sequential(nn.Linear(8, 6), nn.utils.parametrizations.spectral_norm(nn.Linear(6, 4)))
+    LoRA(r=2, target_modules=r"\d").inject(model)
+    with pytest.raises(ValueError, match=r"the weight of '1' is computed by a parametrization \(_SpectralNorm\)"):
+        merge(model)  # was: written as W / sigma(W), and the base changed for good
+    assert sum(isinstance(m, LoRALayer) for m in model.modules()) == 2  # the first layer was not merged either
+
+
 def test_pissa_on_a_weight_normed_layer_is_refused_and_the_model_kept():
     model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(8, 6)))
     x = torch.randn(3, 8)
@@ -370,6 +378,12 @@ def test_all_linear_leaves_out_layers_whose_weight_the_parent_reads_and_naming_o
     for layer in ("x_proj", "out_proj", "conv1d"):
         with pytest.raises(TypeError, match=rf"cannot adapt 'backbone\.layers\.0\.mixer\.{layer}' on its own"):
             LoRA(r=4, target_modules=[layer]).inject(tiny_mamba())
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+
+    mamba2 = Mamba2ForCausalLM(Mamba2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_heads=4,
+                                            head_dim=16, expand=2, n_groups=1, state_size=8, chunk_size=8))
+    LoRA(r=4).inject(mamba2)  # Mamba2Mixer hands out_proj's weight to the kernel too
+    assert {n.split(".")[-4] for n, p in mamba2.named_parameters() if p.requires_grad} == {"in_proj"}
     attention = nn.Sequential(nn.MultiheadAttention(16, 2))
     with pytest.raises(TypeError, match=r"cannot adapt '0\.out_proj' on its own: nn.MultiheadAttention '0' reads"):
         LoRA(r=4, target_modules=["out_proj"]).inject(attention)

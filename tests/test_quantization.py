@@ -94,6 +94,19 @@ def test_a_skipped_block_keeps_every_layer_inside_it_in_full_precision(skip):
     assert len(quantized_layers(model)) == 2 * 4  # q, k, v, o
 
 
+def test_dequantizing_a_merged_model_is_refused_and_unmerge_still_works():
+    model = llama().eval()
+    QuantizeBase("nf4").inject(model)
+    LoRA(r=4, target_modules=["q_proj"]).inject(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the merge rounds, and says so
+        merge(model)
+    with pytest.raises(ValueError, match="dequantize_base: this model has merged adapters"):
+        dequantize_base(model)  # was: done, after which unmerge failed ("replaced after the merge")
+    unmerge(model)
+    assert quantized_layers(model)
+
+
 def test_quantizing_a_merged_model_is_refused_and_nothing_changes():
     model = llama()
     LoRA(r=4, target_modules=["q_proj"]).inject(model)

@@ -8,6 +8,7 @@ above it, also after ``copy.deepcopy``.
 from __future__ import annotations
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from lightning_peft.core.injection import ModulePlaces, peft_layers
 from lightning_peft.core.layer import PEFTLayer, PEFTModule, innermost_base
@@ -56,6 +57,7 @@ def merge(module: nn.Module) -> nn.Module:
     unmergeable = sorted({m.method for m in module.modules() if isinstance(m, PEFTModule) and not m.mergeable})
     if unmergeable:
         raise ValueError(f"{', '.join(unmergeable)} adapters cannot be merged into the base weights")
+    _check_weights_writable(module)
     where, places = holders(module), ModulePlaces(module)
     alive = list(module.parameters())  # noqa: F841  (``where`` is by id: a weight a merge replaces must keep its id)
     for name, layer in reversed(list(peft_layers(module))):  # innermost first when layers are nested
@@ -113,6 +115,21 @@ def unmerge(module: nn.Module) -> nn.Module:
         raise ValueError("unmerge: this module has no merged adapters")
     _tie_models_again(module)
     return module
+
+
+def _check_weights_writable(module: nn.Module) -> None:
+    """Refuse, before any change, a merge into a weight that a parametrization other than weight_norm computes.
+
+    weight_norm's originals are solved exactly from the weight written; spectral_norm's (or another's) are not.
+    """
+    for name, layer in peft_layers(module):
+        base = innermost_base(layer)
+        if parametrize.is_parametrized(base, "weight"):
+            kinds = [type(p).__name__ for p in base.parametrizations.weight]
+            if kinds != ["_WeightNorm"]:
+                raise ValueError(f"merge: the weight of '{name}' is computed by a parametrization ({', '.join(kinds)}) "
+                                 "that a merged weight cannot be written through exactly; nothing was merged. "
+                                 "Only weight_norm's can")
 
 
 def _unmerge_layer(layer: PEFTLayer) -> None:

@@ -72,10 +72,10 @@ def _head_names(root: nn.Module) -> set[str]:
 def _attribute_read_layers(root: nn.Module) -> dict[str, str]:
     """Layers whose parent reads their weight directly, so a wrapper there never acts, with why.
 
-    nn.MultiheadAttention's ``out_proj``; a Mamba mixer's ``dt_proj`` (``dt_proj.weight @ ...``) and
-    ``conv1d`` always, and its ``x_proj`` and ``out_proj`` in training wherever the mamba-ssm
-    kernel is installed (it takes their weights), so an adapter there would act on one machine and
-    not on another (peft refuses them too).
+    nn.MultiheadAttention's ``out_proj``; a Mamba-style mixer's (Mamba, Mamba2, Bamba, ...) ``dt_proj``
+    (``dt_proj.weight @ ...``) and ``conv1d`` always, and its ``x_proj`` and ``out_proj`` in training
+    wherever the mamba-ssm kernel is installed (it takes their weights), so an adapter there would
+    act on one machine and not on another (peft refuses them too).
     """
     found = {}
     for name, module in root.named_modules():
@@ -85,16 +85,23 @@ def _attribute_read_layers(root: nn.Module) -> dict[str, str]:
             found[f"{where}out_proj"] = (f"nn.MultiheadAttention '{name}' reads its weight directly, so an adapter "
                                          "there would never act; only LoRA adapts nn.MultiheadAttention, targeted "
                                          "as the attention module itself (its input and output projections)")
-        elif type(base).__name__.endswith("MambaMixer") and hasattr(base, "dt_proj"):
-            found[f"{where}dt_proj"] = (f"{type(base).__name__} '{name}' reads its weight directly "
-                                        "(dt_proj.weight @ ...), so an adapter there would never act")
-            found[f"{where}conv1d"] = (f"{type(base).__name__} '{name}' passes its weight to its convolution "
-                                       "kernel, so an adapter there would never act")
-            for layer in ("x_proj", "out_proj"):
-                found[f"{where}{layer}"] = (f"{type(base).__name__} '{name}' passes its weight to the mamba-ssm "
-                                            "kernel in training where that is installed, so an adapter there would "
-                                            "not act; adapt in_proj")
+        elif _state_space_mixer(base):
+            kind = type(base).__name__
+            reasons = {"dt_proj": "reads its weight directly (dt_proj.weight @ ...), so an adapter there would never "
+                                  "act",
+                       "conv1d": "passes its weight to its convolution kernel, so an adapter there would never act",
+                       "x_proj": "passes its weight to the mamba-ssm kernel in training where that is installed, so "
+                                 "an adapter there would not act; adapt in_proj"}
+            reasons["out_proj"] = reasons["x_proj"]
+            found.update({f"{where}{layer}": f"{kind} '{name}' {why}" for layer, why in reasons.items()
+                          if hasattr(base, layer)})
     return found
+
+
+def _state_space_mixer(module: nn.Module) -> bool:
+    """Whether ``module`` is a Mamba-style mixer of transformers (Mamba, Mamba2, Bamba, Zamba2, ...), whose forward
+    passes some of its layers' weights to kernels."""
+    return type(module).__name__.endswith("Mixer") and hasattr(module, "in_proj") and hasattr(module, "conv1d")
 
 
 def candidate_modules(root: nn.Module) -> list[tuple[str, nn.Module]]:

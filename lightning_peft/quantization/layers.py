@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lightning_peft.core.injection import ModulePlaces
+from lightning_peft.core.merging import check_unmerged
 from lightning_peft.core.models import transformers_models
 from lightning_peft.core.ownership import owners
 from lightning_peft.core.weights import (
@@ -71,6 +72,7 @@ def dequantize_base(module: nn.Module) -> nn.Module:
     had (a 4-bit layer records it; an 8-bit one takes the rest of the base's).
 
     For example, to merge exactly."""
+    check_unmerged(module, "dequantize_base", "so that unmerge can take the adapters out of the weights it rounded")
     rest, places = _base_float_dtype(module), ModulePlaces(module)
     for _, layer in list(module.named_modules()):
         if is_quantized(layer):
