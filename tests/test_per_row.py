@@ -332,3 +332,19 @@ def test_beam_search_takes_each_name_once_per_beam_and_says_so_when_not():
             set_adapter(model, name)
             assert torch.equal(together[i:i + 1], model.generate(**{k: v[i:i + 1] for k, v in inputs.items()},
                                                                  **settings))
+
+
+def test_compiled_decoding_with_rows_of_one_prompt_length_works_when_the_model_holds_others():
+    model = tiny_llama()
+    PromptTuning(num_virtual_tokens=3, adapter_name="a").inject(model)
+    PromptTuning(num_virtual_tokens=6, adapter_name="b").inject(model)
+    compiled, _ = compiled_counting(randomized(model))
+    ids = torch.randint(0, VOCAB, (2, 5))
+
+    def two_steps(forward):
+        with torch.no_grad(), per_row_adapters(model, ["a", "a"]):
+            first = forward(input_ids=ids, use_cache=True)
+            return forward(input_ids=first.logits[:, -1:].argmax(-1), past_key_values=first.past_key_values,
+                           use_cache=True).logits
+
+    torch.testing.assert_close(two_steps(compiled), two_steps(model))  # was: refused, padded to b's 6 tokens

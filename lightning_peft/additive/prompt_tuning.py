@@ -132,7 +132,7 @@ class PromptInjector(PEFTModule):
         if not self.adapters:
             return None
         first = next(iter(self.adapters.values())).prompt
-        groups = self.row_adapters.groups(self, first.new_empty(batch, 0))
+        groups = self.row_adapters.row_sets(self, first.new_empty(batch, 0))  # the rows' prompts, not all held
         if not groups:
             return None
         width = max(adapter.prompt.shape[0] for adapter, _ in groups)

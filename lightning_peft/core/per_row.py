@@ -58,8 +58,11 @@ class RowAdapters:
         Under torch.compile: every adapter ``part`` holds, its rows as a mask, so that the graph
         reads nothing of the routing but tensors and a new routing compiles nothing.
         """
-        if torch.compiler.is_compiling():
-            return self._masked_groups(part, batch)
+        return self._masked_groups(part, batch) if torch.compiler.is_compiling() else self.row_sets(part, batch)
+
+    def row_sets(self, part: PEFTModule, batch: Tensor) -> list[tuple[nn.Module, RowSet]]:
+        """``(adapter, its rows by index)`` for each named adapter that ``part`` holds, compiled or not (a compiled
+        graph then follows this routing alone)."""
         if batch.shape[0] != len(self.names):
             raise ValueError(f"per_row_adapters was given {len(self.names)} names, but a {part.method} layer got a "
                              f"batch of {batch.shape[0]} rows (input shape {tuple(batch.shape)}); give one name per "

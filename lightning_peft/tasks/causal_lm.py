@@ -28,10 +28,12 @@ class CausalLM(TransformersTask):
 
     The tokenizer is loaded at once (given the end token as padding when it has none); the
     transformers model is built in ``configure_model``, so the PEFT callbacks change it at setup.
-    Training logs ``train_loss`` (each micro-batch's token mean; under gradient accumulation each
-    micro-batch counts equally, as in Lightning); validation and test log ``val_loss``/``val_ppl``
-    and ``test_loss``/``test_ppl``, over the same tokens (each predicted from the one before, so a
-    soft prompt's first prediction is not counted), summed in float32 over the whole split;
+    Training logs ``train_loss`` (each micro-batch's token mean, plus a mixture-of-experts model's
+    router loss as its own loss adds it; under gradient accumulation each micro-batch counts
+    equally, as in Lightning); validation and test log ``val_loss``/``val_ppl`` and
+    ``test_loss``/``test_ppl``: the cross-entropy alone, over the same tokens (each predicted from
+    the one before, so a soft prompt's first prediction is not counted), summed in float32 over
+    the whole split;
     ``predict`` returns each prompt's greedy continuation as text, without the prompt. The
     optimizer is AdamW over the trainable parameters only.
 
