@@ -142,6 +142,14 @@ def test_a_method_told_to_train_a_quantized_weight_is_refused_in_one_line_and_no
     assert [type(m) for m in model.modules()] == before
 
 
+def test_a_failed_setup_takes_the_quantization_out_of_the_config_with_the_layers():
+    module = TokenModule(llama())
+    with pytest.raises(ValueError, match="no_such_layer"):
+        make_trainer([QuantizeBase("nf4"), LoRA(r=4, target_modules=["no_such_layer"])]).fit(module, token_loader())
+    assert not quantized_layers(module)
+    assert getattr(module.model.config, "quantization_config", None) is None  # was: left, so save_pretrained lied
+
+
 def test_bart_s_classification_head_stays_full_precision():
     from transformers import BartConfig, BartForSequenceClassification
 
@@ -297,6 +305,7 @@ def test_save_pretrained_of_a_merged_quantized_model_loads_quantized_with_the_sa
             assert is_quantized(again) == is_quantized(layer), name
             if is_quantized(layer):
                 torch.testing.assert_close(dequantized_weight(again), dequantized_weight(layer), rtol=0, atol=0)
+    unmerge(model)
     dequantize_base(model)
     assert getattr(model.config, "quantization_config", None) is None  # plain weights: saved as such
 
@@ -319,7 +328,7 @@ def test_merge_unmerge_cycles_leave_the_quantized_base_as_it_was(mode):
     torch.testing.assert_close(model(ids()).logits, unmerged, rtol=0, atol=0)
 
 
-def test_merging_into_a_bf16_4bit_base_keeps_its_dtype():
+def test_writing_into_a_bf16_4bit_base_keeps_its_dtype():
     model = llama().to(torch.bfloat16).eval()
     QuantizeBase("nf4").inject(model)
     LoRA(r=4, target_modules=["q_proj"]).inject(model)
@@ -327,8 +336,10 @@ def test_merging_into_a_bf16_4bit_base_keeps_its_dtype():
     with pytest.warns(UserWarning, match="rounded to nf4"):
         merge(model)
     assert model.model.layers[0].self_attn.q_proj.weight.quant_state.dtype == torch.bfloat16  # was: float32
+    unmerge(model)
+    LoRA(r=4, init="pissa", target_modules=["k_proj"], adapter_name="pissa").inject(model)  # writes the residual
     dequantize_base(model)
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
     model(ids())  # was: bf16 and float32 layers in one forward
 
 

@@ -20,7 +20,7 @@ from lightning_peft.core.summary import base_weight_bytes, size_text
 from lightning_peft.core.targeting import ALL_LINEAR, Targets, fused_expert_parameters, name_matches, select_modules
 from lightning_peft.core.weights import import_bitsandbytes, is_quantized, quantized_format
 from lightning_peft.lightning.callback import ModelSetupCallback, setup_callbacks
-from lightning_peft.quantization.layers import MODES, describe_in_config, quantize_linear
+from lightning_peft.quantization.layers import MODES, describe_in_config, forget_quantization, quantize_linear
 from lightning_peft.quantization.memory import release_file_pages, return_freed_memory
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -148,6 +148,12 @@ class QuantizeBase(ModelSetupCallback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         rank_zero_info(f"lightning_peft: {self.summary()}")
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """After a failed setup is rolled back (by the first callback: this one, or one called before), the config
+        says no more that the base is quantized."""
+        super().on_exception(trainer, pl_module, exception)
+        forget_quantization(pl_module)
 
     def _layers_to_quantize(self, module: nn.Module) -> list[str]:
         """Names of the base's full-precision nn.Linear layers to quantize, innermost under any PEFT layer."""

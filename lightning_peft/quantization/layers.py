@@ -52,14 +52,14 @@ def describe_in_config(module: nn.Module, mode: str, double_quant: bool) -> None
 
     ``save_pretrained`` then writes a folder that ``from_pretrained`` loads quantized (bitsandbytes),
     with the same codes, rather than reading the codes as weights. Its layers left in full
-    precision are listed as not to convert.
+    precision are listed as not to convert. A bitsandbytes entry already there (transformers
+    quantized some layers on loading) is written afresh for the layers quantized now.
     """
     from transformers import BitsAndBytesConfig
 
     for _, model in transformers_models(module):
         layers = [(name, layer) for name, layer in model.named_modules() if isinstance(layer, nn.Linear)]
-        described = getattr(model.config, "quantization_config", None) is not None  # by transformers, say
-        if described or not any(is_quantized(layer) for _, layer in layers):
+        if not _bitsandbytes_or_none(model) or not any(is_quantized(layer) for _, layer in layers):
             continue
         kept = [name.replace(".base_layer", "") for name, layer in layers if not is_quantized(layer)]
         model.config.quantization_config = BitsAndBytesConfig(
@@ -67,12 +67,29 @@ def describe_in_config(module: nn.Module, mode: str, double_quant: bool) -> None
             else "nf4", bnb_4bit_use_double_quant=double_quant, llm_int8_threshold=6.0, llm_int8_skip_modules=kept)
 
 
+def forget_quantization(module: nn.Module) -> None:
+    """Take the bitsandbytes entry out of the config of each transformers model in ``module`` that holds no
+    quantized layer any more (dequantized, or a failed setup rolled back)."""
+    for _, model in transformers_models(module):
+        quantized = any(is_quantized(layer) for layer in model.modules())
+        if getattr(model.config, "quantization_config", None) is not None and _bitsandbytes_or_none(model) \
+                and not quantized:
+            del model.config.quantization_config  # plain weights, which save_pretrained writes as such
+
+
+def _bitsandbytes_or_none(model: nn.Module) -> bool:
+    """Whether the model's config says nothing of quantization, or says bitsandbytes (not GGUF, say)."""
+    found = getattr(model.config, "quantization_config", None)
+    method = found.get("quant_method") if isinstance(found, dict) else getattr(found, "quant_method", None)
+    return found is None or str(getattr(method, "value", method)) == "bitsandbytes"
+
+
 def dequantize_base(module: nn.Module) -> nn.Module:
     """Put a full-precision nn.Linear back for every bitsandbytes layer of ``module`` (in place), in the dtype it
     had (a 4-bit layer records it; an 8-bit one takes the rest of the base's).
 
     For example, to merge exactly."""
-    check_unmerged(module, "dequantize_base", "so that unmerge can take the adapters out of the weights it rounded")
+    check_unmerged(module, "dequantize_base", "dequantize, then merge again (an exact merge)")
     rest, places = _base_float_dtype(module), ModulePlaces(module)
     for _, layer in list(module.named_modules()):
         if is_quantized(layer):
@@ -81,9 +98,7 @@ def dequantize_base(module: nn.Module) -> nn.Module:
             plain.weight = nn.Parameter(dequantized_weight(layer).to(dtype or torch.float32), requires_grad=False)
             plain.bias = layer.bias
             places.put_in_place_of(layer, plain)
-    for _, model in transformers_models(module):
-        if getattr(model.config, "quantization_config", None) is not None:
-            del model.config.quantization_config  # plain weights again, which save_pretrained writes as such
+    forget_quantization(module)
     return module
 
 
