@@ -10,6 +10,7 @@ traceback, and ``LIGHTNING_PEFT_DEBUG=1`` shows the traceback of any error.
 from __future__ import annotations
 
 import argparse
+import itertools
 import linecache
 import os
 import sys
@@ -268,7 +269,9 @@ def _retire_requeue_checkpoints(trainer: L.Trainer) -> None:
         fs, root = url_to_fs(str(trainer.default_root_dir))
         for path in sorted(fs.glob(f"{root.rstrip('/')}/hpc_ckpt_*.ckpt")):
             folder, _, name = path.rpartition("/")
-            retired = f"{folder}/{name.replace('hpc_ckpt_', 'hpc-ckpt-').removesuffix('.ckpt')}.resumed.ckpt"
+            stem = f"{folder}/{name.replace('hpc_ckpt_', 'hpc-ckpt-').removesuffix('.ckpt')}"
+            free = (f"{stem}.resumed{f'-{n}' if n else ''}.ckpt" for n in itertools.count())
+            retired = next(name for name in free if not fs.exists(name))  # an earlier run's stays
             fs.mv(path, retired)
             rank_zero_info(f"lightning-peft: the fit is finished; {path} renamed {retired}, so that nothing in "
                            "this folder resumes from it again")

@@ -464,6 +464,14 @@ def test_a_finished_fit_under_slurm_tests_and_exports_its_own_weights_not_the_re
     assert requeued.returncode == 0, requeued.stderr[-3000:]
     assert "Restored all states from the checkpoint" in requeued.stdout + requeued.stderr  # it resumed from it
     assert not requeue.exists() and (tmp_path / "hpc-ckpt-1.resumed.ckpt").is_file()
+    from types import SimpleNamespace
+
+    from lightning_peft.cli import _retire_requeue_checkpoints
+
+    requeue.write_bytes(b"a later job's")  # a later requeued run in the same folder keeps the earlier file
+    _retire_requeue_checkpoints(SimpleNamespace(default_root_dir=str(tmp_path), is_global_zero=True,
+                                                strategy=SimpleNamespace(barrier=lambda *_: None)))
+    assert (tmp_path / "hpc-ckpt-1.resumed-1.ckpt").read_bytes() == b"a later job's"
     stale = torch.load(tmp_path / "hpc-ckpt-1.resumed.ckpt", weights_only=True)["state_dict"]
     exported = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     key = next(k for k in exported if "layer.0.attention.self.query.lora_B" in k)
