@@ -115,6 +115,14 @@ def test_prompts_to_predict_are_left_padded(tmp_path, tokenizer):
     assert batch["attention_mask"].tolist() == [[1, 1], [0, 1]]
 
 
+def test_prompts_to_predict_keep_the_spaces_they_were_trained_with(tmp_path, tokenizer):
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": "Q: one two\nA: ", "response": "three"}) + "\n")
+    data = CausalLMData(predict_file=str(tmp_path / "pairs.jsonl"), tokenizer=tokenizer)
+    data.setup("predict")
+    data.predict_dataloader()
+    assert data.predict_texts == ["Q: one two\nA: "]  # as training reads the pair; was "Q: one two\nA:"
+
+
 def test_chat_template_wraps_prompts_when_asked(tmp_path, tiny_lm_dir):
     from transformers import AutoTokenizer
 

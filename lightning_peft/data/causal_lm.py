@@ -215,7 +215,8 @@ class CausalLMData(SourceData):
         """Prompts left-padded, so that generation continues right after each one."""
         if self.predict_file is None:
             raise ValueError("no prompts: give data.predict_file (a text file, one prompt per line, or -)")
-        self.predict_texts = read_lines(self.predict_file, self.prompt_column)  # a table: its text column
+        self.predict_texts = read_lines(self.predict_file, self.prompt_column,  # a table: its prompt column
+                                        keep_spaces=True)  # as the training pairs keep them
         examples = [{"input_ids": ids, "attention_mask": [1] * len(ids)}
                     for ids in map(self._prompt_ids, self.predict_texts)]
         return self._loader(examples, left_pad=True)

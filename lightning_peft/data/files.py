@@ -168,19 +168,20 @@ def read_text(path: str | Path) -> str:
     return text
 
 
-def read_lines(path: str | Path, column: str | None = None) -> list[str]:
+def read_lines(path: str | Path, column: str | None = None, keep_spaces: bool = False) -> list[str]:
     """Non-empty lines of a text file, or of standard input when ``path`` is ``-``.
 
     A CSV, TSV or JSONL file (by its suffix) gives its ``column``'s values, its header and other
     columns left out; without a ``column`` (``NAME<TAB>text`` lines) a TSV file is lines, and a CSV
-    or JSONL table is refused rather than read as lines.
+    or JSONL table is refused rather than read as lines. The spaces around each text go, unless
+    ``keep_spaces`` (a prompt ending in a space or a line break, as it was trained).
     """
     suffix = Path(str(path)).suffix.lower()
     if column is None and suffix in (".csv", ".jsonl", ".json"):
         raise ValueError(f"predict file {path}: here each line is one input (NAME<TAB>text), so give a plain text "
                          "or .tsv file, not a CSV or JSONL table")
     if column is not None and suffix in READERS:
-        return [str(row[column]).strip() for row in read_rows(path, [column])]
+        return [str(row[column]) if keep_spaces else str(row[column]).strip() for row in read_rows(path, [column])]
     if str(path) == "-":
         lines = _lines(_decoded(sys.stdin.buffer.read(), "standard input"))
     else:
@@ -189,7 +190,7 @@ def read_lines(path: str | Path, column: str | None = None) -> list[str]:
             raise FileNotFoundError(f"predict file {path} does not exist")
         lines = _lines(_utf8_text(path))
     source = "standard input" if str(path) == "-" else path
-    texts = [line.strip() for line in lines if line.strip()]
+    texts = [line if keep_spaces else line.strip() for line in lines if line.strip()]
     if not texts:
         raise ValueError(f"no texts to predict in {source}")
     _warn_of_blank_lines(lines, source)
