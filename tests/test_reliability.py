@@ -521,6 +521,14 @@ def test_a_quote_left_open_is_an_error_at_its_line_rather_than_rows_swallowed(tm
                                                                      "label": "pos"}]
 
 
+def test_a_csv_with_carriage_return_line_ends_and_a_text_over_three_lines_is_read(tmp_path):
+    from lightning_peft.data.files import read_rows
+
+    (tmp_path / "mac.csv").write_bytes(b'text,label\rgood film,pos\r"line one\rline two\rline three",neg\rbad,neg\r')
+    rows = read_rows(tmp_path / "mac.csv", ["text", "label"])  # was: an IndexError from the open-quote check
+    assert [row["label"] for row in rows] == ["pos", "neg", "neg"]
+
+
 def test_quote_marks_in_a_tab_separated_file_are_text(tmp_path):
     from lightning_peft.data.files import read_rows
 
@@ -730,7 +738,8 @@ def test_a_decoder_classifier_whose_tokenizer_has_no_pad_token_trains_and_reads_
                             eos_token="</s>").save_pretrained(tmp_path / "model")  # no pad token
     LlamaForSequenceClassification(LlamaConfig(vocab_size=len(vocabulary), hidden_size=16, intermediate_size=32,
                                                num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                               eos_token_id=2, bos_token_id=1)).save_pretrained(tmp_path / "model")
+                                               eos_token_id=2, bos_token_id=1, pad_token_id=0),  # <unk>
+                                   ).save_pretrained(tmp_path / "model")
     rows = "".join(f"the {'very ' * (i % 3)}movie was {word},{word}\n" for i, word in enumerate(["good", "bad"] * 4))
     (tmp_path / "rows.csv").write_text("text,label\n" + rows)
     task = SequenceClassification(str(tmp_path / "model"), warmup_steps=0)

@@ -37,7 +37,7 @@ def read_rows(path: str | Path, columns: list[str]) -> list[dict]:
     missing = [c for c in columns if c not in rows[0][1]]
     if missing:
         raise ValueError(f"data file {path} has no column {missing[0]!r}; its columns are: {', '.join(rows[0][1])}")
-    lines = _lines(text)
+    lines = _lines(text) if suffix in (".jsonl", ".json") else _table_lines(text)
     for number, row in rows:
         empty = next((c for c in columns if row.get(c) is None or str(row[c]).strip() == ""), None)
         if empty is not None:
@@ -48,6 +48,11 @@ def read_rows(path: str | Path, columns: list[str]) -> list[dict]:
 def _lines(text: str) -> list[str]:
     """The lines of ``text`` split at line breaks only (str.splitlines also splits at U+2028 inside JSON strings)."""
     return text.replace("\r\n", "\n").split("\n")
+
+
+def _table_lines(text: str) -> list[str]:
+    """The lines of a CSV or TSV text as the csv reader counts them (a lone CR ends a line there too)."""
+    return [line.rstrip("\r\n") for line in io.StringIO(text, newline="").readlines()]
 
 
 def _utf8_text(path: Path) -> str:
@@ -72,7 +77,7 @@ def _csv_rows(text: str, path: Path, delimiter: str) -> list[tuple[int, dict]]:
     tsv = delimiter == "\t"  # a tab-separated text holds no tab: its quote marks are text, as in most TSV files
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=not tsv,
                         quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
-    lines = _lines(text)
+    lines = _table_lines(text)
     records = _records(reader, path, lines)
     header = next(records, (0, None))[1]
     if header is None:

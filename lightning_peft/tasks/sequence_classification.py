@@ -96,8 +96,8 @@ class SequenceClassification(TransformersTask):
             task: metrics.clone(prefix=f"{stage}_", postfix=f"_{task}") for task in tasks}) for stage in STAGES})
         model = AutoModelForSequenceClassification.from_pretrained(
             self.model_path, num_labels=num_labels, trust_remote_code=self.trust_remote_code)
-        if getattr(model.config, "pad_token_id", None) is None:  # a decoder's classifier reads its last non-pad token
-            model.config.pad_token_id = self.tokenizer.pad_token_id
+        if self.tokenizer.pad_token_id is not None:  # a decoder's classifier reads the last token before the pad
+            model.config.pad_token_id = self.tokenizer.pad_token_id  # that batches are padded with
         return model.train()  # from_pretrained returns eval mode; Lightning keeps modes as they are
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
