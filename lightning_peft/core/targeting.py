@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from lightning_peft.core.layer import PEFTLayer, PEFTModule, innermost_base
 
@@ -336,7 +337,15 @@ def _parameter_overview(root: nn.Module, limit: int = 20) -> str:
 def _unreachable(root: nn.Module) -> list[BaseParameter]:
     """Matrix parameters that no layer type computes with: only parameter targets can adapt them."""
     layer_types = (*linear_types(), nn.Embedding, nn.modules.conv._ConvNd)
-    return [p for p in base_parameters(root) if p.param.dim() >= 2 and not isinstance(p.module, layer_types)]
+    return [p for p in base_parameters(root)
+            if p.param.dim() >= 2 and not isinstance(_reader(root, p), layer_types)]
+
+
+def _reader(root: nn.Module, p: BaseParameter) -> nn.Module:
+    """The module whose forward reads ``p``: the parametrized layer for a ``parametrizations.weight.original``."""
+    if not isinstance(p.module, parametrize.ParametrizationList):
+        return p.module
+    return innermost_base(root.get_submodule(re.sub(r"(^|\.)parametrizations\.[^.]+$", "", p.module_name)))
 
 
 def warn_left_out_weights(root: nn.Module, method: str, adapted: Sequence[nn.Parameter] = ()) -> None:
