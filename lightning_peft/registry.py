@@ -16,7 +16,6 @@ from typing import Any
 from torch import nn
 
 from lightning_peft.additive import IA3, Adapter, PrefixTuning, PromptTuning
-from lightning_peft.core.adapter_control import delete_adapter
 from lightning_peft.core.adapter_files import (
     CLASS_KEY,
     CONFIG_FILE,
@@ -27,7 +26,8 @@ from lightning_peft.core.adapter_files import (
 )
 from lightning_peft.core.files import PathLike
 from lightning_peft.core.models import model_root, warn_of_other_models
-from lightning_peft.core.ownership import adapter_refs, freeze_unclaimed
+from lightning_peft.core.ownership import AdapterRef, adapter_refs, freeze_unclaimed
+from lightning_peft.core.rollback import all_or_nothing
 from lightning_peft.lightning.callback import ModelSetupCallback, PEFTCallback
 from lightning_peft.lora import LoRA
 from lightning_peft.selective import BitFit, Selective
@@ -176,19 +176,23 @@ def load_adapter(module: nn.Module, path: PathLike, adapter_name: str = "default
     """
     config, tensors = read_adapter_files(path)
     callback = callback_for(config, adapter_name, Path(path) / CONFIG_FILE)
-    trainable = {id(p): p.requires_grad for p in module.parameters()}
+    _refuse_a_taken_name(module, callback.ref, path)
     _, root = model_root(module)
     warn_of_other_models(module, f"load_adapter({str(path)!r})")
-    callback.inject(root)  # the file names layers from the transformers model: another model beside it stays out
-    freeze_unclaimed(module)
-    try:
+    with all_or_nothing(module):
+        callback.inject(root)  # the file names layers from the transformers model: another model beside it stays out
+        freeze_unclaimed(module)
         copy_file_tensors(module, callback.ref, tensors, Path(path) / WEIGHTS_FILE)
-    except BaseException:
-        delete_adapter(module, adapter_name, callback.method_name)
-        for param in module.parameters():
-            param.requires_grad_(trainable[id(param)])
-        raise
     return module
+
+
+def _refuse_a_taken_name(module: nn.Module, ref: AdapterRef, path: PathLike) -> None:
+    """Refuse to load over an adapter the model has: the file would overwrite its trained tensors."""
+    names = [r.name for r in adapter_refs(module) if r.method_name == ref.method_name]
+    if ref.name in names:
+        raise ValueError(f"load_adapter({str(path)!r}): this model has a {ref.method_name} adapter named "
+                         f"{ref.name!r} already ({ref.method_name} adapters: {', '.join(map(repr, names))}); load "
+                         f"it under another adapter_name, or delete_adapter(model, {ref.name!r}) first")
 
 
 class LoadAdapter(ModelSetupCallback):

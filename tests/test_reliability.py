@@ -33,6 +33,7 @@ from lightning_peft import (
     QuantizeBase,
     Selective,
     cli,
+    disable_adapters,
     load_adapter,
     save_adapter,
     set_adapter,
@@ -405,6 +406,42 @@ def test_an_api_mistake_is_one_line_and_changes_nothing(case, tmp_path):
     after_files = file_digests(tmp_path)
     assert {k: v for k, v in after_files.items() if k in before_files} == before_files
     assert not [k for k in after_files if k not in before_files and not k.startswith(("damaged-", "empty.ckpt"))]
+
+
+def perturbed(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with every trainable tensor moved off its initial value (a LoRA B of zeros changes nothing)."""
+    with torch.no_grad():
+        for param in module.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.2)
+    return module
+
+
+def test_loading_under_a_name_the_model_has_is_refused_and_changes_nothing(tmp_path):
+    torch.manual_seed(0)
+    save_adapter(perturbed(LoRA(r=4, target_modules=["query"]).inject(tiny_bert())), tmp_path / "other")
+    module = perturbed(load_adapter(tiny_bert(), tmp_path / "other", adapter_name="a"))  # the same settings
+    _, params = module_record(module)
+    with pytest.raises(ValueError, match="has a LoRA adapter named 'a' already") as info:
+        load_adapter(module, tmp_path / "other", adapter_name="a")  # was: its tensors written over adapter 'a'
+    assert "\n" not in str(info.value) and "delete_adapter(model, 'a')" in str(info.value)
+    assert all(torch.equal(p, params[n][0]) for n, p in module.named_parameters())
+
+
+def test_a_failed_load_leaves_the_other_adapters_and_which_is_active_as_they_were(tmp_path):
+    torch.manual_seed(0)
+    save_adapter(perturbed(LoRA(r=4, target_modules=["query"], modules_to_save=["classifier"]).inject(
+        tiny_bert(num_labels=3))), tmp_path / "three_labels")
+    module = perturbed(LoRA(r=4, target_modules=["query"], adapter_name="a").inject(tiny_bert().eval()))
+    ids = torch.randint(0, 32, (2, 6))
+    with disable_adapters(module):
+        before, (types, params) = module(input_ids=ids).logits, module_record(module)
+        with pytest.raises(ValueError, match="has shape"), warnings.catch_warnings():
+            warnings.simplefilter("error")  # was: "adapter 'a' was active and is deleted", and 'a' switched on
+            load_adapter(module, tmp_path / "three_labels", adapter_name="b")
+        assert module_record(module)[0] == types
+        assert {n: p.requires_grad for n, p in module.named_parameters()} == {n: g for n, (_, g) in params.items()}
+        torch.testing.assert_close(module(input_ids=ids).logits, before, rtol=0, atol=0)
 
 
 def test_a_full_disk_on_export_is_one_line_and_keeps_the_previous_adapter(inputs, tmp_path, monkeypatch):
