@@ -152,18 +152,67 @@ def per_row_adapters(module: nn.Module, names: Sequence[str | None]) -> Iterator
     parts = _checked_parts(module, names)
     routing = RowAdapters.of(names, _adapter_names(module), _device_of(module),
                              sharded=any(isinstance(m, FSDPModule) for m in module.modules()))
-    saved = [(part, part.row_adapters, list(part.active_adapters)) for part in parts]
+    saved = _route(parts, routing)
     try:
-        for part in parts:
-            if part.per_row:
-                part.row_adapters = routing
-            else:
-                part.set_active([])
-        yield module
+        with _recomputed_with(module, parts, routing):
+            yield module
     finally:
-        for part, routing_before, active in saved:
-            part.row_adapters = routing_before
-            part.set_active(active)
+        _unroute(saved)
+
+
+_Saved = list[tuple[PEFTModule, RowAdapters | None, list[str]]]
+
+
+def _route(parts: list[PEFTModule], routing: RowAdapters) -> _Saved:
+    """Put ``routing`` on each part (parts without a per-row forward compute as their base); return what was there."""
+    saved = [(part, part.row_adapters, list(part.active_adapters)) for part in parts]
+    for part in parts:
+        if part.per_row:
+            part.row_adapters = routing
+        else:
+            part.set_active([])
+    return saved
+
+
+def _unroute(saved: _Saved) -> None:
+    """Give each part back the routing and active adapters that ``_route`` found."""
+    for part, routing, active in saved:
+        part.row_adapters = routing
+        part.set_active(active)
+
+
+@contextmanager
+def _recomputed_with(module: nn.Module, parts: list[PEFTModule], routing: RowAdapters) -> Iterator[None]:
+    """Make each checkpointing transformers layer recompute, in backward, with the routing of its first forward.
+
+    Backward usually runs after the block has ended (Lightning's does): a layer recomputed then would
+    otherwise give every row every active adapter, and wrong gradients.
+    """
+    layers = [m for m in module.modules() if m.__dict__.get("gradient_checkpointing") is True
+              and callable(m.__dict__.get("_gradient_checkpointing_func"))]
+    routed = set(parts)
+    for layer in layers:
+        inside = [part for part in layer.modules() if part in routed]
+        layer._gradient_checkpointing_func = _routed(layer._gradient_checkpointing_func, inside, routing)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._gradient_checkpointing_func = layer._gradient_checkpointing_func.checkpoint
+
+
+def _routed(checkpoint, parts: list[PEFTModule], routing: RowAdapters):
+    """``checkpoint`` whose function runs with ``routing`` on ``parts``, in the forward and in its recompute alike."""
+    def checkpoint_routed(function, *args, **kwargs):
+        def run_routed(*inputs, **options):
+            saved = _route(parts, routing)
+            try:
+                return function(*inputs, **options)
+            finally:
+                _unroute(saved)
+        return checkpoint(run_routed, *args, **kwargs)
+    checkpoint_routed.checkpoint = checkpoint
+    return checkpoint_routed
 
 
 def _checked_parts(module: nn.Module, names: list) -> list[PEFTModule]:
