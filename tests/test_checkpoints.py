@@ -79,6 +79,50 @@ def test_a_resumed_run_draws_the_dropout_masks_of_the_uninterrupted_one(tmp_path
         tmp_path)
 
 
+def two_adapters(first="a"):
+    """LoRA "a" and "b" (of other ranks), injected ``first`` first: the optimizer then lists ``first``'s tensors first."""
+    made = {"a": LoRA(r=2, target_modules=["q_proj"], adapter_name="a"),
+            "b": LoRA(r=3, alpha=4, target_modules=["q_proj"], adapter_name="b")}
+    return [made[first], *(cb for name, cb in made.items() if name != first)]
+
+
+def build_token_module():
+    torch.manual_seed(0)
+    return TokenModule(tiny_llama())
+
+
+def test_a_resume_with_the_methods_in_another_order_gives_each_tensor_its_own_optimizer_state(tmp_path):
+    uninterrupted = build_token_module()
+    make_trainer(two_adapters("a"), max_epochs=2, max_steps=-1).fit(uninterrupted, token_loader())
+    trainer = make_trainer(two_adapters("a"), max_epochs=1, max_steps=-1)
+    trainer.fit(build_token_module(), token_loader())
+    trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
+    resumed = build_token_module()  # was: a shape error (or, of one rank, each adapter with the other's moments)
+    make_trainer(two_adapters("b"), max_epochs=2, max_steps=-1).fit(resumed, token_loader(),
+                                                                     ckpt_path=tmp_path / "epoch1.ckpt")
+    expected, got = trainable_tensors(uninterrupted), trainable_tensors(resumed)
+    for name in expected:  # only the order of two adapters' sums in each layer differs
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
+
+
+class TwoGroups(TokenModule):
+    """Each adapter's tensors in a parameter group of its own."""
+
+    def configure_optimizers(self):
+        groups = [[p for n, p in self.named_parameters() if p.requires_grad and f".{name}." in n] for name in "ab"]
+        return torch.optim.AdamW([{"params": group} for group in groups], lr=self.lr)
+
+
+def test_a_resume_whose_optimizer_groups_the_tensors_otherwise_is_refused(tmp_path):
+    trainer = make_trainer(two_adapters("a"), max_steps=2)
+    trainer.fit(build_token_module(), token_loader())
+    trainer.save_checkpoint(tmp_path / "one_group.ckpt")
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="optimizer state of other parameters .or groups. than this run's optimizer"):
+        make_trainer(two_adapters("a"), max_steps=4).fit(TwoGroups(tiny_llama()), token_loader(),
+                                                         ckpt_path=tmp_path / "one_group.ckpt")
+
+
 def test_mismatched_checkpoint_names_the_tensor_and_both_shapes(tmp_path):
     module = TokenModule(big_vocab_llama())
     trainer = make_trainer([lora()], max_steps=1)

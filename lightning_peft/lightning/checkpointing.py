@@ -32,6 +32,7 @@ CHECKPOINT_KEY = "lightning_peft"
 # how integer keys of the optimizer states count parameters: "optimizer" (its own, as torch does) or "model" (all
 # the module's, as Lightning's FSDP2 strategy saves and loads them)
 OPTIMIZER_NUMBERING = "optimizer_numbering"
+OPTIMIZER_PARAMETERS = "optimizer_parameters"  # each optimizer's parameters by name: its states are by position
 TASKS = "tasks"  # the tasks of a multi-task run, each with its adapter: evaluating it needs their routing
 WRAPPER_NAMES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")  # FSDP1 and activation checkpointing
 
@@ -209,7 +210,8 @@ class AdapterCheckpointIO(CheckpointIO):
         numbered = "model" if isinstance(self.trainer.strategy, ModelParallelStrategy) else "optimizer"
         tasks = list(getattr(self.trainer.datamodule, "task_names", None) or [])  # MultiTaskData's: routed adapters
         checkpoint = {**checkpoint, CHECKPOINT_KEY: {**checkpoint.get(CHECKPOINT_KEY, {}), "methods": self.methods(),
-                                                     OPTIMIZER_NUMBERING: numbered, TASKS: tasks}}
+                                                     OPTIMIZER_NUMBERING: numbered, TASKS: tasks,
+                                                     OPTIMIZER_PARAMETERS: optimizer_parameter_names(self.trainer)}}
         if type(self.inner) is TorchCheckpointIO and storage_options is None and _is_local(path):
             atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
         else:
@@ -236,6 +238,46 @@ class AdapterCheckpointIO(CheckpointIO):
         self.inner.teardown()
 
 
+def optimizer_parameter_names(trainer: Any) -> list[list[list[str]]] | None:
+    """Each optimizer's parameter groups, each as its parameters' names in the module, in the optimizer's order."""
+    names = {id(param): name for name, param in trainer.lightning_module.named_parameters()}
+    found = [[[names.get(id(param)) for param in group["params"]] for group in optimizer.param_groups]
+             for optimizer in trainer.optimizers]
+    return None if any(None in group for groups in found for group in groups) else found
+
+
+def states_in_this_order(checkpoint: dict[str, Any], trainer: Any, path: PathLike) -> list[dict[str, Any]]:
+    """The checkpoint's optimizer states renumbered for the trainer's optimizers, matched by parameter name.
+
+    torch keeps an optimizer's state by position: a resume whose optimizer lists the same
+    parameters in another order (the same PEFT callbacks in another order) would give each
+    parameter another's moments, or fail on a shape. Other parameters are refused.
+    """
+    states, saved = checkpoint["optimizer_states"], checkpoint.get(CHECKPOINT_KEY, {}).get(OPTIMIZER_PARAMETERS)
+    current = optimizer_parameter_names(trainer)
+    numbered = all(isinstance(i, int) for state in states for group in state["param_groups"] for i in group["params"])
+    if not saved or current is None or saved == current or len(saved) != len(states) or not numbered:
+        return states  # FSDP1's states are by name already
+    return [_renumbered(state, then, now, path) for state, then, now in zip(states, saved, current, strict=True)]
+
+
+def _renumbered(state: dict[str, Any], then: list[list[str]], now: list[list[str]], path: PathLike) -> dict[str, Any]:
+    """One optimizer's saved ``state``, its groups' parameters named ``then``, numbered for its groups ``now``."""
+    if then == now:
+        return state
+    if [sorted(group) for group in then] != [sorted(group) for group in now]:
+        other = sorted({n for g in then for n in g} ^ {n for g in now for n in g}) or [n for g in now for n in g]
+        raise ValueError(f"checkpoint {path} holds the optimizer state of other parameters (or groups) than this "
+                         f"run's optimizer takes, first '{other[0]}'; resume with the methods and optimizer it was "
+                         "trained with")
+    position = {name: i for group, names in zip(state["param_groups"], then, strict=True)
+                for i, name in zip(group["params"], names, strict=True)}
+    index = {name: k for k, name in enumerate(name for group in now for name in group)}
+    return {"state": {index[name]: state["state"][i] for name, i in position.items() if i in state["state"]},
+            "param_groups": [{**group, "params": [index[name] for name in names]}
+                             for group, names in zip(state["param_groups"], now, strict=True)]}
+
+
 def install_adapter_checkpointing(trainer: Any, adapter_only: Callable[[], bool],
                                   check_loaded: Callable[[dict[str, Any], PathLike], None],
                                   methods: Callable[[], dict[str, Any]]) -> None:
@@ -244,6 +286,24 @@ def install_adapter_checkpointing(trainer: Any, adapter_only: Callable[[], bool]
     if not isinstance(strategy.checkpoint_io, AdapterCheckpointIO):
         strategy.checkpoint_io = AdapterCheckpointIO(strategy.checkpoint_io, trainer, adapter_only, check_loaded,
                                                      methods)
+    if not getattr(strategy.load_optimizer_state_dict, _MATCHES_NAMES, False):
+        _load_optimizer_states_by_name(strategy, trainer)
+
+
+_MATCHES_NAMES = "_lightning_peft_matches_names"
+
+
+def _load_optimizer_states_by_name(strategy: Any, trainer: Any) -> None:
+    """Let the strategy give each parameter its own saved optimizer state, whatever the order (`states_in_this_order`)."""
+    load = strategy.load_optimizer_state_dict
+
+    def load_optimizer_state_dict(checkpoint: dict[str, Any]) -> None:
+        if checkpoint.get(CHECKPOINT_KEY, {}).get(OPTIMIZER_NUMBERING) == "optimizer":
+            checkpoint = {**checkpoint, "optimizer_states": states_in_this_order(checkpoint, trainer, trainer.ckpt_path)}
+        load(checkpoint)
+
+    setattr(load_optimizer_state_dict, _MATCHES_NAMES, True)
+    strategy.load_optimizer_state_dict = load_optimizer_state_dict
 
 
 def random_states() -> dict[str, Any]:
