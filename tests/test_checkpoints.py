@@ -80,7 +80,7 @@ def test_a_resumed_run_draws_the_dropout_masks_of_the_uninterrupted_one(tmp_path
 
 
 def two_adapters(first="a"):
-    """LoRA "a" and "b" (of other ranks), injected ``first`` first: the optimizer then lists ``first``'s tensors first."""
+    """LoRA "a" and "b" (of other ranks), ``first`` injected first: the optimizer lists its tensors first."""
     made = {"a": LoRA(r=2, target_modules=["q_proj"], adapter_name="a"),
             "b": LoRA(r=3, alpha=4, target_modules=["q_proj"], adapter_name="b")}
     return [made[first], *(cb for name, cb in made.items() if name != first)]

@@ -294,12 +294,13 @@ _MATCHES_NAMES = "_lightning_peft_matches_names"
 
 
 def _load_optimizer_states_by_name(strategy: Any, trainer: Any) -> None:
-    """Let the strategy give each parameter its own saved optimizer state, whatever the order (`states_in_this_order`)."""
+    """Let the strategy give each parameter its own saved optimizer state in any order (`states_in_this_order`)."""
     load = strategy.load_optimizer_state_dict
 
     def load_optimizer_state_dict(checkpoint: dict[str, Any]) -> None:
         if checkpoint.get(CHECKPOINT_KEY, {}).get(OPTIMIZER_NUMBERING) == "optimizer":
-            checkpoint = {**checkpoint, "optimizer_states": states_in_this_order(checkpoint, trainer, trainer.ckpt_path)}
+            states = states_in_this_order(checkpoint, trainer, trainer.ckpt_path)
+            checkpoint = {**checkpoint, "optimizer_states": states}
         load(checkpoint)
 
     setattr(load_optimizer_state_dict, _MATCHES_NAMES, True)
