@@ -38,6 +38,23 @@ def test_trims_after_each_block_of_each_training_forward(trims):
     assert not any(block._forward_hooks for block in module.model.model.layers)  # removed after fit
 
 
+class FailingTokenModule(TokenModule):
+    def training_step(self, batch, batch_idx):
+        super().training_step(batch, batch_idx)
+        raise RuntimeError("a failing step")
+
+
+def test_a_failed_fit_leaves_no_hook_and_a_second_fit_removes_its_own(trims):
+    module = FailingTokenModule(tiny_llama(layers=BLOCKS))
+    callback = ReleaseFreedMemory()
+    with pytest.raises(RuntimeError, match="a failing step"):
+        make_trainer([LoRA(r=2, target_modules=["q_proj"]), callback], max_steps=2).fit(module, token_loader())
+    assert not any(block._forward_hooks for block in module.model.model.layers)  # was: 1 each, for good
+    callback.on_fit_start(None, module)  # a second fit's start, its hooks not yet removed
+    callback.on_fit_start(None, module)
+    assert all(len(block._forward_hooks) == 1 for block in module.model.model.layers)
+
+
 def test_trainer_fit_unchanged_by_trimming():
     """The real trim: the same adapter weights as a fit without it."""
     weights = []

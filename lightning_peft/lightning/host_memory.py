@@ -67,6 +67,7 @@ class ReleaseFreedMemory(L.Callback):
         self._handles: list[RemovableHandle] = []
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._remove_hooks()
         trim = _malloc_trim()
         if pl_module.device.type != "cpu" or trim is None:
             where = "a C library without malloc_trim" if trim is None else f"{pl_module.device.type} tensors"
@@ -80,7 +81,14 @@ class ReleaseFreedMemory(L.Callback):
         self._handles = [block.register_forward_hook(hook) for block in blocks]
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Remove the hooks, after fit ends or stops on an exception."""
+        """Remove the hooks after fit ends."""
+        self._remove_hooks()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """Remove the hooks after fit fails (Lightning then calls no ``teardown``)."""
+        self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
