@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lightning_peft.lightning.checkpointing as checkpointing
-from lightning_peft import LoRA, trainable_summary
+from lightning_peft import LoRA, merge, trainable_summary, unmerge
 
 from conftest import (
     TokenModule,
@@ -121,6 +121,20 @@ def test_a_resume_whose_optimizer_groups_the_tensors_otherwise_is_refused(tmp_pa
     with pytest.raises(ValueError, match="optimizer state of other parameters .or groups. than this run's optimizer"):
         make_trainer(two_adapters("a"), max_steps=4).fit(TwoGroups(tiny_llama()), token_loader(),
                                                          ckpt_path=tmp_path / "one_group.ckpt")
+
+
+def test_a_checkpoint_of_a_merged_model_is_refused_before_anything_is_written(tmp_path):
+    module = TokenModule(tiny_llama())
+    trainer = make_trainer([lora()], max_steps=2)
+    trainer.fit(module, token_loader())
+    merge(module)
+    with pytest.raises(ValueError, match="this model has merged adapters.*unmerge it first"):
+        trainer.save_checkpoint(tmp_path / "merged.ckpt")  # was: an adapter-only checkpoint without tensors
+    assert not list(tmp_path.iterdir())
+    unmerge(module)
+    trainer.save_checkpoint(tmp_path / "unmerged.ckpt")
+    assert torch.load(tmp_path / "unmerged.ckpt", weights_only=True)["state_dict"].keys() == \
+        trainable_tensors(module).keys()
 
 
 def test_mismatched_checkpoint_names_the_tensor_and_both_shapes(tmp_path):

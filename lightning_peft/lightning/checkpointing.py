@@ -26,6 +26,7 @@ from torch import nn
 
 from lightning_peft.core.files import PathLike, atomic_write
 from lightning_peft.core.integrity import check_digest, tensor_digest
+from lightning_peft.core.merging import check_unmerged
 from lightning_peft.core.ownership import buffers_of_trained_modules, owners
 
 CHECKPOINT_KEY = "lightning_peft"
@@ -204,6 +205,8 @@ class AdapterCheckpointIO(CheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: PathLike, storage_options: Any | None = None) -> None:
         module = self.trainer.lightning_module
+        check_unmerged(module, f"checkpoint {path}", "to save the adapters as tensors of their own, which a resume "
+                       "and export read")
         if self.adapter_only():
             checkpoint = keep_adapter_only(checkpoint, module)
         checkpoint = with_adapter_digest(checkpoint, module)
