@@ -39,8 +39,9 @@ def _task_from_hyperparameters(checkpoint: dict, path: Path) -> L.LightningModul
     hparams = dict(checkpoint.get("hyper_parameters", {}))
     class_path = hparams.pop("_class_path", None)
     if class_path is None:
-        raise ValueError(f"checkpoint {path} does not name its LightningModule class: export works on checkpoints "
-                         "of lightning-peft recipes (lightning_peft.tasks)")
+        raise ValueError(f"checkpoint {path} does not name its LightningModule class: export rebuilds the tasks of "
+                         "lightning_peft.tasks; for a LightningModule of your own, call save_adapter(module, folder) "
+                         "after training")
     hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}
     module_name, _, class_name = class_path.rpartition(".")
     return getattr(importlib.import_module(module_name), class_name)(**hparams)

@@ -280,6 +280,32 @@ def test_export_adapter_and_merged_model(tmp_path, tiny_model_dir):
     assert [p.name for p in foreign.iterdir()] == ["config.json"]
 
 
+def test_a_checkpoint_of_a_task_trained_from_python_exports(tmp_path, tiny_model_dir):
+    import lightning as L
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from lightning_peft import LoRA
+    from lightning_peft.data import TextClassificationData
+    from lightning_peft.tasks import SequenceClassification
+
+    task = SequenceClassification(model=str(tiny_model_dir), learning_rate=3e-2, warmup_steps=1)
+    data = TextClassificationData(train_file=str(write_data(tmp_path, "train", sentiment_rows(16, 0))), batch_size=8,
+                                  max_length=16, val_fraction=0)
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[LoRA(r=4, target_modules=["query"], modules_to_save=["classifier"])])
+    trainer.fit(task, datamodule=data)
+    trainer.save_checkpoint(tmp_path / "api.ckpt")
+    exported = run_cli("export", str(tmp_path / "api.ckpt"), "--out", str(tmp_path / "adapter"))
+    assert exported.returncode == 0, exported.stderr[-2000:]  # was: "does not name its LightningModule class"
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    ids = torch.tensor([[2, 13, 11, 14, 15, 6, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(PeftModel.from_pretrained(base, tmp_path / "adapter").eval()(input_ids=ids).logits,
+                                   task.eval()(ids), rtol=0, atol=1e-5)
+
+
 def test_export_for_the_original_base_turns_a_pissa_adapter_into_plain_lora(tmp_path, tiny_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification

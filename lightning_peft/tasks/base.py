@@ -11,6 +11,7 @@ from torch import nn
 from torchmetrics import Metric, MetricCollection
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from lightning_peft.core.adapter_files import class_path
 from lightning_peft.core.checks import check_choice, check_positive_number
 from lightning_peft.core.ownership import owners
 from lightning_peft.core.weights import import_bitsandbytes
@@ -62,6 +63,10 @@ class TransformersTask(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_methods_present(checkpoint, self)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Name this task's class in the checkpoint, as LightningCLI does, so a fit from Python exports too."""
+        checkpoint.setdefault("hyper_parameters", {}).setdefault("_class_path", class_path(type(self)))
 
     def on_validation_epoch_start(self) -> None:
         # Fresh metric states in this loop's grad mode: a `validate` (inference mode) before `fit`
