@@ -137,6 +137,25 @@ def test_a_checkpoint_of_a_merged_model_is_refused_before_anything_is_written(tm
         trainable_tensors(module).keys()
 
 
+class PathModule(TokenModule):
+    """A module whose hyperparameters hold a pathlib.Path, which weights_only loading refuses."""
+
+    def __init__(self, model, folder):
+        super().__init__(model)
+        self.save_hyperparameters({"folder": folder})
+
+
+def test_a_checkpoint_weights_only_refuses_names_the_type_and_how_to_load_it_if_trusted(tmp_path):
+    trainer = make_trainer([lora()], max_steps=1)
+    trainer.fit(PathModule(tiny_llama(), tmp_path), token_loader())
+    trainer.save_checkpoint(tmp_path / "path.ckpt")
+    with pytest.raises(ValueError, match=r"holds a pathlib\.\w*Path object.*weights_only=False: trainer.fit"):
+        make_trainer([lora()], max_steps=2).fit(PathModule(tiny_llama(), tmp_path), token_loader(),
+                                                ckpt_path=tmp_path / "path.ckpt")  # was: "not written by Lightning"
+    make_trainer([lora()], max_steps=2).fit(PathModule(tiny_llama(), tmp_path), token_loader(),
+                                            ckpt_path=tmp_path / "path.ckpt", weights_only=False)
+
+
 def test_mismatched_checkpoint_names_the_tensor_and_both_shapes(tmp_path):
     module = TokenModule(big_vocab_llama())
     trainer = make_trainer([lora()], max_steps=1)

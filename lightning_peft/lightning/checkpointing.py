@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pickle
 import random
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -117,10 +118,13 @@ def checkpoint_read_errors(path: PathLike) -> Iterator[None]:
                              "with the same strategy, or train with checkpoint='adapter' (the default) for a "
                              "one-file checkpoint") from None
         raise ValueError(f"checkpoint {path} is a folder; give the .ckpt file inside it") from None
-    except pickle.UnpicklingError:
-        raise ValueError(f"checkpoint {path} holds objects other than tensors and plain values, which "
-                         "loading with weights_only=True refuses: it was not written by Lightning or this "
-                         "library; load it yourself with torch.load(weights_only=False) only if you trust it") from None
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f"a {found.group(1)} object" if found else "objects other than tensors and plain values"
+        raise ValueError(f"checkpoint {path} holds {what}, which loading with weights_only=True refuses (a "
+                         "hyperparameter of that type, say); only if you trust the file, load it with "
+                         "weights_only=False: trainer.fit(..., weights_only=False), or lightning-peft fit (validate, "
+                         "test, predict) --weights_only false") from None
     except MemoryError:
         raise
     except Exception as err:  # noqa: BLE001 (inside a read, any failure means: not a readable checkpoint)
