@@ -259,3 +259,37 @@ def test_a_saved_module_and_one_inside_it_make_one_copy_that_saves_and_loads_exa
     x = torch.randn(2, 8)
     save_adapter(model, tmp_path)
     torch.testing.assert_close(load_adapter(copy.deepcopy(base), tmp_path)(x), model(x), atol=0, rtol=0)
+
+
+def test_a_target_inside_a_saved_module_is_left_to_its_copy_as_in_peft(tmp_path):
+    from peft import PeftModel
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = RobertaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, max_position_embeddings=40, num_labels=3)
+    base = RobertaForSequenceClassification(config).eval()  # its head holds a layer named "dense" too
+    model = copy.deepcopy(base)
+    for name in ("a", "b"):
+        LoRA(r=2, target_modules=["dense"], modules_to_save=["classifier"], adapter_name=name).inject(model)
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.add_(torch.randn_like(param) * 0.2)
+    assert not [n for n, _ in model.classifier.named_parameters() if "lora_A" in n]  # was: LoRA in every copy
+    set_adapter(model, "a")
+    save_adapter(model, tmp_path / "a", adapter_name="a")
+    expected = logits(model, **INPUTS)
+    theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a").eval()  # was: loaded 2.09 away
+    torch.testing.assert_close(logits(theirs, **INPUTS), expected, rtol=0, atol=1e-5)
+    ours = load_adapter(copy.deepcopy(base), tmp_path / "a").eval()  # was: refused, a key with no place
+    torch.testing.assert_close(logits(ours, **INPUTS), expected, rtol=0, atol=1e-5)
+
+
+def test_a_target_that_is_a_saved_module_is_left_out_and_alone_is_refused():
+    model = tiny_bert()
+    LoRA(r=2, target_modules=["query", "classifier"], modules_to_save=["classifier"]).inject(model)
+    assert [n for n, _ in model.classifier.named_parameters()] == [  # was: LoRA on the frozen original too
+        "adapters.default.weight", "adapters.default.bias", "base_layer.weight", "base_layer.bias"]
+    with pytest.raises(ValueError, match="matched only classifier, which modules_to_save trains whole"):
+        LoRA(r=2, target_modules=["classifier"], modules_to_save=["classifier"]).inject(tiny_bert())

@@ -28,6 +28,7 @@ class SavedModule(PEFTLayer):
     method = "modules_to_save"
     mergeable = True
     per_row = True
+    trained_whole = True
 
     def add_copy(self, name: str) -> nn.Module:
         """A trainable copy of the original for the adapter ``name``."""

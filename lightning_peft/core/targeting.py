@@ -133,6 +133,7 @@ def select_modules(
     option: str = "target_modules",
     wraps: bool = True,
     check_exclusions: bool = True,
+    whole_modules: bool = False,
 ) -> list[tuple[str, nn.Module]]:
     """The modules of ``root`` that ``method`` adapts, or a ValueError that says what exists.
 
@@ -140,7 +141,9 @@ def select_modules(
     another type is an error, while ``"all-linear"`` silently takes linear-like layers only.
     ``option`` is the argument's name in messages; ``wraps``: the method wraps what it chooses, so a
     layer whose parent reads its weight directly is refused. A listed name that matches nothing while
-    others match is warned about (a typo, or a recipe shared across architectures).
+    others match is warned about (a typo, or a recipe shared across architectures). Modules that adapters
+    train whole (modules_to_save) and the layers inside them are no targets, as in peft, unless
+    ``whole_modules`` (choosing modules_to_save).
     """
     candidates = candidate_modules(root)
     unwrappable = _attribute_read_layers(root)
@@ -161,12 +164,16 @@ def select_modules(
     if layers is not None:
         wanted = set(layers)
         chosen = [(n, m) for n, m in chosen if block_index(n) in wanted]
+    whole = [n for n, m in chosen if getattr(m, "trained_whole", False)] if not whole_modules else []
+    chosen = [(n, m) for n, m in chosen if n not in whole]
     if not chosen:
         raise ValueError(
             f"{method}: {option}={target_modules!r}"
             + (f", exclude_modules={exclude_modules!r}" if exclude_modules else "")
             + (f", layers={list(layers)!r}" if layers is not None else "")
-            + f" matched no module. Module names that exist: {_name_overview(candidates)}"
+            + (f" matched only {', '.join(whole)}, which modules_to_save trains whole (no method adapts it)"
+               if whole else " matched no module")
+            + f". Module names that exist: {_name_overview(candidates)}"
             + _regex_hint(target_modules, candidates)
         )
     chosen = list({id(module): (name, module) for name, module in reversed(chosen)}.values())[::-1]  # one per layer

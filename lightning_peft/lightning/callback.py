@@ -220,11 +220,9 @@ class PEFTCallback(ModelSetupCallback):
         check_unmerged(module, f"{ref}: cannot inject", "or save the merged model and use it as a new base")
         before = modules_of(module)
         with all_or_nothing(module):
-            trained = self.inject_into(module)
-            saved = self._modules_to_save(module)
-            inside = {id(p) for _, m in saved for p in m.parameters()}  # a saved module's own copy trains them
-            trained = [p for p in trained if id(p) not in inside]
-            claim(module, ref, trained + save_modules(module, saved, self.adapter_name, self.owner))
+            # Saved first: a target inside a module trained whole is left out (its copy trains it), as in peft.
+            copies = save_modules(module, self._modules_to_save(module), self.adapter_name, self.owner)
+            claim(module, ref, self.inject_into(module) + copies)
             freeze_unclaimed(module)
             give_new_modules_their_parents_mode(module, before)
             keep_pytorch_fast_paths_off(module)
@@ -262,7 +260,7 @@ class PEFTCallback(ModelSetupCallback):
         if not self.modules_to_save:
             return []
         return select_modules(module, self.modules_to_save, supported=(nn.Module,),
-                              method=f"{self.method_name} modules_to_save")
+                              method=f"{self.method_name} modules_to_save", whole_modules=True)
 
     def config(self) -> dict[str, Any]:
         """The constructor arguments of this method and of the methods it extends, as stored attributes.
