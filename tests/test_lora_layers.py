@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lightning_peft import IA3, LoRA, disable_adapters, merge, set_adapter, trainable_summary, unmerge
+from lightning_peft import IA3, LoRA, delete_adapter, disable_adapters, merge, set_adapter, trainable_summary, unmerge
 from lightning_peft.lora import LoRAAdapter, LoRALayer
 
 from conftest import VOCAB, tiny_bert, tiny_llama
@@ -326,6 +326,30 @@ def test_pissa_on_a_weight_normed_layer_is_refused_and_the_model_kept():
         LoRA(r=2, init="pissa", target_modules="0").inject(model)
     assert not any(isinstance(m, LoRALayer) for m in model.modules())
     torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
+def test_a_pissa_adapter_beside_others_is_warned_of_and_its_deletion_gives_w_back():
+    torch.manual_seed(0)
+    base = tiny_llama().eval()
+    ids = torch.randint(0, VOCAB, (2, 6))
+    with torch.no_grad():
+        plain = base(input_ids=ids).logits
+    model = copy.deepcopy(base)
+    LoRA(r=2, target_modules=["q_proj"], adapter_name="a").inject(model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.3)
+    only_a = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match="PiSSA adapter.s. p beside a: their base weight is now W minus"):
+        LoRA(r=2, init="pissa", target_modules=["q_proj"], adapter_name="p").inject(model)
+    set_adapter(model, "a")
+    with torch.no_grad():
+        assert not torch.allclose(model(input_ids=ids).logits, only_a(input_ids=ids).logits, atol=1e-4)
+        delete_adapter(model, "p")  # was: the residual stayed, so 'a' (and the base) computed without W's top part
+        torch.testing.assert_close(model(input_ids=ids).logits, only_a(input_ids=ids).logits, rtol=0, atol=1e-5)
+        delete_adapter(model, "a")
+        torch.testing.assert_close(model(input_ids=ids).logits, plain, rtol=0, atol=1e-5)
 
 
 def base_of(layer: nn.Module) -> nn.Module:

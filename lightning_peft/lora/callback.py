@@ -161,9 +161,23 @@ class LoRA(PEFTCallback):
         wrapped = [layer for _, layer in wrap_modules(module, layers, lora_layer_for, LoRALayer, innermost=True)]
         on_parameters = wrap_parameters(module, parameters, LoRAParameter, LoRAParameter)
         warn_left_out_weights(module, "LoRA", [layer.stored_weight() for layer in on_parameters] + told)
-        return [p for layer in wrapped + on_parameters
-                for p in layer.add_adapter(self.adapter_name, self.r, self.alpha, self.dropout, self.use_rslora,
-                                           self.use_dora, self.init).parameters()]
+        trained = [p for layer in wrapped + on_parameters
+                   for p in layer.add_adapter(self.adapter_name, self.r, self.alpha, self.dropout, self.use_rslora,
+                                              self.use_dora, self.init).parameters()]
+        self._warn_of_pissa_neighbours(wrapped)
+        return trained
+
+    def _warn_of_pissa_neighbours(self, layers: list[LoRALayer]) -> None:
+        """Say when a PiSSA adapter shares layers with others: their base weight is its residual, not W."""
+        shared = [layer for layer in layers if len(layer.adapters) > 1]
+        pissa = sorted({name for layer in shared for name, a in layer.adapters.items() if hasattr(a, "initial_A")})
+        if pissa:
+            others = sorted({name for layer in shared for name in layer.adapters} - set(pissa))
+            warnings.warn(f"LoRA[{self.adapter_name}]: {len(shared)} layer(s) hold the PiSSA adapter(s) "
+                          f"{', '.join(pissa)} beside {', '.join(others) or 'each other'}: their base weight is now "
+                          "W minus each PiSSA adapter's top-r part, which the others (and the layer with no adapter "
+                          "active, or a row routed to None) compute with, and which files saved of the others do "
+                          "not record; delete_adapter of a PiSSA adapter gives its part back", stacklevel=3)
 
     def _chosen_modules(self, root: nn.Module) -> list[tuple[str, nn.Module]]:
         if self.target_modules is None:

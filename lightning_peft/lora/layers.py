@@ -206,6 +206,16 @@ class LoRALinear(LoRALayer):
         residual = weight.float() - adapter.update()
         replace_weight(self.base_layer, self.to_weight_layout(residual))  # quantized again on a 4/8-bit base
 
+    def delete_adapter(self, name: str) -> None:
+        """Remove ``name``; a PiSSA adapter gives the base weight back the top-r part of W it took."""
+        adapter = self.adapters[name]
+        if hasattr(adapter, "initial_A"):
+            with torch.no_grad():
+                taken = (adapter.initial_B @ adapter.initial_A).float() * adapter.scale
+                whole = self.from_weight_layout(self.base_weight()).float() + taken
+                replace_weight(self.base_layer, self.to_weight_layout(whole))
+        super().delete_adapter(name)
+
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         adapter = self.fused_adapter(x, args, kwargs)
         if adapter is None:
