@@ -337,7 +337,7 @@ def test_a_pissa_adapter_beside_others_is_warned_of_and_its_deletion_gives_w_bac
     model = copy.deepcopy(base)
     LoRA(r=2, target_modules=["q_proj"], adapter_name="a").inject(model)
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.requires_grad:
                 param.add_(torch.randn_like(param) * 0.3)
     only_a = copy.deepcopy(model)
