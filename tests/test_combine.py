@@ -149,6 +149,14 @@ def test_ties_and_linear_equal_peft_s_add_weighted_adapter(how, settings):
         torch.testing.assert_close(logits(ours, "ab"), theirs(input_ids=IDS).logits, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("how", ["ties", "dare_linear", "dare_ties"])
+def test_one_input_combines_as_linear_as_in_peft(how):
+    model = with_adapters(tiny_llama().eval(), LoRA(r=4, target_modules=["q_proj"], adapter_name="a"))
+    combine_adapters(model, {"a": 0.7}, new_name="pruned", how=how, density=0.3)  # was: pruned to 30%
+    combine_adapters(model, {"a": 0.7}, new_name="linear", how="linear")
+    torch.testing.assert_close(logits(model, "pruned"), logits(model, "linear"), rtol=0, atol=0)
+
+
 def test_peft_loads_the_combined_adapter(tmp_path):
     peft = pytest.importorskip("peft")
     base = tiny_llama().eval()
@@ -182,6 +190,10 @@ def test_bad_combinations_are_one_clear_error_and_change_nothing():
              ({"a": 1}, {"new_name": "b"}, "already has an adapter named 'b'"),
              ({"a": 1}, {"how": "mean"}, "how"),
              ({"a": 1}, {"how": "ties", "density": 0}, "density must be in"),
+             ({"a": 1, "b": 1}, {"how": "ties", "majority_sign": "totl"}, "majority_sign must be one of"),
+             ({"a": 1, "b": 1}, {"how": "svd", "rank": 0}, "rank must be a positive integer, got 0"),
+             ({"a": 1, "b": 1}, {"how": "cat", "rank": 1}, "rank sets the rank of how='svd' alone"),
+             ({"a": math.nan, "b": 1}, {"how": "cat"}, "the weight of 'a' must be a finite number, got nan"),
              ({}, {}, "weights is empty")]
     for weights, settings, message in cases:
         with pytest.raises(ValueError, match=message):

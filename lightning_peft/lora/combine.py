@@ -10,7 +10,7 @@ scale is 1 and its factors carry every scale: nothing depends on how the inputs 
 - ``ties`` / ``dare_linear`` / ``dare_ties``: each factor merged with TIES (magnitude pruning to
   ``density``, sign election, disjoint mean) or DARE (random pruning to ``density``, rescaled),
   as peft does: pruning and the sign election read the inputs' own factors, and the factor
-  weights above apply to what is kept.
+  weights above apply to what is kept. One input combines as ``linear``, as in peft.
 - ``svd``: the exact sum refactored by a truncated SVD to ``rank`` (default: the largest input rank).
 
 DoRA adapters (all inputs DoRA) also combine their magnitudes as task vectors on the base's row
@@ -20,6 +20,7 @@ norms: ``m = |W| + sum_i w_i (m_i - |W|)``.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Literal
 
@@ -38,6 +39,7 @@ from lightning_peft.lora.parameters import LoRAParameter
 How = Literal["linear", "cat", "ties", "dare_linear", "dare_ties", "svd"]
 MajoritySign = Literal["total", "frequency"]
 HOWS = ("linear", "cat", "ties", "dare_linear", "dare_ties", "svd")
+MAJORITY_SIGNS = ("total", "frequency")
 FACTOR_WISE = ("linear", "ties", "dare_linear", "dare_ties")
 
 
@@ -69,7 +71,8 @@ def combine_adapters(module: nn.Module, weights: Mapping[str, float], new_name: 
         ValueError: for no weights, an unknown name or ``how``, an existing ``new_name``, a model with
             merged adapters, PiSSA inputs, inputs that are not LoRA adapters of modules (fused
             parameters), a factor-wise ``how`` over inputs of different ranks, DoRA mixed with plain
-            LoRA, or ``density`` outside (0, 1].
+            LoRA, ``density`` outside (0, 1], a weight that is not a finite number, an unknown
+            ``majority_sign``, or a ``rank`` that is not a positive int or comes with another ``how``.
 
     Examples:
         ```python
@@ -81,11 +84,15 @@ def combine_adapters(module: nn.Module, weights: Mapping[str, float], new_name: 
         ```
     """
     check_choice("combine_adapters", "how", how, HOWS)
+    check_choice("combine_adapters", "majority_sign", majority_sign, MAJORITY_SIGNS)
     check_unmerged(module, "combine_adapters")
     if not weights:
         raise ValueError("combine_adapters needs at least one adapter to combine; weights is empty")
     if not 0 < density <= 1:
         raise ValueError(f"combine_adapters density must be in (0, 1], got {density}")
+    _check_weights_and_rank(weights, how, rank)
+    if len(weights) == 1 and how in FACTOR_WISE:
+        how = "linear"  # nothing to elect or rescale against, as peft has it
     if new_name in {ref.name for ref in adapter_refs(module)}:
         raise ValueError(f"combine_adapters: this model already has an adapter named '{new_name}'")
     configs = {name: find_adapter(module, name, LoRA.method_name).config for name in weights}
@@ -108,6 +115,21 @@ def combine_adapters(module: nn.Module, weights: Mapping[str, float], new_name: 
             for tensor, value in values[name].items():
                 getattr(adapter, tensor).copy_(value)
     return module
+
+
+def _check_weights_and_rank(weights: Mapping[str, float], how: str, rank: int | None) -> None:
+    """Refuse weights that are not finite numbers, and a ``rank`` that is not a positive int or not for "svd"."""
+    bad = next(((n, w) for n, w in weights.items() if isinstance(w, bool) or not isinstance(w, numbers.Real)
+                or not math.isfinite(w)), None)
+    if bad is not None:
+        raise ValueError(f"combine_adapters: the weight of '{bad[0]}' must be a finite number, got {bad[1]!r}")
+    if rank is None:
+        return
+    if how != "svd":
+        raise ValueError(f"combine_adapters: rank sets the rank of how='svd' alone; how={how!r} gives the rank "
+                         + ("the sum of the inputs' ranks" if how == "cat" else "of its inputs"))
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"combine_adapters: rank must be a positive integer, got {rank!r}")
 
 
 def _layers_of(module: nn.Module, weights: Mapping[str, float]) -> list[tuple[str, LoRALayer]]:
@@ -134,7 +156,7 @@ def _new_rank(how: str, configs: dict[str, dict], rank: int | None) -> int:
     if how == "cat":
         return sum(ranks.values())
     if how == "svd":
-        return rank or max(ranks.values())
+        return max(ranks.values()) if rank is None else rank
     if len(set(ranks.values())) > 1:
         raise ValueError(f"combine_adapters how={how!r} adds factors, so the adapters need one rank; got "
                          f"{', '.join(f'{n}: r={r}' for n, r in ranks.items())} (how='cat' or 'svd' take any ranks)")
