@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from lightning_peft.additive import IA3, Adapter, PrefixTuning, PromptTuning
+from lightning_peft.core.adapter_control import check_not_switched_off
 from lightning_peft.core.adapter_files import (
     CLASS_KEY,
     CONFIG_FILE,
@@ -174,6 +175,7 @@ def load_adapter(module: nn.Module, path: PathLike, adapter_name: str = "default
         model = load_adapter(AutoModelForCausalLM.from_pretrained("path/to/base"), "out/my-adapter")
         ```
     """
+    check_not_switched_off(module, "load_adapter")
     config, tensors = read_adapter_files(path)
     callback = callback_for(config, adapter_name, Path(path) / CONFIG_FILE)
     _refuse_a_taken_name(module, callback.ref, path)

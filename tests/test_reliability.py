@@ -444,6 +444,28 @@ def test_a_failed_load_leaves_the_other_adapters_and_which_is_active_as_they_wer
         torch.testing.assert_close(module(input_ids=ids).logits, before, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("change", ["combine", "load", "inject", "set_adapter"])
+def test_switching_adapters_on_inside_a_disable_adapters_block_is_refused_and_changes_nothing(change, tmp_path):
+    from lightning_peft import combine_adapters
+
+    torch.manual_seed(0)
+    save_adapter(perturbed(LoRA(r=4, target_modules=["query"]).inject(tiny_bert())), tmp_path / "c")
+    module = LoRA(r=4, target_modules=["query"], adapter_name="a").inject(tiny_bert().eval())
+    perturbed(LoRA(r=4, target_modules=["query"], adapter_name="b").inject(module))
+    calls = {"combine": lambda: combine_adapters(module, {"a": 1.0, "b": 1.0}, new_name="ab", how="cat"),
+             "load": lambda: load_adapter(module, tmp_path / "c", adapter_name="c"),
+             "inject": lambda: LoRA(r=2, target_modules=["key"], adapter_name="k").inject(module),
+             "set_adapter": lambda: set_adapter(module, "b")}
+    ids = torch.randint(0, 32, (2, 6))
+    with disable_adapters(module):
+        base, (types, _) = module(input_ids=ids).logits, module_record(module)
+        with pytest.raises(ValueError, match="inside a disable_adapters block"):
+            calls[change]()  # was: done, so the "disabled" model computed with the new adapter
+        torch.testing.assert_close(module(input_ids=ids).logits, base, rtol=0, atol=0)
+        assert module_record(module)[0] == types
+    calls[change]()  # after the block it goes ahead
+
+
 def test_a_full_disk_on_export_is_one_line_and_keeps_the_previous_adapter(inputs, tmp_path, monkeypatch):
     out = tmp_path / "adapter"
     assert run_cli(["export", str(inputs / "trained.ckpt"), "--out", str(out)])[0] == 0

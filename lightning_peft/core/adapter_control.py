@@ -67,6 +67,7 @@ def set_adapter(module: nn.Module, adapter_name: str) -> None:
         ```
     """
     check_unmerged(module, "set_adapter")
+    check_not_switched_off(module, "set_adapter")
     _check_known(module, adapter_name)
     for part in _peft_parts(module):
         part.set_active([adapter_name])
@@ -81,7 +82,9 @@ def disable_adapters(module: nn.Module) -> Iterator[nn.Module]:
     `per_row_adapters` block it switches the rows' adapters off too, and back on after.
     ``modules_to_save`` modules compute as the original, untrained modules. Selective and BitFit
     train the model's own parameters, which stay as trained inside the block, and a LoRA layer
-    initialized with ``init="pissa"`` keeps its residual base weight.
+    initialized with ``init="pissa"`` keeps its residual base weight. Inside the block,
+    `set_adapter` and adding adapters (inject, `load_adapter`, `combine_adapters`) are refused:
+    the block's end would undo half of them.
 
     Args:
         module: a model with adapters, or a LightningModule holding one.
@@ -106,11 +109,20 @@ def disable_adapters(module: nn.Module) -> Iterator[nn.Module]:
         for part, _, _ in saved:
             part.set_active([])
             part.row_adapters = None  # inside a `per_row_adapters` block too: no row uses an adapter
+            part.switched_off += 1
         yield module
     finally:
         for part, active, routing in saved:
             part.set_active(active)
             part.row_adapters = routing
+            part.switched_off -= 1
+
+
+def check_not_switched_off(module: nn.Module, what: str) -> None:
+    """Refuse to switch adapters on inside a `disable_adapters` block, whose end restores those active at its start."""
+    if any(part.switched_off for part in _peft_parts(module)):
+        raise ValueError(f"{what} inside a disable_adapters block: the block ends by making the adapters active at "
+                         "its start active again, so this change would be half undone; do it after the block")
 
 
 def delete_adapter(module: nn.Module, adapter_name: str, method: str | None = None) -> None:

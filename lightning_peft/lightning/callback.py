@@ -26,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_utilities.core.overrides import is_overridden
 from torch import Tensor, nn
 
+from lightning_peft.core.adapter_control import check_not_switched_off
 from lightning_peft.core.adapter_files import AdapterFormat, class_path, outside_the_file
 from lightning_peft.core.injection import give_new_modules_their_parents_mode, keep_pytorch_fast_paths_off, modules_of
 from lightning_peft.core.merging import check_unmerged, merged_layers
@@ -218,6 +219,7 @@ class PEFTCallback(ModelSetupCallback):
             raise ValueError(f"{ref} is in this model already, made with {made_with}; give this one another "
                              "adapter_name, or use those settings to go on with that adapter")
         check_unmerged(module, f"{ref}: cannot inject", "or save the merged model and use it as a new base")
+        check_not_switched_off(module, f"{ref}: inject")
         before = modules_of(module)
         with all_or_nothing(module):
             # Saved first: a target inside a module trained whole is left out (its copy trains it), as in peft.

@@ -27,6 +27,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_peft.core.adapter_control import check_not_switched_off
 from lightning_peft.core.adapter_files import find_adapter
 from lightning_peft.core.checks import check_choice
 from lightning_peft.core.injection import peft_layers
@@ -86,6 +87,7 @@ def combine_adapters(module: nn.Module, weights: Mapping[str, float], new_name: 
     check_choice("combine_adapters", "how", how, HOWS)
     check_choice("combine_adapters", "majority_sign", majority_sign, MAJORITY_SIGNS)
     check_unmerged(module, "combine_adapters")
+    check_not_switched_off(module, "combine_adapters")
     if not weights:
         raise ValueError("combine_adapters needs at least one adapter to combine; weights is empty")
     if not 0 < density <= 1:
