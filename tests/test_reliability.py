@@ -8,6 +8,7 @@ model, checkpoint, adapter) and the module are as they were.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.abc
 import json
@@ -463,7 +464,9 @@ def test_switching_adapters_on_inside_a_disable_adapters_block_is_refused_and_ch
             calls[change]()  # was: done, so the "disabled" model computed with the new adapter
         torch.testing.assert_close(module(input_ids=ids).logits, base, rtol=0, atol=0)
         assert module_record(module)[0] == types
+        copied = copy.deepcopy(module)
     calls[change]()  # after the block it goes ahead
+    set_adapter(copied, "a")  # a copy made inside the block is not inside one
 
 
 def test_a_full_disk_on_export_is_one_line_and_keeps_the_previous_adapter(inputs, tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -73,6 +74,10 @@ def set_adapter(module: nn.Module, adapter_name: str) -> None:
         part.set_active([adapter_name])
 
 
+_SWITCHED_OFF: weakref.WeakKeyDictionary[PEFTModule, int] = weakref.WeakKeyDictionary()  # parts: open blocks
+# (beside the parts, not on them: a copy or a pickle made inside a block is not inside one)
+
+
 @contextmanager
 def disable_adapters(module: nn.Module) -> Iterator[nn.Module]:
     """Switch every adapter of ``module`` off inside a ``with`` block, to compare with the base model.
@@ -109,18 +114,18 @@ def disable_adapters(module: nn.Module) -> Iterator[nn.Module]:
         for part, _, _ in saved:
             part.set_active([])
             part.row_adapters = None  # inside a `per_row_adapters` block too: no row uses an adapter
-            part.switched_off += 1
+            _SWITCHED_OFF[part] = _SWITCHED_OFF.get(part, 0) + 1
         yield module
     finally:
         for part, active, routing in saved:
             part.set_active(active)
             part.row_adapters = routing
-            part.switched_off -= 1
+            _SWITCHED_OFF[part] -= 1
 
 
 def check_not_switched_off(module: nn.Module, what: str) -> None:
     """Refuse to switch adapters on inside a `disable_adapters` block, whose end restores those active at its start."""
-    if any(part.switched_off for part in _peft_parts(module)):
+    if any(_SWITCHED_OFF.get(part) for part in _peft_parts(module)):
         raise ValueError(f"{what} inside a disable_adapters block: the block ends by making the adapters active at "
                          "its start active again, so this change would be half undone; do it after the block")
 

@@ -19,7 +19,6 @@ class PEFTModule(nn.Module):
     mergeable: bool = False
     per_row: bool = False  # whether its forward follows `per_row_adapters`' routing
     trained_whole: bool = False  # a module that adapters train whole (modules_to_save): no target of a method
-    switched_off: int = 0  # how many `disable_adapters` blocks hold it now
     row_adapters = None  # the routing of `per_row_adapters` while its block lasts (a RowAdapters)
 
     def __init__(self) -> None:
