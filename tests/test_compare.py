@@ -1,16 +1,21 @@
 """`lightning-peft compare` end to end on a tiny model: a failing run is a row, reruns resume, reports are written."""
 
+import copy
 import csv
 import json
+import shutil
+from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from test_causal_lm import COUNTING, lm_recipe, tiny_lm_dir  # noqa: F401 (a fixture)
 from test_cli import recipe, run_cli, sentiment_rows, tiny_model_dir, write_data  # noqa: F401 (a fixture)
 
 from lightning_peft.builtin_recipes import RECIPES
-from lightning_peft.compare.estimate import MemoryParts, per_device
-from lightning_peft.compare.methods import plan_method
+from lightning_peft.compare.estimate import MemoryParts, cut, longest_sequence, per_device, status_kib
+from lightning_peft.compare.methods import CompareError, plan_method
+from lightning_peft.compare.runner import SWEEP_VAL_FRACTION, _factors, identity, read_recipe, run_config
 
 
 @pytest.fixture
@@ -261,6 +266,90 @@ def test_settings_come_from_the_methods_own_recipe_for_the_same_task():
                                                "dropout": 0.0}
 
 
+def test_a_recipe_of_one_adapter_per_task_keeps_its_own_and_others_get_one_each():
+    recipe = yaml.safe_load((RECIPES / "lora_multitask_sentiment.yaml").read_text())
+    mine = copy.deepcopy(recipe)  # a user's: one LoRA per task, other settings per task
+    mine["trainer"]["callbacks"][1]["init_args"]["r"], mine["model"]["init_args"]["learning_rate"] = 4, 0.5
+    lora = plan_method(mine, "mine.yaml", "lora", {})  # was: the defaults' one LoRA (every run then failed)
+    assert (lora.source, lora.learning_rate, lora.callbacks) == ("mine", 0.5, mine["trainer"]["callbacks"])
+    tasks = ["tweets", "amazon", "nyt", "movies"]
+    for method, classes in (("ia3", ["IA3"] * 4), ("qlora", ["QuantizeBase"] + ["LoRA"] * 4)):
+        plan = plan_method(mine, "mine.yaml", method, {})
+        assert [e["class_path"].rsplit(".", 1)[1] for e in plan.callbacks] == classes
+        entries = [e["init_args"] for e in plan.callbacks if "adapter_name" in e["init_args"]]
+        assert [e["adapter_name"] for e in entries] == tasks  # was: one adapter, "default", for no task
+        assert all(e["modules_to_save"] == ["classifier"] for e in entries)
+    dora = plan_method(mine, "mine.yaml", "dora", {})
+    assert len(dora.callbacks) == 4 and all(e["init_args"]["use_dora"] for e in dora.callbacks)
+
+
+def test_head_only_without_a_head_to_train_is_refused_when_planning():
+    recipe = yaml.safe_load((RECIPES / "lora_causal_lm.yaml").read_text())
+    with pytest.raises(CompareError, match=r"head_only trains the recipe's new head.*--set head_only.modules="):
+        plan_method(recipe, "lora_causal_lm", "head_only", {})  # was: each run failed on Selective() after others
+    named = plan_method(recipe, "lora_causal_lm", "head_only", {"modules": ["lm_head"]})
+    assert named.callbacks == [{"class_path": "lightning_peft.Selective", "init_args": {"modules": ["lm_head"]}}]
+
+
+def test_a_sweep_over_several_tasks_holds_out_validation_rows_of_each():
+    recipe = yaml.safe_load((RECIPES / "lora_multitask_sentiment.yaml").read_text())
+    for task in recipe["data"]["init_args"]["tasks"].values():
+        task["val_fraction"] = 0
+    config = run_config(recipe, plan_method(recipe, "lora_multitask_sentiment", "lora", {}), 0, 2, Path("x"),
+                        sweep=True)
+    assert {t["val_fraction"] for t in config["data"]["init_args"]["tasks"].values()} == {SWEEP_VAL_FRACTION}
+
+
+def test_a_run_is_another_when_its_local_model_folder_changed(tmp_path, tiny_recipe):
+    recipe = yaml.safe_load(tiny_recipe.read_text())
+    plan = plan_method(recipe, str(tiny_recipe), "lora", {})
+    before = identity(recipe, plan, 0, 2)["run"]
+    model = Path(recipe["model"]["init_args"]["model"])
+    assert model.is_dir()
+    copied = tmp_path / "model"
+    shutil.copytree(model, copied)
+    recipe["model"]["init_args"]["model"] = str(copied)
+    moved = identity(recipe, plan, 0, 2)["run"]
+    (copied / "config.json").write_text((copied / "config.json").read_text() + " ")  # another model, same path
+    assert identity(recipe, plan, 0, 2)["run"] != moved  # was: the same run, its old result kept
+    assert moved != before
+
+
+@pytest.mark.parametrize("text, message", [("", "has no model: section"), ("model: [", "is not valid YAML"),
+                                           ("trainer: {}", "has no model: section")])
+def test_a_file_that_is_no_recipe_is_one_line(tmp_path, text, message):
+    (tmp_path / "recipe.yaml").write_text(text)
+    with pytest.raises(CompareError, match=message):  # was: AttributeError on None
+        read_recipe(str(tmp_path / "recipe.yaml"))
+
+
+def test_sweep_factors_must_be_finite():
+    with pytest.raises(CompareError, match="--lr-sweep nan,1: write positive factors"):
+        _factors("nan,1")  # was: every rate tried failed, and the method kept its own
+    assert _factors("0.5,2") == [0.5, 2.0]
+
+
+def test_the_probe_pads_to_the_longest_batch_of_each_data_kind(tmp_path):
+    from lightning_peft.data import CausalLMData, MultiTaskData, TextClassificationData
+
+    train = write_data(tmp_path, "train", sentiment_rows(8, 0))
+    assert longest_sequence(CausalLMData(train_file=str(train), block_size=96)) == 96  # was: None, unpadded
+    assert longest_sequence(TextClassificationData(train_file=str(train), max_length=40)) == 40
+    tasks = MultiTaskData({"a": {"train_file": str(train)}, "b": {"train_file": str(train)}}, max_length=24)
+    assert longest_sequence(tasks) == 24
+    batch = {"input_ids": torch.ones(4, 5, dtype=torch.long), "task": ["a", "b", "a", "b"]}
+    cut_batch = cut(batch, 2, 8, {"input_ids": 0})  # was: AttributeError on the list of tasks
+    assert cut_batch["task"] == ["a", "b"] and tuple(cut_batch["input_ids"].shape) == (2, 8)
+
+
+def test_the_peak_of_a_run_is_its_own_process_s(monkeypatch):
+    import lightning_peft.compare.worker as worker
+
+    monkeypatch.setattr(worker.resource, "getrusage", lambda who: pytest.fail("ru_maxrss keeps the parent's peak"))
+    peak, kind = worker.peak_memory_mib(torch.device("cpu"))
+    assert kind == "rss" and peak == pytest.approx(status_kib("VmHWM") / 1024)
+
+
 def test_estimate_prints_each_methods_parts_and_total(tiny_recipe):
     result = run_cli("estimate", "--config", str(tiny_recipe), "--methods", "lora,full")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -330,6 +419,13 @@ def test_a_compare_whose_every_run_failed_exits_with_1_after_its_report(tmp_path
                      "--set", "ia3.target_modules=[no_such_layer]", timeout=600)
     assert result.returncode == 1 and "0 of 1 runs ok" in result.stdout  # was: 0, as if all went well
     assert "no_such_layer" in (out / "report.md").read_text()
+
+
+def test_an_estimate_whose_every_method_failed_exits_with_1_after_its_table(tiny_recipe):
+    result = run_cli("estimate", "--config", str(tiny_recipe), "--methods", "ia3", "--set",
+                     "ia3.target_modules=[no_such_layer]", timeout=600)
+    assert result.returncode == 1, result.stderr[-2000:]  # was: 0, as if all went well
+    assert "ia3            failed: IA3: target_modules=['no_such_layer'] matched no module" in result.stdout
 
 
 def test_a_compare_stopped_by_sigterm_stops_its_worker(tmp_path, tiny_recipe):

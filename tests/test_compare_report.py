@@ -243,3 +243,23 @@ def test_a_diverged_run_is_null_in_strict_json(tmp_path):
 
     report = json.loads(written["json"].read_text(), parse_constant=refuse)  # was: NaN, which strict parsers refuse
     assert report["rows"][0]["metric"] is None and report["rows"][0]["step_time_s"] is None
+
+
+def test_a_loss_in_0_1_differs_from_full_as_a_number_not_in_points(tmp_path):
+    def by_loss(method: str, loss: float) -> dict:
+        return {"method": method, "seed": 0, "status": "ok", "metric_name": "test_loss", "metric": loss,
+                "higher_is_better": False, "trainable_params": 1000 if method != "full" else 100_000}
+
+    md = write_report([by_loss("lora", 0.36), by_loss("full", 0.31)], tmp_path, {})["md"].read_text(encoding="utf-8")
+    assert verdict(md, "Best quality") == "- Best quality: full, test_loss 0.3100; best PEFT method: lora, 0.3600 " \
+                                          "(+0.05)"  # was: "(+5.00 pts)"
+
+
+def test_a_sweep_that_scored_no_rate_says_the_methods_own_rate_was_kept(tmp_path):
+    rows = classification_rows()
+    for row in rows:
+        if row["method"] == "ia3":
+            row["lr_sweep"] = [{"learning_rate": r, "metric": None, "error": "ValueError: no validation rows"}
+                               for r in (3e-3, 1e-2)]
+    md = write_report(rows, tmp_path, CONTEXT)["md"].read_text(encoding="utf-8")
+    assert "| ia3 | none scored: the method's own 0.003 kept | 0.003 (failed), 0.01 (failed) |" in md

@@ -69,10 +69,10 @@ class Meter:
         self.cuda = device.type == "cuda"
 
     def now(self) -> float:
-        return torch.cuda.memory_allocated() / MIB if self.cuda else _status_kib("VmRSS") / 1024
+        return torch.cuda.memory_allocated() / MIB if self.cuda else status_kib("VmRSS") / 1024
 
     def peak(self) -> float:
-        return torch.cuda.max_memory_allocated() / MIB if self.cuda else _status_kib("VmHWM") / 1024
+        return torch.cuda.max_memory_allocated() / MIB if self.cuda else status_kib("VmHWM") / 1024
 
     def reset_peak(self) -> None:
         """Start a new high-water mark from the present (Linux: writing 5 to /proc/self/clear_refs)."""
@@ -82,7 +82,8 @@ class Meter:
             Path("/proc/self/clear_refs").write_text("5")
 
 
-def _status_kib(field: str) -> int:
+def status_kib(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (``VmRSS``, ``VmHWM``), in KiB; OSError off Linux."""
     match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
     if match is None:
         raise OSError(f"/proc/self/status has no {field}: the memory estimate needs Linux")
@@ -113,12 +114,13 @@ def probe_sizes(batch_size: int) -> tuple[int, int]:
     return max(1, larger // 2), larger
 
 
-def cut(batch: dict[str, torch.Tensor], rows: int, length: int, pad: dict[str, int]) -> dict[str, torch.Tensor]:
-    """The first ``rows`` of a batch, its sequences padded to ``length`` (the longest a recipe's batch can be)."""
+def cut(batch: dict[str, Any], rows: int, length: int, pad: dict[str, int]) -> dict[str, Any]:
+    """The first ``rows`` of a batch (its tensors and lists: MultiTaskData's tasks), its sequences padded to
+    ``length`` (the longest a recipe's batch can be)."""
     out = {}
     for key, value in batch.items():
         value = value[:rows]
-        if value.dim() == 2 and value.shape[1] < length and key in pad:
+        if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[1] < length and key in pad:
             value = torch.nn.functional.pad(value, (0, length - value.shape[1]), value=pad[key])
         out[key] = value
     return out
@@ -152,6 +154,14 @@ def probe_loader(original: Callable[[], Any], sizes: tuple[int, int], steps: int
     return loader
 
 
+def longest_sequence(data: L.LightningDataModule) -> int | None:
+    """The most tokens a batch of ``data`` can have: ``max_length``, a causal LM's ``block_size``, or the longest of
+    a multi-task data's tasks."""
+    tasks = getattr(data, "parts", {}).values()
+    lengths = [getattr(part, name, None) for part in (data, *tasks) for name in ("max_length", "block_size")]
+    return max((n for n in lengths if isinstance(n, int)), default=None)
+
+
 def probe(config: Path, steps: int = PROBE_STEPS) -> MemoryParts:
     """Build the recipe of ``config`` and measure what its training holds, for the recipe's batch size."""
     cli = build_cli(["--config", str(config), f"--trainer.max_steps={2 * steps}", "--trainer.limit_val_batches=0",
@@ -165,7 +175,7 @@ def probe(config: Path, steps: int = PROBE_STEPS) -> MemoryParts:
     batch_size = data.batch_size
     sizes = probe_sizes(batch_size)
     pad_id = module.tokenizer.pad_token_id if module.tokenizer.pad_token_id is not None else 0
-    data.train_dataloader = probe_loader(data.train_dataloader, sizes, steps, getattr(data, "max_length", None), pad_id)
+    data.train_dataloader = probe_loader(data.train_dataloader, sizes, steps, longest_sequence(data), pad_id)
     recorded = ProbeSteps()
     trainer.callbacks.append(recorded)
     trainer.fit(module, datamodule=data)

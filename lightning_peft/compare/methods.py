@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from lightning_peft.builtin_recipes import RECIPES
-from lightning_peft.lightning.callback import ModelSetupCallback
+from lightning_peft.lightning.callback import ModelSetupCallback, PEFTCallback
 
 RECIPE_PREFIX = {"lora": "lora", "ia3": "ia3", "adapter": "adapter", "prompt_tuning": "prompt_tuning",
                  "prefix_tuning": "prefix_tuning", "bitfit": "bitfit", "full": "full_finetune",
@@ -95,14 +95,39 @@ def method_slot(recipe: dict, name: str) -> list[dict]:
 
 
 def own_method(slot: list[dict]) -> str | None:
-    """The compared method that the recipe's slot holds (``lora`` for a LoRA callback), if it is one of them."""
-    classes = sorted(str(callback_class(e)) for e in slot)
+    """The compared method that the recipe's slot holds (``lora`` for LoRA callbacks, one per adapter or task), if
+    it is one of them."""
+    classes = {str(callback_class(e)) for e in slot}
     dora = any(isinstance(e, dict) and (e.get("init_args") or {}).get("use_dora") for e in slot)
     for method, (callbacks, _) in DEFAULTS.items():
-        if method != "head_only" and (method == "dora") == dora and classes == sorted(
-                str(callback_class(e)) for e in callbacks):  # a recipe's Selective may select more than a head
+        if method != "head_only" and (method == "dora") == dora and classes == {
+                str(callback_class(e)) for e in callbacks}:  # a recipe's Selective may select more than a head
             return method
     return None
+
+
+def _adapter_entries(slot: list[dict]) -> list[dict]:
+    """The slot's PEFT method entries (not a quantized base's), each an adapter of its own name."""
+    return [e for e in slot if isinstance(e, dict) and names_a(e, PEFTCallback)]
+
+
+def _one_per_adapter(callbacks: list[dict], slot: list[dict]) -> list[dict]:
+    """A method's entries, repeated for each adapter name of the recipe's slot (one adapter per task), each with
+    that entry's ``modules_to_save``; as they are where the slot holds one adapter name."""
+    entries = _adapter_entries(slot)
+    names = list(dict.fromkeys((e.get("init_args") or {}).get("adapter_name", "default") for e in entries))
+    if len(names) < 2:
+        return callbacks
+    saved = {(e.get("init_args") or {}).get("adapter_name", "default"): _modules_to_save([e]) for e in entries}
+    out = []
+    for entry in callbacks:
+        if not names_a(entry, PEFTCallback):
+            out.append(entry)  # a quantized base: one for the model
+            continue
+        out += [_with_args(_with_head(_with_args(entry, modules_to_save=None), saved[name]), adapter_name=name)
+                if "modules_to_save" in _arguments(entry) else _with_args(entry, adapter_name=name)
+                for name in names]
+    return out
 
 
 def sibling_recipe(recipe_name: str, method: str) -> tuple[str, dict] | None:
@@ -135,15 +160,26 @@ def plan_method(recipe: dict, recipe_name: str, method: str, overrides: dict[str
         callbacks = [e for e in trainer.get("callbacks") or [] if is_method_slot(e)]
         if method == "dora":
             callbacks = [_with_args(e, use_dora=True, dropout=0.0) for e in callbacks]
-        plan = MethodPlan(method, callbacks, float(sibling["model"]["init_args"]["learning_rate"]),
-                          trainer.get("gradient_clip_val"), source)
+        plan = MethodPlan(method, _one_per_adapter(callbacks, slot),
+                          float(sibling["model"]["init_args"]["learning_rate"]), trainer.get("gradient_clip_val"),
+                          source)
     else:
         callbacks, rate = DEFAULTS[method]
         saved = _modules_to_save(slot)
-        callbacks = [_with_head(e, saved) for e in copy.deepcopy(callbacks)]
+        callbacks = _one_per_adapter([_with_head(e, saved) for e in copy.deepcopy(callbacks)], slot)
         plan = MethodPlan(method, callbacks, rate, (recipe.get("trainer") or {}).get("gradient_clip_val"),
                           "defaults")
-    return _overridden(plan, overrides)
+    return _checked(_overridden(plan, overrides))
+
+
+def _checked(plan: MethodPlan) -> MethodPlan:
+    """Refuse now what would fail in each run: head_only with no head named."""
+    selective = [e for e in plan.callbacks if e.get("class_path") == "lightning_peft.Selective"]
+    if plan.method == "head_only" and not any(
+            (e.get("init_args") or {}).get(key) for e in selective for key in ("modules", "layers", "param_types")):
+        raise CompareError("head_only trains the recipe's new head, its modules_to_save, and this recipe has none: "
+                           "name the head with --set head_only.modules=[lm_head] (the module names of your model)")
+    return plan
 
 
 def recipe_rate(recipe: dict) -> float:

@@ -357,7 +357,8 @@ def _table(summary: dict[str, dict]) -> list[str]:
         (f"{metric} (mean ± std)", lambda s: _quality_text(s["metric_mean"], s["metric_std"]))]
     if full is not None:
         reference = summary[FULL]
-        columns.append((f"vs {FULL}", lambda s: "reference" if s is reference else _distance(s["metric_mean"], full)))
+        columns.append((f"vs {FULL}", lambda s: "reference" if s is reference
+                        else _distance(s["metric_mean"], full, metric)))
     columns += [
         ("trainable params", lambda s: _count(s["trainable_params"])),
         ("trainable %", lambda s: f"{s['trainable_percent']:.3g}%" if _finite(s["trainable_percent"]) else "–"),
@@ -382,7 +383,9 @@ def _sweep_table(rows: list[dict]) -> list[str]:
     for method, row in swept.items():
         tried = ", ".join(f"{t['learning_rate']:.3g} ({_metric(t['metric']) if _finite(t['metric']) else 'failed'})"
                           for t in row["lr_sweep"])
-        lines.append(f"| {method} | {row['learning_rate']:.3g} | {tried} |")
+        chosen = f"{row['learning_rate']:.3g}" if any(_finite(t["metric"]) for t in row["lr_sweep"]) else \
+            f"none scored: the method's own {row['learning_rate']:.3g} kept"
+        lines.append(f"| {method} | {chosen} | {tried} |")
     return lines
 
 
@@ -463,10 +466,11 @@ def _best_quality(summary: dict[str, dict], metric: str, higher: bool) -> str:
     others = [m for m in ranked if m != FULL]
     if FULL in ranked and best != FULL:
         full = summary[FULL]["metric_mean"]
-        line += f" ({FULL} {_metric(full)}, {_distance(summary[best]['metric_mean'], full)})"
+        line += f" ({FULL} {_metric(full)}, {_distance(summary[best]['metric_mean'], full, metric)})"
     elif best == FULL and others:
         mean = summary[others[0]]["metric_mean"]
-        line += f"; best PEFT method: {others[0]}, {_metric(mean)} ({_distance(mean, summary[FULL]['metric_mean'])})"
+        distance = _distance(mean, summary[FULL]["metric_mean"], metric)
+        line += f"; best PEFT method: {others[0]}, {_metric(mean)} ({distance})"
     elif len(ranked) > 1:
         line += f" (next: {ranked[1]}, {_metric(summary[ranked[1]]['metric_mean'])})"
     return line
@@ -509,6 +513,9 @@ def _cost_text(trade_off: TradeOff, cost: float) -> str:
 
 # --- numbers as text ----------------------------------------------------------------------------------------------
 
+POINT_METRICS = ("_acc", "_f1")  # metrics whose differences read in points
+
+
 def _accuracy_like(*values: float) -> bool:
     """Whether the values all lie in [0, 1] (accuracy, F1): differences are then read in points."""
     return all(0 <= value <= 1 for value in values)
@@ -526,12 +533,13 @@ def _quality_text(mean: float | None, std: float | None) -> str:
     return _metric(mean) + (f" ± {_metric(std)}" if _finite(std) else "")
 
 
-def _distance(value: float | None, reference: float) -> str:
-    """``value`` less ``reference``: in points (100 x the difference) for metrics in [0, 1], else as is."""
+def _distance(value: float | None, reference: float, metric: str) -> str:
+    """``value`` less ``reference``: in points (100 x the difference) for an accuracy or F1, else as is (a loss)."""
     if not _finite(value):
         return "–"
     difference = value - reference
-    return f"{100 * difference:+.2f} pts" if _accuracy_like(value, reference) else f"{difference:+.4g}"
+    points = metric.endswith(POINT_METRICS) and _accuracy_like(value, reference)
+    return f"{100 * difference:+.2f} pts" if points else f"{difference:+.4g}"
 
 
 def _num(value: float | None) -> str:

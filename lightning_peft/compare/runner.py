@@ -83,8 +83,7 @@ def parser() -> argparse.ArgumentParser:
 def compare_main(argv: list[str]) -> None:
     """Plan every run (all mistakes reported before any training), run what is not done, write the report."""
     options = parser().parse_args(argv)
-    recipe_file = recipe_path(options.config)
-    recipe = yaml.safe_load(Path(recipe_file).read_text())
+    recipe_file, recipe = read_recipe(options.config)
     method_slot(recipe, options.config)
     methods = _distinct("--methods", [m.strip() for m in options.methods.split(",") if m.strip()],
                         f"from: {','.join(METHOD_NAMES)}")
@@ -112,6 +111,20 @@ def compare_main(argv: list[str]) -> None:
         raise SystemExit(1)  # the report lists why; a script or CI job sees that nothing trained
 
 
+def read_recipe(config: str) -> tuple[Path, dict]:
+    """The recipe file ``--config`` names, and its content; a CompareError for one that is not a recipe."""
+    path = Path(recipe_path(config))
+    try:
+        recipe = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise CompareError(f"recipe {config} is not valid YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("model"), dict):
+        raise CompareError(f"recipe {config} has no model: section (a recipe holds model:, data: and trainer: with a "
+                           "PEFT method, as the built-in ones do: lightning-peft fit --config lora_sentiment "
+                           "--print_config)")
+    return path, recipe
+
+
 def estimate_parser() -> argparse.ArgumentParser:
     """The options of ``lightning-peft estimate``."""
     p = CommandParser(prog="lightning-peft estimate",
@@ -132,7 +145,7 @@ def estimate_main(argv: list[str]) -> None:
     options = estimate_parser().parse_args(argv)
     if options.devices < 1:
         raise CompareError(f"--devices {options.devices}: the memory is split across 1 device or more")
-    recipe = yaml.safe_load(Path(recipe_path(options.config)).read_text())
+    _, recipe = read_recipe(options.config)
     slot = method_slot(recipe, options.config)
     methods = [m.strip() for m in (options.methods or "").split(",") if m.strip()]
     if options.set and not methods:  # --set names a method: the recipe's own, when it is one compare knows
@@ -149,6 +162,8 @@ def estimate_main(argv: list[str]) -> None:
             rows.append(run_worker(run_dir, ["--estimate", str(options.devices), options.strategy],
                                    f"[{i}/{len(plans)}] {plan.method}"))
     print(estimate_table(rows, options.devices, options.strategy))
+    if not any(row["status"] == "ok" for row in rows):
+        raise SystemExit(1)  # as compare: a script sees that nothing was estimated
 
 
 def estimate_table(rows: list[dict], devices: int, strategy: str) -> str:
@@ -191,7 +206,7 @@ def _factors(text: str) -> list[float]:
         factors = [float(f) for f in text.split(",") if f.strip()]
     except ValueError:
         factors = []
-    if not factors or any(f <= 0 for f in factors):
+    if not factors or any(not math.isfinite(f) or f <= 0 for f in factors):
         raise CompareError(f"--lr-sweep {text}: write positive factors of each method's rate, e.g. {SWEEP_FACTORS}")
     return factors
 
@@ -264,8 +279,9 @@ def run_config(recipe: dict, plan: MethodPlan, seed: int, max_steps: int | None,
     config["seed_everything"] = seed
     config["model"].setdefault("init_args", {})["learning_rate"] = plan.learning_rate
     data = config.setdefault("data", {}).setdefault("init_args", {})
-    if sweep and not data.get("val_file") and not data.get("val_fraction", 1):
-        data["val_fraction"] = SWEEP_VAL_FRACTION
+    for settings in [data, *(data.get("tasks") or {}).values()]:  # MultiTaskData: each task holds its own split
+        if sweep and not settings.get("val_file") and not settings.get("val_fraction", 1):
+            settings["val_fraction"] = SWEEP_VAL_FRACTION
     return config
 
 
@@ -295,12 +311,14 @@ def identity(recipe: dict, plan: MethodPlan, seed: int, max_steps: int | None, s
     """What makes two runs the same run: a saved result is kept only when these match.
 
     ``run``: a digest of the run's whole config (model, data, batch, steps, the method's settings)
-    and of each data file's size and time of change, so an edited recipe or file trains again.
+    and of the size and time of change of each data file and of each file in a local model folder,
+    so an edited recipe, file or model trains again.
     """
     config = run_config(recipe, plan, seed, max_steps, Path("."), sweep)
     del config["trainer"]["default_root_dir"]
-    files = [forgetting, *_strings(config.get("data"))]  # MultiTaskData's tasks name theirs a level down
-    stats = [(f, *_changed(Path(f))) for f in files if isinstance(f, str) and Path(f).is_file()]
+    named = [forgetting, *_strings(config.get("data")), *_strings(config.get("model"))]  # MultiTaskData: a level down
+    files = [p for f in named if isinstance(f, str) for p in _files_at(Path(f))]
+    stats = [(str(f), *_changed(f)) for f in files]
     digest = hashlib.sha256(json.dumps([config, stats], sort_keys=True, default=str).encode()).hexdigest()[:16]
     return {"method": plan.method, "seed": seed, "learning_rate": plan.learning_rate, "settings_from": plan.source,
             "overrides": plan.overrides, "max_steps": max_steps, "run": digest}
@@ -315,6 +333,13 @@ def _strings(value: object) -> list[str]:
     if isinstance(value, list):
         return [s for item in value for s in _strings(item)]
     return []
+
+
+def _files_at(path: Path) -> list[Path]:
+    """``path`` if it is a file, the files of a folder (a model's: weights, config, tokenizer), else none."""
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else []
 
 
 def _changed(path: Path) -> tuple[int, int]:

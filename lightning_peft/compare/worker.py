@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_peft.cli import build_cli, error_line, user_mistake
-from lightning_peft.compare.estimate import as_row, probe
+from lightning_peft.compare.estimate import as_row, probe, status_kib
 from lightning_peft.core.adapter_control import disable_adapters
 from lightning_peft.core.files import atomic_write
 from lightning_peft.core.layer import PEFTModule
@@ -84,10 +84,16 @@ class MeasureTraining(L.Callback):
 
 
 def peak_memory_mib(device: torch.device) -> tuple[float, str]:
-    """The process's peak so far: RSS on CPU (Linux reports KiB), allocated memory on CUDA."""
+    """The process's peak so far: its RSS high-water mark on CPU, allocated memory on CUDA.
+
+    Linux's ``VmHWM`` is this process's own; ``ru_maxrss`` (elsewhere) keeps the parent's across exec.
+    """
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss"
+    try:
+        return status_kib("VmHWM") / 1024, "rss"
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss"
 
 
 def ranked_metric(results: dict[str, float], split: str = "test") -> tuple[str | None, float | None, bool]:
@@ -227,7 +233,11 @@ def score_rate(run_dir: Path) -> dict[str, Any]:
     trainer, module, data, measure = build_run(run_dir)
     trainer.fit(module, datamodule=data)
     trainer.limit_val_batches = 1.0  # the recipe's fit may skip validation; the score needs all of it
-    name, value, higher = ranked_metric(trainer.validate(module, datamodule=data, verbose=False)[0], "val")
+    results = trainer.validate(module, datamodule=data, verbose=False)
+    if not results:
+        raise ValueError("the data holds no validation rows to choose the learning rate by (val_fraction 0, no "
+                         "val_file)")
+    name, value, higher = ranked_metric(results[0], "val")
     if value is None:
         raise ValueError("validation logged no val_acc, val_ppl or val_loss to choose the learning rate by")
     return {"status": "ok", "error": None, "metric_name": name, "metric": value, "higher_is_better": higher,
