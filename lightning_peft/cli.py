@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import lightning as L
+import torch
 from fsspec.core import url_to_fs
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
@@ -32,7 +33,7 @@ import lightning_peft
 from lightning_peft.assets import AssetError
 from lightning_peft.builtin_recipes import builtin_recipes, recipe_path
 from lightning_peft.cli_messages import CommandParser, ConfigError, one_line
-from lightning_peft.core.adapter_files import read_adapter_files
+from lightning_peft.core.adapter_files import CONFIG_FILE, read_adapter_files
 from lightning_peft.core.ownership import adapter_refs
 from lightning_peft.core.summary import trainable_summary
 from lightning_peft.data.files import read_lines
@@ -43,7 +44,8 @@ from lightning_peft.lightning.curves import plot_curves
 from lightning_peft.lightning.predictions import PredictionWriter
 from lightning_peft.lightning.progress import StepProgressBar
 from lightning_peft.lightning.row_adapters import RowAdapterRouting, parse_adapters, prompt_lengths, split_rows
-from lightning_peft.registry import LoadAdapter
+from lightning_peft.registry import METHODS, LoadAdapter
+from lightning_peft.selective import Selective
 from lightning_peft.tasks.causal_lm import CausalLM
 
 DEBUG_VARIABLE = "LIGHTNING_PEFT_DEBUG"
@@ -86,7 +88,8 @@ class PEFTCLI(LightningCLI):
         if settings.get("logger") in (None, True) and "logger" not in kwargs:
             root = settings.get("default_root_dir") or os.getcwd()
             kwargs["logger"] = False if self.subcommand == "predict" else CSVLogger(root, name="logs")
-        configured = list(settings.get("callbacks") or [])  # a copy: the trainer extends that very list
+        configured = settings.get("callbacks") or []
+        configured = list(configured) if isinstance(configured, list) else [configured]  # one may stand alone
         trainer = super().instantiate_trainer(**kwargs)
         for index, callback in enumerate(trainer.callbacks):
             if isinstance(callback, ProgressBar) and not any(callback is c for c in configured):  # Lightning's pick
@@ -117,6 +120,7 @@ class PEFTCLI(LightningCLI):
                  if arg.startswith("--trainer.callbacks.init_args.")]
         trainer = self.config[self.subcommand].get("trainer") if self.subcommand else self.config.get("trainer")
         callbacks = (trainer or {}).get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
         if given and len(callbacks) > 1:
             last = callbacks[-1]
             name = str(last.get("class_path", last)).rsplit(".", 1)[-1] if hasattr(last, "get") else type(last).__name__
@@ -158,10 +162,11 @@ class PEFTCLI(LightningCLI):
             raise ConfigError("validate has nothing to run: the recipe sets trainer.limit_val_batches to 0 (give "
                               "--trainer.limit_val_batches 1.0)")
         data = self.datamodule
-        val_file = (getattr(data, "files", None) or {}).get("val")
-        if val_file is None and getattr(data, "val_fraction", None) == 0:
+        parts = list(getattr(data, "parts", {}).values()) or [data]  # MultiTaskData: each task holds its own split
+        if not any((getattr(p, "files", None) or {}).get("val") or getattr(p, "val_fraction", 1) for p in parts):
             raise ConfigError("validate has no data: the recipe holds out no validation rows (give "
-                              "--data.init_args.val_file FILE, or a val_fraction above 0 for a fresh fit)")
+                              "--data.init_args.val_file FILE, or a val_fraction above 0 for a fresh fit"
+                              + ("; each task's, under data.init_args.tasks)" if len(parts) > 1 else ")"))
         self._use_adapter_folder()
 
     def before_test(self) -> None:
@@ -202,7 +207,9 @@ class PEFTCLI(LightningCLI):
         data = self.datamodule
         if getattr(data, "predict_file", None) is None:
             raise ConfigError("no texts to predict: give data.predict_file, one NAME<TAB>text line per row (or -)")
-        names, texts = split_rows(read_lines(data.predict_file), list(folders), f"predict file {data.predict_file}")
+        causal = isinstance(self.model, CausalLM)
+        names, texts = split_rows(read_lines(data.predict_file, keep_spaces=causal), list(folders),
+                                  f"predict file {data.predict_file}", keep_spaces=causal)
         lengths = prompt_lengths(configs, names)
         if len(lengths) > 1 and isinstance(self.model, CausalLM) and data.batch_size > 1:
             warnings.warn(f"predict generates one row at a time: the rows' soft prompts have different lengths "
@@ -225,9 +232,9 @@ class PEFTCLI(LightningCLI):
             return
         if settings.get("ckpt_path") is not None:
             raise ConfigError("give --ckpt_path or --adapter, not both")
-        read_adapter_files(folder)  # a missing or damaged folder: one line now, not at setup
+        loads = [LoadAdapter(path, adapter_name=name) for name, path in _adapter_folders(Path(folder))]
         others = [cb for cb in self.trainer.callbacks if not isinstance(cb, PEFTCallback)]
-        self.trainer.callbacks = [LoadAdapter(folder), *others]
+        self.trainer.callbacks = [*loads, *others]
 
     def after_fit(self) -> None:
         trainer, module = self.trainer, self.model
@@ -243,7 +250,9 @@ class PEFTCLI(LightningCLI):
         summary = trainable_summary(module)
         lines = [f"{name}: {value:.4f}" for name, value in results.items()]
         lines.append(f"trainable parameters: {summary.trainable:,} of {summary.total:,} ({summary.percent:.3f}%)")
-        path = checkpoint and (checkpoint.best_model_path or checkpoint.last_model_path)
+        last = None if best or not isinstance(checkpoint, ModelCheckpoint) else _checkpoint_the_last_step(trainer,
+                                                                                                         checkpoint)
+        path = last or (checkpoint and (checkpoint.best_model_path or checkpoint.last_model_path))
         if path:
             tested = "tested and exported" if trainer.world_size == 1 else "tested"
             weights = tested if _has_test_data(self.datamodule) else "the adapter is the last step's"
@@ -254,6 +263,41 @@ class PEFTCLI(LightningCLI):
             lines.append(_curves_after_fit(trainer))
             print("\n".join(["", "lightning-peft fit summary:", *("  " + line for line in lines if line)]),
                   flush=True)
+
+
+def _adapter_folders(folder: Path) -> list[tuple[str, Path]]:
+    """The adapters of an adapter folder, as ``(name, folder)``: itself, or the ``Method-name`` folder of each
+    adapter that an export of several adapters (several tasks or methods) wrote inside it."""
+    if not (folder / CONFIG_FILE).is_file():
+        inside = sorted(folder.glob(f"*-*/{CONFIG_FILE}"), key=_own_parameters_last) if folder.is_dir() else []
+        if inside:
+            for config in inside:
+                read_adapter_files(config.parent)  # a damaged one: one line now, not at setup
+            return [(config.parent.name.split("-", 1)[1], config.parent) for config in inside]
+    read_adapter_files(folder)  # a missing or damaged folder: one line now, not at setup
+    return [("default", folder)]
+
+
+def _own_parameters_last(config: Path) -> tuple[bool, str]:
+    """Load order of an export's adapters: those training the model's own parameters (Selective, BitFit) after the
+    others, as a fit must have them (a saved module of LoRA first, else the two would claim one parameter)."""
+    method = METHODS.get(config.parent.name.split("-", 1)[0])
+    return isinstance(method, type) and issubclass(method, Selective), config.parent.name
+
+
+def _checkpoint_the_last_step(trainer: L.Trainer, checkpoint: ModelCheckpoint) -> str | None:
+    """Save the fit's last step where the checkpoint callback's newest file is older, and return its path.
+
+    The callback saves after validation (``val_check_interval``): a fit that stops between two
+    validations ends with no file of the weights it tests and exports, or none at all.
+    """
+    saved = getattr(checkpoint, "_last_global_step_saved", trainer.global_step)
+    if saved >= trainer.global_step or checkpoint.dirpath is None:
+        return None
+    path = checkpoint.format_checkpoint_name({"epoch": torch.tensor(trainer.current_epoch),
+                                              "step": torch.tensor(trainer.global_step)})
+    trainer.save_checkpoint(path)
+    return path
 
 
 def _retire_requeue_checkpoints(trainer: L.Trainer) -> None:

@@ -122,8 +122,8 @@ def _candidate_classes(message: str, option: str) -> list[str]:
         except (ValueError, SyntaxError):
             value = None
         for item in value if isinstance(value, list) else [value]:
-            if isinstance(item, dict) and option in item.get("init_args", {}):
-                found.append(item["class_path"])
+            if isinstance(item, dict) and option in (item.get("init_args") or {}) and item.get("class_path"):
+                found.append(item["class_path"])  # an overlay's entry may give init_args alone
     key = re.search(r'Parser key "([^"]+)"', message)
     return found + list(KEY_CLASSES.get(key[1] if key else "", ()))
 

@@ -234,13 +234,16 @@ def test_predict_with_prompt_adapters_of_different_lengths_generates_one_row_at_
     train = tmp_path / "counting.txt"
     train.write_text(COUNTING)
     common = ["predict", "--config", str(lm_recipe(tmp_path, tiny_lm_dir, train)), "--data.init_args.predict_file", "-"]
-    texts, routes = ["three four", "seven", "one two", "five"], ["short", "-", "long", "short"]
-    routed = run_cli(*common, "--adapters", *(f"{n}={f}" for n, f in folders.items()),
+    texts, routes = ["three four ", "seven", "one two", "five"], ["short", "-", "long", "short"]
+    routed = run_cli(*common, "--adapters", *(f"{n}={f}" for n, f in folders.items()), "--output",
+                     str(tmp_path / "routed.jsonl"),
                      stdin="".join(f"{name}\t{text}\n" for name, text in zip(routes, texts, strict=True)))
     assert routed.returncode == 0, routed.stderr[-3000:]
     assert "predict generates one row at a time: the rows' soft prompts have different lengths (0, 2, 3)" in \
         routed.stderr
-    short = run_cli(*common, "--adapter", str(folders["short"]), stdin="three four\nfive\n").stdout.splitlines()
+    inputs = [json.loads(line)["input"] for line in (tmp_path / "routed.jsonl").read_text().splitlines()]
+    assert inputs == texts  # the prompts' spaces kept, as --adapter keeps them (was: "three four")
+    short = run_cli(*common, "--adapter", str(folders["short"]), stdin="three four \nfive\n").stdout.splitlines()
     assert [line for line, name in zip(routed.stdout.splitlines(), routes, strict=True) if name == "short"] == short
 
 

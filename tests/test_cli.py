@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -503,3 +504,68 @@ def test_a_finished_fit_under_slurm_tests_and_exports_its_own_weights_not_the_re
     key = next(k for k in exported if "layer.0.attention.self.query.lora_B" in k)
     stale_key = next(k for k in stale if "layer.0.attention.self.query" in k and k.endswith("lora_B"))
     assert not torch.equal(exported[key], stale[stale_key])  # was: the test after fit loaded the requeue checkpoint
+
+
+def summary_value(stdout: str, key: str) -> str:
+    """A line's value in the fit summary (``checkpoint: PATH`` gives PATH)."""
+    return next(line.split(": ", 1)[1] for line in stdout.splitlines() if line.strip().startswith(f"{key}: "))
+
+
+def test_a_fit_ending_between_validations_checkpoints_the_weights_it_tests_and_exports(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    config = recipe(tmp_path, tiny_model_dir, write_data(tmp_path, "train", sentiment_rows(40, 0)))
+    fit = run_cli("fit", "--config", str(config), "--trainer.max_steps", "3", "--trainer.val_check_interval", "2")
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    path = Path(summary_value(fit.stdout, "checkpoint"))
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["global_step"] == 3, path  # was: step 2's, the last validation's, named as the run's
+    exported = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    saved = {k: v for k, v in checkpoint["state_dict"].items() if k.endswith("query.adapters.default.lora_B")}
+    names = {k: "base_model.model." + k.removeprefix("model.").replace("adapters.default.", "") + ".weight"
+             for k in saved}
+    assert saved and all(torch.equal(v, exported[names[k]]) for k, v in saved.items())
+
+
+def test_one_callback_given_alone_is_a_list_of_one(tmp_path, tiny_model_dir):
+    config = recipe(tmp_path, tiny_model_dir, write_data(tmp_path, "train", sentiment_rows(16, 0)))
+    fit = run_cli("fit", "--config", str(config), "--trainer.callbacks", "lightning_peft.IA3",
+                  "--trainer.max_steps", "1")
+    assert fit.returncode == 0, fit.stderr[-2000:]  # was: TypeError: 'IA3' object is not iterable
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--model.init_args.learning_rate", "0.5"], "was trained with learning_rate=0.1 (here 0.5): a resume restores"),
+    (["--data.init_args.batch_size", "4"], "saved 2 batches into an epoch of batch_size 8, and this fit's batch_size "
+                                           "is 4"),
+])
+def test_a_resume_that_would_not_do_what_it_says_is_refused(tmp_path, tiny_model_dir, change, message):
+    config = recipe(tmp_path, tiny_model_dir, write_data(tmp_path, "train", sentiment_rows(40, 0)))
+    first = run_cli("fit", "--config", str(config), "--trainer.max_steps", "2", "--data.init_args.val_fraction", "0")
+    assert first.returncode == 0, first.stderr[-2000:]
+    ckpt = summary_value(first.stdout, "checkpoint")
+    resumed = run_cli("fit", "--config", str(config), "--trainer.max_steps", "4", "--data.init_args.val_fraction", "0",
+                      "--ckpt_path", ckpt, *change)
+    assert resumed.returncode == 2 and message in resumed.stderr.strip().splitlines()[-1], resumed.stderr[-2000:]
+
+
+def test_a_typo_in_a_second_config_file_names_the_setting(tmp_path, tiny_model_dir):
+    config = recipe(tmp_path, tiny_model_dir, write_data(tmp_path, "train", sentiment_rows(16, 0)))
+    (tmp_path / "overlay.yaml").write_text("model:\n  init_args:\n    learning_rat: 0.1\n")
+    result = run_cli("fit", "--config", str(config), "--config", str(tmp_path / "overlay.yaml"))
+    assert result.returncode == 2  # was: "lightning-peft: error: 'class_path'"
+    assert "does not take 'learning_rat'; did you mean 'learning_rate'?" in result.stderr.strip().splitlines()[-1]
+
+
+def test_the_adapter_folder_of_a_fit_with_two_methods_tests_as_the_fit_did(tmp_path, tiny_model_dir):
+    train = write_data(tmp_path, "train", sentiment_rows(32, 0))
+    config = recipe(tmp_path, tiny_model_dir, train, write_data(tmp_path, "test", sentiment_rows(16, 1)))
+    fit = run_cli("fit", "--config", str(config), "--trainer.max_steps", "4",
+                  "--trainer.callbacks+=lightning_peft.BitFit")
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    folder = Path(summary_value(fit.stdout, "adapter"))
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["BitFit-default", "LoRA-default"]
+    tested = run_cli("test", "--config", str(config), "--adapter", str(folder))
+    assert tested.returncode == 0, tested.stderr[-2000:]  # was: "adapter_config.json does not exist"
+    accuracy = re.search(r"test_acc\s*│\s*([0-9.]+)", tested.stdout)
+    assert accuracy and float(accuracy[1]) == pytest.approx(float(summary_value(fit.stdout, "test_acc")), abs=1e-4)

@@ -87,7 +87,7 @@ def is_method_slot(entry: dict | str) -> bool:
 def method_slot(recipe: dict, name: str) -> list[dict]:
     """The recipe's PEFT method entries, or a CompareError: compare needs a slot to put each method in."""
     callbacks = (recipe.get("trainer") or {}).get("callbacks") or []
-    slot = [entry for entry in callbacks if is_method_slot(entry)]
+    slot = [entry for entry in (callbacks if isinstance(callbacks, list) else [callbacks]) if is_method_slot(entry)]
     if not slot:
         raise CompareError(f"recipe {name} has no PEFT method in trainer.callbacks (a class_path such as "
                            "lightning_peft.LoRA): compare puts each method in that slot")

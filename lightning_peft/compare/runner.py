@@ -269,7 +269,8 @@ def run_config(recipe: dict, plan: MethodPlan, seed: int, max_steps: int | None,
     """
     config = copy.deepcopy(recipe)
     trainer = config.setdefault("trainer", {})
-    others = [entry for entry in trainer.get("callbacks") or []  # compare's runs keep no checkpoints
+    given = trainer.get("callbacks") or []
+    others = [entry for entry in (given if isinstance(given, list) else [given])  # compare's runs keep no checkpoints
               if not is_method_slot(entry) and not names_a(entry, ModelCheckpoint)]
     trainer.update(callbacks=copy.deepcopy(plan.callbacks) + others, default_root_dir=str(run_dir),
                    enable_checkpointing=False, enable_progress_bar=False, gradient_clip_val=plan.gradient_clip_val,

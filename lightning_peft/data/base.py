@@ -103,14 +103,20 @@ class ResumableLoader(DataLoader):
         return itertools.islice(super().__iter__(), skip, None)
 
     def state_dict(self) -> dict[str, Any]:
-        sampler = self.sampler
+        sampler, state = self.sampler, {"batch_size": self.batch_size}
         if not isinstance(sampler, ResumableShuffle) or sampler.epoch_start is None:
-            return {}
-        return {"epoch_start": sampler.epoch_start, "now": sampler.generator.get_state()}
+            return state
+        return {**state, "epoch_start": sampler.epoch_start, "now": sampler.generator.get_state()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("batch_size", self.batch_size)
+        if self.batches_done and saved != self.batch_size:
+            raise ValueError(f"the checkpoint was saved {self.batches_done} batches into an epoch of batch_size "
+                             f"{saved}, and this fit's batch_size is {self.batch_size}: the rest of that epoch would "
+                             f"repeat some rows and leave out others; resume with batch_size {saved}, or from a "
+                             "checkpoint at an epoch's end")
         sampler = self.sampler
-        if not state_dict or not isinstance(sampler, ResumableShuffle):  # another sampler (distributed): its own order
+        if "now" not in state_dict or not isinstance(sampler, ResumableShuffle):  # distributed: its own order
             return
         if self.batches_done:
             sampler.resume_from = (state_dict["epoch_start"], self.batches_done * self.batch_size)
@@ -148,7 +154,7 @@ def _state_at_epoch_end(trainer: Any) -> Tensor | None:
     """
     loop = getattr(trainer, "fit_loop", None)
     saved = getattr(loop, "_combined_loader_states_to_load", None)
-    if loop is None or loop.restarting or not saved or not saved[0]:
+    if loop is None or loop.restarting or not saved or "now" not in (saved[0] or {}):
         return None
     return saved[0]["now"]
 

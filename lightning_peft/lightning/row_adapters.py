@@ -33,8 +33,10 @@ def parse_adapters(pairs: list[str]) -> dict[str, str]:
     return folders
 
 
-def split_rows(lines: list[str], names: list[str], source: str) -> tuple[list[str | None], list[str]]:
-    """Each ``NAME<TAB>text`` line as its adapter name (None for the base model) and its text."""
+def split_rows(lines: list[str], names: list[str], source: str,
+               keep_spaces: bool = False) -> tuple[list[str | None], list[str]]:
+    """Each ``NAME<TAB>text`` line as its adapter name (None for the base model) and its text (with the spaces
+    around it where ``keep_spaces``: a causal LM's prompt, as it was trained)."""
     routed, texts = [], []
     for number, line in enumerate(lines, 1):
         name, tab, text = line.partition("\t")
@@ -46,7 +48,7 @@ def split_rows(lines: list[str], names: list[str], source: str) -> tuple[list[st
             raise ValueError(f"{source}, line {number}: {line[:60]!r} has no text after its adapter name; give "
                              "each line as NAME<TAB>text, or leave the line out")
         routed.append(None if name == BASE_MODEL else name)
-        texts.append(text.strip())
+        texts.append(text if keep_spaces else text.strip())
     return routed, texts
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torchmetrics import Metric, MetricCollection
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -19,6 +20,7 @@ from lightning_peft.lightning.checkpointing import check_methods_present
 from lightning_peft.tasks.models import resolve_model
 
 OPTIMIZERS = ("adamw", "adamw8bit")
+RESUMED_SETTINGS = ("learning_rate", "weight_decay", "warmup_steps", "optimizer")  # what a resume restores itself
 
 
 def adamw_class(optimizer: str) -> type[torch.optim.Optimizer]:
@@ -63,6 +65,19 @@ class TransformersTask(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_methods_present(checkpoint, self)
+        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            self._check_resumed_optimization(checkpoint.get("hyper_parameters") or {})
+
+    def _check_resumed_optimization(self, saved: dict[str, Any]) -> None:
+        """Refuse to resume with other optimizer settings: the restored optimizer and schedule would keep the
+        checkpoint's, while the logs record these."""
+        changed = {key: (saved[key], self.hparams[key]) for key in RESUMED_SETTINGS
+                   if key in saved and key in self.hparams and saved[key] != self.hparams[key]}
+        if changed:
+            settings = ", ".join(f"{key}={theirs!r} (here {ours!r})" for key, (theirs, ours) in changed.items())
+            raise ValueError(f"checkpoint {self.trainer.ckpt_path} was trained with {settings}: a resume restores its "
+                             "optimizer and learning-rate schedule, which keep its settings; resume with them, or "
+                             "start a new fit")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Name this task's class in the checkpoint, as LightningCLI does, so a fit from Python exports too."""
