@@ -241,15 +241,18 @@ def test_unmerging_a_vector_with_a_zero_entry_is_refused_before_anything_changes
     assert not any(isinstance(m, IA3Layer) for m in model.modules())
 
 
-def test_a_peft_adapter_with_regex_targets_and_listed_feedforward_modules_loads(tmp_path):
+@pytest.mark.parametrize("targets, feedforward", [
+    (r".*\.(k_proj|v_proj)|.*layers\.1\.mlp\.down_proj", ["down_proj"]),
+    (["k_proj", "v_proj", "down_proj"], r".*\.mlp\..*"),  # was: refused, the regex matching gate_proj and up_proj
+], ids=["regex-targets", "regex-feedforward"])
+def test_a_peft_adapter_with_a_regex_and_a_list_loads(tmp_path, targets, feedforward):
     from peft import IA3Config, get_peft_model
 
     from lightning_peft import load_adapter
 
     torch.manual_seed(0)
     base = quiet(tiny_llama).eval()
-    config = IA3Config(target_modules=r".*\.(k_proj|v_proj)|.*layers\.1\.mlp\.down_proj",
-                       feedforward_modules=["down_proj"])
+    config = IA3Config(target_modules=targets, feedforward_modules=feedforward)
     theirs = quiet(lambda: get_peft_model(copy.deepcopy(base), config))
     with torch.no_grad():
         for name, param in theirs.named_parameters():

@@ -133,8 +133,8 @@ class IA3(PEFTCallback):
     def _feedforward_names(self, root: nn.Module, targets: set[str]) -> set[str]:
         """Names of the targets whose input is scaled; explicit feed-forward modules must be targets.
 
-        With targets given as a regex, as peft, a feed-forward name marks the targets it matches and
-        nothing else (peft checks the subset only between two lists).
+        With targets or feed-forward modules given as a regex, as peft, a feed-forward name marks the
+        targets it matches and nothing else (peft checks the subset only between two lists).
         """
         given = self.feedforward_modules
         patterns = given if given is not None else self._default_feedforward(root)
@@ -144,7 +144,7 @@ class IA3(PEFTCallback):
         named = {name for name, _ in select_modules(root, patterns, *filters, supported=(nn.Module,),
                                                     method="IA3 feedforward_modules", check_exclusions=False)}
         stray = sorted(named - targets)
-        if given is not None and stray and not isinstance(self.target_modules, str):
+        if given is not None and stray and not isinstance(self.target_modules, str) and not isinstance(given, str):
             raise ValueError(f"IA3 feedforward_modules must be among the targets; these are not: {stray[:8]}")
         return named & targets
 
