@@ -380,6 +380,19 @@ def test_a_bias_trained_on_a_quantized_base_keeps_its_dtype_and_trains_under_bf1
     assert bias.dtype == torch.float32 and (bias != before).all()  # bitsandbytes would cast it to bf16 for good
 
 
+def test_biases_bitfit_trains_stay_its_when_their_layers_are_quantized_or_dequantized():
+    model = tiny_llama(attention_bias=True, mlp_bias=True)
+    BitFit().inject(model)
+    biases = {n for n, p in model.named_parameters() if p.requires_grad}
+    QuantizeBase("nf4").inject(model)  # new layers around the same bias tensors
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == biases  # was: the quantized layers' lost
+    assert trainable_summary(model).methods[0].params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    LoRA(r=2, target_modules=["q_proj"]).inject(model)  # freezing follows ownership: was 13 biases frozen here
+    assert biases <= {n.replace(".base_layer", "") for n, p in model.named_parameters() if p.requires_grad}
+    dequantize_base(model)
+    assert biases <= {n.replace(".base_layer", "") for n, p in model.named_parameters() if p.requires_grad}
+
+
 def test_a_4bit_base_without_compute_dtype_computes_in_each_input_s_dtype():
     fresh, used = (QuantizeBase("nf4").inject(llama()).eval() for _ in range(2))
     used.load_state_dict(fresh.state_dict())

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from torch import nn
 
 from lightning_peft.core.layer import PEFTLayer, PEFTModule
+from lightning_peft.core.ownership import carry_claims
 
 
 class ModulePlaces:
@@ -35,6 +36,7 @@ class ModulePlaces:
             raise ValueError(f"a PEFT layer cannot replace the model root itself ({type(self.root).__name__}); adapt "
                              "a submodule, or wrap the model in another module first")
         places = self.at.pop(id(old), [])
+        carry_claims(old, new)
         for parent, key in places:
             setattr(parent, key, new)
         self.at[id(new)] = places

@@ -116,6 +116,15 @@ def check_unclaimed(root: nn.Module, ref: AdapterRef, params: Iterable[nn.Parame
                              "skip_modules=[...]), or put QuantizeBase after the method")
 
 
+def carry_claims(old: nn.Module, new: nn.Module) -> None:
+    """Give ``new``, which replaces ``old`` (a quantized or dequantized layer), the claims on the parameters it keeps
+    (the same tensor under the same name: a bias that BitFit trains)."""
+    for local, ref in _claims(old).items():
+        param = old._parameters.get(local)
+        if param is not None and new._parameters.get(local) is param:
+            new.__dict__.setdefault(_CLAIMS, {})[local] = ref
+
+
 def release(root: nn.Module, ref: AdapterRef) -> None:
     """Drop every claim of ``ref`` inside ``root`` (its adapter was deleted)."""
     for module in root.modules():
