@@ -228,3 +228,27 @@ def test_a_weight_tied_to_a_copied_head_still_runs_and_can_be_selected():
     LoRA(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]).inject(model)
     Selective(modules=["embed_tokens"], adapter_name="emb").inject(model)  # was: "selects 0 tensor(s)"
     assert model.model.embed_tokens.weight.requires_grad
+
+
+@pytest.mark.parametrize("method", [
+    lambda: Selective(modules=["model.model.layers.1.mlp"]), lambda: Selective(modules=r"model\.model\.norm"),
+    lambda: LoRA(r=2, target_modules=["q_proj"], modules_to_save=["model.lm_head"])],
+    ids=["listed", "regex", "modules_to_save"])
+def test_an_adapter_named_by_a_lightning_module_s_names_loads_into_the_model_alone(tmp_path, method):
+    import copy
+
+    from lightning_peft import load_adapter, save_adapter
+
+    torch.manual_seed(0)
+    base = tiny_llama().eval()
+    module = TokenModule(copy.deepcopy(base))
+    method().inject(module)  # names as the LightningModule has them: "model." before the model's own
+    with torch.no_grad():
+        for param in module.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.1)
+    save_adapter(module, tmp_path)
+    loaded = load_adapter(copy.deepcopy(base), tmp_path)  # was: "matched no module", the file unusable
+    ids = torch.randint(0, 64, (2, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, module.eval()(ids), rtol=0, atol=1e-6)

@@ -28,6 +28,7 @@ from lightning_peft.core.merging import check_unmerged
 from lightning_peft.core.models import model_root, transformers_models
 from lightning_peft.core.ownership import AdapterRef, adapter_refs, buffers_of_trained_modules, owners
 from lightning_peft.core.saved_modules import saved_module_name
+from lightning_peft.core.targeting import select_modules
 from lightning_peft.core.weights import whole
 
 PEFT_PREFIX = "base_model.model."  # peft holds the transformers model as base_model.model
@@ -191,11 +192,31 @@ def file_config(module: nn.Module, ref: AdapterRef) -> dict[str, Any]:
     _, root = model_root(module)
     adapter_format = file_format(ref, root)
     ours = {NATIVE_KEY: ref.method_name, CLASS_KEY: class_path(ref.method)}
+    settings = {**ref.config, **modules_named_in_the_model(module, ref.config)}
     if adapter_format is None:
-        return {**ours, **ref.config}
-    config = adapter_format.to_config(ref.config, root, list(adapter_tensors(module, ref)))
+        return {**ours, **settings}
+    config = adapter_format.to_config(settings, root, list(adapter_tensors(module, ref)))
     own_name = ref.method_name != format_owner(ref.method).method_name
     return {**config, **ours} if own_name else config  # a subclass with a name of its own loads back as itself
+
+
+MODULE_SETTINGS = ("modules_to_save", "modules")  # settings that name modules (Selective's modules)
+
+
+def modules_named_in_the_model(module: nn.Module, config: dict[str, Any]) -> dict[str, list[str]]:
+    """The module-naming settings that name modules by ``module``'s names where it holds the model (a
+    LightningModule's ``model.classifier``), as the modules they chose, named in the model that a file loads into."""
+    prefix, _ = model_root(module)
+    changed = {}
+    for key in MODULE_SETTINGS if prefix else ():
+        value = config.get(key)
+        entries = [value] if isinstance(value, str) else value or []
+        if any(isinstance(e, str) and (e.startswith(f"{prefix}.") or e.startswith(re.escape(f"{prefix}.")))
+               for e in entries):
+            chosen = select_modules(module, value, supported=(nn.Module,), method=key, wraps=False,
+                                    check_exclusions=False, whole_modules=True)
+            changed[key] = [name.removeprefix(f"{prefix}.") for name, _ in chosen]
+    return changed
 
 
 def format_owner(method: type) -> type:
