@@ -614,3 +614,12 @@ def test_lora_and_ia3_stacked_on_int8_layers_merge_and_unmerge_again_and_again()
                 merge(model)
                 unmerge(model)
         torch.testing.assert_close(model(ids()).logits, unmerged, rtol=0, atol=0)
+
+
+def test_skip_modules_may_name_a_module_trained_whole():
+    model = tiny_llama()
+    LoRA(r=2, target_modules=["q_proj"], modules_to_save=["down_proj"]).inject(model)
+    QuantizeBase("nf4", skip_modules=["down_proj"]).inject(model)  # was: "matched only ... modules_to_save"
+    kept = [m for n, m in model.named_modules() if n.endswith("down_proj")]
+    assert kept and not any(is_quantized(x) for m in kept for x in m.modules())
+    assert any(is_quantized(m) for m in model.modules())

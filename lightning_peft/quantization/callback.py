@@ -160,7 +160,8 @@ class QuantizeBase(ModelSetupCallback):
         skipped = []  # a block named here keeps every layer inside it in full precision, as transformers does
         if self.skip_modules is not None:  # a name that matches nothing is a typo: the error lists what exists
             skipped = [name for name, _ in select_modules(module, self.skip_modules, supported=(nn.Module,),
-                                                          method="QuantizeBase", option="skip_modules")]
+                                                          method="QuantizeBase", option="skip_modules",
+                                                          whole_modules=True)]  # a head trained whole: kept
         try:
             chosen = select_modules(module, ALL_LINEAR, self.skip_modules, supported=(nn.Linear,),
                                     method="QuantizeBase", check_exclusions=False)  # skip_modules checked above
