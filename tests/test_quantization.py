@@ -623,3 +623,11 @@ def test_skip_modules_may_name_a_module_trained_whole():
     kept = [m for n, m in model.named_modules() if n.endswith("down_proj")]
     assert kept and not any(is_quantized(x) for m in kept for x in m.modules())
     assert any(is_quantized(m) for m in model.modules())
+
+
+def test_a_weight_bitsandbytes_cannot_quantize_is_refused_before_any_layer_changes():
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64).double(), nn.Linear(64, 64))
+    with pytest.raises(TypeError, match="'1' holds torch.float64"):
+        QuantizeBase("nf4").inject(model)  # was: the first layer quantized, then bitsandbytes' error
+    assert [type(m) for m in model] == [nn.Linear] * 3
+    QuantizeBase("nf4").inject(model.float())  # a retry goes ahead (was: "holds nf4 layers already")

@@ -24,6 +24,7 @@ from lightning_peft.quantization.layers import MODES, describe_in_config, forget
 from lightning_peft.quantization.memory import release_file_pages, return_freed_memory
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTIZABLE = (torch.float32, torch.float16, torch.bfloat16)  # what bitsandbytes quantizes
 
 
 class QuantizeBase(ModelSetupCallback):
@@ -111,6 +112,7 @@ class QuantizeBase(ModelSetupCallback):
     def _quantize_all(self, module: nn.Module) -> None:
         self._check_no_other_format(module)
         names = self._layers_to_quantize(module)
+        self._check_dtypes(module, names)  # before any layer changes: a failure half-way would leave half a base
         if names:
             self._warn_if_slow(self._device or module.get_submodule(names[0]).weight.device)
         before, places = base_weight_bytes(module), ModulePlaces(module)
@@ -120,6 +122,15 @@ class QuantizeBase(ModelSetupCallback):
         self.base_bytes, self.quantized_layers = (before, base_weight_bytes(module)), len(names)
         describe_in_config(module, self.mode, self.double_quant)
         self._warn_fused_experts(module)
+
+    def _check_dtypes(self, module: nn.Module, names: list[str]) -> None:
+        """Refuse weights bitsandbytes cannot quantize (float64, say), naming the first, before anything changes."""
+        for name in names:
+            dtype = module.get_submodule(name).weight.dtype
+            if dtype not in QUANTIZABLE:
+                raise TypeError(f"QuantizeBase({self.mode!r}) quantizes float32, float16 and bfloat16 weights; "
+                                f"'{name}' holds {dtype}: cast the model (model.float()) or keep the layer in full "
+                                "precision with skip_modules")
 
     def _check_no_other_format(self, module: nn.Module) -> None:
         """A base quantized in another format already (by another QuantizeBase, or transformers) is refused."""
