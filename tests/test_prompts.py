@@ -584,3 +584,29 @@ def test_a_prompt_on_a_state_space_model_saves_and_loads_and_a_prefix_is_refused
     with pytest.raises(TypeError, match="MambaForCausalLM has no attention heads"):
         PrefixTuning(num_virtual_tokens=N).inject(base)
     assert set(base.state_dict()) == keys
+
+
+def tiny(kind: str) -> nn.Module:
+    """A tiny model of a kind whose tokens after a soft prompt would compute wrongly."""
+    import transformers as t
+
+    bert = t.BertConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, max_position_embeddings=32)
+    bart = dict(vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32)
+    return {"qa": lambda: t.BertForQuestionAnswering(bert), "choice": lambda: t.BertForMultipleChoice(bert),
+            "bart-classifier": lambda: t.BartForSequenceClassification(t.BartConfig(**bart)),
+            "scaled-embeddings": lambda: t.MarianMTModel(t.MarianConfig(**bart, scale_embedding=True,
+                                                                          pad_token_id=0, decoder_start_token_id=0)),
+            }[kind]()
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("qa", "answer positions"), ("choice", "choices"), ("bart-classifier", "takes no input embeddings"),
+    ("scaled-embeddings", "scales token embeddings by 4 only when it computes them from input ids")])
+def test_a_model_whose_tokens_a_prompt_would_shift_or_unscale_is_refused_at_injection(kind, words):
+    model = tiny(kind)
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(TypeError, match=f"PromptTuning cannot adapt .*{words}"):
+        PromptTuning(num_virtual_tokens=2).inject(model)  # was: wrong logits and loss (qa, scaled), or a crash
+    assert [type(m) for m in model.modules()] == before and not hasattr(model, "prompt_tuning")

@@ -293,6 +293,7 @@ class PromptTuning(PEFTCallback):
 
     def inject_into(self, module: nn.Module) -> list[nn.Parameter]:
         model = require_token_model(module, "PromptTuning")
+        check_prompts_fit(model)
         warn_of_other_models(module, self.owner)
         prompt = Prompt(self.initial_prompt(model, module))
         prompt_injector(model).register_adapter(self.adapter_name, prompt)
@@ -322,6 +323,36 @@ class PromptTuning(PEFTCallback):
         if not ids:
             raise ValueError(f"PromptTuning init_text {self.init_text!r} tokenizes to no tokens")
         return (ids * math.ceil(self.num_virtual_tokens / len(ids)))[: self.num_virtual_tokens]
+
+
+def check_prompts_fit(model: nn.Module) -> None:
+    """Refuse, at injection, models whose tokens after a soft prompt would compute wrongly or fail at the first step."""
+    name = type(model).__name__
+    if name.endswith(("ForQuestionAnswering", "ForMultipleChoice")):
+        raise TypeError(f"PromptTuning cannot adapt {name}: its answer positions (or choices, a third dimension of "
+                        "the ids) index the tokens that a prompt in front would shift; use LoRA, IA3 or Adapter")
+    if getattr(model.config, "is_encoder_decoder", False) and name.endswith("ForSequenceClassification"):
+        raise TypeError(f"PromptTuning cannot adapt {name}: it finds each row's end in its input ids and takes no "
+                        "input embeddings; use LoRA, IA3 or Adapter")
+    scale = _token_embedding_scale(model)
+    if scale is not None:
+        raise TypeError(f"PromptTuning cannot adapt {name}: it scales token embeddings by {scale:.4g} only when it "
+                        "computes them from input ids (config.scale_embedding or embedding_multiplier), so every "
+                        "token after a prompt would enter unscaled (peft's prompt tuning has this flaw); use LoRA, "
+                        "IA3, Adapter or PrefixTuning")
+
+
+def _token_embedding_scale(model: nn.Module) -> float | None:
+    """The factor a module of ``model`` multiplies its token embeddings by when it looks them up itself (Marian's
+    ``embed_scale``, Falcon-H1's ``embedding_multiplier``), where it is not 1."""
+    embedding = model.get_input_embeddings()
+    for module in model.modules():
+        if getattr(module, "embed_tokens", None) is embedding:
+            for attribute in ("embed_scale", "embedding_multiplier"):
+                value = module.__dict__.get(attribute)
+                if isinstance(value, (int, float)) and value != 1:
+                    return float(value)
+    return None
 
 
 def prompted_module(model: nn.Module) -> nn.Module:
