@@ -38,9 +38,7 @@ ENCODERS = ("bert", "roberta", "deberta_v2", "distilbert")
 TORCH = ("mha", "convnet", "embedding_mlp")
 MOE = ("mixtral", "qwen3_moe", "olmoe", "gpt_oss")
 # Cells whose file peft cannot load, and why: checked against our own loading only.
-NO_PEFT_LOAD = {("mha", "LoRA"): "peft 0.21 saves no out_proj update of its nn.MultiheadAttention layer",
-                **{(name, "PromptTuning"): "peft's sequence-classification prompt tuning wants the classifier in "
-                   "the file" for name in ENCODERS}}
+NO_PEFT_LOAD = {("mha", "LoRA"): "peft 0.21 saves no out_proj update of its nn.MultiheadAttention layer"}
 
 NO_BIAS = "has 0 bias tensor(s)"
 NO_PLACE = "found no block output projections"

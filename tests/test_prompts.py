@@ -610,3 +610,40 @@ def test_a_model_whose_tokens_a_prompt_would_shift_or_unscale_is_refused_at_inje
     with pytest.raises(TypeError, match=f"PromptTuning cannot adapt .*{words}"):
         PromptTuning(num_virtual_tokens=2).inject(model)  # was: wrong logits and loss (qa, scaled), or a crash
     assert [type(m) for m in model.modules()] == before and not hasattr(model, "prompt_tuning")
+
+
+@pytest.mark.parametrize("method, heads, peft_loads", [
+    (lambda: PromptTuning(num_virtual_tokens=N), None, False),
+    (lambda: PromptTuning(num_virtual_tokens=N, modules_to_save=["classifier"]), None, True),
+    (lambda: PrefixTuning(num_virtual_tokens=N, modules_to_save=["score"]), "gpt2", False),
+], ids=["prompt-no-head", "prompt-head", "prefix-decoder-classifier"])
+def test_a_classifier_file_peft_cannot_load_is_written_in_the_native_layout(tmp_path, method, heads, peft_loads):
+    import json
+
+    from peft import PeftModel
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from lightning_peft import load_adapter, save_adapter
+
+    torch.manual_seed(0)
+    base = (tiny_bert() if heads is None else GPT2ForSequenceClassification(GPT2Config(
+        vocab_size=VOCAB, n_embd=H, n_layer=LAYERS, n_head=2, n_positions=64, pad_token_id=0))).eval()
+    model = method().inject(copy.deepcopy(base))
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        save_adapter(model, tmp_path)
+    layout = "peft" if "peft_type" in json.loads((tmp_path / "adapter_config.json").read_text()) else "native"
+    assert layout == ("peft" if peft_loads else "native")  # was: peft's layout, which peft failed to load
+    assert peft_loads or any("peft" in str(w.message) for w in caught)
+    ids = torch.randint(1, VOCAB, (2, 6))
+    with torch.no_grad():
+        expected = model.eval()(input_ids=ids).logits
+        torch.testing.assert_close(load_adapter(copy.deepcopy(base), tmp_path).eval()(input_ids=ids).logits,
+                                   expected, rtol=0, atol=1e-5)
+        if peft_loads:
+            theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+            torch.testing.assert_close(theirs(input_ids=ids).logits, expected, rtol=0, atol=1e-5)

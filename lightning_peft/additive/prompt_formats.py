@@ -8,6 +8,7 @@ keeps its MLP), and a peft prefix adapter loads as ``projection=False``.
 
 from __future__ import annotations
 
+import inspect
 import re
 from typing import Any
 
@@ -32,12 +33,34 @@ def file_key(name: str, root: nn.Module) -> str:
     return SAVED_MODULE_PREFIX + name
 
 
-def no_layout(root: nn.Module) -> str | None:
-    """Why peft has no layout for our soft prompt on ``root``: its encoder-decoders take one per stack."""
+PEFT_HEADS = ("classifier", "score")  # what peft's sequence classifiers train whole, matched by name ending
+
+
+def no_layout(root: nn.Module, config: dict) -> str | None:
+    """Why peft cannot load our soft prompt on ``root``: its encoder-decoders take one per stack, and its sequence
+    classifiers want every module named like a head in the file."""
     if getattr(root.config, "is_encoder_decoder", False):
         return (f"{type(root).__name__} is an encoder-decoder; peft's prompt learning puts virtual tokens in its "
                 "encoder and decoder, ours in front of the inputs only")
+    if task_type(root) == "SEQ_CLS":
+        saved = {name for name, module in root.named_modules() if getattr(module, "trained_whole", False)}
+        heads = [name for name, _ in root.named_modules() if name.endswith(PEFT_HEADS) and name not in saved
+                 and not any(name.startswith(f"{s}.") for s in saved)]
+        if heads:
+            return (f"peft loads a sequence classifier's prompt with its heads ({', '.join(heads)}: every module "
+                    "whose name ends in classifier or score), which this adapter does not train: give "
+                    f"modules_to_save={heads} for a file peft loads")
     return None
+
+
+def no_prefix_layout(root: nn.Module, config: dict) -> str | None:
+    """`no_layout`, and peft's refusal of a prefix on a classifier whose forward takes no past_key_values."""
+    reason = no_layout(root, config)
+    if reason is None and task_type(root) == "SEQ_CLS" and \
+            "past_key_values" not in inspect.signature(root.forward).parameters:
+        return (f"peft's prefix tuning of a sequence classifier passes past_key_values, which "
+                f"{type(root).__name__}.forward does not take (transformers 5 names it cache)")
+    return reason
 
 
 def task_type(root: nn.Module) -> str:
@@ -115,4 +138,4 @@ def prefix_settings(config: dict) -> dict[str, Any]:
 PROMPT_TUNING_FORMAT = AdapterFormat(peft_type="PROMPT_TUNING", to_config=prompt_config, to_settings=prompt_settings,
                                      file_key=file_key, no_layout=no_layout)
 PREFIX_TUNING_FORMAT = AdapterFormat(peft_type="PREFIX_TUNING", to_config=prefix_config, to_settings=prefix_settings,
-                                     file_key=file_key, to_file=computed_prefixes, no_layout=no_layout)
+                                     file_key=file_key, to_file=computed_prefixes, no_layout=no_prefix_layout)

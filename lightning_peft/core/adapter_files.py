@@ -47,8 +47,9 @@ class AdapterFormat:
     model root and our tensor names; ``to_settings(config)`` the inverse, our constructor
     arguments; and ``file_key(name, root)`` peft's tensor key for one of our tensor names
     (relative to ``root``). ``to_file(tensors, root)``, when given, turns our tensors into the
-    ones peft's file holds. ``no_layout(root)``, when given, says why peft has no layout for the
-    method on that model (or None): such an adapter is saved in the native layout instead.
+    ones peft's file holds. ``no_layout(root, config)``, when given, says why peft has no layout for
+    the method on that model with those settings (or None): such an adapter is saved in the native
+    layout instead.
     """
 
     peft_type: str
@@ -56,13 +57,15 @@ class AdapterFormat:
     to_settings: Callable[[dict], dict[str, Any]]
     file_key: Callable[[str, nn.Module], str]
     to_file: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]] | None = None
-    no_layout: Callable[[nn.Module], str | None] | None = None
+    no_layout: Callable[[nn.Module, dict], str | None] | None = None
 
 
 def no_peft_layout(ref: AdapterRef, root: nn.Module) -> str | None:
     """Why peft has no layout for ``ref``'s method on the model ``root``, where its format says so."""
     adapter_format = ref.method.peft_format
-    return None if adapter_format is None or adapter_format.no_layout is None else adapter_format.no_layout(root)
+    if adapter_format is None or adapter_format.no_layout is None:
+        return None
+    return adapter_format.no_layout(root, ref.config)
 
 
 def file_format(ref: AdapterRef, root: nn.Module) -> AdapterFormat | None:
