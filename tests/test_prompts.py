@@ -647,3 +647,27 @@ def test_a_classifier_file_peft_cannot_load_is_written_in_the_native_layout(tmp_
         if peft_loads:
             theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
             torch.testing.assert_close(theirs(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
+
+
+PREFIX_MISFITS = {  # config class, model class, settings: layers whose cache is not one key/value shape
+    "conv-layers": ("Lfm2Config", "Lfm2ForCausalLM", dict(layer_types=["conv", "full_attention"])),
+    "latent-attention": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
+        n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1, moe_intermediate_size=16, q_lora_rank=16,
+        kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, n_group=1, topk_group=1)),
+    "head-sizes-per-layer": ("Gemma4TextConfig", "Gemma4ForCausalLM", dict(
+        head_dim=8, global_head_dim=16, layer_types=["sliding_attention", "full_attention"], sliding_window=4)),
+}
+
+
+@pytest.mark.parametrize("kind", list(PREFIX_MISFITS))
+def test_prefix_tuning_refuses_layers_whose_cache_is_not_one_key_value_shape_at_injection(kind):
+    import transformers
+
+    config_class, model_class, settings = PREFIX_MISFITS[kind]
+    config = getattr(transformers, config_class)(vocab_size=VOCAB, hidden_size=H, intermediate_size=64,
+                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                 max_position_embeddings=64, pad_token_id=0, **settings)
+    model = getattr(transformers, model_class)(config)
+    with pytest.raises(TypeError, match="PrefixTuning puts the same keys and values before every layer's"):
+        PrefixTuning(num_virtual_tokens=N).inject(model)  # was: accepted, then failed at the first step
+    assert not hasattr(model, "prefix_tuning")

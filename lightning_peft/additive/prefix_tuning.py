@@ -252,9 +252,33 @@ def _check_decoder_with_cache(model: nn.Module) -> None:
     if cache_argument(model) is None:
         raise TypeError(f"PrefixTuning needs a model whose forward takes a key/value cache (decoder-only models such "
                         f"as Llama or GPT-2); {name}.forward takes none. Use PromptTuning instead")
-    if getattr(model.config.get_text_config(), "num_attention_heads", None) is None:
+    text = model.config.get_text_config()
+    if getattr(text, "num_attention_heads", None) is None:
         raise TypeError(f"PrefixTuning puts keys and values before each attention layer's; {name} has no attention "
                         "heads (a state-space model such as Mamba, whose cache holds states). Use PromptTuning instead")
+    other = _layers_without_a_plain_cache(text)
+    if other:
+        raise TypeError(f"PrefixTuning puts the same keys and values before every layer's; {name} has {other}, "
+                        "whose cache holds something else. Use PromptTuning or LoRA instead")
+
+
+def _layers_without_a_plain_cache(text: Any) -> str | None:
+    """What makes a config's layers other than attention with one key/value shape: state-space or linear-attention
+    layers (hybrids), compressed keys and values (MLA), shared key/value layers or per-layer head sizes."""
+    kinds = [str(kind) for key in ("layer_types", "layers_block_type", "block_types")
+             for kind in (getattr(text, key, None) or [])]
+    others = sorted({kind for kind in kinds if "attention" not in kind or "linear" in kind})
+    if others:
+        return f"layers of kind {', '.join(others)}"
+    if getattr(text, "kv_lora_rank", None):
+        return "compressed keys and values (multi-head latent attention)"
+    if getattr(text, "num_kv_shared_layers", 0):
+        return "layers that share another layer's keys and values"
+    shapes = {(getattr(layer, "head_dim", None), getattr(layer, "num_key_value_heads", None))
+              for layer in getattr(text, "per_layer_config", None) or []}
+    if len(shapes) > 1:
+        return "layers of other key/value head sizes"
+    return None
 
 
 def prefix_injector(model: nn.Module) -> PrefixInjector:
