@@ -671,3 +671,14 @@ def test_prefix_tuning_refuses_layers_whose_cache_is_not_one_key_value_shape_at_
     with pytest.raises(TypeError, match="PrefixTuning puts the same keys and values before every layer's"):
         PrefixTuning(num_virtual_tokens=N).inject(model)  # was: accepted, then failed at the first step
     assert not hasattr(model, "prefix_tuning")
+
+
+@pytest.mark.parametrize("method", [PromptTuning, PrefixTuning])
+def test_generating_past_the_position_table_is_refused_in_one_line(method):
+    model = method(num_virtual_tokens=N).inject(tiny_gpt2()).eval()  # 64 learned positions
+    model.generation_config.pad_token_id = 0
+    ids = torch.randint(1, VOCAB, (1, 56))  # 4 + 56 fit; 4 + 56 + 6 new tokens do not
+    with torch.no_grad():
+        assert model.generate(input_ids=ids, max_new_tokens=4, do_sample=False).shape[1] == 60
+        with pytest.raises(ValueError, match=r"generate fewer \(max_new_tokens\).* has 64 learned positions"):
+            model.generate(input_ids=ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)  # was: IndexError

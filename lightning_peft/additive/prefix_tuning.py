@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from lightning_peft.additive.prompt_formats import PREFIX_TUNING_FORMAT
 from lightning_peft.additive.soft_prompts import (
     CACHE_ARGUMENTS,
+    GENERATED,
     KVShape,
     cache_argument,
     cached_length,
@@ -125,6 +126,9 @@ class PrefixInjector(PEFTModule):
             check_positions_fit(self.positions, model, "PrefixTuning", self.active_virtual_tokens(), shape[1],
                                 "the input")
             cache = self.fill(cache, model, shape[0])
+        else:
+            check_positions_fit(self.positions, model, "PrefixTuning", self.active_virtual_tokens(),
+                                cached_length(cache) - self.active_virtual_tokens() + shape[1], GENERATED)
         kwargs[self._cache_argument] = cache
         n = self.active_virtual_tokens()
         widen_attention_mask(kwargs, n, cached_length(cache) + shape[1])

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from lightning_peft.additive.prompt_formats import PROMPT_TUNING_FORMAT
 from lightning_peft.additive.soft_prompts import (
+    GENERATED,
     cached_length,
     check_data_fits_positions,
     check_positions_fit,
@@ -186,6 +187,8 @@ class PromptInjector(PEFTModule):
         if prompts is None:  # nothing to put in front, or nothing to put it before
             return (), kwargs
         if cached:  # a later decoding step: the cache holds the prompt already
+            check_positions_fit(self.positions, model, "PromptTuning", prompts.width,
+                                cached - prompts.width + shape[1], GENERATED)
             widen_attention_mask(kwargs, prompts.width, cached + shape[1])
             shift_position_ids(kwargs, prompts.width, with_virtual=False)
         else:

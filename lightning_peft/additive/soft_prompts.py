@@ -114,6 +114,9 @@ def learned_positions(model: nn.Module) -> int | None:
     return min((table.num_embeddings - start for table, start in zip(tables, first, strict=True)), default=None)
 
 
+GENERATED = "the input and the tokens generated after it: generate fewer (max_new_tokens)"
+
+
 def check_positions_fit(table: int | None, model: nn.Module, method: str, virtual: int, length: int,
                         source: str) -> None:
     """Refuse ``virtual`` tokens before ``length`` real ones that overrun ``model``'s learned position table.
