@@ -263,3 +263,13 @@ def test_a_sweep_that_scored_no_rate_says_the_methods_own_rate_was_kept(tmp_path
                                for r in (3e-3, 1e-2)]
     md = write_report(rows, tmp_path, CONTEXT)["md"].read_text(encoding="utf-8")
     assert "| ia3 | none scored: the method's own 0.003 kept | 0.003 (failed), 0.01 (failed) |" in md
+
+
+def test_the_report_says_where_each_method_s_settings_came_from(tmp_path):
+    rows = classification_rows()
+    for row in rows:
+        row["settings_from"] = {"lora": "lora_sentiment", "ia3": "ia3_sentiment"}.get(row["method"], "defaults")
+        row["overrides"] = {"r": 16} if row["method"] == "lora" else {}
+    md = write_report(rows, tmp_path, CONTEXT)["md"].read_text(encoding="utf-8")
+    assert "- lora: settings from lora_sentiment, learning rate 0.0002; --set r=16" in md  # was: nowhere
+    assert "- ia3: settings from ia3_sentiment, learning rate 0.003" in md

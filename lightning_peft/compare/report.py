@@ -321,6 +321,9 @@ def markdown(rows: list[dict], summary: dict[str, dict], context: dict, figures:
     lines = _header(context) + ["## Verdict", ""] + _verdict(summary) + [""]
     if _finished(summary):
         lines += ["## Results", ""] + _table(summary) + [""]
+    settings = _settings_lines(rows)
+    if settings:
+        lines += ["## Settings", ""] + settings + [""]
     sweeps = _sweep_table(rows)
     if sweeps:
         lines += ["## Learning rates", "", "Chosen per method on a validation split cut from the training rows "
@@ -374,6 +377,20 @@ def _table(summary: dict[str, dict]) -> list[str]:
     header = ["method"] + [name for name, _ in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join([m] + [text(summary[m]) for _, text in columns]) + " |" for m in methods]
+
+
+def _settings_lines(rows: list[dict]) -> list[str]:
+    """Per method, where its settings came from (the recipe, a built-in recipe, the defaults), its rate and --set."""
+    first: dict[str, dict] = {}
+    for row in rows:
+        if row.get("settings_from"):
+            first.setdefault(row["method"], row)
+    lines = []
+    for method, row in first.items():
+        given = ", ".join(f"{key}={value}" for key, value in (row.get("overrides") or {}).items())
+        rate = f", learning rate {row['learning_rate']:.3g}" if _finite(row.get("learning_rate")) else ""
+        lines.append(f"- {method}: settings from {row['settings_from']}{rate}" + (f"; --set {given}" if given else ""))
+    return lines
 
 
 def _sweep_table(rows: list[dict]) -> list[str]:
