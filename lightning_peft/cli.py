@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import lightning as L
-import torch
 from fsspec.core import url_to_fs
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info
@@ -39,7 +38,7 @@ from lightning_peft.core.summary import trainable_summary
 from lightning_peft.data.files import read_lines
 from lightning_peft.export import export_adapters, export_checkpoint
 from lightning_peft.lightning.callback import PEFTCallback
-from lightning_peft.lightning.checkpointing import read_checkpoint
+from lightning_peft.lightning.checkpointing import CheckpointTheLastStep, read_checkpoint
 from lightning_peft.lightning.curves import plot_curves
 from lightning_peft.lightning.predictions import PredictionWriter
 from lightning_peft.lightning.progress import StepProgressBar
@@ -91,6 +90,7 @@ class PEFTCLI(LightningCLI):
         configured = settings.get("callbacks") or []
         configured = list(configured) if isinstance(configured, list) else [configured]  # one may stand alone
         trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.append(CheckpointTheLastStep())
         for index, callback in enumerate(trainer.callbacks):
             if isinstance(callback, ProgressBar) and not any(callback is c for c in configured):  # Lightning's pick
                 trainer.callbacks[index] = StepProgressBar()
@@ -250,9 +250,7 @@ class PEFTCLI(LightningCLI):
         summary = trainable_summary(module)
         lines = [f"{name}: {value:.4f}" for name, value in results.items()]
         lines.append(f"trainable parameters: {summary.trainable:,} of {summary.total:,} ({summary.percent:.3f}%)")
-        last = None if best or not isinstance(checkpoint, ModelCheckpoint) else _checkpoint_the_last_step(trainer,
-                                                                                                         checkpoint)
-        path = last or (checkpoint and (checkpoint.best_model_path or checkpoint.last_model_path))
+        path = checkpoint and (checkpoint.best_model_path or checkpoint.last_model_path)
         if path:
             tested = "tested and exported" if trainer.world_size == 1 else "tested"
             weights = tested if _has_test_data(self.datamodule) else "the adapter is the last step's"
@@ -283,21 +281,6 @@ def _own_parameters_last(config: Path) -> tuple[bool, str]:
     others, as a fit must have them (a saved module of LoRA first, else the two would claim one parameter)."""
     method = METHODS.get(config.parent.name.split("-", 1)[0])
     return isinstance(method, type) and issubclass(method, Selective), config.parent.name
-
-
-def _checkpoint_the_last_step(trainer: L.Trainer, checkpoint: ModelCheckpoint) -> str | None:
-    """Save the fit's last step where the checkpoint callback's newest file is older, and return its path.
-
-    The callback saves after validation (``val_check_interval``): a fit that stops between two
-    validations ends with no file of the weights it tests and exports, or none at all.
-    """
-    saved = getattr(checkpoint, "_last_global_step_saved", trainer.global_step)
-    if saved >= trainer.global_step or checkpoint.dirpath is None:
-        return None
-    path = checkpoint.format_checkpoint_name({"epoch": torch.tensor(trainer.current_epoch),
-                                              "step": torch.tensor(trainer.global_step)})
-    trainer.save_checkpoint(path)
-    return path
 
 
 def _retire_requeue_checkpoints(trainer: L.Trainer) -> None:

@@ -520,6 +520,8 @@ def test_a_fit_ending_between_validations_checkpoints_the_weights_it_tests_and_e
     path = Path(summary_value(fit.stdout, "checkpoint"))
     checkpoint = torch.load(path, weights_only=True)
     assert checkpoint["global_step"] == 3, path  # was: step 2's, the last validation's, named as the run's
+    assert path.name == "epoch=0-step=3.ckpt" and len(list(path.parent.glob("*.ckpt"))) == 1  # saved inside the epoch
+    assert checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"] == 0  # was: the epoch done
     exported = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     saved = {k: v for k, v in checkpoint["state_dict"].items() if k.endswith("query.adapters.default.lora_B")}
     names = {k: "base_model.model." + k.removeprefix("model.").replace("adapters.default.", "") + ".weight"

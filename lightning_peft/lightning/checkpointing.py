@@ -22,6 +22,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
@@ -283,6 +284,31 @@ def _renumbered(state: dict[str, Any], then: list[list[str]], now: list[list[str
     return {"state": {index[name]: state["state"][i] for name, i in position.items() if i in state["state"]},
             "param_groups": [{**group, "params": [index[name] for name in names]}
                              for group, names in zip(state["param_groups"], now, strict=True)]}
+
+
+class CheckpointTheLastStep(Callback):
+    """After a fit's last step, have its checkpoint callback save that step where its newest file is older.
+
+    Without a monitored metric the callback saves after validation: a fit that stops between two
+    validations (``val_check_interval``) would end with no file of the weights it tests and exports.
+    It saves as after any step (``every_n_train_steps``), so the file resumes inside its epoch, and
+    a validation at that same step saves nothing more.
+    """
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        checkpoint = trainer.checkpoint_callback
+        if not isinstance(checkpoint, ModelCheckpoint) or checkpoint.monitor is not None:
+            return
+        if _last_step(trainer, batch_idx) and checkpoint._last_global_step_saved < trainer.global_step and \
+                not checkpoint._should_skip_saving_checkpoint(trainer):
+            checkpoint._save_topk_checkpoint(trainer, checkpoint._monitor_candidates(trainer))
+
+
+def _last_step(trainer: Any, batch_idx: int) -> bool:
+    """Whether the step just done ends the fit: its steps, or the last batch of its last epoch."""
+    steps_done = 0 < trainer.max_steps <= trainer.global_step
+    last_epoch = trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs
+    return steps_done or (last_epoch and batch_idx + 1 >= trainer.num_training_batches)
 
 
 def install_adapter_checkpointing(trainer: Any, adapter_only: Callable[[], bool],
