@@ -293,3 +293,9 @@ def test_a_target_that_is_a_saved_module_is_left_out_and_alone_is_refused():
         "adapters.default.weight", "adapters.default.bias", "base_layer.weight", "base_layer.bias"]
     with pytest.raises(ValueError, match="matched only classifier, which modules_to_save trains whole"):
         LoRA(r=2, target_modules=["classifier"], modules_to_save=["classifier"]).inject(tiny_bert())
+
+
+def test_target_parameters_inside_a_saved_module_are_left_to_its_copy():
+    with pytest.raises(ValueError, match="matched only classifier.weight, inside a module that modules_to_save"):
+        LoRA(r=2, target_modules=None, target_parameters=["classifier.weight"],  # was: LoRA on the frozen original
+             modules_to_save=["classifier"]).inject(tiny_bert())

@@ -323,12 +323,16 @@ def select_parameters(
         found = fused_expert_parameters(root)
     else:
         found = [p for p in base_parameters(root) if name_matches(p.name, target_parameters)]
-    chosen = [(p.module_name, p.local) for p in found
+    whole = {id(param) for m in root.modules() if getattr(m, "trained_whole", False) for param in m.parameters()}
+    kept = [p for p in found if id(p.param) not in whole]  # in modules_to_save: each adapter's copy trains them
+    chosen = [(p.module_name, p.local) for p in kept
               if not name_matches(p.module_name, exclude_modules) and not name_matches(p.name, exclude_modules)
               and (layers is None or block_index(p.module_name) in set(layers))]
     if not chosen and target_parameters != ALL_LINEAR:
-        raise ValueError(f"{method}: target_parameters={target_parameters!r} matched no parameter. Weights that no "
-                         f"layer computes with on its own: {_parameter_overview(root)}")
+        what = (f"matched only {found[0].name}{' and more' if len(found) > 1 else ''}, inside a module that "
+                "modules_to_save trains whole (no method adapts it)") if found and not kept else "matched no parameter"
+        raise ValueError(f"{method}: target_parameters={target_parameters!r} {what}. Weights that no layer computes "
+                         f"with on its own: {_parameter_overview(root)}")
     return chosen
 
 
