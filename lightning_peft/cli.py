@@ -45,6 +45,7 @@ from lightning_peft.lightning.progress import StepProgressBar
 from lightning_peft.lightning.row_adapters import RowAdapterRouting, parse_adapters, prompt_lengths, split_rows
 from lightning_peft.registry import METHODS, LoadAdapter
 from lightning_peft.selective import Selective
+from lightning_peft.tasks.base import check_resumed_optimization
 from lightning_peft.tasks.causal_lm import CausalLM
 
 DEBUG_VARIABLE = "LIGHTNING_PEFT_DEBUG"
@@ -105,7 +106,11 @@ class PEFTCLI(LightningCLI):
         one line naming it, and a model setting given on the command line itself (``--model.init_args.K``) wins."""
         ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
         if ckpt_path and Path(ckpt_path).is_file():
-            read_checkpoint(ckpt_path)
+            checkpoint = read_checkpoint(ckpt_path)
+            if self.config.subcommand == "fit":  # before the checkpoint's settings replace the recipe's
+                model = self.config["fit"].get("model")
+                check_resumed_optimization(checkpoint.get("hyper_parameters") or {},
+                                           dict(model.get("init_args") or {}) if model is not None else {}, ckpt_path)
         given = self._model_settings_given() if ckpt_path else {}
         super()._parse_ckpt_path()
         model = self.config[self.config.subcommand].get("model") if self.config.get("subcommand") else None

@@ -538,11 +538,14 @@ def test_one_callback_given_alone_is_a_list_of_one(tmp_path, tiny_model_dir):
 
 @pytest.mark.parametrize("change, message", [
     (["--model.init_args.learning_rate", "0.5"], "was trained with learning_rate=0.1 (here 0.5): a resume restores"),
+    (["--config", "OVERLAY"], "was trained with learning_rate=0.1 (here 0.5): a resume restores"),
     (["--data.init_args.batch_size", "4"], "saved 2 batches into an epoch of batch_size 8, and this fit's batch_size "
                                            "is 4"),
-])
+], ids=["flag", "overlay", "batch-size"])
 def test_a_resume_that_would_not_do_what_it_says_is_refused(tmp_path, tiny_model_dir, change, message):
     config = recipe(tmp_path, tiny_model_dir, write_data(tmp_path, "train", sentiment_rows(40, 0)))
+    (tmp_path / "overlay.yaml").write_text("model:\n  init_args:\n    learning_rate: 0.5\n")  # was: the checkpoint's
+    change = [str(tmp_path / "overlay.yaml") if arg == "OVERLAY" else arg for arg in change]
     first = run_cli("fit", "--config", str(config), "--trainer.max_steps", "2", "--data.init_args.val_fraction", "0")
     assert first.returncode == 0, first.stderr[-2000:]
     ckpt = summary_value(first.stdout, "checkpoint")

@@ -23,6 +23,17 @@ OPTIMIZERS = ("adamw", "adamw8bit")
 RESUMED_SETTINGS = ("learning_rate", "weight_decay", "warmup_steps", "optimizer")  # what a resume restores itself
 
 
+def check_resumed_optimization(saved: dict[str, Any], here: dict[str, Any], path: Any) -> None:
+    """Refuse to resume with other optimizer settings than the checkpoint's: the restored optimizer and schedule
+    would keep the checkpoint's, while the logs record these."""
+    changed = {key: (saved[key], here[key]) for key in RESUMED_SETTINGS
+               if key in saved and key in here and saved[key] != here[key]}
+    if changed:
+        settings = ", ".join(f"{key}={theirs!r} (here {ours!r})" for key, (theirs, ours) in changed.items())
+        raise ValueError(f"checkpoint {path} was trained with {settings}: a resume restores its optimizer and "
+                         "learning-rate schedule, which keep its settings; resume with them, or start a new fit")
+
+
 def adamw_class(optimizer: str) -> type[torch.optim.Optimizer]:
     """torch's AdamW, or for ``"adamw8bit"`` bitsandbytes' AdamW8bit, whose moment estimates take 8 bits."""
     if optimizer == "adamw8bit":
@@ -66,18 +77,7 @@ class TransformersTask(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_methods_present(checkpoint, self)
         if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
-            self._check_resumed_optimization(checkpoint.get("hyper_parameters") or {})
-
-    def _check_resumed_optimization(self, saved: dict[str, Any]) -> None:
-        """Refuse to resume with other optimizer settings: the restored optimizer and schedule would keep the
-        checkpoint's, while the logs record these."""
-        changed = {key: (saved[key], self.hparams[key]) for key in RESUMED_SETTINGS
-                   if key in saved and key in self.hparams and saved[key] != self.hparams[key]}
-        if changed:
-            settings = ", ".join(f"{key}={theirs!r} (here {ours!r})" for key, (theirs, ours) in changed.items())
-            raise ValueError(f"checkpoint {self.trainer.ckpt_path} was trained with {settings}: a resume restores its "
-                             "optimizer and learning-rate schedule, which keep its settings; resume with them, or "
-                             "start a new fit")
+            check_resumed_optimization(checkpoint.get("hyper_parameters") or {}, self.hparams, self.trainer.ckpt_path)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Name this task's class in the checkpoint, as LightningCLI does, so a fit from Python exports too."""
