@@ -226,6 +226,19 @@ def test_a_multi_task_run_resumed_inside_an_epoch_goes_on_with_its_next_batch(ti
         assert torch.equal(got[name], expected[name]), name
 
 
+def test_a_multi_task_run_resumed_inside_an_epoch_with_another_batch_size_is_refused(tiny_model_dir, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from test_checkpoints import StopAt
+
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=1, save_top_k=-1)
+    fit(tiny_model_dir, tmp_path, max_steps=16, callbacks_after=[saver, StopAt(3)], enable_checkpointing=True)
+    resumed = SequenceClassification(str(tiny_model_dir), learning_rate=5e-2, warmup_steps=0)
+    data = MultiTaskData(task_files(tmp_path), batch_size=4, max_length=16)
+    with pytest.raises(ValueError, match="saved 3 batches into an epoch of batch_size 8, and this fit's batch_size is 4"):
+        make_trainer(adapters(), max_steps=16).fit(resumed, datamodule=data,  # was: rows repeated and others skipped
+                                                   ckpt_path=tmp_path / "ckpt" / "step=3.ckpt")
+
+
 def test_batches_follow_mixing_and_weights_and_each_epoch_has_its_order():
     sizes = {"a": 10, "b": 30}
     mixed = TaskBatchSampler(sizes, 8, "mixed", None, seed=0)

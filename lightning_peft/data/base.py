@@ -103,18 +103,22 @@ class ResumableLoader(DataLoader):
         return itertools.islice(super().__iter__(), skip, None)
 
     def state_dict(self) -> dict[str, Any]:
-        sampler, state = self.sampler, {"batch_size": self.batch_size}
+        sampler, state = self.sampler, {"batch_size": self._rows_a_batch()}
         if not isinstance(sampler, ResumableShuffle) or sampler.epoch_start is None:
             return state
         return {**state, "epoch_start": sampler.epoch_start, "now": sampler.generator.get_state()}
 
+    def _rows_a_batch(self) -> int | None:
+        """The batch size, the loader's own or its batch sampler's (MultiTaskData's)."""
+        return self.batch_size if self.batch_size is not None else getattr(self.batch_sampler, "batch_size", None)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = state_dict.get("batch_size", self.batch_size)
-        if self.batches_done and saved != self.batch_size:
-            raise ValueError(f"the checkpoint was saved {self.batches_done} batches into an epoch of batch_size "
-                             f"{saved}, and this fit's batch_size is {self.batch_size}: the rest of that epoch would "
-                             f"repeat some rows and leave out others; resume with batch_size {saved}, or from a "
-                             "checkpoint at an epoch's end")
+        saved, now = state_dict.get("batch_size", self._rows_a_batch()), self._rows_a_batch()
+        done = self.batches_done or getattr(self.batch_sampler, "skip", 0)  # MultiTaskData's sampler skips itself
+        if done and saved != now:
+            raise ValueError(f"the checkpoint was saved {done} batches into an epoch of batch_size {saved}, and this "
+                             f"fit's batch_size is {now}: the rest of that epoch would repeat some rows and leave "
+                             f"out others; resume with batch_size {saved}, or from a checkpoint at an epoch's end")
         sampler = self.sampler
         if "now" not in state_dict or not isinstance(sampler, ResumableShuffle):  # distributed: its own order
             return
