@@ -491,6 +491,20 @@ def test_fsdp2_resume_with_other_settings_is_refused(lightning_launch_in_this_pr
         fsdp2_trainer(alpha=32).fit(TokenModule(tiny_llama()), token_loader(), ckpt_path=tmp_path / "adapter.ckpt")
 
 
+def test_an_fsdp2_resume_with_the_methods_in_another_order_is_refused(lightning_launch_in_this_process, tmp_path):
+    def fsdp2_trainer(first: str) -> L.Trainer:
+        made = {name: LoRA(r=2, target_modules=["q_proj"], adapter_name=name) for name in "ab"}
+        return make_trainer([made[first], made["b" if first == "a" else "a"]], max_steps=2,
+                            strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1))
+
+    trainer = fsdp2_trainer("a")
+    trainer.fit(TokenModule(tiny_llama()), token_loader())
+    trainer.save_checkpoint(tmp_path / "adapter.ckpt")
+    with pytest.raises(ValueError, match="lists its optimizer's parameters in another order than this run"):
+        fsdp2_trainer("b").fit(TokenModule(tiny_llama()), token_loader(),  # was: each tensor another's moments
+                               ckpt_path=tmp_path / "adapter.ckpt")
+
+
 def test_fsdp1_strategy_gets_the_wrap_policy_and_needs_original_parameters():
     module = TokenModule(injected_llama())
     flat = FSDPStrategy(use_orig_params=False)

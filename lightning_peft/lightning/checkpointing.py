@@ -269,6 +269,16 @@ def states_in_this_order(checkpoint: dict[str, Any], trainer: Any, path: PathLik
     return [_renumbered(state, then, now, path) for state, then, now in zip(states, saved, current, strict=True)]
 
 
+def check_same_optimizer_order(checkpoint: dict[str, Any], holder: Any, path: PathLike) -> None:
+    """Refuse a resume whose optimizer lists the checkpoint's parameters in another order where states cannot be
+    renumbered by name (FSDP2 numbers them by the module's parameters itself)."""
+    saved, current = checkpoint.get(CHECKPOINT_KEY, {}).get(OPTIMIZER_PARAMETERS), optimizer_parameter_names(holder)
+    if saved and current is not None and saved != current:
+        raise ValueError(f"checkpoint {path} lists its optimizer's parameters in another order than this run "
+                         "(the PEFT methods given in another order?); under FSDP2 resume with the methods in the "
+                         "order it was trained with")
+
+
 def _renumbered(state: dict[str, Any], then: list[list[str]], now: list[list[str]], path: PathLike) -> dict[str, Any]:
     """One optimizer's saved ``state``, its groups' parameters named ``then``, numbered for its groups ``now``."""
     if then == now:

@@ -38,6 +38,7 @@ from lightning_peft.lightning.checkpointing import (
     AdapterCheckpointIO,
     adapter_state_keys,
     check_adapter_state,
+    check_same_optimizer_order,
     read_checkpoint,
     running_statistic_keys,
     state_key,
@@ -290,6 +291,8 @@ def load_adapter_checkpoints_into_shards(strategy: Strategy, module: L.Lightning
         checkpoint = read_checkpoint(checkpoint_path, mmap=True) if is_file else _folder_state(checkpoint_path)
         if checkpoint is not None and isinstance(strategy.checkpoint_io, AdapterCheckpointIO):
             strategy.checkpoint_io.check_loaded(checkpoint, checkpoint_path)  # the methods' settings, as elsewhere
+        if checkpoint is not None and isinstance(strategy, ModelParallelStrategy):
+            check_same_optimizer_order(checkpoint, strategy, checkpoint_path)
         if is_file and _numbered_by_the_optimizer(strategy, checkpoint):
             return _load_renumbered(checkpoint, strategy, module, load_checkpoint, weights_only)
         if not is_file or not checkpoint.get(CHECKPOINT_KEY, {}).get("adapter_only"):
