@@ -118,7 +118,7 @@ def test_a_resume_whose_optimizer_groups_the_tensors_otherwise_is_refused(tmp_pa
     trainer.fit(build_token_module(), token_loader())
     trainer.save_checkpoint(tmp_path / "one_group.ckpt")
     torch.manual_seed(0)
-    with pytest.raises(ValueError, match="optimizer state of other parameters .or groups. than this run's optimizer"):
+    with pytest.raises(ValueError, match="holds the optimizer state of the same parameters in other groups"):
         make_trainer(two_adapters("a"), max_steps=4).fit(TwoGroups(tiny_llama()), token_loader(),
                                                          ckpt_path=tmp_path / "one_group.ckpt")
 

@@ -284,10 +284,11 @@ def _renumbered(state: dict[str, Any], then: list[list[str]], now: list[list[str
     if then == now:
         return state
     if [sorted(group) for group in then] != [sorted(group) for group in now]:
-        other = sorted({n for g in then for n in g} ^ {n for g in now for n in g}) or [n for g in now for n in g]
-        raise ValueError(f"checkpoint {path} holds the optimizer state of other parameters (or groups) than this "
-                         f"run's optimizer takes, first '{other[0]}'; resume with the methods and optimizer it was "
-                         "trained with")
+        other = sorted({n for g in then for n in g} ^ {n for g in now for n in g})
+        what = f"other parameters than this run's optimizer takes, first '{other[0]}'" if other else \
+            "the same parameters in other groups (per task, say: the PEFT methods given in another order?)"
+        raise ValueError(f"checkpoint {path} holds the optimizer state of {what}; resume with the methods and "
+                         "optimizer it was trained with, in its order")
     position = {name: i for group, names in zip(state["param_groups"], then, strict=True)
                 for i, name in zip(group["params"], names, strict=True)}
     index = {name: k for k, name in enumerate(name for group in now for name in group)}
