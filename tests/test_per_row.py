@@ -203,6 +203,25 @@ def test_checkpointed_layers_recompute_with_each_rows_adapter_after_the_block(me
         torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_layers_under_torch_s_checkpoint_wrapper_recompute_with_each_rows_adapter_too():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+    inputs = token_inputs()
+    torch.manual_seed(0)
+    plain = routed_gradients(with_two(LoRA, tiny_llama()), NAMES, inputs)
+    torch.manual_seed(0)
+    model = with_two(LoRA, tiny_llama())
+    layers = model.model.layers  # as FSDP's activation checkpointing wraps them
+    for i, layer in enumerate(layers):
+        layers[i] = checkpoint_wrapper(layer, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+    functions = [layer.checkpoint_fn for layer in layers]
+    wrapped = routed_gradients(model, NAMES, inputs)  # was: a CheckpointError (reentrant: wrong gradients)
+    for name, grad in plain.items():
+        torch.testing.assert_close(wrapped[name.replace("layers.0.", "layers.0._checkpoint_wrapped_module.").replace(
+            "layers.1.", "layers.1._checkpoint_wrapped_module.")], grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert [layer.checkpoint_fn for layer in layers] == functions  # put back after the block
+
+
 def test_the_block_restores_what_was_active_and_nests():
     model = with_two(LoRA, tiny_llama(), r=4, target_modules=["q_proj"])
     set_adapter(model, "b")

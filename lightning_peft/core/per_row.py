@@ -183,22 +183,37 @@ def _unroute(saved: _Saved) -> None:
 
 @contextmanager
 def _recomputed_with(module: nn.Module, parts: list[PEFTModule], routing: RowAdapters) -> Iterator[None]:
-    """Make each checkpointing transformers layer recompute, in backward, with the routing of its first forward.
+    """Make each checkpointed layer recompute, in backward, with the routing of its first forward.
 
     Backward usually runs after the block has ended (Lightning's does): a layer recomputed then would
-    otherwise give every row every active adapter, and wrong gradients.
+    otherwise give every row every active adapter, and wrong gradients. Checkpointed layers are
+    transformers' (``_gradient_checkpointing_func``) and torch's ``checkpoint_wrapper`` (FSDP's
+    activation checkpointing: ``checkpoint_fn``).
     """
-    layers = [m for m in module.modules() if m.__dict__.get("gradient_checkpointing") is True
-              and callable(m.__dict__.get("_gradient_checkpointing_func"))]
-    routed = set(parts)
-    for layer in layers:
+    routed, originals = set(parts), []
+    for layer, attribute in _checkpointing_functions(module):
+        original = layer.__dict__[attribute]
         inside = [part for part in layer.modules() if part in routed]
-        layer._gradient_checkpointing_func = _routed(layer._gradient_checkpointing_func, inside, routing)
+        setattr(layer, attribute, _routed(original, inside, routing))
+        originals.append((layer, attribute, original))
     try:
         yield
     finally:
-        for layer in layers:
-            layer._gradient_checkpointing_func = layer._gradient_checkpointing_func.checkpoint
+        for layer, attribute, original in originals:
+            if getattr(layer.__dict__.get(attribute), "checkpoint", None) is original:  # still ours: put it back
+                setattr(layer, attribute, original)
+
+
+def _checkpointing_functions(module: nn.Module) -> list[tuple[nn.Module, str]]:
+    """``(layer, attribute)`` of each checkpointing function that the layers of ``module`` call their forward with."""
+    found = []
+    for layer in module.modules():
+        if layer.__dict__.get("gradient_checkpointing") is True and callable(
+                layer.__dict__.get("_gradient_checkpointing_func")):
+            found.append((layer, "_gradient_checkpointing_func"))
+        elif callable(layer.__dict__.get("checkpoint_fn")) and hasattr(layer, "_checkpoint_wrapped_module"):
+            found.append((layer, "checkpoint_fn"))
+    return found
 
 
 def _routed(checkpoint, parts: list[PEFTModule], routing: RowAdapters):
