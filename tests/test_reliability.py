@@ -446,6 +446,7 @@ def test_a_failed_load_leaves_the_other_adapters_and_which_is_active_as_they_wer
     torch.testing.assert_close(module(input_ids=ids).logits, before, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("change", ["combine", "load", "inject", "set_adapter"])
 def test_switching_adapters_on_inside_a_disable_adapters_block_is_refused_and_changes_nothing(change, tmp_path):
     from lightning_peft import combine_adapters
 
