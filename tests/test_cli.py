@@ -543,7 +543,7 @@ def test_a_resume_that_would_not_do_what_it_says_is_refused(tmp_path, tiny_model
     assert first.returncode == 0, first.stderr[-2000:]
     ckpt = summary_value(first.stdout, "checkpoint")
     for change, message in [  # was: each resumed with the checkpoint's settings, or rows repeated and skipped
-        (["--model.init_args.learning_rate", "0.5"], "was trained with learning_rate=0.1 (here 0.5): a resume restores"),
+        (["--model.init_args.learning_rate", "0.5"], "was trained with learning_rate=0.1 (here 0.5): a resume"),
         (["--config", str(tmp_path / "overlay.yaml")], "was trained with learning_rate=0.1 (here 0.5)"),
         (["--data.init_args.batch_size", "4"], "saved 2 batches into an epoch of batch_size 8, and this fit's "
                                                "batch_size is 4"),
