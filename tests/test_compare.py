@@ -281,6 +281,15 @@ def test_a_recipe_of_one_adapter_per_task_keeps_its_own_and_others_get_one_each(
         assert all(e["modules_to_save"] == ["classifier"] for e in entries)
     dora = plan_method(mine, "mine.yaml", "dora", {})
     assert len(dora.callbacks) == 4 and all(e["init_args"]["use_dora"] for e in dora.callbacks)
+    ia3 = plan_method(mine, "mine.yaml", "ia3", {"target_modules": ["query"]})  # was: the last task's alone
+    assert [e["init_args"]["target_modules"] for e in ia3.callbacks] == [["query"]] * 4
+    for shared in ("bitfit", "head_only", "full"):  # was: planned, then every run failed
+        with pytest.raises(CompareError, match=f"{shared} cannot give each task of this multi-task recipe"):
+            plan_method(mine, "mine.yaml", shared, {})
+    together = yaml.safe_load((RECIPES / "lora_sentiment.yaml").read_text())  # one task, two methods
+    together["trainer"]["callbacks"] = [{"class_path": "lightning_peft.LoRA", "init_args": {"adapter_name": "lora"}},
+                                        {"class_path": "lightning_peft.BitFit", "init_args": {"adapter_name": "bias"}}]
+    assert len(plan_method(together, "mine.yaml", "ia3", {}).callbacks) == 1  # was: two IA3 adapters, both trained
 
 
 def test_head_only_without_a_head_to_train_is_refused_when_planning():

@@ -20,6 +20,7 @@ import yaml
 
 from lightning_peft.builtin_recipes import RECIPES
 from lightning_peft.lightning.callback import ModelSetupCallback, PEFTCallback
+from lightning_peft.selective import Selective
 
 RECIPE_PREFIX = {"lora": "lora", "ia3": "ia3", "adapter": "adapter", "prompt_tuning": "prompt_tuning",
                  "prefix_tuning": "prefix_tuning", "bitfit": "bitfit", "full": "full_finetune",
@@ -106,28 +107,38 @@ def own_method(slot: list[dict]) -> str | None:
     return None
 
 
-def _adapter_entries(slot: list[dict]) -> list[dict]:
-    """The slot's PEFT method entries (not a quantized base's), each an adapter of its own name."""
-    return [e for e in slot if isinstance(e, dict) and names_a(e, PEFTCallback)]
+def task_names(recipe: dict) -> list[str]:
+    """The tasks of a multi-task recipe (``MultiTaskData``), each trained by an adapter of its name; else none."""
+    tasks = ((recipe.get("data") or {}).get("init_args") or {}).get("tasks")
+    return list(tasks) if isinstance(tasks, dict) and len(tasks) > 1 else []
 
 
-def _one_per_adapter(callbacks: list[dict], slot: list[dict]) -> list[dict]:
-    """A method's entries, repeated for each adapter name of the recipe's slot (one adapter per task), each with
-    that entry's ``modules_to_save``; as they are where the slot holds one adapter name."""
-    entries = _adapter_entries(slot)
-    names = list(dict.fromkeys((e.get("init_args") or {}).get("adapter_name", "default") for e in entries))
-    if len(names) < 2:
+def _one_per_task(callbacks: list[dict], slot: list[dict], tasks: list[str]) -> list[dict]:
+    """A method's entries, one per task of a multi-task recipe (named as the task, with the ``modules_to_save`` of
+    the recipe's entry of that name); as they are for one task."""
+    if not tasks:
         return callbacks
-    saved = {(e.get("init_args") or {}).get("adapter_name", "default"): _modules_to_save([e]) for e in entries}
+    saved = {(e.get("init_args") or {}).get("adapter_name"): _modules_to_save([e]) for e in slot if isinstance(e, dict)}
     out = []
     for entry in callbacks:
         if not names_a(entry, PEFTCallback):
             out.append(entry)  # a quantized base: one for the model
             continue
-        out += [_with_args(_with_head(_with_args(entry, modules_to_save=None), saved[name]), adapter_name=name)
-                if "modules_to_save" in _arguments(entry) else _with_args(entry, adapter_name=name)
-                for name in names]
+        for task in tasks:
+            own = _with_args(entry, adapter_name=task)
+            if "modules_to_save" in _arguments(entry):
+                own = _with_head(_with_args(own, modules_to_save=None), saved.get(task, _modules_to_save(slot)))
+            out.append(own)
     return out
+
+
+def _check_per_task(method: str, callbacks: list[dict], tasks: list[str]) -> None:
+    """Refuse, when planning, a method that cannot give each task of a multi-task recipe an adapter of its own."""
+    shared = [e for e in callbacks if names_a(e, Selective)]
+    if tasks and (shared or not any(names_a(e, PEFTCallback) for e in callbacks)):
+        raise CompareError(f"{method} cannot give each task of this multi-task recipe ({', '.join(tasks)}) an "
+                           "adapter of its own: it trains the model's own parameters, which every task shares; "
+                           "leave it out of --methods here")
 
 
 def sibling_recipe(recipe_name: str, method: str) -> tuple[str, dict] | None:
@@ -160,20 +171,21 @@ def plan_method(recipe: dict, recipe_name: str, method: str, overrides: dict[str
         callbacks = [e for e in trainer.get("callbacks") or [] if is_method_slot(e)]
         if method == "dora":
             callbacks = [_with_args(e, use_dora=True, dropout=0.0) for e in callbacks]
-        plan = MethodPlan(method, _one_per_adapter(callbacks, slot),
+        plan = MethodPlan(method, _one_per_task(callbacks, slot, task_names(recipe)),
                           float(sibling["model"]["init_args"]["learning_rate"]), trainer.get("gradient_clip_val"),
                           source)
     else:
         callbacks, rate = DEFAULTS[method]
         saved = _modules_to_save(slot)
-        callbacks = _one_per_adapter([_with_head(e, saved) for e in copy.deepcopy(callbacks)], slot)
+        callbacks = _one_per_task([_with_head(e, saved) for e in copy.deepcopy(callbacks)], slot, task_names(recipe))
         plan = MethodPlan(method, callbacks, rate, (recipe.get("trainer") or {}).get("gradient_clip_val"),
                           "defaults")
-    return _checked(_overridden(plan, overrides))
+    return _checked(_overridden(plan, overrides), task_names(recipe))
 
 
-def _checked(plan: MethodPlan) -> MethodPlan:
-    """Refuse now what would fail in each run: head_only with no head named."""
+def _checked(plan: MethodPlan, tasks: list[str]) -> MethodPlan:
+    """Refuse now what would fail in each run: head_only with no head named, a shared method for several tasks."""
+    _check_per_task(plan.method, plan.callbacks, tasks)
     selective = [e for e in plan.callbacks if e.get("class_path") == "lightning_peft.Selective"]
     if plan.method == "head_only" and not any(
             (e.get("init_args") or {}).get(key) for e in selective for key in ("modules", "layers", "param_types")):
@@ -230,7 +242,8 @@ def _overridden(plan: MethodPlan, overrides: dict[str, Any]) -> MethodPlan:
                 known = sorted({*TRAINING_KEYS, *(k for e in plan.callbacks for k in _arguments(e))})
                 raise CompareError(f"--set {plan.method}.{key}: {plan.method} has no setting {key!r}; "
                                    f"its settings: {', '.join(known)}")
-            entry.setdefault("init_args", {})[key] = value
+            for same in (e for e in plan.callbacks if e.get("class_path") == entry.get("class_path")):
+                same.setdefault("init_args", {})[key] = value  # each task's adapter alike
         plan.overrides[key] = value
     return plan
 
