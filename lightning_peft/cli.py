@@ -10,6 +10,8 @@ traceback, and ``LIGHTNING_PEFT_DEBUG=1`` shows the traceback of any error.
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
 import itertools
 import linecache
 import os
@@ -108,9 +110,8 @@ class PEFTCLI(LightningCLI):
         if ckpt_path and Path(ckpt_path).is_file():
             checkpoint = read_checkpoint(ckpt_path)
             if self.config.subcommand == "fit":  # before the checkpoint's settings replace the recipe's
-                model = self.config["fit"].get("model")
                 check_resumed_optimization(checkpoint.get("hyper_parameters") or {},
-                                           dict(model.get("init_args") or {}) if model is not None else {}, ckpt_path)
+                                           _settings_set(self.config["fit"].get("model")), ckpt_path)
         given = self._model_settings_given() if ckpt_path else {}
         super()._parse_ckpt_path()
         model = self.config[self.config.subcommand].get("model") if self.config.get("subcommand") else None
@@ -266,6 +267,20 @@ class PEFTCLI(LightningCLI):
             lines.append(_curves_after_fit(trainer))
             print("\n".join(["", "lightning-peft fit summary:", *("  " + line for line in lines if line)]),
                   flush=True)
+
+
+def _settings_set(model: Any) -> dict[str, Any]:
+    """The model's init arguments that differ from its class's defaults: the ones a recipe, an overlay or a flag
+    set (a left-out one is the default, which a resume takes from the checkpoint instead)."""
+    if model is None or not model.get("class_path"):
+        return {}
+    module_name, _, name = str(model["class_path"]).rpartition(".")
+    try:
+        parameters = inspect.signature(getattr(importlib.import_module(module_name), name)).parameters
+    except (ImportError, AttributeError, ValueError):
+        return {}
+    return {key: value for key, value in dict(model.get("init_args") or {}).items()
+            if key not in parameters or parameters[key].default != value}
 
 
 def _adapter_folders(folder: Path) -> list[tuple[str, Path]]:

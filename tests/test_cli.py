@@ -551,6 +551,12 @@ def test_a_resume_that_would_not_do_what_it_says_is_refused(tmp_path, tiny_model
         resumed = run_cli("fit", "--config", str(config), "--trainer.max_steps", "4", "--data.init_args.val_fraction",
                           "0", "--ckpt_path", ckpt, *change)
         assert resumed.returncode == 2 and message in resumed.stderr.strip().splitlines()[-1], resumed.stderr[-2000:]
+    settings = yaml.safe_load(config.read_text())  # a recipe that leaves the rate out takes the checkpoint's
+    del settings["model"]["init_args"]["learning_rate"], settings["model"]["init_args"]["warmup_steps"]
+    (tmp_path / "bare.yaml").write_text(yaml.safe_dump(settings))
+    bare = run_cli("fit", "--config", str(tmp_path / "bare.yaml"), "--trainer.max_steps", "3",
+                   "--data.init_args.val_fraction", "0", "--ckpt_path", ckpt)
+    assert bare.returncode == 0, bare.stderr[-2000:]
 
 
 def test_a_typo_in_a_second_config_file_names_the_setting(tmp_path, tiny_model_dir):

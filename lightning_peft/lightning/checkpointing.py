@@ -308,11 +308,24 @@ class CheckpointTheLastStep(Callback):
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         checkpoint = trainer.checkpoint_callback
-        if not isinstance(checkpoint, ModelCheckpoint) or checkpoint.monitor is not None:
+        if not _saves_by_step(checkpoint):
             return
         if _last_step(trainer, batch_idx) and checkpoint._last_global_step_saved < trainer.global_step and \
                 not checkpoint._should_skip_saving_checkpoint(trainer):
-            checkpoint._save_topk_checkpoint(trainer, checkpoint._monitor_candidates(trainer))
+            candidates = checkpoint._monitor_candidates(trainer)
+            checkpoint._save_topk_checkpoint(trainer, candidates)
+            checkpoint._save_last_checkpoint(trainer, candidates)  # last.ckpt too, as Lightning's step saves do
+
+
+def _saves_by_step(checkpoint: Any) -> bool:
+    """Whether ``checkpoint`` keeps files by step: unmonitored, saving at all, named by epoch and step only (a name
+    with a metric would carry an earlier validation's value)."""
+    if not isinstance(checkpoint, ModelCheckpoint) or checkpoint.monitor is not None or checkpoint.save_top_k == 0:
+        return False
+    if checkpoint._every_n_epochs == 0 and not checkpoint._every_n_train_steps and \
+            checkpoint._train_time_interval is None:
+        return False  # saving switched off
+    return set(re.findall(r"\{(\w+)", checkpoint.filename or "")) <= {"epoch", "step"}
 
 
 def _last_step(trainer: Any, batch_idx: int) -> bool:
