@@ -292,3 +292,28 @@ def test_a_fit_resumed_from_an_epoch_end_checkpoint_after_a_sanity_check_ends_bi
     assert resumed_order == order[3:]  # after the first epoch's 3 batches
     for name in expected:
         assert torch.equal(got[name], expected[name]), name
+
+
+class Validated(TokenModule):
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.training_step(batch, batch_idx))
+
+
+@pytest.mark.parametrize("settings, files", [
+    (dict(save_last=True), {"epoch=0-step=5.ckpt": 5, "last.ckpt": 5}),  # was: last.ckpt of step 3
+    (dict(every_n_epochs=0), {}),  # saving switched off: nothing
+    (dict(filename="{epoch}-{step}-{val_loss:.2f}"), None),  # a metric in the name: as Lightning alone saves
+])
+def test_the_last_step_is_checkpointed_as_the_callback_would(tmp_path, settings, files):
+    def fit(extra):
+        saver = ModelCheckpoint(dirpath=tmp_path / str(len(extra)), **settings)
+        make_trainer([lora(), saver, *extra], max_steps=5, val_check_interval=3, limit_val_batches=1,
+                     enable_checkpointing=True).fit(Validated(tiny_llama()), token_loader(n=32), token_loader(n=8))
+        folder = tmp_path / str(len(extra))
+        return {p.name: torch.load(p, weights_only=True)["global_step"] for p in folder.glob("*.ckpt")}
+
+    plain, ours = fit([]), fit([checkpointing.CheckpointTheLastStep()])
+    if files is None:  # named by a validation's metric: the same steps as without it
+        assert sorted(ours.values()) == sorted(plain.values())
+    else:
+        assert ours == files
