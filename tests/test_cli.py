@@ -579,3 +579,11 @@ def test_the_adapter_folder_of_a_fit_with_two_methods_tests_as_the_fit_did(tmp_p
     assert tested.returncode == 0, tested.stderr[-2000:]  # was: "adapter_config.json does not exist"
     accuracy = re.search(r"test_acc\s*│\s*([0-9.]+)", tested.stdout)
     assert accuracy and float(accuracy[1]) == pytest.approx(float(summary_value(fit.stdout, "test_acc")), abs=1e-4)
+
+
+def test_a_classifier_folder_with_a_head_of_other_classes_gets_a_new_head(tmp_path, tiny_model_dir):
+    from lightning_peft.tasks import SequenceClassification
+
+    task = SequenceClassification(model=str(tiny_model_dir), labels=["a", "b", "c"])  # the folder's head has 2
+    task.configure_model()  # was: transformers' RuntimeError about ignore_mismatched_sizes
+    assert task.model.classifier.out_features == 3 and task.model.config.num_labels == 3

@@ -24,7 +24,8 @@ class SequenceClassification(TransformersTask):
 
     Classifies texts into ``num_labels`` classes, or into the names in ``labels``. The tokenizer
     is loaded at once; the model (``AutoModelForSequenceClassification``, its head newly
-    initialized) is built in ``configure_model``, so the PEFT callbacks change it at setup: give
+    initialized, or the folder's own where it has one of ``num_labels`` classes: its class order
+    is not read) is built in ``configure_model``, so the PEFT callbacks change it at setup: give
     them ``modules_to_save=["classifier"]`` to train the head. Training minimizes cross-entropy and
     logs ``train_loss``; validation and test log accuracy and macro F1 (``val_acc``, ``val_f1``,
     ``test_acc``, ``test_f1``); ``predict`` returns per text a dict with the most probable
@@ -94,8 +95,9 @@ class SequenceClassification(TransformersTask):
         tasks = list(getattr(datamodule, "task_names", None) or [])  # MultiTaskData: metrics per task too
         self.task_metrics = nn.ModuleDict({stage: nn.ModuleDict({
             task: metrics.clone(prefix=f"{stage}_", postfix=f"_{task}") for task in tasks}) for stage in STAGES})
-        model = AutoModelForSequenceClassification.from_pretrained(
-            self.model_path, num_labels=num_labels, trust_remote_code=self.trust_remote_code)
+        model = AutoModelForSequenceClassification.from_pretrained(  # a head of another size is made anew
+            self.model_path, num_labels=num_labels, trust_remote_code=self.trust_remote_code,
+            ignore_mismatched_sizes=True)
         if self.tokenizer.pad_token_id is not None:  # a decoder's classifier reads the last token before the pad
             model.config.pad_token_id = self.tokenizer.pad_token_id  # that batches are padded with
         return model.train()  # from_pretrained returns eval mode; Lightning keeps modes as they are
