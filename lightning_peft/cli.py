@@ -10,7 +10,6 @@ traceback, and ``LIGHTNING_PEFT_DEBUG=1`` shows the traceback of any error.
 from __future__ import annotations
 
 import argparse
-import importlib
 import inspect
 import itertools
 import linecache
@@ -33,7 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info
 import lightning_peft
 from lightning_peft.assets import AssetError
 from lightning_peft.builtin_recipes import builtin_recipes, recipe_path
-from lightning_peft.cli_messages import CommandParser, ConfigError, one_line
+from lightning_peft.cli_messages import CommandParser, ConfigError, class_named, one_line
 from lightning_peft.core.adapter_files import CONFIG_FILE, read_adapter_files
 from lightning_peft.core.ownership import adapter_refs
 from lightning_peft.core.summary import trainable_summary
@@ -272,13 +271,10 @@ class PEFTCLI(LightningCLI):
 def _settings_set(model: Any) -> dict[str, Any]:
     """The model's init arguments that differ from its class's defaults: the ones a recipe, an overlay or a flag
     set (a left-out one is the default, which a resume takes from the checkpoint instead)."""
-    if model is None or not model.get("class_path"):
+    task = class_named(str(model.get("class_path") or "")) if model is not None else None
+    if task is None:
         return {}
-    module_name, _, name = str(model["class_path"]).rpartition(".")
-    try:
-        parameters = inspect.signature(getattr(importlib.import_module(module_name), name)).parameters
-    except (ImportError, AttributeError, ValueError):
-        return {}
+    parameters = inspect.signature(task).parameters
     return {key: value for key, value in dict(model.get("init_args") or {}).items()
             if key not in parameters or parameters[key].default != value}
 

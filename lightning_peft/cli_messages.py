@@ -128,11 +128,18 @@ def _candidate_classes(message: str, option: str) -> list[str]:
     return found + list(KEY_CLASSES.get(key[1] if key else "", ()))
 
 
-def _init_arguments(path: str) -> list[str]:
+def class_named(path: str) -> type | None:
+    """The class a ``class_path`` (``lightning_peft.LoRA``) names, or None where it cannot be imported."""
     module_name, _, name = path.rpartition(".")
     try:
-        cls = getattr(importlib.import_module(module_name), name)
-    except Exception:  # noqa: BLE001 (any failure means: nothing to suggest)
+        return getattr(importlib.import_module(module_name), name)
+    except Exception:  # noqa: BLE001 (a module that fails to import names no class either)
+        return None
+
+
+def _init_arguments(path: str) -> list[str]:
+    cls = class_named(path)
+    if cls is None:
         return []
     return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
 

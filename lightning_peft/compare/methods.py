@@ -9,7 +9,6 @@ recipes); ``--set METHOD.KEY=VALUE`` overrides any of them.
 from __future__ import annotations
 
 import copy
-import importlib
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any
 import yaml
 
 from lightning_peft.builtin_recipes import RECIPES
+from lightning_peft.cli_messages import class_named
 from lightning_peft.lightning.callback import ModelSetupCallback, PEFTCallback
 from lightning_peft.selective import Selective
 
@@ -66,12 +66,7 @@ class MethodPlan:
 
 def callback_class(entry: dict | str) -> type | None:
     """The class a recipe's callback entry names, or None when it cannot be imported."""
-    path = entry if isinstance(entry, str) else entry.get("class_path", "")
-    module_name, _, name = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError, ValueError):
-        return None
+    return class_named(entry if isinstance(entry, str) else entry.get("class_path", ""))
 
 
 def names_a(entry: dict | str, base: type) -> bool:
