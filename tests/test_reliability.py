@@ -644,6 +644,23 @@ def test_class_names_come_from_every_training_row_or_else_from_the_task(tmp_path
     assert data.labels == ["bad", "good"] and next(iter(data.test_dataloader()))["labels"].tolist() == [1]
 
 
+def test_a_fine_tuned_head_s_classes_are_put_in_the_data_s_order(tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = tiny_bert_folder(tmp_path / "model", WORDS, id2label={0: "POSITIVE", 1: "NEGATIVE"})
+    original = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    batch = AutoTokenizer.from_pretrained(folder)(["the movie was good", "the plot was awful"], return_tensors="pt",
+                                                  padding=True)
+    module = SequenceClassification(str(folder), labels=["negative", "positive"])
+    module.configure_model()
+    with torch.no_grad():  # was: the folder's 'POSITIVE' read as class 0, 'negative' in the data's order
+        assert torch.allclose(module.eval()(batch["input_ids"], batch["attention_mask"]),
+                              original(**batch).logits.flip(-1), atol=1e-6)
+    assert module.model.config.id2label == {0: "negative", 1: "positive"}
+    with pytest.warns(UserWarning, match="names its classes POSITIVE, NEGATIVE, not the data's"):
+        SequenceClassification(str(folder), labels=["bad", "good"]).configure_model()
+
+
 def test_a_run_without_an_end_is_refused_before_its_first_step(tmp_path):
     from lightning_peft.data import TextClassificationData
     from lightning_peft.tasks import SequenceClassification

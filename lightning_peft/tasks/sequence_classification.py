@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,17 +23,18 @@ STAGES = ("val", "test")
 class SequenceClassification(TransformersTask):
     """A LightningModule that fine-tunes a text classifier: a transformers encoder with a new classification head.
 
-    Classifies texts into ``num_labels`` classes, or into the names in ``labels``. The tokenizer
-    is loaded at once; the model (``AutoModelForSequenceClassification``, its head newly
-    initialized, or the folder's own where it has one of ``num_labels`` classes: its class order
-    is not read) is built in ``configure_model``, so the PEFT callbacks change it at setup: give
-    them ``modules_to_save=["classifier"]`` to train the head. Training minimizes cross-entropy and
-    logs ``train_loss``; validation and test log accuracy and macro F1 (``val_acc``, ``val_f1``,
-    ``test_acc``, ``test_f1``); ``predict`` returns per text a dict with the most probable
-    ``label``, its ``probability`` and every class's ``probabilities``. The optimizer is AdamW over
-    the trainable parameters only. With `MultiTaskData`, each row is computed with the adapter
-    named after its task, and validation and test log each task's metrics too (``test_acc_tweets``);
-    each task's adapter keeps its own learning-rate schedule, counted in its own updates.
+    Classifies texts into ``num_labels`` classes, or into the names in ``labels``. The tokenizer is
+    loaded at once; the model (``AutoModelForSequenceClassification``, its head newly initialized,
+    or the folder's own where it has one of ``num_labels`` classes, its classes put in ``labels``'
+    order where its ``id2label`` names them) is built in ``configure_model``, so the PEFT callbacks
+    change it at setup: give them ``modules_to_save=["classifier"]`` to train the head. Training
+    minimizes cross-entropy and logs ``train_loss``; validation and test log accuracy and macro F1
+    (``val_acc``, ``val_f1``, ``test_acc``, ``test_f1``); ``predict`` returns per text a dict with
+    the most probable ``label``, its ``probability`` and every class's ``probabilities``. The
+    optimizer is AdamW over the trainable parameters only. With `MultiTaskData`, each row is
+    computed with the adapter named after its task, and validation and test log each task's metrics
+    too (``test_acc_tweets``); each task's adapter keeps its own learning-rate schedule, counted in
+    its own updates.
 
     Args:
         model: a built-in name (``"minilm-l6"``, all-MiniLM-L6-v2) or a transformers model folder.
@@ -98,6 +100,7 @@ class SequenceClassification(TransformersTask):
         model = AutoModelForSequenceClassification.from_pretrained(  # a head of another size is made anew
             self.model_path, num_labels=num_labels, trust_remote_code=self.trust_remote_code,
             ignore_mismatched_sizes=True)
+        put_classes_in_order(model, self.labels)
         if self.tokenizer.pad_token_id is not None:  # a decoder's classifier reads the last token before the pad
             model.config.pad_token_id = self.tokenizer.pad_token_id  # that batches are padded with
         return model.train()  # from_pretrained returns eval mode; Lightning keeps modes as they are
@@ -153,6 +156,41 @@ class SequenceClassification(TransformersTask):
         names = list(self.labels) if self.labels else list(range(probabilities.shape[-1]))
         return [{"label": names[int(row.argmax())], "probability": float(row.max()),
                  "probabilities": dict(zip(names, row.tolist(), strict=True))} for row in probabilities]
+
+
+def put_classes_in_order(model: nn.Module, labels: Sequence[str] | None) -> None:
+    """Permute a folder's own head into ``labels``' order where its ``id2label`` names the same classes otherwise.
+
+    The data numbers classes in its own (sorted) order; a fine-tuned classifier's folder keeps its
+    own (``{0: "POSITIVE", 1: "NEGATIVE"}``), so without this each id would mean the other class.
+    The names are then written into the config, which saved and exported models carry.
+    """
+    if not labels:
+        return
+    config = model.config
+    theirs = [str(config.id2label.get(i, "")).lower() for i in range(config.num_labels)]
+    ours = [str(name).lower() for name in labels]
+    if sorted(theirs) == sorted(ours) and theirs != ours:
+        layer = _class_layer(model, len(labels))
+        order = torch.tensor([theirs.index(name) for name in ours])
+        with torch.no_grad():
+            for tensor in (layer.weight, layer.bias):
+                if tensor is not None:
+                    tensor.copy_(tensor[order])
+    elif not all(name.startswith("label_") for name in theirs) and theirs != ours:
+        warnings.warn(f"the model folder's head names its classes {', '.join(config.id2label.values())}, not the "
+                      f"data's ({', '.join(labels)}): its class ids are kept as they are", stacklevel=2)
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {name: i for i, name in enumerate(labels)}
+
+
+def _class_layer(model: nn.Module, num_labels: int) -> nn.Linear:
+    """The head's last linear layer, whose output rows are the classes."""
+    layers = [layer for layer in model.modules() if isinstance(layer, nn.Linear) and layer.out_features == num_labels]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} names its classes in another order than the data, and has no linear "
+                         f"layer of {num_labels} outputs to put them in the data's order")
+    return layers[-1]
 
 
 def check_labels_fit(labels: Sequence[str] | None, num_labels: int, datamodule: Any) -> None:
