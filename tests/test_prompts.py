@@ -75,12 +75,18 @@ CASES = {
 }
 
 
-def batch(seed: int = 2, length: int = 7, padded: bool = True) -> dict:
+def batch(seed: int = 2, length: int = 7, padded: bool = True, side: str = "left") -> dict:
+    """Two rows of random ids, the first padded by two on ``side``.
+
+    Prompt tuning is compared with peft on right-padded rows: peft puts the prompt before a row's
+    left padding and numbers its tokens past that padding, so its left-padded rows compute
+    otherwise than alone; ours number them as ``generate`` does.
+    """
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, VOCAB, (2, length), generator=g)
     mask = torch.ones_like(ids)
     if padded:
-        mask[0, :2] = 0  # left padding in the first row
+        mask[0, slice(0, 2) if side == "left" else slice(-2, None)] = 0
     return {"input_ids": ids, "attention_mask": mask}
 
 
@@ -136,7 +142,7 @@ def peft_pair(kind: str, method):
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
 def test_prompt_tuning_logits_equal_peft(kind):
     theirs, ours = peft_pair(kind, PromptTuning(num_virtual_tokens=N))
-    inputs = batch()
+    inputs = batch(side="right")
     with torch.no_grad():
         got, expected = ours(**inputs).logits, theirs(**inputs).logits
     if kind != "bert":  # peft returns the virtual positions too; ours cuts them off
@@ -148,7 +154,7 @@ def test_prompt_tuning_logits_equal_peft(kind):
 def test_prompt_tuning_loss_and_token_inputs_equal_peft():
     """Labels get -100 on the virtual positions; token type ids 0; default position ids stay default."""
     theirs, ours = peft_pair("llama", PromptTuning(num_virtual_tokens=N))
-    inputs = batch()
+    inputs = batch(side="right")
     with torch.no_grad():
         got, expected = ours(**inputs, labels=inputs["input_ids"]), theirs(**inputs, labels=inputs["input_ids"])
     assert torch.allclose(got.loss, expected.loss, atol=1e-6)
@@ -397,7 +403,7 @@ SAVE_CASES = {
 
 def their_logits(theirs, kind: str) -> torch.Tensor:
     with torch.no_grad():
-        logits = theirs.eval()(**batch()).logits
+        logits = theirs.eval()(**batch(side="right")).logits
     return logits if kind == "bert" or logits.shape[1] == 7 else logits[:, N:]
 
 
@@ -420,7 +426,7 @@ def test_saved_adapter_loads_in_peft(case, tmp_path):
         warnings.simplefilter("ignore")
         theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
     with torch.no_grad():
-        expected = ours(**batch()).logits
+        expected = ours(**batch(side="right")).logits
     assert torch.allclose(their_logits(theirs, kind), expected, atol=1e-5)
 
 
@@ -442,7 +448,7 @@ def test_peft_saved_adapter_loads_into_ours(case, tmp_path):
         theirs.save_pretrained(tmp_path)
     ours = load_adapter(copy.deepcopy(base), tmp_path).eval()
     with torch.no_grad():
-        got = ours(**batch()).logits
+        got = ours(**batch(side="right")).logits
     assert torch.allclose(got, their_logits(theirs, kind), atol=1e-5)
 
 
@@ -487,8 +493,9 @@ def test_an_encoder_decoders_decoder_side_gets_no_prompt_whatever_its_length():
         torch.testing.assert_close(torch.cat(steps, 1), by_hand(padded, decoder_input_ids=decoder_ids).logits)
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_a_decoder_classifier_pools_the_last_real_token_of_a_right_padded_row(kind):
+def test_a_decoder_classifier_pools_the_last_real_token_of_a_padded_row(kind, side):
     from transformers import GPT2Config, GPT2ForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
 
     torch.manual_seed(0)
@@ -501,8 +508,9 @@ def test_a_decoder_classifier_pools_the_last_real_token_of_a_right_padded_row(ki
                                                          num_labels=3, pad_token_id=0))
     PromptTuning(num_virtual_tokens=3).inject(model.eval())
     ids = torch.randint(1, VOCAB, (1, 5))
-    padded = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], 1)  # right padding, as the recipes' collator pads
-    mask = torch.tensor([[1] * 5 + [0] * 3])
+    padding = torch.zeros(1, 3, dtype=torch.long)
+    padded, mask = [torch.cat(pair[::-1] if side == "left" else pair, 1) for pair in
+                    ((ids, padding), (torch.ones_like(ids), padding))]  # left: the padding between prompt and row
     alone = model(input_ids=ids).logits
     torch.testing.assert_close(model(input_ids=padded, attention_mask=mask).logits, alone, rtol=0, atol=1e-5)
     alone.sum().backward()
@@ -682,3 +690,36 @@ def test_generating_past_the_position_table_is_refused_in_one_line(method):
         assert model.generate(input_ids=ids, max_new_tokens=4, do_sample=False).shape[1] == 60
         with pytest.raises(ValueError, match=r"generate fewer \(max_new_tokens\).* has 64 learned positions"):
             model.generate(input_ids=ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)  # was: IndexError
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])  # rotary and learned positions
+def test_a_left_padded_row_computes_with_its_prompt_as_it_does_alone(kind):
+    model = PromptTuning(num_virtual_tokens=N).inject(build(kind)).eval()
+    inputs = batch()  # the first row's two pads sit between the prompt and its tokens
+    with torch.no_grad():
+        padded = model(**inputs).logits[0, 2:]
+        alone = model(input_ids=inputs["input_ids"][:1, 2:]).logits[0]
+    torch.testing.assert_close(padded, alone, rtol=0, atol=1e-5)
+
+
+def test_decoding_step_by_step_from_left_padded_rows_continues_their_positions():
+    from transformers import DynamicCache
+
+    model = PromptTuning(num_virtual_tokens=N).inject(build("llama")).eval()
+
+    def decode(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = model(input_ids=ids, attention_mask=mask, past_key_values=DynamicCache(), use_cache=True)
+        steps = []
+        for _ in range(3):
+            next_id = out.logits[:, -1:].argmax(-1)
+            mask = torch.cat([mask, torch.ones_like(next_id)], 1)
+            out = model(input_ids=next_id, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits[:, -1])
+        return torch.stack(steps, 1)
+
+    inputs = batch()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        padded = decode(inputs["input_ids"], inputs["attention_mask"])[0]
+        alone = decode(inputs["input_ids"][:1, 2:], inputs["attention_mask"][:1, 2:])[0]
+    torch.testing.assert_close(padded, alone, rtol=0, atol=1e-5)

@@ -10,6 +10,7 @@ cache already contains the prompt, so only its mask and positions are widened.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -117,6 +118,7 @@ class PromptInjector(PEFTModule):
         self._lengths: list[tuple[int, int, Tensor | None, bool] | None] = []
         self.positions = learned_positions(model)  # the learned position table's size, if the model has one
         hooked = prompted_module(model)
+        self.takes_positions = "position_ids" in inspect.signature(hooked.forward).parameters
         hooked.register_forward_pre_hook(self.before_forward, with_kwargs=True)
         hooked.register_forward_hook(self.after_forward, with_kwargs=True, always_call=True)
 
@@ -186,6 +188,8 @@ class PromptInjector(PEFTModule):
         self._lengths.append((prompts.width + shape[1], shape[1], kept, as_tuple) if prompted else None)
         if prompts is None:  # nothing to put in front, or nothing to put it before
             return (), kwargs
+        if self.takes_positions and not is_encoder_decoder:
+            number_past_left_padding(kwargs, (cached - prompts.width if cached else 0) + shape[1], shape[1])
         if cached:  # a later decoding step: the cache holds the prompt already
             check_positions_fit(self.positions, model, "PromptTuning", prompts.width,
                                 cached - prompts.width + shape[1], GENERATED)
@@ -203,6 +207,21 @@ class PromptInjector(PEFTModule):
         total, length, kept, as_tuple = lengths
         output = keep_last_positions(output, total, length, kept, encoder_only=encoder_decoder(model))
         return output.to_tuple() if as_tuple else output
+
+
+def number_past_left_padding(kwargs: dict[str, Any], length: int, new: int) -> None:
+    """Give left-padded rows position ids that count their attended tokens only, where none are given.
+
+    The prompt goes before the padding, so without them the padding would stand between a row's
+    prompt and its tokens and change what the row computes (``generate`` passes such ids itself).
+    ``length``: the real tokens' count so far, which a mask of the caller's own covers; ``new``: this call's.
+    """
+    mask = kwargs.get("attention_mask")
+    if (kwargs.get("position_ids") is not None or not isinstance(mask, Tensor) or mask.dim() != 2
+            or mask.shape[1] != length or bool(mask[:, 0].all())):
+        return
+    positions = mask.long().cumsum(-1) - 1
+    kwargs["position_ids"] = positions.masked_fill(mask == 0, 1)[:, -new:]
 
 
 def prepend(model: nn.Module, kwargs: dict[str, Any], prompts: RowPrompts, shape: tuple[int, int]) -> None:
