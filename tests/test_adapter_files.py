@@ -217,6 +217,11 @@ def assert_untouched(model, keys, flags):
      ["lora_A.weight", "(4, 32)", "(8, 32)"]),
     (lambda d: (d / "adapter_config.json").write_text(json.dumps(
         {**json.loads((d / "adapter_config.json").read_text()), "peft_type": "LOHA"})), ["LOHA", "not supported"]),
+    *[(lambda d, option=option: (d / "adapter_config.json").write_text(json.dumps(
+        {**json.loads((d / "adapter_config.json").read_text()), **option})),  # was: a missing tensor, or none
+       [f"{next(iter(option))}={next(iter(option.values()))!r}", "not supported here"])
+      for option in ({"bias": "all"}, {"lora_bias": True}, {"trainable_token_indices": [1, 2]},
+                     {"layer_replication": [[0, 1]]}, {"use_qalora": True}, {"rank_pattern": {"q_proj": 2}})],
 ])
 def test_bad_adapter_files_name_the_problem_and_leave_the_model(tmp_path, damage, words):
     folder = saved_adapter(tmp_path)

@@ -173,6 +173,34 @@ def test_multihead_attention_trains_merges_and_becomes_plain_again(tmp_path):
         assert torch.allclose(model(ids), trained, atol=1e-5)
 
 
+def test_multihead_attention_files_have_peft_s_keys_and_say_peft_adds_the_out_proj_update_twice(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    base = MHAClassifier().eval()
+    ids = IDS % 128
+    ours = LoRA(r=R, alpha=6, target_modules=["attn"]).inject(copy.deepcopy(base))
+    randomize_b(ours)
+    with pytest.warns(UserWarning, match=r"peft 0.21 adds the out_proj update twice \(huggingface/peft#3774\)"):
+        save_adapter(ours, tmp_path / "ours")
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=R, lora_alpha=6, target_modules=["attn"]))
+    randomize_b(theirs)
+    theirs.save_pretrained(tmp_path / "theirs")
+    with pytest.warns(UserWarning, match="peft#3774"):  # was: refused, the out_proj tensors under other keys
+        save_adapter(load_adapter(copy.deepcopy(base), tmp_path / "theirs"), tmp_path / "again")
+    their_tensors = load_file(tmp_path / "theirs" / "adapter_model.safetensors")
+    assert all(torch.equal(value, their_tensors[key])
+               for key, value in load_file(tmp_path / "again" / "adapter_model.safetensors").items())
+    tensors = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert tensors.keys() == their_tensors.keys()
+    out_b = "base_model.model.attn.base_layer.out_proj.lora_B.weight"
+    save_file({**tensors, out_b: tensors[out_b] / 2}, tmp_path / "ours" / "adapter_model.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        halved = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    with torch.no_grad():  # peft counting half the update twice: each tensor went where peft reads it
+        torch.testing.assert_close(halved(ids), ours.eval()(ids), rtol=0, atol=1e-5)
+
+
 def test_the_output_projection_alone_points_to_the_attention_module():
     with pytest.raises(TypeError, match="only LoRA adapts nn.MultiheadAttention, targeted as the attention module"):
         LoRA(target_modules=["attn.out_proj"]).inject(MHAClassifier())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any
 
 from torch import nn
@@ -18,6 +19,9 @@ from lightning_peft.core.models import name_or_path
 from lightning_peft.lora.layers import LoRAEmbedding, LoRALinear
 from lightning_peft.lora.parameters import LoRAParameter
 
+UNSUPPORTED_OPTIONS = ("rank_pattern", "alpha_pattern", "bias", "lora_bias", "trainable_token_indices",
+                       "layer_replication", "alora_invocation_tokens", "use_qalora", "use_bdlora", "velora_config",
+                       "monteclora_config", "arrow_config", "kasa_config", "megatron_config")  # peft's, set otherwise
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")  # peft inits that rewrite the base weights
 
 
@@ -27,6 +31,8 @@ def file_key(name: str, root: nn.Module) -> str:
     def layer_key(layer: str, tensor: str) -> str:
         wrapper = root.get_submodule(layer)  # inside another method's wrapper, the layer stands for what it wraps
         module = layer if isinstance(wrapper, LoRAParameter) else _outside(layer)  # peft's parameter layers nest
+        if isinstance(wrapper, LoRAParameter) and isinstance(innermost_base(wrapper), nn.MultiheadAttention):
+            module = _attention_key(layer, wrapper.parameter_name)
         if tensor == "magnitude":
             return f"{module}.lora_magnitude_vector"
         if isinstance(wrapper, LoRAEmbedding):
@@ -34,6 +40,19 @@ def file_key(name: str, root: nn.Module) -> str:
         return f"{module}.{tensor}.weight"
 
     return peft_key(name, layer_key)
+
+
+def _attention_key(layer: str, parameter_name: str) -> str:
+    """peft's layer for an nn.MultiheadAttention weight: the attention's own (``in_proj_weight``), or its ``out_proj``.
+
+    peft 0.21 adds the ``out_proj`` update twice in its forward and merge (huggingface/peft#3774),
+    so such a file computes otherwise in peft than here, where the update is added once.
+    """
+    if parameter_name != "out_proj.weight":
+        return _outside(layer)
+    warnings.warn("LoRA on nn.MultiheadAttention: peft 0.21 adds the out_proj update twice (huggingface/peft#3774), "
+                  "so in peft this adapter file computes otherwise than here, where it is added once", stacklevel=2)
+    return f"{_outside(layer)}.base_layer.out_proj"
 
 
 def to_config(config: dict, root: nn.Module, names: list[str]) -> dict:
@@ -80,9 +99,12 @@ def _outside(layer: str) -> str:
 
 def to_settings(config: dict) -> dict[str, Any]:
     """Our LoRA arguments for a peft LoraConfig (its targets, exclusions and layers included)."""
-    unsupported = {k: config[k] for k in ("rank_pattern", "alpha_pattern") if config.get(k)}
+    unsupported = {k: config[k] for k in UNSUPPORTED_OPTIONS if config.get(k) not in (None, False, {}, [], "none")}
     if unsupported:
-        raise ValueError(f"peft LoRA option(s) {', '.join(unsupported)} are not supported: {unsupported}")
+        hint = (" (bias='all' trains LoRA with BitFit; 'lora_only', LoRA with Selective over the targets' biases)"
+                if "bias" in unsupported else "")
+        raise ValueError(f"peft LoRA option(s) {', '.join(f'{k}={v!r}' for k, v in unsupported.items())} are not "
+                         f"supported here{hint}")
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and init != "pissa" and init.startswith(BASE_CHANGING_INITS):
         raise ValueError(f"peft LoRA init_lora_weights={init!r} changed the base weights this adapter was trained "
