@@ -542,11 +542,15 @@ def test_a_resume_that_would_not_do_what_it_says_is_refused(tmp_path, tiny_model
     first = run_cli("fit", "--config", str(config), "--trainer.max_steps", "2", "--data.init_args.val_fraction", "0")
     assert first.returncode == 0, first.stderr[-2000:]
     ckpt = summary_value(first.stdout, "checkpoint")
+    (tmp_path / "more").mkdir()
     for change, message in [  # was: each resumed with the checkpoint's settings, or rows repeated and skipped
         (["--model.init_args.learning_rate", "0.5"], "was trained with learning_rate=0.1 (here 0.5): a resume"),
         (["--config", str(tmp_path / "overlay.yaml")], "was trained with learning_rate=0.1 (here 0.5)"),
-        (["--data.init_args.batch_size", "4"], "saved 2 batches into an epoch of batch_size 8, and this fit's "
-                                               "batch_size is 4"),
+        (["--data.init_args.batch_size", "4"], "saved inside an epoch of batch_size 8, and this fit's batch_size "
+                                               "is 4"),
+        (["--data.init_args.batch_size", "40"], "and this fit's batch_size is 40"),  # was: 2 done of 1, a new epoch
+        (["--data.init_args.train_file", str(write_data(tmp_path / "more", "train", sentiment_rows(64, 0)))],
+         "saved inside an epoch of 5 batches a process, and this fit's epoch has 8 (other data"),
     ]:
         resumed = run_cli("fit", "--config", str(config), "--trainer.max_steps", "4", "--data.init_args.val_fraction",
                           "0", "--ckpt_path", ckpt, *change)

@@ -103,7 +103,7 @@ class ResumableLoader(DataLoader):
         return itertools.islice(super().__iter__(), skip, None)
 
     def state_dict(self) -> dict[str, Any]:
-        sampler, state = self.sampler, {"batch_size": self._rows_a_batch()}
+        sampler, state = self.sampler, {"batch_size": self._rows_a_batch(), "batches": len(self)}
         if not isinstance(sampler, ResumableShuffle) or sampler.epoch_start is None:
             return state
         return {**state, "epoch_start": sampler.epoch_start, "now": sampler.generator.get_state()}
@@ -113,12 +113,18 @@ class ResumableLoader(DataLoader):
         return self.batch_size if self.batch_size is not None else getattr(self.batch_sampler, "batch_size", None)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Take up the checkpoint's place (Lightning loads a loader's state for a resume inside an epoch only)."""
         saved, now = state_dict.get("batch_size", self._rows_a_batch()), self._rows_a_batch()
-        done = self.batches_done or getattr(self.batch_sampler, "skip", 0)  # MultiTaskData's sampler skips itself
-        if done and saved != now:
-            raise ValueError(f"the checkpoint was saved {done} batches into an epoch of batch_size {saved}, and this "
-                             f"fit's batch_size is {now}: the rest of that epoch would repeat some rows and leave "
-                             f"out others; resume with batch_size {saved}, or from a checkpoint at an epoch's end")
+        if saved != now:
+            raise ValueError(f"the checkpoint was saved inside an epoch of batch_size {saved}, and this fit's "
+                             f"batch_size is {now}: the rest of that epoch would repeat some rows and leave out "
+                             f"others; resume with batch_size {saved}, or from a checkpoint at an epoch's end")
+        saved, now = state_dict.get("batches", len(self)), len(self)
+        if saved != now:
+            raise ValueError(f"the checkpoint was saved inside an epoch of {saved} batches a process, and this fit's "
+                             f"epoch has {now} (other data, or another number of processes): the rest of that epoch "
+                             "would repeat some rows and leave out others; resume as it was trained, or from a "
+                             "checkpoint at an epoch's end")
         sampler = self.sampler
         if "now" not in state_dict or not isinstance(sampler, ResumableShuffle):  # distributed: its own order
             return
