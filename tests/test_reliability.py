@@ -66,6 +66,7 @@ def inputs(tmp_path_factory) -> Path:
     (folder / "comma.csv").write_text("text,label\nthe movie was good,pos\nthe movie, sadly, was bad,neg\n")
     (folder / "blank_label.csv").write_text("text,label\nthe movie was good,1\nthe movie was bad,\n")
     (folder / "latin1.csv").write_bytes("text,label\nthe movie was g\xe9od,1\n".encode("latin-1"))
+    (folder / "one_class.csv").write_text("text,label\nthe movie was good,pos\nthe plot was great,pos\n")
     (folder / "empty.ckpt").write_bytes(b"")
     write_recipe(folder, "recipe.yaml")
     write_recipe(folder, "typo_key.yaml", trainer={"max_step": 3})
@@ -163,6 +164,8 @@ CLI_CASES = {
                                                        "quote a text"]),
     "blank label": (["fit", "--config", "{recipe.yaml}", "--data.init_args.train_file", "{blank_label.csv}"],
                     ["blank_label.csv, line 3: no 'label' value"]),
+    "one class": (["fit", "--config", "{recipe.yaml}", "--data.init_args.train_file", "{one_class.csv}"],
+                  ["a classifier needs at least two classes, but this one has 1 ('pos')"]),  # was: torchmetrics'
     "non-utf-8 data": (["fit", "--config", "{recipe.yaml}", "--data.init_args.train_file", "{latin1.csv}"],
                        ["latin1.csv, line 2: not UTF-8"]),
     "predict without trained weights": (["predict", "--config", "{recipe.yaml}", "--data.init_args.predict_file",

@@ -198,6 +198,10 @@ def check_labels_fit(labels: Sequence[str] | None, num_labels: int, datamodule: 
 
     The data numbers string labels in its own (sorted) order; integer labels must lie below ``num_labels``.
     """
+    if num_labels < 2:
+        named = f" ({', '.join(map(repr, labels))})" if labels else ""
+        raise ValueError(f"a classifier needs at least two classes, but this one has {num_labels}{named}: give "
+                         "training data with rows of each class, or num_labels")
     theirs = getattr(datamodule, "labels", None)
     if labels and theirs and list(labels) != list(theirs):
         raise ValueError(f"the task's labels ({', '.join(labels)}) differ from the data's ({', '.join(theirs)}), "
