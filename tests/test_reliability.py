@@ -66,6 +66,8 @@ def inputs(tmp_path_factory) -> Path:
     (folder / "comma.csv").write_text("text,label\nthe movie was good,pos\nthe movie, sadly, was bad,neg\n")
     (folder / "blank_label.csv").write_text("text,label\nthe movie was good,1\nthe movie was bad,\n")
     (folder / "latin1.csv").write_bytes("text,label\nthe movie was g\xe9od,1\n".encode("latin-1"))
+    (folder / "three_classes.csv").write_text("text,label\n" + "".join(f"the movie was {w},{'abc'[i % 3]}\n"
+                                                                         for i, w in enumerate(WORDS)))
     (folder / "one_class.csv").write_text("text,label\nthe movie was good,pos\nthe plot was great,pos\n")
     (folder / "empty.ckpt").write_bytes(b"")
     write_recipe(folder, "recipe.yaml")
@@ -74,6 +76,7 @@ def inputs(tmp_path_factory) -> Path:
     write_recipe(folder, "typo_class.yaml", lora_class="lightning_peft.LoRa")
     write_recipe(folder, "inf_alpha.yaml", lora={"alpha": math.inf})
     write_recipe(folder, "no_callbacks.yaml", callbacks=[])
+    write_recipe(folder, "no_head.yaml", lora={"modules_to_save": None})
     assert run_cli(["fit", "--config", str(folder / "recipe.yaml"),
                     "--trainer.default_root_dir", str(folder / "trained")])[0] == 0
     checkpoint = next((folder / "trained" / "checkpoints").glob("*.ckpt"))
@@ -164,6 +167,10 @@ CLI_CASES = {
                                                        "quote a text"]),
     "blank label": (["fit", "--config", "{recipe.yaml}", "--data.init_args.train_file", "{blank_label.csv}"],
                     ["blank_label.csv, line 3: no 'label' value"]),
+    "a new head that nothing trains": (
+        ["fit", "--config", "{no_head.yaml}", "--data.init_args.train_file", "{three_classes.csv}"],
+        ["the classification head (classifier) is new, initialized at random (the model folder has no head of 3 "
+         "classes), and no method trains it: give the PEFT method modules_to_save=['classifier']"]),  # was: trained
     "one class": (["fit", "--config", "{recipe.yaml}", "--data.init_args.train_file", "{one_class.csv}"],
                   ["a classifier needs at least two classes, but this one has 1 ('pos')"]),  # was: torchmetrics'
     "non-utf-8 data": (["fit", "--config", "{recipe.yaml}", "--data.init_args.train_file", "{latin1.csv}"],

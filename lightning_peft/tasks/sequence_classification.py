@@ -76,6 +76,7 @@ class SequenceClassification(TransformersTask):
                  learning_rate: float = 5e-4, weight_decay: float = 0.01, warmup_steps: int = 30,
                  trust_remote_code: bool = False, optimizer: str = "adamw") -> None:
         super().__init__(model, learning_rate, weight_decay, warmup_steps, trust_remote_code, optimizer)
+        self.new_head: list[str] = []  # the head's modules that the model was built with at random
         if self.tokenizer.pad_token is None:  # a decoder's tokenizer: batches pad with its end token
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.save_hyperparameters()
@@ -97,9 +98,10 @@ class SequenceClassification(TransformersTask):
         tasks = list(getattr(datamodule, "task_names", None) or [])  # MultiTaskData: metrics per task too
         self.task_metrics = nn.ModuleDict({stage: nn.ModuleDict({
             task: metrics.clone(prefix=f"{stage}_", postfix=f"_{task}") for task in tasks}) for stage in STAGES})
-        model = AutoModelForSequenceClassification.from_pretrained(  # a head of another size is made anew
+        model, loading = AutoModelForSequenceClassification.from_pretrained(  # a head of another size is made anew
             self.model_path, num_labels=num_labels, trust_remote_code=self.trust_remote_code,
-            ignore_mismatched_sizes=True)
+            ignore_mismatched_sizes=True, output_loading_info=True)
+        self.new_head = new_head_modules(model, loading)
         put_classes_in_order(model, self.labels)
         if self.tokenizer.pad_token_id is not None:  # a decoder's classifier reads the last token before the pad
             model.config.pad_token_id = self.tokenizer.pad_token_id  # that batches are padded with
@@ -114,12 +116,14 @@ class SequenceClassification(TransformersTask):
             return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
     def on_fit_start(self) -> None:
-        """Refuse, before any step, tasks of the data that no adapter is named after."""
+        """Refuse, before any step, tasks of the data that no adapter is named after, and a new head that no method
+        trains."""
         tasks = getattr(self.trainer.datamodule, "task_names", None) or []
         missing = [task for task in tasks if task not in adapter_names(self)]
         if missing:
             raise ValueError(f"task '{missing[0]}' has no adapter of its name: give the trainer a PEFT method with "
                              f"adapter_name='{missing[0]}' (adapters: {', '.join(adapter_names(self)) or 'none'})")
+        check_new_head_trains(self.model, self.new_head)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self(batch["input_ids"], batch["attention_mask"], batch.get("task"))
@@ -156,6 +160,23 @@ class SequenceClassification(TransformersTask):
         names = list(self.labels) if self.labels else list(range(probabilities.shape[-1]))
         return [{"label": names[int(row.argmax())], "probability": float(row.max()),
                  "probabilities": dict(zip(names, row.tolist(), strict=True))} for row in probabilities]
+
+
+def new_head_modules(model: nn.Module, loading: dict[str, Any]) -> list[str]:
+    """The modules outside the model's body that its folder had no weights for: a head made anew, at random."""
+    body = model.base_model_prefix + "."
+    made = [*loading["missing_keys"], *(key for key, *_ in loading["mismatched_keys"])]
+    return sorted({name.split(".")[0] for name in made if not name.startswith(body)})
+
+
+def check_new_head_trains(model: nn.Module, head: list[str]) -> None:
+    """Refuse a head made anew that nothing trains: every class would be read through its random weights."""
+    frozen = [name for name in head if not any(param.requires_grad for key, param in model.named_parameters()
+                                               if key == name or key.startswith(name + "."))]
+    if frozen:
+        raise ValueError(f"the classification head ({', '.join(frozen)}) is new, initialized at random (the model "
+                         f"folder has no head of {model.config.num_labels} classes), and no method trains it: give "
+                         f"the PEFT method modules_to_save={frozen}, or train it with Selective(modules={frozen})")
 
 
 def put_classes_in_order(model: nn.Module, labels: Sequence[str] | None) -> None:
