@@ -78,7 +78,8 @@ class PEFTCLI(LightningCLI):
     """LightningCLI that tests after fit when there is test data, then prints a short summary."""
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
-        parser = super().init_parser(**{"prog": "lightning-peft", **kwargs})  # also when run as python -m
+        parser = super().init_parser(**{"prog": "lightning-peft", "allow_abbrev": False, **kwargs})  # python -m too;
+        # allow_abbrev: a misspelt option that begins a real one (--trainer.max_step) is an error, not that option
         parser.top_level = True
         return parser
 

@@ -13,7 +13,7 @@ import importlib
 import inspect
 import re
 from collections.abc import Iterable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 _GENERIC = re.compile(r"^(Does not validate|Subtypes:|Errors:|Given value|Not a valid subclass|Subclass types|- a |"
                       r"- Expected a <class 'NoneType'>|Expected a <class 'NoneType'>|tip:|usage:)")
@@ -29,7 +29,11 @@ class ConfigError(Exception):
 
 
 class CommandParser(argparse.ArgumentParser):
-    """argparse for the plain subcommands (export, compare, estimate), with the same one-line errors."""
+    """argparse for the plain subcommands (export, compare, estimate), with the same one-line errors; an option
+    is spelt out whole (``--method`` is not taken for ``--methods``)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**{"allow_abbrev": False, **kwargs})
 
     def error(self, message: str) -> NoReturn:
         raise ConfigError(message)

@@ -171,6 +171,11 @@ CLI_CASES = {
         ["fit", "--config", "{no_head.yaml}", "--data.init_args.train_file", "{three_classes.csv}"],
         ["the classification head (classifier) is new, initialized at random (the model folder has no head of 3 "
          "classes), and no method trains it: give the PEFT method modules_to_save=['classifier']"]),  # was: trained
+    "an option cut short on the command line": (
+        ["fit", "--config", "{recipe.yaml}", "--trainer.max_step=1"],
+        ["unknown option 'trainer.max_step'; did you mean 'trainer.max_steps'?"]),  # was: taken as max_steps
+    "a compare option cut short": (["compare", "--config", "{recipe.yaml}", "--methods", "lora", "--max_step", "1"],
+                                   ["unrecognized arguments: --max_step 1"]),
     "one class": (["fit", "--config", "{recipe.yaml}", "--data.init_args.train_file", "{one_class.csv}"],
                   ["a classifier needs at least two classes, but this one has 1 ('pos')"]),  # was: torchmetrics'
     "non-utf-8 data": (["fit", "--config", "{recipe.yaml}", "--data.init_args.train_file", "{latin1.csv}"],
