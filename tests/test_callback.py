@@ -103,6 +103,11 @@ def test_merge_and_unmerge_after_training():
     module.predict_step = lambda batch, batch_idx: module(batch[0])
     trainer.predict(module, loader)  # setup again: the callback knows its adapter is merged, and adds none
     assert not any(isinstance(m, LoRALayer) for m in module.modules())
+    for callback in (trainer.callbacks[0], LoRA(r=R, alpha=8, **lora_kwargs)):  # was: trained, then refused to save
+        again = make_trainer([callback], max_steps=8)
+        with pytest.raises(ValueError, match="fit: this model has merged adapters, which are in its weights now"):
+            again.fit(module, loader)
+        assert again.global_step == 0
 
     unmerge(module)
     for name, param in module.named_parameters():

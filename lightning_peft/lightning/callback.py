@@ -92,6 +92,8 @@ class ModelSetupCallback(L.Callback):
         check_launcher(trainer, self.owner)
         if self is not setup_callbacks(trainer)[0]:
             return  # the first of these callbacks applies them all, together
+        if stage == "fit":
+            check_unmerged(pl_module, "fit", "to train the adapters on (a checkpoint could not hold them either)")
         for callback in setup_callbacks(trainer):
             callback.prepare(trainer)
         if is_overridden("configure_model", pl_module, L.LightningModule) or shards_after_injection(trainer.strategy):
