@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
 from lightning_peft import LoRA, QuantizeBase, adapter_names, merge, trainable_summary, unmerge
 from lightning_peft.lora import LoRALayer
@@ -300,3 +301,13 @@ def test_multiprocessing_launchers_are_refused_at_setup_and_the_model_is_left_as
     with pytest.raises(ProcessRaisedException, match="starts its processes by multiprocessing"):
         trainer.fit(module, token_loader())  # was: trained copies, then a KeyError (fork) or a pickling error (spawn)
     assert not any(isinstance(m, LoRALayer) for m in module.modules())
+
+
+def test_targets_that_the_forward_never_calls_are_refused_before_the_first_backward():
+    model = tiny_llama()
+    model.unused = nn.Linear(32, 32)  # as T5's `shared`: its weight is used elsewhere, the module is never called
+    trainer = make_trainer([LoRA(r=R, target_modules=["unused"])])
+    with pytest.raises(ValueError, match=r"the loss depends on no trainable parameter, so nothing would train: the "
+                                         r"forward never uses model\.unused\.adapters\.default\.lora_A"):
+        trainer.fit(TokenModule(model), token_loader())  # was: torch's "element 0 of tensors does not require grad"
+    assert trainer.global_step == 0

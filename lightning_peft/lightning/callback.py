@@ -46,6 +46,7 @@ from lightning_peft.lightning.checkpointing import (
 from lightning_peft.lightning.gradient_checkpointing import enable_input_grads_for_checkpointing
 from lightning_peft.lightning.sharding import (
     check_gradients_reached,
+    check_loss_reaches_parameters,
     check_tasks_can_rest,
     idle_everywhere,
     prepare_sharding,
@@ -294,6 +295,10 @@ class PEFTCallback(ModelSetupCallback):
                              batch_idx: int) -> None:
         if getattr(trainer.datamodule, "task_names", None):  # MultiTaskData: each row's task, over accumulation
             self._step_tasks = (self._step_tasks or set()) | set(batch["task"])
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
+        if trainer.global_step == 0 and self is peft_callbacks(trainer)[0]:
+            check_loss_reaches_parameters(pl_module, loss)
 
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step == 0 and self is peft_callbacks(trainer)[0]:  # only the first step is checked

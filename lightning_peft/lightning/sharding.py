@@ -400,6 +400,20 @@ def check_gradients_reached(trainer: L.Trainer, module: nn.Module, idle: set[str
     rank_zero_warn(message)
 
 
+def check_loss_reaches_parameters(module: nn.Module, loss: Any) -> None:
+    """Before the first backward: refuse a loss that no trainable parameter reached, naming the parameters.
+
+    Without this, torch's backward fails with "element 0 of tensors does not require grad".
+    """
+    if not isinstance(loss, Tensor) or loss.requires_grad or not torch.is_grad_enabled():
+        return
+    trainable = [state_key(name) for name, p in module.named_parameters() if p.requires_grad]
+    raise ValueError(f"the loss depends on no trainable parameter, so nothing would train: the forward never uses "
+                     f"{', '.join(trainable[:8])}{', ...' if len(trainable) > 8 else ''} (a module whose weight "
+                     "another one uses, such as T5's `shared`, is never called itself): target the modules the "
+                     "forward calls")
+
+
 def idle_everywhere(strategy: Strategy, names: list[str], present: set[str]) -> set[str]:
     """The adapters in ``names`` that no process's batches named in this step (``present``: this process's).
 
