@@ -8,6 +8,7 @@ decoding through peft's forward instead, plus peft's first generated token.
 """
 
 import copy
+import json
 import warnings
 
 import pytest
@@ -585,9 +586,16 @@ def test_a_prompt_on_a_state_space_model_saves_and_loads_and_a_prefix_is_refused
     with torch.no_grad():
         model.prompt_tuning.adapters["default"].prompt.normal_()
     ids = torch.randint(0, VOCAB, (2, 6))
-    save_adapter(model, tmp_path)  # was: an AttributeError (a config without attention heads)
+    with pytest.warns(UserWarning, match="MambaForCausalLM has no attention heads .a state-space model., and peft"):
+        save_adapter(model, tmp_path)  # was: a peft layout that peft refuses (num_attention_heads None)
+    assert "num_attention_heads" not in json.loads((tmp_path / "adapter_config.json").read_text())
     with torch.no_grad():
         torch.testing.assert_close(load_adapter(copy.deepcopy(base), tmp_path)(ids).logits, model(ids).logits)
+        out = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)  # was: a cache ValueError
+        by_forward = [model(input_ids=out.sequences[:, :6 + i]).logits[:, -1] for i in range(3)]
+        torch.testing.assert_close(torch.stack(out.logits), torch.stack(by_forward))  # the state holds the prompt
+        assert (by_forward[-1] - base(input_ids=out.sequences[:, :8]).logits[:, -1]).abs().max() > 1e-5  # it acts
     keys = set(base.state_dict())
     with pytest.raises(TypeError, match="MambaForCausalLM has no attention heads"):
         PrefixTuning(num_virtual_tokens=N).inject(base)

@@ -42,6 +42,9 @@ def no_layout(root: nn.Module, config: dict) -> str | None:
     if getattr(root.config, "is_encoder_decoder", False):
         return (f"{type(root).__name__} is an encoder-decoder; peft's prompt learning puts virtual tokens in its "
                 "encoder and decoder, ours in front of the inputs only")
+    if getattr(root.config.get_text_config(), "num_attention_heads", None) is None:
+        return (f"{type(root).__name__} has no attention heads (a state-space model), and peft's prompt-learning "
+                "config needs num_attention_heads")
     if task_type(root) == "SEQ_CLS":
         saved = {name for name, module in root.named_modules() if getattr(module, "trained_whole", False)}
         heads = [name for name, _ in root.named_modules() if name.endswith(PEFT_HEADS) and name not in saved
@@ -82,7 +85,7 @@ def prompt_config(config: dict, root: nn.Module, names: list[str]) -> dict:
     text = root.config.get_text_config()
     return {"peft_type": "PROMPT_TUNING", **common_config(config, root),
             "token_dim": input_embedding_weight(root).shape[1],
-            "num_attention_heads": getattr(text, "num_attention_heads", None),  # none in a state-space model (Mamba)
+            "num_attention_heads": text.num_attention_heads,
             "num_layers": text.num_hidden_layers, "prompt_tuning_init": "RANDOM"}
 
 

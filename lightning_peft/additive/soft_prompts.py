@@ -90,7 +90,10 @@ def cached_length(cache: Any) -> int:
     if cache is None:
         return 0
     if hasattr(cache, "get_seq_length"):
-        return cache.get_seq_length()
+        try:
+            return cache.get_seq_length()
+        except ValueError:  # a state-space model's cache (Mamba's) holds states, not positions: 1 once it holds any
+            return int(cache.has_previous_state())
     return cache[0][0].shape[-2]  # legacy tuple of (key, value) per layer
 
 
