@@ -29,6 +29,7 @@ from lightning_peft.core.files import PathLike
 from lightning_peft.core.models import model_root, warn_of_other_models
 from lightning_peft.core.ownership import AdapterRef, adapter_refs, freeze_unclaimed
 from lightning_peft.core.rollback import all_or_nothing
+from lightning_peft.core.targeting import names_from_a_file
 from lightning_peft.lightning.callback import ModelSetupCallback, PEFTCallback
 from lightning_peft.lora import LoRA
 from lightning_peft.selective import BitFit, Selective
@@ -182,7 +183,8 @@ def load_adapter(module: nn.Module, path: PathLike, adapter_name: str = "default
     _, root = model_root(module)
     warn_of_other_models(module, f"load_adapter({str(path)!r})")
     with all_or_nothing(module):
-        callback.inject(root)  # the file names layers from the transformers model: another model beside it stays out
+        with names_from_a_file():
+            callback.inject(root)  # the file names layers from the transformers model: another beside it stays out
         freeze_unclaimed(module)
         copy_file_tensors(module, callback.ref, tensors, Path(path) / WEIGHTS_FILE)
     return module

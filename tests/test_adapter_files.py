@@ -2,6 +2,7 @@
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -84,6 +85,21 @@ def test_peft_to_ours(case, tmp_path):
     assert torch.allclose(logits(ours), logits(theirs), atol=1e-5)
     # Loaded adapters train on: they are the trainable parameters, the base is frozen.
     assert trainable_summary(ours).trainable == theirs.get_nb_trainable_parameters()[0]
+
+
+def test_a_peft_classifier_file_loads_without_warnings_about_heads_the_model_lacks(tmp_path):
+    base = tiny_bert()  # peft's SEQ_CLS adds both classifier and score to modules_to_save: BERT has no score
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query"]))
+    randomize_trainable(theirs)
+    theirs.save_pretrained(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = load_adapter(copy.deepcopy(base), tmp_path)  # was: "LoRA modules_to_save: target_modules: 'score'..."
+    assert not [w for w in caught if "matches no module" in str(w.message)]
+    assert torch.allclose(logits(ours), logits(theirs), atol=1e-5)
+    with pytest.warns(UserWarning, match=r"^LoRA: modules_to_save: 'classifer' matches no module of this model \(the "
+                                         r"other names do\); did you mean 'classifier'\?"):
+        LoRA(r=4, target_modules=["query"], modules_to_save=["classifier", "classifer"]).inject(copy.deepcopy(base))
 
 
 def test_round_trip_through_our_own_files(tmp_path):

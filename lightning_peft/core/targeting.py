@@ -13,7 +13,8 @@ from __future__ import annotations
 import difflib
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import NamedTuple
 
 from torch import nn
@@ -211,6 +212,18 @@ def _warn_of_exclusions_that_exclude_nothing(exclude: Targets, candidates: list[
                           rf"r'{re.escape(holders[0])}\..*'", stacklevel=3)
 
 
+UNMATCHED = "matches no module of this model (the other names do)"
+
+
+@contextmanager
+def names_from_a_file() -> Iterator[None]:
+    """Leave unwarned the listed names that match nothing, where the lists are an adapter file's, not the user's:
+    peft lists its heads (``classifier``, ``score``) for every sequence classifier, whichever it has."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=f".*{re.escape(UNMATCHED)}")
+        yield
+
+
 def _warn_unmatched_entries(targets: Targets, candidates: list[tuple[str, nn.Module]], where: str) -> None:
     """Warn about each name of a target list that matches no module while others do, with the closest name."""
     if targets is None or isinstance(targets, str):
@@ -222,8 +235,7 @@ def _warn_unmatched_entries(targets: Targets, candidates: list[tuple[str, nn.Mod
     for entry in unmatched:
         close = difflib.get_close_matches(entry.rsplit(".", 1)[-1], leaves, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        warnings.warn(f"{where}: {entry!r} matches no module of this model (the other names do){hint}",
-                      stacklevel=3)
+        warnings.warn(f"{where}: {entry!r} {UNMATCHED}{hint}", stacklevel=3)
 
 
 def _regex_hint(targets: Targets, candidates: list[tuple[str, nn.Module]]) -> str:

@@ -264,8 +264,8 @@ class PEFTCallback(ModelSetupCallback):
     def _modules_to_save(self, module: nn.Module) -> list[tuple[str, nn.Module]]:
         if not self.modules_to_save:
             return []
-        return select_modules(module, self.modules_to_save, supported=(nn.Module,),
-                              method=f"{self.method_name} modules_to_save", whole_modules=True)
+        return select_modules(module, self.modules_to_save, supported=(nn.Module,), method=self.method_name,
+                              option="modules_to_save", whole_modules=True)
 
     def config(self) -> dict[str, Any]:
         """The constructor arguments of this method and of the methods it extends, as stored attributes.
