@@ -248,8 +248,9 @@ def test_settings_come_from_the_methods_own_recipe_for_the_same_task():
     assert ia3.callbacks == yaml.safe_load((RECIPES / "ia3_sentiment.yaml").read_text())["trainer"]["callbacks"]
     bitfit = plan_method(lora_recipe, "lora_sentiment", "bitfit", {"learning_rate": 1e-3})
     assert (bitfit.learning_rate, bitfit.gradient_clip_val) == (1e-3, 1.0)  # --set, and the recipe's clipping
-    dora = plan_method(lora_recipe, "lora_sentiment", "dora", {})
-    assert dora.callbacks[0]["init_args"]["use_dora"] is True and dora.source == "lora_sentiment"
+    dora = plan_method(lora_recipe, "lora_sentiment", "dora", {})  # LoRA's recipe, one change: was dropout 0 too
+    assert dora.callbacks == [{**e, "init_args": {**e["init_args"], "use_dora": True}}
+                              for e in lora_recipe["trainer"]["callbacks"]] and dora.source == "lora_sentiment"
     qlora = plan_method(lora_recipe, "lora_sentiment", "qlora", {"r": 4})  # no qlora_sentiment: the defaults
     assert qlora.source == "defaults"
     assert [e["class_path"] for e in qlora.callbacks] == ["lightning_peft.QuantizeBase", "lightning_peft.LoRA"]
@@ -262,8 +263,7 @@ def test_settings_come_from_the_methods_own_recipe_for_the_same_task():
     assert plan_method(mine, "mine.yaml", "ia3", {}).source == "defaults"
     dora = plan_method(mine, "mine.yaml", "dora", {})  # beside the user's LoRA: its settings, with DoRA on
     assert (dora.source, dora.learning_rate) == ("mine", 0.5)
-    assert dora.callbacks[0]["init_args"] == {**mine["trainer"]["callbacks"][0]["init_args"], "use_dora": True,
-                                               "dropout": 0.0}
+    assert dora.callbacks[0]["init_args"] == {**mine["trainer"]["callbacks"][0]["init_args"], "use_dora": True}
 
 
 def test_a_recipe_of_one_adapter_per_task_keeps_its_own_and_others_get_one_each():

@@ -157,7 +157,7 @@ def plan_method(recipe: dict, recipe_name: str, method: str, overrides: dict[str
         plan = MethodPlan(method, copy.deepcopy(slot), recipe_rate(recipe), (recipe.get("trainer") or {}).get(
             "gradient_clip_val"), Path(recipe_name).name.removesuffix(".yaml"))
     elif method == "dora" and own_method(slot) == "lora":  # DoRA beside the recipe's own LoRA: its settings
-        callbacks = [_with_args(e, use_dora=True, dropout=0.0) for e in slot]
+        callbacks = [_with_args(e, use_dora=True) for e in slot]
         plan = MethodPlan(method, callbacks, recipe_rate(recipe), (recipe.get("trainer") or {}).get(
             "gradient_clip_val"), Path(recipe_name).name.removesuffix(".yaml"))
     elif found is not None:
@@ -165,7 +165,7 @@ def plan_method(recipe: dict, recipe_name: str, method: str, overrides: dict[str
         trainer = sibling.get("trainer") or {}
         callbacks = [e for e in trainer.get("callbacks") or [] if is_method_slot(e)]
         if method == "dora":
-            callbacks = [_with_args(e, use_dora=True, dropout=0.0) for e in callbacks]
+            callbacks = [_with_args(e, use_dora=True) for e in callbacks]
         plan = MethodPlan(method, _one_per_task(callbacks, slot, task_names(recipe)),
                           float(sibling["model"]["init_args"]["learning_rate"]), trainer.get("gradient_clip_val"),
                           source)
