@@ -436,6 +436,10 @@ def test_a_routed_line_without_text_is_refused_rather_than_shifting_later_rows()
     lines = ["upbeat\tgreat day", "gloomy\t ", "gloomy\tawful plot", "upbeat\tmeh"]
     with pytest.raises(ValueError, match=r"predict file, line 2: 'gloomy\\t ' has no text after its adapter name"):
         split_rows(lines, ["upbeat", "gloomy"], "predict file")
+    for line, what in [("cheery\tnice", "names adapter 'cheery', which --adapters does not give"),
+                       ("no tab here", "does not start with an adapter name and a tab")]:  # was: the second for both
+        with pytest.raises(ValueError, match=re.escape(f"predict file, line 1: {line!r} {what}; with --adapters")):
+            split_rows([line], ["upbeat", "gloomy"], "predict file")
 
 
 @pytest.mark.parametrize("command, args, message", [

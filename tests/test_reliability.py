@@ -845,3 +845,12 @@ def test_a_decoder_classifier_whose_tokenizer_has_no_pad_token_trains_and_reads_
         together = task(batch["input_ids"], batch["attention_mask"])
         alone = task(task.tokenizer(["the movie was good"], return_tensors="pt")["input_ids"])
     torch.testing.assert_close(together[:1], alone, atol=1e-5, rtol=0)  # the padded row reads its own last token
+
+
+def test_a_generated_text_is_one_line_that_reads_back_as_it_was():
+    from lightning_peft.lightning.predictions import prediction_line
+
+    text = "a path C:\\new\nthen a line"
+    line = prediction_line(text)
+    assert "\n" not in line and line == "a path C:\\\\new\\nthen a line"  # was: C:\new, read back as a break
+    assert line.encode().decode("unicode_escape") == text

@@ -70,10 +70,11 @@ class PredictionWriter(BasePredictionWriter):
 
 
 def prediction_line(item: Any) -> str:
-    """``positive<TAB>0.9312`` for a classification, the generated text (newlines as ``\\n``) for generation."""
+    """``positive<TAB>0.9312`` for a classification, the generated text on one line for generation (a line break
+    as ``\\n``, a backslash as ``\\\\``, so each line reads back as it was)."""
     if isinstance(item, dict):
         return f"{item['label']}\t{item['probability']:.4f}"
-    return str(item).replace("\n", "\\n")
+    return str(item).replace("\\", "\\\\").replace("\n", "\\n")
 
 
 def prediction_row(text: str | None, item: Any) -> dict[str, Any]:

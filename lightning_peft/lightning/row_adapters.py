@@ -41,9 +41,10 @@ def split_rows(lines: list[str], names: list[str], source: str,
     for number, line in enumerate(lines, 1):
         name, tab, text = line.partition("\t")
         if not tab or (name not in names and name != BASE_MODEL):
-            raise ValueError(f"{source}, line {number}: {line[:60]!r} does not start with an adapter name and a tab; "
-                             f"with --adapters each line is NAME<TAB>text, NAME one of {', '.join(names)} or "
-                             f"'{BASE_MODEL}' for the base model")
+            what = f"names adapter {name!r}, which --adapters does not give" if tab else \
+                "does not start with an adapter name and a tab"
+            raise ValueError(f"{source}, line {number}: {line[:60]!r} {what}; with --adapters each line is "
+                             f"NAME<TAB>text, NAME one of {', '.join(names)} or '{BASE_MODEL}' for the base model")
         if not text.strip():  # the texts go on alone, where an empty one would shift every later row's adapter
             raise ValueError(f"{source}, line {number}: {line[:60]!r} has no text after its adapter name; give "
                              "each line as NAME<TAB>text, or leave the line out")
