@@ -581,6 +581,17 @@ def test_jsonl_texts_may_hold_unicode_line_separators_and_csv_a_byte_order_mark(
     assert read_rows(tmp_path / "rows.csv", ["text", "label"]) == [{"text": "good", "label": "1"}]
 
 
+def test_a_column_named_twice_and_a_label_that_is_a_json_list_are_refused_at_their_line(tmp_path):
+    from lightning_peft.data.files import read_rows
+
+    (tmp_path / "twice.csv").write_text("text,label,text\ngood,pos,bad\n")
+    with pytest.raises(ValueError, match="twice.csv, line 1: the header names column 'text' twice"):
+        read_rows(tmp_path / "twice.csv", ["text", "label"])  # was: the last 'text' column read
+    (tmp_path / "lists.jsonl").write_text('{"text": "good", "label": 1}\n{"text": "bad", "label": [0]}\n')
+    with pytest.raises(ValueError, match=r"lists.jsonl, line 2: the 'label' value is a JSON list \(\[0\]\)"):
+        read_rows(tmp_path / "lists.jsonl", ["text", "label"])  # was: a class named "[0]"
+
+
 def test_a_quote_left_open_is_an_error_at_its_line_rather_than_rows_swallowed(tmp_path):
     from lightning_peft.data.files import read_rows
 

@@ -42,6 +42,11 @@ def read_rows(path: str | Path, columns: list[str]) -> list[dict]:
         empty = next((c for c in columns if row.get(c) is None or str(row[c]).strip() == ""), None)
         if empty is not None:
             raise ValueError(f"data file {path}, line {number}: no {empty!r} value in {_shown(lines, number)}")
+        nested = next((c for c in columns if isinstance(row[c], (list, dict))), None)
+        if nested is not None:
+            raise ValueError(f"data file {path}, line {number}: the {nested!r} value is a JSON "
+                             f"{'list' if isinstance(row[nested], list) else 'object'} ({json.dumps(row[nested])}); "
+                             "give a text or a number")
     return [row for _, row in rows]
 
 
@@ -83,6 +88,9 @@ def _csv_rows(text: str, path: Path, delimiter: str) -> list[tuple[int, dict]]:
     if header is None:
         return []
     header = [name.strip() for name in header]  # "text, label" names the column 'label
+    twice = next((name for i, name in enumerate(header) if name in header[:i]), None)
+    if twice is not None:
+        raise ValueError(f"data file {path}, line 1: the header names column {twice!r} twice; name each column once")
     rows = []
     for start, fields in records:
         if not fields:
