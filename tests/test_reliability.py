@@ -687,6 +687,34 @@ def test_a_fine_tuned_head_s_classes_are_put_in_the_data_s_order(tmp_path):
         SequenceClassification(str(folder), labels=["bad", "good"]).configure_model()
 
 
+def test_a_checkpoint_used_on_a_base_of_other_weights_says_so_and_a_moved_copy_does_not(tmp_path):
+    import shutil
+
+    from lightning_peft.data import TextClassificationData
+
+    (tmp_path / "train.csv").write_text("text,label\n" + "".join(f"the movie was {w},{i % 2}\n"
+                                                                  for i, w in enumerate(WORDS)))
+    folders = [tiny_bert_folder(tmp_path / "base", WORDS, seed=0), tiny_bert_folder(tmp_path / "other", WORDS, seed=1)]
+    shutil.copytree(folders[0], tmp_path / "moved")
+
+    def run(folder: Path, fit: bool = False) -> L.Trainer:
+        trainer = make_trainer([LoRA(r=4, target_modules=["query"], modules_to_save=["classifier"])], max_steps=1)
+        data = TextClassificationData(train_file=str(tmp_path / "train.csv"), val_fraction=0.5)
+        if fit:
+            trainer.fit(SequenceClassification(str(folder)), datamodule=data)
+        else:
+            trainer.validate(SequenceClassification(str(folder)), datamodule=data, ckpt_path=tmp_path / "run.ckpt")
+        return trainer
+
+    run(folders[0], fit=True).save_checkpoint(tmp_path / "run.ckpt")
+    with pytest.warns(UserWarning, match=r"was trained on the base model in .*base, and this task's base \(.*other\) "
+                                         "has other weights"):
+        run(folders[1])  # was: evaluated (or resumed) on another base without a word
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*has other weights")
+        run(tmp_path / "moved")
+
+
 def test_a_run_without_an_end_is_refused_before_its_first_step(tmp_path):
     from lightning_peft.data import TextClassificationData
     from lightning_peft.tasks import SequenceClassification

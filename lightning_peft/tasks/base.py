@@ -8,6 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics import Metric, MetricCollection
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -17,9 +18,10 @@ from lightning_peft.core.checks import check_choice, check_positive_number
 from lightning_peft.core.ownership import owners
 from lightning_peft.core.weights import import_bitsandbytes
 from lightning_peft.lightning.checkpointing import check_methods_present
-from lightning_peft.tasks.models import resolve_model
+from lightning_peft.tasks.models import resolve_model, weights_fingerprint
 
 OPTIMIZERS = ("adamw", "adamw8bit")
+BASE_KEY = "lightning_peft_base"  # a checkpoint's record of the base model's folder and weights
 RESUMED_SETTINGS = ("learning_rate", "weight_decay", "warmup_steps", "optimizer")  # what a resume restores itself
 
 
@@ -76,12 +78,20 @@ class TransformersTask(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_methods_present(checkpoint, self)
+        path = self.trainer.ckpt_path if self._trainer is not None else None
         if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
-            check_resumed_optimization(checkpoint.get("hyper_parameters") or {}, self.hparams, self.trainer.ckpt_path)
+            check_resumed_optimization(checkpoint.get("hyper_parameters") or {}, self.hparams, path)
+        saved = checkpoint.get(BASE_KEY)
+        if saved and saved["fingerprint"] != weights_fingerprint(self.model_path):
+            rank_zero_warn(f"checkpoint {path or ''} was trained on the base model in {saved['folder']}, and this "
+                           f"task's base ({self.model_path}) has other weights: its adapters were trained for that "
+                           "one, and compute otherwise on this")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Name this task's class in the checkpoint, as LightningCLI does, so a fit from Python exports too."""
+        """Name this task's class in the checkpoint, as LightningCLI does, so a fit from Python exports too, and its
+        base model's weights by a fingerprint, so a resume or evaluation on another base says so."""
         checkpoint.setdefault("hyper_parameters", {}).setdefault("_class_path", class_path(type(self)))
+        checkpoint[BASE_KEY] = {"folder": str(self.model_path), "fingerprint": weights_fingerprint(self.model_path)}
 
     def on_validation_epoch_start(self) -> None:
         # Fresh metric states in this loop's grad mode: a `validate` (inference mode) before `fit`
