@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_peft import LoRA, QuantizeBase, adapter_names, merge, trainable_summary, unmerge
+from lightning_peft import IA3, LoRA, QuantizeBase, adapter_names, merge, trainable_summary, unmerge
 from lightning_peft.lora import LoRALayer
 
 from conftest import (
@@ -254,6 +254,18 @@ def test_a_new_trainer_with_the_same_method_evaluates_the_trained_adapter():
     make_trainer([LoRA(r=R, alpha=8, **lora_kwargs)]).predict(module, loader)  # a second Trainer, as after a fit
     assert adapter_names(module) == ["default"]
     assert all(torch.equal(p, trained[n]) for n, p in module.named_parameters() if n in trained)
+
+
+def test_a_fit_that_trains_an_earlier_trainer_s_adapter_too_says_so():
+    module, loader, lora_kwargs, _ = llama_case()
+    make_trainer([LoRA(r=R, alpha=8, **lora_kwargs)], max_steps=1).fit(module, loader)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*none of this trainer's methods made")
+        make_trainer([LoRA(r=R, alpha=8, **lora_kwargs)], max_steps=2).fit(module, loader)  # its own adapter: quiet
+    with pytest.warns(UserWarning, match=r"the model holds LoRA\[default\], which none of this trainer's methods "
+                                         r"made \(an earlier run's\): it trains in this fit too"):
+        make_trainer([IA3(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])],
+                     max_steps=3).fit(module, loader)  # was: LoRA trained too, its checkpoints naming IA3 alone
 
 
 @pytest.mark.parametrize("precision, adapter_dtype", [

@@ -30,7 +30,7 @@ from lightning_peft.core.adapter_control import check_not_switched_off
 from lightning_peft.core.adapter_files import AdapterFormat, class_path, outside_the_file
 from lightning_peft.core.injection import give_new_modules_their_parents_mode, keep_pytorch_fast_paths_off, modules_of
 from lightning_peft.core.merging import check_unmerged, merged_layers
-from lightning_peft.core.ownership import AdapterRef, adapter_refs, claim, freeze_unclaimed
+from lightning_peft.core.ownership import AdapterRef, adapter_refs, claim, freeze_unclaimed, owners
 from lightning_peft.core.rollback import TreeRecord, all_or_nothing
 from lightning_peft.core.saved_modules import save_modules
 from lightning_peft.core.summary import trainable_summary
@@ -288,6 +288,7 @@ class PEFTCallback(ModelSetupCallback):
         self._step_tasks: set[str] | None = None
         if self is peft_callbacks(trainer)[0]:
             check_tasks_can_rest(trainer)
+            _warn_of_adapters_made_elsewhere(trainer, pl_module)
             enable_input_grads_for_checkpointing(pl_module)
             rank_zero_info(f"lightning_peft: trainable parameters\n{trainable_summary(pl_module)}")
 
@@ -391,6 +392,19 @@ def check_launcher(trainer: L.Trainer, owner: str) -> None:
 def setup_callbacks(trainer: L.Trainer) -> list[ModelSetupCallback]:
     """The trainer's callbacks that change the model at setup, in order."""
     return [cb for cb in trainer.callbacks if isinstance(cb, ModelSetupCallback)]
+
+
+def _warn_of_adapters_made_elsewhere(trainer: L.Trainer, module: nn.Module) -> None:
+    """Say which trainable adapters no method of this trainer made (an earlier Trainer's): they train too, and the
+    checkpoints, which record this trainer's methods, resume only with theirs given as well."""
+    made_here = {callback.ref for callback in peft_callbacks(trainer)}
+    trainable = {id(param) for param in module.parameters() if param.requires_grad}
+    others = sorted({str(ref) for param_id, ref in owners(module).items() if param_id in trainable
+                     and ref not in made_here and issubclass(ref.method, PEFTCallback)})
+    if others:
+        rank_zero_warn(f"the model holds {', '.join(others)}, which none of this trainer's methods made (an earlier "
+                       "run's): it trains in this fit too, and resuming its checkpoints needs its method given as "
+                       "well; give this trainer that method too, or delete_adapter it first")
 
 
 def peft_callbacks(trainer: L.Trainer) -> list[PEFTCallback]:
