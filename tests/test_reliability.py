@@ -715,6 +715,28 @@ def test_a_checkpoint_used_on_a_base_of_other_weights_says_so_and_a_moved_copy_d
         run(tmp_path / "moved")
 
 
+def test_a_resume_from_an_epoch_s_end_takes_any_data_and_one_from_inside_an_epoch_only_the_same(tmp_path):
+    from lightning_peft.data import TextClassificationData
+
+    folder = tiny_bert_folder(tmp_path / "model", WORDS)
+    for name, words in (("train", WORDS[:8]), ("more", WORDS)):  # 8 rows: an epoch of 2 batches of 4; 12 rows: 3
+        (tmp_path / f"{name}.csv").write_text("text,label\n" + "".join(f"the movie was {w},{i % 2}\n"
+                                                                       for i, w in enumerate(words)))
+
+    def fit(steps: int, data: str = "train", batch_size: int = 4, ckpt_path: Path | None = None) -> L.Trainer:
+        trainer = make_trainer([LoRA(r=4, target_modules=["query"], modules_to_save=["classifier"])], max_steps=steps)
+        trainer.fit(SequenceClassification(str(folder)), ckpt_path=ckpt_path, datamodule=TextClassificationData(
+            train_file=str(tmp_path / f"{data}.csv"), batch_size=batch_size, val_fraction=0))
+        return trainer
+
+    fit(2).save_checkpoint(tmp_path / "end.ckpt")
+    fit(1).save_checkpoint(tmp_path / "inside.ckpt")
+    for data, batch_size in (("more", 4), ("train", 2)):  # was: refused, though the saved epoch had ended
+        assert fit(4, data, batch_size, tmp_path / "end.ckpt").global_step == 4
+        with pytest.raises(ValueError, match="the checkpoint was saved inside an epoch of"):
+            fit(4, data, batch_size, tmp_path / "inside.ckpt")
+
+
 def test_a_run_without_an_end_is_refused_before_its_first_step(tmp_path):
     from lightning_peft.data import TextClassificationData
     from lightning_peft.tasks import SequenceClassification

@@ -92,6 +92,7 @@ class ResumableLoader(DataLoader):
     """
 
     batches_done = 0  # set by `shuffled_loader` for a resumed fit
+    trained_in_epoch = 0  # the batches its epoch had trained when the checkpoint was saved (0 for a fresh fit)
 
     def __iter__(self) -> Iterator[Any]:
         """The batches; under DDP or FSDP (Lightning's ``DistributedSampler``, whose order is the epoch's), once after
@@ -108,12 +109,15 @@ class ResumableLoader(DataLoader):
             return state
         return {**state, "epoch_start": sampler.epoch_start, "now": sampler.generator.get_state()}
 
-    def _rows_a_batch(self) -> int | None:
-        """The batch size, the loader's own or its batch sampler's (MultiTaskData's)."""
-        return self.batch_size if self.batch_size is not None else getattr(self.batch_sampler, "batch_size", None)
+    def _saved_inside_an_epoch(self, state_dict: dict[str, Any]) -> bool:
+        """Whether the checkpoint was saved part-way through an epoch (Lightning loads the state at an epoch's end
+        too, where ``max_steps`` counts the run)."""
+        if "batches" not in state_dict:  # an earlier version's state: the batches done, against this epoch's
+            return bool(self.batches_done or getattr(self.batch_sampler, "skip", 0))
+        return 0 < self.trained_in_epoch < state_dict["batches"]
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Take up the checkpoint's place (Lightning loads a loader's state for a resume inside an epoch only)."""
+    def _check_same_epoch(self, state_dict: dict[str, Any]) -> None:
+        """Refuse to go on with an epoch of another batch size or length than the one the checkpoint was inside."""
         saved, now = state_dict.get("batch_size", self._rows_a_batch()), self._rows_a_batch()
         if saved != now:
             raise ValueError(f"the checkpoint was saved inside an epoch of batch_size {saved}, and this fit's "
@@ -125,6 +129,15 @@ class ResumableLoader(DataLoader):
                              f"epoch has {now} (other data, or another number of processes): the rest of that epoch "
                              "would repeat some rows and leave out others; resume as it was trained, or from a "
                              "checkpoint at an epoch's end")
+
+    def _rows_a_batch(self) -> int | None:
+        """The batch size, the loader's own or its batch sampler's (MultiTaskData's)."""
+        return self.batch_size if self.batch_size is not None else getattr(self.batch_sampler, "batch_size", None)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Take up the checkpoint's place; inside an epoch, only with the batches that epoch was made of."""
+        if self._saved_inside_an_epoch(state_dict):
+            self._check_same_epoch(state_dict)
         sampler = self.sampler
         if "now" not in state_dict or not isinstance(sampler, ResumableShuffle):  # distributed: its own order
             return
@@ -147,6 +160,7 @@ def shuffled_loader(rows: Any, seed: int, trainer: Any, **kwargs: Any) -> Resuma
     loader = ResumableLoader(rows, sampler=sampler, generator=torch.Generator().manual_seed(seed),
                              **kwargs)  # the workers' seeds
     loader.batches_done = batches_done_in_epoch(trainer, _batches_per_process(loader, trainer))
+    loader.trained_in_epoch = batches_trained_in_epoch(trainer)
     return loader
 
 
@@ -181,10 +195,17 @@ def _epochs_done_before(trainer: Any) -> int:
 def batches_done_in_epoch(trainer: Any, batches: int) -> int:
     """Training batches of its epoch that a fit resumed from inside an epoch had done; 0 for a fresh fit, or one
     resumed from an epoch's end (of ``batches``, or fewer under ``limit_train_batches``)."""
-    loop = getattr(trainer, "fit_loop", None)
-    if loop is None or not loop.restarting:
+    done = batches_trained_in_epoch(trainer)
+    if not done:
         return 0
     limit = trainer.limit_train_batches
     epoch = min(limit, batches) if isinstance(limit, int) else int(batches * limit)
-    done = loop.epoch_loop.batch_progress.current.processed
     return done if done < epoch else 0
+
+
+def batches_trained_in_epoch(trainer: Any) -> int:
+    """The batches the epoch of the checkpoint a fit resumes from had trained (0 for a fresh fit)."""
+    loop = getattr(trainer, "fit_loop", None)
+    if loop is None or not loop.restarting:
+        return 0
+    return loop.epoch_loop.batch_progress.current.processed

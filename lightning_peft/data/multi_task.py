@@ -13,7 +13,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampl
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from lightning_peft.core.checks import check_choice
-from lightning_peft.data.base import ResumableLoader, batches_done_in_epoch
+from lightning_peft.data.base import ResumableLoader, batches_done_in_epoch, batches_trained_in_epoch
 from lightning_peft.data.text_classification import TextClassificationData
 
 Mixing = Literal["mixed", "alternating"]
@@ -143,8 +143,10 @@ class MultiTaskData(L.LightningDataModule):
                                    seed=self.seed, skip=batches_done_in_epoch(self.trainer, batches))
         # keywords: Lightning re-creates it with its sampler; its own generator, so that starting an epoch (again, on
         # a resume) leaves the global one, and with it the dropout masks, as the uninterrupted run has it
-        return self._loader(examples, ResumableLoader, batch_sampler=sampler,
-                            generator=torch.Generator().manual_seed(self.seed))
+        loader = self._loader(examples, ResumableLoader, batch_sampler=sampler,
+                              generator=torch.Generator().manual_seed(self.seed))
+        loader.trained_in_epoch = batches_trained_in_epoch(self.trainer)
+        return loader
 
     def val_dataloader(self) -> DataLoader | list:
         examples = self._examples("val")
