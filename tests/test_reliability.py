@@ -170,7 +170,7 @@ CLI_CASES = {
     "a new head that nothing trains": (
         ["fit", "--config", "{no_head.yaml}", "--data.init_args.train_file", "{three_classes.csv}"],
         ["the classification head (classifier) is new, initialized at random (the model folder has no head of 3 "
-         "classes), and no method trains it: give the PEFT method modules_to_save=['classifier']"]),  # was: trained
+         "classes), and no method trains its weights: add 'classifier' to the PEFT method's modules_to_save"]),
     "an option cut short on the command line": (
         ["fit", "--config", "{recipe.yaml}", "--trainer.max_step=1"],
         ["unknown option 'trainer.max_step'; did you mean 'trainer.max_steps'?"]),  # was: taken as max_steps
@@ -668,6 +668,25 @@ def test_class_names_come_from_every_training_row_or_else_from_the_task(tmp_path
     data.trainer = SimpleNamespace(lightning_module=SimpleNamespace(labels=["bad", "good"]))
     data.setup("test")  # was: "test data has label 'good', but training labels are integers"
     assert data.labels == ["bad", "good"] and next(iter(data.test_dataloader()))["labels"].tolist() == [1]
+
+
+def test_a_new_head_must_train_its_class_weights_and_a_frozen_layer_before_them_is_a_warning():
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    from lightning_peft.tasks.sequence_classification import check_new_head_trains
+
+    def model(method):
+        return method.inject(DistilBertForSequenceClassification(DistilBertConfig(
+            vocab_size=64, dim=32, hidden_dim=64, n_layers=1, n_heads=4, num_labels=3)))
+
+    head = ["classifier", "pre_classifier"]  # DistilBERT's new head: a projection, then the class layer
+    with pytest.warns(UserWarning, match="pre_classifier: new, initialized at random, and frozen"):
+        check_new_head_trains(model(LoRA(r=4, target_modules=["q_lin"], modules_to_save=["classifier"])), head)
+    check_new_head_trains(model(LoRA(r=4, target_modules=["q_lin"], modules_to_save=head)), head)  # quiet
+    with pytest.raises(ValueError, match="classification head .classifier. is new.*no method trains its weights"):
+        check_new_head_trains(model(BitFit()), head)  # its bias alone trains
+    with pytest.raises(ValueError, match="classification head .classifier. is new"):
+        check_new_head_trains(model(LoRA(r=4, target_modules=["q_lin"])), head)
 
 
 def test_a_fine_tuned_head_s_classes_are_put_in_the_data_s_order(tmp_path):

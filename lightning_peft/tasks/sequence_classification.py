@@ -170,13 +170,26 @@ def new_head_modules(model: nn.Module, loading: dict[str, Any]) -> list[str]:
 
 
 def check_new_head_trains(model: nn.Module, head: list[str]) -> None:
-    """Refuse a head made anew that nothing trains: every class would be read through its random weights."""
-    frozen = [name for name in head if not any(param.requires_grad for key, param in model.named_parameters()
-                                               if key == name or key.startswith(name + "."))]
+    """Refuse a head made anew whose class weights nothing trains: every class would be read through random weights.
+
+    Its other new modules (DistilBERT's ``pre_classifier``, DeBERTa's ``pooler``) left frozen are a warning.
+    """
+    def under(name: str) -> list[nn.Parameter]:
+        return [param for key, param in model.named_parameters() if key == name or key.startswith(name + ".")]
+
+    num_labels = model.config.num_labels
+    class_weights = {name: [p for p in under(name) if p.dim() == 2 and p.shape[0] == num_labels] for name in head}
+    frozen = [name for name in head if class_weights[name] and not any(p.requires_grad for p in class_weights[name])]
     if frozen:
         raise ValueError(f"the classification head ({', '.join(frozen)}) is new, initialized at random (the model "
-                         f"folder has no head of {model.config.num_labels} classes), and no method trains it: give "
-                         f"the PEFT method modules_to_save={frozen}, or train it with Selective(modules={frozen})")
+                         f"folder has no head of {num_labels} classes), and no method trains its weights: add "
+                         f"{', '.join(map(repr, frozen))} to the PEFT method's modules_to_save, or train it with "
+                         f"Selective(modules={frozen})")
+    idle = [name for name in head if not class_weights[name] and not any(p.requires_grad for p in under(name))]
+    if idle:
+        warnings.warn(f"{', '.join(idle)}: new, initialized at random, and frozen, so the head reads its features "
+                      f"through a random layer; add {', '.join(map(repr, idle))} to the PEFT method's modules_to_save "
+                      "to train it", stacklevel=2)
 
 
 def put_classes_in_order(model: nn.Module, labels: Sequence[str] | None) -> None:
@@ -222,7 +235,7 @@ def check_labels_fit(labels: Sequence[str] | None, num_labels: int, datamodule: 
     if num_labels < 2:
         named = f" ({', '.join(map(repr, labels))})" if labels else ""
         raise ValueError(f"a classifier needs at least two classes, but this one has {num_labels}{named}: give "
-                         "training data with rows of each class, or num_labels")
+                         f"training data with rows of each class{'' if labels else ', or num_labels'}")
     theirs = getattr(datamodule, "labels", None)
     if labels and theirs and list(labels) != list(theirs):
         raise ValueError(f"the task's labels ({', '.join(labels)}) differ from the data's ({', '.join(theirs)}), "
