@@ -700,14 +700,23 @@ def test_generating_past_the_position_table_is_refused_in_one_line(method):
             model.generate(input_ids=ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)  # was: IndexError
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])  # rotary and learned positions
+def roberta_body():
+    from transformers import RobertaConfig, RobertaModel
+
+    torch.manual_seed(0)
+    return RobertaModel(RobertaConfig(vocab_size=VOCAB, hidden_size=H, intermediate_size=2 * H, num_hidden_layers=1,
+                                      num_attention_heads=4, max_position_embeddings=64), add_pooling_layer=False)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "roberta"])  # rotary, learned, and learned past a padding row
 def test_a_left_padded_row_computes_with_its_prompt_as_it_does_alone(kind):
-    model = PromptTuning(num_virtual_tokens=N).inject(build(kind)).eval()
+    model = PromptTuning(num_virtual_tokens=N).inject(roberta_body() if kind == "roberta" else build(kind)).eval()
     inputs = batch()  # the first row's two pads sit between the prompt and its tokens
     with torch.no_grad():
-        padded = model(**inputs).logits[0, 2:]
-        alone = model(input_ids=inputs["input_ids"][:1, 2:]).logits[0]
-    torch.testing.assert_close(padded, alone, rtol=0, atol=1e-5)
+        padded = model(**inputs)
+        alone = model(input_ids=inputs["input_ids"][:1, 2:])
+    key = "last_hidden_state" if kind == "roberta" else "logits"
+    torch.testing.assert_close(padded[key][0, 2:], alone[key][0], rtol=0, atol=1e-5)
 
 
 def test_decoding_step_by_step_from_left_padded_rows_continues_their_positions():

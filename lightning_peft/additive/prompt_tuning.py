@@ -28,6 +28,7 @@ from lightning_peft.additive.soft_prompts import (
     check_positions_fit,
     decoder_argument,
     encoder_decoder,
+    first_position,
     gather_if_sharded,
     given_cache,
     holds_only_a_prefix,
@@ -77,7 +78,7 @@ class RowPrompts:
         return self.lengths[:, None] + torch.arange(length, device=self.lengths.device)
 
     def pack(self, kwargs: dict[str, Any], shape: tuple[int, int], positions: Tensor | None,
-             is_encoder_decoder: bool) -> None:
+             is_encoder_decoder: bool, first: int = 0) -> None:
         """Turn inputs laid out as ``[prompt block, tokens]`` into ``[prompt, tokens, padding]`` per row.
 
         An encoder-decoder's decoder inputs stay as they are, whatever their length.
@@ -89,8 +90,8 @@ class RowPrompts:
         real_mask = mask[:, n:] if mask is not None else virtual.new_ones(batch, length)
         kwargs["attention_mask"] = torch.cat([virtual.to(real_mask.dtype), real_mask], dim=1)
         if positions is not None:
-            kwargs["position_ids"] = torch.cat([torch.arange(n, device=positions.device).expand(batch, n),
-                                                positions + lengths.to(positions.dtype)], dim=1)
+            virtual_positions = torch.arange(first, first + n, device=positions.device).expand(batch, n)
+            kwargs["position_ids"] = torch.cat([virtual_positions, positions + lengths.to(positions.dtype)], dim=1)
         t = torch.arange(n + length, device=lengths.device)
         source = torch.where(t < lengths, t, torch.where(t < lengths + length, t - lengths + n, t - length))
         for key, value in kwargs.items():
@@ -119,6 +120,7 @@ class PromptInjector(PEFTModule):
         self.positions = learned_positions(model)  # the learned position table's size, if the model has one
         hooked = prompted_module(model)
         self.takes_positions = "position_ids" in inspect.signature(hooked.forward).parameters
+        self.first_position = first_position(model)
         hooked.register_forward_pre_hook(self.before_forward, with_kwargs=True)
         hooked.register_forward_hook(self.after_forward, with_kwargs=True, always_call=True)
 
@@ -189,7 +191,8 @@ class PromptInjector(PEFTModule):
         if prompts is None:  # nothing to put in front, or nothing to put it before
             return (), kwargs
         if self.takes_positions and not is_encoder_decoder:
-            number_past_left_padding(kwargs, (cached - prompts.width if cached else 0) + shape[1], shape[1])
+            number_past_left_padding(kwargs, (cached - prompts.width if cached else 0) + shape[1], shape[1],
+                                     self.first_position)
         if cached:  # a later decoding step: the cache holds the prompt already
             check_positions_fit(self.positions, model, "PromptTuning", prompts.width,
                                 cached - prompts.width + shape[1], GENERATED)
@@ -197,7 +200,7 @@ class PromptInjector(PEFTModule):
             shift_position_ids(kwargs, prompts.width, with_virtual=False)
         else:
             check_positions_fit(self.positions, model, "PromptTuning", prompts.width, shape[1], "the input")
-            prepend(model, kwargs, prompts, shape)
+            prepend(model, kwargs, prompts, shape, self.first_position)
         return (), kwargs
 
     def after_forward(self, model: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
@@ -209,23 +212,26 @@ class PromptInjector(PEFTModule):
         return output.to_tuple() if as_tuple else output
 
 
-def number_past_left_padding(kwargs: dict[str, Any], length: int, new: int) -> None:
+def number_past_left_padding(kwargs: dict[str, Any], length: int, new: int, first: int = 0) -> None:
     """Give left-padded rows position ids that count their attended tokens only, where none are given.
 
     The prompt goes before the padding, so without them the padding would stand between a row's
     prompt and its tokens and change what the row computes (``generate`` passes such ids itself).
-    ``length``: the real tokens' count so far, which a mask of the caller's own covers; ``new``: this call's.
+    ``length``: the real tokens' count so far, which a mask of the caller's own covers; ``new``: this call's;
+    ``first``: the model's first position id (`first_position`).
     """
     mask = kwargs.get("attention_mask")
     if (kwargs.get("position_ids") is not None or not isinstance(mask, Tensor) or mask.dim() != 2
             or mask.shape[1] != length or bool(mask[:, 0].all())):
         return
-    positions = mask.long().cumsum(-1) - 1
-    kwargs["position_ids"] = positions.masked_fill(mask == 0, 1)[:, -new:]
+    positions = mask.long().cumsum(-1) - 1 + first
+    kwargs["position_ids"] = positions.masked_fill(mask == 0, first + 1)[:, -new:]
 
 
-def prepend(model: nn.Module, kwargs: dict[str, Any], prompts: RowPrompts, shape: tuple[int, int]) -> None:
-    """Put each row's prompt before its input embeddings and widen everything aligned with them."""
+def prepend(model: nn.Module, kwargs: dict[str, Any], prompts: RowPrompts, shape: tuple[int, int],
+            first: int = 0) -> None:
+    """Put each row's prompt before its input embeddings and widen everything aligned with them (given position
+    ids: the prompt's numbered from ``first``, the model's first position)."""
     n = prompts.width
     embeds = kwargs.pop("inputs_embeds", None)
     ids = kwargs.pop("input_ids", None)
@@ -234,11 +240,11 @@ def prepend(model: nn.Module, kwargs: dict[str, Any], prompts: RowPrompts, shape
     kwargs["inputs_embeds"] = torch.cat([prompts.embeds.to(embeds.dtype), embeds], 1)
     positions = kwargs.get("position_ids")
     widen_attention_mask(kwargs, n, n + shape[1])
-    shift_position_ids(kwargs, n, with_virtual=True)
+    shift_position_ids(kwargs, n, with_virtual=True, first=first)
     is_encoder_decoder = encoder_decoder(model)
     prepend_to_token_inputs(kwargs, n, shape, is_encoder_decoder)
     if prompts.lengths is not None:
-        prompts.pack(kwargs, shape, positions, is_encoder_decoder)
+        prompts.pack(kwargs, shape, positions, is_encoder_decoder, first)
 
 
 class PromptTuning(PEFTCallback):

@@ -117,6 +117,14 @@ def learned_positions(model: nn.Module) -> int | None:
     return min((table.num_embeddings - start for table, start in zip(tables, first, strict=True)), default=None)
 
 
+def first_position(model: nn.Module) -> int:
+    """The position id of a model's first token: RoBERTa-likes index their table past its padding row with the ids
+    as given (``padding_idx + 1``); others count from 0 (OPT and BART add their offset to given ids themselves)."""
+    return next((table.padding_idx + 1 for name, table in model.named_modules()
+                 if isinstance(table, nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES
+                 and table.padding_idx is not None and not hasattr(table, "offset")), 0)
+
+
 GENERATED = "the input and the tokens generated after it: generate fewer (max_new_tokens)"
 
 
@@ -155,14 +163,16 @@ def widen_attention_mask(kwargs: dict[str, Any], n: int, attended_length: int) -
         kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
 
 
-def shift_position_ids(kwargs: dict[str, Any], n: int, with_virtual: bool) -> None:
-    """Move given position ids ``n`` places on; with ``with_virtual``, number the virtual positions 0..n-1 first."""
+def shift_position_ids(kwargs: dict[str, Any], n: int, with_virtual: bool, first: int = 0) -> None:
+    """Move given position ids ``n`` places on; with ``with_virtual``, number the virtual positions first, from
+    ``first`` (the model's `first_position`)."""
     positions = kwargs.get("position_ids")
     if positions is None:
         return
     shifted = positions + n
     if with_virtual:
-        virtual = torch.arange(n, dtype=positions.dtype, device=positions.device).expand(*positions.shape[:-1], n)
+        virtual = torch.arange(first, first + n, dtype=positions.dtype, device=positions.device).expand(
+            *positions.shape[:-1], n)
         shifted = torch.cat([virtual, shifted], dim=-1)
     kwargs["position_ids"] = shifted
 
