@@ -734,6 +734,20 @@ def test_a_checkpoint_used_on_a_base_of_other_weights_says_so_and_a_moved_copy_d
         run(tmp_path / "moved")
 
 
+def test_the_weights_fingerprint_sees_a_changed_middle_tensor_and_not_another_sharding(tmp_path):
+    from lightning_peft.tasks.models import weights_fingerprint
+
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "a")
+    model.save_pretrained(tmp_path / "shards", max_shard_size="40KB")
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.add_(0.5)  # in a large file: between its first and last MiB
+    model.save_pretrained(tmp_path / "b")
+    assert len(list((tmp_path / "shards").glob("model-*.safetensors"))) > 1
+    assert weights_fingerprint(tmp_path / "a") == weights_fingerprint(tmp_path / "shards")  # was: other weights
+    assert weights_fingerprint(tmp_path / "a") != weights_fingerprint(tmp_path / "b")
+
+
 def test_a_resume_from_an_epoch_s_end_takes_any_data_and_one_from_inside_an_epoch_only_the_same(tmp_path):
     from lightning_peft.data import TextClassificationData
 

@@ -83,7 +83,8 @@ class TransformersTask(L.LightningModule):
             check_resumed_optimization(checkpoint.get("hyper_parameters") or {}, self.hparams, path)
         saved = checkpoint.get(BASE_KEY)
         if saved and saved["fingerprint"] != weights_fingerprint(self.model_path):
-            rank_zero_warn(f"checkpoint {path or ''} was trained on the base model in {saved['folder']}, and this "
+            rank_zero_warn(f"{f'checkpoint {path}' if path else 'the checkpoint'} was trained on the base model in "
+                           f"{saved['folder']}, and this "
                            f"task's base ({self.model_path}) has other weights: its adapters were trained for that "
                            "one, and compute otherwise on this")
 
