@@ -319,7 +319,7 @@ def test_targets_that_the_forward_never_calls_are_refused_before_the_first_backw
     model = tiny_llama()
     model.unused = nn.Linear(32, 32)  # as T5's `shared`: its weight is used elsewhere, the module is never called
     trainer = make_trainer([LoRA(r=R, target_modules=["unused"])])
-    with pytest.raises(ValueError, match=r"the loss depends on no trainable parameter, so nothing would train: the "
-                                         r"forward never uses model\.unused\.adapters\.default\.lora_A"):
+    with pytest.raises(ValueError, match=r"the loss depends on no trainable parameter, so nothing would train: "
+                                         r"model\.unused\.adapters\.default\.lora_A.*the forward never calls"):
         trainer.fit(TokenModule(model), token_loader())  # was: torch's "element 0 of tensors does not require grad"
     assert trainer.global_step == 0

@@ -94,7 +94,8 @@ class ModelSetupCallback(L.Callback):
         if self is not setup_callbacks(trainer)[0]:
             return  # the first of these callbacks applies them all, together
         if stage == "fit":
-            check_unmerged(pl_module, "fit", "to train the adapters on (a checkpoint could not hold them either)")
+            check_unmerged(pl_module, "fit", "to train its adapters on, or save the merged model and use it as a "
+                                             "new base")
         for callback in setup_callbacks(trainer):
             callback.prepare(trainer)
         if is_overridden("configure_model", pl_module, L.LightningModule) or shards_after_injection(trainer.strategy):

@@ -408,10 +408,11 @@ def check_loss_reaches_parameters(module: nn.Module, loss: Any) -> None:
     if not isinstance(loss, Tensor) or loss.requires_grad or not torch.is_grad_enabled():
         return
     trainable = [state_key(name) for name, p in module.named_parameters() if p.requires_grad]
-    raise ValueError(f"the loss depends on no trainable parameter, so nothing would train: the forward never uses "
-                     f"{', '.join(trainable[:8])}{', ...' if len(trainable) > 8 else ''} (a module whose weight "
-                     "another one uses, such as T5's `shared`, is never called itself): target the modules the "
-                     "forward calls")
+    named = f": {', '.join(trainable[:8])}{', ...' if len(trainable) > 8 else ''}" if trainable else ""
+    raise ValueError(f"the loss depends on no trainable parameter, so nothing would train{named}. Either the "
+                     "forward never calls their modules (a module whose weight another one uses, such as T5's "
+                     "`shared`, is not called itself: target the modules the forward calls), or the loss was "
+                     "detached or computed under torch.no_grad")
 
 
 def idle_everywhere(strategy: Strategy, names: list[str], present: set[str]) -> set[str]:
