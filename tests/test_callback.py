@@ -246,6 +246,20 @@ def test_an_adapter_name_injected_again_is_the_same_adapter_or_an_error():
     assert set(model.state_dict()) == keys
 
 
+def test_a_loaded_adapter_trains_on_under_the_callback_of_its_settings_as_the_user_names_its_targets(tmp_path):
+    from lightning_peft import load_adapter, save_adapter
+
+    module, loader, lora_kwargs, _ = llama_case()
+    make_trainer([LoRA(r=R, alpha=8, **lora_kwargs)], max_steps=2).fit(module, loader)
+    save_adapter(module, tmp_path)  # its file lists every target by its full name
+    again = load_adapter(TokenModule(tiny_llama()), tmp_path)
+    make_trainer([LoRA(r=R, alpha=8, **lora_kwargs)], max_steps=1).fit(again, loader)  # was: refused, other targets
+    assert adapter_names(again) == ["default"]
+    with pytest.raises(ValueError, match=r"LoRA\[default\] is in this model already, made with target_modules="):
+        make_trainer([LoRA(r=R, alpha=8, target_modules=["q_proj"])], max_steps=1).fit(
+            load_adapter(TokenModule(tiny_llama()), tmp_path), loader)
+
+
 def test_a_new_trainer_with_the_same_method_evaluates_the_trained_adapter():
     module, loader, lora_kwargs, _ = llama_case()
     make_trainer([LoRA(r=R, alpha=8, **lora_kwargs)], max_steps=2).fit(module, loader)

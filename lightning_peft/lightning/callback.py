@@ -30,11 +30,12 @@ from lightning_peft.core.adapter_control import check_not_switched_off
 from lightning_peft.core.adapter_files import AdapterFormat, class_path, outside_the_file
 from lightning_peft.core.injection import give_new_modules_their_parents_mode, keep_pytorch_fast_paths_off, modules_of
 from lightning_peft.core.merging import check_unmerged, merged_layers
+from lightning_peft.core.models import model_root
 from lightning_peft.core.ownership import AdapterRef, adapter_refs, claim, freeze_unclaimed, owners
 from lightning_peft.core.rollback import TreeRecord, all_or_nothing
 from lightning_peft.core.saved_modules import save_modules
 from lightning_peft.core.summary import trainable_summary
-from lightning_peft.core.targeting import select_modules
+from lightning_peft.core.targeting import name_matches, select_modules
 from lightning_peft.lightning.checkpointing import (
     CHECKPOINT_KEY,
     TASKS,
@@ -217,6 +218,8 @@ class PEFTCallback(ModelSetupCallback):
         there = next((r for r in adapter_refs(module) if r == ref), None)
         if there is not None:
             changed = changed_settings(there.config, ref.config)
+            if "target_modules" in changed and _same_modules(module, *changed["target_modules"]):
+                del changed["target_modules"]  # a loaded file's full names, this callback's short ones
             if not changed:
                 return module  # put there by a callback of the same settings (an earlier Trainer's): that adapter
             made_with = ", ".join(f"{key}={theirs!r}" for key, (theirs, _) in changed.items())
@@ -393,6 +396,14 @@ def check_launcher(trainer: L.Trainer, owner: str) -> None:
 def setup_callbacks(trainer: L.Trainer) -> list[ModelSetupCallback]:
     """The trainer's callbacks that change the model at setup, in order."""
     return [cb for cb in trainer.callbacks if isinstance(cb, ModelSetupCallback)]
+
+
+def _same_modules(module: nn.Module, theirs: Any, ours: Any) -> bool:
+    """Whether an adapter file's list of full module names names exactly the modules that ``ours`` picks."""
+    if not isinstance(theirs, list) or not isinstance(ours, (list, str)):
+        return False
+    _, root = model_root(module)
+    return {name for name, _ in root.named_modules() if name_matches(name, ours)} == set(theirs)
 
 
 def _warn_of_adapters_made_elsewhere(trainer: L.Trainer, module: nn.Module) -> None:
