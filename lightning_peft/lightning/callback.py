@@ -218,8 +218,9 @@ class PEFTCallback(ModelSetupCallback):
         there = next((r for r in adapter_refs(module) if r == ref), None)
         if there is not None:
             changed = changed_settings(there.config, ref.config)
-            if "target_modules" in changed and _same_modules(module, *changed["target_modules"]):
-                del changed["target_modules"]  # a loaded file's full names, this callback's short ones
+            for key in ("target_modules", "feedforward_modules"):  # a loaded file's full names, this callback's short
+                if key in changed and _same_modules(module, *changed[key]):
+                    del changed[key]
             if not changed:
                 return module  # put there by a callback of the same settings (an earlier Trainer's): that adapter
             made_with = ", ".join(f"{key}={theirs!r}" for key, (theirs, _) in changed.items())
