@@ -893,3 +893,20 @@ def test_dora_on_a_layer_with_an_all_zero_row_is_refused_and_the_model_kept():
         LoRA(r=2, target_modules="0", use_dora=True).inject(model)  # was: NaN in that row from the first forward
     assert not any(isinstance(m, LoRALayer) for m in model.modules())
     torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
+def test_a_small_dora_magnitude_change_acts_on_a_bf16_input_under_autocast():
+    from lightning_peft.lora.layers import LoRALinear
+
+    torch.manual_seed(0)
+    base = nn.Linear(64, 64, bias=False).requires_grad_(False)
+    layer = LoRALinear(base)
+    adapter = layer.add_adapter("default", r=4, alpha=8, use_dora=True)  # B = 0: only the magnitude acts
+    with torch.no_grad():
+        adapter.magnitude.mul_(1 + 3e-3)  # 0.3% above the norm: below bf16's step near 1 (2^-7)
+    x = torch.randn(8, 64)
+    with torch.no_grad():
+        effect = layer(x) - base(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # o_proj's and down_proj's inputs are bf16 there
+            half = layer(x.bfloat16()).float() - base(x.bfloat16()).float()
+    assert half.abs().mean() > 0.9 * effect.abs().mean()  # was: 0, the ratio rounded to 1 before the -1

@@ -370,6 +370,16 @@ def test_dequantize_base_gives_a_bf16_model_its_dtype_back(mode):
 
 
 @pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_dequantize_base_after_a_bf16_true_fit_gives_the_model_s_dtype_now(mode):
+    module = TokenModule(tiny_llama())  # fp32 when quantized; the precision plugin casts it to bf16 after
+    make_trainer([QuantizeBase(mode), LoRA(r=4, target_modules=["q_proj"])], max_steps=1,
+                 precision="bf16-true").fit(module, token_loader())
+    dequantize_base(module)
+    assert {p.dtype for p in module.parameters()} == {torch.bfloat16}  # was: float32 4-bit layers
+    module.eval()(ids())  # was: "expected m1 and m2 to have the same dtype"
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
 def test_a_bias_trained_on_a_quantized_base_keeps_its_dtype_and_trains_under_bf16(mode):
     torch.manual_seed(0)
     module = TokenModule(tiny_llama(attention_bias=True, mlp_bias=True), lr=1e-3)

@@ -258,14 +258,18 @@ class LoRALinear(LoRALayer):
         return self.dora_delta(to_adapter_dtype(adapter.dropout(x), adapter.lora_A.dtype), out, adapter)
 
     def dora_delta(self, x: Tensor, out: Tensor, adapter: LoRAAdapter) -> Tensor:
-        """DoRA: rescale ``W + scale * B @ A`` row-wise to the learned magnitude (norm detached)."""
-        norm_scale = (adapter.magnitude / self.row_norm(adapter).detach()).to(x.dtype)
+        """DoRA: rescale ``W + scale * B @ A`` row-wise to the learned magnitude (norm detached).
+
+        ``norm_scale - 1`` is taken in the adapter's dtype: rounded to a half-precision input's
+        first (bf16 autocast), a magnitude's small change would be lost.
+        """
+        ratio = adapter.magnitude / self.row_norm(adapter).detach()
         if not adapter.dropout.active:
             bias = getattr(self.base_layer, "bias", None)
             base = out.to(x.dtype) if bias is None else out.to(x.dtype) - bias.to(x.dtype)
         else:  # the base output saw the undropped input: recompute it on the dropped one
             base = F.linear(x, self.from_weight_layout(self.base_weight()).to(x.dtype))
-        return (norm_scale - 1) * base + norm_scale * self.lora_output(x, adapter)
+        return (ratio - 1).to(x.dtype) * base + ratio.to(x.dtype) * self.lora_output(x, adapter)
 
     @torch.no_grad()
     def merged_base_layer(self) -> nn.Module:

@@ -18,7 +18,6 @@ from lightning_peft.core.weights import (
     dequantized_weight,
     import_bitsandbytes,
     is_quantized,
-    quantized_format,
     replace_quantized_weight,
 )
 
@@ -85,17 +84,17 @@ def _bitsandbytes_or_none(model: nn.Module) -> bool:
 
 
 def dequantize_base(module: nn.Module) -> nn.Module:
-    """Put a full-precision nn.Linear back for every bitsandbytes layer of ``module`` (in place), in the dtype it
-    had (a 4-bit layer records it; an 8-bit one takes the rest of the base's).
+    """Put a full-precision nn.Linear back for every bitsandbytes layer of ``module`` (in place), in the dtype of
+    the rest of the base now (a precision plugin may have cast the model since it was quantized, which leaves the
+    codes and the dtype a 4-bit layer recorded as they were).
 
     For example, to merge exactly."""
     check_unmerged(module, "dequantize_base", "dequantize, then merge again (an exact merge)")
     rest, places = _base_float_dtype(module), ModulePlaces(module)
     for _, layer in list(module.named_modules()):
         if is_quantized(layer):
-            dtype = getattr(layer.weight.quant_state, "dtype", None) if quantized_format(layer) != "int8" else rest
             plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-            plain.weight = nn.Parameter(dequantized_weight(layer).to(dtype or torch.float32), requires_grad=False)
+            plain.weight = nn.Parameter(dequantized_weight(layer).to(rest), requires_grad=False)
             plain.bias = layer.bias
             places.put_in_place_of(layer, plain)
     forget_quantization(module)
@@ -103,9 +102,13 @@ def dequantize_base(module: nn.Module) -> nn.Module:
 
 
 def _base_float_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype most of the base's floating-point parameters in ``module`` have (no adapter's; float32 if none)."""
+    """The dtype of most of the base's floating-point values in ``module`` (no adapter's; float32 if none): the
+    embeddings' where norms are kept in float32 beside a bf16 model."""
     adapters = owners(module)
-    counts = Counter(p.dtype for p in module.parameters() if p.is_floating_point() and id(p) not in adapters)
+    counts = Counter()
+    for p in module.parameters():
+        if p.is_floating_point() and id(p) not in adapters:
+            counts[p.dtype] += p.numel()
     return counts.most_common(1)[0][0] if counts else torch.float32
 
 
