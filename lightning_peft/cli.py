@@ -209,7 +209,9 @@ class PEFTCLI(LightningCLI):
 
     def _use_adapter_folders(self, folders: dict[str, str]) -> list[str | None]:
         """With ``--adapters``: load every folder under its name, and route each input row to the one it names."""
-        configs = {name: read_adapter_files(folder)[0] for name, folder in folders.items()}  # damaged: one line now
+        parts = {name: _one_adapter(Path(folder), f"--adapters {name}={folder}")[1] for name, folder in folders.items()}
+        configs = {name: _prompt_config([read_adapter_files(path)[0] for path in paths])
+                   for name, paths in parts.items()}  # a damaged file: one line now
         data = self.datamodule
         if getattr(data, "predict_file", None) is None:
             raise ConfigError("no texts to predict: give data.predict_file, one NAME<TAB>text line per row (or -)")
@@ -226,7 +228,7 @@ class PEFTCLI(LightningCLI):
         data.predict_file = str(Path(self._texts.name) / "texts.txt")
         Path(data.predict_file).write_text("".join(text + "\n" for text in texts), encoding="utf-8")
         others = [cb for cb in self.trainer.callbacks if not isinstance(cb, PEFTCallback)]
-        loads = [LoadAdapter(folder, adapter_name=name) for name, folder in folders.items()]
+        loads = [LoadAdapter(path, adapter_name=name) for name, paths in parts.items() for path in paths]
         self.trainer.callbacks = [*loads, RowAdapterRouting(names), *others]
         return names
 
@@ -238,7 +240,8 @@ class PEFTCLI(LightningCLI):
             return
         if settings.get("ckpt_path") is not None:
             raise ConfigError("give --ckpt_path or --adapter, not both")
-        loads = [LoadAdapter(path, adapter_name=name) for name, path in _adapter_folders(Path(folder))]
+        name, paths = _one_adapter(Path(folder), f"--adapter {folder}")
+        loads = [LoadAdapter(path, adapter_name=name) for path in paths]
         others = [cb for cb in self.trainer.callbacks if not isinstance(cb, PEFTCallback)]
         self.trainer.callbacks = [*loads, *others]
 
@@ -291,6 +294,24 @@ def _adapter_folders(folder: Path) -> list[tuple[str, Path]]:
             return [(config.parent.name.split("-", 1)[1], config.parent) for config in inside]
     read_adapter_files(folder)  # a missing or damaged folder: one line now, not at setup
     return [("default", folder)]
+
+
+def _one_adapter(folder: Path, given: str) -> tuple[str, list[Path]]:
+    """The name and folders of the one adapter (of one or several methods) that ``folder`` holds; several names
+    (a multi-task fit's tasks) are refused: loaded together, every task's adapter would act on every row."""
+    pairs = _adapter_folders(folder)
+    names = sorted({name for name, _ in pairs})
+    if len(names) > 1:
+        raise ConfigError(f"{given} holds adapters of several names ({', '.join(names)}: "
+                          f"{', '.join(path.name for _, path in pairs)}), which together would all act on every row; "
+                          f"give one of them ({folder / pairs[0][1].name}), or route each row to its own with "
+                          f"--adapters {' '.join(f'{name}={folder / path.name}' for name, path in pairs)}")
+    return names[0], [path for _, path in pairs]
+
+
+def _prompt_config(configs: list[dict]) -> dict:
+    """Of one adapter's methods' configs, the soft prompt's (whose length a row's prompt takes), else the first."""
+    return next((config for config in configs if config.get("peft_type") == "PROMPT_TUNING"), configs[0])
 
 
 def _own_parameters_last(config: Path) -> tuple[bool, str]:

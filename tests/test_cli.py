@@ -430,6 +430,30 @@ def test_predict_with_several_adapters_routes_each_line_to_its_adapter(tmp_path,
     assert wrong.returncode == 2 and "line 1" in wrong.stderr and "upbeat or '-'" in wrong.stderr, wrong.stderr
 
 
+def test_a_folder_of_several_tasks_adapters_is_refused_where_one_adapter_is_given(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    from lightning_peft import LoRA
+    from lightning_peft.export import export_adapters
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
+    for name in ("t1", "t2"):  # what a multi-task fit exports: each task's adapter and head in LoRA-<task>
+        LoRA(r=4, target_modules=["query"], modules_to_save=["classifier"], adapter_name=name).inject(model)
+    export_adapters(model, tmp_path / "tasks")
+    config = str(recipe(tmp_path, tiny_model_dir, write_data(tmp_path, "train", sentiment_rows(8, 0))))
+    common = ["predict", "--config", config, "--data.init_args.predict_file", "-"]
+    for given in (["--adapter", str(tmp_path / "tasks")], ["--adapters", f"t1={tmp_path / 'tasks'}"]):
+        result = run_cli(*common, *given, stdin="t1\tthe movie was great\n")  # was: every task at once, or no file
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert ("holds adapters of several names (t1, t2: LoRA-t1, LoRA-t2), which together would all act on every "
+                f"row; give one of them ({tmp_path / 'tasks' / 'LoRA-t1'}), or route each row to its own with "
+                f"--adapters t1={tmp_path / 'tasks' / 'LoRA-t1'} t2={tmp_path / 'tasks' / 'LoRA-t2'}"
+                in result.stderr.strip().splitlines()[-1]), result.stderr[-2000:]
+    routed = run_cli(*common, "--adapters", *(f"{n}={tmp_path / 'tasks' / f'LoRA-{n}'}" for n in ("t1", "t2")),
+                     stdin="t1\tthe movie was great\nt2\tthe plot was awful\n")
+    assert routed.returncode == 0 and len(routed.stdout.splitlines()) == 2, routed.stderr[-2000:]
+
+
 def test_a_routed_line_without_text_is_refused_rather_than_shifting_later_rows():
     from lightning_peft.lightning.row_adapters import split_rows
 
