@@ -115,6 +115,9 @@ def test_a_swap_that_would_compute_against_other_base_weights_or_another_activat
         (pissa, LoRA(r=2, target_modules=TARGETS, init="pissa"), "hold a rank-4 PiSSA residual, .* a rank-2 PiSSA"),
         (Adapter(bottleneck_dim=4), Adapter(bottleneck_dim=4, activation="relu"),
          "the file's adapter uses activation 'relu', the slot 'gelu'"),
+        (plain, LoRA(r=4, target_modules=TARGETS, use_dora=True),  # was: "must adapt the same layers"
+         "the slot is plain LoRA and the file's adapter DoRA; load it with load_adapter instead"),
+        (LoRA(r=4, target_modules=TARGETS, use_dora=True), plain, "the slot is DoRA and the file's adapter plain LoRA"),
     ]
     for number, (slot, method, message) in enumerate(cases):
         model = slot.inject(copy.deepcopy(base))

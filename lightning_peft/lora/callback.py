@@ -100,10 +100,14 @@ class LoRA(PEFTCallback):
 
     @staticmethod
     def swap_refusal(slot: dict[str, Any], incoming: dict[str, Any]) -> str | None:
-        """PiSSA leaves the residual of the top-r part of W in the base: only a PiSSA adapter of that rank fits it."""
+        """DoRA's magnitudes have no place in a plain slot, nor a plain adapter in a DoRA one; PiSSA leaves the residual
+        of the top-r part of W in the base: only a PiSSA adapter of that rank fits it."""
         def base(settings: dict[str, Any]) -> str:
             return f"a rank-{settings['r']} PiSSA residual" if settings.get("init") == "pissa" else "W itself"
 
+        kinds = ["DoRA" if settings.get("use_dora") else "plain LoRA" for settings in (slot, incoming)]
+        if kinds[0] != kinds[1]:
+            return f"the slot is {kinds[0]} and the file's adapter {kinds[1]}; load it with load_adapter instead"
         if base(slot) == base(incoming):
             return None
         return (f"the slot's base weights hold {base(slot)}, and the file's adapter was trained against "
