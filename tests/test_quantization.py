@@ -379,6 +379,21 @@ def test_dequantize_base_after_a_bf16_true_fit_gives_the_model_s_dtype_now(mode)
     module.eval()(ids())  # was: "expected m1 and m2 to have the same dtype"
 
 
+def test_dequantize_base_of_a_half_precision_t5_takes_its_embeddings_dtype_not_its_float32_wo():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)  # wo, kept in float32, holds most of T5's unquantized values from flan-t5-large up
+    model = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_ff=512, num_layers=2, num_heads=4,
+                                                d_kv=8, decoder_start_token_id=0)).half()
+    for name, layer in model.named_modules():
+        if name.endswith(".wo"):
+            layer.float()  # as from_pretrained(dtype=torch.float16) keeps it
+    QuantizeBase("nf4", skip_modules=["wo"]).inject(model)
+    dequantize_base(model)
+    assert model.encoder.block[0].layer[0].SelfAttention.q.weight.dtype == torch.float16  # was: float32
+    model(input_ids=ids() % 64, decoder_input_ids=ids() % 64)  # was: "expected m1 and m2 to have the same dtype"
+
+
 @pytest.mark.parametrize("mode", ["int8", "nf4"])
 def test_a_bias_trained_on_a_quantized_base_keeps_its_dtype_and_trains_under_bf16(mode):
     torch.manual_seed(0)

@@ -102,13 +102,18 @@ def dequantize_base(module: nn.Module) -> nn.Module:
 
 
 def _base_float_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype of most of the base's floating-point values in ``module`` (no adapter's; float32 if none): the
-    embeddings' where norms are kept in float32 beside a bf16 model."""
+    """The dtype the base computes in now: its token embeddings' (which no model keeps in float32 beside a half
+    precision body, as T5 keeps ``wo`` and others their norms), else that of most of its floating-point parameters
+    (no adapter's; float32 if none)."""
+    for _, model in transformers_models(module):
+        try:
+            weight = getattr(model.get_input_embeddings(), "weight", None)
+        except NotImplementedError:  # a model that names no input embeddings
+            continue
+        if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+            return weight.dtype
     adapters = owners(module)
-    counts = Counter()
-    for p in module.parameters():
-        if p.is_floating_point() and id(p) not in adapters:
-            counts[p.dtype] += p.numel()
+    counts = Counter(p.dtype for p in module.parameters() if p.is_floating_point() and id(p) not in adapters)
     return counts.most_common(1)[0][0] if counts else torch.float32
 
 
