@@ -209,7 +209,8 @@ class PEFTCLI(LightningCLI):
 
     def _use_adapter_folders(self, folders: dict[str, str]) -> list[str | None]:
         """With ``--adapters``: load every folder under its name, and route each input row to the one it names."""
-        parts = {name: _one_adapter(Path(folder), f"--adapters {name}={folder}")[1] for name, folder in folders.items()}
+        parts = {name: [path for _, path in _one_adapter(Path(folder), f"--adapters {name}={folder}")]
+                 for name, folder in folders.items()}
         configs = {name: _prompt_config([read_adapter_files(path)[0] for path in paths])
                    for name, paths in parts.items()}  # a damaged file: one line now
         data = self.datamodule
@@ -240,8 +241,11 @@ class PEFTCLI(LightningCLI):
             return
         if settings.get("ckpt_path") is not None:
             raise ConfigError("give --ckpt_path or --adapter, not both")
-        name, paths = _one_adapter(Path(folder), f"--adapter {folder}")
-        loads = [LoadAdapter(path, adapter_name=name) for path in paths]
+        tasks = set(getattr(self.datamodule, "task_names", None) or []) if self.subcommand != "predict" else set()
+        pairs = _adapter_folders(Path(folder))  # a multi-task run's data routes each row to its task's adapter
+        if not {name for name, _ in pairs} <= tasks:
+            pairs = _one_adapter(Path(folder), f"--adapter {folder}", routes=self.subcommand == "predict")
+        loads = [LoadAdapter(path, adapter_name=name) for name, path in pairs]
         others = [cb for cb in self.trainer.callbacks if not isinstance(cb, PEFTCallback)]
         self.trainer.callbacks = [*loads, *others]
 
@@ -296,17 +300,22 @@ def _adapter_folders(folder: Path) -> list[tuple[str, Path]]:
     return [("default", folder)]
 
 
-def _one_adapter(folder: Path, given: str) -> tuple[str, list[Path]]:
-    """The name and folders of the one adapter (of one or several methods) that ``folder`` holds; several names
-    (a multi-task fit's tasks) are refused: loaded together, every task's adapter would act on every row."""
+def _one_adapter(folder: Path, given: str, routes: bool = True) -> list[tuple[str, Path]]:
+    """The ``(name, folder)`` of each method of the one adapter that ``folder`` holds; several names (a multi-task
+    fit's tasks) are refused: loaded together without their data's routing, every task's adapter acts on every row.
+
+    ``routes``: whether to name ``--adapters`` (predict's) as the way to route rows.
+    """
     pairs = _adapter_folders(folder)
     names = sorted({name for name, _ in pairs})
     if len(names) > 1:
+        routing = (f"route each row to its own with --adapters "
+                   f"{' '.join(f'{name}={folder / path.name}' for name, path in pairs)}" if routes else
+                   "give the multi-task data whose tasks they are named after")
         raise ConfigError(f"{given} holds adapters of several names ({', '.join(names)}: "
                           f"{', '.join(path.name for _, path in pairs)}), which together would all act on every row; "
-                          f"give one of them ({folder / pairs[0][1].name}), or route each row to its own with "
-                          f"--adapters {' '.join(f'{name}={folder / path.name}' for name, path in pairs)}")
-    return names[0], [path for _, path in pairs]
+                          f"give one of them ({folder / pairs[0][1].name}), or {routing}")
+    return pairs
 
 
 def _prompt_config(configs: list[dict]) -> dict:

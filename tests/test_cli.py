@@ -452,6 +452,14 @@ def test_a_folder_of_several_tasks_adapters_is_refused_where_one_adapter_is_give
     routed = run_cli(*common, "--adapters", *(f"{n}={tmp_path / 'tasks' / f'LoRA-{n}'}" for n in ("t1", "t2")),
                      stdin="t1\tthe movie was great\nt2\tthe plot was awful\n")
     assert routed.returncode == 0 and len(routed.stdout.splitlines()) == 2, routed.stderr[-2000:]
+    tasks = {name: {"train_file": str(write_data(tmp_path, f"{name}-train", sentiment_rows(8, 0))),
+                    "test_file": str(write_data(tmp_path, f"{name}-test", sentiment_rows(8, 1))), "val_fraction": 0}
+             for name in ("t1", "t2")}  # the multi-task data routes each row to its task's adapter: all load
+    settings = yaml.safe_load(Path(config).read_text())
+    settings["data"] = {"class_path": "lightning_peft.data.MultiTaskData", "init_args": {"tasks": tasks}}
+    (tmp_path / "tasks.yaml").write_text(yaml.safe_dump(settings))
+    tested = run_cli("test", "--config", str(tmp_path / "tasks.yaml"), "--adapter", str(tmp_path / "tasks"))
+    assert tested.returncode == 0 and "test_acc_t2" in tested.stdout + tested.stderr, tested.stderr[-2000:]
 
 
 def test_a_routed_line_without_text_is_refused_rather_than_shifting_later_rows():
