@@ -258,10 +258,13 @@ def test_a_loaded_adapter_trains_on_under_the_callback_of_its_settings_as_the_us
     with pytest.raises(ValueError, match=r"LoRA\[default\] is in this model already, made with target_modules="):
         make_trainer([LoRA(r=R, alpha=8, target_modules=["q_proj"])], max_steps=1).fit(
             load_adapter(TokenModule(tiny_llama()), tmp_path), loader)
-    ia3 = dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
-    make_trainer([IA3(**ia3)], max_steps=1).fit(module := TokenModule(tiny_llama()), loader)
-    save_adapter(module, tmp_path / "ia3")
-    make_trainer([IA3(**ia3)], max_steps=1).fit(load_adapter(TokenModule(tiny_llama()), tmp_path / "ia3"), loader)
+    for number, method in enumerate([lambda: IA3(target_modules=["k_proj", "v_proj", "down_proj"],
+                                                 feedforward_modules=["down_proj"]),
+                                     lambda: IA3(), lambda: LoRA(r=R), lambda: LoRA(r=R, target_modules=".*v_proj.*")]):
+        make_trainer([method()], max_steps=1).fit(module := TokenModule(tiny_llama()), loader)  # defaults, regexes
+        save_adapter(module, tmp_path / str(number))
+        make_trainer([method()], max_steps=1).fit(load_adapter(TokenModule(tiny_llama()), tmp_path / str(number)),
+                                                  loader)
 
 
 def test_a_new_trainer_with_the_same_method_evaluates_the_trained_adapter():

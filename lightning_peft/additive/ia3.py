@@ -119,13 +119,20 @@ class IA3(PEFTCallback):
         self.exclude_modules, self.layers = exclude_modules, layer_list(layers)
 
     def inject_into(self, module: nn.Module) -> list[nn.Parameter]:
-        chosen = select_modules(module, self._target_modules(module), self.exclude_modules, self.layers,
-                                supported=linear_types(), method="IA3")
+        chosen = self._chosen_modules(module)
         feedforward = self._feedforward_names(module, {name for name, _ in chosen})
         warn_left_out_weights(module, "IA3")
         layers = wrap_modules(module, chosen, IA3Layer, IA3Layer)
         return [p for name, layer in layers
                 for p in layer.add_adapter(self.adapter_name, name in feedforward).parameters()]
+
+    def chosen_names(self, root: nn.Module) -> dict[str, set[str]]:
+        targets = {name for name, _ in self._chosen_modules(root)}
+        return {"target_modules": targets, "feedforward_modules": self._feedforward_names(root, targets)}
+
+    def _chosen_modules(self, root: nn.Module) -> list[tuple[str, nn.Module]]:
+        return select_modules(root, self._target_modules(root), self.exclude_modules, self.layers,
+                              supported=linear_types(), method="IA3")
 
     def _target_modules(self, root: nn.Module) -> Targets:
         return self.target_modules if self.target_modules is not None else self._defaults(root)[0]

@@ -35,7 +35,7 @@ from lightning_peft.core.ownership import AdapterRef, adapter_refs, claim, freez
 from lightning_peft.core.rollback import TreeRecord, all_or_nothing
 from lightning_peft.core.saved_modules import save_modules
 from lightning_peft.core.summary import trainable_summary
-from lightning_peft.core.targeting import name_matches, select_modules
+from lightning_peft.core.targeting import select_modules
 from lightning_peft.lightning.checkpointing import (
     CHECKPOINT_KEY,
     TASKS,
@@ -56,6 +56,7 @@ from lightning_peft.lightning.sharding import (
 )
 
 CheckpointPolicy = Literal["adapter", "full"]
+SELECTION = ("target_modules", "exclude_modules", "layers", "feedforward_modules")  # settings that pick modules
 _CHAINED = "_lightning_peft_trainer"
 _WEAK_SET = "<a weak set of modules, left behind when pickled>"
 
@@ -210,6 +211,25 @@ class PEFTCallback(ModelSetupCallback):
         """Add the method to ``module`` and return the parameters it trains."""
         raise NotImplementedError
 
+    def chosen_names(self, root: nn.Module) -> dict[str, set[str]]:
+        """The names of the modules that each of this method's module-choosing settings picks in ``root`` (none for a
+        method without such settings)."""
+        return {}
+
+    def _picks_the_listed_modules(self, module: nn.Module, theirs: dict[str, Any]) -> bool:
+        """Whether this callback's settings pick exactly the modules that an adapter file's settings list by full name
+        (`load_adapter`'s), so that the callback goes on with the loaded adapter."""
+        if not isinstance(theirs.get("target_modules"), list):
+            return False
+        _, root = model_root(module)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a name that matches nothing says so at injection, not here
+                ours = self.chosen_names(root)
+        except (ValueError, TypeError):  # it picks nothing here
+            return False
+        return bool(ours) and all(set(theirs.get(key) or []) == names for key, names in ours.items())
+
     def inject(self, module: nn.Module) -> nn.Module:
         """Add the method to ``module`` (once), then train only what PEFT methods own; on an error, change nothing."""
         if module in self._injected and (self.ref in adapter_refs(module) or merged_layers(module)):
@@ -218,9 +238,8 @@ class PEFTCallback(ModelSetupCallback):
         there = next((r for r in adapter_refs(module) if r == ref), None)
         if there is not None:
             changed = changed_settings(there.config, ref.config)
-            for key in ("target_modules", "feedforward_modules"):  # a loaded file's full names, this callback's short
-                if key in changed and _same_modules(module, *changed[key]):
-                    del changed[key]
+            if set(changed) <= set(SELECTION) and self._picks_the_listed_modules(module, there.config):
+                changed = {}  # a loaded file lists every module by its full name; this callback picks those
             if not changed:
                 return module  # put there by a callback of the same settings (an earlier Trainer's): that adapter
             made_with = ", ".join(f"{key}={theirs!r}" for key, (theirs, _) in changed.items())
@@ -397,14 +416,6 @@ def check_launcher(trainer: L.Trainer, owner: str) -> None:
 def setup_callbacks(trainer: L.Trainer) -> list[ModelSetupCallback]:
     """The trainer's callbacks that change the model at setup, in order."""
     return [cb for cb in trainer.callbacks if isinstance(cb, ModelSetupCallback)]
-
-
-def _same_modules(module: nn.Module, theirs: Any, ours: Any) -> bool:
-    """Whether an adapter file's list of full module names names exactly the modules that ``ours`` picks."""
-    if not isinstance(theirs, list) or not isinstance(ours, (list, str)):
-        return False
-    _, root = model_root(module)
-    return {name for name, _ in root.named_modules() if name_matches(name, ours)} == set(theirs)
 
 
 def _warn_of_adapters_made_elsewhere(trainer: L.Trainer, module: nn.Module) -> None:

@@ -183,6 +183,9 @@ class LoRA(PEFTCallback):
                           "active, or a row routed to None) compute with, and which files saved of the others do "
                           "not record; delete_adapter of a PiSSA adapter gives its part back", stacklevel=3)
 
+    def chosen_names(self, root: nn.Module) -> dict[str, set[str]]:
+        return {"target_modules": {name for name, _ in self._chosen_modules(root)}}
+
     def _chosen_modules(self, root: nn.Module) -> list[tuple[str, nn.Module]]:
         if self.target_modules is None:
             return []
