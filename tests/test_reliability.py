@@ -756,16 +756,20 @@ def test_a_resume_from_an_epoch_s_end_takes_any_data_and_one_from_inside_an_epoc
         (tmp_path / f"{name}.csv").write_text("text,label\n" + "".join(f"the movie was {w},{i % 2}\n"
                                                                        for i, w in enumerate(words)))
 
-    def fit(steps: int, data: str = "train", batch_size: int = 4, ckpt_path: Path | None = None) -> L.Trainer:
-        trainer = make_trainer([LoRA(r=4, target_modules=["query"], modules_to_save=["classifier"])], max_steps=steps)
+    def fit(steps: int, data: str = "train", batch_size: int = 4, ckpt_path: Path | None = None,
+            limit: int | None = None) -> L.Trainer:
+        trainer = make_trainer([LoRA(r=4, target_modules=["query"], modules_to_save=["classifier"])], max_steps=steps,
+                               limit_train_batches=limit)
         trainer.fit(SequenceClassification(str(folder)), ckpt_path=ckpt_path, datamodule=TextClassificationData(
             train_file=str(tmp_path / f"{data}.csv"), batch_size=batch_size, val_fraction=0))
         return trainer
 
     fit(2).save_checkpoint(tmp_path / "end.ckpt")
+    fit(1, limit=1).save_checkpoint(tmp_path / "limited_end.ckpt")  # an epoch cut to one batch, ended
     fit(1).save_checkpoint(tmp_path / "inside.ckpt")
     for data, batch_size in (("more", 4), ("train", 2)):  # was: refused, though the saved epoch had ended
         assert fit(4, data, batch_size, tmp_path / "end.ckpt").global_step == 4
+        assert fit(3, data, batch_size, tmp_path / "limited_end.ckpt", limit=1).global_step == 3
         with pytest.raises(ValueError, match="the checkpoint was saved inside an epoch of"):
             fit(4, data, batch_size, tmp_path / "inside.ckpt")
 

@@ -93,6 +93,7 @@ class ResumableLoader(DataLoader):
 
     batches_done = 0  # set by `shuffled_loader` for a resumed fit
     trained_in_epoch = 0  # the batches its epoch had trained when the checkpoint was saved (0 for a fresh fit)
+    epoch_batches: int | None = None  # the batches an epoch trains on this process (limit_train_batches counted)
 
     def __iter__(self) -> Iterator[Any]:
         """The batches; under DDP or FSDP (Lightning's ``DistributedSampler``, whose order is the epoch's), once after
@@ -104,7 +105,8 @@ class ResumableLoader(DataLoader):
         return itertools.islice(super().__iter__(), skip, None)
 
     def state_dict(self) -> dict[str, Any]:
-        sampler, state = self.sampler, {"batch_size": self._rows_a_batch(), "batches": len(self)}
+        sampler = self.sampler
+        state = {"batch_size": self._rows_a_batch(), "batches": len(self), "epoch_batches": self.epoch_batches}
         if not isinstance(sampler, ResumableShuffle) or sampler.epoch_start is None:
             return state
         return {**state, "epoch_start": sampler.epoch_start, "now": sampler.generator.get_state()}
@@ -114,7 +116,7 @@ class ResumableLoader(DataLoader):
         too, where ``max_steps`` counts the run)."""
         if "batches" not in state_dict:  # an earlier version's state: the batches done, against this epoch's
             return bool(self.batches_done or getattr(self.batch_sampler, "skip", 0))
-        return 0 < self.trained_in_epoch < state_dict["batches"]
+        return 0 < self.trained_in_epoch < (state_dict.get("epoch_batches") or state_dict["batches"])
 
     def _check_same_epoch(self, state_dict: dict[str, Any]) -> None:
         """Refuse to go on with an epoch of another batch size or length than the one the checkpoint was inside."""
@@ -159,8 +161,9 @@ def shuffled_loader(rows: Any, seed: int, trainer: Any, **kwargs: Any) -> Resuma
             list(sampler)
     loader = ResumableLoader(rows, sampler=sampler, generator=torch.Generator().manual_seed(seed),
                              **kwargs)  # the workers' seeds
-    loader.batches_done = batches_done_in_epoch(trainer, _batches_per_process(loader, trainer))
-    loader.trained_in_epoch = batches_trained_in_epoch(trainer)
+    batches = _batches_per_process(loader, trainer)
+    loader.batches_done = batches_done_in_epoch(trainer, batches)
+    loader.trained_in_epoch, loader.epoch_batches = batches_trained_in_epoch(trainer), epoch_length(trainer, batches)
     return loader
 
 
@@ -196,11 +199,15 @@ def batches_done_in_epoch(trainer: Any, batches: int) -> int:
     """Training batches of its epoch that a fit resumed from inside an epoch had done; 0 for a fresh fit, or one
     resumed from an epoch's end (of ``batches``, or fewer under ``limit_train_batches``)."""
     done = batches_trained_in_epoch(trainer)
-    if not done:
-        return 0
-    limit = trainer.limit_train_batches
-    epoch = min(limit, batches) if isinstance(limit, int) else int(batches * limit)
-    return done if done < epoch else 0
+    return done if done < epoch_length(trainer, batches) else 0
+
+
+def epoch_length(trainer: Any, batches: int) -> int:
+    """The batches of ``batches`` an epoch trains: all, or as many as ``limit_train_batches`` lets it."""
+    limit = getattr(trainer, "limit_train_batches", None)
+    if limit is None:
+        return batches
+    return min(limit, batches) if isinstance(limit, int) else int(batches * limit)
 
 
 def batches_trained_in_epoch(trainer: Any) -> int:

@@ -13,7 +13,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampl
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from lightning_peft.core.checks import check_choice
-from lightning_peft.data.base import ResumableLoader, batches_done_in_epoch, batches_trained_in_epoch
+from lightning_peft.data.base import ResumableLoader, batches_done_in_epoch, batches_trained_in_epoch, epoch_length
 from lightning_peft.data.text_classification import TextClassificationData
 
 Mixing = Literal["mixed", "alternating"]
@@ -146,6 +146,7 @@ class MultiTaskData(L.LightningDataModule):
         loader = self._loader(examples, ResumableLoader, batch_sampler=sampler,
                               generator=torch.Generator().manual_seed(self.seed))
         loader.trained_in_epoch = batches_trained_in_epoch(self.trainer)
+        loader.epoch_batches = epoch_length(self.trainer, batches)
         return loader
 
     def val_dataloader(self) -> DataLoader | list:
