@@ -671,7 +671,12 @@ def test_class_names_come_from_every_training_row_or_else_from_the_task(tmp_path
 
 
 def test_a_new_head_must_train_its_class_weights_and_a_frozen_layer_before_them_is_a_warning():
-    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+    from transformers import (
+        DistilBertConfig,
+        DistilBertForSequenceClassification,
+        RobertaConfig,
+        RobertaForSequenceClassification,
+    )
 
     from lightning_peft.tasks.sequence_classification import check_new_head_trains
 
@@ -679,14 +684,21 @@ def test_a_new_head_must_train_its_class_weights_and_a_frozen_layer_before_them_
         return method.inject(DistilBertForSequenceClassification(DistilBertConfig(
             vocab_size=64, dim=32, hidden_dim=64, n_layers=1, n_heads=4, num_labels=3)))
 
-    head = ["classifier", "pre_classifier"]  # DistilBERT's new head: a projection, then the class layer
+    head = {"pre_classifier": False, "classifier": True}  # DistilBERT's new head: a projection, then the classes
     with pytest.warns(UserWarning, match="pre_classifier: new, initialized at random, and frozen"):
         check_new_head_trains(model(LoRA(r=4, target_modules=["q_lin"], modules_to_save=["classifier"])), head)
-    check_new_head_trains(model(LoRA(r=4, target_modules=["q_lin"], modules_to_save=head)), head)  # quiet
+    check_new_head_trains(model(LoRA(r=4, target_modules=["q_lin"], modules_to_save=list(head))), head)  # quiet
     with pytest.raises(ValueError, match="classification head .classifier. is new.*no method trains its weights"):
         check_new_head_trains(model(BitFit()), head)  # its bias alone trains
     with pytest.raises(ValueError, match="classification head .classifier. is new"):
         check_new_head_trains(model(LoRA(r=4, target_modules=["q_lin"])), head)
+    roberta = RobertaForSequenceClassification(RobertaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                             num_hidden_layers=1, num_attention_heads=4))
+    head = {"classifier.dense": False, "classifier.out_proj": True}  # RoBERTa's: a dense layer, then the classes
+    check_new_head_trains(LoRA(r=4, target_modules=["query", "out_proj", "dense"]).inject(copy.deepcopy(roberta)),
+                          head)  # LoRA on the head trains it: quiet
+    with pytest.warns(UserWarning, match="classifier.dense: new, initialized at random, and frozen"):  # was: quiet
+        check_new_head_trains(Selective(modules=["classifier.out_proj"]).inject(copy.deepcopy(roberta)), head)
 
 
 def test_a_fine_tuned_head_s_classes_are_put_in_the_data_s_order(tmp_path):

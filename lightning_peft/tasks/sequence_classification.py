@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -76,7 +77,7 @@ class SequenceClassification(TransformersTask):
                  learning_rate: float = 5e-4, weight_decay: float = 0.01, warmup_steps: int = 30,
                  trust_remote_code: bool = False, optimizer: str = "adamw") -> None:
         super().__init__(model, learning_rate, weight_decay, warmup_steps, trust_remote_code, optimizer)
-        self.new_head: list[str] = []  # the head's modules that the model was built with at random
+        self.new_head: dict[str, bool] = {}  # the head's layers built at random, and which one is the class layer
         if self.tokenizer.pad_token is None:  # a decoder's tokenizer: batches pad with its end token
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.save_hyperparameters()
@@ -162,34 +163,41 @@ class SequenceClassification(TransformersTask):
                  "probabilities": dict(zip(names, row.tolist(), strict=True))} for row in probabilities]
 
 
-def new_head_modules(model: nn.Module, loading: dict[str, Any]) -> list[str]:
-    """The modules outside the model's body that its folder had no weights for: a head made anew, at random."""
+WRAPPERS = re.compile(r"\.(?:base_layer|adapters\.[^.]+)(?=\.)")  # PEFT layers' and saved copies' name parts
+
+
+def new_head_modules(model: nn.Module, loading: dict[str, Any]) -> dict[str, bool]:
+    """The modules outside the model's body that its folder had no weights for (a head made anew, at random), each
+    with whether it is the class layer: the last of them that is a linear layer of ``num_labels`` outputs."""
     body = model.base_model_prefix + "."
     made = [*loading["missing_keys"], *(key for key, *_ in loading["mismatched_keys"])]
-    return sorted({name.split(".")[0] for name in made if not name.startswith(body)})
+    paths = {name.rsplit(".", 1)[0] for name in made if not name.startswith(body) and "." in name}
+    order = [name for name, _ in model.named_modules() if name in paths]
+    classes = [name for name in order if isinstance(layer := model.get_submodule(name), nn.Linear)
+               and layer.out_features == model.config.num_labels][-1:]
+    return {name: name in classes for name in order}
 
 
-def check_new_head_trains(model: nn.Module, head: list[str]) -> None:
-    """Refuse a head made anew whose class weights nothing trains: every class would be read through random weights.
+def check_new_head_trains(model: nn.Module, head: dict[str, bool]) -> None:
+    """Refuse a head made anew whose class layer nothing trains (its bias alone does not): every class would be read
+    through random weights. Another new layer left frozen (DistilBERT's ``pre_classifier``) is a warning."""
+    trained = [WRAPPERS.sub("", name) for name, param in model.named_parameters() if param.requires_grad]
 
-    Its other new modules (DistilBERT's ``pre_classifier``, DeBERTa's ``pooler``) left frozen are a warning.
-    """
-    def under(name: str) -> list[nn.Parameter]:
-        return [param for key, param in model.named_parameters() if key == name or key.startswith(name + ".")]
+    def trains(path: str) -> bool:  # any of its tensors but its bias, or an adapter's on it
+        return any(name.startswith(path + ".") and name != path + ".bias" for name in trained)
 
-    num_labels = model.config.num_labels
-    class_weights = {name: [p for p in under(name) if p.dim() == 2 and p.shape[0] == num_labels] for name in head}
-    frozen = [name for name in head if class_weights[name] and not any(p.requires_grad for p in class_weights[name])]
+    frozen = [path for path, is_classes in head.items() if is_classes and not trains(path)]
     if frozen:
+        top = sorted({path.split(".")[0] for path in frozen})
         raise ValueError(f"the classification head ({', '.join(frozen)}) is new, initialized at random (the model "
-                         f"folder has no head of {num_labels} classes), and no method trains its weights: add "
-                         f"{', '.join(map(repr, frozen))} to the PEFT method's modules_to_save, or train it with "
-                         f"Selective(modules={frozen})")
-    idle = [name for name in head if not class_weights[name] and not any(p.requires_grad for p in under(name))]
+                         f"folder has no head of {model.config.num_labels} classes), and no method trains its "
+                         f"weights: add {', '.join(map(repr, top))} to the PEFT method's modules_to_save, or train it "
+                         f"with Selective(modules={top})")
+    idle = [path for path, is_classes in head.items() if not is_classes and not trains(path)]
     if idle:
         warnings.warn(f"{', '.join(idle)}: new, initialized at random, and frozen, so the head reads its features "
-                      f"through a random layer; add {', '.join(map(repr, idle))} to the PEFT method's modules_to_save "
-                      "to train it", stacklevel=2)
+                      f"through a random layer; add {', '.join(map(repr, sorted({p.split('.')[0] for p in idle})))} "
+                      "to the PEFT method's modules_to_save to train it", stacklevel=2)
 
 
 def put_classes_in_order(model: nn.Module, labels: Sequence[str] | None) -> None:
