@@ -758,6 +758,8 @@ def test_the_weights_fingerprint_sees_a_changed_middle_tensor_and_not_another_sh
     assert len(list((tmp_path / "shards").glob("model-*.safetensors"))) > 1
     assert weights_fingerprint(tmp_path / "a") == weights_fingerprint(tmp_path / "shards")  # was: other weights
     assert weights_fingerprint(tmp_path / "a") != weights_fingerprint(tmp_path / "b")
+    torch.save({}, tmp_path / "a" / "pytorch_model.bin")  # a pickled copy beside the safetensors counts for nothing
+    assert weights_fingerprint(tmp_path / "a") == weights_fingerprint(tmp_path / "shards")
 
 
 def test_a_resume_from_an_epoch_s_end_takes_any_data_and_one_from_inside_an_epoch_only_the_same(tmp_path):

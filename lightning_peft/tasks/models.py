@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable
@@ -30,40 +31,54 @@ def resolve_model(model: str) -> Path:
 
 SAMPLES = 16  # evenly spaced samples of each tensor's bytes that the fingerprint reads
 SAMPLE_BYTES = 64
+ENDS = 1 << 20  # of a pickled weights file, the bytes read at each end
 
 
 def weights_fingerprint(folder: Path) -> str:
     """A short hash of the weights in a model folder: each tensor's name, dtype, shape and bytes sampled evenly
-    through it (safetensors), or each file's name, size and first and last MiB (``pytorch_model*.bin``).
+    through it (``model*.safetensors``), or, where there are none, each ``pytorch_model*.bin`` file's name, size and
+    first and last MiB.
 
-    Cheap for any model size, the same for a moved copy or another sharding of one safetensors
-    model; a fine-tune of the same architecture differs in the sampled values of every tensor it
-    changed (a change confined to bytes between samples goes unseen).
+    Cheap for any model size (and computed once per version of the files), the same for a moved copy or another
+    sharding of one safetensors model; a fine-tune of the same architecture differs in the sampled values of every
+    tensor it changed (a change confined to bytes between samples goes unseen).
     """
+    files = sorted(Path(folder).glob("model*.safetensors")) or sorted(Path(folder).glob("pytorch_model*.bin"))
+    return _fingerprint(tuple((str(path), path.stat().st_size, path.stat().st_mtime_ns) for path in files))
+
+
+@functools.lru_cache(maxsize=8)
+def _fingerprint(files: tuple[tuple[str, int, int], ...]) -> str:
+    """`weights_fingerprint` of these files (path, size, modification time), which a changed file misses the cache."""
     digest = hashlib.sha256()
-    for name, entry, path, start in sorted(_safetensors_entries(folder), key=lambda item: item[0]):
-        digest.update(f"{name}:{entry['dtype']}:{entry['shape']}".encode())
-        begin, end = entry["data_offsets"]
-        with path.open("rb") as file:
-            for offset in sorted({begin + (end - begin - SAMPLE_BYTES) * i // (SAMPLES - 1) for i in range(SAMPLES)}):
-                file.seek(start + max(begin, offset))
-                digest.update(file.read(min(SAMPLE_BYTES, end - begin)))
-    for path in sorted(Path(folder).glob("pytorch_model*.bin")):
-        size = path.stat().st_size
-        digest.update(f"{path.name}:{size}".encode())
-        with path.open("rb") as file:
-            digest.update(file.read(1 << 20))
-            file.seek(max(0, size - (1 << 20)))
-            digest.update(file.read(1 << 20))
+    if files and files[0][0].endswith(".safetensors"):
+        samples = [sample for path, *_ in files for sample in _sampled_tensors(Path(path))]
+        for sample in sorted(samples):  # by tensor name, whichever file holds it (then the file's name)
+            digest.update(sample[2])
+        return digest.hexdigest()[:16]
+    for path, size, _ in files:
+        digest.update(f"{Path(path).name}:{size}".encode())
+        with open(path, "rb") as file:
+            digest.update(file.read(ENDS))
+            file.seek(max(0, size - ENDS))
+            digest.update(file.read(ENDS))
     return digest.hexdigest()[:16]
 
 
-def _safetensors_entries(folder: Path) -> list[tuple[str, dict, Path, int]]:
-    """``(tensor name, header entry, file, where its data starts)`` for every tensor of the model's safetensors."""
-    entries = []
-    for path in Path(folder).glob("model*.safetensors"):
-        with path.open("rb") as file:
-            length = int.from_bytes(file.read(8), "little")
-            header = json.loads(file.read(length))
-        entries += [(name, entry, path, 8 + length) for name, entry in header.items() if name != "__metadata__"]
-    return entries
+def _sampled_tensors(path: Path) -> list[tuple[str, str, bytes]]:
+    """``(tensor name, file name, sample)`` for each tensor of a safetensors file, the sample its name, dtype and
+    shape and bytes read evenly through it."""
+    out = []
+    with path.open("rb") as file:
+        length = int.from_bytes(file.read(8), "little")
+        header = json.loads(file.read(length))
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = entry["data_offsets"]
+            sample = [f"{name}:{entry['dtype']}:{entry['shape']}".encode()]
+            for offset in sorted({begin + (end - begin - SAMPLE_BYTES) * i // (SAMPLES - 1) for i in range(SAMPLES)}):
+                file.seek(8 + length + max(begin, offset))
+                sample.append(file.read(min(SAMPLE_BYTES, end - begin)))
+            out.append((name, path.name, b"".join(sample)))
+    return out
