@@ -584,6 +584,8 @@ def test_jsonl_texts_may_hold_unicode_line_separators_and_csv_a_byte_order_mark(
 def test_a_column_named_twice_and_a_label_that_is_a_json_list_are_refused_at_their_line(tmp_path):
     from lightning_peft.data.files import read_rows
 
+    (tmp_path / "blank_names.csv").write_text("text,label,,\ngood,pos,,\n")  # unnamed columns may repeat
+    assert read_rows(tmp_path / "blank_names.csv", ["text", "label"])[0]["label"] == "pos"
     (tmp_path / "twice.csv").write_text("text,label,text\ngood,pos,bad\n")
     with pytest.raises(ValueError, match="twice.csv, line 1: the header names column 'text' twice"):
         read_rows(tmp_path / "twice.csv", ["text", "label"])  # was: the last 'text' column read
@@ -962,7 +964,8 @@ def test_a_decoder_classifier_whose_tokenizer_has_no_pad_token_trains_and_reads_
 def test_a_generated_text_is_one_line_that_reads_back_as_it_was():
     from lightning_peft.lightning.predictions import prediction_line
 
-    text = "a path C:\\new\nthen a line"
+    text = "a path C:\\new\nthen a line\r\n"
     line = prediction_line(text)
-    assert "\n" not in line and line == "a path C:\\\\new\\nthen a line"  # was: C:\new, read back as a break
+    assert "\n" not in line and "\r" not in line  # was: C:\new read back as a break, \r left as one
+    assert line == "a path C:\\\\new\\nthen a line\\r\\n"
     assert line.encode().decode("unicode_escape") == text

@@ -88,7 +88,7 @@ def _csv_rows(text: str, path: Path, delimiter: str) -> list[tuple[int, dict]]:
     if header is None:
         return []
     header = [name.strip() for name in header]  # "text, label" names the column 'label
-    twice = next((name for i, name in enumerate(header) if name in header[:i]), None)
+    twice = next((name for i, name in enumerate(header) if name and name in header[:i]), None)  # "a,b,," is fine
     if twice is not None:
         raise ValueError(f"data file {path}, line 1: the header names column {twice!r} twice; name each column once")
     rows = []

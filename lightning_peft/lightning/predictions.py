@@ -71,10 +71,10 @@ class PredictionWriter(BasePredictionWriter):
 
 def prediction_line(item: Any) -> str:
     """``positive<TAB>0.9312`` for a classification, the generated text on one line for generation (a line break
-    as ``\\n``, a backslash as ``\\\\``, so each line reads back as it was)."""
+    as ``\\n``, a carriage return as ``\\r``, a backslash as ``\\\\``, so each line reads back as it was)."""
     if isinstance(item, dict):
         return f"{item['label']}\t{item['probability']:.4f}"
-    return str(item).replace("\\", "\\\\").replace("\n", "\\n")
+    return str(item).replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
 
 
 def prediction_row(text: str | None, item: Any) -> dict[str, Any]:
