@@ -209,7 +209,8 @@ class PEFTCLI(LightningCLI):
 
     def _use_adapter_folders(self, folders: dict[str, str]) -> list[str | None]:
         """With ``--adapters``: load every folder under its name, and route each input row to the one it names."""
-        parts = {name: [path for _, path in _one_adapter(Path(folder), f"--adapters {name}={folder}")]
+        parts = {name: [path for _, path in _one_adapter(_adapter_folders(Path(folder)), Path(folder),
+                                                          f"--adapters {name}={folder}")]
                  for name, folder in folders.items()}
         configs = {name: _prompt_config([read_adapter_files(path)[0] for path in paths])
                    for name, paths in parts.items()}  # a damaged file: one line now
@@ -242,9 +243,9 @@ class PEFTCLI(LightningCLI):
         if settings.get("ckpt_path") is not None:
             raise ConfigError("give --ckpt_path or --adapter, not both")
         tasks = set(getattr(self.datamodule, "task_names", None) or []) if self.subcommand != "predict" else set()
-        pairs = _adapter_folders(Path(folder))  # a multi-task run's data routes each row to its task's adapter
-        if not {name for name, _ in pairs} <= tasks:
-            pairs = _one_adapter(Path(folder), f"--adapter {folder}", routes=self.subcommand == "predict")
+        pairs = _adapter_folders(Path(folder))  # multi-task data routes each row to its task's adapter (others shared)
+        if not tasks or not tasks <= {name for name, _ in pairs}:
+            pairs = _one_adapter(pairs, Path(folder), f"--adapter {folder}", routes=self.subcommand == "predict")
         loads = [LoadAdapter(path, adapter_name=name) for name, path in pairs]
         others = [cb for cb in self.trainer.callbacks if not isinstance(cb, PEFTCallback)]
         self.trainer.callbacks = [*loads, *others]
@@ -300,18 +301,19 @@ def _adapter_folders(folder: Path) -> list[tuple[str, Path]]:
     return [("default", folder)]
 
 
-def _one_adapter(folder: Path, given: str, routes: bool = True) -> list[tuple[str, Path]]:
-    """The ``(name, folder)`` of each method of the one adapter that ``folder`` holds; several names (a multi-task
-    fit's tasks) are refused: loaded together without their data's routing, every task's adapter acts on every row.
+def _one_adapter(pairs: list[tuple[str, Path]], folder: Path, given: str,
+                 routes: bool = True) -> list[tuple[str, Path]]:
+    """``pairs`` (`_adapter_folders` of ``folder``) where they are the methods of one adapter; several names (a
+    multi-task fit's tasks) are refused: loaded together without their data's routing, every task's adapter acts on
+    every row.
 
     ``routes``: whether to name ``--adapters`` (predict's) as the way to route rows.
     """
-    pairs = _adapter_folders(folder)
     names = sorted({name for name, _ in pairs})
     if len(names) > 1:
         routing = (f"route each row to its own with --adapters "
                    f"{' '.join(f'{name}={folder / path.name}' for name, path in pairs)}" if routes else
-                   "give the multi-task data whose tasks they are named after")
+                   "give the multi-task data whose tasks they are named after (each task needs its adapter)")
         raise ConfigError(f"{given} holds adapters of several names ({', '.join(names)}: "
                           f"{', '.join(path.name for _, path in pairs)}), which together would all act on every row; "
                           f"give one of them ({folder / pairs[0][1].name}), or {routing}")

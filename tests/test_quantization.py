@@ -394,6 +394,19 @@ def test_dequantize_base_of_a_half_precision_t5_takes_its_embeddings_dtype_not_i
     model(input_ids=ids() % 64, decoder_input_ids=ids() % 64)  # was: "expected m1 and m2 to have the same dtype"
 
 
+def test_dequantize_base_gives_each_model_its_own_dtype():
+    class TeacherAndStudent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.teacher, self.student = llama(), llama().to(torch.bfloat16)
+
+    module = TeacherAndStudent()
+    QuantizeBase("nf4").inject(module.student)
+    dequantize_base(module)
+    assert module.student.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16  # was: the teacher's fp32
+    module.student(ids())
+
+
 @pytest.mark.parametrize("mode", ["int8", "nf4"])
 def test_a_bias_trained_on_a_quantized_base_keeps_its_dtype_and_trains_under_bf16(mode):
     torch.manual_seed(0)

@@ -760,7 +760,9 @@ def test_the_weights_fingerprint_sees_a_changed_middle_tensor_and_not_another_sh
     assert len(list((tmp_path / "shards").glob("model-*.safetensors"))) > 1
     assert weights_fingerprint(tmp_path / "a") == weights_fingerprint(tmp_path / "shards")  # was: other weights
     assert weights_fingerprint(tmp_path / "a") != weights_fingerprint(tmp_path / "b")
-    torch.save({}, tmp_path / "a" / "pytorch_model.bin")  # a pickled copy beside the safetensors counts for nothing
+    torch.save({}, tmp_path / "a" / "pytorch_model.bin")  # a pickled copy beside the safetensors counts for nothing,
+    model.save_pretrained(tmp_path / "variant")  # and so does a variant (model.fp16.safetensors)
+    (tmp_path / "variant" / "model.safetensors").rename(tmp_path / "a" / "model.fp16.safetensors")
     assert weights_fingerprint(tmp_path / "a") == weights_fingerprint(tmp_path / "shards")
 
 

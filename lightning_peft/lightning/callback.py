@@ -56,7 +56,7 @@ from lightning_peft.lightning.sharding import (
 )
 
 CheckpointPolicy = Literal["adapter", "full"]
-SELECTION = ("target_modules", "exclude_modules", "layers", "feedforward_modules")  # settings that pick modules
+SELECTION = ("target_modules", "target_parameters", "exclude_modules", "layers", "feedforward_modules")  # what picks
 _CHAINED = "_lightning_peft_trainer"
 _WEAK_SET = "<a weak set of modules, left behind when pickled>"
 
@@ -238,8 +238,8 @@ class PEFTCallback(ModelSetupCallback):
         there = next((r for r in adapter_refs(module) if r == ref), None)
         if there is not None:
             changed = changed_settings(there.config, ref.config)
-            if set(changed) <= set(SELECTION) and self._picks_the_listed_modules(module, there.config):
-                changed = {}  # a loaded file lists every module by its full name; this callback picks those
+            if set(changed) & set(SELECTION) and self._picks_the_listed_modules(module, there.config):
+                changed = {k: v for k, v in changed.items() if k not in SELECTION}  # a file's full names: the same
             if not changed:
                 return module  # put there by a callback of the same settings (an earlier Trainer's): that adapter
             made_with = ", ".join(f"{key}={theirs!r}" for key, (theirs, _) in changed.items())

@@ -184,7 +184,12 @@ class LoRA(PEFTCallback):
                           "not record; delete_adapter of a PiSSA adapter gives its part back", stacklevel=3)
 
     def chosen_names(self, root: nn.Module) -> dict[str, set[str]]:
-        return {"target_modules": {name for name, _ in self._chosen_modules(root)}}
+        modules, parameters = self._chosen_modules(root), self._chosen_parameters(root)
+        layers = [m for _, m in modules if not isinstance(innermost_base(m), nn.MultiheadAttention)]
+        if layers and self._layer_only_setting() and self._all_linear_chose_parameters():
+            parameters = []  # all-linear leaves them out beside a layer-only setting, as inject_into does
+        return {"target_modules": {name for name, _ in modules},
+                "target_parameters": {f"{name}.{path}" for name, path in parameters}}
 
     def _chosen_modules(self, root: nn.Module) -> list[tuple[str, nn.Module]]:
         if self.target_modules is None:

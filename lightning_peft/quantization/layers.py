@@ -84,34 +84,40 @@ def _bitsandbytes_or_none(model: nn.Module) -> bool:
 
 
 def dequantize_base(module: nn.Module) -> nn.Module:
-    """Put a full-precision nn.Linear back for every bitsandbytes layer of ``module`` (in place), in the dtype of
-    the rest of the base now (a precision plugin may have cast the model since it was quantized, which leaves the
-    codes and the dtype a 4-bit layer recorded as they were).
+    """Put a full-precision nn.Linear back for every bitsandbytes layer of ``module`` (in place), in the dtype its
+    model computes in now (a precision plugin may have cast the model since it was quantized, which leaves the codes
+    and the dtype a 4-bit layer recorded as they were).
 
     For example, to merge exactly."""
     check_unmerged(module, "dequantize_base", "dequantize, then merge again (an exact merge)")
-    rest, places = _base_float_dtype(module), ModulePlaces(module)
+    dtypes, rest, places = _model_dtypes(module), _most_values_dtype(module), ModulePlaces(module)
     for _, layer in list(module.named_modules()):
         if is_quantized(layer):
             plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-            plain.weight = nn.Parameter(dequantized_weight(layer).to(rest), requires_grad=False)
+            plain.weight = nn.Parameter(dequantized_weight(layer).to(dtypes.get(id(layer), rest)),
+                                        requires_grad=False)
             plain.bias = layer.bias
             places.put_in_place_of(layer, plain)
     forget_quantization(module)
     return module
 
 
-def _base_float_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype the base computes in now: its token embeddings' (which no model keeps in float32 beside a half
-    precision body, as T5 keeps ``wo`` and others their norms), else that of most of its floating-point parameters
-    (no adapter's; float32 if none)."""
+def _model_dtypes(module: nn.Module) -> dict[int, torch.dtype]:
+    """For each module inside a transformers model, the dtype that model computes in: its token embeddings' (which
+    no model keeps in float32 beside a half-precision body, as T5 keeps ``wo`` and others their norms)."""
+    dtypes = {}
     for _, model in transformers_models(module):
         try:
             weight = getattr(model.get_input_embeddings(), "weight", None)
-        except NotImplementedError:  # a model that names no input embeddings
+        except (NotImplementedError, AttributeError):  # a model that names no input embeddings
             continue
         if isinstance(weight, torch.Tensor) and weight.is_floating_point():
-            return weight.dtype
+            dtypes.update({id(inner): weight.dtype for inner in model.modules()})
+    return dtypes
+
+
+def _most_values_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of most of the base's floating-point parameters in ``module`` (no adapter's; float32 if none)."""
     adapters = owners(module)
     counts = Counter(p.dtype for p in module.parameters() if p.is_floating_point() and id(p) not in adapters)
     return counts.most_common(1)[0][0] if counts else torch.float32

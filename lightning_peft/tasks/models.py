@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,8 +44,15 @@ def weights_fingerprint(folder: Path) -> str:
     sharding of one safetensors model; a fine-tune of the same architecture differs in the sampled values of every
     tensor it changed (a change confined to bytes between samples goes unseen).
     """
-    files = sorted(Path(folder).glob("model*.safetensors")) or sorted(Path(folder).glob("pytorch_model*.bin"))
+    files = _weights_files(Path(folder), "model", "safetensors") or _weights_files(Path(folder), "pytorch_model", "bin")
     return _fingerprint(tuple((str(path), path.stat().st_size, path.stat().st_mtime_ns) for path in files))
+
+
+def _weights_files(folder: Path, stem: str, suffix: str) -> list[Path]:
+    """A model's weights files: ``stem.suffix`` or its shards ``stem-00001-of-00002.suffix`` (not a variant such as
+    ``model.fp16.safetensors`` beside them)."""
+    pattern = re.compile(rf"{stem}(?:-\d+-of-\d+)?\.{suffix}")
+    return sorted(path for path in folder.glob(f"{stem}*.{suffix}") if pattern.fullmatch(path.name))
 
 
 @functools.lru_cache(maxsize=8)
@@ -66,7 +74,7 @@ def _fingerprint(files: tuple[tuple[str, int, int], ...]) -> str:
 
 
 def _sampled_tensors(path: Path) -> list[tuple[str, str, bytes]]:
-    """``(tensor name, file name, sample)`` for each tensor of a safetensors file, the sample its name, dtype and
+    """``(tensor name, file name, digest)`` for each tensor of a safetensors file, the digest of its name, dtype,
     shape and bytes read evenly through it."""
     out = []
     with path.open("rb") as file:
@@ -80,5 +88,5 @@ def _sampled_tensors(path: Path) -> list[tuple[str, str, bytes]]:
             for offset in sorted({begin + (end - begin - SAMPLE_BYTES) * i // (SAMPLES - 1) for i in range(SAMPLES)}):
                 file.seek(8 + length + max(begin, offset))
                 sample.append(file.read(min(SAMPLE_BYTES, end - begin)))
-            out.append((name, path.name, b"".join(sample)))
+            out.append((name, path.name, hashlib.sha256(b"".join(sample)).digest()))
     return out
