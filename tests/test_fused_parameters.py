@@ -229,3 +229,14 @@ def test_no_warning_on_llama(targets):
 
 def test_no_warning_when_all_linear_takes_the_experts():
     assert not caught(lambda: LoRA(r=R).inject(mixtral()))
+
+
+def test_a_loaded_expert_adapter_is_taken_up_by_the_callback_that_picks_its_weights(tmp_path):
+    model = LoRA(r=R).inject(mixtral())  # all-linear: the attention layers and the fused expert weights
+    save_adapter(model, tmp_path / "all")
+    LoRA(r=R).inject(loaded := load_adapter(mixtral(), tmp_path / "all"))  # was: refused, the file's full names
+    assert trainable_summary(loaded).trainable == trainable_summary(model).trainable
+    model = LoRA(r=R, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]).inject(mixtral())
+    save_adapter(model, tmp_path / "attention")
+    with pytest.raises(ValueError, match=r"LoRA\[default\] is in this model already"):  # all-linear adds the experts
+        LoRA(r=R).inject(load_adapter(mixtral(), tmp_path / "attention"))
