@@ -244,7 +244,12 @@ class PEFTCLI(LightningCLI):
             raise ConfigError("give --ckpt_path or --adapter, not both")
         tasks = set(getattr(self.datamodule, "task_names", None) or []) if self.subcommand != "predict" else set()
         pairs = _adapter_folders(Path(folder))  # multi-task data routes each row to its task's adapter (others shared)
-        if not tasks or not tasks <= {name for name, _ in pairs}:
+        names = {name for name, _ in pairs}
+        if tasks and not tasks <= names and len(names) == 1:
+            raise ConfigError(f"--adapter {folder} holds the adapter {next(iter(names))!r}, and the data's tasks "
+                              f"{', '.join(sorted(tasks - names))} need adapters of their names: give the folder a "
+                              "multi-task fit wrote, which holds each task's")
+        if not tasks or not tasks <= names:
             pairs = _one_adapter(pairs, Path(folder), f"--adapter {folder}", routes=self.subcommand == "predict")
         loads = [LoadAdapter(path, adapter_name=name) for name, path in pairs]
         others = [cb for cb in self.trainer.callbacks if not isinstance(cb, PEFTCallback)]

@@ -244,6 +244,9 @@ def test_an_adapter_name_injected_again_is_the_same_adapter_or_an_error():
                                          r"\['q_proj'\]; give this one another adapter_name"):
         LoRA(target_modules=["k_proj"]).inject(model)
     assert set(model.state_dict()) == keys
+    LoRA(target_modules=["k_proj", "v_proj"], exclude_modules=["v_proj"], adapter_name="b").inject(model)
+    with pytest.raises(ValueError, match=r"made with exclude_modules=\['v_proj'\]"):  # would adapt v_proj too
+        LoRA(target_modules=["k_proj", "v_proj"], adapter_name="b").inject(model)
 
 
 def test_a_loaded_adapter_trains_on_under_the_callback_of_its_settings_as_the_user_names_its_targets(tmp_path):

@@ -460,6 +460,9 @@ def test_a_folder_of_several_tasks_adapters_is_refused_where_one_adapter_is_give
     (tmp_path / "tasks.yaml").write_text(yaml.safe_dump(settings))
     tested = run_cli("test", "--config", str(tmp_path / "tasks.yaml"), "--adapter", str(tmp_path / "tasks"))
     assert tested.returncode == 0 and "test_acc_t2" in tested.stdout + tested.stderr, tested.stderr[-2000:]
+    one = run_cli("test", "--config", str(tmp_path / "tasks.yaml"), "--adapter", str(tmp_path / "tasks" / "LoRA-t1"))
+    assert one.returncode == 2 and "holds the adapter 'default', and the data's tasks t1, t2 need adapters of their " \
+        "names" in one.stderr.strip().splitlines()[-1], one.stderr[-2000:]  # was: per_row_adapters' error mid-test
 
 
 def test_a_routed_line_without_text_is_refused_rather_than_shifting_later_rows():

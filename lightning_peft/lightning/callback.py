@@ -219,8 +219,10 @@ class PEFTCallback(ModelSetupCallback):
     def _picks_the_listed_modules(self, module: nn.Module, theirs: dict[str, Any]) -> bool:
         """Whether this callback's settings pick exactly the modules that an adapter file's settings list by full name
         (`load_adapter`'s), so that the callback goes on with the loaded adapter."""
-        if not isinstance(theirs.get("target_modules"), list):
-            return False
+        listed = [theirs.get(key) for key in ("target_modules", "target_parameters")]
+        if not any(isinstance(names, list) and names for names in listed) or any(
+                theirs.get(key) not in (None, []) for key in ("exclude_modules", "layers")):
+            return False  # not a file's full names: its settings themselves say what it adapted
         _, root = model_root(module)
         try:
             with warnings.catch_warnings():

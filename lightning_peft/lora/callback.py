@@ -185,9 +185,10 @@ class LoRA(PEFTCallback):
 
     def chosen_names(self, root: nn.Module) -> dict[str, set[str]]:
         modules, parameters = self._chosen_modules(root), self._chosen_parameters(root)
-        layers = [m for _, m in modules if not isinstance(innermost_base(m), nn.MultiheadAttention)]
-        if layers and self._layer_only_setting() and self._all_linear_chose_parameters():
-            parameters = []  # all-linear leaves them out beside a layer-only setting, as inject_into does
+        attention = [name for name, m in modules if isinstance(innermost_base(m), nn.MultiheadAttention)]
+        if len(attention) < len(modules) and self._layer_only_setting() and self._all_linear_chose_parameters():
+            parameters = []  # all-linear leaves weight targets out beside a layer-only setting, as inject_into does
+            modules = [(name, m) for name, m in modules if name not in attention]
         return {"target_modules": {name for name, _ in modules},
                 "target_parameters": {f"{name}.{path}" for name, path in parameters}}
 

@@ -104,15 +104,17 @@ def dequantize_base(module: nn.Module) -> nn.Module:
 
 def _model_dtypes(module: nn.Module) -> dict[int, torch.dtype]:
     """For each module inside a transformers model, the dtype that model computes in: its token embeddings' (which
-    no model keeps in float32 beside a half-precision body, as T5 keeps ``wo`` and others their norms)."""
+    no model keeps in float32 beside a half-precision body, as T5 keeps ``wo`` and others their norms), else that of
+    most of its parameters."""
     dtypes = {}
     for _, model in transformers_models(module):
         try:
             weight = getattr(model.get_input_embeddings(), "weight", None)
         except (NotImplementedError, AttributeError):  # a model that names no input embeddings
-            continue
-        if isinstance(weight, torch.Tensor) and weight.is_floating_point():
-            dtypes.update({id(inner): weight.dtype for inner in model.modules()})
+            weight = None
+        usable = isinstance(weight, torch.Tensor) and weight.is_floating_point()
+        dtype = weight.dtype if usable else _most_values_dtype(model)
+        dtypes.update({id(inner): dtype for inner in model.modules()})
     return dtypes
 
 

@@ -82,7 +82,8 @@ class TransformersTask(L.LightningModule):
         if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
             check_resumed_optimization(checkpoint.get("hyper_parameters") or {}, self.hparams, path)
         saved = checkpoint.get(BASE_KEY)
-        if saved and saved["fingerprint"] != weights_fingerprint(self.model_path):
+        here = weights_fingerprint(self.model_path) if saved and saved["fingerprint"] else None
+        if here is not None and saved["fingerprint"] != here:
             rank_zero_warn(f"{f'checkpoint {path}' if path else 'the checkpoint'} was trained on the base model in "
                            f"{saved['folder']}, and this "
                            f"task's base ({self.model_path}) has other weights: its adapters were trained for that "

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,24 +34,30 @@ SAMPLE_BYTES = 64
 ENDS = 1 << 20  # of a pickled weights file, the bytes read at each end
 
 
-def weights_fingerprint(folder: Path) -> str:
-    """A short hash of the weights in a model folder: each tensor's name, dtype, shape and bytes sampled evenly
-    through it (``model*.safetensors``), or, where there are none, each ``pytorch_model*.bin`` file's name, size and
-    first and last MiB.
+def weights_fingerprint(folder: Path) -> str | None:
+    """A short hash of the weights a model folder loads: each tensor's name, dtype, shape and bytes sampled evenly
+    through it (``model.safetensors``, or the shards its index names), or, where there are none, each pickled
+    weights file's name, size and first and last MiB; None for a folder without either.
 
     Cheap for any model size (and computed once per version of the files), the same for a moved copy or another
     sharding of one safetensors model; a fine-tune of the same architecture differs in the sampled values of every
     tensor it changed (a change confined to bytes between samples goes unseen).
     """
-    files = _weights_files(Path(folder), "model", "safetensors") or _weights_files(Path(folder), "pytorch_model", "bin")
+    files = _weights_files(Path(folder), "model.safetensors") or _weights_files(Path(folder), "pytorch_model.bin")
+    if not files:
+        return None
     return _fingerprint(tuple((str(path), path.stat().st_size, path.stat().st_mtime_ns) for path in files))
 
 
-def _weights_files(folder: Path, stem: str, suffix: str) -> list[Path]:
-    """A model's weights files: ``stem.suffix`` or its shards ``stem-00001-of-00002.suffix`` (not a variant such as
-    ``model.fp16.safetensors`` beside them)."""
-    pattern = re.compile(rf"{stem}(?:-\d+-of-\d+)?\.{suffix}")
-    return sorted(path for path in folder.glob(f"{stem}*.{suffix}") if pattern.fullmatch(path.name))
+def _weights_files(folder: Path, name: str) -> list[Path]:
+    """The weights files transformers loads for ``name``: that file, or the shards that ``name.index.json`` lists
+    (not a variant such as ``model.fp16.safetensors``, nor stale shards beside a whole file)."""
+    if (folder / name).is_file():
+        return [folder / name]
+    index = folder / f"{name}.index.json"
+    if not index.is_file():
+        return []
+    return sorted({folder / shard for shard in json.loads(index.read_text())["weight_map"].values()})
 
 
 @functools.lru_cache(maxsize=8)
