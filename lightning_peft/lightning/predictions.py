@@ -69,12 +69,17 @@ class PredictionWriter(BasePredictionWriter):
             write_table(Path(self.output), self.rows)
 
 
+LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"  # where str.splitlines breaks a line
+
+
 def prediction_line(item: Any) -> str:
-    """``positive<TAB>0.9312`` for a classification, the generated text on one line for generation (a line break
-    as ``\\n``, a carriage return as ``\\r``, a backslash as ``\\\\``, so each line reads back as it was)."""
+    """``positive<TAB>0.9312`` for a classification, the generated text on one line for generation: a backslash as
+    ``\\\\`` and every character that a reader may break a line at (``\\n``, ``\\r``, U+2028...) as its Python
+    escape, so each line reads back as it was."""
     if isinstance(item, dict):
         return f"{item['label']}\t{item['probability']:.4f}"
-    return str(item).replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+    text = str(item).replace("\\", "\\\\")
+    return "".join(char.encode("unicode_escape").decode() if char in LINE_BREAKS else char for char in text)
 
 
 def prediction_row(text: str | None, item: Any) -> dict[str, Any]:
