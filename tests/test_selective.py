@@ -252,3 +252,19 @@ def test_an_adapter_named_by_a_lightning_module_s_names_loads_into_the_model_alo
     ids = torch.randint(0, 64, (2, 6))
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, module.eval()(ids), rtol=0, atol=1e-6)
+
+
+def test_bitfit_warns_when_only_the_head_has_a_bias():
+    import warnings
+
+    from transformers import ModernBertConfig, ModernBertForSequenceClassification
+
+    config = ModernBertConfig(vocab_size=VOCAB, hidden_size=H, intermediate_size=2 * H, num_hidden_layers=L,
+                              num_attention_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                              cls_token_id=1, sep_token_id=2)
+    with pytest.warns(UserWarning, match=r"BitFit\[default\] selects only classifier.bias, in the output head"):
+        BitFit().inject(ModernBertForSequenceClassification(config))  # its blocks have no bias
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        BitFit(modules_to_save=["classifier"]).inject(tiny_bert())  # BERT's blocks have biases: quiet
+        Selective(modules=["classifier"]).inject(tiny_bert())  # the head by name is what was asked for

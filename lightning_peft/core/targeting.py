@@ -54,7 +54,7 @@ def name_matches(name: str, targets: Targets) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def _head_names(root: nn.Module) -> set[str]:
+def head_names(root: nn.Module) -> set[str]:
     """Names of output heads: transformers' output embeddings plus layers named like a head."""
     heads = {name for name, _ in root.named_modules() if set(name.split(".")) & HEAD_NAMES}
     output_layers = set()
@@ -149,7 +149,7 @@ def select_modules(
     candidates = candidate_modules(root)
     unwrappable = _attribute_read_layers(root)
     if target_modules == ALL_LINEAR:
-        heads = _head_names(root) | set(unwrappable)
+        heads = head_names(root) | set(unwrappable)
         linear = (*linear_types(), nn.MultiheadAttention)
         chosen = [
             (n, m)

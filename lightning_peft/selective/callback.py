@@ -7,6 +7,7 @@ matched as the base model spells them: the ``.base_layer`` of a wrapping PEFT la
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 
@@ -15,7 +16,14 @@ from torch import nn
 from lightning_peft.core.checks import layer_list
 from lightning_peft.core.ownership import holders
 from lightning_peft.core.saved_modules import SavedModule
-from lightning_peft.core.targeting import BaseParameter, Targets, base_parameters, block_index, select_modules
+from lightning_peft.core.targeting import (
+    BaseParameter,
+    Targets,
+    base_parameters,
+    block_index,
+    head_names,
+    select_modules,
+)
 from lightning_peft.lightning.callback import CheckpointPolicy, PEFTCallback
 
 PARAM_TYPES = ("bias", "norm", "embedding")
@@ -86,10 +94,20 @@ class Selective(PEFTCallback):
         shadowed = _shadowed(module)
         base = [b for b in base_parameters(module) if id(b.param) not in shadowed]
         passing = self._passing_per_filter(module, base)
-        chosen = [b.param for b in base if all(id(b.param) in ids for ids in passing.values())]
+        chosen = [b for b in base if all(id(b.param) in ids for ids in passing.values())]
         if not chosen:
             raise ValueError(self._nothing_matched(base, passing))
-        return chosen
+        if self.modules is None:
+            self._warn_if_only_the_head(module, chosen)
+        return [b.param for b in chosen]
+
+    def _warn_if_only_the_head(self, root: nn.Module, chosen: list[BaseParameter]) -> None:
+        """Warn when every chosen parameter lies in the output head: the blocks would not change at all."""
+        heads = head_names(root)
+        if all(b.module_name in heads for b in chosen):
+            names = ", ".join(b.name for b in chosen[:4]) + (", ..." if len(chosen) > 4 else "")
+            warnings.warn(f"{self.owner} selects only {names}, in the output head: {type(root).__name__}'s blocks "
+                          "hold no parameter that passes the filters, so they do not change. Use LoRA or IA3 there")
 
     def _passing_per_filter(self, root: nn.Module, base: list[BaseParameter]) -> dict[str, set[int]]:
         """For each given filter, described as it was given, the ids of the base parameters that pass it."""
