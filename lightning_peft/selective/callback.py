@@ -107,7 +107,8 @@ class Selective(PEFTCallback):
         if all(b.module_name in heads for b in chosen):
             names = ", ".join(b.name for b in chosen[:4]) + (", ..." if len(chosen) > 4 else "")
             warnings.warn(f"{self.owner} selects only {names}, in the output head: {type(root).__name__}'s blocks "
-                          "hold no parameter that passes the filters, so they do not change. Use LoRA or IA3 there")
+                          "hold no parameter that passes the filters, so they do not change. Use LoRA or IA3 there",
+                          stacklevel=2)
 
     def _passing_per_filter(self, root: nn.Module, base: list[BaseParameter]) -> dict[str, set[int]]:
         """For each given filter, described as it was given, the ids of the base parameters that pass it."""
