@@ -99,6 +99,7 @@ def unused_adapter_fails_first(out: Path) -> None:
 
 WORDS = ["good", "great", "fine", "bad", "awful", "poor", "the", "movie", "was", "very"]
 TASKS = {"upbeat": 48, "gloomy": 32}  # rows: 6 and 4 batches of 8, so 3 and 2 steps on two processes
+UNEVEN = 15  # rows of the evaluation file: two processes cannot take as many each
 
 
 def write_tasks(folder: Path) -> dict[str, dict]:
@@ -110,6 +111,8 @@ def write_tasks(folder: Path) -> dict[str, dict]:
         rows = [(" ".join([filler] * (i // 6) + ["movie", "was", WORDS[i % 6]]),
                  "positive" if (i % 6 < 3) == (task == "upbeat") else "negative") for i in range(count)]
         (folder / f"{task}.csv").write_text("text,label\n" + "".join(f"{text},{label}\n" for text, label in rows))
+    header_and_rows = (folder / "upbeat.csv").read_text().splitlines(keepends=True)[:UNEVEN + 1]
+    (folder / "uneven.csv").write_text("".join(header_and_rows))
     return task_settings(folder)
 
 
@@ -195,6 +198,47 @@ def one_task_resumed_inside_the_epoch(out: Path) -> None:
     fit("resumed", ckpt_path=folder / "stopped" / "step2.ckpt")
 
 
+class RecordEvaluatedRows(L.Callback):
+    """Each rank writes how many rows its last validation and its test ran and got right, and the logged accuracies."""
+
+    def __init__(self, dirpath: Path) -> None:
+        self.dirpath, self.seen = dirpath, {}
+
+    def _record(self, stage: str, pl_module: L.LightningModule, batch: dict) -> None:
+        right = pl_module(batch["input_ids"], batch["attention_mask"]).argmax(-1) == batch["labels"]
+        rows, correct = self.seen.get(stage, (0, 0))
+        self.seen[stage] = (rows + len(right), correct + int(right.sum()))
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        self.seen.pop("val", None)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._record("val", pl_module, batch)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._record("test", pl_module, batch)
+
+    def on_fit_end(self, trainer, pl_module):
+        self.val_acc = float(trainer.callback_metrics["val_acc"])
+
+    def on_test_end(self, trainer, pl_module):
+        record = {"seen": self.seen, "val_acc": self.val_acc, "test_acc": float(trainer.callback_metrics["test_acc"])}
+        (self.dirpath / f"evaluated_rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+def uneven_evaluation(out: Path) -> None:
+    """DDP validation and test of an evaluation file of UNEVEN rows: records in ``uneven``."""
+    folder = out / "multi_task"
+    module = SequenceClassification(str(folder / "bert"), learning_rate=5e-2, warmup_steps=0)
+    data = TextClassificationData(train_file=str(folder / "upbeat.csv"), val_file=str(folder / "uneven.csv"),
+                                  test_file=str(folder / "uneven.csv"), batch_size=4, max_length=16)
+    (out / "uneven").mkdir(exist_ok=True)
+    run = trainer("ddp", [LoRA(r=4, target_modules=["query", "value"], modules_to_save=["classifier"]),
+                          RecordEvaluatedRows(out / "uneven")], max_epochs=1, limit_train_batches=2)
+    run.fit(module, data)
+    run.test(module, data)
+
+
 def fsdp2() -> ModelParallelStrategy:
     return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
 
@@ -208,6 +252,7 @@ def main(out: Path) -> None:
     multi_task(out, "ddp", DDPStrategy(find_unused_parameters=True))
     multi_task_resumed_inside_the_epoch(out)
     one_task_resumed_inside_the_epoch(out)
+    uneven_evaluation(out)
     multi_task(out, "fsdp2", fsdp2())
     multi_task(out, "ddp_mixed", DDPStrategy(find_unused_parameters=True), "mixed", batch_size=2)
     multi_task(out, "fsdp2_mixed", fsdp2(), "mixed", batch_size=2)  # often one task on one process, both on the other

@@ -25,6 +25,7 @@ from distributed_worker import (
     PER_RANK_BATCH,
     SOFT_PROMPTS,
     TASKS,
+    UNEVEN,
     WORDS,
     SeededLlama,
     loader,
@@ -235,6 +236,14 @@ def test_one_task_under_ddp_resumed_inside_the_epoch_trains_the_uninterrupted_ru
     first, second = rank_files(runs / "one_task" / "resumed", "adapter")
     assert_close(first, rank_files(runs / "one_task" / "straight", "adapter")[0], atol=0)  # each rank's dropout too
     assert_close(second, first, atol=0)
+
+
+def test_ddp_validates_and_tests_each_row_once_and_the_metrics_count_each_once(runs):
+    ranks = [json.loads((runs / "uneven" / f"evaluated_rank{rank}.json").read_text()) for rank in (0, 1)]
+    for stage in ("val", "test"):
+        rows, correct = (sum(rank["seen"][stage][i] for rank in ranks) for i in (0, 1))
+        assert rows == UNEVEN, stage  # Lightning's DistributedSampler would give each process 8: one row twice
+        assert ranks[0][f"{stage}_acc"] == ranks[1][f"{stage}_acc"] == pytest.approx(correct / UNEVEN), stage
 
 
 @pytest.mark.parametrize("strategy", ["ddp_mixed", "fsdp2_mixed"])
@@ -503,6 +512,25 @@ def test_an_fsdp2_resume_with_the_methods_in_another_order_is_refused(lightning_
     with pytest.raises(ValueError, match="lists its optimizer's parameters in another order than this run"):
         fsdp2_trainer("b").fit(TokenModule(tiny_llama()), token_loader(),  # was: each tensor another's moments
                                ckpt_path=tmp_path / "adapter.ckpt")
+
+
+def test_ddp_evaluation_takes_each_row_once_and_a_sharded_strategy_warns_of_the_rows_it_repeats():
+    from lightning.pytorch.strategies import DDPStrategy
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    from lightning_peft.data.base import evaluation_loader
+
+    def trainer(strategy, fn=TrainerFn.TESTING):
+        return SimpleNamespace(world_size=2, global_rank=1, strategy=strategy, state=SimpleNamespace(fn=fn),
+                               _accelerator_connector=SimpleNamespace(use_distributed_sampler=True))
+
+    rows = list(range(5))
+    assert [batch.tolist() for batch in evaluation_loader(rows, trainer(DDPStrategy()), batch_size=2)] == [[1, 3]]
+    with pytest.warns(UserWarning, match="ModelParallelStrategy on 2 processes evaluates 1 of the 5 rows twice"):
+        sharded = evaluation_loader(rows, trainer(ModelParallelStrategy()), batch_size=2)
+    assert not isinstance(sharded.sampler, DistributedSampler)  # Lightning's goes in
+    predicting = evaluation_loader(rows, trainer(ModelParallelStrategy(), TrainerFn.PREDICTING), batch_size=2)
+    assert not isinstance(predicting.sampler, DistributedSampler)  # quiet: Lightning's sampler repeats no row there
 
 
 def test_fsdp1_strategy_gets_the_wrap_policy_and_needs_original_parameters():

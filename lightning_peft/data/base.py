@@ -10,6 +10,10 @@ from typing import Any, ClassVar
 
 import lightning as L
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
@@ -165,6 +169,32 @@ def shuffled_loader(rows: Any, seed: int, trainer: Any, **kwargs: Any) -> Resuma
     loader.batches_done = batches_done_in_epoch(trainer, batches)
     loader.trained_in_epoch, loader.epoch_batches = batches_trained_in_epoch(trainer), epoch_length(trainer, batches)
     return loader
+
+
+def evaluation_loader(rows: Sized, trainer: Any, **settings: Any) -> DataLoader:
+    """A validation or test DataLoader whose rows each count once in metrics synced over the processes.
+
+    Lightning's ``DistributedSampler`` repeats rows so that every process gets as many, and synced
+    metrics then count the repeats. Under DDP each process takes its own rows here, no repeats (a
+    process may run one batch fewer: DDP's evaluation forward waits for no other process once each has
+    run its first). Sharded models (FSDP, DeepSpeed) gather weights in every forward, so their
+    processes must run as many batches: they keep Lightning's sampler, with a warning. Predicting,
+    Lightning's own sampler repeats no row.
+    """
+    processes = getattr(trainer, "world_size", 1) or 1
+    if (processes == 1 or trainer.state.fn == TrainerFn.PREDICTING  # Lightning's sampler repeats no row there
+            or not getattr(trainer._accelerator_connector, "use_distributed_sampler", True)):
+        return DataLoader(rows, **settings)
+    strategy = trainer.strategy
+    if isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy) and len(rows) >= processes:
+        sampler = UnrepeatedDistributedSampler(rows, num_replicas=processes, rank=trainer.global_rank, shuffle=False)
+        return DataLoader(rows, sampler=sampler, **settings)
+    if len(rows) % processes:
+        repeated = processes - len(rows) % processes
+        rank_zero_warn(f"{type(strategy).__name__} on {processes} processes evaluates {repeated} of the {len(rows)} "
+                       "rows twice (each process must run as many batches), and the metrics count them twice: "
+                       "evaluate on one device for exact figures")
+    return DataLoader(rows, **settings)
 
 
 def _batches_per_process(loader: DataLoader, trainer: Any) -> int:

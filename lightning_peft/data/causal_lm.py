@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from lightning_peft import assets
-from lightning_peft.data.base import SourceData, shuffled_loader
+from lightning_peft.data.base import SourceData, evaluation_loader, shuffled_loader
 from lightning_peft.data.files import (
     READERS,
     check_data_arguments,
@@ -200,7 +200,7 @@ class CausalLMData(SourceData):
                         collate_fn=partial(pad_batch, pad_id=pad_id, left=left_pad))
         if shuffle:
             return shuffled_loader(examples, self.seed, self.trainer, **settings)
-        return DataLoader(examples, **settings)
+        return evaluation_loader(examples, self.trainer, **settings)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self._examples("train"), shuffle=True)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any, Literal
 
 import lightning as L
@@ -13,7 +14,13 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampl
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from lightning_peft.core.checks import check_choice
-from lightning_peft.data.base import ResumableLoader, batches_done_in_epoch, batches_trained_in_epoch, epoch_length
+from lightning_peft.data.base import (
+    ResumableLoader,
+    batches_done_in_epoch,
+    batches_trained_in_epoch,
+    epoch_length,
+    evaluation_loader,
+)
 from lightning_peft.data.text_classification import TextClassificationData
 
 Mixing = Literal["mixed", "alternating"]
@@ -127,7 +134,7 @@ class MultiTaskData(L.LightningDataModule):
         return {name: [{**row, "task": name} for row in part.encoded(part.splits[split])]
                 for name, part in self.parts.items() if split in part.splits}
 
-    def _loader(self, examples: dict[str, list[dict]], kind: type[DataLoader] = DataLoader,
+    def _loader(self, examples: dict[str, list[dict]], kind: Callable[..., DataLoader] = DataLoader,
                 **batching: Any) -> DataLoader:
         rows = [row for task_rows in examples.values() for row in task_rows]
         tokenizer = next(iter(self.parts.values())).tokenizer
@@ -151,13 +158,14 @@ class MultiTaskData(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         examples = self._examples("val")
-        return self._loader(examples, batch_size=self.batch_size) if examples else []
+        return self._loader(examples, partial(evaluation_loader, trainer=self.trainer),
+                            batch_size=self.batch_size) if examples else []
 
     def test_dataloader(self) -> DataLoader:
         examples = self._examples("test")
         if not examples:
             raise ValueError("MultiTaskData has no test rows: give the tasks a source or a test_file")
-        return self._loader(examples, batch_size=self.batch_size)
+        return self._loader(examples, partial(evaluation_loader, trainer=self.trainer), batch_size=self.batch_size)
 
     def predict_dataloader(self) -> DataLoader:
         raise ValueError("MultiTaskData does not predict: run lightning-peft predict --adapters NAME=DIR ... with "

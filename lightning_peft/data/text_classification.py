@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from lightning_peft import assets
-from lightning_peft.data.base import SourceData, shuffled_loader
+from lightning_peft.data.base import SourceData, evaluation_loader, shuffled_loader
 from lightning_peft.data.files import check_data_arguments, check_enough_to_hold_out, read_lines, read_rows
 
 SOURCES = {domain: partial(assets.sentiment_split, domain) for domain in assets.SENTIMENT_DOMAINS}
@@ -156,7 +156,7 @@ class TextClassificationData(SourceData):
                         collate_fn=DataCollatorWithPadding(self.tokenizer, return_tensors="pt"))
         if shuffle:
             return shuffled_loader(self.encoded(rows), self.seed, self.trainer, **settings)
-        return DataLoader(self.encoded(rows), **settings)
+        return evaluation_loader(self.encoded(rows), self.trainer, **settings)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
