@@ -184,7 +184,10 @@ def load_adapter(module: nn.Module, path: PathLike, adapter_name: str = "default
     warn_of_other_models(module, f"load_adapter({str(path)!r})")
     with all_or_nothing(module):
         with names_from_a_file():
-            callback.inject(root)  # the file names layers from the transformers model: another beside it stays out
+            try:
+                callback.inject(root)  # the file names layers from the transformers model: another beside it stays out
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"adapter file {Path(path) / CONFIG_FILE}: {err}") from None
         freeze_unclaimed(module)
         copy_file_tensors(module, callback.ref, tensors, Path(path) / WEIGHTS_FILE)
     return module

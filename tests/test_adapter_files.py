@@ -237,7 +237,8 @@ def assert_untouched(model, keys, flags):
         {**json.loads((d / "adapter_config.json").read_text()), **option})),  # was: a missing tensor, or none
        [f"{next(iter(option))}={next(iter(option.values()))!r}", "not supported here"])
       for option in ({"bias": "all"}, {"lora_bias": True}, {"trainable_token_indices": [1, 2]},
-                     {"layer_replication": [[0, 1]]}, {"use_qalora": True}, {"rank_pattern": {"q_proj": 2}})],
+                     {"layer_replication": [[0, 1]]}, {"use_qalora": True}, {"rank_pattern": {"q_proj": 2}},
+                     {"ensure_weight_tying": True})],
 ])
 def test_bad_adapter_files_name_the_problem_and_leave_the_model(tmp_path, damage, words):
     folder = saved_adapter(tmp_path)
@@ -248,6 +249,18 @@ def test_bad_adapter_files_name_the_problem_and_leave_the_model(tmp_path, damage
         load_adapter(model, folder)
     for word in words:
         assert word in str(info.value)
+    assert_untouched(model, keys, flags)
+
+
+def test_a_method_that_cannot_adapt_the_file_s_layers_names_the_file(tmp_path):
+    folder = saved_adapter(tmp_path)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["embed_tokens"],
+                                                            "use_dora": True}))  # peft's DoRA on an embedding
+    model = tiny_llama()
+    keys, flags = set(model.state_dict()), [p.requires_grad for p in model.parameters()]
+    with pytest.raises(TypeError, match=r"adapter file .*adapter_config.json: LoRA DoRA needs linear layers"):
+        load_adapter(model, folder)
     assert_untouched(model, keys, flags)
 
 

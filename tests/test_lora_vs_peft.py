@@ -235,7 +235,7 @@ def test_saving_a_plain_adapter_for_the_original_base_writes_it_as_it_is(tmp_pat
         assert (tmp_path / "as_is" / file).read_bytes() == (tmp_path / "original" / file).read_bytes()
 
 
-@pytest.mark.parametrize("init", ["olora", "corda", "loftq", "pissa_niter_4"])
+@pytest.mark.parametrize("init", ["olora", "corda", "loftq", "lora_ga", "pissa_niter_4"])
 def test_a_peft_file_whose_init_rewrote_the_base_is_refused(tmp_path, init):
     base = _build("llama")
     LoRA(r=4, target_modules=["q_proj"]).inject(model := copy.deepcopy(base))

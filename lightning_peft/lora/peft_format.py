@@ -21,8 +21,9 @@ from lightning_peft.lora.parameters import LoRAParameter
 
 UNSUPPORTED_OPTIONS = ("rank_pattern", "alpha_pattern", "bias", "lora_bias", "trainable_token_indices",
                        "layer_replication", "alora_invocation_tokens", "use_qalora", "use_bdlora", "velora_config",
-                       "monteclora_config", "arrow_config", "kasa_config", "megatron_config")  # peft's, set otherwise
-BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")  # peft inits that rewrite the base weights
+                       "monteclora_config", "arrow_config", "kasa_config", "megatron_config",
+                       "ensure_weight_tying")  # peft's, set otherwise
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")  # peft inits that rewrite the base weights
 
 
 def file_key(name: str, root: nn.Module) -> str:
