@@ -16,9 +16,11 @@ from lightning_peft.core.adapter_files import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     check_file_keys,
+    copy_saved_base_weights,
     file_entries,
     find_adapter,
     read_adapter_files,
+    saved_base_weights,
     split_layer_tensor,
 )
 from lightning_peft.core.files import PathLike
@@ -74,9 +76,11 @@ def hotswap_adapter(module: nn.Module, path: PathLike, adapter_name: str = "defa
     _, root = model_root(module)
     values = {key: _fitted(root, name, tensors[key], param, incoming.config(), f"{weights_path}: tensor '{key}'")
               for key, (name, param) in entries.items()}
+    base_weights = saved_base_weights(root, tensors, weights_path)
     with torch.no_grad():
         for key, (_, param) in entries.items():
             param.copy_(values[key])
+    copy_saved_base_weights(base_weights, weights_path)
     return module
 
 

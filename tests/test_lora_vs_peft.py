@@ -296,3 +296,41 @@ def test_all_linear_with_classifier_saved_matches_peft_seq_cls():
     assert trainable_summary(ours).trainable == their_trainable
     assert not isinstance(ours.classifier, LoRALayer)
     assert all(p.requires_grad for p in ours.classifier.adapters["default"].parameters())
+
+
+def test_the_embedding_peft_saves_beside_an_adapter_loads_and_hot_swaps_as_in_peft(tmp_path):
+    from lightning_peft import hotswap_adapter
+
+    def resized(seed):  # the same base, its vocabulary resized in another process: other random new rows
+        torch.manual_seed(0)
+        model = tiny_llama(tie_word_embeddings=True)
+        torch.manual_seed(seed)
+        model.resize_token_embeddings(VOCAB + 8, mean_resizing=False)
+        return model.eval()
+
+    targets = ["embed_tokens", "q_proj"]
+    peft_model = get_peft_model(resized(1), LoraConfig(r=4, lora_alpha=8, target_modules=targets)).eval()
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.normal_(std=0.1)
+    peft_model.save_pretrained(tmp_path)  # with the embedding's weight (save_embedding_layers="auto")
+    x = torch.tensor([[VOCAB + 1, 5, VOCAB + 3, 7, VOCAB + 7]])
+    expected = peft_model(x).logits
+    differ = r"holds the base weights of model.embed_tokens .* differ from this model's"
+    with pytest.warns(UserWarning, match=differ):
+        loaded = load_adapter(resized(2), tmp_path)
+    assert torch.allclose(loaded(x).logits, expected, atol=1e-5)
+    with pytest.warns(UserWarning, match=differ):
+        swapped = hotswap_adapter(LoRA(r=4, alpha=8, target_modules=targets).inject(resized(3)), tmp_path)
+    assert torch.allclose(swapped(x).logits, expected, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_adapter(resized(1), tmp_path)  # the base it trained on: nothing changes, quietly
+    other = tiny_llama(tie_word_embeddings=True)
+    state = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"embed_tokens.base_layer.weight' of shape \({VOCAB + 8}, 32\), and this "
+                                         rf"model's is \({VOCAB}, 32\): resize the model's token embeddings to "
+                                         f"{VOCAB + 8} first"):
+        load_adapter(other, tmp_path)
+    assert all(torch.equal(v, state[k]) for k, v in other.state_dict().items())

@@ -24,6 +24,7 @@ from torch import nn
 
 from lightning_peft.core.files import PathLike, atomic_write_all
 from lightning_peft.core.integrity import DIGEST_KEY, check_digest, tensor_digest
+from lightning_peft.core.layer import innermost_base
 from lightning_peft.core.merging import check_unmerged
 from lightning_peft.core.models import model_root, transformers_models
 from lightning_peft.core.ownership import AdapterRef, adapter_refs, buffers_of_trained_modules, owners
@@ -32,6 +33,7 @@ from lightning_peft.core.targeting import select_modules
 from lightning_peft.core.weights import whole
 
 PEFT_PREFIX = "base_model.model."  # peft holds the transformers model as base_model.model
+BASE_WEIGHT = ".base_layer.weight"  # the key's end of a base weight that peft saves beside an adapter
 _LAYER_TENSOR = re.compile(r"^(?P<layer>.+)\.adapters\.(?P<adapter>[^.]+)\.(?P<tensor>[^.]+)$")
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -331,6 +333,7 @@ def copy_file_tensors(module: nn.Module, ref: AdapterRef, tensors: dict[str, tor
     """Check a file's tensors against the adapter ``ref`` just injected into ``module``, then copy them in."""
     expected = file_tensors(module, ref)
     check_file_keys(expected, tensors, weights_path, "it was saved for another model or settings")
+    base_weights = saved_base_weights(model_root(module)[1], tensors, weights_path)
     for file_key, param in expected.items():
         if tuple(tensors[file_key].shape) != tuple(param.shape):
             raise ValueError(f"adapter file {weights_path}: tensor '{file_key}' has shape "
@@ -338,12 +341,53 @@ def copy_file_tensors(module: nn.Module, ref: AdapterRef, tensors: dict[str, tor
     with torch.no_grad():
         for file_key, param in expected.items():
             param.copy_(tensors[file_key])
+    copy_saved_base_weights(base_weights, weights_path)
+
+
+def saved_base_weights(root: nn.Module, tensors: dict[str, torch.Tensor],
+                       weights_path: Path) -> list[tuple[str, nn.Parameter, torch.Tensor]]:
+    """The base weights a peft file holds beside its adapter, each with the parameter of ``root`` it stands for.
+
+    peft saves an adapted embedding's own weight too (``save_embedding_layers``), so that a
+    vocabulary resized before training, whose new rows are drawn at random, loads as it trained;
+    peft loads them into the model. A weight this model has nowhere, or in another shape, is refused.
+    """
+    found = []
+    for key, value in tensors.items():
+        if not (key.startswith(PEFT_PREFIX) and key.endswith(BASE_WEIGHT)):
+            continue
+        name = key[len(PEFT_PREFIX):-len(BASE_WEIGHT)]
+        try:
+            param = innermost_base(root.get_submodule(name)).weight
+        except AttributeError:
+            raise ValueError(f"adapter file {weights_path} holds base weight '{key}', and this model has no weight "
+                             f"{name}.weight") from None
+        if tuple(value.shape) != tuple(param.shape):
+            resize = (f": resize the model's token embeddings to {value.shape[0]} first"
+                      if isinstance(innermost_base(root.get_submodule(name)), nn.Embedding) else "")
+            raise ValueError(f"adapter file {weights_path} holds base weight '{key}' of shape {tuple(value.shape)}, "
+                             f"and this model's is {tuple(param.shape)}{resize}")
+        found.append((name, param, value))
+    return found
+
+
+def copy_saved_base_weights(found: list[tuple[str, nn.Parameter, torch.Tensor]], weights_path: Path) -> None:
+    """Copy the base weights of `saved_base_weights` in, as peft does, with a warning where they change the model."""
+    changed = [name for name, param, value in found if not torch.equal(param, value.to(param.dtype))]
+    if changed:
+        warnings.warn(f"adapter file {weights_path} holds the base weights of {', '.join(changed)} (peft saves an "
+                      "adapted embedding's weight beside the adapter), which differ from this model's: they are "
+                      "loaded, as peft loads them, and every adapter of the model computes with them", stacklevel=3)
+    with torch.no_grad():
+        for _, param, value in found:
+            param.copy_(value)
 
 
 def check_file_keys(expected: Iterable[str], found: Iterable[str], weights_path: Path, why: str) -> None:
-    """Refuse a file whose tensor names are not the adapter's (a saved base weight aside), naming the first."""
+    """Refuse a file whose tensor names are not the adapter's (saved base weights aside: `saved_base_weights`),
+    naming the first."""
     missing = sorted(set(expected) - set(found))
-    unexpected = sorted(k for k in set(found) - set(expected) if not k.endswith("base_layer.weight"))
+    unexpected = sorted(k for k in set(found) - set(expected) if not k.endswith(BASE_WEIGHT))
     if missing:
         raise ValueError(f"adapter file {weights_path} lacks tensor '{missing[0]}' ({len(missing)} missing): {why}")
     if unexpected:
