@@ -399,7 +399,7 @@ def test_predict_with_several_adapters_routes_each_line_to_its_adapter(tmp_path,
     """Each NAME<TAB>text line is predicted as that adapter alone predicts it ('-': the model as built)."""
     from transformers import AutoModelForSequenceClassification
 
-    from lightning_peft import LoRA, save_adapter
+    from lightning_peft import LoRA, Selective, save_adapter
 
     folders = {}
     for seed, name in enumerate(["upbeat", "gloomy"]):
@@ -428,6 +428,12 @@ def test_predict_with_several_adapters_routes_each_line_to_its_adapter(tmp_path,
     assert [(row["adapter"], row["input"]) for row in rows] == list(zip(routes, texts, strict=True))
     wrong = run_cli(*common, "--adapters", f"upbeat={folders['upbeat']}", stdin="sunny\tthe movie\n")
     assert wrong.returncode == 2 and "line 1" in wrong.stderr and "upbeat or '-'" in wrong.stderr, wrong.stderr
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
+    keys = save_adapter(Selective(modules=["key"]).inject(model), tmp_path / "keys")  # the model's own: every row's
+    shared = run_cli(*common, "--adapters", f"upbeat={folders['upbeat']}", f"keys={keys}",
+                     stdin="upbeat\tthe movie\nkeys\tthe plot\n")  # was: upbeat's row computed with those keys
+    assert shared.returncode == 2 and "rows name 'keys', whose adapter trains the model's own parameters" in \
+        shared.stderr.strip().splitlines()[-1], shared.stderr[-2000:]
 
 
 def test_a_folder_of_several_tasks_adapters_is_refused_where_one_adapter_is_given(tmp_path, tiny_model_dir):

@@ -8,7 +8,7 @@ import torch
 from test_cli import WORDS, recipe, run_cli, sentiment_rows, write_data
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lightning_peft import BitFit, LoRA
+from lightning_peft import BitFit, LoRA, Selective
 from lightning_peft.data import MultiTaskData
 from lightning_peft.data.multi_task import TaskBatchSampler
 from lightning_peft.tasks import SequenceClassification
@@ -310,6 +310,9 @@ def test_mistakes_are_one_clear_error(tiny_model_dir, tmp_path):
     data = MultiTaskData(task_files(tmp_path), batch_size=8, max_length=16)
     with pytest.raises(ValueError, match="task 'gloomy' has no adapter of its name"):
         make_trainer(adapters()[:1]).fit(module, datamodule=data)
+    own = [adapters()[0], Selective(modules=["key"], adapter_name="gloomy")]  # the model's keys: every task's
+    with pytest.raises(ValueError, match="rows name 'gloomy', whose adapter trains the model's own parameters"):
+        make_trainer(own).fit(SequenceClassification(str(tiny_model_dir)), datamodule=data)
 
 
 def test_a_multi_task_recipe_fits_tests_each_task_and_saves_each_adapter(tiny_model_dir, tmp_path):

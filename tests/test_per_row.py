@@ -9,6 +9,7 @@ from lightning_peft import (
     LoRA,
     PrefixTuning,
     PromptTuning,
+    Selective,
     delete_adapter,
     disable_adapters,
     merge,
@@ -390,3 +391,18 @@ def test_compiled_decoding_with_rows_of_one_prompt_length_works_when_the_model_h
                            use_cache=True).logits
 
     torch.testing.assert_close(two_steps(compiled), two_steps(model))  # was: refused, padded to b's 6 tokens
+
+
+def test_rows_naming_an_adapter_of_the_model_s_own_parameters_beside_other_rows_are_refused():
+    model = tiny_llama()
+    LoRA(r=4, target_modules=["q_proj"], adapter_name="a").inject(model)
+    Selective(modules=["k_proj"], adapter_name="keys").inject(model)  # trains the model's k_proj: every row's
+    x = torch.randint(0, VOCAB, (2, 5))
+    with pytest.raises(ValueError, match=r"rows name 'keys', whose adapter trains the model's own parameters "
+                                         r"\(model.layers.0.self_attn.k_proj.weight, "):
+        with per_row_adapters(model, ["a", "keys"]):
+            pass
+    with per_row_adapters(model, ["keys", "keys"]):  # every row: as set_adapter
+        model(x)
+    with per_row_adapters(model, ["a", None]):  # named by no row: shared by every row, as a multi-task fit's
+        model(x)

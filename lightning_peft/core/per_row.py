@@ -20,8 +20,9 @@ from torch.distributed.fsdp import FSDPModule
 
 from lightning_peft.core.layer import PEFTModule
 from lightning_peft.core.merging import merged_layers
-from lightning_peft.core.ownership import adapter_refs
+from lightning_peft.core.ownership import adapter_refs, owners
 from lightning_peft.core.rows import RowMask, RowSet
+from lightning_peft.core.targeting import base_parameters
 
 
 @dataclass(frozen=True)
@@ -230,6 +231,11 @@ def _routed(checkpoint, parts: list[PEFTModule], routing: RowAdapters):
     return checkpoint_routed
 
 
+def check_routable(module: nn.Module, names: Sequence[str | None]) -> None:
+    """Refuse, before any batch, rows ``names`` that `per_row_adapters` would refuse (over all of a run's rows)."""
+    _checked_parts(module, list(names))
+
+
 def _checked_parts(module: nn.Module, names: list) -> list[PEFTModule]:
     """The PEFT parts of ``module``, once ``names`` is known to fit them; else one clear error."""
     if not names:
@@ -251,7 +257,27 @@ def _checked_parts(module: nn.Module, names: list) -> list[PEFTModule]:
     if unsupported:
         raise ValueError(f"per_row_adapters: {', '.join(unsupported)} adapters have no per-row forward; per-row "
                          "routing works for LoRA, IA3, Adapter and PromptTuning")
+    _check_no_row_names_a_shared_adapter(module, names)
     return parts
+
+
+def _check_no_row_names_a_shared_adapter(module: nn.Module, names: list) -> None:
+    """Refuse rows that name an adapter training the model's own parameters (Selective, BitFit) beside other rows:
+    those parameters serve every row, so the other rows would compute with that adapter too."""
+    if len(set(names)) == 1:
+        return
+    base = {id(b.param): b.name for b in base_parameters(module)}
+    own: dict[str, list[str]] = {}
+    for param, ref in owners(module).items():
+        if param in base:
+            own.setdefault(ref.name, []).append(base[param])
+    named = next((name for name in names if name in own), None)
+    if named is not None:
+        raise ValueError(f"per_row_adapters: rows name '{named}', whose adapter trains the model's own parameters "
+                         f"({', '.join(own[named][:3])}{', ...' if len(own[named]) > 3 else ''}): they serve every "
+                         f"row, so the rows of other adapters would compute with '{named}' too. Route adapters that "
+                         "add parts of their own (LoRA, IA3, Adapter, PromptTuning); one that trains the model's "
+                         "parameters goes to every row or to none")
 
 
 def _adapter_names(module: nn.Module) -> list[str]:

@@ -12,7 +12,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from lightning_peft.core.per_row import per_row_adapters
+from lightning_peft.core.per_row import check_routable, per_row_adapters
 
 BASE_MODEL = "-"  # the name that gives a row the base model, without an adapter
 
@@ -69,6 +69,7 @@ class RowAdapterRouting(Callback):
         self._routing = ExitStack()
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        check_routable(pl_module, self.names)  # every row's name, before the first batch
         self._next = 0
 
     def on_predict_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int,

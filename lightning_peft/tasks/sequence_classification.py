@@ -14,7 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import AutoModelForSequenceClassification
 
 from lightning_peft.core.adapter_control import adapter_names
-from lightning_peft.core.per_row import per_row_adapters
+from lightning_peft.core.per_row import check_routable, per_row_adapters
 from lightning_peft.data.text_classification import is_int_label
 from lightning_peft.tasks.base import TransformersTask
 
@@ -124,6 +124,8 @@ class SequenceClassification(TransformersTask):
         if missing:
             raise ValueError(f"task '{missing[0]}' has no adapter of its name: give the trainer a PEFT method with "
                              f"adapter_name='{missing[0]}' (adapters: {', '.join(adapter_names(self)) or 'none'})")
+        if tasks:
+            check_routable(self.model, tasks)  # each task's rows go to its adapter alone
         check_new_head_trains(self.model, self.new_head)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
