@@ -239,12 +239,14 @@ def test_the_block_restores_what_was_active_and_nests():
         assert torch.allclose(inner, alone(model, None, **inputs), atol=1e-6)
 
 
-def test_inside_a_block_merge_is_refused_and_disable_adapters_gives_every_row_the_base():
+def test_inside_a_block_merge_and_set_adapter_are_refused_and_disable_adapters_gives_every_row_the_base():
     model = with_two(LoRA, tiny_llama(), r=4, target_modules=["q_proj"])
     inputs = token_inputs(rows=2)
     with torch.no_grad(), per_row_adapters(model, ["a", "b"]):
         with pytest.raises(ValueError, match="merge inside a per_row_adapters block would give every row"):
             merge(model)
+        with pytest.raises(ValueError, match="set_adapter inside a per_row_adapters block: .* half undone"):
+            set_adapter(model, "b")  # was: quietly undone at the block's end
         with disable_adapters(model):
             base = model(**inputs).logits
         routed = model(**inputs).logits

@@ -124,10 +124,14 @@ def disable_adapters(module: nn.Module) -> Iterator[nn.Module]:
 
 
 def check_not_switched_off(module: nn.Module, what: str) -> None:
-    """Refuse to switch adapters on inside a `disable_adapters` block, whose end restores those active at its start."""
-    if any(_SWITCHED_OFF.get(part) for part in _peft_parts(module)):
-        raise ValueError(f"{what} inside a disable_adapters block: the block ends by making the adapters active at "
-                         "its start active again, so this change would be half undone; do it after the block")
+    """Refuse to switch adapters inside a `disable_adapters` or `per_row_adapters` block, whose end restores those
+    active at its start."""
+    parts = _peft_parts(module)
+    block = ("disable_adapters" if any(_SWITCHED_OFF.get(part) for part in parts) else
+             "per_row_adapters" if any(part.row_adapters is not None for part in parts) else None)
+    if block:
+        raise ValueError(f"{what} inside a {block} block: the block ends by making the adapters active at its "
+                         "start active again, so this change would be half undone; do it after the block")
 
 
 def delete_adapter(module: nn.Module, adapter_name: str, method: str | None = None) -> None:
