@@ -574,6 +574,43 @@ def test_a_fit_ending_between_validations_checkpoints_the_weights_it_tests_and_e
     assert saved and all(torch.equal(v, exported[names[k]]) for k, v in saved.items())
 
 
+def test_a_resume_with_more_steps_goes_on_along_the_longer_schedule_with_a_warning(tmp_path, tiny_model_dir):
+    import lightning as L
+
+    from lightning_peft import LoRA
+    from lightning_peft.data import TextClassificationData
+    from lightning_peft.tasks import SequenceClassification
+
+    from conftest import make_trainer
+
+    train = write_data(tmp_path, "train", sentiment_rows(40, 0))
+
+    class Rates(L.Callback):
+        def __init__(self):
+            self.rates = []
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.rates.append(optimizer.param_groups[0]["lr"])
+
+    def fit(max_steps, ckpt_path=None):
+        torch.manual_seed(0)
+        module = SequenceClassification(str(tiny_model_dir), learning_rate=3e-2, warmup_steps=2)
+        data = TextClassificationData(train_file=str(train), batch_size=8, max_length=16, val_fraction=0)
+        rates = Rates()
+        trainer = make_trainer([LoRA(r=4, target_modules=["query"], modules_to_save=["classifier"]), rates],
+                               max_steps=max_steps)
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        return trainer, rates.rates
+
+    first, _ = fit(5)
+    first.save_checkpoint(tmp_path / "five.ckpt")
+    with pytest.warns(UserWarning, match="trained on a learning-rate schedule of 5 optimizer steps, and this fit "
+                                         "has 10: from step 5 on, the rate follows this fit's schedule"):
+        _, resumed = fit(10, tmp_path / "five.ckpt")
+    _, straight = fit(10)
+    assert resumed == pytest.approx(straight[5:])  # was: its first step at 0, the five-step schedule's end
+
+
 def test_one_callback_given_alone_is_a_list_of_one(tmp_path, tiny_model_dir):
     config = recipe(tmp_path, tiny_model_dir, write_data(tmp_path, "train", sentiment_rows(16, 0)))
     fit = run_cli("fit", "--config", str(config), "--trainer.callbacks", "lightning_peft.IA3",

@@ -22,6 +22,7 @@ from lightning_peft.tasks.models import resolve_model, weights_fingerprint
 
 OPTIMIZERS = ("adamw", "adamw8bit")
 BASE_KEY = "lightning_peft_base"  # a checkpoint's record of the base model's folder and weights
+SCHEDULE_KEY = "lightning_peft_schedule_steps"  # a checkpoint's record of its run's optimizer steps
 RESUMED_SETTINGS = ("learning_rate", "weight_decay", "warmup_steps", "optimizer")  # what a resume restores itself
 
 
@@ -81,6 +82,8 @@ class TransformersTask(L.LightningModule):
         path = self.trainer.ckpt_path if self._trainer is not None else None
         if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
             check_resumed_optimization(checkpoint.get("hyper_parameters") or {}, self.hparams, path)
+        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            self._resumed_schedule = (checkpoint.get(SCHEDULE_KEY), path)  # compared at on_train_start
         saved = checkpoint.get(BASE_KEY)
         here = weights_fingerprint(self.model_path) if saved and saved["fingerprint"] else None
         if here is not None and saved["fingerprint"] != here:
@@ -94,6 +97,32 @@ class TransformersTask(L.LightningModule):
         base model's weights by a fingerprint, so a resume or evaluation on another base says so."""
         checkpoint.setdefault("hyper_parameters", {}).setdefault("_class_path", class_path(type(self)))
         checkpoint[BASE_KEY] = {"folder": str(self.model_path), "fingerprint": weights_fingerprint(self.model_path)}
+        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            checkpoint[SCHEDULE_KEY] = self._schedule_steps()
+
+    def _schedule_steps(self) -> int:
+        """The optimizer steps of this run, over which the learning rate decays to 0."""
+        return max(int(self.trainer.estimated_stepping_batches), 1)
+
+    def on_train_start(self) -> None:
+        """A fit resumed with more (or fewer) steps than its checkpoint's run: go on along this run's schedule, from
+        the rate it has at the checkpoint's step, with a warning (the restored rate is the old schedule's)."""
+        saved, path = getattr(self, "_resumed_schedule", (None, None))
+        self._resumed_schedule = (None, None)
+        if saved is None or saved == self._schedule_steps():
+            return
+        for config in self.trainer.lr_scheduler_configs:
+            schedule = config.scheduler
+            before = [group["lr"] for group in schedule.optimizer.param_groups]
+            for group, factor, base in zip(schedule.optimizer.param_groups, schedule.lr_lambdas, schedule.base_lrs,
+                                           strict=True):
+                group["lr"] = base * factor(schedule.last_epoch)
+            schedule._last_lr = [group["lr"] for group in schedule.optimizer.param_groups]
+            rank_zero_warn(f"{f'checkpoint {path}' if path else 'the checkpoint'} was trained on a learning-rate "
+                           f"schedule of {saved} optimizer steps, and this fit has {self._schedule_steps()}: from step "
+                           f"{schedule.last_epoch} on, the rate follows this fit's schedule ({before[0]:.3g} at the "
+                           f"checkpoint, {schedule._last_lr[0]:.3g} now), not the checkpoint's; give max_steps or "
+                           "max_epochs as its run had them to resume it exactly")
 
     def on_validation_epoch_start(self) -> None:
         # Fresh metric states in this loop's grad mode: a `validate` (inference mode) before `fit`
