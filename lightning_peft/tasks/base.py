@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -100,9 +101,10 @@ class TransformersTask(L.LightningModule):
         if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
             checkpoint[SCHEDULE_KEY] = self._schedule_steps()
 
-    def _schedule_steps(self) -> int:
-        """The optimizer steps of this run, over which the learning rate decays to 0."""
-        return max(int(self.trainer.estimated_stepping_batches), 1)
+    def _schedule_steps(self) -> int | None:
+        """The optimizer steps of this run, over which the learning rate decays to 0 (None: a run without an end)."""
+        steps = self.trainer.estimated_stepping_batches
+        return max(int(steps), 1) if math.isfinite(steps) else None
 
     def on_train_start(self) -> None:
         """A fit resumed with more (or fewer) steps than its checkpoint's run: go on along this run's schedule, from
@@ -113,6 +115,8 @@ class TransformersTask(L.LightningModule):
             return
         for config in self.trainer.lr_scheduler_configs:
             schedule = config.scheduler
+            if not isinstance(schedule, torch.optim.lr_scheduler.LambdaLR):
+                continue  # a subclass's own schedule
             before = [group["lr"] for group in schedule.optimizer.param_groups]
             for group, factor, base in zip(schedule.optimizer.param_groups, schedule.lr_lambdas, schedule.base_lrs,
                                            strict=True):
