@@ -103,6 +103,33 @@ def test_fast_lora_and_dora_match_peft_with_the_same_masks(dropout, dora, fused,
     assert checked == (3 if dora else 2) * 2 * len(TARGETS)
 
 
+@pytest.mark.parametrize("dora", [False, True])
+def test_a_model_that_changes_an_adapted_output_in_place_trains_on_the_fused_path(dora):
+    class HalvesInPlace(nn.Module):  # as Longformer's query /= sqrt(d), or Wav2Vec2's masking
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 6)
+
+        def forward(self, x):
+            y = self.fc(x)
+            y /= 2
+            return y
+
+    torch.manual_seed(0)
+    model = LoRA(r=2, target_modules=["fc"], use_dora=dora).inject(HalvesInPlace())
+    with torch.no_grad():
+        model.fc.adapters.default.lora_B.normal_()
+    x = torch.randn(2, 3, 8)
+    model(x).square().sum().backward()  # was: "Output 0 of FusedLoRALinear is a view and is being modified inplace"
+    fused = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    plain = model.fc.adapters.default
+    expected = (model.fc.base_layer(x) + model.fc.delta(x, model.fc.base_layer(x), plain)) / 2
+    expected.square().sum().backward()  # the layer's plain formula
+    for name, grad in fused.items():
+        _assert_equal_up_to_rounding(grad, dict(model.named_parameters())[name].grad)
+
+
 def test_masks_differ_between_layers_with_the_same_input(monkeypatch):
     model = LoRA(r=4, dropout=0.25, target_modules=["q_proj", "k_proj", "v_proj"]).inject(tiny_llama(layers=1))
     recorder = Recorder(monkeypatch)

@@ -29,11 +29,11 @@ class FusedLoRALinear(torch.autograd.Function):
                 scale: float, keep: Tensor | None) -> Tensor:
         rows = x.reshape(-1, x.shape[-1])  # (tokens, in)
         hidden = rank_product(dropped(rows, keep), lora_A)  # (tokens, r)
-        out = F.linear(rows, weight, bias)  # (tokens, out)
-        out.addmm_(hidden, lora_B.T, alpha=scale)
+        out = x.new_empty(*x.shape[:-1], weight.shape[0])  # not a view: the model may change it in place
+        linear_into(out.view(-1, weight.shape[0]), rows, weight, bias).addmm_(hidden, lora_B.T, alpha=scale)
         ctx.save_for_backward(x, weight, lora_A, lora_B, hidden, keep)
         ctx.scale = scale
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -54,6 +54,16 @@ class FusedLoRALinear(torch.autograd.Function):
                 grad_x.addcmul_(torch.mm(grad_hidden, lora_A, out=dropped_rows), factor)  # reuses its buffer
             grad_x = grad_x.view(x.shape)
         return grad_x, None, None, grad_A, grad_B, None, None
+
+
+def linear_into(out: Tensor, rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear(rows, weight, bias)`` written into ``out`` (a 2-D view of the result, which is then no view).
+
+    A custom autograd function's output must not be a view, or a model that changes it in place
+    (Longformer's ``query /= sqrt(d)``, Wav2Vec2's masking) fails in backward; F.linear of a 3-D input
+    returns one.
+    """
+    return torch.mm(rows, weight.T, out=out) if bias is None else torch.addmm(bias, rows, weight.T, out=out)
 
 
 def rank_product(rows: Tensor, factor: Tensor) -> Tensor:
@@ -112,10 +122,11 @@ class FusedDoRALinear(torch.autograd.Function):
         hidden = rank_product(rows, lora_A)
         y = F.linear(rows, weight).addmm_(hidden, lora_B.T, alpha=scale)  # x (W + s B A)^T
         norm_scale = magnitude / norm
-        out = torch.addcmul(bias, y, norm_scale) if bias is not None else y * norm_scale
+        y_out = y.view(*x.shape[:-1], y.shape[-1])
+        out = torch.addcmul(bias, y_out, norm_scale) if bias is not None else y_out * norm_scale  # new: not a view
         ctx.save_for_backward(x, weight, lora_A, lora_B, hidden, y, norm_scale, norm)
         ctx.scale = scale
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
