@@ -160,3 +160,28 @@ def test_errors_on_a_plain_sequential_name_its_numbered_layers():
         LoRA(r=2, target_modules=["proj"]).inject(model)
     with pytest.raises(TypeError, match="'1' of type ReLU.* It holds no layer with weights: leave it out"):
         LoRA(r=2, target_modules=["1"]).inject(model)
+
+
+def test_all_linear_leaves_out_a_linear_subclass_with_its_own_forward():
+    class Router(nn.Linear):  # as Llama4's: an nn.Linear whose forward returns a tuple
+        def forward(self, x):
+            logits = super().forward(x)
+            return logits.softmax(-1), logits
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.router = nn.Linear(8, 8), Router(8, 4)
+
+        def forward(self, x):
+            scores, _ = self.router(x)
+            return self.proj(x) * scores.sum(-1, keepdim=True)
+
+    x = torch.randn(2, 8)
+    for method in (LoRA(r=2), QuantizeBase("int8")):
+        model = Block()
+        with pytest.warns(UserWarning, match="all-linear leaves out router, of class Router: an nn.Linear subclass "
+                                             "with a forward of its own"):
+            method.inject(model)
+        assert type(model.router) is Router and type(model.proj) is not nn.Linear  # the other layer is taken
+        model(x)  # was: LoRA's layer added its update to a tuple; QuantizeBase's returned one tensor

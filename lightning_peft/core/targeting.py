@@ -156,6 +156,7 @@ def select_modules(
             for n, m in candidates
             if isinstance(innermost_base(m), linear) and n not in heads and isinstance(innermost_base(m), supported)
         ]
+        chosen = _without_own_forwards(chosen, method)
     else:
         chosen = [(n, m) for n, m in candidates if name_matches(n, target_modules)]
         _warn_unmatched_entries(target_modules, candidates, f"{method}: {option}")
@@ -190,6 +191,26 @@ def select_modules(
                                          else " It holds no layer with weights: leave it out of the targets")
             )
     return chosen
+
+
+def _without_own_forwards(chosen: list[tuple[str, nn.Module]], method: str) -> list[tuple[str, nn.Module]]:
+    """``chosen`` without nn.Linear subclasses that compute with a forward of their own, with a warning.
+
+    Llama4's router is an nn.Linear whose forward returns a tuple: wrapped or quantized as a linear
+    layer, the model fails at its first forward. Quantized layers (bitsandbytes', ours) stay.
+    """
+    own = [(n, m) for n, m in chosen if isinstance(innermost_base(m), nn.Linear)
+           and type(innermost_base(m)).forward is not nn.Linear.forward
+           and not type(innermost_base(m)).__module__.startswith(("bitsandbytes", "lightning_peft"))]
+    if own:
+        classes = sorted({type(innermost_base(m)).__name__ for _, m in own})
+        where = own[0][0] + (f" and {len(own) - 1} more" if len(own) > 1 else "")
+        warnings.warn(f"{method}: all-linear leaves out {where}, of class {', '.join(classes)}: an nn.Linear "
+                      "subclass with a forward of its own (Llama4's router returns a tuple), which would not compute "
+                      "as a linear layer once wrapped or quantized",
+                      stacklevel=3)
+    left_out = {id(m) for _, m in own}
+    return [(n, m) for n, m in chosen if id(m) not in left_out]
 
 
 def _warn_of_exclusions_that_exclude_nothing(exclude: Targets, candidates: list[tuple[str, nn.Module]],
