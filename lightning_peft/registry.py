@@ -23,6 +23,7 @@ from lightning_peft.core.adapter_files import (
     NATIVE_KEY,
     WEIGHTS_FILE,
     copy_file_tensors,
+    no_peft_layout,
     read_adapter_files,
 )
 from lightning_peft.core.files import PathLike
@@ -189,6 +190,10 @@ def load_adapter(module: nn.Module, path: PathLike, adapter_name: str = "default
             except (TypeError, ValueError) as err:
                 raise type(err)(f"adapter file {Path(path) / CONFIG_FILE}: {err}") from None
         freeze_unclaimed(module)
+        reason = no_peft_layout(callback.ref, root) if NATIVE_KEY not in config else None
+        if reason:  # a peft file (peft wrote it, or we on another model): its tensors would act otherwise here
+            raise ValueError(f"adapter file {Path(path) / CONFIG_FILE} is in peft's layout, which cannot hold "
+                             f"{callback.ref} on this model: {reason}")
         copy_file_tensors(module, callback.ref, tensors, Path(path) / WEIGHTS_FILE)
     return module
 

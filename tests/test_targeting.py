@@ -43,10 +43,24 @@ def test_a_layer_shared_by_two_places_is_one_adapted_layer_at_both_and_merges_ex
     unmerge(model)
     assert model[0] is model[2] is layer
     torch.testing.assert_close(model(x), adapted, atol=1e-5, rtol=0)
-    save_adapter(model, tmp_path / "a")
+    with pytest.warns(UserWarning, match="own layout, which peft does not read: its layer at 0 and 2 is one module "
+                                         "at several places"):  # was: peft's layout, which peft adapts once
+        save_adapter(model, tmp_path / "a")
     fresh = shared_linear_model()
     load_adapter(fresh, tmp_path / "a")
     torch.testing.assert_close(fresh(x), adapted, atol=1e-6, rtol=0)
+
+
+def test_a_peft_file_for_a_layer_at_several_places_is_refused(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    get_peft_model(shared_linear_model(), LoraConfig(r=2, target_modules=["0"])).save_pretrained(tmp_path)
+    model = shared_linear_model()  # peft adapted place 0 alone; here the layer would act at 0 and 2
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="is in peft's layout, which cannot hold LoRA.default. on this model: its "
+                                         "layer at 0 and 2 is one module at several places"):
+        load_adapter(model, tmp_path)
+    assert type(model[0]) is nn.Linear and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
 def test_a_target_parameter_of_the_root_module_is_refused_and_the_model_left_as_it_was():

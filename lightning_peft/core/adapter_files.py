@@ -24,7 +24,7 @@ from torch import nn
 
 from lightning_peft.core.files import PathLike, atomic_write_all
 from lightning_peft.core.integrity import DIGEST_KEY, check_digest, tensor_digest
-from lightning_peft.core.layer import innermost_base
+from lightning_peft.core.layer import PEFTModule, innermost_base
 from lightning_peft.core.merging import check_unmerged
 from lightning_peft.core.models import model_root, transformers_models
 from lightning_peft.core.ownership import AdapterRef, adapter_refs, buffers_of_trained_modules, owners
@@ -63,11 +63,25 @@ class AdapterFormat:
 
 
 def no_peft_layout(ref: AdapterRef, root: nn.Module) -> str | None:
-    """Why peft has no layout for ``ref``'s method on the model ``root``, where its format says so."""
+    """Why peft has no layout for ``ref``'s adapter on the model ``root``: a layer of it at several places, or
+    what its format says."""
     adapter_format = ref.method.peft_format
-    if adapter_format is None or adapter_format.no_layout is None:
+    if adapter_format is None:
         return None
-    return adapter_format.no_layout(root, ref.config)
+    shared = _layers_at_several_places(root, ref)
+    if shared:
+        return (f"its layer at {' and '.join(shared)} is one module at several places of the model, which peft "
+                "adapts at the one place its file names")
+    return None if adapter_format.no_layout is None else adapter_format.no_layout(root, ref.config)
+
+
+def _layers_at_several_places(root: nn.Module, ref: AdapterRef) -> list[str]:
+    """The names of the first of ``ref``'s layers that sits at several places of ``root`` (one module object)."""
+    places: dict[int, list[str]] = {}
+    for name, module in root.named_modules(remove_duplicate=False):
+        if isinstance(module, PEFTModule) and module.method == ref.method_name and ref.name in module.adapters:
+            places.setdefault(id(module), []).append(name)
+    return next((names for names in places.values() if len(names) > 1), [])
 
 
 def file_format(ref: AdapterRef, root: nn.Module) -> AdapterFormat | None:
