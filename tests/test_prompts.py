@@ -267,6 +267,17 @@ def test_a_prompt_and_a_prefix_together_compute_both_or_refuse_where_the_prompt_
     model(**inputs)  # one at a time: fine
 
 
+def test_prompt_tuning_refuses_a_model_whose_forward_takes_no_embeddings():
+    from transformers import SiglipConfig, SiglipModel
+
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    model = SiglipModel(SiglipConfig(text_config=dict(tower, vocab_size=64, max_position_embeddings=16),
+                                     vision_config=dict(tower, image_size=16, patch_size=8)))  # input_ids first
+    with pytest.raises(TypeError, match="SiglipModel.forward takes no inputs_embeds"):  # was: injected, then
+        PromptTuning(num_virtual_tokens=4).inject(model)  # failed inside the text tower at the first forward
+    assert not any(p.requires_grad is False for p in model.parameters())  # left as it was: nothing frozen
+
+
 @pytest.mark.parametrize("method", [PromptTuning(num_virtual_tokens=N), PrefixTuning(num_virtual_tokens=N)])
 def test_merge_refuses_soft_prompts(method):
     model = method.inject(build("llama"))

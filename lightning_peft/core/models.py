@@ -72,6 +72,9 @@ def require_token_model(module: nn.Module, needed_by: str) -> nn.Module:
         what = f"takes {first} first" if first != "input_ids" else "has no single token embedding"
         raise TypeError(f"{needed_by} puts virtual tokens in front of token ids; {type(model).__name__} {what}, "
                         "so it fits text models only")
+    if "inputs_embeds" not in inspect.signature(model.forward).parameters:  # SigLIP's two towers, say
+        raise TypeError(f"{needed_by} gives the model its tokens as embeddings, with the virtual ones in front; "
+                        f"{type(model).__name__}.forward takes no inputs_embeds")
     return model
 
 
