@@ -27,7 +27,8 @@ def randomize_trainable(module: nn.Module) -> None:
 
 
 @pytest.mark.parametrize("method", [lambda: LoRA(r=2, target_modules=["2"]), lambda: LoRA(r=2),
-                                    lambda: IA3(target_modules=["0"], feedforward_modules=[])])
+                                    lambda: IA3(target_modules=["0"], feedforward_modules=[]),
+                                    lambda: IA3(target_modules=["0", "2"], feedforward_modules=["2"])])
 def test_a_layer_shared_by_two_places_is_one_adapted_layer_at_both_and_merges_exactly(method, tmp_path):
     model = shared_linear_model()
     method().inject(model)  # was: the second place kept the bare layer ('2' matched no module)

@@ -148,12 +148,14 @@ class IA3(PEFTCallback):
         if not patterns:
             return set()
         filters = (self.exclude_modules, self.layers) if given is not None else (None, None)
-        named = {name for name, _ in select_modules(root, patterns, *filters, supported=(nn.Module,),
-                                                    method="IA3 feedforward_modules", check_exclusions=False)}
-        stray = sorted(named - targets)
+        named = select_modules(root, patterns, *filters, supported=(nn.Module,), method="IA3 feedforward_modules",
+                               check_exclusions=False)
+        target_ids = {id(root.get_submodule(name)) for name in targets}  # a layer at two places: one module, by id
+        stray = sorted(name for name, module in named if id(module) not in target_ids)
         if given is not None and stray and not isinstance(self.target_modules, str) and not isinstance(given, str):
             raise ValueError(f"IA3 feedforward_modules must be among the targets; these are not: {stray[:8]}")
-        return named & targets
+        feedforward_ids = {id(module) for _, module in named}
+        return {name for name in targets if id(root.get_submodule(name)) in feedforward_ids}
 
     def _default_feedforward(self, root: nn.Module) -> list[str]:
         """The architecture's feed-forward defaults, or none when targets were given for an unknown one."""
