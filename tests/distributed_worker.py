@@ -113,6 +113,9 @@ def write_tasks(folder: Path) -> dict[str, dict]:
         (folder / f"{task}.csv").write_text("text,label\n" + "".join(f"{text},{label}\n" for text, label in rows))
     header_and_rows = (folder / "upbeat.csv").read_text().splitlines(keepends=True)[:UNEVEN + 1]
     (folder / "uneven.csv").write_text("".join(header_and_rows))
+    for task, count in zip(TASKS, (1, 2), strict=True):  # 3 validation rows: one process sees none of upbeat's
+        lines = (folder / f"{task}.csv").read_text().splitlines(keepends=True)[:count + 1]
+        (folder / f"{task}_val.csv").write_text("".join(lines))
     return task_settings(folder)
 
 
@@ -239,6 +242,18 @@ def uneven_evaluation(out: Path) -> None:
     run.test(module, data)
 
 
+def multi_task_validation(out: Path) -> None:
+    """DDP validation of two tasks, one of whose rows only one process gets: each rank's metrics in ``uneven``."""
+    folder = out / "multi_task"
+    tasks = {task: {"train_file": str(folder / f"{task}.csv"), "val_file": str(folder / f"{task}_val.csv")}
+             for task in TASKS}
+    data = MultiTaskData(tasks, batch_size=2, max_length=16)
+    methods = [LoRA(r=4, target_modules=["query"], modules_to_save=["classifier"], adapter_name=task) for task in TASKS]
+    run = trainer("ddp", methods)
+    metrics = run.validate(SequenceClassification(str(folder / "bert")), data)[0]  # was: a hang
+    (out / "uneven" / f"tasks_rank{run.global_rank}.json").write_text(json.dumps(metrics))
+
+
 def fsdp2() -> ModelParallelStrategy:
     return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
 
@@ -253,6 +268,7 @@ def main(out: Path) -> None:
     multi_task_resumed_inside_the_epoch(out)
     one_task_resumed_inside_the_epoch(out)
     uneven_evaluation(out)
+    multi_task_validation(out)
     multi_task(out, "fsdp2", fsdp2())
     multi_task(out, "ddp_mixed", DDPStrategy(find_unused_parameters=True), "mixed", batch_size=2)
     multi_task(out, "fsdp2_mixed", fsdp2(), "mixed", batch_size=2)  # often one task on one process, both on the other

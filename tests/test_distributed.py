@@ -244,6 +244,8 @@ def test_ddp_validates_and_tests_each_row_once_and_the_metrics_count_each_once(r
         rows, correct = (sum(rank["seen"][stage][i] for rank in ranks) for i in (0, 1))
         assert rows == UNEVEN, stage  # Lightning's DistributedSampler would give each process 8: one row twice
         assert ranks[0][f"{stage}_acc"] == ranks[1][f"{stage}_acc"] == pytest.approx(correct / UNEVEN), stage
+    tasks = [json.loads((runs / "uneven" / f"tasks_rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert tasks[0] == tasks[1] and {f"val_acc_{task}" for task in TASKS} <= set(tasks[0])  # one had no upbeat row
 
 
 @pytest.mark.parametrize("strategy", ["ddp_mixed", "fsdp2_mixed"])
@@ -525,7 +527,10 @@ def test_ddp_evaluation_takes_each_row_once_and_a_sharded_strategy_warns_of_the_
                                _accelerator_connector=SimpleNamespace(use_distributed_sampler=True))
 
     rows = list(range(5))
-    assert [batch.tolist() for batch in evaluation_loader(rows, trainer(DDPStrategy()), batch_size=2)] == [[1, 3]]
+    assert [batch.tolist() for batch in evaluation_loader(rows, trainer(DDPStrategy()), batch_size=3)] == [[1, 3]]
+    with pytest.warns(UserWarning, match="DDPStrategy on 2 processes evaluates 1 of the 5 rows twice"):
+        uneven = evaluation_loader(rows, trainer(DDPStrategy()), batch_size=2)  # unrepeated: 2 batches and 1
+    assert not isinstance(uneven.sampler, DistributedSampler)  # Lightning's: as many batches on each process
     with pytest.warns(UserWarning, match="ModelParallelStrategy on 2 processes evaluates 1 of the 5 rows twice"):
         sharded = evaluation_loader(rows, trainer(ModelParallelStrategy()), batch_size=2)
     assert not isinstance(sharded.sampler, DistributedSampler)  # Lightning's goes in

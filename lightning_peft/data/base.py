@@ -175,18 +175,20 @@ def evaluation_loader(rows: Sized, trainer: Any, **settings: Any) -> DataLoader:
     """A validation or test DataLoader whose rows each count once in metrics synced over the processes.
 
     Lightning's ``DistributedSampler`` repeats rows so that every process gets as many, and synced
-    metrics then count the repeats. Under DDP each process takes its own rows here, no repeats (a
-    process may run one batch fewer: DDP's evaluation forward waits for no other process once each has
-    run its first). Sharded models (FSDP, DeepSpeed) gather weights in every forward, so their
-    processes must run as many batches: they keep Lightning's sampler, with a warning. Predicting,
-    Lightning's own sampler repeats no row.
+    metrics then count the repeats. Under DDP each process takes its own rows here, none repeated,
+    where that still gives every process as many batches (whatever runs per batch stays in step: a
+    fractional ``limit_val_batches``, a metric synced at each step). Elsewhere (sharded models, FSDP
+    and DeepSpeed, gather weights in every forward) and where the batches would not come out even,
+    Lightning's sampler stays, with a warning of the rows counted twice. Predicting, Lightning's own
+    sampler repeats no row.
     """
     processes = getattr(trainer, "world_size", 1) or 1
     if (processes == 1 or trainer.state.fn == TrainerFn.PREDICTING  # Lightning's sampler repeats no row there
             or not getattr(trainer._accelerator_connector, "use_distributed_sampler", True)):
         return DataLoader(rows, **settings)
     strategy = trainer.strategy
-    if isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy) and len(rows) >= processes:
+    if (isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy)
+            and _as_many_batches_unrepeated(len(rows), processes, settings.get("batch_size") or 1)):
         sampler = UnrepeatedDistributedSampler(rows, num_replicas=processes, rank=trainer.global_rank, shuffle=False)
         return DataLoader(rows, sampler=sampler, **settings)
     if len(rows) % processes:
@@ -195,6 +197,12 @@ def evaluation_loader(rows: Sized, trainer: Any, **settings: Any) -> DataLoader:
                        "rows twice (each process must run as many batches), and the metrics count them twice: "
                        "evaluate on one device for exact figures")
     return DataLoader(rows, **settings)
+
+
+def _as_many_batches_unrepeated(rows: int, processes: int, batch_size: int) -> bool:
+    """Whether ``rows`` dealt out to ``processes`` one by one give each process the same number of batches (>= 1)."""
+    batches = {math.ceil(len(range(rank, rows, processes)) / batch_size) for rank in range(processes)}
+    return len(batches) == 1 and 0 not in batches
 
 
 def _batches_per_process(loader: DataLoader, trainer: Any) -> int:

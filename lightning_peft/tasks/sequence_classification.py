@@ -139,10 +139,13 @@ class SequenceClassification(TransformersTask):
         predicted = self(batch["input_ids"], batch["attention_mask"], tasks).argmax(-1)
         metrics.update(predicted, batch["labels"])
         self.log_dict(metrics, prog_bar=True)
+        tasks_with = getattr(self.trainer.datamodule, "tasks_with", None)  # MultiTaskData's
+        evaluated = tasks_with(stage) if tasks_with is not None and self.task_metrics[stage] else []
         for task, task_metrics in self.task_metrics[stage].items():
             rows = [i for i, name in enumerate(tasks or []) if name == task]
             if rows:
                 task_metrics.update(predicted[rows], batch["labels"][rows])
+            if task in evaluated:  # on every process, also one that has none of its rows: the metric syncs
                 self.log_dict(task_metrics)
 
     def on_validation_epoch_start(self) -> None:
