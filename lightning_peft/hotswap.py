@@ -72,11 +72,12 @@ def hotswap_adapter(module: nn.Module, path: PathLike, adapter_name: str = "defa
     if refusal:
         raise ValueError(f"{Path(path) / CONFIG_FILE}: cannot hot-swap into {ref}: {refusal}")
     entries = file_entries(module, ref)
-    check_file_keys(entries, tensors, weights_path, "a swapped adapter must adapt the same layers as the slot")
     _, root = model_root(module)
+    base_weights = saved_base_weights(root, tensors, entries, weights_path)
+    check_file_keys(entries, set(tensors) - set(base_weights), weights_path,
+                    "a swapped adapter must adapt the same layers as the slot")
     values = {key: _fitted(root, name, tensors[key], param, incoming.config(), f"{weights_path}: tensor '{key}'")
               for key, (name, param) in entries.items()}
-    base_weights = saved_base_weights(root, tensors, weights_path)
     with torch.no_grad():
         for key, (_, param) in entries.items():
             param.copy_(values[key])

@@ -188,7 +188,8 @@ def load_adapter(module: nn.Module, path: PathLike, adapter_name: str = "default
             try:
                 callback.inject(root)  # the file names layers from the transformers model: another beside it stays out
             except (TypeError, ValueError) as err:
-                raise type(err)(f"adapter file {Path(path) / CONFIG_FILE}: {err}") from None
+                kind = TypeError if isinstance(err, TypeError) else ValueError
+                raise kind(f"adapter file {Path(path) / CONFIG_FILE}: {err}") from err
         freeze_unclaimed(module)
         reason = no_peft_layout(callback.ref, root) if NATIVE_KEY not in config else None
         if reason:  # a peft file (peft wrote it, or we on another model): its tensors would act otherwise here

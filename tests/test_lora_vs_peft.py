@@ -334,3 +334,24 @@ def test_the_embedding_peft_saves_beside_an_adapter_loads_and_hot_swaps_as_in_pe
                                          f"{VOCAB + 8} first"):
         load_adapter(other, tmp_path)
     assert all(torch.equal(v, state[k]) for k, v in other.state_dict().items())
+
+
+def test_the_resized_embeddings_peft_saves_beside_an_adapter_of_other_layers_load_as_in_peft(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    tiny_llama().save_pretrained(tmp_path / "base")  # peft compares the vocabulary with the base's config
+
+    def resized(seed):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+        torch.manual_seed(seed)
+        model.resize_token_embeddings(VOCAB + 8, mean_resizing=False)
+        return model.eval()
+
+    peft_model = get_peft_model(resized(1), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])).eval()
+    peft_model.save_pretrained(tmp_path / "adapter")  # with model.embed_tokens.weight and lm_head.weight
+    x = torch.tensor([[VOCAB + 1, 5, VOCAB + 3, 7, VOCAB + 7]])
+    with pytest.warns(UserWarning, match=r"holds the base weights of (model.embed_tokens, lm_head|lm_head, "
+                                         r"model.embed_tokens) .* differ"):
+        loaded = load_adapter(resized(2), tmp_path / "adapter")  # was: "saved for another model or settings"
+    assert torch.allclose(loaded(x).logits, peft_model(x).logits, atol=1e-5)

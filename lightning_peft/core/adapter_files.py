@@ -346,8 +346,9 @@ def read_adapter_files(path: PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
 def copy_file_tensors(module: nn.Module, ref: AdapterRef, tensors: dict[str, torch.Tensor], weights_path: Path) -> None:
     """Check a file's tensors against the adapter ``ref`` just injected into ``module``, then copy them in."""
     expected = file_tensors(module, ref)
-    check_file_keys(expected, tensors, weights_path, "it was saved for another model or settings")
-    base_weights = saved_base_weights(model_root(module)[1], tensors, weights_path)
+    base_weights = saved_base_weights(model_root(module)[1], tensors, expected, weights_path)
+    check_file_keys(expected, set(tensors) - set(base_weights), weights_path,
+                    "it was saved for another model or settings")
     for file_key, param in expected.items():
         if tuple(tensors[file_key].shape) != tuple(param.shape):
             raise ValueError(f"adapter file {weights_path}: tensor '{file_key}' has shape "
@@ -358,19 +359,28 @@ def copy_file_tensors(module: nn.Module, ref: AdapterRef, tensors: dict[str, tor
     copy_saved_base_weights(base_weights, weights_path)
 
 
-def saved_base_weights(root: nn.Module, tensors: dict[str, torch.Tensor],
-                       weights_path: Path) -> list[tuple[str, nn.Parameter, torch.Tensor]]:
-    """The base weights a peft file holds beside its adapter, each with the parameter of ``root`` it stands for.
+def saved_base_weights(root: nn.Module, tensors: dict[str, torch.Tensor], expected: Iterable[str],
+                       weights_path: Path) -> dict[str, tuple[str, nn.Parameter, torch.Tensor]]:
+    """The base weights a peft file holds beside its adapter, by file key: ``(name, parameter of root, value)``.
 
-    peft saves an adapted embedding's own weight too (``save_embedding_layers``), so that a
-    vocabulary resized before training, whose new rows are drawn at random, loads as it trained;
-    peft loads them into the model. A weight this model has nowhere, or in another shape, is refused.
+    peft saves an adapted embedding's own weight (``...embed_tokens.base_layer.weight``), and the
+    model's input and output embeddings when their vocabulary was resized (``...lm_head.weight``,
+    ``save_embedding_layers``), so that new rows, drawn at random, load as they trained; peft loads
+    them into the model. A base weight this model has nowhere, or in another shape, is refused.
     """
-    found = []
+    embeddings = _embedding_layers(root)
+    expected = set(expected)
+    found = {}
     for key, value in tensors.items():
-        if not (key.startswith(PEFT_PREFIX) and key.endswith(BASE_WEIGHT)):
+        if key in expected or not key.startswith(PEFT_PREFIX):
             continue
-        name = key[len(PEFT_PREFIX):-len(BASE_WEIGHT)]
+        name = key[len(PEFT_PREFIX):]
+        if name.endswith(BASE_WEIGHT):
+            name = name[:-len(BASE_WEIGHT)]
+        elif not (name.endswith(".weight") and _submodule_id(root, name[:-len(".weight")]) in embeddings):
+            continue  # not a base weight: check_file_keys names it
+        else:
+            name = name[:-len(".weight")]
         try:
             param = innermost_base(root.get_submodule(name)).weight
         except AttributeError:
@@ -381,27 +391,49 @@ def saved_base_weights(root: nn.Module, tensors: dict[str, torch.Tensor],
                       if isinstance(innermost_base(root.get_submodule(name)), nn.Embedding) else "")
             raise ValueError(f"adapter file {weights_path} holds base weight '{key}' of shape {tuple(value.shape)}, "
                              f"and this model's is {tuple(param.shape)}{resize}")
-        found.append((name, param, value))
+        found[key] = (name, param, value)
     return found
 
 
-def copy_saved_base_weights(found: list[tuple[str, nn.Parameter, torch.Tensor]], weights_path: Path) -> None:
+def _embedding_layers(root: nn.Module) -> set[int]:
+    """The ids of the model's input and output embedding layers (their innermost base layers)."""
+    found = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            layer = getattr(root, getter)()
+        except (AttributeError, NotImplementedError):
+            layer = None
+        if layer is not None:
+            found.add(id(innermost_base(layer)))
+    return found
+
+
+def _submodule_id(root: nn.Module, name: str) -> int | None:
+    try:
+        return id(innermost_base(root.get_submodule(name)))
+    except AttributeError:
+        return None
+
+
+def copy_saved_base_weights(found: dict[str, tuple[str, nn.Parameter, torch.Tensor]], weights_path: Path) -> None:
     """Copy the base weights of `saved_base_weights` in, as peft does, with a warning where they change the model."""
-    changed = [name for name, param, value in found if not torch.equal(param, value.to(param.dtype))]
+    changed = [name for name, param, value in found.values()
+               if not torch.equal(param, value.to(param.device, param.dtype))]
     if changed:
-        warnings.warn(f"adapter file {weights_path} holds the base weights of {', '.join(changed)} (peft saves an "
-                      "adapted embedding's weight beside the adapter), which differ from this model's: they are "
-                      "loaded, as peft loads them, and every adapter of the model computes with them", stacklevel=3)
+        warnings.warn(f"adapter file {weights_path} holds the base weights of {', '.join(changed)} (peft saves the "
+                      "weights of adapted and resized embeddings beside the adapter), which differ from this "
+                      "model's: they are loaded, as peft loads them, and every adapter of the model computes with "
+                      "them", stacklevel=3)
     with torch.no_grad():
-        for _, param, value in found:
+        for _, param, value in found.values():
             param.copy_(value)
 
 
 def check_file_keys(expected: Iterable[str], found: Iterable[str], weights_path: Path, why: str) -> None:
-    """Refuse a file whose tensor names are not the adapter's (saved base weights aside: `saved_base_weights`),
-    naming the first."""
+    """Refuse a file whose tensor names are not the adapter's, naming the first (``found``: without the base
+    weights of `saved_base_weights`)."""
     missing = sorted(set(expected) - set(found))
-    unexpected = sorted(k for k in set(found) - set(expected) if not k.endswith(BASE_WEIGHT))
+    unexpected = sorted(set(found) - set(expected))
     if missing:
         raise ValueError(f"adapter file {weights_path} lacks tensor '{missing[0]}' ({len(missing)} missing): {why}")
     if unexpected:

@@ -137,8 +137,10 @@ def per_row_adapters(module: nn.Module, names: Sequence[str | None]) -> Iterator
 
     Raises:
         ValueError: when ``names`` is empty or names an adapter that ``module`` lacks, when a named
-            adapter's method has no per-row forward (PrefixTuning), or when ``module`` holds merged
-            adapters; inside the block, when a batch does not have one row per name.
+            adapter's method has no per-row forward (PrefixTuning), when rows name an adapter that
+            trains the model's own parameters (Selective, BitFit) beside rows of others, or when
+            ``module`` holds merged adapters; inside the block, when a batch does not have one row
+            per name, and on `set_adapter`, `merge`, `load_adapter` or a method's injection.
         TypeError: when a name is neither a string nor None.
 
     Examples:

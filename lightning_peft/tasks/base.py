@@ -111,8 +111,8 @@ class TransformersTask(L.LightningModule):
         the rate it has at the checkpoint's step, with a warning (the restored rate is the old schedule's)."""
         saved, path = getattr(self, "_resumed_schedule", (None, None))
         self._resumed_schedule = (None, None)
-        if saved is None or saved == self._schedule_steps():
-            return
+        if saved is None or self.trainer.ckpt_path is None or saved == self._schedule_steps():
+            return  # (a fresh fit after one resumed from a finished checkpoint, which never started training)
         for config in self.trainer.lr_scheduler_configs:
             schedule = config.scheduler
             if not isinstance(schedule, torch.optim.lr_scheduler.LambdaLR):
