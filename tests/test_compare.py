@@ -201,7 +201,11 @@ def test_steps_count_optimizer_steps_under_gradient_accumulation(tmp_path, monke
     L.Trainer(accelerator="cpu", max_steps=3, accumulate_grad_batches=4, logger=False, enable_checkpointing=False,
               enable_progress_bar=False, enable_model_summary=False, callbacks=[measure]).fit(Dicts(), data)
     assert measure.figures()["steps"] == 3 and len(measure.durations) == 3
-    assert measure.samples == 3 * 4 * 2  # every accumulated batch's rows
+    assert measure.counts == [(4 * 2, 4 * 2 * 4)] * 3  # every accumulated batch's rows and tokens, a step
+    measure.durations = [9.0, 9.0, 1.0, 1.0, 2.0]  # two warm-up steps, then three timed
+    measure.counts = [(8, 64)] * 5
+    figures = measure.figures()
+    assert figures["step_time_s"] == 1.0 and figures["samples_per_s"] == 24 / 4.0  # the same steps (was: all five)
     assert writes == [1, 2, 3]  # progress once a step, between steps (was: each batch, inside the step's time)
 
 
@@ -307,6 +311,13 @@ def test_a_sweep_over_several_tasks_holds_out_validation_rows_of_each():
     config = run_config(recipe, plan_method(recipe, "lora_multitask_sentiment", "lora", {}), 0, 2, Path("x"),
                         sweep=True)
     assert {t["val_fraction"] for t in config["data"]["init_args"]["tasks"].values()} == {SWEEP_VAL_FRACTION}
+
+
+def test_max_steps_overrides_a_recipe_that_ends_by_epochs():
+    recipe = yaml.safe_load((RECIPES / "lora_sentiment.yaml").read_text())
+    recipe["trainer"]["max_epochs"] = 1
+    config = run_config(recipe, plan_method(recipe, "lora_sentiment", "lora", {}), 0, 50, Path("x"))
+    assert config["trainer"]["max_steps"] == 50 and config["trainer"]["max_epochs"] == -1  # was: 1 epoch, 4 steps
 
 
 def test_a_run_is_another_when_its_local_model_folder_changed(tmp_path, tiny_recipe):

@@ -275,8 +275,8 @@ def run_config(recipe: dict, plan: MethodPlan, seed: int, max_steps: int | None,
     trainer.update(callbacks=copy.deepcopy(plan.callbacks) + others, default_root_dir=str(run_dir),
                    enable_checkpointing=False, enable_progress_bar=False, gradient_clip_val=plan.gradient_clip_val,
                    devices=1, num_nodes=1, strategy="auto")  # every run on one device, as the report says
-    if max_steps is not None:
-        trainer["max_steps"] = max_steps
+    if max_steps is not None:  # the recipe's max_epochs would stop a run first
+        trainer.update(max_steps=max_steps, max_epochs=-1)
     config["seed_everything"] = seed
     config["model"].setdefault("init_args", {})["learning_rate"] = plan.learning_rate
     data = config.setdefault("data", {}).setdefault("init_args", {})

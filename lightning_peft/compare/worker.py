@@ -43,10 +43,14 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 class MeasureTraining(L.Callback):
-    """Time each optimizer step (all its accumulated batches), count samples and tokens, report progress to a file."""
+    """Time each optimizer step (all its accumulated batches), count its samples and tokens, report progress to a
+    file."""
 
     def __init__(self, progress: Path) -> None:
-        self.progress, self.durations, self.samples, self.tokens = progress, [], 0, 0
+        self.progress = progress
+        self.durations: list[float] = []
+        self.counts: list[tuple[int, int]] = []  # each step's samples and tokens
+        self.samples = self.tokens = 0  # of the step under way
         self._step_start: float | None = None
         self._fit_start = self.train_time = 0.0
         self._steps_done = 0
@@ -65,6 +69,8 @@ class MeasureTraining(L.Callback):
         self.tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
         if trainer.global_step > self._steps_done:  # the optimizer stepped: the step's batches are done
             self.durations.append(time.perf_counter() - self._step_start)
+            self.counts.append((self.samples, self.tokens))
+            self.samples = self.tokens = 0
             self._step_start, self._steps_done = None, trainer.global_step
             # once a step, between steps: the file's write is in no step's time
             write_json(self.progress, {"step": trainer.global_step, "max_steps": trainer.max_steps,
@@ -74,13 +80,14 @@ class MeasureTraining(L.Callback):
         self.train_time = time.perf_counter() - self._fit_start
 
     def figures(self) -> dict[str, float]:
-        """Step time (median after warm-up), throughput and training time."""
-        timed = self.durations[WARMUP_STEPS:] if len(self.durations) > 2 * WARMUP_STEPS else self.durations
-        total = sum(self.durations)
+        """Step time (median) and throughput over the same steps, those after warm-up; training time."""
+        start = WARMUP_STEPS if len(self.durations) > 2 * WARMUP_STEPS else 0
+        timed, counts = self.durations[start:], self.counts[start:]
+        total = sum(timed)
         return {"steps": len(self.durations), "train_time_s": self.train_time,
                 "step_time_s": statistics.median(timed) if timed else None,
-                "samples_per_s": self.samples / total if total else None,
-                "tokens_per_s": self.tokens / total if total else None}
+                "samples_per_s": sum(n for n, _ in counts) / total if total else None,
+                "tokens_per_s": sum(t for _, t in counts) / total if total else None}
 
 
 def peak_memory_mib(device: torch.device) -> tuple[float, str]:
