@@ -335,6 +335,18 @@ def test_a_run_is_another_when_its_local_model_folder_changed(tmp_path, tiny_rec
     assert moved != before
 
 
+def test_a_run_is_another_on_another_machine_or_versions(tiny_recipe, monkeypatch):
+    import lightning_peft.compare.runner as runner
+
+    recipe = yaml.safe_load(tiny_recipe.read_text())
+    plan = plan_method(recipe, str(tiny_recipe), "lora", {})
+    here = identity(recipe, plan, 0, 2)["run"]
+    monkeypatch.setattr(runner, "machine", lambda: "64 CPUs (x86_64), Linux, NVIDIA H100")
+    elsewhere = identity(recipe, plan, 0, 2)["run"]
+    monkeypatch.setattr(runner, "versions", lambda: {"torch": "9.0"})
+    assert len({here, elsewhere, identity(recipe, plan, 0, 2)["run"]}) == 3  # was: kept, with its old times
+
+
 @pytest.mark.parametrize("text, message", [("", "has no model: section"), ("model: [", "is not valid YAML"),
                                            ("trainer: {}", "has no model: section")])
 def test_a_file_that_is_no_recipe_is_one_line(tmp_path, text, message):

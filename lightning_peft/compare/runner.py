@@ -311,16 +311,18 @@ def identity(recipe: dict, plan: MethodPlan, seed: int, max_steps: int | None, s
              forgetting: str | None = None) -> dict:
     """What makes two runs the same run: a saved result is kept only when these match.
 
-    ``run``: a digest of the run's whole config (model, data, batch, steps, the method's settings)
-    and of the size and time of change of each data file and of each file in a local model folder,
-    so an edited recipe, file or model trains again.
+    ``run``: a digest of the run's whole config (model, data, batch, steps, the method's settings),
+    of the size and time of change of each data file and of each file in a local model folder, and
+    of the machine and library versions, so an edited recipe, file or model trains again, and so
+    does a run on another machine (its times and memory are another machine's).
     """
     config = run_config(recipe, plan, seed, max_steps, Path("."), sweep)
     del config["trainer"]["default_root_dir"]
     named = [forgetting, *_strings(config.get("data")), *_strings(config.get("model"))]  # MultiTaskData: a level down
     files = [p for f in named if isinstance(f, str) for p in _files_at(Path(f))]
     stats = [(str(f), *_changed(f)) for f in files]
-    digest = hashlib.sha256(json.dumps([config, stats], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps([config, stats, machine(), versions()], sort_keys=True,
+                                       default=str).encode()).hexdigest()[:16]
     return {"method": plan.method, "seed": seed, "learning_rate": plan.learning_rate, "settings_from": plan.source,
             "overrides": plan.overrides, "max_steps": max_steps, "run": digest}
 
