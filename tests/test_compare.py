@@ -404,6 +404,13 @@ def test_the_estimate_splits_as_each_strategy_holds_memory():
     assert per_device(MemoryParts(400, 100, 300, 250, 900, 8, (1, 2)), 4, "fsdp") == 900  # each builds it whole
     qlora = MemoryParts(400, 100, 300, 250, 0, 8, (1, 2), unsharded=240)  # a 4-bit base: FSDP leaves it whole
     assert per_device(qlora, 4, "fsdp") == 300 + 240 + (400 - 240 + 200) / 4 + 250 - 100 * 3 / 4
+    from lightning_peft.compare.estimate import as_row
+    from lightning_peft.compare.runner import estimate_table
+
+    for strategy in ("single", "ddp", "fsdp"):
+        table = estimate_table([{"method": "m", "status": "ok", **as_row(parts, 4, strategy)}], 4, strategy)
+        weights, _, states, step, runtime, _, device = map(float, table.splitlines()[-1].split()[1:])
+        assert weights + states + step + runtime == pytest.approx(device, abs=2), strategy  # was: the unsplit parts
 
 
 def test_a_causal_lm_run_measures_forgetting_before_and_after_on_another_text(tmp_path, tiny_lm_dir):  # noqa: F811

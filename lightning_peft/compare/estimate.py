@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,19 +47,26 @@ class MemoryParts:
 
 
 def per_device(parts: MemoryParts, devices: int = 1, strategy: str = "single") -> float:
-    """One device's estimated peak (MiB): the probe's single-device figures split as the strategy splits them.
+    """One device's estimated peak (MiB): the larger of the loading peak and what training holds there."""
+    held = on_each_device(parts, devices, strategy)
+    return max(held.load_peak, held.runtime + held.weights + held.trainable * OPTIMIZER_STATES + held.step)
 
-    DDP keeps everything on every device and adds gradient buckets the size of the gradients; FSDP
-    shards weights (but a quantized base's, which it leaves whole), gradients and optimizer states
-    across the devices. Every process builds the whole model first, so the loading peak stays.
+
+def on_each_device(parts: MemoryParts, devices: int = 1, strategy: str = "single") -> MemoryParts:
+    """The probe's single-device parts as each device of ``strategy`` holds them.
+
+    DDP keeps everything on every device and adds gradient buckets the size of the gradients (in
+    ``step``); FSDP shards weights (but a quantized base's, which it leaves whole), gradients and
+    optimizer states across the devices. Every process builds the whole model first, so the loading
+    peak stays.
     """
-    states = parts.trainable * OPTIMIZER_STATES
-    if strategy == "fsdp" and devices > 1:
-        step = parts.step - parts.trainable * (1 - 1 / devices)  # the step's gradients, sharded
-        sharded = parts.weights - parts.unsharded + states
-        return max(parts.load_peak, parts.runtime + parts.unsharded + sharded / devices + step)
-    buckets = parts.trainable if strategy == "ddp" and devices > 1 else 0.0
-    return max(parts.load_peak, parts.runtime + parts.weights + states + parts.step + buckets)
+    if devices > 1 and strategy == "fsdp":
+        return replace(parts, weights=parts.unsharded + (parts.weights - parts.unsharded) / devices,
+                       trainable=parts.trainable / devices,
+                       step=parts.step - parts.trainable * (1 - 1 / devices))  # the step's gradients, sharded
+    if devices > 1 and strategy == "ddp":
+        return replace(parts, step=parts.step + parts.trainable)
+    return parts
 
 
 class Meter:
@@ -190,6 +197,7 @@ def probe(config: Path, steps: int = PROBE_STEPS) -> MemoryParts:
 
 
 def as_row(parts: MemoryParts, devices: int, strategy: str) -> dict[str, Any]:
-    """The estimate and its parts, for a result row."""
+    """The estimate and its parts as each device holds them, for a result row."""
     return {"estimate_mib": per_device(parts, devices, strategy), **{f"estimate_{k}": v for k, v in
-                                                                     asdict(parts).items()}}
+                                                                     asdict(on_each_device(parts, devices,
+                                                                                           strategy)).items()}}
