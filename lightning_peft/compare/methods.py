@@ -267,6 +267,7 @@ def parse_overrides(pairs: list[str], methods: list[str]) -> dict[str, dict[str,
         if not sep or not dot or not key:
             raise CompareError(f"--set {pair}: write METHOD.KEY=VALUE, e.g. lora.r=16")
         if method not in methods:
-            raise CompareError(f"--set {pair}: {method!r} is not among the compared methods ({', '.join(methods)})")
+            compared = ", ".join(methods) or "none: give --methods; the recipe's own method is not one compare sets"
+            raise CompareError(f"--set {pair}: {method!r} is not among the compared methods ({compared})")
         out.setdefault(method, {})[key] = yaml.safe_load(value)
     return out
