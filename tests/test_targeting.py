@@ -183,10 +183,14 @@ def test_all_linear_leaves_out_a_linear_subclass_with_its_own_forward():
             logits = super().forward(x)
             return logits.softmax(-1), logits
 
+    class PlainLinear(nn.Linear):  # as Falcon's FalconLinear: a forward of its own that computes a linear layer
+        def forward(self, x):
+            return x @ self.weight.T + self.bias
+
     class Block(nn.Module):
         def __init__(self):
             super().__init__()
-            self.proj, self.router = nn.Linear(8, 8), Router(8, 4)
+            self.proj, self.router = PlainLinear(8, 8), Router(8, 4)
 
         def forward(self, x):
             scores, _ = self.router(x)
@@ -195,8 +199,8 @@ def test_all_linear_leaves_out_a_linear_subclass_with_its_own_forward():
     x = torch.randn(2, 8)
     for method in (LoRA(r=2), QuantizeBase("int8")):
         model = Block()
-        with pytest.warns(UserWarning, match="all-linear leaves out router, of class Router: an nn.Linear subclass "
-                                             "with a forward of its own"):
+        with pytest.warns(UserWarning, match="leaves out router, of class Router: an nn.Linear subclass whose forward "
+                                             "gives other than a linear layer's output"):
             method.inject(model)
-        assert type(model.router) is Router and type(model.proj) is not nn.Linear  # the other layer is taken
+        assert type(model.router) is Router and type(model.proj) is not PlainLinear  # the plain one is taken
         model(x)  # was: LoRA's layer added its update to a tuple; QuantizeBase's returned one tensor

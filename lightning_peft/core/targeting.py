@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import NamedTuple
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -194,23 +195,43 @@ def select_modules(
 
 
 def _without_own_forwards(chosen: list[tuple[str, nn.Module]], method: str) -> list[tuple[str, nn.Module]]:
-    """``chosen`` without nn.Linear subclasses that compute with a forward of their own, with a warning.
+    """``chosen`` without nn.Linear subclasses whose forward gives other than a linear layer's output, with a warning.
 
     Llama4's router is an nn.Linear whose forward returns a tuple: wrapped or quantized as a linear
-    layer, the model fails at its first forward. Quantized layers (bitsandbytes', ours) stay.
+    layer, the model fails at its first forward. A subclass with a forward of its own (Falcon's
+    plain ``FalconLinear``, a quantized FP8 layer) is tried once per class on a row of zeros; one
+    that cannot run here (another device, meta weights) stays a linear layer.
     """
-    own = [(n, m) for n, m in chosen if isinstance(innermost_base(m), nn.Linear)
-           and type(innermost_base(m)).forward is not nn.Linear.forward
-           and not type(innermost_base(m)).__module__.startswith(("bitsandbytes", "lightning_peft"))]
-    if own:
-        classes = sorted({type(innermost_base(m)).__name__ for _, m in own})
-        where = own[0][0] + (f" and {len(own) - 1} more" if len(own) > 1 else "")
-        warnings.warn(f"{method}: all-linear leaves out {where}, of class {', '.join(classes)}: an nn.Linear "
-                      "subclass with a forward of its own (Llama4's router returns a tuple), which would not compute "
-                      "as a linear layer once wrapped or quantized",
-                      stacklevel=3)
-    left_out = {id(m) for _, m in own}
-    return [(n, m) for n, m in chosen if id(m) not in left_out]
+    verdicts: dict[type, bool] = {}
+    left_out = []
+    for name, module in chosen:
+        layer = innermost_base(module)
+        if isinstance(layer, nn.Linear) and type(layer).forward is not nn.Linear.forward:
+            if type(layer) not in verdicts:
+                verdicts[type(layer)] = _computes_as_linear(layer)
+            if not verdicts[type(layer)]:
+                left_out.append((name, module))
+    if left_out:
+        classes = sorted({type(innermost_base(m)).__name__ for _, m in left_out})
+        where = left_out[0][0] + (f" and {len(left_out) - 1} more" if len(left_out) > 1 else "")
+        warnings.warn(f"{method} leaves out {where}, of class {', '.join(classes)}: an nn.Linear subclass whose "
+                      "forward gives other than a linear layer's output (Llama4's router returns a tuple), so it "
+                      "would not compute as a linear layer once wrapped or quantized", stacklevel=3)
+    dropped = {id(m) for _, m in left_out}
+    return [(n, m) for n, m in chosen if id(m) not in dropped]
+
+
+def _computes_as_linear(layer: nn.Linear) -> bool:
+    """Whether ``layer`` maps a row of zeros to one tensor row of ``out_features`` (True where it cannot run here)."""
+    weight = layer.weight
+    if weight.device.type == "meta" or not weight.dtype.is_floating_point:
+        return True
+    try:
+        with torch.no_grad():
+            out = layer(torch.zeros(1, layer.in_features, dtype=weight.dtype, device=weight.device))
+    except Exception:  # noqa: BLE001 - a layer that needs another device or kernel: taken as the linear it claims
+        return True
+    return isinstance(out, torch.Tensor) and tuple(out.shape) == (1, layer.out_features)
 
 
 def _warn_of_exclusions_that_exclude_nothing(exclude: Targets, candidates: list[tuple[str, nn.Module]],
