@@ -355,3 +355,18 @@ def test_the_resized_embeddings_peft_saves_beside_an_adapter_of_other_layers_loa
                                          r"model.embed_tokens) .* differ"):
         loaded = load_adapter(resized(2), tmp_path / "adapter")  # was: "saved for another model or settings"
     assert torch.allclose(loaded(x).logits, peft_model(x).logits, atol=1e-5)
+
+
+def test_a_hot_swapped_file_s_own_head_copy_is_not_taken_for_a_base_weight(tmp_path):
+    from lightning_peft import hotswap_adapter
+
+    torch.manual_seed(0)
+    base = tiny_llama()
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj"],
+                                                                modules_to_save=["lm_head"]))
+    peft_model.save_pretrained(tmp_path)  # base_model.model.lm_head.weight: the adapter's own copy of the head
+    slot = LoRA(r=4, target_modules=["q_proj"]).inject(copy.deepcopy(base))  # no head of its own
+    head = slot.lm_head.weight.clone()
+    with pytest.raises(ValueError, match="holds tensor 'base_model.model.lm_head.weight' .* must adapt the same"):
+        hotswap_adapter(slot, tmp_path)  # was: copied into the base head, which every adapter shares
+    assert torch.equal(slot.lm_head.weight, head)

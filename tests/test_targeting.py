@@ -1,6 +1,7 @@
 """Targeting on the models users bring: shared layers, parameters of the root, nested choices, plain containers."""
 
 import copy
+import json
 import warnings
 
 import pytest
@@ -204,3 +205,38 @@ def test_all_linear_leaves_out_a_linear_subclass_with_its_own_forward():
             method.inject(model)
         assert type(model.router) is Router and type(model.proj) is not PlainLinear  # the plain one is taken
         model(x)  # was: LoRA's layer added its update to a tuple; QuantizeBase's returned one tensor
+
+
+def test_a_block_held_twice_keeps_peft_s_layout_both_ways(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return torch.tanh(self.fc(x))
+
+    class Twice(nn.Module):  # one block at two places: its layer is at one place, inside it, for peft too
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            block = Block()
+            self.layers = nn.ModuleList([block, block])
+
+        def forward(self, x):
+            for block in self.layers:
+                x = block(x)
+            return x
+
+    theirs = get_peft_model(Twice(), LoraConfig(r=2, target_modules=["fc"]))
+    randomize_trainable(theirs)
+    theirs.save_pretrained(tmp_path / "peft")
+    x = torch.randn(3, 8)
+    ours = load_adapter(Twice(), tmp_path / "peft")  # was: refused as a layer at several places
+    torch.testing.assert_close(ours(x), theirs(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_adapter(ours, tmp_path / "ours")  # in peft's layout: no warning
+    assert "peft_type" in json.loads((tmp_path / "ours" / "adapter_config.json").read_text())

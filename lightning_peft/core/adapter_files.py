@@ -29,7 +29,7 @@ from lightning_peft.core.merging import check_unmerged
 from lightning_peft.core.models import model_root, transformers_models
 from lightning_peft.core.ownership import AdapterRef, adapter_refs, buffers_of_trained_modules, owners
 from lightning_peft.core.saved_modules import saved_module_name
-from lightning_peft.core.targeting import select_modules
+from lightning_peft.core.targeting import Targets, name_matches, select_modules
 from lightning_peft.core.weights import whole
 
 PEFT_PREFIX = "base_model.model."  # peft holds the transformers model as base_model.model
@@ -76,12 +76,17 @@ def no_peft_layout(ref: AdapterRef, root: nn.Module) -> str | None:
 
 
 def _layers_at_several_places(root: nn.Module, ref: AdapterRef) -> list[str]:
-    """The names of the first of ``ref``'s layers that sits at several places of ``root`` (one module object)."""
-    places: dict[int, list[str]] = {}
-    for name, module in root.named_modules(remove_duplicate=False):
-        if isinstance(module, PEFTModule) and module.method == ref.method_name and ref.name in module.adapters:
-            places.setdefault(id(module), []).append(name)
-    return next((names for names in places.values() if len(names) > 1), [])
+    """The names of the first of ``ref``'s layers that is one module object at several (parent, attribute) places of
+    ``root``; a layer inside a block that sits twice is at one place (peft adapts it there, for both)."""
+    places: dict[int, set[tuple[int, str]]] = {}
+    for parent in root.modules():
+        for key, child in parent._modules.items():
+            if isinstance(child, PEFTModule) and child.method == ref.method_name and ref.name in child.adapters:
+                places.setdefault(id(child), set()).add((id(parent), key))
+    shared = next((layer for layer, where in places.items() if len(where) > 1), None)
+    if shared is None:
+        return []
+    return [name for name, module in root.named_modules(remove_duplicate=False) if id(module) == shared]
 
 
 def file_format(ref: AdapterRef, root: nn.Module) -> AdapterFormat | None:
@@ -346,7 +351,8 @@ def read_adapter_files(path: PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
 def copy_file_tensors(module: nn.Module, ref: AdapterRef, tensors: dict[str, torch.Tensor], weights_path: Path) -> None:
     """Check a file's tensors against the adapter ``ref`` just injected into ``module``, then copy them in."""
     expected = file_tensors(module, ref)
-    base_weights = saved_base_weights(model_root(module)[1], tensors, expected, weights_path)
+    base_weights = saved_base_weights(model_root(module)[1], tensors, expected, weights_path,
+                                      ref.config.get("modules_to_save"))
     check_file_keys(expected, set(tensors) - set(base_weights), weights_path,
                     "it was saved for another model or settings")
     for file_key, param in expected.items():
@@ -360,13 +366,15 @@ def copy_file_tensors(module: nn.Module, ref: AdapterRef, tensors: dict[str, tor
 
 
 def saved_base_weights(root: nn.Module, tensors: dict[str, torch.Tensor], expected: Iterable[str],
-                       weights_path: Path) -> dict[str, tuple[str, nn.Parameter, torch.Tensor]]:
+                       weights_path: Path, saved_modules: Targets = None) -> dict[str, tuple[str, nn.Parameter,
+                                                                                           torch.Tensor]]:
     """The base weights a peft file holds beside its adapter, by file key: ``(name, parameter of root, value)``.
 
     peft saves an adapted embedding's own weight (``...embed_tokens.base_layer.weight``), and the
     model's input and output embeddings when their vocabulary was resized (``...lm_head.weight``,
     ``save_embedding_layers``), so that new rows, drawn at random, load as they trained; peft loads
     them into the model. A base weight this model has nowhere, or in another shape, is refused.
+    ``saved_modules``: the file's ``modules_to_save``, whose weights are the adapter's own copies.
     """
     embeddings = _embedding_layers(root)
     expected = set(expected)
@@ -377,7 +385,8 @@ def saved_base_weights(root: nn.Module, tensors: dict[str, torch.Tensor], expect
         name = key[len(PEFT_PREFIX):]
         if name.endswith(BASE_WEIGHT):
             name = name[:-len(BASE_WEIGHT)]
-        elif not (name.endswith(".weight") and _submodule_id(root, name[:-len(".weight")]) in embeddings):
+        elif (not name.endswith(".weight") or name_matches(name[:-len(".weight")], saved_modules)
+              or _submodule_id(root, name[:-len(".weight")]) not in embeddings):
             continue  # not a base weight: check_file_keys names it
         else:
             name = name[:-len(".weight")]
