@@ -180,6 +180,14 @@ class DictBatches(TokenModule):
         return super().training_step((batch["input_ids"],), batch_idx)
 
 
+def test_each_task_s_metrics_are_logged_where_its_rows_were_evaluated(tiny_model_dir, tmp_path):
+    module, data, _ = fit(tiny_model_dir, tmp_path, max_steps=2)
+    tested = make_trainer([]).test(module, dataloaders=data.test_dataloader())[0]  # no data module: as before
+    assert {"test_acc_upbeat", "test_acc_gloomy"} <= set(tested)
+    first = make_trainer([], limit_test_batches=1).test(module, dataloaders=data.test_dataloader())[0]
+    assert "test_acc_upbeat" in first and "test_acc_gloomy" not in first  # its rows come later: not a 0.0
+
+
 def test_a_batch_with_a_task_column_outside_multi_task_data_trains_as_any_batch():
     model = DictBatches(tiny_gpt2())
     loader = DataLoader([{"input_ids": torch.randint(0, VOCAB, (12,)), "task": "summarize"} for _ in range(8)],

@@ -89,10 +89,6 @@ class MultiTaskData(L.LightningDataModule):
     def task_names(self) -> list[str]:
         return list(self.parts)
 
-    def tasks_with(self, split: str) -> list[str]:
-        """The tasks that have rows of ``split`` (``"val"``, ``"test"``), once set up."""
-        return [name for name, part in self.parts.items() if part.splits.get(split)]
-
     @property
     def batch_shares(self) -> dict[str, float]:
         """Each task's expected share of the optimizer steps (`TaskBatchSampler.shares`), once set up."""

@@ -139,19 +139,40 @@ class SequenceClassification(TransformersTask):
         predicted = self(batch["input_ids"], batch["attention_mask"], tasks).argmax(-1)
         metrics.update(predicted, batch["labels"])
         self.log_dict(metrics, prog_bar=True)
-        tasks_with = getattr(self.trainer.datamodule, "tasks_with", None)  # MultiTaskData's
-        evaluated = tasks_with(stage) if tasks_with is not None and self.task_metrics[stage] else []
         for task, task_metrics in self.task_metrics[stage].items():
             rows = [i for i, name in enumerate(tasks or []) if name == task]
             if rows:
                 task_metrics.update(predicted[rows], batch["labels"][rows])
-            if task in evaluated:  # on every process, also one that has none of its rows: the metric syncs
-                self.log_dict(task_metrics)
+
+    def _log_task_metrics(self, stage: str) -> None:
+        """Log each task's metrics where any process evaluated rows of it, then reset them.
+
+        Every process takes the same decision (one sum over the processes), since the metrics sync
+        when computed: a process that had none of a task's rows computes it too, or the others wait.
+        """
+        task_metrics = self.task_metrics[stage]
+        if not task_metrics:
+            return
+        seen = torch.tensor([float(any(metric.update_called for metric in metrics.values()))
+                             for metrics in task_metrics.values()], device=self.device)
+        seen = self.trainer.strategy.reduce(seen, reduce_op="sum")
+        for metrics, processes in zip(task_metrics.values(), seen.tolist(), strict=True):
+            if processes > 0:
+                with warnings.catch_warnings():  # a process without the task's rows: its states are zeros
+                    warnings.filterwarnings("ignore", message=".*was called before the ``update`` method")
+                    self.log_dict(metrics.compute(), sync_dist=True)
+            metrics.reset()
 
     def on_validation_epoch_start(self) -> None:
         super().on_validation_epoch_start()
         for task_metrics in self.task_metrics["val"].values():
             task_metrics.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_task_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_task_metrics("test")
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics, "val")
