@@ -276,6 +276,15 @@ def test_prompt_tuning_refuses_a_model_whose_forward_takes_no_embeddings():
     with pytest.raises(TypeError, match="SiglipModel.forward takes no inputs_embeds"):  # was: injected, then
         PromptTuning(num_virtual_tokens=4).inject(model)  # failed inside the text tower at the first forward
     assert not any(p.requires_grad is False for p in model.parameters())  # left as it was: nothing frozen
+    llama = build("llama")
+
+    class PassesItsArgumentsOn(type(llama)):  # a user's subclass: its own forward takes **kwargs
+        def forward(self, input_ids=None, **kwargs):
+            return super().forward(input_ids=input_ids, **kwargs)
+
+    llama.__class__ = PassesItsArgumentsOn
+    PromptTuning(num_virtual_tokens=4).inject(llama)  # the class it derives from takes inputs_embeds
+    assert llama(torch.randint(0, 64, (2, 5))).logits.shape[:2] == (2, 5)  # was: refused
 
 
 @pytest.mark.parametrize("method", [PromptTuning(num_virtual_tokens=N), PrefixTuning(num_virtual_tokens=N)])

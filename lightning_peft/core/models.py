@@ -72,10 +72,17 @@ def require_token_model(module: nn.Module, needed_by: str) -> nn.Module:
         what = f"takes {first} first" if first != "input_ids" else "has no single token embedding"
         raise TypeError(f"{needed_by} puts virtual tokens in front of token ids; {type(model).__name__} {what}, "
                         "so it fits text models only")
-    if "inputs_embeds" not in inspect.signature(model.forward).parameters:  # SigLIP's two towers, say
+    if not _takes_inputs_embeds(type(model)):  # SigLIP's two towers, say
         raise TypeError(f"{needed_by} gives the model its tokens as embeddings, with the virtual ones in front; "
                         f"{type(model).__name__}.forward takes no inputs_embeds")
     return model
+
+
+def _takes_inputs_embeds(cls: type) -> bool:
+    """Whether a forward of ``cls`` or of a class it derives from names ``inputs_embeds`` (a subclass's forward
+    may take ``**kwargs`` and pass them on)."""
+    return any("inputs_embeds" in inspect.signature(klass.forward).parameters
+               for klass in cls.__mro__ if "forward" in vars(klass))
 
 
 def model_type(module: nn.Module) -> str | None:
