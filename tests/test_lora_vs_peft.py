@@ -357,13 +357,14 @@ def test_the_resized_embeddings_peft_saves_beside_an_adapter_of_other_layers_loa
     assert torch.allclose(loaded(x).logits, peft_model(x).logits, atol=1e-5)
 
 
-def test_a_hot_swapped_file_s_own_head_copy_is_not_taken_for_a_base_weight(tmp_path):
+@pytest.mark.parametrize("saved", [["lm_head"], ["head"]])  # peft matches a plain suffix: "head" is lm_head
+def test_a_hot_swapped_file_s_own_head_copy_is_not_taken_for_a_base_weight(tmp_path, saved):
     from lightning_peft import hotswap_adapter
 
     torch.manual_seed(0)
     base = tiny_llama()
     peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj"],
-                                                                modules_to_save=["lm_head"]))
+                                                                modules_to_save=saved))
     peft_model.save_pretrained(tmp_path)  # base_model.model.lm_head.weight: the adapter's own copy of the head
     slot = LoRA(r=4, target_modules=["q_proj"]).inject(copy.deepcopy(base))  # no head of its own
     head = slot.lm_head.weight.clone()

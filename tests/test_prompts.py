@@ -282,6 +282,13 @@ def test_prompt_tuning_refuses_a_model_whose_forward_takes_no_embeddings():
         def forward(self, input_ids=None, **kwargs):
             return super().forward(input_ids=input_ids, **kwargs)
 
+    class Narrow(type(llama)):  # its own forward names its arguments: inputs_embeds would not reach the model
+        def forward(self, input_ids=None, attention_mask=None, labels=None):
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+    llama.__class__ = Narrow
+    with pytest.raises(TypeError, match="Narrow.forward takes no inputs_embeds"):
+        PromptTuning(num_virtual_tokens=4).inject(llama)
     llama.__class__ = PassesItsArgumentsOn
     PromptTuning(num_virtual_tokens=4).inject(llama)  # the class it derives from takes inputs_embeds
     assert llama(torch.randint(0, 64, (2, 5))).logits.shape[:2] == (2, 5)  # was: refused

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lightning_peft import IA3, LoRA, QuantizeBase, load_adapter, merge, save_adapter, unmerge
+from lightning_peft.core.layer import innermost_base
 
 from conftest import tiny_llama
 
@@ -185,26 +186,39 @@ def test_all_linear_leaves_out_a_linear_subclass_with_its_own_forward():
             return logits.softmax(-1), logits
 
     class PlainLinear(nn.Linear):  # as Falcon's FalconLinear: a forward of its own that computes a linear layer
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.register_buffer("calls", torch.zeros(()))
+
         def forward(self, x):
+            self.calls += 1
             return x @ self.weight.T + self.bias
+
+    class Scores(nn.Linear):  # the right shape, but not a linear layer's output
+        def forward(self, x):
+            return super().forward(x).softmax(-1)
 
     class Block(nn.Module):
         def __init__(self):
             super().__init__()
-            self.proj, self.router = PlainLinear(8, 8), Router(8, 4)
+            self.proj, self.router, self.scores = PlainLinear(8, 8), Router(8, 4), Scores(8, 8)
 
         def forward(self, x):
-            scores, _ = self.router(x)
-            return self.proj(x) * scores.sum(-1, keepdim=True)
+            weights, _ = self.router(x)
+            return self.proj(x) * weights.sum(-1, keepdim=True) + self.scores(x)
 
     x = torch.randn(2, 8)
     for method in (LoRA(r=2), QuantizeBase("int8")):
         model = Block()
-        with pytest.warns(UserWarning, match="leaves out router, of class Router: an nn.Linear subclass whose forward "
-                                             "gives other than a linear layer's output"):
+        model.proj.register_forward_hook(lambda *args: pytest.fail("the probe ran the model's own layer"))
+        calls = model.proj.calls  # its buffer: a probe of the layer itself would count a call
+        with pytest.warns(UserWarning, match="leaves out router and 1 more, of class Router, Scores: an nn.Linear "
+                                             "subclass whose forward computes other than a linear layer"):
             method.inject(model)
-        assert type(model.router) is Router and type(model.proj) is not PlainLinear  # the plain one is taken
-        model(x)  # was: LoRA's layer added its update to a tuple; QuantizeBase's returned one tensor
+        assert type(model.router) is Router and type(model.scores) is Scores  # left out
+        assert type(model.proj) is not PlainLinear and calls == 0  # taken; untouched
+        innermost_base(model.proj)._forward_hooks.clear()
+        model(x)  # was: LoRA's layer added its update to a tuple; QuantizeBase dropped the softmax
 
 
 def test_a_block_held_twice_keeps_peft_s_layout_both_ways(tmp_path):

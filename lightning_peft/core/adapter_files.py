@@ -29,7 +29,7 @@ from lightning_peft.core.merging import check_unmerged
 from lightning_peft.core.models import model_root, transformers_models
 from lightning_peft.core.ownership import AdapterRef, adapter_refs, buffers_of_trained_modules, owners
 from lightning_peft.core.saved_modules import saved_module_name
-from lightning_peft.core.targeting import Targets, name_matches, select_modules
+from lightning_peft.core.targeting import Targets, select_modules
 from lightning_peft.core.weights import whole
 
 PEFT_PREFIX = "base_model.model."  # peft holds the transformers model as base_model.model
@@ -385,7 +385,7 @@ def saved_base_weights(root: nn.Module, tensors: dict[str, torch.Tensor], expect
         name = key[len(PEFT_PREFIX):]
         if name.endswith(BASE_WEIGHT):
             name = name[:-len(BASE_WEIGHT)]
-        elif (not name.endswith(".weight") or name_matches(name[:-len(".weight")], saved_modules)
+        elif (not name.endswith(".weight") or _saved_by_the_file(name[:-len(".weight")], saved_modules)
               or _submodule_id(root, name[:-len(".weight")]) not in embeddings):
             continue  # not a base weight: check_file_keys names it
         else:
@@ -402,6 +402,14 @@ def saved_base_weights(root: nn.Module, tensors: dict[str, torch.Tensor], expect
                              f"and this model's is {tuple(param.shape)}{resize}")
         found[key] = (name, param, value)
     return found
+
+
+def _saved_by_the_file(name: str, saved_modules: Targets) -> bool:
+    """Whether a file's ``modules_to_save`` names the module ``name``, as peft matches them: a regex over the whole
+    name, or a plain suffix (``"head"`` names ``lm_head``)."""
+    if isinstance(saved_modules, str):
+        return re.fullmatch(saved_modules, name) is not None
+    return any(name.endswith(entry) for entry in saved_modules or [])
 
 
 def _embedding_layers(root: nn.Module) -> set[int]:

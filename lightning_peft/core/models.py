@@ -79,10 +79,15 @@ def require_token_model(module: nn.Module, needed_by: str) -> nn.Module:
 
 
 def _takes_inputs_embeds(cls: type) -> bool:
-    """Whether a forward of ``cls`` or of a class it derives from names ``inputs_embeds`` (a subclass's forward
-    may take ``**kwargs`` and pass them on)."""
-    return any("inputs_embeds" in inspect.signature(klass.forward).parameters
-               for klass in cls.__mro__ if "forward" in vars(klass))
+    """Whether ``cls``'s forward names ``inputs_embeds``, or takes ``**kwargs`` over a class whose forward does (a
+    subclass that passes its arguments on)."""
+    for klass in (k for k in cls.__mro__ if "forward" in vars(k)):
+        parameters = inspect.signature(klass.forward).parameters
+        if "inputs_embeds" in parameters:
+            return True
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            return False
+    return False
 
 
 def model_type(module: nn.Module) -> str | None:

@@ -10,6 +10,7 @@ and a selection that leaves out such weights holding most of a block is warned a
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 import warnings
@@ -194,13 +195,16 @@ def select_modules(
     return chosen
 
 
+QUANTIZED_LINEAR_MODULES = ("bitsandbytes", "lightning_peft", "transformers.integrations")  # linear by design
+
+
 def _without_own_forwards(chosen: list[tuple[str, nn.Module]], method: str) -> list[tuple[str, nn.Module]]:
-    """``chosen`` without nn.Linear subclasses whose forward gives other than a linear layer's output, with a warning.
+    """``chosen`` without nn.Linear subclasses whose forward computes other than a linear layer, with a warning.
 
     Llama4's router is an nn.Linear whose forward returns a tuple: wrapped or quantized as a linear
     layer, the model fails at its first forward. A subclass with a forward of its own (Falcon's
-    plain ``FalconLinear``, a quantized FP8 layer) is tried once per class on a row of zeros; one
-    that cannot run here (another device, meta weights) stays a linear layer.
+    plain ``FalconLinear``) is tried once per class, on a copy, against ``F.linear``; one whose
+    weights cannot be tried here (quantized, on meta) and bitsandbytes' and ours stay linear layers.
     """
     verdicts: dict[type, bool] = {}
     left_out = []
@@ -215,23 +219,34 @@ def _without_own_forwards(chosen: list[tuple[str, nn.Module]], method: str) -> l
         classes = sorted({type(innermost_base(m)).__name__ for _, m in left_out})
         where = left_out[0][0] + (f" and {len(left_out) - 1} more" if len(left_out) > 1 else "")
         warnings.warn(f"{method} leaves out {where}, of class {', '.join(classes)}: an nn.Linear subclass whose "
-                      "forward gives other than a linear layer's output (Llama4's router returns a tuple), so it "
-                      "would not compute as a linear layer once wrapped or quantized", stacklevel=3)
+                      "forward computes other than a linear layer (Llama4's router returns a tuple), so it would "
+                      "not compute as it does once wrapped or quantized", stacklevel=3)
     dropped = {id(m) for _, m in left_out}
     return [(n, m) for n, m in chosen if id(m) not in dropped]
 
 
 def _computes_as_linear(layer: nn.Linear) -> bool:
-    """Whether ``layer`` maps a row of zeros to one tensor row of ``out_features`` (True where it cannot run here)."""
+    """Whether a copy of ``layer``, called without its hooks on one random row, gives ``F.linear``'s output.
+
+    The copy keeps the layer's buffers and the global random state as they were. Layers that
+    cannot be tried (quantized weights, meta) and quantized linear layers (bitsandbytes', ours,
+    transformers' quantization integrations: FP8, BitNet) count as linear; one whose forward fails
+    on a row (a grouped projection) does not.
+    """
     weight = layer.weight
-    if weight.device.type == "meta" or not weight.dtype.is_floating_point:
+    if (type(layer).__module__.startswith(QUANTIZED_LINEAR_MODULES) or weight.device.type == "meta"
+            or weight.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16)):
         return True
+    x = torch.randn(1, layer.in_features, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
     try:
-        with torch.no_grad():
-            out = layer(torch.zeros(1, layer.in_features, dtype=weight.dtype, device=weight.device))
-    except Exception:  # noqa: BLE001 - a layer that needs another device or kernel: taken as the linear it claims
-        return True
-    return isinstance(out, torch.Tensor) and tuple(out.shape) == (1, layer.out_features)
+        with torch.no_grad(), torch.random.fork_rng(devices=[weight.device] if weight.device.type == "cuda" else []):
+            out = type(layer).forward(copy.deepcopy(layer), x)
+    except Exception:  # noqa: BLE001 - a forward that cannot take one row computes otherwise
+        return False
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, layer.out_features):
+        return False
+    expected = torch.nn.functional.linear(x, weight, layer.bias).float()
+    return torch.allclose(out.float(), expected, rtol=1e-2, atol=1e-3 * float(expected.abs().max()) + 1e-6)
 
 
 def _warn_of_exclusions_that_exclude_nothing(exclude: Targets, candidates: list[tuple[str, nn.Module]],

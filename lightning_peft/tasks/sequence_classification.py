@@ -143,15 +143,18 @@ class SequenceClassification(TransformersTask):
             rows = [i for i, name in enumerate(tasks or []) if name == task]
             if rows:
                 task_metrics.update(predicted[rows], batch["labels"][rows])
+                if self.trainer.world_size == 1:  # several processes: at the epoch's end, alike on each
+                    self.log_dict(task_metrics)
 
     def _log_task_metrics(self, stage: str) -> None:
-        """Log each task's metrics where any process evaluated rows of it, then reset them.
+        """With several processes, log each task's metrics where any process evaluated rows of it, then reset them.
 
         Every process takes the same decision (one sum over the processes), since the metrics sync
         when computed: a process that had none of a task's rows computes it too, or the others wait.
+        (One process logs them at each step, as the overall metrics, so callbacks see them at once.)
         """
         task_metrics = self.task_metrics[stage]
-        if not task_metrics:
+        if not task_metrics or self.trainer.world_size == 1:
             return
         seen = torch.tensor([float(any(metric.update_called for metric in metrics.values()))
                              for metrics in task_metrics.values()], device=self.device)
