@@ -14,13 +14,12 @@ from torch import Tensor, nn
 
 from lightning_peft.core.adapter_files import (
     CONFIG_FILE,
-    NATIVE_KEY,
     WEIGHTS_FILE,
     check_file_keys,
+    check_peft_layout_holds,
     copy_saved_base_weights,
     file_entries,
     find_adapter,
-    no_peft_layout,
     read_adapter_files,
     saved_base_weights,
     split_layer_tensor,
@@ -75,10 +74,7 @@ def hotswap_adapter(module: nn.Module, path: PathLike, adapter_name: str = "defa
         raise ValueError(f"{Path(path) / CONFIG_FILE}: cannot hot-swap into {ref}: {refusal}")
     entries = file_entries(module, ref)
     _, root = model_root(module)
-    reason = no_peft_layout(ref, root) if NATIVE_KEY not in config else None
-    if reason:
-        raise ValueError(f"{Path(path) / CONFIG_FILE}: cannot hot-swap into {ref}: the file is in peft's layout, "
-                         f"which cannot hold it on this model: {reason}")
+    check_peft_layout_holds(config, ref, root, f"{Path(path) / CONFIG_FILE} (hot-swapped into {ref})")
     base_weights = saved_base_weights(root, tensors, entries, weights_path, incoming.config().get("modules_to_save"))
     check_file_keys(entries, set(tensors) - set(base_weights), weights_path,
                     "a swapped adapter must adapt the same layers as the slot")

@@ -22,8 +22,8 @@ from lightning_peft.core.adapter_files import (
     CONFIG_FILE,
     NATIVE_KEY,
     WEIGHTS_FILE,
+    check_peft_layout_holds,
     copy_file_tensors,
-    no_peft_layout,
     read_adapter_files,
 )
 from lightning_peft.core.files import PathLike
@@ -191,10 +191,7 @@ def load_adapter(module: nn.Module, path: PathLike, adapter_name: str = "default
                 kind = TypeError if isinstance(err, TypeError) else ValueError
                 raise kind(f"adapter file {Path(path) / CONFIG_FILE}: {err}") from err
         freeze_unclaimed(module)
-        reason = no_peft_layout(callback.ref, root) if NATIVE_KEY not in config else None
-        if reason:  # a peft file (peft wrote it, or we on another model): its tensors would act otherwise here
-            raise ValueError(f"adapter file {Path(path) / CONFIG_FILE} is in peft's layout, which cannot hold "
-                             f"{callback.ref} on this model: {reason}")
+        check_peft_layout_holds(config, callback.ref, root, f"adapter file {Path(path) / CONFIG_FILE}")
         copy_file_tensors(module, callback.ref, tensors, Path(path) / WEIGHTS_FILE)
     return module
 

@@ -383,25 +383,30 @@ def saved_base_weights(root: nn.Module, tensors: dict[str, torch.Tensor], expect
         if key in expected or not key.startswith(PEFT_PREFIX):
             continue
         name = key[len(PEFT_PREFIX):]
-        if name.endswith(BASE_WEIGHT):
-            name = name[:-len(BASE_WEIGHT)]
-        elif (not name.endswith(".weight") or _saved_by_the_file(name[:-len(".weight")], saved_modules)
-              or _submodule_id(root, name[:-len(".weight")]) not in embeddings):
+        adapted = name.endswith(BASE_WEIGHT)
+        name = name[:-len(BASE_WEIGHT)] if adapted else name.removesuffix(".weight")
+        layer = _innermost_at(root, name)
+        if not adapted and (not key.endswith(".weight") or _saved_by_the_file(name, saved_modules)
+                            or id(layer) not in embeddings):
             continue  # not a base weight: check_file_keys names it
-        else:
-            name = name[:-len(".weight")]
-        try:
-            param = innermost_base(root.get_submodule(name)).weight
-        except AttributeError:
+        if layer is None:
             raise ValueError(f"adapter file {weights_path} holds base weight '{key}', and this model has no weight "
-                             f"{name}.weight") from None
-        if tuple(value.shape) != tuple(param.shape):
+                             f"{name}.weight")
+        if tuple(value.shape) != tuple(layer.weight.shape):
             resize = (f": resize the model's token embeddings to {value.shape[0]} first"
-                      if isinstance(innermost_base(root.get_submodule(name)), nn.Embedding) else "")
+                      if isinstance(layer, nn.Embedding) else "")
             raise ValueError(f"adapter file {weights_path} holds base weight '{key}' of shape {tuple(value.shape)}, "
-                             f"and this model's is {tuple(param.shape)}{resize}")
-        found[key] = (name, param, value)
+                             f"and this model's is {tuple(layer.weight.shape)}{resize}")
+        found[key] = (name, layer.weight, value)
     return found
+
+
+def check_peft_layout_holds(config: dict, ref: AdapterRef, root: nn.Module, where: str) -> None:
+    """Refuse a file in peft's layout (peft wrote it, or we on another model) where that layout cannot hold ``ref``
+    on ``root``: its tensors would act otherwise here than in peft."""
+    reason = no_peft_layout(ref, root) if NATIVE_KEY not in config else None
+    if reason:
+        raise ValueError(f"{where} is in peft's layout, which cannot hold {ref} on this model: {reason}")
 
 
 def _saved_by_the_file(name: str, saved_modules: Targets) -> bool:
@@ -425,9 +430,10 @@ def _embedding_layers(root: nn.Module) -> set[int]:
     return found
 
 
-def _submodule_id(root: nn.Module, name: str) -> int | None:
+def _innermost_at(root: nn.Module, name: str) -> nn.Module | None:
+    """The innermost base layer of the module ``name`` of ``root`` (under any PEFT wrapper), or None."""
     try:
-        return id(innermost_base(root.get_submodule(name)))
+        return innermost_base(root.get_submodule(name))
     except AttributeError:
         return None
 
