@@ -304,6 +304,18 @@ def test_head_only_without_a_head_to_train_is_refused_when_planning():
     assert named.callbacks == [{"class_path": "lightning_peft.Selective", "init_args": {"modules": ["lm_head"]}}]
 
 
+def test_a_head_only_recipe_of_ones_own_is_compared_with_its_head_trained_by_every_method():
+    mine = yaml.safe_load((RECIPES / "head_only_sentiment.yaml").read_text())
+    mine["model"]["init_args"]["learning_rate"] = 2e-3
+    head_only = plan_method(mine, "mine.yaml", "head_only", {})  # was: "this recipe has none" (no head)
+    assert head_only.callbacks == mine["trainer"]["callbacks"] and head_only.learning_rate == 2e-3
+    lora = plan_method(mine, "mine.yaml", "lora", {})
+    assert lora.callbacks[0]["init_args"]["modules_to_save"] == ["classifier"]  # was: a new head nothing trains
+    wider = copy.deepcopy(mine)
+    wider["trainer"]["callbacks"][0]["init_args"]["layers"] = [1]  # more than a head: not head_only's own
+    assert plan_method(wider, "mine.yaml", "lora", {}).callbacks[0]["init_args"].get("modules_to_save") is None
+
+
 def test_a_sweep_over_several_tasks_holds_out_validation_rows_of_each():
     recipe = yaml.safe_load((RECIPES / "lora_multitask_sentiment.yaml").read_text())
     for task in recipe["data"]["init_args"]["tasks"].values():

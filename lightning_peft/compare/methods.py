@@ -20,7 +20,7 @@ import yaml
 from lightning_peft.builtin_recipes import RECIPES
 from lightning_peft.cli_messages import class_named
 from lightning_peft.lightning.callback import ModelSetupCallback, PEFTCallback
-from lightning_peft.selective import Selective
+from lightning_peft.selective import BitFit, Selective
 
 RECIPE_PREFIX = {"lora": "lora", "ia3": "ia3", "adapter": "adapter", "prompt_tuning": "prompt_tuning",
                  "prefix_tuning": "prefix_tuning", "bitfit": "bitfit", "full": "full_finetune",
@@ -93,6 +93,8 @@ def method_slot(recipe: dict, name: str) -> list[dict]:
 def own_method(slot: list[dict]) -> str | None:
     """The compared method that the recipe's slot holds (``lora`` for LoRA callbacks, one per adapter or task), if
     it is one of them."""
+    if len(slot) == 1 and _selected_head(slot[0]):
+        return "head_only"
     classes = {str(callback_class(e)) for e in slot}
     dora = any(isinstance(e, dict) and (e.get("init_args") or {}).get("use_dora") for e in slot)
     for method, (callbacks, _) in DEFAULTS.items():
@@ -210,9 +212,25 @@ def _with_args(entry: dict, **init_args: Any) -> dict:
 
 
 def _modules_to_save(slot: list[dict]) -> list[str] | None:
-    """The recipe's trained-in-full modules (a new head): every compared method trains them too."""
-    return next((e["init_args"]["modules_to_save"] for e in slot
-                 if isinstance(e, dict) and (e.get("init_args") or {}).get("modules_to_save")), None)
+    """The recipe's trained-in-full modules (a new head, or what a head-only Selective selects): every compared
+    method trains them too."""
+    return next((_init_args(e).get("modules_to_save") or _selected_head(e) for e in slot
+                 if _init_args(e).get("modules_to_save") or _selected_head(e)), None)
+
+
+def _init_args(entry: dict | str) -> dict:
+    """A recipe callback entry's init_args ({} for a bare class path)."""
+    return (entry.get("init_args") or {}) if isinstance(entry, dict) else {}
+
+
+def _selected_head(entry: dict | str) -> list[str] | None:
+    """The modules a Selective entry trains when it selects modules only (a head-only recipe), else None."""
+    arguments = _init_args(entry)
+    if not names_a(entry, Selective) or names_a(entry, BitFit) or arguments.get("layers") is not None or arguments.get(
+            "param_types"):
+        return None
+    modules = arguments.get("modules")
+    return [modules] if isinstance(modules, str) else modules
 
 
 def _with_head(entry: dict, modules: list[str] | None) -> dict:
