@@ -24,6 +24,7 @@ from lightning_peft.additive.soft_prompts import (
     KVShape,
     cache_argument,
     cached_length,
+    check_cache_grows,
     check_data_fits_positions,
     check_positions_fit,
     gather_if_sharded,
@@ -120,6 +121,7 @@ class PrefixInjector(PEFTModule):
             raise ValueError("PrefixTuning does not work with gradient checkpointing: transformers drops the cache "
                              "in checkpointed layers, so the prefix would be ignored")
         cache = given_cache(kwargs)
+        check_cache_grows(cache)
         for name in CACHE_ARGUMENTS:
             kwargs.pop(name, None)
         if not cached_length(cache):  # a first step (or no generation at all): the prefix goes in first

@@ -24,6 +24,7 @@ from lightning_peft.additive.prompt_formats import PROMPT_TUNING_FORMAT
 from lightning_peft.additive.soft_prompts import (
     GENERATED,
     cached_length,
+    check_cache_grows,
     check_data_fits_positions,
     check_positions_fit,
     decoder_argument,
@@ -167,6 +168,8 @@ class PromptInjector(PEFTModule):
         prompts = None if shape is None else self.prompts_for(shape[0])
         self._check_encoder_ran_here(model, kwargs, shape)
         cache, is_encoder_decoder = given_cache(kwargs), encoder_decoder(model)
+        if prompts is not None and not is_encoder_decoder:  # an encoder-decoder's cache is its decoder's, unprompted
+            check_cache_grows(cache)
         # an encoder-decoder's cache is its decoder's: the encoder, and so its prompt, runs at every call
         cached = 0 if is_encoder_decoder else cached_length(cache)
         if prompts is not None and holds_only_a_prefix(cache):

@@ -72,6 +72,15 @@ def given_cache(kwargs: dict[str, Any]) -> Any:
     return next((kwargs[name] for name in CACHE_ARGUMENTS if kwargs.get(name) is not None), None)
 
 
+def check_cache_grows(cache: Any) -> None:
+    """Refuse a fixed-length (static) cache: generate sized it to the input and the new tokens, with no room left
+    for virtual ones."""
+    if any(hasattr(layer, "max_cache_len") for layer in getattr(cache, "layers", None) or ()):  # StaticLayer's
+        raise ValueError("soft prompts need a cache that grows, and generate was given a static one (sized to the "
+                         "input and the new tokens, with no room for the virtual tokens): leave cache_implementation "
+                         "unset")
+
+
 _PREFIX_LENGTH = "_lightning_peft_prefix_length"  # on a cache PrefixTuning filled: the prefix's length
 
 

@@ -393,7 +393,8 @@ def check_gradients_reached(trainer: L.Trainer, module: nn.Module, idle: set[str
     message = (
         f"{len(missing)} trainable parameter(s) got no gradient in the first training step, so they never "
         f"reached the loss: {', '.join(missing[:8])}{', ...' if len(missing) > 8 else ''}. Exclude their modules "
-        "from target_modules / modules_to_save, or use them in the loss."
+        "from target_modules / modules_to_save, or use them in the loss (inside torch.utils.checkpoint with "
+        "use_reentrant=True, a block whose inputs need no gradient gives its parameters none: use_reentrant=False)."
     )
     if _reducer_needs_every_gradient(trainer.strategy):
         raise RuntimeError(f"{message} DDP cannot train parameters that get no gradient.")
