@@ -226,6 +226,27 @@ def test_resume_from_an_adapter_checkpoint_reproduces_the_uninterrupted_run(mode
     assert all("lora_" in name for name in saved)
 
 
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_a_checkpoint_loads_back_into_the_quantized_model_that_trained(mode, tmp_path):
+    class Tested(TokenModule):
+        def test_step(self, batch, batch_idx):
+            self.log("test_loss", self.training_step(batch, batch_idx))
+
+    torch.manual_seed(0)
+    module = Tested(llama())
+    trainer = make_trainer([QuantizeBase(mode), LoRA(r=4)], max_steps=2, default_root_dir=tmp_path)
+    trainer.fit(module, token_loader())
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    tested = trainer.test(module, token_loader(), verbose=False)[0]["test_loss"]
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if "lora_" in name:
+                param.zero_()
+    # was (int8): "Loading a quantized checkpoint into non-quantized Linear8bitLt is not supported"
+    loaded = trainer.test(module, token_loader(), ckpt_path=tmp_path / "last.ckpt", verbose=False)
+    assert loaded[0]["test_loss"] == tested
+
+
 def test_a_fit_from_a_checkpoint_of_a_base_stored_otherwise_is_warned(tmp_path):
     def fit(callbacks, **kwargs):
         torch.manual_seed(0)

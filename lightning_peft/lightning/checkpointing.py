@@ -160,14 +160,24 @@ def _described(state: dict[str, Any]) -> str:
     return f"{state['method']}({settings})"
 
 
+_EXTRA_STATE = "_extra_state"  # a module's get_extra_state, under this key in its state_dict
+
+
 def complete_from_model(checkpoint: dict[str, Any], module: nn.Module, path: PathLike) -> None:
-    """Check an adapter-only state_dict against ``module`` and fill in the frozen tensors from it."""
+    """Check an adapter-only state_dict against ``module`` and fill in the frozen tensors from it.
+
+    Only its parameters and buffers (and extra states) are filled in: what a layer writes of its own state beside
+    them (bitsandbytes' int8 ``SCB`` and ``weight_format``) it keeps, and may refuse to load once it has run.
+    """
     saved = checkpoint["state_dict"]
     current = module.state_dict()
     shapes = {key: tuple(tensor.shape) for key, tensor in current.items()}
     check_adapter_state(saved, shapes, adapter_state_keys(module), path, running_statistic_keys(module))
+    registered = {name for name, _ in module.named_parameters(remove_duplicate=False)}
+    registered.update(name for name, _ in module.named_buffers(remove_duplicate=False))
     for key, tensor in current.items():
-        saved.setdefault(key, tensor)
+        if key in registered or key.rsplit(".", 1)[-1] == _EXTRA_STATE:
+            saved.setdefault(key, tensor)
 
 
 def check_adapter_state(saved: dict[str, Any], shapes: dict[str, tuple[int, ...]], expected: set[str],
