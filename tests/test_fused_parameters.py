@@ -201,6 +201,31 @@ def test_multihead_attention_files_have_peft_s_keys_and_say_peft_adds_the_out_pr
         torch.testing.assert_close(halved(ids), ours.eval()(ids), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["kdim", "shared"])
+def test_every_projection_of_an_attention_saved_in_our_own_layout_loads_back(layout, tmp_path):
+    from safetensors.torch import load_file
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Module()
+        if layout == "kdim":  # separate query, key and value weights, which peft's layout does not hold
+            model.attn = nn.MultiheadAttention(8, 2, batch_first=True, kdim=6, vdim=4)
+        else:  # one attention at two places: peft's layout adapts one place
+            model.attn = model.again = nn.MultiheadAttention(8, 2, batch_first=True)
+        return model
+
+    x = torch.randn(2, 5, 8)
+    kv = (x[..., :6], x[..., :4]) if layout == "kdim" else (x, x)
+    model = LoRA(r=2, target_modules=["attn"]).inject(build())
+    randomize_b(model)
+    with pytest.warns(UserWarning, match="saved in lightning-peft's own layout"):
+        save_adapter(model, tmp_path)
+    assert len(load_file(tmp_path / "adapter_model.safetensors")) == sum(p.requires_grad for p in model.parameters())
+    loaded = load_adapter(build(), tmp_path)
+    with torch.no_grad():  # was: one key for every projection's update, so k's and v's (or in_proj's) were lost
+        torch.testing.assert_close(loaded.attn(x, *kv)[0], model.attn(x, *kv)[0], rtol=0, atol=1e-6)
+
+
 def test_the_output_projection_alone_points_to_the_attention_module():
     with pytest.raises(TypeError, match="only LoRA adapts nn.MultiheadAttention, targeted as the attention module"):
         LoRA(target_modules=["attn.out_proj"]).inject(MHAClassifier())

@@ -72,7 +72,25 @@ def no_peft_layout(ref: AdapterRef, root: nn.Module) -> str | None:
     if shared:
         return (f"its layer at {' and '.join(shared)} is one module at several places of the model, which peft "
                 "adapts at the one place its file names")
+    key = _one_key_for_several(root, ref, adapter_format)
+    if key:
+        return f"peft's layout has one key, {key}, for several of its tensors"
     return None if adapter_format.no_layout is None else adapter_format.no_layout(root, ref.config)
+
+
+def _one_key_for_several(root: nn.Module, ref: AdapterRef, adapter_format: AdapterFormat) -> str | None:
+    """The first key of ``adapter_format``'s files that two of ``ref``'s layer tensors would share (an
+    nn.MultiheadAttention's separate query, key and value weights: peft adapts its one in_proj_weight)."""
+    if adapter_format.to_file is not None:  # the file holds tensors computed from ours, under keys of its own
+        return None
+    claimed, seen = owners(root), set()
+    for name, param in root.named_parameters():
+        if claimed.get(id(param)) == ref and split_layer_tensor(name):
+            key = adapter_format.file_key(name, root)
+            if key in seen:
+                return key
+            seen.add(key)
+    return None
 
 
 def _layers_at_several_places(root: nn.Module, ref: AdapterRef) -> list[str]:
@@ -116,8 +134,15 @@ def saved_module_key(name: str) -> str:
 
 def native_key(name: str, root: nn.Module) -> str:
     """Our tensor name without the adapter's name, so a file loads under any adapter_name, and without other
-    methods' wrappers (``.base_layer``), so it loads whichever methods wrap the layer and in whatever order."""
-    return re.sub(r"\.base_layer(?=\.)", "", re.sub(r"\.adapters\.[^.]+\.", ".adapter.", name))
+    methods' wrappers (``.base_layer``), so it loads whichever methods wrap the layer and in whatever order; a
+    layer that adapts one parameter of a module names it (one module's several parameters nest such layers)."""
+    parts = split_layer_tensor(name)
+    if parts is None:  # a saved module's, or an adapter's tensor inside a module of its own (``down.bias``)
+        return re.sub(r"\.base_layer(?=\.)", "", re.sub(r"\.adapters\.[^.]+\.", ".adapter.", name))
+    layer, _, tensor = parts
+    parameter = getattr(root.get_submodule(layer), "parameter_name", None)
+    module = re.sub(r"\.base_layer(?=\.|$)", "", layer)
+    return f"{module}{'.' + parameter if parameter else ''}.adapter.{tensor}"
 
 
 def peft_targets(value: str | list[str] | None) -> str | list[str] | None:
@@ -186,7 +211,10 @@ def file_tensors(module: nn.Module, ref: AdapterRef,
     if adapter_format is not None and adapter_format.to_file is not None:
         tensors = adapter_format.to_file(tensors, root)
     key = file_key_for(ref, root)
-    return {key(name): t for name, t in tensors.items()}
+    keyed = {key(name): t for name, t in tensors.items()}
+    if len(keyed) < len(tensors):  # a layout that would drop tensors: never write such a file
+        raise RuntimeError(f"{ref}'s tensors {sorted(tensors)} share file keys: please report this")
+    return keyed
 
 
 def file_key_for(ref: AdapterRef, root: nn.Module) -> Callable[[str], str]:
