@@ -18,6 +18,19 @@ from lightning_peft.core.targeting import linear_types
 ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
 
+class ZeroStart(nn.Linear):
+    """An nn.Linear that starts (and restarts, in ``reset_parameters``) at zero: the adapter's up-projection.
+
+    A model materialized from the meta device runs every module's ``reset_parameters`` (Lightning's
+    FSDP strategies): a plain nn.Linear would start random there, and the model would not start as its base.
+    """
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
 class BottleneckAdapter(nn.Module):
     """down (hidden -> bottleneck), activation, up (bottleneck -> hidden), dropout, residual."""
 
@@ -26,10 +39,8 @@ class BottleneckAdapter(nn.Module):
         super().__init__()
         self.down = nn.Linear(hidden, bottleneck_dim, dtype=dtype, device=device)
         self.activation = ACTIVATIONS[activation]()
-        self.up = nn.Linear(bottleneck_dim, hidden, dtype=dtype, device=device)
+        self.up = ZeroStart(bottleneck_dim, hidden, dtype=dtype, device=device)
         self.dropout = Dropout(dropout)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
 
     def forward(self, h: Tensor) -> Tensor:
         update = self.dropout(self.up(self.activation(self.down(to_adapter_dtype(h, self.down.weight.dtype)))))

@@ -23,6 +23,11 @@ class IA3Adapter(nn.Module):
         shape = (1, width) if feedforward else (width, 1)
         self.ia3_l = nn.Parameter(torch.ones(shape, dtype=dtype, device=device))
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Ones: the layer computes as its base (also what a model materialized from the meta device starts at)."""
+        self.ia3_l.fill_(1.0)
+
 
 class IA3Layer(PEFTLayer):
     """nn.Linear or transformers' Conv1D (GPT-2, weight stored transposed) with IA3 vectors."""

@@ -40,6 +40,28 @@ class LoRAAdapter(nn.Module):
         self.dropout = Dropout(dropout)
         self.scale = lora_scale(alpha, r, use_rslora)
         self.magnitude: nn.Parameter | None = None  # DoRA: one learned norm per output feature
+        self.init = "default"
+        self.random_factor = "lora_A"  # the factor that starts random; the other starts at zero
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Start so that the layer computes as its base: ``random_factor`` drawn as ``init`` says, the other zero.
+
+        Also what a model built on the meta device gets when it is materialized (``to_empty``, then each module's
+        ``reset_parameters``, as Lightning's FSDP strategies do).
+        """
+        if self.init == "pissa":  # W's top singular triplets, taken out of the base weight once
+            self.lora_A.copy_(self.initial_A)
+            self.lora_B.copy_(self.initial_B)
+            return
+        random = getattr(self, self.random_factor)
+        (self.lora_B if random is self.lora_A else self.lora_A).zero_()
+        if self.init == "gaussian":
+            nn.init.normal_(random, std=1 / self.r)
+        elif random is self.lora_A:
+            nn.init.kaiming_uniform_(random, a=math.sqrt(5))
+        else:
+            nn.init.normal_(random, std=1.0)
 
     def update(self) -> Tensor:
         """The dense update ``scale * B @ A`` as an ``(out, fan_in)`` matrix."""
@@ -58,6 +80,9 @@ class LoRALayer(PEFTLayer):
         weight = self.stored_weight()
         dtype = adapter_dtype(weight)
         adapter = LoRAAdapter(r, self.a_shape(r), self.b_shape(r), alpha, dropout, use_rslora, dtype, weight.device)
+        if weight.is_meta and (use_dora or init == "pissa"):
+            raise ValueError(f"LoRA {'use_dora' if use_dora else 'init=pissa'} starts from the base weights, which "
+                             "are not there on the meta device: inject once they are loaded")
         self.initialize(adapter, init)
         if use_dora:
             norm = self.row_norm(adapter)
@@ -96,12 +121,10 @@ class LoRALayer(PEFTLayer):
     # --- shared --------------------------------------------------------------------------------
     def initialize(self, adapter: LoRAAdapter, init: str) -> None:
         """Default: A like nn.Linear's init and B = 0, so the layer starts as its base."""
-        if init == "default":
-            nn.init.kaiming_uniform_(adapter.lora_A, a=math.sqrt(5))
-        elif init == "gaussian":
-            nn.init.normal_(adapter.lora_A, std=1 / adapter.r)
-        else:
+        if init not in ("default", "gaussian"):
             raise ValueError(f"LoRA init={init!r} is not supported on {type(self.base_layer).__name__}")
+        adapter.init = init
+        adapter.reset_parameters()
 
     def base_weight(self) -> Tensor:
         """``base_layer.weight``, dequantized to float32 when bitsandbytes stores it in 8 or 4 bits."""
@@ -203,6 +226,7 @@ class LoRALinear(LoRALayer):
         adapter.lora_B.copy_(u[:, :r] * root_s[None, :])
         adapter.register_buffer("initial_A", adapter.lora_A.detach().clone(), persistent=False)  # for pissa_as_lora
         adapter.register_buffer("initial_B", adapter.lora_B.detach().clone(), persistent=False)
+        adapter.init = "pissa"
         residual = weight.float() - adapter.update()
         replace_weight(self.base_layer, self.to_weight_layout(residual))  # quantized again on a 4/8-bit base
 
@@ -306,7 +330,8 @@ class LoRAEmbedding(LoRALayer):
         """A = 0 and B random (peft's choice for embeddings), so the layer starts as its base."""
         if init == "pissa":
             raise ValueError("LoRA init='pissa' needs a linear layer, not nn.Embedding")
-        nn.init.normal_(adapter.lora_B, std=1.0 if init == "default" else 1 / adapter.r)
+        adapter.random_factor = "lora_B"
+        super().initialize(adapter, init)
 
     def delta(self, x: Tensor, out: Tensor, adapter: LoRAAdapter) -> Tensor:
         return self.lora_output(x, adapter)  # token ids: no dropout, no cast
