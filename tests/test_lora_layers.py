@@ -20,6 +20,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lightning_peft import IA3, LoRA, delete_adapter, disable_adapters, merge, set_adapter, trainable_summary, unmerge
+from lightning_peft.additive.ia3_layers import IA3Layer
 from lightning_peft.lora import LoRAAdapter, LoRALayer
 
 from conftest import VOCAB, tiny_bert, tiny_llama
@@ -318,11 +319,55 @@ def test_merging_into_a_spectral_normed_layer_is_refused_before_any_change():
     assert sum(isinstance(m, LoRALayer) for m in model.modules()) == 2  # the first layer was not merged either
 
 
-def test_pissa_on_a_weight_normed_layer_is_refused_and_the_model_kept():
-    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(8, 6)))
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_merging_into_a_weight_rewritten_in_each_forward_is_refused_before_any_change(method):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the old weight_norm is deprecated
+        hooked = nn.utils.weight_norm(nn.Linear(8, 6))
+    cases = {"hook": (nn.Sequential(nn.Linear(8, 8), hooked), torch.randn(3, 8), "computed from weight_g and weight_v"),
+             "max_norm": (nn.Sequential(nn.Embedding(10, 8, max_norm=1.0), nn.Linear(8, 8)), torch.tensor([[1, 2, 3]]),
+                          r"renormalizes its rows in place \(nn.Embedding max_norm\)")}
+    for case, (model, x, refusal) in cases.items():
+        if method == "ia3" and case == "max_norm":
+            continue  # IA3 adapts no embedding
+        callback = LoRA(r=2, target_modules=r"\d") if method == "lora" else IA3(target_modules=r"\d",
+                                                                              feedforward_modules=[])
+        callback.inject(model)
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.add_(torch.randn_like(param) * 0.3)
+            adapted = model(x)
+        with pytest.raises(ValueError, match=refusal):  # was: merged into a weight the next forward overwrote
+            merge(model)
+        assert all(isinstance(layer, (LoRALayer, IA3Layer)) for layer in model)  # the other layer not merged either
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), adapted, rtol=0, atol=0)
+
+
+def test_ia3_merges_and_unmerges_a_float64_model_exactly():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6)).double()
+    weight, bias = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    IA3(target_modules="0", feedforward_modules=[]).inject(model)
+    with torch.no_grad():
+        model[0].adapters["default"].ia3_l.add_(torch.rand(6, 1, dtype=torch.float64))
+    unmerge(merge(model))  # was: through float32, the weights back only to 2e-8
+    torch.testing.assert_close(model[0].base_layer.weight, weight, rtol=0, atol=1e-15)
+    torch.testing.assert_close(model[0].base_layer.bias, bias, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("weight_norm", ["parametrization", "hook"])
+def test_pissa_on_a_weight_normed_layer_is_refused_and_the_model_kept(weight_norm):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the old weight_norm hook is deprecated
+        normed = (nn.utils.parametrizations.weight_norm if weight_norm == "parametrization" else
+                  nn.utils.weight_norm)(nn.Linear(8, 6))
+    model = nn.Sequential(normed)
     x = torch.randn(3, 8)
     before = model(x).detach()
-    with pytest.raises(ValueError, match="computed by a parametrization"):
+    with pytest.raises(ValueError, match="computed by a parametrization"):  # was (hook): a forward that failed
         LoRA(r=2, init="pissa", target_modules="0").inject(model)
     assert not any(isinstance(m, LoRALayer) for m in model.modules())
     torch.testing.assert_close(model(x), before, rtol=0, atol=0)

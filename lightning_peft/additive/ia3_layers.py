@@ -104,15 +104,17 @@ class IA3Layer(PEFTLayer):
     def _scale_base(self, adapter: IA3Adapter, vector: Tensor, divide: bool = False) -> None:
         """Multiply (or divide) the weight's columns (input scaling) or rows and bias (output scaling) by ``vector``.
 
-        In float32, rounded once to the weight's dtype, so a merge and an unmerge give the weights back.
+        In float32 (float64 for a float64 weight), rounded once to the weight's dtype, so a merge and an unmerge
+        give the weights back.
         """
         scale = torch.div if divide else torch.mul
         weight = read_weight(self.base_layer)
-        scaled = scale(self._as_out_in(weight).float(), vector.float())
+        exact = torch.promote_types(weight.dtype, torch.float32)
+        scaled = scale(self._as_out_in(weight).to(exact), vector.to(exact))
         write_weight(self.base_layer, self._as_out_in(scaled.to(weight.dtype)))
         bias = getattr(self.base_layer, "bias", None)
         if not adapter.feedforward and bias is not None:
-            bias.copy_(scale(bias.float(), vector.flatten().float()))
+            bias.copy_(scale(bias.to(exact), vector.flatten().to(exact)))
 
     def _as_out_in(self, weight: Tensor) -> Tensor:
         """``weight`` as an ``(out, in)`` view, or back: Conv1D stores it as ``(in, out)``."""

@@ -14,7 +14,7 @@ from lightning_peft.core.injection import ModulePlaces, peft_layers
 from lightning_peft.core.layer import PEFTLayer, PEFTModule, innermost_base
 from lightning_peft.core.models import transformers_models
 from lightning_peft.core.ownership import holders
-from lightning_peft.core.weights import quantized_codes, restore_quantized_codes
+from lightning_peft.core.weights import quantized_codes, recomputed_in_each_forward, restore_quantized_codes
 
 _MERGED = "_lightning_peft_merged"  # on a parent module: {child name: the PEFT layer merged there}
 _CODES = "_lightning_peft_codes"  # on a merged layer over a quantized base: the base's codes before the merge
@@ -31,7 +31,10 @@ def merge(module: nn.Module) -> nn.Module:
     ``lightning_peft.quantization.dequantize_base(module)`` first makes the merge exact. A weight
     shared with another module (tied input and output embeddings) is copied first, so only the
     adapted end changes, and the transformers config stops tying them, so a saved merged model
-    loads (in vLLM too) as merged; `unmerge` ties them again.
+    loads (in vLLM too) as merged; `unmerge` ties them again. A forward that reads an adapted
+    layer's weight itself (``x @ self.embed.weight.T``, ``F.linear(x, self.proj.weight)``) rather
+    than calling the layer reads the base weight unmerged and the merged one after: such a model
+    computes otherwise once merged.
 
     Args:
         module: a model with adapters, or a LightningModule holding one; changed in place.
@@ -40,8 +43,9 @@ def merge(module: nn.Module) -> nn.Module:
         ``module`` itself, its adapted layers replaced by their merged base layers.
 
     Raises:
-        ValueError: when ``module`` holds adapters of a method that cannot merge, or inside a
-            `per_row_adapters` block.
+        ValueError: when ``module`` holds adapters of a method that cannot merge, inside a
+            `per_row_adapters` block, or when a weight cannot be written exactly (computed by
+            spectral_norm or the old weight_norm hook; an embedding with ``max_norm``).
 
     Examples:
         ```python
@@ -118,9 +122,11 @@ def unmerge(module: nn.Module) -> nn.Module:
 
 
 def _check_weights_writable(module: nn.Module) -> None:
-    """Refuse, before any change, a merge into a weight that a parametrization other than weight_norm computes.
+    """Refuse, before any change, a merge into a weight that something else computes or rewrites in a forward.
 
-    weight_norm's originals are solved exactly from the weight written; spectral_norm's (or another's) are not.
+    weight_norm's parametrization has its originals solved exactly from the weight written; spectral_norm's (or
+    another's) have not, the old weight_norm hook recomputes the weight in every forward, and an embedding with
+    ``max_norm`` renormalizes its rows in place (the merged update with them, for good).
     """
     for name, layer in peft_layers(module):
         base = innermost_base(layer)
@@ -130,6 +136,13 @@ def _check_weights_writable(module: nn.Module) -> None:
                 raise ValueError(f"merge: the weight of '{name}' is computed by a parametrization ({', '.join(kinds)}) "
                                  "that a merged weight cannot be written through exactly; nothing was merged. "
                                  "Only weight_norm's can")
+        if recomputed_in_each_forward(base):
+            raise ValueError(f"merge: the weight of '{name}' is computed from weight_g and weight_v in every forward "
+                             "(the old torch.nn.utils.weight_norm), which would overwrite a merged weight; nothing "
+                             "was merged. torch.nn.utils.parametrizations.weight_norm's weight can be merged into")
+        if isinstance(base, nn.Embedding) and base.max_norm is not None:
+            raise ValueError(f"merge: '{name}' renormalizes its rows in place (nn.Embedding max_norm), a merged "
+                             "update with them, which unmerge could not take back out; nothing was merged")
 
 
 def _unmerge_layer(layer: PEFTLayer) -> None:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.nn.utils import parametrize
+from torch.nn.utils.weight_norm import WeightNorm
 
 from lightning_peft.core.checks import import_optional
 from lightning_peft.core.layer import innermost_base
@@ -60,6 +61,12 @@ def write_weight(layer: nn.Module, weight: Tensor, warn: bool = True) -> None:
         layer.weight.copy_(weight.to(layer.weight.dtype))
 
 
+def recomputed_in_each_forward(layer: nn.Module) -> bool:
+    """Whether the old ``torch.nn.utils.weight_norm`` hook recomputes ``layer``'s weight from ``weight_g`` and
+    ``weight_v`` before each forward (whatever is written into the weight is lost at the next call)."""
+    return any(isinstance(hook, WeightNorm) for hook in layer._forward_pre_hooks.values())
+
+
 @torch.no_grad()
 def replace_weight(layer: nn.Module, weight: Tensor) -> None:
     """Give ``layer`` a new weight tensor (quantized when it is quantized), leaving the old tensor untouched.
@@ -68,7 +75,7 @@ def replace_weight(layer: nn.Module, weight: Tensor) -> None:
     (a rollback record) still has it.
     """
     layer = innermost_base(layer)
-    if parametrize.is_parametrized(layer, "weight"):
+    if parametrize.is_parametrized(layer, "weight") or recomputed_in_each_forward(layer):
         raise ValueError(f"the weight of this {type(layer).__name__} is computed by a parametrization (weight_norm, "
                          "say), which cannot take a new tensor; use another init for it (init='pissa' replaces "
                          "the base weight)")
