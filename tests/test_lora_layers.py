@@ -358,6 +358,31 @@ def test_ia3_merges_and_unmerges_a_float64_model_exactly():
     torch.testing.assert_close(model[0].base_layer.bias, bias, rtol=0, atol=1e-15)
 
 
+def test_lora_trains_a_sparse_embedding():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 8, sparse=True))
+    LoRA(r=2, target_modules="0").inject(model)
+    model(torch.tensor([[1, 2, 3]])).pow(2).sum().backward()  # was: permute(sparse_coo) refused in backward
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_an_exported_lora_model_runs_with_gradients():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+    LoRA(r=2, target_modules=["0", "2"]).inject(model)
+    x = torch.randn(3, 8)
+    exported = torch.export.export(model, (x,)).module()
+    out = exported(x)  # was: "addmm(): functions with out=... arguments don't support automatic differentiation"
+    torch.testing.assert_close(out, model(x), rtol=0, atol=1e-6)
+    out.sum().backward()
+
+
+def test_a_layer_of_a_sequential_with_a_parametrized_weight_is_a_target():
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(8, 6)), nn.Tanh())
+    LoRA(r=2, target_modules=["0"]).inject(model)  # was: '0.parametrizations.weight.0' of type _WeightNorm refused
+    assert isinstance(model[0], LoRALayer)
+
+
 @pytest.mark.parametrize("weight_norm", ["parametrization", "hook"])
 def test_pissa_on_a_weight_normed_layer_is_refused_and_the_model_kept(weight_norm):
     with warnings.catch_warnings():

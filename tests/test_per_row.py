@@ -330,7 +330,7 @@ def test_bad_routing_is_one_clear_error():
         with per_row_adapters(model, ["a", "b"]):
             model(**token_inputs(rows=3))
     PrefixTuning(num_virtual_tokens=2, adapter_name="p").inject(model)
-    with pytest.raises(ValueError, match="PrefixTuning adapters have no per-row forward"):
+    with pytest.raises(ValueError, match=r"PrefixTuning \(PrefixInjector\) adapters have no per-row forward"):
         with per_row_adapters(model, ["a", "p"]):
             pass
     delete_adapter(model, "p")

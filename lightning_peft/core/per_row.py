@@ -255,10 +255,12 @@ def _checked_parts(module: nn.Module, names: list) -> list[PEFTModule]:
         raise ValueError(f"per_row_adapters: no adapter named '{unknown}'; this model has: "
                          f"{', '.join(known) or 'none'}")
     parts = [m for m in module.modules() if isinstance(m, PEFTModule)]
-    unsupported = sorted({p.method for p in parts if not p.per_row and set(p.adapters) & set(names)})
+    unsupported = sorted({f"{p.method} ({type(p).__name__})" for p in parts
+                          if not p.per_row and set(p.adapters) & set(names)})
     if unsupported:
         raise ValueError(f"per_row_adapters: {', '.join(unsupported)} adapters have no per-row forward; per-row "
-                         "routing works for LoRA, IA3, Adapter and PromptTuning")
+                         "routing works for LoRA on layers (not on target_parameters or nn.MultiheadAttention), "
+                         "IA3, Adapter and PromptTuning")
     _check_no_row_names_a_shared_adapter(module, names)
     return parts
 

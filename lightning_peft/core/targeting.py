@@ -118,8 +118,8 @@ def candidate_modules(root: nn.Module) -> list[tuple[str, nn.Module]]:
         if isinstance(module, PEFTLayer):
             # The wrapper stands for the base layer; its adapters are never targets.
             skipped.append(name + ".")
-        elif isinstance(module, PEFTModule):  # a method's own part (a prompt encoder): not base model
-            skipped.append(name + ".")
+        elif isinstance(module, PEFTModule | parametrize.ParametrizationList):  # a method's own part (a prompt
+            skipped.append(name + ".")  # encoder), or what computes a parametrized weight: not layers of the model
             continue
         found.append((name, module))
     return found

@@ -260,10 +260,11 @@ class LoRALinear(LoRALayer):
         That needs one adapter for the whole batch (no `per_row_adapters`), a frozen, unhooked
         ``nn.Linear`` base and one dtype for input, weight and adapter without autocast, and for
         DoRA no active dropout; anything else (a quantized or trainable base, several adapters, DoRA
-        with dropout, mixed dtypes) takes the plain path.
+        with dropout, mixed dtypes) takes the plain path, as ``torch.export`` does (whose graph would keep
+        the fused path's ``out=`` products, which autograd refuses).
         """
         base = self.base_layer
-        routed = self.row_adapters is not None
+        routed = self.row_adapters is not None or torch.compiler.is_exporting()
         if routed or args or kwargs or len(self.active_adapters) != 1 or type(base) is not nn.Linear:
             return None
         adapter = self.adapters[self.active_adapters[0]]
@@ -339,7 +340,8 @@ class LoRAEmbedding(LoRALayer):
     def lora_output(self, x: Tensor, adapter: LoRAAdapter) -> Tensor:
         base = self.base_layer
         # No max_norm here: F.embedding would renormalise A's columns in place on every call.
-        rows = F.embedding(x, adapter.lora_A.T, base.padding_idx, None, 2.0, base.scale_grad_by_freq, base.sparse)
+        # Nor sparse gradients: A is small, and its transposed view has none.
+        rows = F.embedding(x, adapter.lora_A.T, base.padding_idx, None, 2.0, base.scale_grad_by_freq, False)
         # a scaled embedding (Gemma's, BART's) multiplies its lookup by embed_scale: the update's row too, as merged
         return F.linear(rows, adapter.lora_B) * (adapter.scale * getattr(base, "embed_scale", 1.0))
 
