@@ -690,3 +690,12 @@ def test_a_weight_bitsandbytes_cannot_quantize_is_refused_before_any_layer_chang
         QuantizeBase("nf4").inject(model)  # was: the first layer quantized, then bitsandbytes' error
     assert [type(m) for m in model] == [nn.Linear] * 3
     QuantizeBase("nf4").inject(model.float())  # a retry goes ahead (was: "holds nf4 layers already")
+
+
+def test_a_users_hooks_stay_on_the_layers_quantize_base_replaces():
+    model = llama()
+    model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda module, args, out: out * 0)
+    QuantizeBase("nf4").inject(model)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    out = q_proj(torch.randn(2, 3, q_proj.in_features))
+    assert torch.equal(out, torch.zeros_like(out))  # was: the hook left behind on the replaced nn.Linear

@@ -389,3 +389,41 @@ def test_dora_and_pissa_on_the_meta_device_are_refused_in_one_line():
             model = tiny_llama()
         with pytest.raises(ValueError, match="starts from the base weights, which are not there on the meta device"):
             LoRA(target_modules=["q_proj"], **settings).inject(model)  # was: "Tensor.item() cannot be called on meta"
+
+
+def test_a_users_hooks_on_an_adapted_layer_see_what_the_model_computes_there():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    seen = []
+    capture = model[0].register_forward_hook(lambda module, args, out: seen.append(out.detach()))
+    model[2].register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+    model[2].register_forward_hook(lambda module, args, out: out.clamp(max=0.1))
+    x = torch.randn(3, 4)
+    LoRA(r=2, target_modules=["0", "2"]).inject(model)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.3)
+        adapted = model(x)
+        assert torch.equal(seen[-1], model[0](x))  # was: the base layer's output, without the adapter's update
+        by_hand = (model[2].base_layer(2 * model[1](seen[-1])) + model[2].delta(2 * model[1](seen[-1]), None, model[
+            2].adapters["default"])).clamp(max=0.1)
+        torch.testing.assert_close(adapted, by_hand, rtol=0, atol=1e-6)  # was: the adapter saw the input unscaled
+        merge(model)
+        torch.testing.assert_close(model(x), adapted, rtol=0, atol=1e-6)  # was: merged and unmerged 9 apart
+        unmerge(model)
+        torch.testing.assert_close(model(x), adapted, rtol=0, atol=1e-6)
+    capture.remove()  # the handle still removes the hook
+    model(x)
+    assert len(seen) == 4  # no call after the removal
+    delete_adapter(model, "default")
+    assert type(model[2]) is nn.Linear and len(model[2]._forward_hooks) == 1  # back on the plain layer
+
+
+def test_a_failed_injection_leaves_a_users_hooks_on_their_layers():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    model[0].register_forward_hook(lambda module, args, out: out * 0)
+    with pytest.raises(TypeError):
+        LoRA(r=2, target_modules=["0", "1"]).inject(model)  # the ReLU is refused after the Linear was wrapped
+    assert type(model[0]) is nn.Linear and len(model[0]._forward_hooks) == 1
+    assert torch.equal(model(torch.randn(2, 4)), torch.zeros(2, 2) + model[2].bias)

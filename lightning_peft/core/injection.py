@@ -37,10 +37,30 @@ class ModulePlaces:
                              "a submodule, or wrap the model in another module first")
         places = self.at.pop(id(old), [])
         carry_claims(old, new)
+        carry_hooks(old, new)
         for parent, key in places:
             setattr(parent, key, new)
         self.at[id(new)] = places
         self._note_children(new)  # a wrapper holds ``old`` (and its adapters) now
+
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
+
+
+def carry_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Hand the hooks on ``old`` to ``new``, which computes in its place (a PEFT layer, a merged or quantized layer).
+
+    So a user's hook sees, and may change, what the model computes there, adapted or merged alike;
+    the hook dicts themselves move, so the handles that registered the hooks still remove them.
+    A ``new`` with hooks of its own (a sharded unit's) keeps them, and ``old`` its own.
+    """
+    if not any(old.__dict__.get(name) for name in _HOOK_DICTS) or any(new.__dict__.get(name) for name in _HOOK_DICTS):
+        return
+    for name in _HOOK_DICTS:
+        if name in old.__dict__ and name in new.__dict__:
+            old.__dict__[name], new.__dict__[name] = new.__dict__[name], old.__dict__[name]
+    old._is_full_backward_hook, new._is_full_backward_hook = new._is_full_backward_hook, old._is_full_backward_hook
 
 
 def wrap_modules(
