@@ -347,3 +347,27 @@ def test_targets_that_the_forward_never_calls_are_refused_before_the_first_backw
                                          r"model\.unused\.adapters\.default\.lora_A.*the forward never calls"):
         trainer.fit(TokenModule(model), token_loader())  # was: torch's "element 0 of tensors does not require grad"
     assert trainer.global_step == 0
+
+
+def test_weight_averaging_is_refused_where_it_would_break_the_run_and_else_warned():
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+    from lightning.pytorch.callbacks.weight_averaging import EMAWeightAveraging
+
+    def fit(callbacks):
+        torch.manual_seed(0)
+        module = TokenModule(tiny_llama())
+        try:
+            make_trainer(callbacks, max_steps=2).fit(module, token_loader())
+        except ValueError:
+            assert not adapter_names(module)  # refused at setup: the model as it was
+            raise
+
+    for averaging in (lambda: StochasticWeightAveraging(swa_lrs=1e-2, swa_epoch_start=1),
+                      lambda: EMAWeightAveraging(decay=0.9)):
+        with pytest.raises(ValueError, match="comes before the PEFT callbacks in trainer.callbacks, so it would copy "
+                                             "the model before they change it"):  # was: a size mismatch mid-run
+            fit([averaging(), LoRA(r=4)])
+        with pytest.raises(ValueError, match="averages every parameter of the model, a quantized base's codes too"):
+            fit([QuantizeBase("nf4"), LoRA(r=4), averaging()])  # was: EMA moved 2,400 of 11,847 codes in 10 steps
+        with pytest.warns(UserWarning, match="its checkpoints hold the whole model beside the adapters"):
+            fit([LoRA(r=4), averaging()])

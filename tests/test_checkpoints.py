@@ -317,3 +317,18 @@ def test_the_last_step_is_checkpointed_as_the_callback_would(tmp_path, settings,
         assert sorted(ours.values()) == sorted(plain.values())
     else:
         assert ours == files
+
+
+def test_a_run_that_fails_before_it_starts_writes_no_mislabelled_checkpoint(tmp_path):
+    from lightning.pytorch.callbacks import OnExceptionCheckpoint
+
+    class FailsToStart(TokenModule):
+        def configure_optimizers(self):
+            raise RuntimeError("no optimizer")
+
+    module = FailsToStart(tiny_llama())
+    trainer = make_trainer([LoRA(r=4), OnExceptionCheckpoint(dirpath=tmp_path, filename="failed")], max_steps=2,
+                           enable_checkpointing=True)
+    with pytest.warns(UserWarning, match="was not written: the model holds no adapter"), pytest.raises(RuntimeError):
+        trainer.fit(module, token_loader())
+    assert not (tmp_path / "failed.ckpt").exists()  # was: the whole base, flagged as an adapter-only checkpoint

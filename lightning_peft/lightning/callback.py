@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 import lightning as L
+from lightning.pytorch.callbacks import StochasticWeightAveraging, WeightAveraging
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -36,6 +37,7 @@ from lightning_peft.core.rollback import TreeRecord, all_or_nothing
 from lightning_peft.core.saved_modules import save_modules
 from lightning_peft.core.summary import trainable_summary
 from lightning_peft.core.targeting import select_modules
+from lightning_peft.core.weights import is_quantized
 from lightning_peft.lightning.checkpointing import (
     CHECKPOINT_KEY,
     TASKS,
@@ -98,6 +100,7 @@ class ModelSetupCallback(L.Callback):
         if stage == "fit":
             check_unmerged(pl_module, "fit", "to train its adapters on, or save the merged model and use it as a "
                                              "new base")
+        check_weight_averaging(trainer, pl_module)
         for callback in setup_callbacks(trainer):
             callback.prepare(trainer)
         if is_overridden("configure_model", pl_module, L.LightningModule) or shards_after_injection(trainer.strategy):
@@ -413,6 +416,24 @@ def check_launcher(trainer: L.Trainer, owner: str) -> None:
                          "ddp_spawn, ddp_fork, or ddp_notebook, Lightning's choice in a notebook), whose processes "
                          "train copies of the model and hand no adapters back to it; use strategy='ddp' from a "
                          "script started once per device (python or torchrun), or devices=1 in a notebook")
+
+
+def check_weight_averaging(trainer: L.Trainer, module: nn.Module) -> None:
+    """Refuse weight averaging (SWA, EMA) that copies the model before the PEFT callbacks change it, or that would
+    average a quantized base's codes (changing them); else say that its averaged copy is of the whole model."""
+    averaging = next((cb for cb in trainer.callbacks if isinstance(cb, WeightAveraging | StochasticWeightAveraging)),
+                     None)
+    if averaging is None or trainer.state.fn != TrainerFn.FITTING:
+        return
+    name = type(averaging).__name__
+    if trainer.callbacks.index(averaging) < trainer.callbacks.index(setup_callbacks(trainer)[0]):
+        raise ValueError(f"{name} comes before the PEFT callbacks in trainer.callbacks, so it would copy the model "
+                         "before they change it (and fail on its first update): list it after them")
+    if any(cb.replaces_base_layers for cb in setup_callbacks(trainer)) or any(map(is_quantized, module.modules())):
+        raise ValueError(f"{name} averages every parameter of the model, a quantized base's codes too, which it "
+                         "would change (their average is no code): leave it out, or train a base not quantized")
+    rank_zero_warn(f"{name} keeps an average of every parameter, the frozen base's too: its checkpoints hold the "
+                   "whole model beside the adapters, and the base, averaged with itself, may come back rounded")
 
 
 def setup_callbacks(trainer: L.Trainer) -> list[ModelSetupCallback]:

@@ -24,12 +24,13 @@ from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_peft.core.files import PathLike, atomic_write
 from lightning_peft.core.integrity import check_digest, tensor_digest
 from lightning_peft.core.merging import check_unmerged
-from lightning_peft.core.ownership import buffers_of_trained_modules, owners
+from lightning_peft.core.ownership import adapter_refs, buffers_of_trained_modules, owners
 
 CHECKPOINT_KEY = "lightning_peft"
 # how integer keys of the optimizer states count parameters: "optimizer" (its own, as torch does) or "model" (all
@@ -222,6 +223,10 @@ class AdapterCheckpointIO(CheckpointIO):
         module = self.trainer.lightning_module
         check_unmerged(module, f"checkpoint {path}", "to save the adapters as tensors of their own, which a resume "
                        "and export read")
+        if self.adapter_only() and not adapter_refs(module):  # OnExceptionCheckpoint after a failed setup, undone
+            rank_zero_warn(f"checkpoint {path} was not written: the model holds no adapter (the run failed before "
+                           "its PEFT methods changed the model, or that was undone), so there is nothing to resume")
+            return
         if self.adapter_only():
             checkpoint = keep_adapter_only(checkpoint, module)
         checkpoint = with_adapter_digest(checkpoint, module)
