@@ -408,3 +408,8 @@ def test_rows_naming_an_adapter_of_the_model_s_own_parameters_beside_other_rows_
         model(x)
     with per_row_adapters(model, ["a", None]):  # named by no row: shared by every row, as a multi-task fit's
         model(x)
+    Selective(modules=["v_proj"], modules_to_save=["lm_head"], adapter_name="headed").inject(model)
+    with pytest.raises(ValueError, match="a row names no adapter, but 'headed' trains the model's own parameters .* "
+                                         "and copies of modules of its own"):  # was: its parameters, the base's head
+        with per_row_adapters(model, ["a", None]):
+            pass

@@ -267,14 +267,23 @@ def _checked_parts(module: nn.Module, names: list) -> list[PEFTModule]:
 
 def _check_no_row_names_a_shared_adapter(module: nn.Module, names: list) -> None:
     """Refuse rows that name an adapter training the model's own parameters (Selective, BitFit) beside other rows:
-    those parameters serve every row, so the other rows would compute with that adapter too."""
-    if len(set(names)) == 1:
+    those parameters serve every row, so the other rows would compute with that adapter too. Rows that name none get
+    such an adapter whole, unless it has copies of modules too (a head), which go to its own rows only: refused."""
+    if len(set(names)) == 1 and names[0] is not None:
         return
     base = {id(b.param): b.name for b in base_parameters(module)}
     own: dict[str, list[str]] = {}
     for param, ref in owners(module).items():
         if param in base:
             own.setdefault(ref.name, []).append(base[param])
+    parts = [part for part in module.modules() if isinstance(part, PEFTModule)]
+    split = next((name for name in own if any(name in part.adapters for part in parts)), None)
+    if None in names and split is not None:
+        raise ValueError(f"per_row_adapters: a row names no adapter, but '{split}' trains the model's own parameters "
+                         f"({', '.join(own[split][:3])}{', ...' if len(own[split]) > 3 else ''}), which serve every "
+                         "row, and copies of modules of its own (its head), which go to its rows only: a row of no "
+                         f"adapter would compute with part of it. Name '{split}' for those rows, or run them on a "
+                         "model without it")
     named = next((name for name in names if name in own), None)
     if named is not None:
         raise ValueError(f"per_row_adapters: rows name '{named}', whose adapter trains the model's own parameters "
