@@ -36,9 +36,9 @@ from lightning_peft.cli_messages import CommandParser, ConfigError, class_named,
 from lightning_peft.core.adapter_files import CONFIG_FILE, read_adapter_files
 from lightning_peft.core.ownership import adapter_refs
 from lightning_peft.core.summary import trainable_summary
-from lightning_peft.data.files import read_lines
+from lightning_peft.data.files import numbered_lines
 from lightning_peft.export import export_adapters, export_checkpoint
-from lightning_peft.lightning.callback import PEFTCallback
+from lightning_peft.lightning.callback import PEFTCallback, check_launcher, setup_callbacks
 from lightning_peft.lightning.checkpointing import CheckpointTheLastStep, read_checkpoint
 from lightning_peft.lightning.curves import plot_curves
 from lightning_peft.lightning.predictions import PredictionWriter
@@ -184,13 +184,23 @@ class PEFTCLI(LightningCLI):
 
     def _refuse_predict_options(self) -> None:
         """``--adapters``, ``--output`` and ``--untrained`` mean something to predict alone: elsewhere, one line."""
+        self._check_processes()
         for option in ("untrained", "output", "adapters"):
             if self.config[self.subcommand].get(option):
                 raise ConfigError(f"--{option} is for predict, not {self.subcommand}"
                                   + (" (give one folder with --adapter)" if option == "adapters" else ""))
 
+    def _check_processes(self) -> None:
+        """Refuse here, once, what each process the strategy starts would refuse after building the model."""
+        if setup_callbacks(self.trainer):
+            check_launcher(self.trainer, type(setup_callbacks(self.trainer)[0]).__name__)
+        if self.subcommand == "predict" and self.trainer.world_size > 1:
+            raise ConfigError("predict prints its predictions in input order from one process: run it with "
+                              "--trainer.devices=1 (and one node)")
+
     def before_predict(self) -> None:
         """Refuse to predict with untrained adapters and heads, which would print confident nonsense."""
+        self._check_processes()
         settings = self.config[self.subcommand]
         weights = ("ckpt_path", "adapter", "untrained", "adapters")
         if not any(settings.get(option) for option in weights):
@@ -218,7 +228,7 @@ class PEFTCLI(LightningCLI):
         if getattr(data, "predict_file", None) is None:
             raise ConfigError("no texts to predict: give data.predict_file, one NAME<TAB>text line per row (or -)")
         causal = isinstance(self.model, CausalLM)
-        names, texts = split_rows(read_lines(data.predict_file, keep_spaces=causal), list(folders),
+        names, texts = split_rows(numbered_lines(data.predict_file, keep_spaces=True), list(folders),
                                   f"predict file {data.predict_file}", keep_spaces=causal)
         lengths = prompt_lengths(configs, names)
         if len(lengths) > 1 and isinstance(self.model, CausalLM) and data.batch_size > 1:
@@ -465,6 +475,16 @@ def with_recipe_paths(argv: list[str]) -> list[str]:
     return out
 
 
+def _warn_of_settings_before_a_recipe(argv: list[str]) -> None:
+    """Say that settings given before a ``--config`` lose to what its recipe sets (jsonargparse: the later wins)."""
+    last = max((i for i, arg in enumerate(argv) if arg in ("--config", "-c") or arg.startswith("--config=")),
+               default=None)
+    early = [arg.split("=")[0] for arg in argv[1:last] if arg.startswith("--") and "." in arg.split("=")[0]]
+    if last is not None and early:
+        warnings.warn(f"{', '.join(early)} come(s) before --config, so the recipe's own value wins where it sets one "
+                      "(the later setting wins): give settings after --config", stacklevel=2)
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-peft`` console script."""
     argv = sys.argv[1:] if args is None else args
@@ -479,6 +499,7 @@ def main(args: list[str] | None = None) -> None:
 
             return (runner.compare_main if argv[0] == "compare" else runner.estimate_main)(argv[1:])
         resolved = with_recipe_paths(argv)
+        _warn_of_settings_before_a_recipe(argv)
         if args is None:  # LightningCLI reads sys.argv itself, and warns when given both
             sys.argv[1:], resolved = resolved, None
         build_cli(resolved)

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -471,16 +472,19 @@ def test_a_folder_of_several_tasks_adapters_is_refused_where_one_adapter_is_give
         "names" in one.stderr.strip().splitlines()[-1], one.stderr[-2000:]  # was: per_row_adapters' error mid-test
 
 
-def test_a_routed_line_without_text_is_refused_rather_than_shifting_later_rows():
+def test_a_routed_line_without_text_is_refused_rather_than_shifting_later_rows(tmp_path):
+    from lightning_peft.data.files import numbered_lines
     from lightning_peft.lightning.row_adapters import split_rows
 
-    lines = ["upbeat\tgreat day", "gloomy\t ", "gloomy\tawful plot", "upbeat\tmeh"]
-    with pytest.raises(ValueError, match=r"predict file, line 2: 'gloomy\\t ' has no text after its adapter name"):
-        split_rows(lines, ["upbeat", "gloomy"], "predict file")
+    rows = tmp_path / "rows.txt"
+    rows.write_text("upbeat\tgreat day\n\n\ngloomy\t \ngloomy\tawful plot\nupbeat\tmeh\n")
+    with pytest.warns(UserWarning, match="blank line"), pytest.raises(
+            ValueError, match=r"predict file, line 4: 'gloomy\\t ' has no text after its adapter name"):
+        split_rows(numbered_lines(rows, keep_spaces=True), ["upbeat", "gloomy"], "predict file")  # was: line 2
     for line, what in [("cheery\tnice", "names adapter 'cheery', which --adapters does not give"),
                        ("no tab here", "does not start with an adapter name and a tab")]:  # was: the second for both
         with pytest.raises(ValueError, match=re.escape(f"predict file, line 1: {line!r} {what}; with --adapters")):
-            split_rows([line], ["upbeat", "gloomy"], "predict file")
+            split_rows([(1, line)], ["upbeat", "gloomy"], "predict file")
 
 
 @pytest.mark.parametrize("command, args, message", [
@@ -673,3 +677,29 @@ def test_a_classifier_folder_with_a_head_of_other_classes_gets_a_new_head(tmp_pa
     task = SequenceClassification(model=str(tiny_model_dir), labels=["a", "b", "c"])  # the folder's head has 2
     task.configure_model()  # was: transformers' RuntimeError about ignore_mismatched_sizes
     assert task.model.classifier.out_features == 3 and task.model.config.num_labels == 3
+
+
+def test_config_values_a_folder_inline_yaml_and_settings_before_the_recipe(tmp_path, monkeypatch):
+    from lightning_peft.builtin_recipes import RECIPES, recipe_path
+    from lightning_peft.cli import _warn_of_settings_before_a_recipe
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lora_sentiment").mkdir()  # was: "Path is not a file" for a folder of the recipe's name here
+    assert recipe_path("lora_sentiment") == str(RECIPES / "lora_sentiment.yaml")
+    for inline in ("trainer: {max_steps: 3}", "{trainer: {max_steps: 3}}"):  # was: "no such file"
+        assert recipe_path(inline) == inline
+    with pytest.warns(UserWarning, match=r"--trainer.max_steps come\(s\) before --config, so the recipe's own value "
+                                         "wins"):  # was: silently 300, the recipe's
+        _warn_of_settings_before_a_recipe(["fit", "--trainer.max_steps=2", "--config", "lora_sentiment"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_of_settings_before_a_recipe(["fit", "--config", "lora_sentiment", "--trainer.max_steps=2"])
+
+
+def test_predictions_piped_into_a_reader_that_stops_early_go_on_quietly(tmp_path):
+    script = ("import sys\nfrom lightning_peft.lightning.predictions import print_line\n"
+              "for i in range(100_000):\n    print_line(f'row {i}')\nopen(sys.argv[1], 'w').write('went on')\n")
+    done = subprocess.run(f"{sys.executable} -c \"$SCRIPT\" {tmp_path / 'done'} | head -1", shell=True, text=True,
+                          capture_output=True, env={**os.environ, "SCRIPT": script}, timeout=120)
+    assert done.stdout == "row 0\n" and "Error" not in done.stderr, done.stderr  # was: BrokenPipeError, exit 2
+    assert (tmp_path / "done").read_text() == "went on"  # as predict goes on to write its --output table

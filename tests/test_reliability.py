@@ -148,6 +148,16 @@ CLI_CASES = {
     "task argument typo": (["fit", "--config", "{recipe.yaml}", "--model.init_args.learning_rat", "1"],
                            ["does not take 'learning_rat'", "did you mean 'learning_rate'"]),
     "unknown command": (["fiit", "--config", "{recipe.yaml}"], ["unknown command 'fiit'", "did you mean 'fit'"]),
+    "predict with other settings than the checkpoint's": (
+        ["predict", "--config", "{recipe.yaml}", "--ckpt_path", "{trained.ckpt}", "--data.init_args.predict_file",
+         "{texts.txt}", "--trainer.callbacks.init_args.r", "8"],
+        ["trained with r=4 (here 8); load it with the settings it was trained with"]),  # was: "resume ... new run"
+    "a spawning strategy": (["fit", "--config", "{recipe.yaml}", "--trainer.devices=2", "--trainer.strategy=ddp_spawn"],
+                            ["LoRA: this strategy starts its processes by multiprocessing"]),  # was: a traceback
+    "predict on several processes": (["predict", "--config", "{recipe.yaml}", "--untrained", "true",
+                                      "--data.init_args.predict_file", "{texts.txt}", "--trainer.devices=2",
+                                      "--trainer.strategy=ddp"], ["predict prints its predictions in input order "
+                                                                  "from one process"]),  # was: once per process
     "unknown own command": (["comapre", "--config", "{recipe.yaml}"],
                             ["unknown command 'comapre'", "did you mean 'compare'", "export, compare, estimate)"]),
     "value of the wrong type": (["fit", "--config", "{recipe.yaml}", "--trainer.max_steps", "many"],

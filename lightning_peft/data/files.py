@@ -189,12 +189,16 @@ def read_lines(path: str | Path, column: str | None = None, keep_spaces: bool = 
     or JSONL table is refused rather than read as lines. The spaces around each text go, unless
     ``keep_spaces`` (a prompt ending in a space or a line break, as it was trained).
     """
-    suffix = Path(str(path)).suffix.lower()
-    if column is None and suffix in (".csv", ".jsonl", ".json"):
+    if column is not None and Path(str(path)).suffix.lower() in READERS:
+        return [str(row[column]) if keep_spaces else str(row[column]).strip() for row in read_rows(path, [column])]
+    return [text for _, text in numbered_lines(path, keep_spaces)]
+
+
+def numbered_lines(path: str | Path, keep_spaces: bool = False) -> list[tuple[int, str]]:
+    """The non-empty lines of a text file (standard input for ``-``), each with its line number, counting from 1."""
+    if Path(str(path)).suffix.lower() in (".csv", ".jsonl", ".json"):
         raise ValueError(f"predict file {path}: here each line is one input (NAME<TAB>text), so give a plain text "
                          "or .tsv file, not a CSV or JSONL table")
-    if column is not None and suffix in READERS:
-        return [str(row[column]) if keep_spaces else str(row[column]).strip() for row in read_rows(path, [column])]
     if str(path) == "-":
         lines = _lines(_decoded(sys.stdin.buffer.read(), "standard input"))
     else:
@@ -203,7 +207,7 @@ def read_lines(path: str | Path, column: str | None = None, keep_spaces: bool = 
             raise FileNotFoundError(f"predict file {path} does not exist")
         lines = _lines(_utf8_text(path))
     source = "standard input" if str(path) == "-" else path
-    texts = [line if keep_spaces else line.strip() for line in lines if line.strip()]
+    texts = [(number, line if keep_spaces else line.strip()) for number, line in enumerate(lines, 1) if line.strip()]
     if not texts:
         raise ValueError(f"no texts to predict in {source}")
     _warn_of_blank_lines(lines, source)

@@ -475,8 +475,9 @@ def check_saved_settings(trainer: L.Trainer, checkpoint: dict[str, Any], path: A
             warnings.warn(f"checkpoint {path} was trained with {callback.owner} {settings}: its adapters go on on "
                           "this base", stacklevel=2)
             continue
-        raise ValueError(f"checkpoint {path} holds {callback.owner} trained with {settings}; "
-                         "resume with the settings it was trained with, or start a new run")
+        what = ("resume with the settings it was trained with, or start a new run"
+                if trainer.state.fn == TrainerFn.FITTING else "load it with the settings it was trained with")
+        raise ValueError(f"checkpoint {path} holds {callback.owner} trained with {settings}; {what}")
     _check_tasks_routed(trainer, checkpoint, path)
     here = {callback.state_key for callback in setup_callbacks(trainer)}
     for key, state in saved.items():

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -56,7 +58,7 @@ class PredictionWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         inputs = getattr(trainer.datamodule, "predict_texts", None) or []
         for index, item in zip(batch_indices or [None] * len(prediction), prediction, strict=True):
-            print(prediction_line(item), flush=True)
+            print_line(prediction_line(item))
             if self.output is not None:
                 known = index is not None and index < len(inputs)
                 text = inputs[index] if known else None
@@ -67,6 +69,15 @@ class PredictionWriter(BasePredictionWriter):
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.output is not None and trainer.is_global_zero:
             write_table(Path(self.output), self.rows)
+
+
+def print_line(line: str) -> None:
+    """Print ``line`` to stdout; once its reader has gone (``| head``), print nothing more, quietly, and go on (a
+    ``--output`` table is still written)."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:  # as Python's docs advise: stdout to devnull, so nothing fails at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"  # where str.splitlines breaks a line

@@ -33,13 +33,14 @@ def parse_adapters(pairs: list[str]) -> dict[str, str]:
     return folders
 
 
-def split_rows(lines: list[str], names: list[str], source: str,
+def split_rows(lines: list[tuple[int, str]], names: list[str], source: str,
                keep_spaces: bool = False) -> tuple[list[str | None], list[str]]:
-    """Each ``NAME<TAB>text`` line as its adapter name (None for the base model) and its text (with the spaces
-    around it where ``keep_spaces``: a causal LM's prompt, as it was trained)."""
+    """Each numbered ``NAME<TAB>text`` line (`numbered_lines`) as its adapter name (None for the base model) and its
+    text (with the spaces around it where ``keep_spaces``: a causal LM's prompt, as it was trained)."""
     routed, texts = [], []
-    for number, line in enumerate(lines, 1):
+    for number, line in lines:
         name, tab, text = line.partition("\t")
+        name = name.strip()
         if not tab or (name not in names and name != BASE_MODEL):
             what = f"names adapter {name!r}, which --adapters does not give" if tab else \
                 "does not start with an adapter name and a tab"
