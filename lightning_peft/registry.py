@@ -25,6 +25,7 @@ from lightning_peft.core.adapter_files import (
     check_peft_layout_holds,
     copy_file_tensors,
     read_adapter_files,
+    take_class_names,
 )
 from lightning_peft.core.files import PathLike
 from lightning_peft.core.models import model_root, warn_of_other_models
@@ -193,6 +194,7 @@ def load_adapter(module: nn.Module, path: PathLike, adapter_name: str = "default
         freeze_unclaimed(module)
         check_peft_layout_holds(config, callback.ref, root, f"adapter file {Path(path) / CONFIG_FILE}")
         copy_file_tensors(module, callback.ref, tensors, Path(path) / WEIGHTS_FILE)
+    take_class_names(root, Path(path) / WEIGHTS_FILE)
     return module
 
 

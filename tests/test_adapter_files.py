@@ -463,3 +463,32 @@ def test_a_head_of_ones_own_beside_the_transformers_model_is_refused_with_advice
     with pytest.raises(ValueError, match="'head' is a module of your own beside that model, which an adapter file"):
         save_adapter(module, tmp_path / "a")  # was: advice to save_adapter(module.head), which wrote a wrong file
     assert not (tmp_path / "a").exists()
+
+
+def test_a_classifiers_class_names_travel_with_its_adapter(tmp_path):
+    trained = tiny_bert()
+    trained.config.id2label, trained.config.label2id = {0: "neg", 1: "pos"}, {"neg": 0, "pos": 1}
+    LoRA(r=4, target_modules=["query"], modules_to_save=["classifier"]).inject(trained)
+    save_adapter(trained, tmp_path)
+    loaded = load_adapter(tiny_bert(), tmp_path)
+    assert loaded.config.id2label == {0: "neg", 1: "pos"}  # was: LABEL_0, LABEL_1, so predict printed 0 and 1
+    named = tiny_bert()
+    named.config.id2label = {0: "bad", 1: "good"}
+    with pytest.warns(UserWarning, match="names its classes neg, pos, but the model names them bad, good"):
+        assert load_adapter(named, tmp_path).config.id2label == {0: "bad", 1: "good"}
+    LoRA(r=4, target_modules=["query"]).inject(unnamed := tiny_bert())
+    save_adapter(unnamed, tmp_path / "unnamed")
+    assert load_adapter(tiny_bert(), tmp_path / "unnamed").config.id2label == {0: "LABEL_0", 1: "LABEL_1"}
+
+
+def test_predictions_take_the_class_names_of_the_model_when_the_task_has_none(tmp_path):
+    from lightning_peft.tasks import SequenceClassification
+
+    from conftest import tiny_bert_folder
+
+    module = SequenceClassification(model=str(tiny_bert_folder(tmp_path, ["good", "bad"])))
+    module.configure_model()
+    module.model.config.id2label = {0: "neg", 1: "pos"}  # as an adapter file's names give it
+    batch = {"input_ids": torch.tensor([[2, 5, 3]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    predicted = module.predict_step(batch, 0)[0]
+    assert predicted["label"] in ("neg", "pos") and set(predicted["probabilities"]) == {"neg", "pos"}

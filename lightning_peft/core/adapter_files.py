@@ -331,10 +331,39 @@ def save_adapter(module: nn.Module, path: PathLike, adapter_name: str = "default
     tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in file_tensors(module, ref, own).items()}
     config = json.dumps(_jsonable(file_config(module, ref)), indent=2)
     metadata = {"format": "pt", DIGEST_KEY: tensor_digest(tensors)}
+    if class_names(root):  # a classifier's classes travel with its adapter (and head)
+        metadata[LABELS_KEY] = json.dumps(class_names(root))
     folder = Path(path)
     atomic_write_all({folder / WEIGHTS_FILE: lambda tmp: write_safetensors(tensors, tmp, metadata),
                       folder / CONFIG_FILE: lambda tmp: tmp.write_text(config)})
     return folder
+
+
+LABELS_KEY = "lightning_peft_labels"  # in a file's metadata: the model's class names, in id order
+
+
+def class_names(model: nn.Module) -> list[str] | None:
+    """The class names of a transformers classifier's config (``id2label``), unless they are the default LABEL_i."""
+    id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
+    names = [str(name) for _, name in sorted(id2label.items())]
+    return names if names and not all(re.fullmatch(r"LABEL_\d+", name) for name in names) else None
+
+
+def take_class_names(root: nn.Module, weights_path: Path) -> None:
+    """Give a model whose classes have no names (LABEL_i) those its adapter file records (`save_adapter` writes them);
+    a model that names its classes keeps its own, with a warning where the file names them otherwise."""
+    with safe_open(weights_path, "pt") as f:
+        recorded = (f.metadata() or {}).get(LABELS_KEY)
+    config = getattr(root, "config", None)
+    if recorded is None or config is None or len(json.loads(recorded)) != getattr(config, "num_labels", None):
+        return
+    names, own = json.loads(recorded), class_names(root)
+    if own is None:
+        config.id2label = dict(enumerate(names))
+        config.label2id = {name: i for i, name in enumerate(names)}
+    elif own != names:
+        warnings.warn(f"adapter file {weights_path} names its classes {', '.join(names)}, but the model names them "
+                      f"{', '.join(own)}: the model's names are kept", stacklevel=3)
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:

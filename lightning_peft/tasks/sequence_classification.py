@@ -14,6 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import AutoModelForSequenceClassification
 
 from lightning_peft.core.adapter_control import adapter_names
+from lightning_peft.core.adapter_files import class_names
 from lightning_peft.core.per_row import check_routable, per_row_adapters
 from lightning_peft.data.text_classification import is_int_label
 from lightning_peft.tasks.base import TransformersTask
@@ -187,7 +188,7 @@ class SequenceClassification(TransformersTask):
         """Per text: the most probable ``label`` (a name, or an id without names), its ``probability``, and each
         class's ``probabilities``."""
         probabilities = self(batch["input_ids"], batch["attention_mask"]).float().softmax(-1)
-        names = list(self.labels) if self.labels else list(range(probabilities.shape[-1]))
+        names = list(self.labels or class_names(self.model) or range(probabilities.shape[-1]))
         return [{"label": names[int(row.argmax())], "probability": float(row.max()),
                  "probabilities": dict(zip(names, row.tolist(), strict=True))} for row in probabilities]
 
