@@ -427,3 +427,12 @@ def test_a_failed_injection_leaves_a_users_hooks_on_their_layers():
         LoRA(r=2, target_modules=["0", "1"]).inject(model)  # the ReLU is refused after the Linear was wrapped
     assert type(model[0]) is nn.Linear and len(model[0]._forward_hooks) == 1
     assert torch.equal(model(torch.randn(2, 4)), torch.zeros(2, 2) + model[2].bias)
+
+
+def test_a_model_with_a_lazy_layer_before_its_first_batch_is_refused_in_one_line():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LazyLinear(3))
+    with pytest.raises(ValueError, match=r"'1.weight' has no shape yet \(a lazy layer"):  # was: torch's error from
+        LoRA(r=2, target_modules=["0"]).inject(model)  # requires_grad_ on an uninitialized parameter
+    assert type(model[0]) is nn.Linear
+    model(torch.randn(2, 4))
+    LoRA(r=2, target_modules=["0"]).inject(model)  # after its first batch: a plain Linear

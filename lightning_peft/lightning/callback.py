@@ -252,6 +252,7 @@ class PEFTCallback(ModelSetupCallback):
                              "adapter_name, or use those settings to go on with that adapter")
         check_unmerged(module, f"{ref}: cannot inject", "or save the merged model and use it as a new base")
         check_not_switched_off(module, f"{ref}: inject")
+        _check_materialized(module, ref)
         before = modules_of(module)
         with all_or_nothing(module):
             # Saved first: a target inside a module trained whole is left out (its copy trains it), as in peft.
@@ -416,6 +417,15 @@ def check_launcher(trainer: L.Trainer, owner: str) -> None:
                          "ddp_spawn, ddp_fork, or ddp_notebook, Lightning's choice in a notebook), whose processes "
                          "train copies of the model and hand no adapters back to it; use strategy='ddp' from a "
                          "script started once per device (python or torchrun), or devices=1 in a notebook")
+
+
+def _check_materialized(module: nn.Module, ref: AdapterRef) -> None:
+    """Refuse a model whose lazy layers (nn.LazyLinear) have not met their first batch: their shapes are not known."""
+    lazy = next((name for name, param in module.named_parameters() if isinstance(param, nn.UninitializedParameter)),
+                None)
+    if lazy is not None:
+        raise ValueError(f"{ref}: '{lazy}' has no shape yet (a lazy layer, such as nn.LazyLinear, before its first "
+                         "batch): run one batch through the model, then inject")
 
 
 def check_weight_averaging(trainer: L.Trainer, module: nn.Module) -> None:
