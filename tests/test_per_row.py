@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import nn
 
 from lightning_peft import (
     IA3,
@@ -413,3 +414,17 @@ def test_rows_naming_an_adapter_of_the_model_s_own_parameters_beside_other_rows_
                                          "and copies of modules of its own"):  # was: its parameters, the base's head
         with per_row_adapters(model, ["a", None]):
             pass
+
+
+def test_adapted_layers_in_sequence_first_attention_are_refused():
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0)  # batch_first=False: (seq, batch, d)
+    LoRA(r=2, target_modules=["linear1"], adapter_name="a").inject(layer)
+    LoRA(r=2, target_modules=["linear1"], adapter_name="b").inject(layer)
+    with pytest.raises(ValueError, match="computes sequence-first \\(batch_first=False\\)"):
+        with per_row_adapters(layer, ["a", "b"]):  # was, with as many positions as rows: routed by position
+            pass
+    wide = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+    LoRA(r=2, target_modules=["linear1"], adapter_name="a").inject(wide)
+    LoRA(r=2, target_modules=["linear1"], adapter_name="b").inject(wide)
+    with per_row_adapters(wide, ["a", "b"]):
+        wide(torch.randn(2, 2, 8))

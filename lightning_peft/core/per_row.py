@@ -262,7 +262,21 @@ def _checked_parts(module: nn.Module, names: list) -> list[PEFTModule]:
                          "routing works for LoRA on layers (not on target_parameters or nn.MultiheadAttention), "
                          "IA3, Adapter and PromptTuning")
     _check_no_row_names_a_shared_adapter(module, names)
+    _check_batch_first(module)
     return parts
+
+
+def _check_batch_first(module: nn.Module) -> None:
+    """Refuse adapted layers inside PyTorch attention that computes sequence-first (``batch_first=False``): their
+    inputs' first dimension is the sequence, not the rows, so rows would go to the wrong adapters."""
+    for name, part in module.named_modules():
+        layer = isinstance(part, nn.TransformerEncoderLayer | nn.TransformerDecoderLayer)
+        attention = part.self_attn if layer else part
+        if isinstance(attention, nn.MultiheadAttention) and not attention.batch_first and any(
+                isinstance(inner, PEFTModule) for inner in part.modules()):
+            raise ValueError(f"per_row_adapters: '{name or type(part).__name__}' computes sequence-first "
+                             "(batch_first=False), so its adapted layers see the sequence where the rows should "
+                             "be: build it with batch_first=True")
 
 
 def _check_no_row_names_a_shared_adapter(module: nn.Module, names: list) -> None:
