@@ -538,6 +538,20 @@ def test_ddp_evaluation_takes_each_row_once_and_a_sharded_strategy_warns_of_the_
     assert not isinstance(predicting.sampler, DistributedSampler)  # quiet: Lightning's sampler repeats no row there
 
 
+def test_the_datas_seed_orders_each_processs_training_rows():
+    from lightning.pytorch.trainer.connectors.data_connector import _DataConnector
+
+    from lightning_peft.data.base import shuffled_loader
+
+    trainer = SimpleNamespace(world_size=2, global_rank=1, fit_loop=None,
+                              _accelerator_connector=SimpleNamespace(use_distributed_sampler=True, is_distributed=True))
+    rows = list(range(16))
+    orders = {seed: list(shuffled_loader(rows, seed, trainer, batch_size=4).sampler) for seed in (0, 1)}
+    assert orders[0] != orders[1] and all(len(order) == 8 for order in orders.values())  # was: seed_everything's
+    assert not _DataConnector(SimpleNamespace(_accelerator_connector=trainer._accelerator_connector)) \
+        ._requires_distributed_sampler(shuffled_loader(rows, 0, trainer, batch_size=4))  # Lightning leaves it
+
+
 def test_fsdp1_strategy_gets_the_wrap_policy_and_needs_original_parameters():
     module = TokenModule(injected_llama())
     flat = FSDPStrategy(use_orig_params=False)

@@ -154,7 +154,26 @@ class ResumableLoader(DataLoader):
 
 
 def shuffled_loader(rows: Any, seed: int, trainer: Any, **kwargs: Any) -> ResumableLoader:
-    """A training DataLoader over ``rows`` shuffled with ``seed``, which a resumed fit takes up where it was."""
+    """A training DataLoader over ``rows`` shuffled with ``seed``, which a resumed fit takes up where it was.
+
+    On several processes each takes its share through a ``DistributedSampler`` seeded with ``seed`` too
+    (Lightning's own, which would replace a shuffle, seeds itself from ``seed_everything`` instead).
+    """
+    processes = getattr(trainer, "world_size", 1) or 1
+    if processes > 1 and getattr(trainer._accelerator_connector, "use_distributed_sampler", True):
+        sampler = DistributedSampler(rows, num_replicas=processes, rank=trainer.global_rank, shuffle=True, seed=seed)
+    else:
+        sampler = _resumable_shuffle(rows, seed, trainer)
+    loader = ResumableLoader(rows, sampler=sampler, generator=torch.Generator().manual_seed(seed),
+                             **kwargs)  # the workers' seeds
+    batches = _batches_per_process(loader, trainer)
+    loader.batches_done = batches_done_in_epoch(trainer, batches)
+    loader.trained_in_epoch, loader.epoch_batches = batches_trained_in_epoch(trainer), epoch_length(trainer, batches)
+    return loader
+
+
+def _resumable_shuffle(rows: Any, seed: int, trainer: Any) -> ResumableShuffle:
+    """One process's shuffle, at the epoch a fit from a checkpoint (or a loader made again each epoch) is in."""
     generator = torch.Generator().manual_seed(seed)
     sampler = ResumableShuffle(rows, generator)
     after_epoch = _state_at_epoch_end(trainer)
@@ -163,12 +182,7 @@ def shuffled_loader(rows: Any, seed: int, trainer: Any, **kwargs: Any) -> Resuma
     else:  # a loader made again each epoch (reload_dataloaders_every_n_epochs): draw the epochs before, as one loader
         for _ in range(_epochs_done_before(trainer)):
             list(sampler)
-    loader = ResumableLoader(rows, sampler=sampler, generator=torch.Generator().manual_seed(seed),
-                             **kwargs)  # the workers' seeds
-    batches = _batches_per_process(loader, trainer)
-    loader.batches_done = batches_done_in_epoch(trainer, batches)
-    loader.trained_in_epoch, loader.epoch_batches = batches_trained_in_epoch(trainer), epoch_length(trainer, batches)
-    return loader
+    return sampler
 
 
 def evaluation_loader(rows: Sized, trainer: Any, **settings: Any) -> DataLoader:
