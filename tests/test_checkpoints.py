@@ -255,7 +255,7 @@ def recipe_fit(folder, budget: dict, *callbacks, ckpt_path=None, rows: int = 24,
     train = write_data(folder, "train", sentiment_rows(rows, 0))
     torch.manual_seed(0)
     task = SequenceClassification(str(model_dir), warmup_steps=1, learning_rate=1e-2)
-    data = TextClassificationData(train_file=str(train), batch_size=8, val_fraction=val_fraction)
+    data = TextClassificationData(train_file=str(train), batch_size=8, val_fraction=val_fraction, max_length=16)
     seen = []
     task.on_train_batch_start = lambda batch, batch_idx: seen.append(batch["input_ids"].tolist())
     trainer = L.Trainer(accelerator="cpu", **budget, logger=False, enable_progress_bar=False,
@@ -332,3 +332,24 @@ def test_a_run_that_fails_before_it_starts_writes_no_mislabelled_checkpoint(tmp_
     with pytest.warns(UserWarning, match="was not written: the model holds no adapter"), pytest.raises(RuntimeError):
         trainer.fit(module, token_loader())
     assert not (tmp_path / "failed.ckpt").exists()  # was: the whole base, flagged as an adapter-only checkpoint
+
+
+def test_an_adapter_checkpoint_loads_back_into_blocks_under_activation_checkpointing(tmp_path):
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+    class Tested(TokenModule):
+        def test_step(self, batch, batch_idx):
+            self.log("test_loss", self.training_step(batch, batch_idx))
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    for i, block in enumerate(model.model.layers):
+        model.model.layers[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+    module = Tested(model)
+    trainer = make_trainer([LoRA(r=4)], max_steps=2)
+    trainer.fit(module, token_loader())
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    tested = trainer.test(module, token_loader(), verbose=False)[0]["test_loss"]
+    # was: "Missing key(s)" for every frozen tensor inside a wrapped block
+    assert trainer.test(module, token_loader(), ckpt_path=tmp_path / "last.ckpt", verbose=False)[0]["test_loss"] == \
+        tested

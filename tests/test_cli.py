@@ -430,10 +430,10 @@ def test_predict_with_several_adapters_routes_each_line_to_its_adapter(tmp_path,
     wrong = run_cli(*common, "--adapters", f"upbeat={folders['upbeat']}", stdin="sunny\tthe movie\n")
     assert wrong.returncode == 2 and "line 1" in wrong.stderr and "upbeat or '-'" in wrong.stderr, wrong.stderr
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
-    keys = save_adapter(Selective(modules=["key"]).inject(model), tmp_path / "keys")  # the model's own: every row's
-    shared = run_cli(*common, "--adapters", f"upbeat={folders['upbeat']}", f"keys={keys}",
-                     stdin="upbeat\tthe movie\nkeys\tthe plot\n")  # was: upbeat's row computed with those keys
-    assert shared.returncode == 2 and "rows name 'keys', whose adapter trains the model's own parameters" in \
+    kproj = save_adapter(Selective(modules=["key"]).inject(model), tmp_path / "kproj")  # the model's own: every row's
+    shared = run_cli(*common, "--adapters", f"upbeat={folders['upbeat']}", f"kproj={kproj}",
+                     stdin="upbeat\tthe movie\nkproj\tthe plot\n")  # was: upbeat's row computed with those keys
+    assert shared.returncode == 2 and "rows name 'kproj', whose adapter trains the model's own parameters" in \
         shared.stderr.strip().splitlines()[-1], shared.stderr[-2000:]
 
 

@@ -311,9 +311,10 @@ def test_a_head_only_recipe_of_ones_own_is_compared_with_its_head_trained_by_eve
     assert head_only.callbacks == mine["trainer"]["callbacks"] and head_only.learning_rate == 2e-3
     lora = plan_method(mine, "mine.yaml", "lora", {})
     assert lora.callbacks[0]["init_args"]["modules_to_save"] == ["classifier"]  # was: a new head nothing trains
-    wider = copy.deepcopy(mine)
-    wider["trainer"]["callbacks"][0]["init_args"]["layers"] = [1]  # more than a head: not head_only's own
-    assert plan_method(wider, "mine.yaml", "lora", {}).callbacks[0]["init_args"].get("modules_to_save") is None
+    for wider in ({"modules": ["classifier"], "layers": [1]}, {"modules": ["encoder.layer.1", "classifier"]}):
+        recipe = copy.deepcopy(mine)  # more than a head: not head_only's own, and no head for the others
+        recipe["trainer"]["callbacks"][0]["init_args"] = wider
+        assert plan_method(recipe, "mine.yaml", "lora", {}).callbacks[0]["init_args"].get("modules_to_save") is None
 
 
 def test_a_sweep_over_several_tasks_holds_out_validation_rows_of_each():

@@ -226,6 +226,18 @@ def test_every_projection_of_an_attention_saved_in_our_own_layout_loads_back(lay
         torch.testing.assert_close(loaded.attn(x, *kv)[0], model.attn(x, *kv)[0], rtol=0, atol=1e-6)
 
 
+def test_one_adapted_parameter_of_a_module_keeps_its_own_layout_key(tmp_path):
+    from safetensors.torch import load_file
+
+    model = mixtral()
+    model.model.layers[1].mlp.experts = model.model.layers[0].mlp.experts  # at two places: our own layout
+    LoRA(r=2, target_modules=None, target_parameters=["experts.gate_up_proj"]).inject(model)
+    with pytest.warns(UserWarning, match="own layout"):
+        save_adapter(model, tmp_path)
+    keys = sorted(load_file(tmp_path / "adapter_model.safetensors"))
+    assert keys[0] == "model.layers.0.mlp.experts.adapter.lora_A"  # as earlier files name it, so they load
+
+
 def test_the_output_projection_alone_points_to_the_attention_module():
     with pytest.raises(TypeError, match="only LoRA adapts nn.MultiheadAttention, targeted as the attention module"):
         LoRA(target_modules=["attn.out_proj"]).inject(MHAClassifier())

@@ -346,6 +346,21 @@ def test_merging_into_a_weight_rewritten_in_each_forward_is_refused_before_any_c
             torch.testing.assert_close(model(x), adapted, rtol=0, atol=0)
 
 
+def test_the_old_weight_norm_hook_stays_with_the_weight_it_computes():
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the old weight_norm is deprecated
+        model = nn.Sequential(nn.utils.weight_norm(nn.Linear(8, 6)))
+    LoRA(r=2, target_modules="0").inject(model)
+    x = torch.randn(3, 8)
+    before = model(x).detach()
+    with torch.no_grad():
+        model[0].base_layer.weight_g.mul_(2)
+    assert not torch.allclose(model(x), before)  # was: the hook moved to the wrapper, the base weight frozen
+    with pytest.raises(ValueError, match="computed from weight_g and weight_v"):
+        merge(model)
+
+
 def test_ia3_merges_and_unmerges_a_float64_model_exactly():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 6)).double()

@@ -262,6 +262,10 @@ def test_batches_follow_mixing_and_weights_and_each_epoch_has_its_order():
     assert sorted(i for batch in alternating for i in batch) == list(range(40))
     only_b = TaskBatchSampler(sizes, 8, "mixed", {"b": 1.0}, seed=0)
     assert all(i >= 10 for batch in only_b for i in batch)
+    drawn = [i for batch in TaskBatchSampler({"a": 10, "b": 3000}, 10, "mixed", {"a": 3.0, "b": 1.0}, seed=0)
+             for i in batch]  # a task by its weight, then one of its rows (was: a draw over rows, failing past 2**24)
+    assert 0.7 < sum(i < 10 for i in drawn) / len(drawn) < 0.8 and len(set(i for i in drawn if i < 10)) == 10
+    assert min(drawn) >= 0 and max(drawn) < 3010 and len(set(drawn)) > 500  # b's ~750 draws, spread
     weighted = list(TaskBatchSampler(sizes, 4, "alternating", {"a": 3.0, "b": 1.0}, seed=0))
     assert list(TaskBatchSampler(sizes, 4, "alternating", {"a": 3, "b": 1}, seed=0)) == weighted  # integer weights
     share_a = sum(max(batch) < 10 for batch in weighted) / len(weighted)

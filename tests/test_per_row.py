@@ -399,15 +399,18 @@ def test_compiled_decoding_with_rows_of_one_prompt_length_works_when_the_model_h
 def test_rows_naming_an_adapter_of_the_model_s_own_parameters_beside_other_rows_are_refused():
     model = tiny_llama()
     LoRA(r=4, target_modules=["q_proj"], adapter_name="a").inject(model)
-    Selective(modules=["k_proj"], adapter_name="keys").inject(model)  # trains the model's k_proj: every row's
+    Selective(modules=["k_proj"], adapter_name="kproj").inject(model)  # trains the model's k_proj: every row's
     x = torch.randint(0, VOCAB, (2, 5))
-    with pytest.raises(ValueError, match=r"rows name 'keys', whose adapter trains the model's own parameters "
+    with pytest.raises(ValueError, match=r"rows name 'kproj', whose adapter trains the model's own parameters "
                                          r"\(model.layers.0.self_attn.k_proj.weight, "):
-        with per_row_adapters(model, ["a", "keys"]):
+        with per_row_adapters(model, ["a", "kproj"]):
             pass
-    with per_row_adapters(model, ["keys", "keys"]):  # every row: as set_adapter
+    with per_row_adapters(model, ["kproj", "kproj"]):  # every row: as set_adapter
         model(x)
     with per_row_adapters(model, ["a", None]):  # named by no row: shared by every row, as a multi-task fit's
+        model(x)
+    LoRA(r=4, target_modules=["v_proj"], adapter_name="kproj").inject(model)  # the name, not a copy of kproj's own
+    with per_row_adapters(model, ["a", None]):
         model(x)
     Selective(modules=["v_proj"], modules_to_save=["lm_head"], adapter_name="headed").inject(model)
     with pytest.raises(ValueError, match="a row names no adapter, but 'headed' trains the model's own parameters .* "

@@ -742,7 +742,7 @@ def test_a_checkpoint_used_on_a_base_of_other_weights_says_so_and_a_moved_copy_d
 
     def run(folder: Path, fit: bool = False) -> L.Trainer:
         trainer = make_trainer([LoRA(r=4, target_modules=["query"], modules_to_save=["classifier"])], max_steps=1)
-        data = TextClassificationData(train_file=str(tmp_path / "train.csv"), val_fraction=0.5)
+        data = TextClassificationData(train_file=str(tmp_path / "train.csv"), val_fraction=0.5, max_length=16)
         if fit:
             trainer.fit(SequenceClassification(str(folder)), datamodule=data)
         else:
@@ -789,7 +789,7 @@ def test_a_resume_from_an_epoch_s_end_takes_any_data_and_one_from_inside_an_epoc
         trainer = make_trainer([LoRA(r=4, target_modules=["query"], modules_to_save=["classifier"])], max_steps=steps,
                                limit_train_batches=limit)
         trainer.fit(SequenceClassification(str(folder)), ckpt_path=ckpt_path, datamodule=TextClassificationData(
-            train_file=str(tmp_path / f"{data}.csv"), batch_size=batch_size, val_fraction=0))
+            train_file=str(tmp_path / f"{data}.csv"), batch_size=batch_size, val_fraction=0, max_length=16))
         return trainer
 
     fit(2).save_checkpoint(tmp_path / "end.ckpt")
@@ -810,7 +810,7 @@ def test_a_run_without_an_end_is_refused_before_its_first_step(tmp_path):
     (tmp_path / "train.csv").write_text("text,label\n" + "".join(f"the movie was {w},{i % 2}\n"
                                                                   for i, w in enumerate(WORDS)))
     module = SequenceClassification(str(folder))
-    data = TextClassificationData(train_file=str(tmp_path / "train.csv"), val_fraction=0)
+    data = TextClassificationData(train_file=str(tmp_path / "train.csv"), val_fraction=0, max_length=16)
     trainer = make_trainer([LoRA(r=4, target_modules=["query"])], max_steps=-1, max_epochs=-1, max_time="00:00:01:00")
     with pytest.raises(ValueError, match="decays to 0 at the run's last step, so the run needs an end"):
         trainer.fit(module, datamodule=data)  # was: OverflowError at the first step
@@ -835,7 +835,8 @@ def test_a_loader_made_again_each_epoch_shuffles_each_epoch_as_one_loader_does(t
     orders = {}
     for reload in (0, 1):
         orders[reload] = Orders()
-        data = TextClassificationData(train_file=str(tmp_path / "train.csv"), batch_size=4, val_fraction=0)
+        data = TextClassificationData(train_file=str(tmp_path / "train.csv"), batch_size=4, val_fraction=0,
+                                      max_length=16)
         make_trainer([LoRA(r=2, target_modules=["query"]), orders[reload]], max_steps=-1, max_epochs=3,
                      reload_dataloaders_every_n_epochs=reload).fit(SequenceClassification(str(folder)), data)
     assert orders[1].rows == orders[0].rows  # was: epoch 0's order again at every reload
@@ -980,3 +981,25 @@ def test_a_generated_text_is_one_line_that_reads_back_as_it_was():
     line = prediction_line(text)
     assert len(line.splitlines()) == 1  # was: C:\new read back as a break, \r, U+2028 and U+0085 left as breaks
     assert line == "a path C:\\\\new\\nthen a line\\r\\nand one more\\u2028or\\x85so, café"
+
+
+def test_rows_longer_than_the_models_learned_positions_are_refused_before_training(tmp_path):
+    from lightning_peft.data import TextClassificationData
+
+    folder = tiny_bert_folder(tmp_path / "model", WORDS)  # 32 learned positions
+    (tmp_path / "train.csv").write_text("text,label\n" + "".join(f"the movie was {w},{i % 2}\n"
+                                                                  for i, w in enumerate(WORDS)))
+    task = SequenceClassification(str(folder))
+    data = TextClassificationData(train_file=str(tmp_path / "train.csv"), val_fraction=0)  # max_length 128
+    steps = []
+    task.on_train_batch_start = lambda batch, batch_idx: steps.append(batch_idx)
+    with pytest.raises(ValueError, match="the data's max_length is 128 tokens, but BertForSequenceClassification has "
+                                         "32 learned positions: give max_length at most 32"):
+        make_trainer([LoRA(r=2, target_modules=["query"])], max_steps=2).fit(task, datamodule=data)
+    assert not steps  # was: a size mismatch at the first row over 32 tokens, maybe deep into training
+
+
+def test_an_adapter_name_that_cannot_key_a_module_dict_is_refused_in_one_line():
+    for name in ("keys", "a.b", "", "training"):  # was (keys): "attribute 'keys' already exists" at injection
+        with pytest.raises(ValueError, match="adapter_name must be a non-empty name without dots"):
+            LoRA(adapter_name=name)

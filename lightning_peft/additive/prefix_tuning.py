@@ -30,7 +30,6 @@ from lightning_peft.additive.soft_prompts import (
     gather_if_sharded,
     given_cache,
     input_shape,
-    learned_positions,
     mark_prefix_cache,
     named_forward_arguments,
     shift_position_ids,
@@ -38,7 +37,12 @@ from lightning_peft.additive.soft_prompts import (
 )
 from lightning_peft.core.checks import check_positive_int
 from lightning_peft.core.layer import PEFTModule
-from lightning_peft.core.models import input_embedding_weight, require_transformers_model, warn_of_other_models
+from lightning_peft.core.models import (
+    input_embedding_weight,
+    learned_positions,
+    require_transformers_model,
+    warn_of_other_models,
+)
 from lightning_peft.core.ownership import claim
 from lightning_peft.lightning.callback import CheckpointPolicy, PEFTCallback
 

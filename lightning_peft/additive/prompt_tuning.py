@@ -35,7 +35,6 @@ from lightning_peft.additive.soft_prompts import (
     holds_only_a_prefix,
     input_shape,
     keep_last_positions,
-    learned_positions,
     named_forward_arguments,
     prepend_to_token_inputs,
     shift_position_ids,
@@ -43,7 +42,12 @@ from lightning_peft.additive.soft_prompts import (
 )
 from lightning_peft.core.checks import check_choice, check_positive_int
 from lightning_peft.core.layer import PEFTModule, adapter_dtype
-from lightning_peft.core.models import input_embedding_weight, require_token_model, warn_of_other_models
+from lightning_peft.core.models import (
+    input_embedding_weight,
+    learned_positions,
+    require_token_model,
+    warn_of_other_models,
+)
 from lightning_peft.lightning.callback import CheckpointPolicy, PEFTCallback
 
 PromptInit = Literal["random", "vocab", "text"]

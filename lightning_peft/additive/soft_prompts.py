@@ -16,8 +16,9 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 
+from lightning_peft.core.models import POSITION_TABLES, learned_positions
+
 CACHE_ARGUMENTS = ("cache", "past_key_values")  # transformers 5 name, then the deprecated one
-POSITION_TABLES = ("position_embeddings", "wpe", "embed_positions")  # BERT-likes; GPT-2 and GPT-Neo; OPT and BART
 
 
 @dataclass(frozen=True)
@@ -112,18 +113,6 @@ def input_shape(kwargs: dict[str, Any]) -> tuple[int, int] | None:
     if tokens is None:
         tokens = kwargs.get("inputs_embeds")
     return None if tokens is None else (tokens.shape[0], tokens.shape[1])
-
-
-def learned_positions(model: nn.Module) -> int | None:
-    """How many positions ``model``'s learned position table numbers; None for rotary, relative or ALiBi models.
-
-    RoBERTa's table starts after its padding index, and OPT's and BART's after an offset of 2.
-    """
-    tables = [table for name, table in model.named_modules()
-              if isinstance(table, nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES]
-    first = [getattr(table, "offset", 0) + (0 if table.padding_idx is None else table.padding_idx + 1)
-             for table in tables]
-    return min((table.num_embeddings - start for table, start in zip(tables, first, strict=True)), default=None)
 
 
 def first_position(model: nn.Module) -> int:

@@ -19,6 +19,7 @@ import yaml
 
 from lightning_peft.builtin_recipes import RECIPES
 from lightning_peft.cli_messages import class_named
+from lightning_peft.core.targeting import HEAD_NAMES
 from lightning_peft.lightning.callback import ModelSetupCallback, PEFTCallback
 from lightning_peft.selective import BitFit, Selective
 
@@ -224,13 +225,17 @@ def _init_args(entry: dict | str) -> dict:
 
 
 def _selected_head(entry: dict | str) -> list[str] | None:
-    """The modules a Selective entry trains when it selects modules only (a head-only recipe), else None."""
+    """The modules a Selective entry trains when it selects a model's head only (``classifier``, ``score``,
+    ``lm_head``...: a head-only recipe), else None."""
     arguments = _init_args(entry)
     if not names_a(entry, Selective) or names_a(entry, BitFit) or arguments.get("layers") is not None or arguments.get(
             "param_types"):
         return None
     modules = arguments.get("modules")
-    return [modules] if isinstance(modules, str) else modules
+    modules = [modules] if isinstance(modules, str) else modules
+    heads = isinstance(modules, list) and modules and all(
+        isinstance(name, str) and name.rsplit(".", 1)[-1] in HEAD_NAMES for name in modules)
+    return modules if heads else None
 
 
 def _with_head(entry: dict, modules: list[str] | None) -> dict:

@@ -135,14 +135,25 @@ def saved_module_key(name: str) -> str:
 def native_key(name: str, root: nn.Module) -> str:
     """Our tensor name without the adapter's name, so a file loads under any adapter_name, and without other
     methods' wrappers (``.base_layer``), so it loads whichever methods wrap the layer and in whatever order; a
-    layer that adapts one parameter of a module names it (one module's several parameters nest such layers)."""
+    layer that adapts one of several adapted parameters of a module names it (such layers nest, one a parameter)."""
     parts = split_layer_tensor(name)
     if parts is None:  # a saved module's, or an adapter's tensor inside a module of its own (``down.bias``)
         return re.sub(r"\.base_layer(?=\.)", "", re.sub(r"\.adapters\.[^.]+\.", ".adapter.", name))
     layer, _, tensor = parts
     parameter = getattr(root.get_submodule(layer), "parameter_name", None)
     module = re.sub(r"\.base_layer(?=\.|$)", "", layer)
+    if parameter and _adapted_parameters(root.get_submodule(module)) < 2:
+        parameter = None  # one adapted parameter: the key as files have always named it
     return f"{module}{'.' + parameter if parameter else ''}.adapter.{tensor}"
+
+
+def _adapted_parameters(outermost: nn.Module) -> int:
+    """How many layers adapting one parameter each (``parameter_name``) nest inside one place of the model."""
+    count, layer = 0, outermost
+    while isinstance(layer, PEFTModule) and hasattr(layer, "base_layer"):
+        count += hasattr(layer, "parameter_name")
+        layer = layer.base_layer
+    return count
 
 
 def peft_targets(value: str | list[str] | None) -> str | list[str] | None:

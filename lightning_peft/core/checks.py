@@ -8,6 +8,8 @@ from collections.abc import Collection, Sequence
 from types import ModuleType
 from typing import Any
 
+from torch import nn
+
 
 def check_positive_int(owner: str, name: str, value: Any) -> None:
     """Raise unless ``value`` is a positive integer (a bool is not)."""
@@ -51,3 +53,14 @@ def import_optional(module: str, extra: str, needed_by: str) -> ModuleType:
         reason = " ".join(str(err).split())[:200]
         raise ImportError(f"{needed_by} needs {module}, which is installed but fails to import "
                           f"({type(err).__name__}: {reason}); reinstall it, or leave out what needs it") from err
+
+
+def check_adapter_name(owner: str, name: Any) -> None:
+    """Refuse an adapter name that cannot key the modules holding adapters: not a string, empty, dotted, or an
+    attribute every module dict has (``keys``, ``items``, ``training``...)."""
+    if not isinstance(name, str) or not name or "." in name or hasattr(_MODULE_DICT, name):
+        raise ValueError(f"{owner} adapter_name must be a non-empty name without dots, other than the attributes of "
+                         f"a module dict (keys, items, values, update, training...); got {name!r}")
+
+
+_MODULE_DICT = nn.ModuleDict()

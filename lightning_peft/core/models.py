@@ -105,3 +105,18 @@ def name_or_path(module: nn.Module) -> str | None:
 def input_embedding_weight(model: nn.Module) -> Tensor:
     """The token embedding matrix of a transformers ``model`` (a wrapping PEFT layer shows its base's)."""
     return model.get_input_embeddings().weight
+
+
+POSITION_TABLES = ("position_embeddings", "wpe", "embed_positions")  # BERT-likes; GPT-2 and GPT-Neo; OPT and BART
+
+
+def learned_positions(model: nn.Module) -> int | None:
+    """How many positions ``model``'s learned position table numbers; None for rotary, relative or ALiBi models.
+
+    RoBERTa's table starts after its padding index, and OPT's and BART's after an offset of 2.
+    """
+    tables = [table for name, table in model.named_modules()
+              if isinstance(table, nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES]
+    first = [getattr(table, "offset", 0) + (0 if table.padding_idx is None else table.padding_idx + 1)
+             for table in tables]
+    return min((table.num_embeddings - start for table, start in zip(tables, first, strict=True)), default=None)

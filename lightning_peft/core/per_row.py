@@ -286,12 +286,15 @@ def _check_no_row_names_a_shared_adapter(module: nn.Module, names: list) -> None
     if len(set(names)) == 1 and names[0] is not None:
         return
     base = {id(b.param): b.name for b in base_parameters(module)}
+    claimed = owners(module)
     own: dict[str, list[str]] = {}
-    for param, ref in owners(module).items():
+    for param, ref in claimed.items():
         if param in base:
             own.setdefault(ref.name, []).append(base[param])
-    parts = [part for part in module.modules() if isinstance(part, PEFTModule)]
-    split = next((name for name in own if any(name in part.adapters for part in parts)), None)
+    shared = {ref for param, ref in claimed.items() if param in base}
+    parts_of = {claimed.get(id(param)) for part in module.modules() if isinstance(part, PEFTModule)
+                for param in part.adapters.parameters()}  # the refs that hold parts of their own (a head's copy)
+    split = next((ref.name for ref in shared if ref in parts_of), None)
     if None in names and split is not None:
         raise ValueError(f"per_row_adapters: a row names no adapter, but '{split}' trains the model's own parameters "
                          f"({', '.join(own[split][:3])}{', ...' if len(own[split]) > 3 else ''}), which serve every "

@@ -262,8 +262,14 @@ class TaskBatchSampler(BatchSampler):
         if self.weights is None:
             rows = torch.randperm(total, generator=generator).tolist()
         else:
-            per_row = torch.cat([torch.full((n,), self.weights.get(name, 0.0) / n) for name, n in self.sizes.items()])
-            rows = torch.multinomial(per_row, total, replacement=True, generator=generator).tolist()
+            # a task by its weight, then a row of it at random: a draw over rows would fail past 2**24 of them
+            names = list(self.sizes)
+            weights = torch.tensor([self.weights.get(name, 0.0) for name in names], dtype=torch.float64)
+            tasks = torch.multinomial(weights, total, replacement=True, generator=generator)
+            sizes = torch.tensor([self.sizes[name] for name in names])
+            starts = torch.tensor([self.starts[name] for name in names])
+            within = (torch.rand(total, generator=generator, dtype=torch.float64) * sizes[tasks]).long()
+            rows = (starts[tasks] + within).tolist()
         return self._per_step([rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)])
 
     def _alternating_steps(self, generator: torch.Generator) -> Iterator[list[list[int]]]:

@@ -174,8 +174,8 @@ def complete_from_model(checkpoint: dict[str, Any], module: nn.Module, path: Pat
     current = module.state_dict()
     shapes = {key: tuple(tensor.shape) for key, tensor in current.items()}
     check_adapter_state(saved, shapes, adapter_state_keys(module), path, running_statistic_keys(module))
-    registered = {name for name, _ in module.named_parameters(remove_duplicate=False)}
-    registered.update(name for name, _ in module.named_buffers(remove_duplicate=False))
+    registered = {state_key(name) for name, _ in module.named_parameters(remove_duplicate=False)}
+    registered.update(state_key(name) for name, _ in module.named_buffers(remove_duplicate=False))
     for key, tensor in current.items():
         if key in registered or key.rsplit(".", 1)[-1] == _EXTRA_STATE:
             saved.setdefault(key, tensor)

@@ -16,6 +16,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from lightning_peft.core.adapter_files import class_path
 from lightning_peft.core.checks import check_choice, check_positive_number
+from lightning_peft.core.models import learned_positions
 from lightning_peft.core.ownership import owners
 from lightning_peft.core.weights import import_bitsandbytes
 from lightning_peft.lightning.checkpointing import check_methods_present
@@ -77,6 +78,7 @@ class TransformersTask(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is None:
             self.model = self.build_model()
+            check_data_fits_positions(self.model, getattr(self._trainer, "datamodule", None))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_methods_present(checkpoint, self)
@@ -240,3 +242,14 @@ def linear_warmup_then_decay(warmup: int, total: int) -> Callable[[int], float]:
         return max(0.0, (total - step) / max(1, total - warmup))
 
     return factor
+
+
+def check_data_fits_positions(model: nn.Module, data: Any) -> None:
+    """Refuse, before training, rows that may be longer than the model's learned positions: they would fail
+    mid-run, at the first text that long (a rotary or relative model has no such limit)."""
+    table = learned_positions(model)
+    for part in [data, *(getattr(data, "parts", None) or {}).values()] if table is not None else []:
+        name = next((key for key in ("max_length", "block_size") if isinstance(getattr(part, key, None), int)), None)
+        if name is not None and getattr(part, name) > table:
+            raise ValueError(f"the data's {name} is {getattr(part, name)} tokens, but {type(model).__name__} has "
+                             f"{table} learned positions: give {name} at most {table}")
