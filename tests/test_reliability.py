@@ -599,6 +599,9 @@ def test_a_column_named_twice_and_a_label_that_is_a_json_list_are_refused_at_the
     (tmp_path / "twice.csv").write_text("text,label,text\ngood,pos,bad\n")
     with pytest.raises(ValueError, match="twice.csv, line 1: the header names column 'text' twice"):
         read_rows(tmp_path / "twice.csv", ["text", "label"])  # was: the last 'text' column read
+    (tmp_path / "array.json").write_text('[\n  {"text": "good", "label": 1}\n]\n')
+    with pytest.raises(ValueError, match="array.json is one JSON array; .json files are read as JSON Lines"):
+        read_rows(tmp_path / "array.json", ["text", "label"])  # was: "line 1: not valid JSON (Expecting value)"
     (tmp_path / "lists.jsonl").write_text('{"text": "good", "label": 1}\n{"text": "bad", "label": [0]}\n')
     with pytest.raises(ValueError, match=r"lists.jsonl, line 2: the 'label' value is a JSON list \(\[0\]\)"):
         read_rows(tmp_path / "lists.jsonl", ["text", "label"])  # was: a class named "[0]"
@@ -620,6 +623,9 @@ def test_a_quote_left_open_is_an_error_at_its_line_rather_than_rows_swallowed(tm
     (tmp_path / "spans.csv").write_text('text,label\n"a review\nover two lines",pos\n')
     assert read_rows(tmp_path / "spans.csv", ["text", "label"]) == [{"text": "a review\nover two lines",
                                                                      "label": "pos"}]
+    (tmp_path / "paragraphs.csv").write_text('text,label\n"Great film.\nI liked it, mostly.\nWould watch again.",pos\n'
+                                             "dull,neg\n")  # was: refused, its middle line shaped like a row
+    assert read_rows(tmp_path / "paragraphs.csv", ["text", "label"])[0]["text"].count("\n") == 2
 
 
 def test_a_csv_with_carriage_return_line_ends_and_a_text_over_three_lines_is_read(tmp_path):

@@ -27,6 +27,9 @@ def read_rows(path: str | Path, columns: list[str]) -> list[dict]:
     if suffix not in READERS:
         raise ValueError(f"data file {path}: unknown format {suffix!r}; use one of {', '.join(READERS)}")
     text = _utf8_text(path)
+    if suffix in (".jsonl", ".json") and text.lstrip().startswith("["):
+        raise ValueError(f"data file {path} is one JSON array; {suffix} files are read as JSON Lines, one object "
+                         'a line ({"text": ..., "label": ...}): write each object on a line of its own')
     if suffix in (".jsonl", ".json"):
         rows = [(number, _json_line(line, path, number)) for number, line in enumerate(_lines(text), 1)
                 if line.strip()]
@@ -91,27 +94,42 @@ def _csv_rows(text: str, path: Path, delimiter: str) -> list[tuple[int, dict]]:
     twice = next((name for i, name in enumerate(header) if name and name in header[:i]), None)  # "a,b,," is fine
     if twice is not None:
         raise ValueError(f"data file {path}, line 1: the header names column {twice!r} twice; name each column once")
-    rows = []
+    rows, spans = [], []
     for start, fields in records:
         if not fields:
             continue  # a blank line
-        _check_no_rows_swallowed(lines, start, reader.line_num, len(header), path, delimiter)
+        if reader.line_num > start:
+            spans.append((start, reader.line_num))
         if len(fields) != len(header):
+            _check_no_rows_swallowed(lines, start, reader.line_num, len(header), path, delimiter)
             raise ValueError(f"data file {path}, line {reader.line_num}: {len(fields)} fields where the header has "
                              f"{len(header)} in {_shown(lines, reader.line_num)}; quote a text that holds a "
                              f"{'tab' if delimiter == chr(9) else 'comma'}")
         rows.append((reader.line_num, dict(zip(header, fields, strict=True))))
+    values = [{str(row[name]).strip() for _, row in rows} for name in header]  # a label column's: its classes
+    for start, end in spans:
+        _check_no_rows_swallowed(lines, start, end, len(header), path, delimiter, values)
     return rows
 
 
-def _check_no_rows_swallowed(lines: list[str], start: int, end: int, fields: int, path: Path, delimiter: str) -> None:
+def _check_no_rows_swallowed(lines: list[str], start: int, end: int, fields: int, path: Path, delimiter: str,
+                             labels: list[set[str]] | None = None) -> None:
     """Refuse a quoted text running from line ``start`` to ``end`` over lines that look like rows of their own.
 
     A quote left open reads on to the next text that ends in a quote mark, taking the rows between
-    into one text; a text that really spans lines seldom has lines of the table's shape.
+    into one text; a text that really spans lines seldom has lines of the table's shape. Where the
+    table's rows are known (``labels``: the values of each column), a line of that shape looks
+    like a row only if one of its fields is a value its column holds (a class), so a paragraph with a
+    comma is text.
     """
     inner = range(start + 1, end)  # the last line holds the closing quote and the record's other fields
-    swallowed = [number for number in inner if len(lines[number - 1].split(delimiter)) == fields]
+
+    def row_like(line: str) -> bool:
+        parts = line.split(delimiter)
+        return len(parts) == fields and (labels is None or any(
+            part.strip() in known for part, known in zip(parts, labels, strict=True)))
+
+    swallowed = [number for number in inner if row_like(lines[number - 1])]
     if swallowed:
         raise ValueError(f"data file {path}, line {start}: a quote opened here runs on to line {end}, taking in "
                          f"{len(swallowed)} line(s) that look like rows of their own, such as line {swallowed[0]} "
