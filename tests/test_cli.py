@@ -463,7 +463,8 @@ def test_a_folder_of_several_tasks_adapters_is_refused_where_one_adapter_is_give
                     "test_file": str(write_data(tmp_path, f"{name}-test", sentiment_rows(8, 1))), "val_fraction": 0}
              for name in ("t1", "t2")}  # the multi-task data routes each row to its task's adapter: all load
     settings = yaml.safe_load(Path(config).read_text())
-    settings["data"] = {"class_path": "lightning_peft.data.MultiTaskData", "init_args": {"tasks": tasks}}
+    settings["data"] = {"class_path": "lightning_peft.data.MultiTaskData", "init_args": {"tasks": tasks,
+                                                                                        "max_length": 16}}
     (tmp_path / "tasks.yaml").write_text(yaml.safe_dump(settings))
     tested = run_cli("test", "--config", str(tmp_path / "tasks.yaml"), "--adapter", str(tmp_path / "tasks"))
     assert tested.returncode == 0 and "test_acc_t2" in tested.stdout + tested.stderr, tested.stderr[-2000:]

@@ -932,7 +932,7 @@ def test_data_reused_for_a_model_with_another_tokenizer_is_tokenized_with_that_o
     words = ["good", "bad", "the", "movie", "was"]
     rows = "".join(f"the movie was {word},{word}\n" for word in ["good", "bad"] * 4)
     (tmp_path / "rows.csv").write_text("text,label\n" + rows)
-    data = TextClassificationData(train_file=str(tmp_path / "rows.csv"), batch_size=4, val_fraction=0)
+    data = TextClassificationData(train_file=str(tmp_path / "rows.csv"), batch_size=4, val_fraction=0, max_length=16)
     for name, vocabulary in (("a", words), ("b", list(reversed(words)))):  # the same words under other ids
         task = SequenceClassification(str(tiny_bert_folder(tmp_path / name, vocabulary)), warmup_steps=0)
         first = FirstBatch()
