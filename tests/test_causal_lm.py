@@ -8,6 +8,7 @@ import subprocess
 import zlib
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
@@ -307,3 +308,25 @@ def test_rdb_entries_unpack_in_every_compression():
     assert assets._rdb_value(size + b"0" + value, zlib_only=False) == value
     with pytest.raises(AssetError, match="unpacked to"):
         assets._rdb_value((len(value) + 1).to_bytes(4, "big") + zlib.compress(value), zlib_only=True)
+
+
+def test_a_model_of_learned_positions_refuses_prompts_and_continuations_longer_than_them(tmp_path, tiny_lm_dir):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_lm_dir / name).exists():
+            shutil.copy(tiny_lm_dir / name, tmp_path / name)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(VOCAB), n_embd=32, n_layer=1, n_head=4, n_positions=32,
+                               eos_token_id=EOS, bos_token_id=EOS)).save_pretrained(tmp_path)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(" ".join(WORDS * 2) + "\n")  # 20 tokens
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    data = CausalLMData(predict_file=str(prompts))  # block_size 128 > 32: no matter, prompts are not cut to it
+    assert len(trainer.predict(CausalLM(str(tmp_path), max_new_tokens=4), datamodule=data)[0]) == 1
+    with pytest.raises(ValueError, match="prompts of 20 tokens and max_new_tokens 20 need 40 positions, but "
+                                         "GPT2LMHeadModel has 32 learned positions"):  # was: IndexError in generate
+        trainer.predict(CausalLM(str(tmp_path), max_new_tokens=20), datamodule=CausalLMData(predict_file=str(prompts)))
+    with pytest.raises(ValueError, match="the data's block_size is 128 tokens, but GPT2LMHeadModel has 32 learned "
+                                         "positions"):  # training blocks are that long: refused before any step
+        L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False).fit(
+            CausalLM(str(tmp_path)), datamodule=CausalLMData(train_file=str(prompts), val_fraction=0))

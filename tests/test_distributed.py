@@ -544,6 +544,7 @@ def test_the_datas_seed_orders_each_processs_training_rows():
     from lightning_peft.data.base import shuffled_loader
 
     trainer = SimpleNamespace(world_size=2, global_rank=1, fit_loop=None,
+                              strategy=SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 2, "rank": 1}),
                               _accelerator_connector=SimpleNamespace(use_distributed_sampler=True, is_distributed=True))
     rows = list(range(16))
     orders = {seed: list(shuffled_loader(rows, seed, trainer, batch_size=4).sampler) for seed in (0, 1)}

@@ -13,6 +13,7 @@ import hashlib
 import importlib.abc
 import json
 import math
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from lightning_peft import (
     PromptTuning,
     QuantizeBase,
     Selective,
+    adapter_names,
     cli,
     disable_adapters,
     load_adapter,
@@ -626,6 +628,11 @@ def test_a_quote_left_open_is_an_error_at_its_line_rather_than_rows_swallowed(tm
     (tmp_path / "paragraphs.csv").write_text('text,label\n"Great film.\nI liked it, mostly.\nWould watch again.",pos\n'
                                              "dull,neg\n")  # was: refused, its middle line shaped like a row
     assert read_rows(tmp_path / "paragraphs.csv", ["text", "label"])[0]["text"].count("\n") == 2
+    for name, text in (("numbers.csv", 'text,label\n"good movie,1\nbad movie,0\nawful plot,0\nok",1\ngreat,1\n'),
+                       ("first.csv", 'label,text\npos,"good movie\nneg,bad movie\npos,ok film"\npos,fine\n')):
+        (tmp_path / name).write_text(text)  # the swallowed rows' classes are in no row read: one word, or a number
+        with pytest.raises(ValueError, match="a quote opened here runs on"):
+            read_rows(tmp_path / name, ["text", "label"])
 
 
 def test_a_csv_with_carriage_return_line_ends_and_a_text_over_three_lines_is_read(tmp_path):
@@ -1007,5 +1014,9 @@ def test_rows_longer_than_the_models_learned_positions_are_refused_before_traini
 
 def test_an_adapter_name_that_cannot_key_a_module_dict_is_refused_in_one_line():
     for name in ("keys", "a.b", "", "training"):  # was (keys): "attribute 'keys' already exists" at injection
-        with pytest.raises(ValueError, match="adapter_name must be a non-empty name without dots"):
-            LoRA(adapter_name=name)
+        model = tiny_bert()
+        with pytest.raises(ValueError, match=f"LoRA\\[{re.escape(name)}\\]: the adapter name '{re.escape(name)}' "
+                                             "cannot name a module"):
+            LoRA(target_modules=["query"], adapter_name=name).inject(model)
+        assert not adapter_names(model)  # nothing changed
+    Selective(modules=["query"], adapter_name="keys").inject(tiny_bert())  # no module dict: any name

@@ -436,3 +436,14 @@ def test_a_model_with_a_lazy_layer_before_its_first_batch_is_refused_in_one_line
     assert type(model[0]) is nn.Linear
     model(torch.randn(2, 4))
     LoRA(r=2, target_modules=["0"]).inject(model)  # after its first batch: a plain Linear
+
+
+def test_learned_positions_are_the_fewer_of_the_table_and_the_position_ids():
+    from transformers import BertConfig, BertModel
+
+    from lightning_peft.core.models import learned_positions
+
+    model = BertModel(BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=32, max_position_embeddings=32))
+    model.embeddings.position_embeddings = nn.Embedding(64, 16)  # a table grown, its position_ids not
+    assert learned_positions(model) == 32  # was: 64, and a 48-token row failed in the forward

@@ -56,11 +56,12 @@ def import_optional(module: str, extra: str, needed_by: str) -> ModuleType:
 
 
 def check_adapter_name(owner: str, name: Any) -> None:
-    """Refuse an adapter name that cannot key the modules holding adapters: not a string, empty, dotted, or an
-    attribute every module dict has (``keys``, ``items``, ``training``...)."""
+    """Refuse an adapter name that cannot key the module dict holding a method's adapters: not a string, empty,
+    dotted, or an attribute every module dict has (``keys``, ``items``, ``training``...)."""
     if not isinstance(name, str) or not name or "." in name or hasattr(_MODULE_DICT, name):
-        raise ValueError(f"{owner} adapter_name must be a non-empty name without dots, other than the attributes of "
-                         f"a module dict (keys, items, values, update, training...); got {name!r}")
+        raise ValueError(f"{owner}: the adapter name {name!r} cannot name a module (it is empty, dotted, or an "
+                         "attribute of the module dict that holds adapters: keys, items, values, update, "
+                         "training...); give the adapter another adapter_name")
 
 
 _MODULE_DICT = nn.ModuleDict()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lightning_peft.core.checks import check_adapter_name
 from lightning_peft.core.rows import RowMask, RowSet
 
 
@@ -28,6 +29,7 @@ class PEFTModule(nn.Module):
 
     def register_adapter(self, name: str, adapter: nn.Module) -> None:
         """Store ``adapter`` under ``name`` and make it active."""
+        check_adapter_name(f"{self.method}[{name}]", name)
         self.adapters[name] = adapter
         self.active_adapters.append(name)
 

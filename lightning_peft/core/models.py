@@ -113,10 +113,13 @@ POSITION_TABLES = ("position_embeddings", "wpe", "embed_positions")  # BERT-like
 def learned_positions(model: nn.Module) -> int | None:
     """How many positions ``model``'s learned position table numbers; None for rotary, relative or ALiBi models.
 
-    RoBERTa's table starts after its padding index, and OPT's and BART's after an offset of 2.
+    RoBERTa's table starts after its padding index, and OPT's and BART's after an offset of 2; a
+    ``position_ids`` buffer shorter than the table (a table grown, Nystromformer's) is the limit.
     """
     tables = [table for name, table in model.named_modules()
               if isinstance(table, nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES]
     first = [getattr(table, "offset", 0) + (0 if table.padding_idx is None else table.padding_idx + 1)
              for table in tables]
-    return min((table.num_embeddings - start for table, start in zip(tables, first, strict=True)), default=None)
+    sizes = [table.num_embeddings - start for table, start in zip(tables, first, strict=True)]
+    ids = [buffer.shape[-1] for name, buffer in model.named_buffers() if name.rsplit(".", 1)[-1] == "position_ids"]
+    return min(sizes + ids) if sizes else None

@@ -161,7 +161,7 @@ def shuffled_loader(rows: Any, seed: int, trainer: Any, **kwargs: Any) -> Resuma
     """
     processes = getattr(trainer, "world_size", 1) or 1
     if processes > 1 and getattr(trainer._accelerator_connector, "use_distributed_sampler", True):
-        sampler = DistributedSampler(rows, num_replicas=processes, rank=trainer.global_rank, shuffle=True, seed=seed)
+        sampler = DistributedSampler(rows, **trainer.strategy.distributed_sampler_kwargs, shuffle=True, seed=seed)
     else:
         sampler = _resumable_shuffle(rows, seed, trainer)
     loader = ResumableLoader(rows, sampler=sampler, generator=torch.Generator().manual_seed(seed),

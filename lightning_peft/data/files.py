@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -112,6 +113,9 @@ def _csv_rows(text: str, path: Path, delimiter: str) -> list[tuple[int, dict]]:
     return rows
 
 
+_LABEL_LIKE = re.compile(r"[-+]?[\w.]*\w")  # one word or number (pos, 0, 4.5): a label, not a piece of text
+
+
 def _check_no_rows_swallowed(lines: list[str], start: int, end: int, fields: int, path: Path, delimiter: str,
                              labels: list[set[str]] | None = None) -> None:
     """Refuse a quoted text running from line ``start`` to ``end`` over lines that look like rows of their own.
@@ -119,15 +123,16 @@ def _check_no_rows_swallowed(lines: list[str], start: int, end: int, fields: int
     A quote left open reads on to the next text that ends in a quote mark, taking the rows between
     into one text; a text that really spans lines seldom has lines of the table's shape. Where the
     table's rows are known (``labels``: the values of each column), a line of that shape looks
-    like a row only if one of its fields is a value its column holds (a class), so a paragraph with a
-    comma is text.
+    like a row only if one of its fields is a value its column holds or one word or number (a
+    class), so a paragraph with a comma is text.
     """
     inner = range(start + 1, end)  # the last line holds the closing quote and the record's other fields
 
     def row_like(line: str) -> bool:
         parts = line.split(delimiter)
         return len(parts) == fields and (labels is None or any(
-            part.strip() in known for part, known in zip(parts, labels, strict=True)))
+            part.strip() in known or _LABEL_LIKE.fullmatch(part.strip()) for part, known in zip(parts, labels,
+                                                                                             strict=True)))
 
     swallowed = [number for number in inner if row_like(lines[number - 1])]
     if swallowed:

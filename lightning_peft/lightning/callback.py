@@ -29,7 +29,6 @@ from torch import Tensor, nn
 
 from lightning_peft.core.adapter_control import check_not_switched_off
 from lightning_peft.core.adapter_files import AdapterFormat, class_path, outside_the_file
-from lightning_peft.core.checks import check_adapter_name
 from lightning_peft.core.injection import give_new_modules_their_parents_mode, keep_pytorch_fast_paths_off, modules_of
 from lightning_peft.core.merging import check_unmerged, merged_layers
 from lightning_peft.core.models import model_root
@@ -196,7 +195,6 @@ class PEFTCallback(ModelSetupCallback):
         if isinstance(modules_to_save, str):  # list("classifier") would be its letters
             raise ValueError(f"{self.method_name} modules_to_save takes a list of module names, e.g. ['classifier']; "
                              f"got the string {modules_to_save!r}")
-        check_adapter_name(self.method_name, adapter_name)
         self.adapter_name = adapter_name
         self.checkpoint = checkpoint
         self.modules_to_save = list(modules_to_save or [])

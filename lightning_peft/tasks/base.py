@@ -78,7 +78,8 @@ class TransformersTask(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is None:
             self.model = self.build_model()
-            check_data_fits_positions(self.model, getattr(self._trainer, "datamodule", None))
+            predicting = self._trainer is not None and self.trainer.state.fn == TrainerFn.PREDICTING
+            check_data_fits_positions(self.model, getattr(self._trainer, "datamodule", None), predicting)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_methods_present(checkpoint, self)
@@ -244,12 +245,14 @@ def linear_warmup_then_decay(warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
-def check_data_fits_positions(model: nn.Module, data: Any) -> None:
+def check_data_fits_positions(model: nn.Module, data: Any, predicting: bool = False) -> None:
     """Refuse, before training, rows that may be longer than the model's learned positions: they would fail
-    mid-run, at the first text that long (a rotary or relative model has no such limit)."""
+    mid-run, at the first text that long (a rotary or relative model has no such limit). Prompts to continue are
+    not cut to ``block_size``: `CausalLM` checks each batch of them instead."""
     table = learned_positions(model)
     for part in [data, *(getattr(data, "parts", None) or {}).values()] if table is not None else []:
-        name = next((key for key in ("max_length", "block_size") if isinstance(getattr(part, key, None), int)), None)
+        keys = ("max_length",) if predicting else ("max_length", "block_size")
+        name = next((key for key in keys if isinstance(getattr(part, key, None), int)), None)
         if name is not None and getattr(part, name) > table:
             raise ValueError(f"the data's {name} is {getattr(part, name)} tokens, but {type(model).__name__} has "
                              f"{table} learned positions: give {name} at most {table}")

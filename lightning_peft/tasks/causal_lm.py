@@ -10,6 +10,7 @@ from torchmetrics import MeanMetric, Metric
 from torchmetrics.text import Perplexity
 from transformers import AutoModelForCausalLM
 
+from lightning_peft.core.models import learned_positions
 from lightning_peft.data.causal_lm import IGNORE_INDEX
 from lightning_peft.tasks.base import TransformersTask
 from lightning_peft.tasks.chunked_loss import (
@@ -163,6 +164,11 @@ class CausalLM(TransformersTask):
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[str]:
         """Greedy continuations of the (left-padded) prompts, decoded without the prompts."""
+        table, length = learned_positions(self.model), batch["input_ids"].shape[1] + self.hparams.max_new_tokens
+        if table is not None and length > table:
+            raise ValueError(f"prompts of {batch['input_ids'].shape[1]} tokens and max_new_tokens "
+                             f"{self.hparams.max_new_tokens} need {length} positions, but {type(self.model).__name__} "
+                             f"has {table} learned positions: give shorter prompts or fewer max_new_tokens")
         generated = self.model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                         max_new_tokens=self.hparams.max_new_tokens, do_sample=False,
                                         pad_token_id=self.tokenizer.pad_token_id)
