@@ -192,8 +192,9 @@ class PEFTCLI(LightningCLI):
 
     def _check_processes(self) -> None:
         """Refuse here, once, what each process the strategy starts would refuse after building the model."""
-        if setup_callbacks(self.trainer):
-            check_launcher(self.trainer, type(setup_callbacks(self.trainer)[0]).__name__)
+        setups = setup_callbacks(self.trainer)
+        if setups:
+            check_launcher(self.trainer, type(setups[0]).__name__)
         if self.subcommand == "predict" and self.trainer.world_size > 1:
             raise ConfigError("predict prints its predictions in input order from one process: run it with "
                               "--trainer.devices=1 (and one node)")

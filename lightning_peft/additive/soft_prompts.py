@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 
-from lightning_peft.core.models import POSITION_TABLES, learned_positions
+from lightning_peft.core.models import POSITION_TABLES, learned_positions, row_lengths
 
 CACHE_ARGUMENTS = ("cache", "past_key_values")  # transformers 5 name, then the deprecated one
 
@@ -142,8 +142,7 @@ def check_positions_fit(table: int | None, model: nn.Module, method: str, virtua
 def check_data_fits_positions(trainer: Any, model: nn.Module, method: str, virtual: int) -> None:
     """Refuse, before training, a data module whose longest rows would overrun the position table mid-run."""
     data = getattr(trainer, "datamodule", None)
-    length = getattr(data, "max_length", None) or getattr(data, "block_size", None)
-    if isinstance(length, int):
+    for _, length in row_lengths(data):
         check_positions_fit(learned_positions(model), model, method, virtual, length,
                             f"the data's {type(data).__name__} max_length/block_size")
 

@@ -342,8 +342,9 @@ def save_adapter(module: nn.Module, path: PathLike, adapter_name: str = "default
     tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in file_tensors(module, ref, own).items()}
     config = json.dumps(_jsonable(file_config(module, ref)), indent=2)
     metadata = {"format": "pt", DIGEST_KEY: tensor_digest(tensors)}
-    if class_names(root):  # a classifier's classes travel with its adapter (and head)
-        metadata[LABELS_KEY] = json.dumps(class_names(root))
+    names = class_names(root)
+    if names:  # a classifier's classes travel with its adapter (and head)
+        metadata[LABELS_KEY] = json.dumps(names)
     folder = Path(path)
     atomic_write_all({folder / WEIGHTS_FILE: lambda tmp: write_safetensors(tensors, tmp, metadata),
                       folder / CONFIG_FILE: lambda tmp: tmp.write_text(config)})

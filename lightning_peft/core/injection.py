@@ -5,12 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from torch import nn
-from torch.nn.utils.prune import BasePruningMethod
-from torch.nn.utils.spectral_norm import SpectralNorm
-from torch.nn.utils.weight_norm import WeightNorm
 
 from lightning_peft.core.layer import PEFTLayer, PEFTModule
 from lightning_peft.core.ownership import carry_claims
+from lightning_peft.core.weights import weight_hooks
 
 
 class ModulePlaces:
@@ -47,7 +45,6 @@ class ModulePlaces:
         self._note_children(new)  # a wrapper holds ``old`` (and its adapters) now
 
 
-_WEIGHT_HOOKS = (WeightNorm, SpectralNorm, BasePruningMethod)  # pre-hooks that compute a module's own weight
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
                "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
 
@@ -62,7 +59,7 @@ def carry_hooks(old: nn.Module, new: nn.Module) -> None:
     """
     if not any(old.__dict__.get(name) for name in _HOOK_DICTS) or any(new.__dict__.get(name) for name in _HOOK_DICTS):
         return
-    if any(isinstance(hook, _WEIGHT_HOOKS) for hook in old._forward_pre_hooks.values()):
+    if weight_hooks(old):
         return
     for name in _HOOK_DICTS:
         if name in old.__dict__ and name in new.__dict__:

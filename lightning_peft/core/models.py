@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -123,3 +124,15 @@ def learned_positions(model: nn.Module) -> int | None:
     sizes = [table.num_embeddings - start for table, start in zip(tables, first, strict=True)]
     ids = [buffer.shape[-1] for name, buffer in model.named_buffers() if name.rsplit(".", 1)[-1] == "position_ids"]
     return min(sizes + ids) if sizes else None
+
+
+def row_lengths(data: Any, predicting: bool = False) -> list[tuple[str, int]]:
+    """The lengths a data module cuts its rows to, by setting (``max_length``, ``block_size``), with each task's of a
+    MultiTaskData; prompts to continue (``predicting``) are not cut to ``block_size``."""
+    keys = ("max_length",) if predicting else ("max_length", "block_size")
+    found = []
+    for part in [data, *(getattr(data, "parts", None) or {}).values()] if data is not None else []:
+        name = next((key for key in keys if isinstance(getattr(part, key, None), int)), None)
+        if name is not None:
+            found.append((name, getattr(part, name)))
+    return found

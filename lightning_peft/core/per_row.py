@@ -20,7 +20,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from lightning_peft.core.layer import PEFTModule
 from lightning_peft.core.merging import merged_layers
-from lightning_peft.core.ownership import adapter_refs, owners
+from lightning_peft.core.ownership import AdapterRef, adapter_refs, owners
 from lightning_peft.core.rows import RowMask, RowSet
 from lightning_peft.core.targeting import base_parameters
 
@@ -287,27 +287,31 @@ def _check_no_row_names_a_shared_adapter(module: nn.Module, names: list) -> None
         return
     base = {id(b.param): b.name for b in base_parameters(module)}
     claimed = owners(module)
-    own: dict[str, list[str]] = {}
+    own: dict[AdapterRef, list[str]] = {}  # each adapter of the model's own parameters: their names
     for param, ref in claimed.items():
         if param in base:
-            own.setdefault(ref.name, []).append(base[param])
-    shared = {ref for param, ref in claimed.items() if param in base}
-    parts_of = {claimed.get(id(param)) for part in module.modules() if isinstance(part, PEFTModule)
-                for param in part.adapters.parameters()}  # the refs that hold parts of their own (a head's copy)
-    split = next((ref.name for ref in shared if ref in parts_of), None)
-    if None in names and split is not None:
-        raise ValueError(f"per_row_adapters: a row names no adapter, but '{split}' trains the model's own parameters "
-                         f"({', '.join(own[split][:3])}{', ...' if len(own[split]) > 3 else ''}), which serve every "
-                         "row, and copies of modules of its own (its head), which go to its rows only: a row of no "
-                         f"adapter would compute with part of it. Name '{split}' for those rows, or run them on a "
-                         "model without it")
-    named = next((name for name in names if name in own), None)
+            own.setdefault(ref, []).append(base[param])
+    if None in names and own:
+        parts_of = {claimed.get(id(param)) for part in module.modules() if isinstance(part, PEFTModule)
+                    for param in part.adapters.parameters()}  # the refs that hold parts of their own (a head's copy)
+        split = next((ref for ref in own if ref in parts_of), None)
+        if split is not None:
+            raise ValueError(f"per_row_adapters: a row names no adapter, but '{split.name}' trains the model's own "
+                             f"parameters ({_some(own[split])}), which serve every row, and copies of modules of its "
+                             "own (its head), which go to its rows only: a row of no adapter would compute with part "
+                             f"of it. Name '{split.name}' for those rows, or run them on a model without it")
+    named = next((ref for name in names for ref in own if ref.name == name), None)
     if named is not None:
-        raise ValueError(f"per_row_adapters: rows name '{named}', whose adapter trains the model's own parameters "
-                         f"({', '.join(own[named][:3])}{', ...' if len(own[named]) > 3 else ''}): they serve every "
-                         f"row, so the rows of other adapters would compute with '{named}' too. Route adapters that "
-                         "add parts of their own (LoRA, IA3, Adapter, PromptTuning); one that trains the model's "
-                         "parameters goes to every row or to none")
+        raise ValueError(f"per_row_adapters: rows name '{named.name}', whose adapter trains the model's own "
+                         f"parameters ({_some(own[named])}): they serve every row, so the rows of other adapters "
+                         f"would compute with '{named.name}' too. Route adapters that add parts of their own (LoRA, "
+                         "IA3, Adapter, PromptTuning); one that trains the model's parameters goes to every row or to "
+                         "none")
+
+
+def _some(names: list[str]) -> str:
+    """The first three of ``names``, and ``...`` for more."""
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
 
 
 def _adapter_names(module: nn.Module) -> list[str]:

@@ -20,6 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.nn.utils import parametrize
+from torch.nn.utils.prune import BasePruningMethod
+from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from lightning_peft.core.checks import import_optional
@@ -61,10 +63,19 @@ def write_weight(layer: nn.Module, weight: Tensor, warn: bool = True) -> None:
         layer.weight.copy_(weight.to(layer.weight.dtype))
 
 
+WEIGHT_HOOKS = (WeightNorm, SpectralNorm, BasePruningMethod)  # pre-hooks that compute a module's own weight
+
+
+def weight_hooks(layer: nn.Module) -> list:
+    """The forward pre-hooks that compute ``layer``'s own weight before each call: the old weight_norm and
+    spectral_norm, pruning (whatever is written into the weight is lost at the next call)."""
+    return [hook for hook in layer._forward_pre_hooks.values() if isinstance(hook, WEIGHT_HOOKS)]
+
+
 def recomputed_in_each_forward(layer: nn.Module) -> bool:
     """Whether the old ``torch.nn.utils.weight_norm`` hook recomputes ``layer``'s weight from ``weight_g`` and
-    ``weight_v`` before each forward (whatever is written into the weight is lost at the next call)."""
-    return any(isinstance(hook, WeightNorm) for hook in layer._forward_pre_hooks.values())
+    ``weight_v`` before each forward."""
+    return any(isinstance(hook, WeightNorm) for hook in weight_hooks(layer))
 
 
 @torch.no_grad()

@@ -435,11 +435,11 @@ def check_weight_averaging(trainer: L.Trainer, module: nn.Module) -> None:
                      None)
     if averaging is None or trainer.state.fn != TrainerFn.FITTING:
         return
-    name = type(averaging).__name__
-    if trainer.callbacks.index(averaging) < trainer.callbacks.index(setup_callbacks(trainer)[0]):
+    name, setups = type(averaging).__name__, setup_callbacks(trainer)
+    if trainer.callbacks.index(averaging) < trainer.callbacks.index(setups[0]):
         raise ValueError(f"{name} comes before the PEFT callbacks in trainer.callbacks, so it would copy the model "
                          "before they change it (and fail on its first update): list it after them")
-    if any(cb.replaces_base_layers for cb in setup_callbacks(trainer)) or any(map(is_quantized, module.modules())):
+    if any(cb.replaces_base_layers for cb in setups) or any(map(is_quantized, module.modules())):
         raise ValueError(f"{name} averages every parameter of the model, a quantized base's codes too, which it "
                          "would change (their average is no code): leave it out, or train a base not quantized")
     rank_zero_warn(f"{name} keeps an average of every parameter, the frozen base's too: its checkpoints hold the "

@@ -223,11 +223,12 @@ class AdapterCheckpointIO(CheckpointIO):
         module = self.trainer.lightning_module
         check_unmerged(module, f"checkpoint {path}", "to save the adapters as tensors of their own, which a resume "
                        "and export read")
-        if self.adapter_only() and not adapter_refs(module):  # OnExceptionCheckpoint after a failed setup, undone
-            rank_zero_warn(f"checkpoint {path} was not written: the model holds no adapter (the run failed before "
-                           "its PEFT methods changed the model, or that was undone), so there is nothing to resume")
-            return
         if self.adapter_only():
+            if not adapter_refs(module):  # OnExceptionCheckpoint after a failed setup, undone
+                rank_zero_warn(f"checkpoint {path} was not written: the model holds no adapter (the run failed before "
+                               "its PEFT methods changed the model, or that was undone), so there is nothing to "
+                               "resume")
+                return
             checkpoint = keep_adapter_only(checkpoint, module)
         checkpoint = with_adapter_digest(checkpoint, module)
         numbered = "model" if isinstance(self.trainer.strategy, ModelParallelStrategy) else "optimizer"

@@ -264,8 +264,8 @@ class LoRALinear(LoRALayer):
         the fused path's ``out=`` products, which autograd refuses).
         """
         base = self.base_layer
-        routed = self.row_adapters is not None or torch.compiler.is_exporting()
-        if routed or args or kwargs or len(self.active_adapters) != 1 or type(base) is not nn.Linear:
+        plain = self.row_adapters is not None or torch.compiler.is_exporting()
+        if plain or args or kwargs or len(self.active_adapters) != 1 or type(base) is not nn.Linear:
             return None
         adapter = self.adapters[self.active_adapters[0]]
         frozen = not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from lightning_peft.core.adapter_files import class_path
 from lightning_peft.core.checks import check_choice, check_positive_number
-from lightning_peft.core.models import learned_positions
+from lightning_peft.core.models import learned_positions, row_lengths
 from lightning_peft.core.ownership import owners
 from lightning_peft.core.weights import import_bitsandbytes
 from lightning_peft.lightning.checkpointing import check_methods_present
@@ -79,7 +79,7 @@ class TransformersTask(L.LightningModule):
         if self.model is None:
             self.model = self.build_model()
             predicting = self._trainer is not None and self.trainer.state.fn == TrainerFn.PREDICTING
-            check_data_fits_positions(self.model, getattr(self._trainer, "datamodule", None), predicting)
+            check_rows_fit_positions(self.model, getattr(self._trainer, "datamodule", None), predicting)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_methods_present(checkpoint, self)
@@ -245,14 +245,12 @@ def linear_warmup_then_decay(warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
-def check_data_fits_positions(model: nn.Module, data: Any, predicting: bool = False) -> None:
+def check_rows_fit_positions(model: nn.Module, data: Any, predicting: bool = False) -> None:
     """Refuse, before training, rows that may be longer than the model's learned positions: they would fail
     mid-run, at the first text that long (a rotary or relative model has no such limit). Prompts to continue are
     not cut to ``block_size``: `CausalLM` checks each batch of them instead."""
     table = learned_positions(model)
-    for part in [data, *(getattr(data, "parts", None) or {}).values()] if table is not None else []:
-        keys = ("max_length",) if predicting else ("max_length", "block_size")
-        name = next((key for key in keys if isinstance(getattr(part, key, None), int)), None)
-        if name is not None and getattr(part, name) > table:
-            raise ValueError(f"the data's {name} is {getattr(part, name)} tokens, but {type(model).__name__} has "
-                             f"{table} learned positions: give {name} at most {table}")
+    for name, length in row_lengths(data, predicting) if table is not None else []:
+        if length > table:
+            raise ValueError(f"the data's {name} is {length} tokens, but {type(model).__name__} has {table} learned "
+                             f"positions: give {name} at most {table}")
