@@ -319,20 +319,33 @@ def test_merging_into_a_spectral_normed_layer_is_refused_before_any_change():
     assert sum(isinstance(m, LoRALayer) for m in model.modules()) == 2  # the first layer was not merged either
 
 
+def _layer_whose_weight_is_computed(how: str) -> nn.Linear:
+    """An nn.Linear whose weight a parametrization or a pre-hook computes (weight_norm, spectral_norm, pruning)."""
+    layer = nn.Linear(8, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the old weight_norm hook is deprecated
+        if how == "prune":
+            return nn.utils.prune.l1_unstructured(layer, "weight", amount=0.5)
+        return {"parametrization": nn.utils.parametrizations.weight_norm, "weight_norm hook": nn.utils.weight_norm,
+                "spectral_norm hook": nn.utils.spectral_norm}[how](layer)
+
+
 @pytest.mark.parametrize("method", ["lora", "ia3"])
 def test_merging_into_a_weight_rewritten_in_each_forward_is_refused_before_any_change(method):
     torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the old weight_norm is deprecated
-        hooked = nn.utils.weight_norm(nn.Linear(8, 6))
-    cases = {"hook": (nn.Sequential(nn.Linear(8, 8), hooked), torch.randn(3, 8), "computed from weight_g and weight_v"),
-             "max_norm": (nn.Sequential(nn.Embedding(10, 8, max_norm=1.0), nn.Linear(8, 8)), torch.tensor([[1, 2, 3]]),
-                          r"renormalizes its rows in place \(nn.Embedding max_norm\)")}
+    hooked = "is recomputed before every forward by a {} hook"
+    cases = {how: (nn.Sequential(nn.Linear(8, 8), _layer_whose_weight_is_computed(how)), torch.randn(3, 8),
+                   hooked.format(kind))
+             for how, kind in [("weight_norm hook", "WeightNorm"), ("spectral_norm hook", "SpectralNorm"),
+                               ("prune", "L1Unstructured")]}
+    cases["max_norm"] = (nn.Sequential(nn.Embedding(10, 8, max_norm=1.0), nn.Linear(8, 8)), torch.tensor([[1, 2, 3]]),
+                         r"renormalizes its rows in place \(nn.Embedding max_norm\)")
     for case, (model, x, refusal) in cases.items():
         if method == "ia3" and case == "max_norm":
             continue  # IA3 adapts no embedding
+        model.eval()  # spectral_norm's hook also moves its power iteration in training
         callback = LoRA(r=2, target_modules=r"\d") if method == "lora" else IA3(target_modules=r"\d",
-                                                                              feedforward_modules=[])
+                                                                               feedforward_modules=[])
         callback.inject(model)
         with torch.no_grad():
             for param in model.parameters():
@@ -357,7 +370,7 @@ def test_the_old_weight_norm_hook_stays_with_the_weight_it_computes():
     with torch.no_grad():
         model[0].base_layer.weight_g.mul_(2)
     assert not torch.allclose(model(x), before)  # was: the hook moved to the wrapper, the base weight frozen
-    with pytest.raises(ValueError, match="computed from weight_g and weight_v"):
+    with pytest.raises(ValueError, match="recomputed before every forward by a WeightNorm hook"):
         merge(model)
 
 
@@ -398,17 +411,13 @@ def test_a_layer_of_a_sequential_with_a_parametrized_weight_is_a_target():
     assert isinstance(model[0], LoRALayer)
 
 
-@pytest.mark.parametrize("weight_norm", ["parametrization", "hook"])
-def test_pissa_on_a_weight_normed_layer_is_refused_and_the_model_kept(weight_norm):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the old weight_norm hook is deprecated
-        normed = (nn.utils.parametrizations.weight_norm if weight_norm == "parametrization" else
-                  nn.utils.weight_norm)(nn.Linear(8, 6))
-    model = nn.Sequential(normed)
+@pytest.mark.parametrize("how", ["parametrization", "weight_norm hook", "spectral_norm hook", "prune"])
+def test_pissa_on_a_layer_whose_weight_is_computed_is_refused_and_the_model_kept(how):
+    model = nn.Sequential(_layer_whose_weight_is_computed(how)).eval()
     x = torch.randn(3, 8)
     before = model(x).detach()
-    with pytest.raises(ValueError, match="computed by a parametrization"):  # was (hook): a forward that failed
-        LoRA(r=2, init="pissa", target_modules="0").inject(model)
+    with pytest.raises(ValueError, match="computed by a parametrization or hook"):  # was: a failed forward (old
+        LoRA(r=2, init="pissa", target_modules="0").inject(model)  # weight_norm), "cannot assign" (spectral, prune)
     assert not any(isinstance(m, LoRALayer) for m in model.modules())
     torch.testing.assert_close(model(x), before, rtol=0, atol=0)
 

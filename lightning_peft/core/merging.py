@@ -14,7 +14,7 @@ from lightning_peft.core.injection import ModulePlaces, peft_layers
 from lightning_peft.core.layer import PEFTLayer, PEFTModule, innermost_base
 from lightning_peft.core.models import transformers_models
 from lightning_peft.core.ownership import holders
-from lightning_peft.core.weights import quantized_codes, recomputed_in_each_forward, restore_quantized_codes
+from lightning_peft.core.weights import quantized_codes, restore_quantized_codes, weight_hooks
 
 _MERGED = "_lightning_peft_merged"  # on a parent module: {child name: the PEFT layer merged there}
 _CODES = "_lightning_peft_codes"  # on a merged layer over a quantized base: the base's codes before the merge
@@ -125,8 +125,9 @@ def _check_weights_writable(module: nn.Module) -> None:
     """Refuse, before any change, a merge into a weight that something else computes or rewrites in a forward.
 
     weight_norm's parametrization has its originals solved exactly from the weight written; spectral_norm's (or
-    another's) have not, the old weight_norm hook recomputes the weight in every forward, and an embedding with
-    ``max_norm`` renormalizes its rows in place (the merged update with them, for good).
+    another's) have not, the old weight_norm and spectral_norm hooks and pruning recompute the weight in every
+    forward, and an embedding with ``max_norm`` renormalizes its rows in place (the merged update with them, for
+    good).
     """
     for name, layer in peft_layers(module):
         base = innermost_base(layer)
@@ -136,10 +137,11 @@ def _check_weights_writable(module: nn.Module) -> None:
                 raise ValueError(f"merge: the weight of '{name}' is computed by a parametrization ({', '.join(kinds)}) "
                                  "that a merged weight cannot be written through exactly; nothing was merged. "
                                  "Only weight_norm's can")
-        if recomputed_in_each_forward(base):
-            raise ValueError(f"merge: the weight of '{name}' is computed from weight_g and weight_v in every forward "
-                             "(the old torch.nn.utils.weight_norm), which would overwrite a merged weight; nothing "
-                             "was merged. torch.nn.utils.parametrizations.weight_norm's weight can be merged into")
+        if hooks := weight_hooks(base):
+            raise ValueError(f"merge: the weight of '{name}' is recomputed before every forward by a "
+                             f"{', '.join(type(hook).__name__ for hook in hooks)} hook (the old weight_norm or "
+                             "spectral_norm, or pruning), which would overwrite a merged weight; nothing was merged. "
+                             "torch.nn.utils.parametrizations.weight_norm's weight can be merged into")
         if isinstance(base, nn.Embedding) and base.max_norm is not None:
             raise ValueError(f"merge: '{name}' renormalizes its rows in place (nn.Embedding max_norm), a merged "
                              "update with them, which unmerge could not take back out; nothing was merged")

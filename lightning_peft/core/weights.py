@@ -72,12 +72,6 @@ def weight_hooks(layer: nn.Module) -> list:
     return [hook for hook in layer._forward_pre_hooks.values() if isinstance(hook, WEIGHT_HOOKS)]
 
 
-def recomputed_in_each_forward(layer: nn.Module) -> bool:
-    """Whether the old ``torch.nn.utils.weight_norm`` hook recomputes ``layer``'s weight from ``weight_g`` and
-    ``weight_v`` before each forward."""
-    return any(isinstance(hook, WeightNorm) for hook in weight_hooks(layer))
-
-
 @torch.no_grad()
 def replace_weight(layer: nn.Module, weight: Tensor) -> None:
     """Give ``layer`` a new weight tensor (quantized when it is quantized), leaving the old tensor untouched.
@@ -86,10 +80,10 @@ def replace_weight(layer: nn.Module, weight: Tensor) -> None:
     (a rollback record) still has it.
     """
     layer = innermost_base(layer)
-    if parametrize.is_parametrized(layer, "weight") or recomputed_in_each_forward(layer):
-        raise ValueError(f"the weight of this {type(layer).__name__} is computed by a parametrization (weight_norm, "
-                         "say), which cannot take a new tensor; use another init for it (init='pissa' replaces "
-                         "the base weight)")
+    if parametrize.is_parametrized(layer, "weight") or weight_hooks(layer):
+        raise ValueError(f"the weight of this {type(layer).__name__} is computed by a parametrization or hook "
+                         "(weight_norm, spectral_norm or pruning, say), which cannot take a new tensor; use another "
+                         "init for it (init='pissa' replaces the base weight)")
     if is_quantized(layer):
         replace_quantized_weight(layer, weight, warn=False)
     else:
