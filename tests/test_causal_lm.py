@@ -330,3 +330,23 @@ def test_a_model_of_learned_positions_refuses_prompts_and_continuations_longer_t
                                          "positions"):  # training blocks are that long: refused before any step
         L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False).fit(
             CausalLM(str(tmp_path)), datamodule=CausalLMData(train_file=str(prompts), val_fraction=0))
+
+
+def test_predict_stops_at_the_tokenizers_end_token_where_the_model_config_names_none(tiny_lm_dir, tokenizer):
+    task = CausalLM(model=str(tiny_lm_dir), max_new_tokens=4)
+    task.configure_model()
+    task.model.eval().generation_config.eos_token_id = None  # a base whose config names no end token
+
+    def end_then_six(module, args, kwargs, output):
+        """Logits that answer the end token (which `CausalLMData` ends each trained row with), and "six" after it."""
+        after_end = kwargs["input_ids"][:, -1] == EOS
+        output.logits[:, -1] = -1e4
+        output.logits[:, -1, EOS] = torch.where(after_end, -1e4, 1e4)
+        output.logits[:, -1, ID["six"]] = torch.where(after_end, 1e4, -1e4)
+        return output
+
+    task.model.register_forward_hook(end_then_six, with_kwargs=True)
+    batch = tokenizer(["one two", "three"], return_tensors="pt", padding=True, padding_side="left")
+    assert task.predict_step(dict(batch), 0) == ["", ""]  # was: "six six", generated past the end token
+    with pytest.raises(ValueError, match="CausalLM max_new_tokens must be a positive integer, got 0"):
+        CausalLM(model=str(tiny_lm_dir), max_new_tokens=0)  # was: accepted, failing in transformers at predict

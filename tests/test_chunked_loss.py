@@ -155,6 +155,18 @@ def test_float16_autocast_takes_the_models_own_loss(tiny_lm_dir):  # noqa: F811
     assert task.use_chunked_loss  # only that step
 
 
+def test_per_row_soft_prompts_of_several_lengths_take_the_models_own_loss_without_turning_it_off(
+        tiny_lm_dir):  # noqa: F811
+    from lightning_peft import per_row_adapters
+
+    model = PromptTuning(num_virtual_tokens=2, adapter_name="a").inject(tiny_llama())
+    task = _task(tiny_lm_dir, PromptTuning(num_virtual_tokens=4, adapter_name="b").inject(model))
+    with warnings.catch_warnings(), per_row_adapters(task.model, ["a", "b", None]):
+        warnings.simplefilter("error")  # was: "transforms or copies its logits", the chunked loss off for good
+        assert task.chunked_loss(_batch()) is None
+    assert task.use_chunked_loss and task.chunked_loss(_batch()) is not None
+
+
 def test_falling_back_leaves_the_random_state_as_a_plain_step_finds_it(tiny_lm_dir):  # noqa: F811
     from transformers import Gemma2Config, Gemma2ForCausalLM
 

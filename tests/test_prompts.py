@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from architectures import mixtral
 from torch import nn
 
 from lightning_peft import (
@@ -769,3 +770,15 @@ def test_decoding_step_by_step_from_left_padded_rows_continues_their_positions()
         padded = decode(inputs["input_ids"], inputs["attention_mask"])[0]
         alone = decode(inputs["input_ids"][:1, 2:], inputs["attention_mask"][:1, 2:])[0]
     torch.testing.assert_close(padded, alone, rtol=0, atol=1e-5)
+
+
+def test_prefix_tuning_refuses_a_router_loss_over_the_mask_it_widens_and_keeps_the_rest():
+    torch.manual_seed(0)
+    model = PrefixTuning(4, projection=False).inject(mixtral())
+    ids = torch.randint(4, 128, (2, 9))
+    model.config.output_router_logits = True
+    with pytest.raises(ValueError, match="PrefixTuning cannot train MixtralForCausalLM with output_router_logits=True"):
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)  # was: a size mismatch in transformers
+    assert torch.isfinite(model(input_ids=ids, labels=ids).loss)  # no mask: the router loss over the real tokens
+    model.config.output_router_logits = False
+    assert torch.isfinite(model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss)

@@ -137,6 +137,7 @@ class PrefixInjector(PEFTModule):
                                 cached_length(cache) - self.active_virtual_tokens() + shape[1], GENERATED)
         kwargs[self._cache_argument] = cache
         n = self.active_virtual_tokens()
+        _check_no_router_loss_over_a_widened_mask(model, kwargs)
         widen_attention_mask(kwargs, n, cached_length(cache) + shape[1])
         shift_position_ids(kwargs, n, with_virtual=False)
         return (), kwargs
@@ -160,6 +161,19 @@ class PrefixInjector(PEFTModule):
             cache.update(key, value, layer)
         mark_prefix_cache(cache, cached_length(cache))
         return cache
+
+
+def _check_no_router_loss_over_a_widened_mask(model: nn.Module, kwargs: dict[str, Any]) -> None:
+    """Refuse a mixture-of-experts forward whose router loss transformers computes with the attention mask the
+    prefix widens: its router logits cover the real tokens only (a shape error deep in the model, as in peft)."""
+    wanted = kwargs.get("output_router_logits")
+    if wanted is None:
+        wanted = getattr(model.config, "output_router_logits", False)
+    if wanted and kwargs.get("attention_mask") is not None:
+        raise ValueError(f"PrefixTuning cannot train {type(model).__name__} with output_router_logits=True and an "
+                         "attention mask: transformers computes the router's load-balancing loss with the mask the "
+                         "prefix widens. Set model.config.output_router_logits = False, or train PromptTuning or "
+                         "LoRA")
 
 
 class PrefixTuning(PEFTCallback):

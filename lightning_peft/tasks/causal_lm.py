@@ -10,6 +10,8 @@ from torchmetrics import MeanMetric, Metric
 from torchmetrics.text import Perplexity
 from transformers import AutoModelForCausalLM
 
+from lightning_peft.core.checks import check_positive_int
+from lightning_peft.core.layer import routed_per_row
 from lightning_peft.core.models import learned_positions
 from lightning_peft.data.causal_lm import IGNORE_INDEX
 from lightning_peft.tasks.base import TransformersTask
@@ -45,7 +47,9 @@ class CausalLM(TransformersTask):
         weight_decay: AdamW's weight decay, a finite number, at least zero.
         warmup_steps: optimizer steps of linear warmup from zero, an integer at least zero; the
             learning rate then decays linearly to zero at the last step.
-        max_new_tokens: the most tokens generated per prompt in ``predict``.
+        max_new_tokens: the most tokens generated per prompt in ``predict``, a positive integer;
+            generation stops earlier at the model's end token or the tokenizer's (with which the
+            data ends each trained row).
         trust_remote_code: allow model and tokenizer code from the model folder (off: safe by default).
         optimizer: ``"adamw"`` (torch) or ``"adamw8bit"`` (bitsandbytes, 8-bit moment estimates).
         chunked_loss: compute the training loss with the output projection, a few rows at a time, so
@@ -55,8 +59,8 @@ class CausalLM(TransformersTask):
             autocast computes in float16 (whose loss scaling comes after the gradient is made).
 
     Raises:
-        ValueError: when ``optimizer``, ``learning_rate``, ``weight_decay`` or ``warmup_steps`` is
-            not an allowed value.
+        ValueError: when ``optimizer``, ``learning_rate``, ``weight_decay``, ``warmup_steps`` or
+            ``max_new_tokens`` is not an allowed value.
         FileNotFoundError: when ``model`` is neither a built-in name nor a folder with a
             ``config.json``.
         ImportError: when ``optimizer="adamw8bit"`` and bitsandbytes is not installed or fails to
@@ -79,6 +83,7 @@ class CausalLM(TransformersTask):
     def __init__(self, model: str = "smollm2-135m", learning_rate: float = 2e-4, weight_decay: float = 0.0,
                  warmup_steps: int = 20, max_new_tokens: int = 64, trust_remote_code: bool = False,
                  optimizer: str = "adamw", chunked_loss: bool = True) -> None:
+        check_positive_int(type(self).__name__, "max_new_tokens", max_new_tokens)
         super().__init__(model=model, learning_rate=learning_rate, weight_decay=weight_decay,
                          warmup_steps=warmup_steps, trust_remote_code=trust_remote_code, optimizer=optimizer)
         self.save_hyperparameters()
@@ -110,8 +115,8 @@ class CausalLM(TransformersTask):
         """The model's mean next-token loss without full logits, or None where that would not be exact."""
         head = self.model.get_output_embeddings()
         device = batch["input_ids"].device
-        if not plain_linear_head(head) or "labels" not in batch or fp16_autocast(device):
-            return None
+        if not plain_linear_head(head) or "labels" not in batch or fp16_autocast(device) or routed_per_row(self.model):
+            return None  # per row, soft prompts of several lengths gather each row's logits: the model's own loss
         rng = rng_state(device)
         with capturing_head_input(head) as captured:
             output = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
@@ -171,8 +176,16 @@ class CausalLM(TransformersTask):
                              f"has {table} learned positions: give shorter prompts or fewer max_new_tokens")
         generated = self.model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                         max_new_tokens=self.hparams.max_new_tokens, do_sample=False,
-                                        pad_token_id=self.tokenizer.pad_token_id)
+                                        pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self._end_tokens())
         return self.tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    def _end_tokens(self) -> list[int] | None:
+        """The model's end tokens and the tokenizer's, with which `CausalLMData` ends each trained row."""
+        ends = self.model.generation_config.eos_token_id
+        ends = [] if ends is None else [ends] if isinstance(ends, int) else list(ends)
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ends:
+            ends.append(self.tokenizer.eos_token_id)
+        return ends or None
 
 
 def _sum_in_float32(*metrics: Metric) -> None:
