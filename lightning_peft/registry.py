@@ -16,7 +16,6 @@ from typing import Any
 from torch import nn
 
 from lightning_peft.additive import IA3, Adapter, PrefixTuning, PromptTuning
-from lightning_peft.core.adapter_control import check_not_switched_off
 from lightning_peft.core.adapter_files import (
     CLASS_KEY,
     CONFIG_FILE,
@@ -28,6 +27,7 @@ from lightning_peft.core.adapter_files import (
     take_class_names,
 )
 from lightning_peft.core.files import PathLike
+from lightning_peft.core.layer import check_not_switched_off
 from lightning_peft.core.models import model_root, warn_of_other_models
 from lightning_peft.core.ownership import AdapterRef, adapter_refs, freeze_unclaimed
 from lightning_peft.core.rollback import all_or_nothing

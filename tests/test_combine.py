@@ -12,7 +12,7 @@ from lightning_peft.core.injection import peft_layers
 from lightning_peft.core.layer import PEFTModule
 from lightning_peft.lora.layers import LoRALayer
 
-from conftest import VOCAB, tiny_llama
+from conftest import VOCAB, tiny_bert, tiny_llama
 
 IDS = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
 
@@ -201,3 +201,17 @@ def test_bad_combinations_are_one_clear_error_and_change_nothing():
     assert dict(model.named_parameters()).keys() == before.keys()
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     set_adapter(model, "a")  # the model still works as it did
+
+
+def test_modules_trained_whole_combine_as_task_vectors_and_one_input_at_weight_one_is_itself():
+    heads = {"modules_to_save": ["classifier"]}
+    model = with_adapters(tiny_bert(), LoRA(r=2, target_modules=["query"], adapter_name="a", **heads),
+                          LoRA(r=2, target_modules=["value"], adapter_name="b", **heads))
+    combine_adapters(model, {"a": 1.0}, new_name="a_again", how="cat")
+    torch.testing.assert_close(logits(model, "a_again"), logits(model, "a"), atol=1e-6, rtol=1e-6)  # was: the
+    combine_adapters(model, {"a": 0.7, "b": -0.3}, new_name="ab", how="cat")  # original, untrained head computed
+    head = model.classifier
+    for tensor in ("weight", "bias"):
+        original, a, b = (getattr(m, tensor) for m in (head.base_layer, head.adapters["a"], head.adapters["b"]))
+        torch.testing.assert_close(getattr(head.adapters["ab"], tensor), original + 0.7 * (a - original) - 0.3 * (
+            b - original))

@@ -131,3 +131,16 @@ def test_a_swap_that_would_compute_against_other_base_weights_or_another_activat
     ids = torch.randint(0, VOCAB, (2, 6))
     torch.testing.assert_close(logits(hotswap_adapter(model, folder), ids), fresh(base, folder, ids),
                                atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["linear", "ties", "dare_linear", "dare_ties"])
+def test_combining_and_hotswapping_keep_to_the_adapters_device(tmp_path, how):
+    from lightning_peft import combine_adapters
+
+    save_adapter(LoRA(r=2, target_modules=["q_proj"]).inject(tiny_llama()), tmp_path)
+    model = LoRA(r=4, target_modules=["q_proj"], adapter_name="a").inject(tiny_llama())
+    LoRA(r=4, target_modules=["q_proj"], adapter_name="b").inject(model)
+    model.to("meta")  # stands in for a GPU: the file's tensors and the coefficients are made on the CPU
+    combine_adapters(model, {"a": 0.5, "b": 0.5}, new_name="ab", how=how)  # was: "not on the expected device"
+    hotswap_adapter(model, tmp_path, adapter_name="a")  # was: the same, padding a rank-2 file into a rank-4 slot
+    assert {p.device.type for p in model.parameters()} == {"meta"}

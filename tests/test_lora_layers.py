@@ -203,23 +203,6 @@ def test_switching_adapters_of_a_merged_model_is_refused_since_no_switch_reaches
     set_adapter(model, "b")  # unmerged, it switches again
 
 
-def test_a_merge_inside_disable_adapters_unmerges_what_it_merged():
-    model = tiny_llama().eval()
-    ids = torch.randint(0, VOCAB, (2, 9))
-    with torch.no_grad():
-        base = model(input_ids=ids).logits
-        LoRA(r=4, target_modules=["q_proj", "v_proj"]).inject(model)
-        _randomize(model)
-        adapted = model(input_ids=ids).logits
-        with disable_adapters(model):
-            merge(model)  # nothing active: the weights stay the base's
-        torch.testing.assert_close(model(input_ids=ids).logits, base, rtol=0, atol=1e-5)
-        unmerge(model)  # takes out what was merged (nothing), not what is active now
-        torch.testing.assert_close(model(input_ids=ids).logits, adapted, rtol=0, atol=1e-5)
-        with disable_adapters(model):
-            torch.testing.assert_close(model(input_ids=ids).logits, base, rtol=0, atol=1e-5)
-
-
 def test_injecting_into_a_merged_model_is_refused_so_its_unmerge_is_not_lost(tmp_path):
     model = LoRA(r=4, target_modules=["q_proj"]).inject(tiny_llama())
     merge(model)

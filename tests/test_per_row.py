@@ -240,7 +240,7 @@ def test_the_block_restores_what_was_active_and_nests():
         assert torch.allclose(inner, alone(model, None, **inputs), atol=1e-6)
 
 
-def test_inside_a_block_merge_and_set_adapter_are_refused_and_disable_adapters_gives_every_row_the_base():
+def test_inside_a_block_merge_set_and_delete_adapter_are_refused_and_disable_adapters_gives_every_row_the_base():
     model = with_two(LoRA, tiny_llama(), r=4, target_modules=["q_proj"])
     inputs = token_inputs(rows=2)
     with torch.no_grad(), per_row_adapters(model, ["a", "b"]):
@@ -248,6 +248,9 @@ def test_inside_a_block_merge_and_set_adapter_are_refused_and_disable_adapters_g
             merge(model)
         with pytest.raises(ValueError, match="set_adapter inside a per_row_adapters block: .* half undone"):
             set_adapter(model, "b")  # was: quietly undone at the block's end
+        for name in ("a", "b"):  # was: the active 'a' deleted before a refusal; 'b' deleted, its row the base's
+            with pytest.raises(ValueError, match="delete_adapter inside a per_row_adapters block: .* half undone"):
+                delete_adapter(model, name)
         with disable_adapters(model):
             base = model(**inputs).logits
         routed = model(**inputs).logits

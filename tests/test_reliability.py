@@ -36,8 +36,10 @@ from lightning_peft import (
     Selective,
     adapter_names,
     cli,
+    delete_adapter,
     disable_adapters,
     load_adapter,
+    merge,
     save_adapter,
     set_adapter,
 )
@@ -473,7 +475,7 @@ def test_a_failed_load_leaves_the_other_adapters_and_which_is_active_as_they_wer
     torch.testing.assert_close(module(input_ids=ids).logits, before, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("change", ["combine", "load", "inject", "set_adapter"])
+@pytest.mark.parametrize("change", ["combine", "load", "inject", "set_adapter", "delete", "merge"])
 def test_switching_adapters_on_inside_a_disable_adapters_block_is_refused_and_changes_nothing(change, tmp_path):
     from lightning_peft import combine_adapters
 
@@ -484,7 +486,9 @@ def test_switching_adapters_on_inside_a_disable_adapters_block_is_refused_and_ch
     calls = {"combine": lambda: combine_adapters(module, {"a": 1.0, "b": 1.0}, new_name="ab", how="cat"),
              "load": lambda: load_adapter(module, tmp_path / "c", adapter_name="c"),
              "inject": lambda: LoRA(r=2, target_modules=["key"], adapter_name="k").inject(module),
-             "set_adapter": lambda: set_adapter(module, "b")}
+             "set_adapter": lambda: set_adapter(module, "b"),
+             "delete": lambda: delete_adapter(module, "b"),  # was: done, leaving no adapter active after the block
+             "merge": lambda: merge(module)}  # was: merged no adapter, the model computing the base for good
     ids = torch.randint(0, 32, (2, 6))
     with disable_adapters(module):
         base, (types, _) = module(input_ids=ids).logits, module_record(module)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import warnings
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from torch import nn
 
 from lightning_peft.core.injection import ModulePlaces, peft_layers
-from lightning_peft.core.layer import PEFTLayer, PEFTModule
+from lightning_peft.core.layer import SWITCHED_OFF, PEFTLayer, PEFTModule, check_not_switched_off
 from lightning_peft.core.merging import check_unmerged
 from lightning_peft.core.ownership import AdapterRef, adapter_refs, freeze_unclaimed, owners, release
 from lightning_peft.core.saved_modules import SavedModule
@@ -74,7 +73,6 @@ def set_adapter(module: nn.Module, adapter_name: str) -> None:
         part.set_active([adapter_name])
 
 
-_SWITCHED_OFF: weakref.WeakKeyDictionary[PEFTModule, int] = weakref.WeakKeyDictionary()  # parts: open blocks
 # (beside the parts, not on them: a copy or a pickle made inside a block is not inside one)
 
 
@@ -88,8 +86,8 @@ def disable_adapters(module: nn.Module) -> Iterator[nn.Module]:
     ``modules_to_save`` modules compute as the original, untrained modules. Selective and BitFit
     train the model's own parameters, which stay as trained inside the block, and a LoRA layer
     initialized with ``init="pissa"`` keeps its residual base weight. Inside the block,
-    `set_adapter` and adding adapters (inject, `load_adapter`, `combine_adapters`) are refused:
-    the block's end would undo half of them.
+    `set_adapter`, `delete_adapter`, `merge` and adding adapters (inject, `load_adapter`,
+    `combine_adapters`) are refused: the block's end would undo half of them.
 
     Args:
         module: a model with adapters, or a LightningModule holding one.
@@ -114,24 +112,13 @@ def disable_adapters(module: nn.Module) -> Iterator[nn.Module]:
         for part, _, _ in saved:
             part.set_active([])
             part.row_adapters = None  # inside a `per_row_adapters` block too: no row uses an adapter
-            _SWITCHED_OFF[part] = _SWITCHED_OFF.get(part, 0) + 1
+            SWITCHED_OFF[part] = SWITCHED_OFF.get(part, 0) + 1
         yield module
     finally:
         for part, active, routing in saved:
             part.set_active(active)
             part.row_adapters = routing
-            _SWITCHED_OFF[part] -= 1
-
-
-def check_not_switched_off(module: nn.Module, what: str) -> None:
-    """Refuse to switch adapters inside a `disable_adapters` or `per_row_adapters` block, whose end restores those
-    active at its start."""
-    parts = _peft_parts(module)
-    block = ("disable_adapters" if any(_SWITCHED_OFF.get(part) for part in parts) else
-             "per_row_adapters" if any(part.row_adapters is not None for part in parts) else None)
-    if block:
-        raise ValueError(f"{what} inside a {block} block: the block ends by making the adapters active at its "
-                         "start active again, so this change would be half undone; do it after the block")
+            SWITCHED_OFF[part] -= 1
 
 
 def delete_adapter(module: nn.Module, adapter_name: str, method: str | None = None) -> None:
@@ -153,7 +140,7 @@ def delete_adapter(module: nn.Module, adapter_name: str, method: str | None = No
 
     Raises:
         ValueError: when ``module`` has no adapter named ``adapter_name`` (of ``method``, when given),
-            or has merged adapters.
+            has merged adapters, or is inside a `disable_adapters` or `per_row_adapters` block.
 
     Examples:
         ```python
@@ -163,6 +150,7 @@ def delete_adapter(module: nn.Module, adapter_name: str, method: str | None = No
         ```
     """
     check_unmerged(module, "delete_adapter")
+    check_not_switched_off(module, "delete_adapter")
     refs = [r for r in adapter_refs(module) if r.name == adapter_name and method in (None, r.method_name)]
     if not refs:
         _check_known(module, adapter_name)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor, nn
 
@@ -74,6 +76,30 @@ class PEFTModule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"active={self.active_adapters}"
+
+
+SWITCHED_OFF: weakref.WeakKeyDictionary[PEFTModule, int] = weakref.WeakKeyDictionary()  # open disable_adapters
+# blocks per part (beside the part, so that a copy made inside a block is not inside one)
+
+
+def open_block(module: nn.Module) -> str | None:
+    """The block ``module``'s adapters are inside, whose end makes those active at its start active again:
+    ``"disable_adapters"``, ``"per_row_adapters"``, or None."""
+    switched_off = any(SWITCHED_OFF.get(m) for m in module.modules() if isinstance(m, PEFTModule))
+    return "disable_adapters" if switched_off else "per_row_adapters" if routed_per_row(module) else None
+
+
+def routed_per_row(module: nn.Module) -> bool:
+    """Whether ``module``'s adapters are inside a `per_row_adapters` block, each row to its own."""
+    return any(m.row_adapters is not None for m in module.modules() if isinstance(m, PEFTModule))
+
+
+def check_not_switched_off(module: nn.Module, what: str) -> None:
+    """Refuse to switch adapters inside a `disable_adapters` or `per_row_adapters` block, whose end restores those
+    active at its start."""
+    if block := open_block(module):
+        raise ValueError(f"{what} inside a {block} block: the block ends by making the adapters active at its "
+                         "start active again, so this change would be half undone; do it after the block")
 
 
 class PEFTLayer(PEFTModule):

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_peft.core.injection import ModulePlaces, peft_layers
-from lightning_peft.core.layer import PEFTLayer, PEFTModule, innermost_base
+from lightning_peft.core.layer import PEFTLayer, PEFTModule, innermost_base, open_block
 from lightning_peft.core.models import transformers_models
 from lightning_peft.core.ownership import holders
 from lightning_peft.core.weights import quantized_codes, restore_quantized_codes, weight_hooks
@@ -44,8 +44,9 @@ def merge(module: nn.Module) -> nn.Module:
 
     Raises:
         ValueError: when ``module`` holds adapters of a method that cannot merge, inside a
-            `per_row_adapters` block, or when a weight cannot be written exactly (computed by
-            spectral_norm or the old weight_norm hook; an embedding with ``max_norm``).
+            `per_row_adapters` or `disable_adapters` block, or when a weight cannot be written exactly
+            (computed by spectral_norm, pruning or the old weight_norm hook; an embedding with
+            ``max_norm``).
 
     Examples:
         ```python
@@ -55,9 +56,9 @@ def merge(module: nn.Module) -> nn.Module:
         model.save_pretrained("merged-model")
         ```
     """
-    if any(m.row_adapters is not None for m in module.modules() if isinstance(m, PEFTModule)):
-        raise ValueError("merge inside a per_row_adapters block would give every row the active adapters; merge "
-                         "after the block")
+    if block := open_block(module):
+        wrong = "merge no adapter" if block == "disable_adapters" else "give every row the active adapters"
+        raise ValueError(f"merge inside a {block} block would {wrong}; merge after the block")
     unmergeable = sorted({m.method for m in module.modules() if isinstance(m, PEFTModule) and not m.mergeable})
     if unmergeable:
         raise ValueError(f"{', '.join(unmergeable)} adapters cannot be merged into the base weights")

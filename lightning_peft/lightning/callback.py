@@ -27,9 +27,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_utilities.core.overrides import is_overridden
 from torch import Tensor, nn
 
-from lightning_peft.core.adapter_control import check_not_switched_off
 from lightning_peft.core.adapter_files import AdapterFormat, class_path, outside_the_file
 from lightning_peft.core.injection import give_new_modules_their_parents_mode, keep_pytorch_fast_paths_off, modules_of
+from lightning_peft.core.layer import check_not_switched_off
 from lightning_peft.core.merging import check_unmerged, merged_layers
 from lightning_peft.core.models import model_root
 from lightning_peft.core.ownership import AdapterRef, adapter_refs, claim, freeze_unclaimed, owners
@@ -481,6 +481,10 @@ def check_saved_settings(trainer: L.Trainer, checkpoint: dict[str, Any], path: A
         if not changed:
             continue
         settings = ", ".join(f"{key}={theirs!r} (here {ours!r})" for key, (theirs, ours) in changed.items())
+        if not isinstance(callback, PEFTCallback) and _holds_quantized_weights(checkpoint):
+            raise ValueError(f"checkpoint {path} holds a base that {callback.owner} stored with {settings}: give the "
+                             "settings it was trained with (an adapter-only checkpoint, checkpoint='adapter', goes "
+                             "on on any base)")
         if not isinstance(callback, PEFTCallback):  # the base stored otherwise (QuantizeBase): the adapters still fit
             warnings.warn(f"checkpoint {path} was trained with {callback.owner} {settings}: its adapters go on on "
                           "this base", stacklevel=2)
@@ -493,8 +497,17 @@ def check_saved_settings(trainer: L.Trainer, checkpoint: dict[str, Any], path: A
     for key, state in saved.items():
         if key not in here and "method" not in state and state.get("config"):
             settings = ", ".join(f"{name}={value!r}" for name, value in state["config"].items())
+            if _holds_quantized_weights(checkpoint):
+                raise ValueError(f"checkpoint {path} holds a base that {key}({settings}) quantized, which this trainer "
+                                 f"does not have: give it {key}({settings}) too (an adapter-only checkpoint, "
+                                 "checkpoint='adapter', goes on on any base)")
             warnings.warn(f"checkpoint {path} was trained with {key}({settings}), which this fit does not have: "
                           "its adapters go on without it", stacklevel=2)
+
+
+def _holds_quantized_weights(checkpoint: dict[str, Any]) -> bool:
+    """Whether the checkpoint's state_dict holds bitsandbytes codes (an int8 layer's scales, a 4-bit one's state)."""
+    return any(key.endswith(".SCB") or ".weight.quant_state." in key for key in checkpoint.get("state_dict", {}))
 
 
 def _check_tasks_routed(trainer: L.Trainer, checkpoint: dict[str, Any], path: Any) -> None:

@@ -14,7 +14,8 @@ scale is 1 and its factors carry every scale: nothing depends on how the inputs 
 - ``svd``: the exact sum refactored by a truncated SVD to ``rank`` (default: the largest input rank).
 
 DoRA adapters (all inputs DoRA) also combine their magnitudes as task vectors on the base's row
-norms: ``m = |W| + sum_i w_i (m_i - |W|)``.
+norms: ``m = |W| + sum_i w_i (m_i - |W|)``; modules the inputs train whole (``modules_to_save``)
+likewise: ``W + sum_i w_i (W_i - W)``.
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_peft.core.adapter_control import check_not_switched_off
 from lightning_peft.core.adapter_files import find_adapter
 from lightning_peft.core.checks import check_choice
 from lightning_peft.core.injection import peft_layers
+from lightning_peft.core.layer import check_not_switched_off
 from lightning_peft.core.merging import check_unmerged
 from lightning_peft.core.ownership import adapter_refs
+from lightning_peft.core.saved_modules import SavedModule
 from lightning_peft.lora.callback import LoRA
 from lightning_peft.lora.layers import LoRAAdapter, LoRALayer
 from lightning_peft.lora.parameters import LoRAParameter
@@ -49,10 +51,12 @@ def combine_adapters(module: nn.Module, weights: Mapping[str, float], new_name: 
                      seed: int = 0) -> nn.Module:
     """Combine named LoRA adapters of ``module`` into a new LoRA adapter ``new_name``, weighted.
 
-    The new adapter adapts every layer that any input adapts, with ``alpha = r`` (scale 1), the
-    first input's dropout and no ``modules_to_save``; it is added active beside the inputs, which
-    stay as they are. It saves in peft's layout like any LoRA adapter, and works on a quantized
-    base (`QuantizeBase`). Formulas: the module docs of ``lightning_peft.lora.combine``.
+    The new adapter adapts every layer that any input adapts, with ``alpha = r`` (scale 1) and the
+    first input's dropout; each module an input trains whole (``modules_to_save``, a head) gets
+    the original plus the inputs' weighted changes to it, ``W + sum_i w_i (W_i - W)``. It is added
+    active beside the inputs, which stay as they are. It saves in peft's layout like any LoRA
+    adapter, and works on a quantized base (`QuantizeBase`). Formulas: the module docs of
+    ``lightning_peft.lora.combine``.
 
     Args:
         module: a model with LoRA adapters, or a LightningModule holding one; changed in place.
@@ -109,14 +113,29 @@ def combine_adapters(module: nn.Module, weights: Mapping[str, float], new_name: 
     generator = torch.Generator().manual_seed(seed)
     values = {name: _combined(layer, weights, how, new_rank, density, majority_sign, generator, use_dora)
               for name, layer in layers}
+    heads = list(dict.fromkeys(head for config in configs.values() for head in config["modules_to_save"] or []))
     LoRA(r=new_rank, alpha=new_rank, dropout=next(iter(configs.values()))["dropout"], use_dora=use_dora,
-         target_modules=[_target_name(name) for name, _ in layers], adapter_name=new_name).inject(module)
+         target_modules=[_target_name(name) for name, _ in layers], modules_to_save=heads or None,
+         adapter_name=new_name).inject(module)
     with torch.no_grad():
         for name, layer in layers:
             adapter = layer.adapters[new_name]
             for tensor, value in values[name].items():
                 getattr(adapter, tensor).copy_(value)
+        _combine_heads(module, weights, new_name)
     return module
+
+
+def _combine_heads(module: nn.Module, weights: Mapping[str, float], new_name: str) -> None:
+    """Give each ``modules_to_save`` copy of ``new_name`` the original plus the inputs' weighted changes to it,
+    ``W + sum_i w_i (W_i - W)``, as the LoRA updates combine (an input without a copy there adds nothing)."""
+    for saved in module.modules():
+        if isinstance(saved, SavedModule) and new_name in saved.adapters:
+            inputs = {name: saved.adapters[name] for name in weights if name in saved.adapters}
+            for tensor, param in saved.adapters[new_name].named_parameters():
+                original = saved.base_layer.get_parameter(tensor)
+                param.copy_(original + sum(weight * (inputs[name].get_parameter(tensor) - original)
+                                           for name, weight in weights.items() if name in inputs))
 
 
 def _check_weights_and_rank(weights: Mapping[str, float], how: str, rank: int | None) -> None:
@@ -219,7 +238,7 @@ def _merge(parts: list[Tensor], coefficients: list[float], how: str, density: fl
     """One factor of the new adapter from the inputs' factors and their ``coefficients``, as ``how`` merges them
     (entry by entry)."""
     stacked = torch.stack(parts)
-    weights = torch.tensor(coefficients).view(-1, *[1] * (stacked.dim() - 1))
+    weights = torch.tensor(coefficients, device=stacked.device).view(-1, *[1] * (stacked.dim() - 1))
     if how == "linear":
         return (weights * stacked).sum(0)
     if how == "dare_linear":

@@ -159,7 +159,7 @@ class LoRALayer(PEFTLayer):
             raise ValueError(f"{where} has rank {rank}, above the slot's r={adapter.r}; use a slot of r >= {rank}")
         padding = list(value.shape)
         padding[rank_dim] = adapter.r - rank
-        value = torch.cat([value.to(slot.dtype), slot.new_zeros(padding)], dim=rank_dim)
+        value = torch.cat([value.to(device=slot.device, dtype=slot.dtype), slot.new_zeros(padding)], dim=rank_dim)
         if tensor == "lora_B":
             value = value * (lora_scale(settings["alpha"], rank, settings["use_rslora"]) / adapter.scale)
         return self.same_shape(value, slot, where)
