@@ -20,6 +20,7 @@ from lightning_peft.quantization import (
     base_weight_bytes,
     dequantize_base,
     dequantized_weight,
+    quantize_linear,
     statistics_bytes,
 )
 
@@ -699,3 +700,46 @@ def test_a_users_hooks_stay_on_the_layers_quantize_base_replaces():
     q_proj = model.model.layers[0].self_attn.q_proj
     out = q_proj(torch.randn(2, 3, q_proj.in_features))
     assert torch.equal(out, torch.zeros_like(out))  # was: the hook left behind on the replaced nn.Linear
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_a_full_precision_state_dict_loads_into_a_quantized_base_as_quantizing_it_would(mode):
+    torch.manual_seed(0)
+    weights = {name: value * 0.5 for name, value in llama().state_dict().items()}
+    loaded = QuantizeBase(mode).inject(llama())
+    loaded.load_state_dict(weights)  # was (int8): every code truncated to 0; (nf4): a size mismatch
+    plain = llama()
+    plain.load_state_dict(weights)
+    ids = torch.randint(0, VOCAB, (2, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, QuantizeBase(mode).inject(plain)(input_ids=ids).logits,
+                                   rtol=0, atol=0)
+
+
+def test_a_full_checkpoint_of_a_quantized_base_is_refused_where_it_is_stored_otherwise(tmp_path):
+    def fit(callbacks, **kwargs):
+        torch.manual_seed(0)
+        trainer = make_trainer(callbacks, max_steps=1, default_root_dir=tmp_path)
+        trainer.fit(TokenModule(llama()), token_loader(), **kwargs)
+        return trainer
+
+    fit([QuantizeBase("nf4"), LoRA(r=4, checkpoint="full")]).save_checkpoint(tmp_path / "nf4.ckpt")
+    for callbacks, refusal in (([], "holds a base that QuantizeBase(mode='nf4', double_quant=True, skip_modules=None) "
+                                    "quantized, which this trainer does not have"),
+                               ([QuantizeBase("int8")], "holds a base that QuantizeBase stored with mode='nf4' (here "
+                                                        "'int8'): give the settings it was trained with")):
+        with pytest.raises(ValueError, match=re.escape(refusal)):  # was: a list of unexpected keys from torch
+            fit([*callbacks, LoRA(r=4, checkpoint="full")], ckpt_path=tmp_path / "nf4.ckpt")
+
+
+@pytest.mark.parametrize("mode", ["nf4", "fp4"])
+def test_a_float64_input_to_a_4bit_layer_computes_with_its_weight(mode):
+    torch.manual_seed(0)
+    layer = quantize_linear(nn.Linear(128, 64), mode)
+    x = torch.randn(3, 128, dtype=torch.float64)
+    expected = x @ dequantized_weight(layer).double().T + layer.bias.double()
+    with torch.no_grad():
+        for _ in range(2):  # was: off by about 1 (then NaN), bitsandbytes' CPU matmul taking float64
+            got = layer(x)
+            assert got.dtype == torch.float64
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -57,8 +57,12 @@ class FrozenLinear8bit(bnb.nn.Linear8bitLt):
         return out
 
 
+_4BIT_COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what bitsandbytes' 4-bit matmul takes
+
+
 class FrozenLinear4bit(bnb.nn.Linear4bit):
-    """``bnb.nn.Linear4bit`` whose bias keeps its dtype, and whose ``compute_dtype=None`` follows each input.
+    """``bnb.nn.Linear4bit`` whose bias keeps its dtype, and whose ``compute_dtype=None`` follows each input
+    (a float64 one computes in float32: bitsandbytes' CPU matmul gives wrong numbers, then NaN, in float64).
 
     bitsandbytes fixes a compute dtype of None at the first input's, so an fp32 forward after a
     bf16 one would compute in bf16; and it repacks the weight at an eval forward on AVX512-BF16
@@ -68,6 +72,6 @@ class FrozenLinear4bit(bnb.nn.Linear4bit):
 
     def forward(self, x: Tensor) -> Tensor:
         fix_4bit_weight_quant_state_from_module(self)
-        dtype = self.compute_dtype or x.dtype
+        dtype = self.compute_dtype or (x.dtype if x.dtype in _4BIT_COMPUTE_DTYPES else torch.float32)
         bias = None if self.bias is None else self.bias.to(dtype)
         return bnb.matmul_4bit(x.to(dtype), self.weight, bias=bias, quant_state=self.weight.quant_state).to(x.dtype)

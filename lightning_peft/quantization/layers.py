@@ -37,9 +37,11 @@ def quantize_linear(layer: nn.Linear, mode: str, double_quant: bool = True, comp
 
     if mode == "int8":
         quantized = FrozenLinear8bit(*shape, has_fp16_weights=False, threshold=6.0, device="meta")  # LLM.int8()
+        quantized.register_load_state_dict_pre_hook(_quantize_a_full_precision_weight)
     else:
         quantized = FrozenLinear4bit(*shape, compute_dtype=compute_dtype, compress_statistics=double_quant,
                                      quant_type=mode, device="meta")
+        quantized.register_load_state_dict_pre_hook(_quantize_a_full_precision_weight)
         quantized.register_load_state_dict_pre_hook(_load_4bit_statistics)
     replace_quantized_weight(quantized, layer.weight.detach().to(device or layer.weight.device), warn=False)
     quantized.bias = layer.bias  # same Parameter: full precision, and a method that trains biases keeps it
@@ -123,6 +125,21 @@ def _most_values_dtype(module: nn.Module) -> torch.dtype:
     adapters = owners(module)
     counts = Counter(p.dtype for p in module.parameters() if p.is_floating_point() and id(p) not in adapters)
     return counts.most_common(1)[0][0] if counts else torch.float32
+
+
+def _quantize_a_full_precision_weight(layer: nn.Module, state_dict: dict, prefix: str, *_) -> None:
+    """Quantize a full-precision weight that a state_dict brings (a checkpoint of the model before QuantizeBase)
+    into the entries this layer's own state_dict has: bitsandbytes would copy it into the codes (int8: every
+    value truncated to 0) or fail on its shape (4-bit)."""
+    key = prefix + "weight"
+    weight = state_dict.get(key)
+    full = (layer.out_features, layer.in_features)
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or tuple(weight.shape) != full:
+        return
+    replace_quantized_weight(layer, weight.to(layer.weight.device), warn=False)
+    own = layer.state_dict(prefix=prefix)
+    state_dict.update({name: value for name, value in own.items() if name == key or name.startswith(key + ".")
+                       or name == prefix + "SCB"})
 
 
 def _load_4bit_statistics(layer: nn.Module, state_dict: dict, prefix: str, *_) -> None:
