@@ -743,3 +743,31 @@ def test_a_float64_input_to_a_4bit_layer_computes_with_its_weight(mode):
             got = layer(x)
             assert got.dtype == torch.float64
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_a_quantized_pytorch_encoder_layer_evaluates_without_its_fused_fast_path(mode):
+    torch.manual_seed(0)
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0), 2)
+    QuantizeBase(mode).inject(model)
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        trained_mode = model.train()(x)
+        # was (int8): "self and mat2 must have the same dtype", the fast path multiplying by the int8 codes
+        torch.testing.assert_close(model.eval()(x), trained_mode, rtol=1e-5, atol=1e-5)
+
+
+def test_a_linear_layer_tied_to_an_embedding_stays_in_full_precision_and_tied():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.mid, self.out = nn.Embedding(100, 64), nn.Linear(64, 64), nn.Linear(64, 100, bias=False)
+            self.out.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.out(torch.relu(self.mid(self.emb(x))))
+
+    model = Tied()
+    with pytest.warns(UserWarning, match="QuantizeBase keeps 'out' in full precision: its weight is tied"):
+        QuantizeBase("nf4").inject(model)  # was: quantized, the tie broken and the embedding kept beside it
+    assert is_quantized(model.mid) and model.out.weight is model.emb.weight

@@ -8,7 +8,7 @@ from torch import nn
 
 from lightning_peft.core.layer import PEFTLayer, PEFTModule
 from lightning_peft.core.ownership import carry_claims
-from lightning_peft.core.weights import weight_hooks
+from lightning_peft.core.weights import is_quantized, weight_hooks
 
 
 class ModulePlaces:
@@ -138,17 +138,19 @@ def give_new_modules_their_parents_mode(root: nn.Module, before: set[int]) -> No
 
 
 def keep_pytorch_fast_paths_off(root: nn.Module) -> None:
-    """Make each ``nn.TransformerEncoderLayer`` (and its ``nn.TransformerEncoder``) holding PEFT parts run plainly.
+    """Make each ``nn.TransformerEncoderLayer`` (and its ``nn.TransformerEncoder``) holding PEFT parts or quantized
+    layers run plainly.
 
     In eval mode PyTorch's fused fast path reads the layer's weights straight off its submodules,
-    the frozen base weights, so it would skip every adapter there. A forward pre-hook on the layer
+    the frozen base weights, so it would skip every adapter there (and multiply by a quantized
+    layer's int8 codes, which fails). A forward pre-hook on the layer
     is one of the things that turns it off, per layer and only where adapters sit; the stack's
     nested-tensor inputs, which only that fast path reads, are turned off with it.
     """
     for module in root.modules():
         if not isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerEncoder)):
             continue
-        if not any(isinstance(part, PEFTModule) for part in module.modules()):
+        if not any(isinstance(part, PEFTModule) or is_quantized(part) for part in module.modules()):
             continue
         if isinstance(module, nn.TransformerEncoder):
             module.use_nested_tensor = False

@@ -11,11 +11,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lightning_peft.core.injection import ModulePlaces
+from lightning_peft.core.injection import ModulePlaces, keep_pytorch_fast_paths_off
 from lightning_peft.core.layer import PEFTLayer
 from lightning_peft.core.merging import check_unmerged
 from lightning_peft.core.models import transformers_models
-from lightning_peft.core.ownership import owners
+from lightning_peft.core.ownership import holders, owners
 from lightning_peft.core.summary import base_weight_bytes, size_text
 from lightning_peft.core.targeting import ALL_LINEAR, Targets, fused_expert_parameters, name_matches, select_modules
 from lightning_peft.core.weights import import_bitsandbytes, is_quantized, quantized_format
@@ -120,6 +120,7 @@ class QuantizeBase(ModelSetupCallback):
             self._quantize(places, name)
             return_freed_memory()
         self.base_bytes, self.quantized_layers = (before, base_weight_bytes(module)), len(names)
+        keep_pytorch_fast_paths_off(module)
         describe_in_config(module, self.mode, self.double_quant)
         self._warn_fused_experts(module)
 
@@ -182,14 +183,18 @@ class QuantizeBase(ModelSetupCallback):
         trained = owners(module)
         kept = kept_in_full_precision(module)
         whole = [name for name, _ in module.named_modules() if name_matches(name, self._trained_whole)] + skipped
-        names = []
+        names, tied, where = [], [], holders(module)
         for name, layer in chosen:
             if set(name.split(".")) & kept or any(name == w or name.startswith(w + ".") for w in whole):
                 continue
             while isinstance(layer, PEFTLayer):
                 name, layer = f"{name}.base_layer", layer.base_layer
-            if not is_quantized(layer) and id(layer.weight) not in trained:
-                names.append(name)
+            if is_quantized(layer) or id(layer.weight) in trained:
+                continue
+            (tied if len(where[id(layer.weight)]) > 1 else names).append(name)
+        if tied:
+            warnings.warn(f"QuantizeBase keeps {', '.join(map(repr, tied))} in full precision: its weight is tied to "
+                          "another module's (an embedding's, say), which quantizing it would untie", stacklevel=4)
         return names
 
     def _quantize(self, places: ModulePlaces, name: str) -> None:
