@@ -132,9 +132,22 @@ def _candidate_classes(message: str, option: str) -> list[str]:
     return found + list(KEY_CLASSES.get(key[1] if key else "", ()))
 
 
+SHORT_NAME_HOMES = ("lightning_peft", "lightning_peft.tasks", "lightning_peft.data", "lightning.pytorch.callbacks")
+
+
+def full_class_path(path: str) -> str:
+    """``path`` with its module: a bare class name (``LoRA``), which jsonargparse finds among the classes imported,
+    is looked up in lightning_peft and Lightning's callbacks (``lightning_peft.LoRA``); else ``path`` as it is."""
+    if "." in path:
+        return path
+    return next((f"{home}.{path}" for home in SHORT_NAME_HOMES
+                 if isinstance(getattr(importlib.import_module(home), path, None), type)), path)
+
+
 def class_named(path: str) -> type | None:
-    """The class a ``class_path`` (``lightning_peft.LoRA``) names, or None where it cannot be imported."""
-    module_name, _, name = path.rpartition(".")
+    """The class a ``class_path`` (``lightning_peft.LoRA``, or ``LoRA``) names, or None where it cannot be
+    imported."""
+    module_name, _, name = full_class_path(path).rpartition(".")
     try:
         return getattr(importlib.import_module(module_name), name)
     except Exception:  # noqa: BLE001 (a module that fails to import names no class either)

@@ -3,6 +3,7 @@
 import copy
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -15,7 +16,15 @@ from test_cli import recipe, run_cli, sentiment_rows, tiny_model_dir, write_data
 from lightning_peft.builtin_recipes import RECIPES
 from lightning_peft.compare.estimate import MemoryParts, cut, longest_sequence, per_device, status_kib
 from lightning_peft.compare.methods import CompareError, plan_method
-from lightning_peft.compare.runner import SWEEP_VAL_FRACTION, _factors, identity, read_recipe, run_config
+from lightning_peft.compare.runner import (
+    SWEEP_VAL_FRACTION,
+    _factors,
+    compare_main,
+    estimate_main,
+    identity,
+    read_recipe,
+    run_config,
+)
 
 
 @pytest.fixture
@@ -366,6 +375,45 @@ def test_a_file_that_is_no_recipe_is_one_line(tmp_path, text, message):
     (tmp_path / "recipe.yaml").write_text(text)
     with pytest.raises(CompareError, match=message):  # was: AttributeError on None
         read_recipe(str(tmp_path / "recipe.yaml"))
+
+
+def test_a_folder_or_inline_yaml_is_no_recipe_file_for_compare(tmp_path):
+    for config, got in ((str(tmp_path), f"got {tmp_path}, a folder"), ("trainer: {max_steps: 1}", "got YAML given "
+                                                                                                   "inline")):
+        with pytest.raises(CompareError, match=re.escape(got)):  # was: [Errno 21] Is a directory, [Errno 2] ...
+            read_recipe(config)
+
+
+def test_short_and_bare_string_class_paths_are_read_as_fit_reads_them(tmp_path):
+    recipe = yaml.safe_load((RECIPES / "lora_sentiment.yaml").read_text())
+    lora = recipe["trainer"]["callbacks"][0]
+    recipe["trainer"]["callbacks"] = ["lightning_peft.QuantizeBase", {**lora, "class_path": "LoRA"}]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    _, read = read_recipe(str(path))
+    assert [entry["class_path"] for entry in read["trainer"]["callbacks"]] == ["lightning_peft.QuantizeBase",
+                                                                               "lightning_peft.LoRA"]
+    plan = plan_method(read, str(path), "ia3", {})  # was: an AttributeError on the string; 'LoRA' kept beside IA3
+    classes = [entry["class_path"] for entry in run_config(read, plan, 0, 2, tmp_path / "run")["trainer"]["callbacks"]]
+    assert "lightning_peft.IA3" in classes and not {"LoRA", "lightning_peft.LoRA"} & set(classes)
+
+
+def test_dora_from_defaults_is_the_lora_defaults_with_use_dora():
+    recipe = yaml.safe_load((RECIPES / "ia3_sentiment.yaml").read_text())
+    lora, dora = (plan_method(recipe, "my_own_ia3.yaml", method, {}) for method in ("lora", "dora"))
+    assert [{**entry["init_args"], "use_dora": True} for entry in lora.callbacks] == [
+        entry["init_args"] for entry in dora.callbacks]  # was: dora without lora's dropout 0.05
+
+
+@pytest.mark.parametrize("main, args, message", [
+    (estimate_main, ["--devices", "4"], "--devices 4 with --strategy single: give --strategy ddp or fsdp"),
+    (compare_main, ["--methods", "lora", "--out", "{file}"], "--out {file} is a file: give a folder"),
+])
+def test_a_device_count_without_a_strategy_or_a_file_as_out_is_refused(tmp_path, main, args, message):
+    file = tmp_path / "a_file"
+    file.write_text("")
+    with pytest.raises(CompareError, match=re.escape(message.format(file=file))):  # was: ignored; [Errno 20]
+        main(["--config", "lora_sentiment", *(arg.format(file=file) for arg in args)])
 
 
 def test_sweep_factors_must_be_finite():

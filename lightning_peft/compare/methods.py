@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from lightning_peft.builtin_recipes import RECIPES
-from lightning_peft.cli_messages import class_named
+from lightning_peft.cli_messages import class_named, full_class_path
 from lightning_peft.core.targeting import HEAD_NAMES
 from lightning_peft.lightning.callback import ModelSetupCallback, PEFTCallback
 from lightning_peft.selective import BitFit, Selective
@@ -34,7 +34,8 @@ def _entry(class_path: str, **init_args: Any) -> dict:
 
 DEFAULTS: dict[str, tuple[list[dict], float]] = {  # method -> (callbacks, learning rate) without a built-in recipe
     "lora": ([_entry("lightning_peft.LoRA", r=8, alpha=16, dropout=0.05, target_modules="all-linear")], 1e-3),
-    "dora": ([_entry("lightning_peft.LoRA", r=8, alpha=16, target_modules="all-linear", use_dora=True)], 1e-3),
+    "dora": ([_entry("lightning_peft.LoRA", r=8, alpha=16, dropout=0.05, target_modules="all-linear",
+                     use_dora=True)], 1e-3),  # the LoRA defaults with use_dora: a like-for-like comparison
     "ia3": ([_entry("lightning_peft.IA3")], 1e-2),
     "adapter": ([_entry("lightning_peft.Adapter", bottleneck_dim=64)], 1e-3),
     "prompt_tuning": ([_entry("lightning_peft.PromptTuning", num_virtual_tokens=20)], 3e-2),
@@ -63,6 +64,24 @@ class MethodPlan:
     gradient_clip_val: float | None
     source: str  # where the settings came from: a built-in recipe's name, or "defaults"
     overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def normalized_callbacks(recipe: Any) -> Any:
+    """``recipe`` with its trainer callbacks as a list of ``{"class_path": ...}`` entries, each class path in full
+    (``LoRA`` -> ``lightning_peft.LoRA``, a bare string an entry of its own), as jsonargparse reads them."""
+    trainer = recipe.get("trainer") if isinstance(recipe, dict) else None
+    if isinstance(trainer, dict) and trainer.get("callbacks"):
+        given = trainer["callbacks"]
+        trainer["callbacks"] = [_full_entry(entry) for entry in (given if isinstance(given, list) else [given])]
+    return recipe
+
+
+def _full_entry(entry: Any) -> Any:
+    """One callback entry as a mapping with a full class path (anything else as it is, for jsonargparse to judge)."""
+    entry = {"class_path": entry} if isinstance(entry, str) else entry
+    if isinstance(entry, dict) and isinstance(entry.get("class_path"), str):
+        return {**entry, "class_path": full_class_path(entry["class_path"])}
+    return entry
 
 
 def callback_class(entry: dict | str) -> type | None:

@@ -109,6 +109,8 @@ def _aggregate(rows: list[dict]) -> dict[str, Any]:
     values = _present(ok, "metric")
     names = _metric_names(ok)
     return {"seeds_ok": len(ok), "seeds_failed": len(failed), "seeds": [row.get("seed") for row in ok],
+            "seeds_diverged": [row.get("seed") for row in ok if row.get("metric") is not None
+                               and not _finite(row["metric"])],
             "errors": [{"seed": row.get("seed"), "error": row.get("error")} for row in failed],
             **{label: next((row[label] for row in ok if row.get(label) is not None), None) for label in LABELS},
             "metric_mean": statistics.fmean(values) if values else None,
@@ -357,7 +359,7 @@ def _table(summary: dict[str, dict]) -> list[str]:
     forgetting = any(summary[m]["forgetting_tuned_ppl"] is not None for m in methods)
     columns: list[tuple[str, Callable[[dict], str]]] = [
         ("seeds", lambda s: f"{s['seeds_ok']}" + (f" ({s['seeds_failed']} failed)" if s["seeds_failed"] else "")),
-        (f"{metric} (mean ± std)", lambda s: _quality_text(s["metric_mean"], s["metric_std"]))]
+        (f"{metric} (mean ± std)", lambda s: _diverged_text(s) or _quality_text(s["metric_mean"], s["metric_std"]))]
     if full is not None:
         reference = summary[FULL]
         columns.append((f"vs {FULL}", lambda s: "reference" if s is reference
@@ -458,6 +460,10 @@ def _verdict(summary: dict[str, dict]) -> list[str]:
     metric, higher = _quality_labels(summary)
     lines = [_best_quality(summary, metric, higher) if _ranked_methods(summary) else
              "- Quality: not measured, since the recipe's data has no test split (give it a test_file)"]
+    diverged = [f"{method} ({_diverged_text(s).removeprefix('diverged ')})" for method, s in summary.items()
+                if _diverged_text(s)]
+    if diverged:
+        lines.append(f"- Not ranked, a seed's {metric} not finite (training diverged): {', '.join(diverged)}")
     lines += _cheapest(summary, "Smallest adapter", "adapter_bytes", lambda s: _size(s["adapter_bytes"]))
     lines += _cheapest(summary, "Least memory", "peak_memory_mib", lambda s: f"{_num(s['peak_memory_mib'])} MiB peak"
                        + (f" {s['memory_kind']}" if s["memory_kind"] else ""))
@@ -548,6 +554,12 @@ def _quality_text(mean: float | None, std: float | None) -> str:
     if not _finite(mean):
         return "–"
     return _metric(mean) + (f" ± {_metric(std)}" if _finite(std) else "")
+
+
+def _diverged_text(s: dict) -> str:
+    """``diverged at seed 0`` for a method whose metric was not finite in some seed (NaN: training diverged), or ""."""
+    seeds = s.get("seeds_diverged") or []
+    return f"diverged at seed {', '.join(map(str, seeds))}" if seeds else ""
 
 
 def _distance(value: float | None, reference: float, metric: str) -> str:

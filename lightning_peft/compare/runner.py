@@ -41,6 +41,7 @@ from lightning_peft.compare.methods import (
     is_method_slot,
     method_slot,
     names_a,
+    normalized_callbacks,
     own_method,
     parse_overrides,
     plan_method,
@@ -94,6 +95,8 @@ def compare_main(argv: list[str]) -> None:
     overrides = parse_overrides(options.set, methods)
     plans = [plan_method(recipe, options.config, method, overrides.get(method, {})) for method in methods]
     out = Path(options.out or Path("compare") / Path(recipe_file).stem)
+    if out.exists() and not out.is_dir():
+        raise CompareError(f"--out {out} is a file: give a folder for the runs and the report")
     forgetting = forgetting_text(recipe, options.forgetting_text, out)
     started, clock = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
     rows = []
@@ -114,8 +117,12 @@ def compare_main(argv: list[str]) -> None:
 def read_recipe(config: str) -> tuple[Path, dict]:
     """The recipe file ``--config`` names, and its content; a CompareError for one that is not a recipe."""
     path = Path(recipe_path(config))
+    if not path.is_file():
+        what = f"{config}, a folder" if path.is_dir() else "YAML given inline"
+        raise CompareError(f"--config takes a recipe file or a built-in recipe's name (compare and estimate write "
+                           f"each run's recipe beside its results); got {what}")
     try:
-        recipe = yaml.safe_load(path.read_text())
+        recipe = normalized_callbacks(yaml.safe_load(path.read_text()))
     except yaml.YAMLError as err:
         raise CompareError(f"recipe {config} is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(recipe, dict) or not isinstance(recipe.get("model"), dict):
@@ -145,6 +152,9 @@ def estimate_main(argv: list[str]) -> None:
     options = estimate_parser().parse_args(argv)
     if options.devices < 1:
         raise CompareError(f"--devices {options.devices}: the memory is split across 1 device or more")
+    if options.devices > 1 and options.strategy == "single":
+        raise CompareError(f"--devices {options.devices} with --strategy single: give --strategy ddp or fsdp, which "
+                           "say how the memory is split across them")
     _, recipe = read_recipe(options.config)
     slot = method_slot(recipe, options.config)
     methods = [m.strip() for m in (options.methods or "").split(",") if m.strip()]
