@@ -73,9 +73,6 @@ def set_adapter(module: nn.Module, adapter_name: str) -> None:
         part.set_active([adapter_name])
 
 
-# (beside the parts, not on them: a copy or a pickle made inside a block is not inside one)
-
-
 @contextmanager
 def disable_adapters(module: nn.Module) -> Iterator[nn.Module]:
     """Switch every adapter of ``module`` off inside a ``with`` block, to compare with the base model.

@@ -79,7 +79,7 @@ class PEFTModule(nn.Module):
 
 
 SWITCHED_OFF: weakref.WeakKeyDictionary[PEFTModule, int] = weakref.WeakKeyDictionary()  # open disable_adapters
-# blocks per part (beside the part, so that a copy made inside a block is not inside one)
+# blocks per part (beside the parts, not on them: a copy or a pickle made inside a block is not inside one)
 
 
 def open_block(module: nn.Module) -> str | None:

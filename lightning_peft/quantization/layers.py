@@ -37,12 +37,11 @@ def quantize_linear(layer: nn.Linear, mode: str, double_quant: bool = True, comp
 
     if mode == "int8":
         quantized = FrozenLinear8bit(*shape, has_fp16_weights=False, threshold=6.0, device="meta")  # LLM.int8()
-        quantized.register_load_state_dict_pre_hook(_quantize_a_full_precision_weight)
     else:
         quantized = FrozenLinear4bit(*shape, compute_dtype=compute_dtype, compress_statistics=double_quant,
                                      quant_type=mode, device="meta")
-        quantized.register_load_state_dict_pre_hook(_quantize_a_full_precision_weight)
-        quantized.register_load_state_dict_pre_hook(_load_4bit_statistics)
+    for hook in (_quantize_a_full_precision_weight, _load_4bit_statistics):  # in this order; the second: 4-bit only
+        quantized.register_load_state_dict_pre_hook(hook)
     replace_quantized_weight(quantized, layer.weight.detach().to(device or layer.weight.device), warn=False)
     quantized.bias = layer.bias  # same Parameter: full precision, and a method that trains biases keeps it
     return quantized.train(layer.training)  # bitsandbytes computes differently in eval mode
