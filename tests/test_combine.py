@@ -215,3 +215,15 @@ def test_modules_trained_whole_combine_as_task_vectors_and_one_input_at_weight_o
         original, a, b = (getattr(m, tensor) for m in (head.base_layer, head.adapters["a"], head.adapters["b"]))
         torch.testing.assert_close(getattr(head.adapters["ab"], tensor), original + 0.7 * (a - original) - 0.3 * (
             b - original))
+
+
+def test_a_head_with_running_statistics_combines_them_too():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
+    LoRA(r=2, target_modules=["0"], modules_to_save=["1"], adapter_name="a").inject(model)
+    with torch.no_grad():
+        model.train()(torch.randn(16, 8) * 3 + 2)  # a's copy of the norm gathers statistics
+    combine_adapters(model, {"a": 1.0}, new_name="a_again", how="cat")
+    norm = model[1].adapters
+    for statistic in ("running_mean", "running_var"):  # was: the original's, so outputs differed by 0.36
+        torch.testing.assert_close(getattr(norm["a_again"], statistic), getattr(norm["a"], statistic))
+

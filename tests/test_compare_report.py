@@ -245,7 +245,10 @@ def test_a_diverged_run_is_null_in_strict_json(tmp_path):
     assert report["rows"][0]["metric"] is None and report["rows"][0]["step_time_s"] is None
     md = written["md"].read_text()  # was: "–", as if never measured, and lora left out of the verdict unsaid
     assert "| lora | 2 | diverged at seed 0 |" in md
-    assert "- Not ranked, a seed's test_acc not finite (training diverged): lora (at seed 0)" in md
+    assert "- Not ranked, a seed's test metrics not finite (training diverged): lora (at seed 0)" in md
+    rows[0] = {**rows[0], "metric": 0.75, "metrics": {"test_acc": 0.75, "test_loss": float("nan")}}  # NaN logits'
+    md = write_report(rows, tmp_path, CONTEXT)["md"].read_text()  # argmax: a finite accuracy (was: ranked)
+    assert "| lora | 2 | diverged at seed 0 |" in md and "best PEFT method: lora" not in md
 
 
 def test_a_loss_in_0_1_differs_from_full_as_a_number_not_in_points(tmp_path):

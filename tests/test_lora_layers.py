@@ -342,6 +342,22 @@ def test_merging_into_a_weight_rewritten_in_each_forward_is_refused_before_any_c
             torch.testing.assert_close(model(x), adapted, rtol=0, atol=0)
 
 
+def test_a_pruned_bias_leaves_the_weight_to_merge_into_and_to_pissa():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6))
+    nn.utils.prune.l1_unstructured(model[0], "bias", amount=0.5)
+    x = torch.randn(3, 8)
+    LoRA(r=2, target_modules="0").inject(model)
+    with torch.no_grad():
+        model[0].adapters["default"].lora_B.normal_()
+        adapted = model(x)
+        merge(model)  # was: refused, as if the weight were pruned
+        torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-5)
+    other = nn.Sequential(nn.Linear(8, 6))
+    nn.utils.prune.l1_unstructured(other[0], "bias", amount=0.5)
+    LoRA(r=2, init="pissa", target_modules="0").inject(other)
+
+
 def test_the_old_weight_norm_hook_stays_with_the_weight_it_computes():
     torch.manual_seed(0)
     with warnings.catch_warnings():

@@ -724,12 +724,13 @@ def test_a_full_checkpoint_of_a_quantized_base_is_refused_where_it_is_stored_oth
         return trainer
 
     fit([QuantizeBase("nf4"), LoRA(r=4, checkpoint="full")]).save_checkpoint(tmp_path / "nf4.ckpt")
-    for callbacks, refusal in (([], "holds a base that QuantizeBase(mode='nf4', double_quant=True, skip_modules=None) "
-                                    "quantized, which this trainer does not have"),
-                               ([QuantizeBase("int8")], "holds a base that QuantizeBase stored with mode='nf4' (here "
-                                                        "'int8'): give the settings it was trained with")):
+    refusal = ("holds a base that QuantizeBase(mode='nf4', double_quant=True, skip_modules=None) quantized (14 "
+               "layers), which the model here is not quantized alike")
+    for callbacks in ([], [QuantizeBase("int8")], [QuantizeBase("nf4", skip_modules=["mlp"])]):
         with pytest.raises(ValueError, match=re.escape(refusal)):  # was: a list of unexpected keys from torch
             fit([*callbacks, LoRA(r=4, checkpoint="full")], ckpt_path=tmp_path / "nf4.ckpt")
+    with pytest.warns(UserWarning, match=re.escape("double_quant=True (here False): its adapters go on")):
+        fit([QuantizeBase("nf4", double_quant=False), LoRA(r=4, checkpoint="full")], ckpt_path=tmp_path / "nf4.ckpt")
 
 
 @pytest.mark.parametrize("mode", ["nf4", "fp4"])
@@ -771,3 +772,16 @@ def test_a_linear_layer_tied_to_an_embedding_stays_in_full_precision_and_tied():
     with pytest.warns(UserWarning, match="QuantizeBase keeps 'out' in full precision: its weight is tied"):
         QuantizeBase("nf4").inject(model)  # was: quantized, the tie broken and the embedding kept beside it
     assert is_quantized(model.mid) and model.out.weight is model.emb.weight
+
+
+def test_a_layer_whose_weight_a_hook_computes_is_quantized_as_before():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    nn.utils.prune.l1_unstructured(model[2], "weight", 0.5)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        before = model(x)
+    QuantizeBase("int8").inject(model)  # was: a KeyError (the computed weight is no registered parameter)
+    assert is_quantized(model[2])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=0.05, atol=0.05)

@@ -501,6 +501,37 @@ def test_switching_adapters_on_inside_a_disable_adapters_block_is_refused_and_ch
     set_adapter(copied, "a")  # a copy made inside the block is not inside one
 
 
+def test_an_export_whose_flush_fails_renames_nothing_and_a_killed_ones_stage_goes_at_the_next(tmp_path, monkeypatch):
+    import os
+
+    import lightning_peft.core.files as files
+    from lightning_peft.export import export_adapters
+
+    def trained(alpha):
+        return perturbed(LoRA(r=4, alpha=alpha, target_modules=["query"]).inject(tiny_bert()))
+
+    export_adapters(trained(8), tmp_path)
+    before, durable, flushed = file_digests(tmp_path), files._make_durable, []
+
+    def full_at_the_second_flush(path):
+        flushed.append(path)
+        if len(flushed) == 2:  # a quota or network disk reports a full disk at the flush
+            raise OSError(28, "No space left on device")
+        durable(path)
+
+    monkeypatch.setattr(files, "_make_durable", full_at_the_second_flush)
+    with pytest.raises(OSError, match="No space left"):
+        export_adapters(trained(64), tmp_path)  # was: the first file renamed before the second was flushed
+    assert file_digests(tmp_path) == before
+    monkeypatch.setattr(files, "_make_durable", durable)
+    killed = tmp_path / f".export.{files._host()}-{2**22 + 7}.abc.tmp"  # a stage a killed export left (no such pid)
+    killed.mkdir()
+    (killed / "adapter_model.safetensors").write_bytes(b"partial")
+    assert not any(str(2**22 + 7) in line for line in os.popen("ps -e -o pid").read().split())
+    export_adapters(trained(64), tmp_path)
+    assert not killed.exists()  # was: left, as large as the export, one more with every kill
+
+
 def test_a_full_disk_on_export_is_one_line_and_keeps_the_previous_adapter(inputs, tmp_path, monkeypatch):
     out = tmp_path / "adapter"
     assert run_cli(["export", str(inputs / "trained.ckpt"), "--out", str(out)])[0] == 0

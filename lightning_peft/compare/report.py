@@ -109,8 +109,7 @@ def _aggregate(rows: list[dict]) -> dict[str, Any]:
     values = _present(ok, "metric")
     names = _metric_names(ok)
     return {"seeds_ok": len(ok), "seeds_failed": len(failed), "seeds": [row.get("seed") for row in ok],
-            "seeds_diverged": [row.get("seed") for row in ok if row.get("metric") is not None
-                               and not _finite(row["metric"])],
+            "seeds_diverged": [row.get("seed") for row in ok if _diverged(row)],
             "errors": [{"seed": row.get("seed"), "error": row.get("error")} for row in failed],
             **{label: next((row[label] for row in ok if row.get(label) is not None), None) for label in LABELS},
             "metric_mean": statistics.fmean(values) if values else None,
@@ -118,6 +117,13 @@ def _aggregate(rows: list[dict]) -> dict[str, Any]:
             **{key: _mean(_present(ok, key)) for key in AVERAGED},
             "metrics": {name: _mean([row["metrics"][name] for row in ok if (row.get("metrics") or {}).get(name)
                                      is not None]) for name in names}}
+
+
+def _diverged(row: dict) -> bool:
+    """Whether a run's test metrics hold a value that is not finite: its training diverged (an accuracy from NaN
+    logits is finite, but not its loss)."""
+    values = [row.get("metric"), *(row.get("metrics") or {}).values()]
+    return any(value is not None and not _finite(value) for value in values)
 
 
 def _present(rows: list[dict], key: str) -> list[Any]:
@@ -192,8 +198,8 @@ def quality_points(summary: dict[str, dict], trade_off: TradeOff) -> tuple[list[
 
 
 def _ranked_methods(summary: dict[str, dict]) -> list[str]:
-    """The methods with a measured quality (an ok seed with a finite metric)."""
-    return [method for method, s in summary.items() if _finite(s["metric_mean"])]
+    """The methods with a measured quality (an ok seed with a finite metric) and no diverged seed."""
+    return [method for method, s in summary.items() if _finite(s["metric_mean"]) and not s.get("seeds_diverged")]
 
 
 def _finished(summary: dict[str, dict]) -> list[str]:
@@ -463,7 +469,7 @@ def _verdict(summary: dict[str, dict]) -> list[str]:
     diverged = [f"{method} ({_diverged_text(s).removeprefix('diverged ')})" for method, s in summary.items()
                 if _diverged_text(s)]
     if diverged:
-        lines.append(f"- Not ranked, a seed's {metric} not finite (training diverged): {', '.join(diverged)}")
+        lines.append(f"- Not ranked, a seed's test metrics not finite (training diverged): {', '.join(diverged)}")
     lines += _cheapest(summary, "Smallest adapter", "adapter_bytes", lambda s: _size(s["adapter_bytes"]))
     lines += _cheapest(summary, "Least memory", "peak_memory_mib", lambda s: f"{_num(s['peak_memory_mib'])} MiB peak"
                        + (f" {s['memory_kind']}" if s["memory_kind"] else ""))

@@ -117,7 +117,7 @@ def compare_main(argv: list[str]) -> None:
 def read_recipe(config: str) -> tuple[Path, dict]:
     """The recipe file ``--config`` names, and its content; a CompareError for one that is not a recipe."""
     path = Path(recipe_path(config))
-    if not path.is_file():
+    if path.is_dir() or not path.exists():
         what = f"{config}, a folder" if path.is_dir() else "YAML given inline"
         raise CompareError(f"--config takes a recipe file or a built-in recipe's name (compare and estimate write "
                            f"each run's recipe beside its results); got {what}")

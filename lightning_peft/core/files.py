@@ -2,8 +2,9 @@
 
 Each write goes to a temporary file beside its target, named after the target, this host and
 this process (``.adapter_model.safetensors.host-1234.x8f2.tmp``), then is renamed over the target.
-A temporary file that a killed process left behind is removed by the next write in that folder
-on that host. Files get the mode a plain ``open`` gives (``0o666`` less the umask).
+A temporary file (or an export's staging folder, ``.export.host-1234.x8f2.tmp``) that a killed
+process left behind is removed by the next write in that folder on that host. Files get the
+mode a plain ``open`` gives (``0o666`` less the umask).
 """
 
 from __future__ import annotations
@@ -68,13 +69,15 @@ def write_export(folder: PathLike, write: Writer, what: str, loads: Callable[[st
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     previous = _export_list(folder)
-    stage = Path(tempfile.mkdtemp(dir=folder, prefix=".export-", suffix=".tmp"))
+    remove_stale_temporaries(folder)
+    stage = Path(tempfile.mkdtemp(dir=folder, prefix=f".export.{_host()}-{os.getpid()}.", suffix=".tmp"))
     try:
         write(stage)
         written = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
         _refuse_strangers(folder, {*previous, *written}, what, loads)
-        for name in written:
+        for name in written:  # all on disk before the first rename: a full disk seen at a flush changes nothing
             _make_durable(stage / name)
+        for name in written:
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
             os.replace(stage / name, folder / name)
         for name in sorted(set(previous) - set(written)):
@@ -142,13 +145,14 @@ def current_umask() -> int:
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Remove the temporary files in ``folder`` that a write of this library on this host left when killed."""
+    """Remove the temporary files (and an export's staging folders) in ``folder`` that a write of this library on
+    this host left when killed."""
     removed = []
     for entry in folder.glob(".*.tmp"):
         match = _TEMPORARY.match(entry.name)
         if match and match["host"] == _host() and not _process_alive(int(match["pid"])):
             try:
-                entry.unlink(missing_ok=True)
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink(missing_ok=True)
             except OSError:  # another user's leftover: not ours to remove, and no reason to fail this save
                 continue
             removed.append(entry)

@@ -8,7 +8,7 @@ from torch import nn
 
 from lightning_peft.core.layer import PEFTLayer, PEFTModule
 from lightning_peft.core.ownership import carry_claims
-from lightning_peft.core.weights import is_quantized, weight_hooks
+from lightning_peft.core.weights import computing_hooks, is_quantized
 
 
 class ModulePlaces:
@@ -55,11 +55,11 @@ def carry_hooks(old: nn.Module, new: nn.Module) -> None:
     So a user's hook sees, and may change, what the model computes there, adapted or merged alike;
     the hook dicts themselves move, so the handles that registered the hooks still remove them.
     A ``new`` with hooks of its own (a sharded unit's) keeps them, and ``old`` its own; so does an ``old`` whose
-    hooks compute its own weight (the old weight_norm and spectral_norm, pruning), which must stay with that weight.
+    hooks compute its own weight or bias (the old weight_norm and spectral_norm, pruning), which must stay with it.
     """
     if not any(old.__dict__.get(name) for name in _HOOK_DICTS) or any(new.__dict__.get(name) for name in _HOOK_DICTS):
         return
-    if weight_hooks(old):
+    if computing_hooks(old):
         return
     for name in _HOOK_DICTS:
         if name in old.__dict__ and name in new.__dict__:

@@ -63,13 +63,19 @@ def write_weight(layer: nn.Module, weight: Tensor, warn: bool = True) -> None:
         layer.weight.copy_(weight.to(layer.weight.dtype))
 
 
-WEIGHT_HOOKS = (WeightNorm, SpectralNorm, BasePruningMethod)  # pre-hooks that compute a module's own weight
+COMPUTING_HOOKS = (WeightNorm, SpectralNorm, BasePruningMethod)  # pre-hooks that compute a module's own tensor
+
+
+def computing_hooks(layer: nn.Module) -> list:
+    """The forward pre-hooks that compute one of ``layer``'s own tensors before each call: the old weight_norm and
+    spectral_norm, pruning (whatever is written into that tensor is lost at the next call)."""
+    return [hook for hook in layer._forward_pre_hooks.values() if isinstance(hook, COMPUTING_HOOKS)]
 
 
 def weight_hooks(layer: nn.Module) -> list:
-    """The forward pre-hooks that compute ``layer``'s own weight before each call: the old weight_norm and
-    spectral_norm, pruning (whatever is written into the weight is lost at the next call)."""
-    return [hook for hook in layer._forward_pre_hooks.values() if isinstance(hook, WEIGHT_HOOKS)]
+    """The `computing_hooks` of ``layer`` that compute its weight (a pruned bias leaves the weight writable)."""
+    return [hook for hook in computing_hooks(layer)
+            if getattr(hook, "name", getattr(hook, "_tensor_name", None)) == "weight"]
 
 
 @torch.no_grad()

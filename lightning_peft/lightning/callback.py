@@ -473,6 +473,7 @@ def check_saved_settings(trainer: L.Trainer, checkpoint: dict[str, Any], path: A
     """Refuse a checkpoint whose adapters were made with other settings than the trainer's; warn of a base stored
     otherwise (QuantizeBase's settings, or none)."""
     saved = saved_setup_states(checkpoint)
+    _check_base_stored_alike(trainer, checkpoint, path, saved)
     for callback in setup_callbacks(trainer):
         state = saved.get(callback.state_key)
         if state is None or "config" not in state:
@@ -481,10 +482,6 @@ def check_saved_settings(trainer: L.Trainer, checkpoint: dict[str, Any], path: A
         if not changed:
             continue
         settings = ", ".join(f"{key}={theirs!r} (here {ours!r})" for key, (theirs, ours) in changed.items())
-        if not isinstance(callback, PEFTCallback) and _holds_quantized_weights(checkpoint):
-            raise ValueError(f"checkpoint {path} holds a base that {callback.owner} stored with {settings}: give the "
-                             "settings it was trained with (an adapter-only checkpoint, checkpoint='adapter', goes "
-                             "on on any base)")
         if not isinstance(callback, PEFTCallback):  # the base stored otherwise (QuantizeBase): the adapters still fit
             warnings.warn(f"checkpoint {path} was trained with {callback.owner} {settings}: its adapters go on on "
                           "this base", stacklevel=2)
@@ -497,17 +494,28 @@ def check_saved_settings(trainer: L.Trainer, checkpoint: dict[str, Any], path: A
     for key, state in saved.items():
         if key not in here and "method" not in state and state.get("config"):
             settings = ", ".join(f"{name}={value!r}" for name, value in state["config"].items())
-            if _holds_quantized_weights(checkpoint):
-                raise ValueError(f"checkpoint {path} holds a base that {key}({settings}) quantized, which this trainer "
-                                 f"does not have: give it {key}({settings}) too (an adapter-only checkpoint, "
-                                 "checkpoint='adapter', goes on on any base)")
             warnings.warn(f"checkpoint {path} was trained with {key}({settings}), which this fit does not have: "
                           "its adapters go on without it", stacklevel=2)
 
 
-def _holds_quantized_weights(checkpoint: dict[str, Any]) -> bool:
-    """Whether the checkpoint's state_dict holds bitsandbytes codes (an int8 layer's scales, a 4-bit one's state)."""
-    return any(key.endswith(".SCB") or ".weight.quant_state." in key for key in checkpoint.get("state_dict", {}))
+def _check_base_stored_alike(trainer: L.Trainer, checkpoint: dict[str, Any], path: Any, saved: dict) -> None:
+    """Refuse a full checkpoint whose base is quantized otherwise than the model here (other layers or formats, or
+    none): its codes and statistics cannot load there."""
+    theirs = _quantized_entries(checkpoint.get("state_dict") or {})
+    module = trainer.lightning_module
+    if not theirs or theirs == _quantized_entries(module.state_dict() if module is not None else {}):
+        return
+    made = next((f"{key}({', '.join(f'{k}={v!r}' for k, v in state['config'].items())})" for key, state in
+                 saved.items() if "method" not in state and state.get("config")), "QuantizeBase")
+    raise ValueError(f"checkpoint {path} holds a base that {made} quantized ({len(theirs)} layers), which the model "
+                     "here is not quantized alike: give the QuantizeBase it was trained with (an adapter-only "
+                     "checkpoint, checkpoint='adapter', goes on on any base)")
+
+
+def _quantized_entries(state_dict: dict[str, Any]) -> set[str]:
+    """The state_dict keys of bitsandbytes statistics, one per quantized layer: an int8 layer's scales, a 4-bit
+    one's state (which names its format)."""
+    return {key for key in state_dict if key.endswith(".SCB") or ".weight.quant_state." in key}
 
 
 def _check_tasks_routed(trainer: L.Trainer, checkpoint: dict[str, Any], path: Any) -> None:

@@ -128,14 +128,21 @@ def combine_adapters(module: nn.Module, weights: Mapping[str, float], new_name: 
 
 def _combine_heads(module: nn.Module, weights: Mapping[str, float], new_name: str) -> None:
     """Give each ``modules_to_save`` copy of ``new_name`` the original plus the inputs' weighted changes to it,
-    ``W + sum_i w_i (W_i - W)``, as the LoRA updates combine (an input without a copy there adds nothing)."""
+    ``W + sum_i w_i (W_i - W)``, as the LoRA updates combine (an input without a copy there adds nothing); its
+    floating buffers (a norm's running statistics) likewise."""
     for saved in module.modules():
         if isinstance(saved, SavedModule) and new_name in saved.adapters:
-            inputs = {name: saved.adapters[name] for name in weights if name in saved.adapters}
-            for tensor, param in saved.adapters[new_name].named_parameters():
-                original = saved.base_layer.get_parameter(tensor)
-                param.copy_(original + sum(weight * (inputs[name].get_parameter(tensor) - original)
-                                           for name, weight in weights.items() if name in inputs))
+            inputs = [(_floating_state(saved.adapters[name]), weight) for name, weight in weights.items()
+                      if name in saved.adapters]
+            original = _floating_state(saved.base_layer)
+            for tensor, value in _floating_state(saved.adapters[new_name]).items():
+                value.copy_(original[tensor] + sum(weight * (state[tensor] - original[tensor])
+                                                   for state, weight in inputs))
+
+
+def _floating_state(part: nn.Module) -> dict[str, Tensor]:
+    """``part``'s parameters and floating-point buffers by name."""
+    return {**dict(part.named_parameters()), **{n: b for n, b in part.named_buffers() if b.is_floating_point()}}
 
 
 def _check_weights_and_rank(weights: Mapping[str, float], how: str, rank: int | None) -> None:

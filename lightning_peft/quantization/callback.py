@@ -191,7 +191,7 @@ class QuantizeBase(ModelSetupCallback):
                 name, layer = f"{name}.base_layer", layer.base_layer
             if is_quantized(layer) or id(layer.weight) in trained:
                 continue
-            (tied if len(where[id(layer.weight)]) > 1 else names).append(name)
+            (tied if len(where.get(id(layer.weight), ())) > 1 else names).append(name)  # none: computed
         if tied:
             warnings.warn(f"QuantizeBase keeps {', '.join(map(repr, tied))} in full precision: its weight is tied to "
                           "another module's (an embedding's, say), which quantizing it would untie", stacklevel=4)
