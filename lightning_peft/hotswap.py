@@ -80,10 +80,10 @@ def hotswap_adapter(module: nn.Module, path: PathLike, adapter_name: str = "defa
                     "a swapped adapter must adapt the same layers as the slot")
     values = {key: _fitted(root, name, tensors[key], param, incoming.config(), f"{weights_path}: tensor '{key}'")
               for key, (name, param) in entries.items()}
+    copy_saved_base_weights(base_weights, weights_path)  # first: its warning (an error under -W error) before any copy
     with torch.no_grad():
         for key, (_, param) in entries.items():
             param.copy_(values[key])
-    copy_saved_base_weights(base_weights, weights_path)
     return module
 
 

@@ -321,8 +321,15 @@ def test_the_embedding_peft_saves_beside_an_adapter_loads_and_hot_swaps_as_in_pe
     with pytest.warns(UserWarning, match=differ):
         loaded = load_adapter(resized(2), tmp_path)
     assert torch.allclose(loaded(x).logits, expected, atol=1e-5)
+    slot = LoRA(r=4, alpha=8, target_modules=targets).inject(resized(3))
+    state = {k: v.clone() for k, v in slot.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the warning as an error: nothing swapped (was: the adapter, not the base)
+        with pytest.raises(UserWarning, match=differ):
+            hotswap_adapter(slot, tmp_path)
+    assert all(torch.equal(v, state[k]) for k, v in slot.state_dict().items())
     with pytest.warns(UserWarning, match=differ):
-        swapped = hotswap_adapter(LoRA(r=4, alpha=8, target_modules=targets).inject(resized(3)), tmp_path)
+        swapped = hotswap_adapter(slot, tmp_path)
     assert torch.allclose(swapped(x).logits, expected, atol=1e-5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -36,6 +36,7 @@ from lightning_peft import (
     Selective,
     adapter_names,
     cli,
+    combine_adapters,
     delete_adapter,
     disable_adapters,
     load_adapter,
@@ -1055,3 +1056,55 @@ def test_an_adapter_name_that_cannot_key_a_module_dict_is_refused_in_one_line():
             LoRA(target_modules=["query"], adapter_name=name).inject(model)
         assert not adapter_names(model)  # nothing changed
     Selective(modules=["query"], adapter_name="keys").inject(tiny_bert())  # no module dict: any name
+
+
+def _failing_at_call(function, n: int):
+    """``function``, raising a RuntimeError at its ``n``-th call (out of memory half-way, say)."""
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == n:
+            raise RuntimeError("failed half-way")
+        return function(*args, **kwargs)
+
+    return failing
+
+
+@pytest.mark.parametrize("operation", ["delete_adapter", "combine_adapters", "QuantizeBase", "dequantize_base"])
+def test_an_operation_failing_half_way_changes_nothing(operation, monkeypatch):
+    import lightning_peft.core.adapter_control as adapter_control
+    import lightning_peft.lora.combine as combine
+    import lightning_peft.quantization.callback as quantizing
+    import lightning_peft.quantization.layers as quantized_layers
+
+    torch.manual_seed(0)
+    module = tiny_bert().eval()
+    if operation == "dequantize_base":
+        QuantizeBase("int8").inject(module)
+    if operation in ("delete_adapter", "combine_adapters"):
+        for name in ("a", "b"):
+            perturbed(LoRA(r=4, target_modules=["query", "value"], modules_to_save=["classifier"],
+                           adapter_name=name).inject(module))
+    failing, run = {  # what fails, at which call, and the operation (each was: left half done)
+        "delete_adapter": ((adapter_control, "freeze_unclaimed", 1), lambda: delete_adapter(module, "a")),
+        "combine_adapters": ((combine, "_combine_heads", 1), lambda: combine_adapters(module, {"a": 1.0}, "c")),
+        "QuantizeBase": ((quantizing, "quantize_linear", 3), lambda: QuantizeBase("int8").inject(module)),
+        "dequantize_base": ((quantized_layers, "dequantized_weight", 3),
+                            lambda: quantized_layers.dequantize_base(module)),
+    }[operation]
+    owner, name, n = failing
+    types, params = module_record(module)
+    ids = torch.randint(0, 32, (2, 6))
+    with torch.no_grad():
+        before = module(input_ids=ids).logits
+    monkeypatch.setattr(owner, name, _failing_at_call(getattr(owner, name), n))
+    with pytest.raises(RuntimeError, match="failed half-way"):
+        run()
+    after_types, after_params = module_record(module)
+    assert after_types == types and after_params.keys() == params.keys()
+    assert all(torch.equal(after_params[k][0], v) and after_params[k][1] == g for k, (v, g) in params.items())
+    with torch.no_grad():
+        torch.testing.assert_close(module(input_ids=ids).logits, before, rtol=0, atol=0)
+    monkeypatch.undo()
+    run()  # and a second try goes through

@@ -12,6 +12,7 @@ from lightning_peft.core.injection import ModulePlaces, peft_layers
 from lightning_peft.core.layer import SWITCHED_OFF, PEFTLayer, PEFTModule, check_not_switched_off
 from lightning_peft.core.merging import check_unmerged
 from lightning_peft.core.ownership import AdapterRef, adapter_refs, freeze_unclaimed, owners, release
+from lightning_peft.core.rollback import all_or_nothing
 from lightning_peft.core.saved_modules import SavedModule
 
 
@@ -154,25 +155,26 @@ def delete_adapter(module: nn.Module, adapter_name: str, method: str | None = No
         raise ValueError(f"no {method} adapter named '{adapter_name}'")
     was_active = any(adapter_name in part.active_adapters for part in _peft_parts(module))
     methods, claimed = {r.method_name for r in refs}, owners(module)
-    for ref in refs:
-        release(module, ref)  # claims on the model's own parameters (Selective's, BitFit's)
-    places = ModulePlaces(module)
-    for _, layer in reversed(list(peft_layers(module))):
-        if adapter_name in layer.adapters and (layer.method in methods or _trained_by(layer, adapter_name, refs,
-                                                                                        claimed)):
-            layer.delete_adapter(adapter_name)
-            if not layer.adapters:
-                places.put_in_place_of(layer, layer.base_layer)
-    for name, part in reversed(list(module.named_modules())):
-        if not isinstance(part, PEFTLayer) and isinstance(part, PEFTModule) and adapter_name in part.adapters \
-                and part.method in methods:
-            part.delete_adapter(adapter_name)
-            if not part.adapters:  # a part left with no adapter leaves the model, with its hooks
-                parent_name, _, child = name.rpartition(".")
-                parent = module.get_submodule(parent_name)
-                part.detach_from(parent)
-                delattr(parent, child)
-    freeze_unclaimed(module)
+    with all_or_nothing(module):  # a failure half-way leaves every adapter as it was
+        for ref in refs:
+            release(module, ref)  # claims on the model's own parameters (Selective's, BitFit's)
+        places = ModulePlaces(module)
+        for _, layer in reversed(list(peft_layers(module))):
+            if adapter_name in layer.adapters and (layer.method in methods or _trained_by(layer, adapter_name, refs,
+                                                                                            claimed)):
+                layer.delete_adapter(adapter_name)
+                if not layer.adapters:
+                    places.put_in_place_of(layer, layer.base_layer)
+        for name, part in reversed(list(module.named_modules())):
+            if not isinstance(part, PEFTLayer) and isinstance(part, PEFTModule) and adapter_name in part.adapters \
+                    and part.method in methods:
+                part.delete_adapter(adapter_name)
+                if not part.adapters:  # a part left with no adapter leaves the model, with its hooks
+                    parent_name, _, child = name.rpartition(".")
+                    parent = module.get_submodule(parent_name)
+                    part.detach_from(parent)
+                    delattr(parent, child)
+        freeze_unclaimed(module)
     parts = _peft_parts(module)
     if was_active and not any(part.active_adapters for part in parts):
         # another adapter with parts to switch on, of the deleted one's method where there is one (as peft)

@@ -7,6 +7,8 @@ above it, also after ``copy.deepcopy``.
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -14,7 +16,14 @@ from lightning_peft.core.injection import ModulePlaces, peft_layers
 from lightning_peft.core.layer import PEFTLayer, PEFTModule, innermost_base, open_block
 from lightning_peft.core.models import transformers_models
 from lightning_peft.core.ownership import holders
-from lightning_peft.core.weights import quantized_codes, restore_quantized_codes, weight_hooks
+from lightning_peft.core.weights import (
+    ROUNDED,
+    is_quantized,
+    quantized_codes,
+    restore_quantized_codes,
+    warn_of_rounding,
+    weight_hooks,
+)
 
 _MERGED = "_lightning_peft_merged"  # on a parent module: {child name: the PEFT layer merged there}
 _CODES = "_lightning_peft_codes"  # on a merged layer over a quantized base: the base's codes before the merge
@@ -63,6 +72,17 @@ def merge(module: nn.Module) -> nn.Module:
     if unmergeable:
         raise ValueError(f"{', '.join(unmergeable)} adapters cannot be merged into the base weights")
     _check_weights_writable(module)
+    quantized = next((base for _, layer in peft_layers(module) if is_quantized(base := innermost_base(layer))), None)
+    if quantized is not None:  # said once, before any weight changes (an error under -W error changes nothing)
+        warn_of_rounding(quantized, stacklevel=2)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=ROUNDED)
+        _merge_layers(module)
+    return module
+
+
+def _merge_layers(module: nn.Module) -> None:
+    """Put each PEFT layer's merged base in its place, innermost first, keeping what `unmerge` needs."""
     where, places = holders(module), ModulePlaces(module)
     alive = list(module.parameters())  # noqa: F841  (``where`` is by id: a weight a merge replaces must keep its id)
     for name, layer in reversed(list(peft_layers(module))):  # innermost first when layers are nested
@@ -75,7 +95,6 @@ def merge(module: nn.Module) -> nn.Module:
             layer.__dict__[_CODES] = codes
         places.put_in_place_of(layer, layer.merged_base_layer())
         parent.__dict__.setdefault(_MERGED, {})[child] = layer
-    return module
 
 
 def unmerge(module: nn.Module) -> nn.Module:

@@ -123,10 +123,18 @@ def replace_quantized_weight(layer: nn.Module, weight: Tensor, warn: bool = True
                                          quant_storage=old.quant_storage, module=layer, bnb_quantized=True)
         layer.quant_state = state
     if warn:
-        kind = quantized_format(layer)
-        warnings.warn(f"a merged or unmerged weight written into an {kind} base layer is rounded to {kind}: outputs "
-                      "move about as much as quantizing moved them. For an exact merge, call "
-                      "lightning_peft.quantization.dequantize_base(model) first", stacklevel=3)
+        warn_of_rounding(layer, stacklevel=4)
+
+
+ROUNDED = "a merged or unmerged weight written into"  # how the warning of `warn_of_rounding` begins
+
+
+def warn_of_rounding(layer: nn.Module, stacklevel: int) -> None:
+    """Say that a weight written into the bitsandbytes ``layer`` is rounded to its format."""
+    kind = quantized_format(layer)
+    warnings.warn(f"{ROUNDED} an {kind} base layer is rounded to {kind}: outputs move about as much as quantizing "
+                  "moved them. For an exact merge, call lightning_peft.quantization.dequantize_base(model) first",
+                  stacklevel=stacklevel)
 
 
 def quantized_codes(layer: nn.Module) -> tuple | None:

@@ -34,6 +34,7 @@ from lightning_peft.core.injection import peft_layers
 from lightning_peft.core.layer import check_not_switched_off
 from lightning_peft.core.merging import check_unmerged
 from lightning_peft.core.ownership import adapter_refs
+from lightning_peft.core.rollback import all_or_nothing
 from lightning_peft.core.saved_modules import SavedModule
 from lightning_peft.lora.callback import LoRA
 from lightning_peft.lora.layers import LoRAAdapter, LoRALayer
@@ -114,10 +115,10 @@ def combine_adapters(module: nn.Module, weights: Mapping[str, float], new_name: 
     values = {name: _combined(layer, weights, how, new_rank, density, majority_sign, generator, use_dora)
               for name, layer in layers}
     heads = list(dict.fromkeys(head for config in configs.values() for head in config["modules_to_save"] or []))
-    LoRA(r=new_rank, alpha=new_rank, dropout=next(iter(configs.values()))["dropout"], use_dora=use_dora,
-         target_modules=[_target_name(name) for name, _ in layers], modules_to_save=heads or None,
-         adapter_name=new_name).inject(module)
-    with torch.no_grad():
+    with all_or_nothing(module), torch.no_grad():  # a failure half-way leaves no half-filled adapter
+        LoRA(r=new_rank, alpha=new_rank, dropout=next(iter(configs.values()))["dropout"], use_dora=use_dora,
+             target_modules=[_target_name(name) for name, _ in layers], modules_to_save=heads or None,
+             adapter_name=new_name).inject(module)
         for name, layer in layers:
             adapter = layer.adapters[new_name]
             for tensor, value in values[name].items():

@@ -16,6 +16,7 @@ from lightning_peft.core.layer import PEFTLayer
 from lightning_peft.core.merging import check_unmerged
 from lightning_peft.core.models import transformers_models
 from lightning_peft.core.ownership import holders, owners
+from lightning_peft.core.rollback import all_or_nothing
 from lightning_peft.core.summary import base_weight_bytes, size_text
 from lightning_peft.core.targeting import ALL_LINEAR, Targets, fused_expert_parameters, name_matches, select_modules
 from lightning_peft.core.weights import import_bitsandbytes, is_quantized, quantized_format
@@ -95,7 +96,8 @@ class QuantizeBase(ModelSetupCallback):
         """Quantize the frozen linear layers of ``module`` (once)."""
         if module not in self._applied or not any(is_quantized(m) for m in module.modules()):  # a rollback undoes it
             check_unmerged(module, "QuantizeBase", "or save the merged model and quantize it as a new base")
-            self._quantize_all(module)
+            with all_or_nothing(module):  # outside a Trainer too: a failure half-way leaves no half-quantized base
+                self._quantize_all(module)
             self._applied.add(module)
         return module
 

@@ -14,6 +14,7 @@ from lightning_peft.core.injection import ModulePlaces
 from lightning_peft.core.merging import check_unmerged
 from lightning_peft.core.models import transformers_models
 from lightning_peft.core.ownership import owners
+from lightning_peft.core.rollback import all_or_nothing
 from lightning_peft.core.weights import (
     dequantized_weight,
     import_bitsandbytes,
@@ -92,13 +93,14 @@ def dequantize_base(module: nn.Module) -> nn.Module:
     For example, to merge exactly."""
     check_unmerged(module, "dequantize_base", "dequantize, then merge again (an exact merge)")
     dtypes, rest, places = _model_dtypes(module), _most_values_dtype(module), ModulePlaces(module)
-    for _, layer in list(module.named_modules()):
-        if is_quantized(layer):
-            plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-            plain.weight = nn.Parameter(dequantized_weight(layer).to(dtypes.get(id(layer), rest)),
-                                        requires_grad=False)
-            plain.bias = layer.bias
-            places.put_in_place_of(layer, plain)
+    with all_or_nothing(module):  # a failure half-way (out of memory, say) leaves the base quantized as it was
+        for _, layer in list(module.named_modules()):
+            if is_quantized(layer):
+                plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+                plain.weight = nn.Parameter(dequantized_weight(layer).to(dtypes.get(id(layer), rest)),
+                                            requires_grad=False)
+                plain.bias = layer.bias
+                places.put_in_place_of(layer, plain)
     forget_quantization(module)
     return module
 
