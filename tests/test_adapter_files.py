@@ -492,3 +492,12 @@ def test_predictions_take_the_class_names_of_the_model_when_the_task_has_none(tm
     batch = {"input_ids": torch.tensor([[2, 5, 3]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
     predicted = module.predict_step(batch, 0)[0]
     assert predicted["label"] in ("neg", "pos") and set(predicted["probabilities"]) == {"neg", "pos"}
+
+
+def test_a_folder_of_peft_s_several_adapters_names_them(tmp_path):
+    peft_model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]), adapter_name="first")
+    peft_model.add_adapter("second", LoraConfig(r=2, target_modules=["q_proj"]))
+    peft_model.save_pretrained(tmp_path)  # adapters not named "default" each in a folder of its own
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path} holds adapters in first, second: give one of those"):
+        load_adapter(tiny_llama(), tmp_path)  # was: only "adapter_config.json does not exist"
+    load_adapter(tiny_llama(), tmp_path / "second")

@@ -399,7 +399,9 @@ def read_adapter_files(path: PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     for file in (config_path, weights_path):
         if not file.is_file():
-            raise FileNotFoundError(f"adapter file {file} does not exist")
+            inside = sorted(p.parent.name for p in folder.glob(f"*/{CONFIG_FILE}")) if folder.is_dir() else []
+            hint = f"; {folder} holds adapters in {', '.join(inside)}: give one of those folders" if inside else ""
+            raise FileNotFoundError(f"adapter file {file} does not exist{hint}")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

@@ -23,7 +23,8 @@ UNSUPPORTED_OPTIONS = ("rank_pattern", "alpha_pattern", "bias", "lora_bias", "tr
                        "layer_replication", "alora_invocation_tokens", "use_qalora", "use_bdlora", "velora_config",
                        "monteclora_config", "arrow_config", "kasa_config", "megatron_config",
                        "ensure_weight_tying")  # peft's, set otherwise
-BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")  # peft inits that rewrite the base weights
+BASE_KEEPING_INITS = ("gaussian", "eva", "orthogonal", "mica")  # peft's other string inits rewrite the base weights
+# (olora, corda, loftq, lora_ga, pissa_niter_N), some spelled in any case by peft: refused unless named here
 
 
 def file_key(name: str, root: nn.Module) -> str:
@@ -107,10 +108,10 @@ def to_settings(config: dict) -> dict[str, Any]:
         raise ValueError(f"peft LoRA option(s) {', '.join(f'{k}={v!r}' for k, v in unsupported.items())} are not "
                          f"supported here{hint}")
     init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and init != "pissa" and init.startswith(BASE_CHANGING_INITS):
+    if isinstance(init, str) and init != "pissa" and init.lower() not in BASE_KEEPING_INITS:
         raise ValueError(f"peft LoRA init_lora_weights={init!r} changed the base weights this adapter was trained "
-                         "against, which cannot be rebuilt here; convert it to plain LoRA with peft's save_pretrained("
-                         "path_initial_model_for_weight_conversion=...)")
+                         "against (or is not known here), which cannot be rebuilt here; convert it to plain LoRA with "
+                         "peft's save_pretrained(path_initial_model_for_weight_conversion=...)")
     return dict(
         r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
         target_modules=peft_targets(config.get("target_modules") or None),  # peft writes [] for parameters only
