@@ -161,9 +161,14 @@ def test_per_row_soft_prompts_of_several_lengths_take_the_models_own_loss_withou
 
     model = PromptTuning(num_virtual_tokens=2, adapter_name="a").inject(tiny_llama())
     task = _task(tiny_lm_dir, PromptTuning(num_virtual_tokens=4, adapter_name="b").inject(model))
+    forwards = []
+    task.model.model.register_forward_hook(lambda *_: forwards.append(None))
     with warnings.catch_warnings(), per_row_adapters(task.model, ["a", "b", None]):
         warnings.simplefilter("error")  # was: "transforms or copies its logits", the chunked loss off for good
         assert task.chunked_loss(_batch()) is None
+    assert not forwards  # decided before any forward: the step's own forward is the only one
+    with per_row_adapters(task.model, ["a", "a", "a"]):  # one length: nothing is packed, the chunked loss is exact
+        assert task.chunked_loss(_batch()) is not None
     assert task.use_chunked_loss and task.chunked_loss(_batch()) is not None
 
 

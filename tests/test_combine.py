@@ -223,7 +223,9 @@ def test_a_head_with_running_statistics_combines_them_too():
     with torch.no_grad():
         model.train()(torch.randn(16, 8) * 3 + 2)  # a's copy of the norm gathers statistics
     combine_adapters(model, {"a": 1.0}, new_name="a_again", how="cat")
+    combine_adapters(model, {"a": -1.0}, new_name="minus_a", how="cat")  # subtracts the task, not its statistics
     norm = model[1].adapters
     for statistic in ("running_mean", "running_var"):  # was: the original's, so outputs differed by 0.36
         torch.testing.assert_close(getattr(norm["a_again"], statistic), getattr(norm["a"], statistic))
+        torch.testing.assert_close(getattr(norm["minus_a"], statistic), getattr(norm["a"], statistic))
 

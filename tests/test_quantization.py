@@ -774,10 +774,11 @@ def test_a_linear_layer_tied_to_an_embedding_stays_in_full_precision_and_tied():
     assert is_quantized(model.mid) and model.out.weight is model.emb.weight
 
 
-def test_a_layer_whose_weight_a_hook_computes_is_quantized_as_before():
+@pytest.mark.parametrize("pruned", ["weight", "bias"])
+def test_a_layer_whose_weight_or_bias_a_hook_computes_is_quantized_as_computed(pruned):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
-    nn.utils.prune.l1_unstructured(model[2], "weight", 0.5)
+    nn.utils.prune.l1_unstructured(model[2], pruned, 0.5)  # was: a KeyError (weight), a TypeError (bias)
     x = torch.randn(3, 64)
     with torch.no_grad():
         before = model(x)

@@ -129,6 +129,12 @@ class PromptInjector(PEFTModule):
         hooked.register_forward_pre_hook(self.before_forward, with_kwargs=True)
         hooked.register_forward_hook(self.after_forward, with_kwargs=True, always_call=True)
 
+    def packs_rows(self) -> bool:
+        if self.row_adapters is None:
+            return False
+        held = {name: adapter.prompt.shape[0] for name, adapter in self.adapters.items()}
+        return len({held.get(name, 0) for name in self.row_adapters.names}) > 1
+
     def active_prompt(self) -> Tensor | None:
         """The active prompts one after the other, ``(virtual tokens, hidden)``, or None when none is active."""
         prompts = [self.adapters[name].prompt for name in self.active_adapters]

@@ -66,6 +66,11 @@ class PEFTModule(nn.Module):
             raise ValueError(f"{where} has shape {tuple(value.shape)}, but the adapter slot's has {tuple(slot.shape)}")
         return value
 
+    def packs_rows(self) -> bool:
+        """Whether under `per_row_adapters` this part moves rows' tokens to other positions (soft prompts of several
+        lengths), so that the model's outputs are gathered back per row."""
+        return False
+
     def row_groups(self, batch: Tensor) -> list[tuple[nn.Module, RowSet | RowMask]]:
         """Under `per_row_adapters`: ``(adapter, row indices)`` for each routed adapter this part holds."""
         return self.row_adapters.groups(self, batch)

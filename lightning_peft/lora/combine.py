@@ -130,20 +130,18 @@ def combine_adapters(module: nn.Module, weights: Mapping[str, float], new_name: 
 def _combine_heads(module: nn.Module, weights: Mapping[str, float], new_name: str) -> None:
     """Give each ``modules_to_save`` copy of ``new_name`` the original plus the inputs' weighted changes to it,
     ``W + sum_i w_i (W_i - W)``, as the LoRA updates combine (an input without a copy there adds nothing); its
-    floating buffers (a norm's running statistics) likewise."""
+    floating buffers (a norm's running statistics) the inputs' mean weighted by ``|w_i|``, which keeps a variance
+    positive whatever the signs."""
     for saved in module.modules():
         if isinstance(saved, SavedModule) and new_name in saved.adapters:
-            inputs = [(_floating_state(saved.adapters[name]), weight) for name, weight in weights.items()
-                      if name in saved.adapters]
-            original = _floating_state(saved.base_layer)
-            for tensor, value in _floating_state(saved.adapters[new_name]).items():
-                value.copy_(original[tensor] + sum(weight * (state[tensor] - original[tensor])
-                                                   for state, weight in inputs))
-
-
-def _floating_state(part: nn.Module) -> dict[str, Tensor]:
-    """``part``'s parameters and floating-point buffers by name."""
-    return {**dict(part.named_parameters()), **{n: b for n, b in part.named_buffers() if b.is_floating_point()}}
+            inputs = [(saved.adapters[name], weight) for name, weight in weights.items() if name in saved.adapters]
+            for tensor, param in saved.adapters[new_name].named_parameters():
+                original = saved.base_layer.get_parameter(tensor)
+                param.copy_(original + sum(weight * (part.get_parameter(tensor) - original) for part, weight in inputs))
+            total = sum(abs(weight) for _, weight in inputs)
+            for tensor, buffer in saved.adapters[new_name].named_buffers():
+                if buffer.is_floating_point() and total > 0:
+                    buffer.copy_(sum(abs(weight) / total * part.get_buffer(tensor) for part, weight in inputs))
 
 
 def _check_weights_and_rank(weights: Mapping[str, float], how: str, rank: int | None) -> None:

@@ -16,7 +16,6 @@ from lightning_peft.core.layer import PEFTLayer
 from lightning_peft.core.merging import check_unmerged
 from lightning_peft.core.models import transformers_models
 from lightning_peft.core.ownership import holders, owners
-from lightning_peft.core.rollback import all_or_nothing
 from lightning_peft.core.summary import base_weight_bytes, size_text
 from lightning_peft.core.targeting import ALL_LINEAR, Targets, fused_expert_parameters, name_matches, select_modules
 from lightning_peft.core.weights import import_bitsandbytes, is_quantized, quantized_format
@@ -96,8 +95,7 @@ class QuantizeBase(ModelSetupCallback):
         """Quantize the frozen linear layers of ``module`` (once)."""
         if module not in self._applied or not any(is_quantized(m) for m in module.modules()):  # a rollback undoes it
             check_unmerged(module, "QuantizeBase", "or save the merged model and quantize it as a new base")
-            with all_or_nothing(module):  # outside a Trainer too: a failure half-way leaves no half-quantized base
-                self._quantize_all(module)
+            self._quantize_all(module)
             self._applied.add(module)
         return module
 
@@ -115,6 +113,7 @@ class QuantizeBase(ModelSetupCallback):
         self._check_no_other_format(module)
         names = self._layers_to_quantize(module)
         self._check_dtypes(module, names)  # before any layer changes: a failure half-way would leave half a base
+        self._warn_fused_experts(module)  # warnings too (an error under -W error then changes nothing)
         if names:
             self._warn_if_slow(self._device or module.get_submodule(names[0]).weight.device)
         before, places = base_weight_bytes(module), ModulePlaces(module)
@@ -124,7 +123,6 @@ class QuantizeBase(ModelSetupCallback):
         self.base_bytes, self.quantized_layers = (before, base_weight_bytes(module)), len(names)
         keep_pytorch_fast_paths_off(module)
         describe_in_config(module, self.mode, self.double_quant)
-        self._warn_fused_experts(module)
 
     def _check_dtypes(self, module: nn.Module, names: list[str]) -> None:
         """Refuse weights bitsandbytes cannot quantize (float64, say), naming the first, before anything changes."""

@@ -44,7 +44,9 @@ def quantize_linear(layer: nn.Linear, mode: str, double_quant: bool = True, comp
     for hook in (_quantize_a_full_precision_weight, _load_4bit_statistics):  # in this order; the second: 4-bit only
         quantized.register_load_state_dict_pre_hook(hook)
     replace_quantized_weight(quantized, layer.weight.detach().to(device or layer.weight.device), warn=False)
-    quantized.bias = layer.bias  # same Parameter: full precision, and a method that trains biases keeps it
+    bias = layer.bias  # the same Parameter: full precision, and a method that trains biases keeps it
+    quantized.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(  # a pruned one: as
+        bias.detach().clone(), requires_grad=False)  # computed now, as the quantized weight is
     return quantized.train(layer.training)  # bitsandbytes computes differently in eval mode
 
 

@@ -11,7 +11,7 @@ from torchmetrics.text import Perplexity
 from transformers import AutoModelForCausalLM
 
 from lightning_peft.core.checks import check_positive_int
-from lightning_peft.core.layer import routed_per_row
+from lightning_peft.core.layer import PEFTModule
 from lightning_peft.core.models import learned_positions
 from lightning_peft.data.causal_lm import IGNORE_INDEX
 from lightning_peft.tasks.base import TransformersTask
@@ -115,17 +115,17 @@ class CausalLM(TransformersTask):
         """The model's mean next-token loss without full logits, or None where that would not be exact."""
         head = self.model.get_output_embeddings()
         device = batch["input_ids"].device
-        if not plain_linear_head(head) or "labels" not in batch or fp16_autocast(device):
-            return None
+        packed = any(part.packs_rows() for part in self.model.modules() if isinstance(part, PEFTModule))
+        if not plain_linear_head(head) or "labels" not in batch or fp16_autocast(device) or packed:
+            return None  # packed rows: their logits are gathered back per row, the model's own loss
         rng = rng_state(device)
         with capturing_head_input(head) as captured:
             output = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
         positions = positions_behind(output.logits, captured["placeholder"])
         if positions is None:
-            if not routed_per_row(self.model):  # per row, soft prompts of several lengths gather rows' logits
-                warnings.warn(f"{type(self.model).__name__} transforms or copies its logits after the output "
-                              "projection: training uses its own loss (chunked_loss is off)", stacklevel=2)
-                self.use_chunked_loss = False
+            warnings.warn(f"{type(self.model).__name__} transforms or copies its logits after the output projection: "
+                          "training uses its own loss (chunked_loss is off)", stacklevel=2)
+            self.use_chunked_loss = False
             restore_rng(device, rng)  # the plain step draws the dropout masks a run without this forward draws
             return None
         hidden, labels = captured["hidden"], batch["labels"]
