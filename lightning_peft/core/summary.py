@@ -44,7 +44,7 @@ class TrainableSummary:
         lines.append(f"{'trainable':<28}{self.trainable:>14,}{self.percent:>11.3f}%"
                      f"{size_text(self.adapter_bytes):>14}")
         lines.append(f"{'total':<28}{self.total:>14,}")
-        storage = ", ".join(f"{n} {kind} layers" for kind, n in self.quantized_layers.items()) or "full precision"
+        storage = ", ".join(f"{n} {kind} layers" for kind, n in self.quantized_layers.items()) or "not quantized"
         lines.append(f"{'frozen base (' + storage + ')':<54}{size_text(self.base_bytes):>14}")
         return "\n".join(lines)
 
@@ -54,7 +54,7 @@ def trainable_summary(module: nn.Module) -> TrainableSummary:
 
     Printed, the summary is a table with one row per adapter (``LoRA[default]``: parameters,
     share of the total, bytes), the trainable and total counts, and the frozen base's bytes with
-    its storage (full precision, or how many layers are quantized in which format). The PEFT
+    its storage (not quantized, or how many layers are quantized in which format). The PEFT
     callbacks log it at the start of ``fit``.
 
     Args:
