@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_peft import IA3, Adapter, BitFit, LoRA, PromptTuning, merge, trainable_summary, unmerge
+from lightning_peft import IA3, Adapter, BitFit, LoRA, PromptTuning, merge, set_adapter, trainable_summary, unmerge
 from lightning_peft.core.weights import is_quantized
 from lightning_peft.quantization import (
     QuantizeBase,
@@ -802,3 +802,8 @@ def test_a_merge_whose_rounding_warning_is_an_error_changes_nothing():
             merge(model)  # was: raised after writing the first layer's weight, which a retry merged twice
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    LoRA(r=2, target_modules=["lm_head"], adapter_name="head").inject(model)  # not quantized
+    set_adapter(model, "head")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        merge(model)  # was: warned of rounding, though only the full-precision head is written

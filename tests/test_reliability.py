@@ -1105,6 +1105,12 @@ def test_an_operation_failing_half_way_changes_nothing(operation, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(module(input_ids=ids).logits, before, rtol=0, atol=0)
     monkeypatch.undo()
+    if operation == "delete_adapter":  # its warning that another adapter is active now, made an error
+        set_adapter(module, "a")
+        with warnings.catch_warnings(), pytest.raises(UserWarning, match="'a' was active and is deleted"):
+            warnings.simplefilter("error")
+            run()  # was: 'a' deleted, 'b' active, and a retry "no adapter named 'a'"
+        assert module_record(module)[0] == types
     run()  # and a second try goes through
 
 

@@ -175,15 +175,15 @@ def delete_adapter(module: nn.Module, adapter_name: str, method: str | None = No
                     part.detach_from(parent)
                     delattr(parent, child)
         freeze_unclaimed(module)
-    parts = _peft_parts(module)
-    if was_active and not any(part.active_adapters for part in parts):
-        # another adapter with parts to switch on, of the deleted one's method where there is one (as peft)
-        left = [name for first in (True, False) for part in parts if (part.method in methods) == first
-                for name in part.adapters]
-        if left:
-            set_adapter(module, left[0])
-            warnings.warn(f"adapter '{adapter_name}' was active and is deleted; '{left[0]}' is active now",
-                          stacklevel=2)
+        parts = _peft_parts(module)
+        if was_active and not any(part.active_adapters for part in parts):
+            # another adapter with parts to switch on, of the deleted one's method where there is one (as peft)
+            left = [name for first in (True, False) for part in parts if (part.method in methods) == first
+                    for name in part.adapters]
+            if left:
+                set_adapter(module, left[0])
+                warnings.warn(f"adapter '{adapter_name}' was active and is deleted; '{left[0]}' is active now",
+                              stacklevel=2)
 
 
 def _trained_by(layer: PEFTLayer, name: str, refs: list[AdapterRef], claimed: dict[int, AdapterRef]) -> bool:

@@ -72,7 +72,8 @@ def merge(module: nn.Module) -> nn.Module:
     if unmergeable:
         raise ValueError(f"{', '.join(unmergeable)} adapters cannot be merged into the base weights")
     _check_weights_writable(module)
-    quantized = next((base for _, layer in peft_layers(module) if is_quantized(base := innermost_base(layer))), None)
+    quantized = next((base for _, layer in peft_layers(module) if layer.active_adapters and not layer.trained_whole
+                      and is_quantized(base := innermost_base(layer))), None)  # a layer whose merge writes there
     if quantized is not None:  # said once, before any weight changes (an error under -W error changes nothing)
         warn_of_rounding(quantized, stacklevel=2)
     with warnings.catch_warnings():
