@@ -1,6 +1,7 @@
 """modules_to_save: each adapter trains its own copy of a module (a head), so tasks on one base keep their heads."""
 
 import copy
+import warnings
 
 import lightning as L
 import pytest
@@ -299,3 +300,17 @@ def test_target_parameters_inside_a_saved_module_are_left_to_its_copy():
     with pytest.raises(ValueError, match="matched only classifier.weight, inside a module that modules_to_save"):
         LoRA(r=2, target_modules=None, target_parameters=["classifier.weight"],  # was: LoRA on the frozen original
              modules_to_save=["classifier"]).inject(tiny_bert())
+
+
+def test_two_active_adapters_with_copies_of_one_module_are_warned_of_once():
+    from lightning_peft import BitFit
+
+    model = LoRA(r=2, target_modules=["query"], modules_to_save=["classifier"], adapter_name="lora").inject(tiny_bert())
+    BitFit(modules_to_save=["classifier"], adapter_name="bitfit").inject(model)
+    ids = torch.randint(0, 32, (2, 5))
+    with pytest.warns(UserWarning, match="the active adapters lora, bitfit each have a copy of this Linear .* only "
+                                         "the last, 'bitfit', computes"):  # was: lora's copy silently never trained
+        model(input_ids=ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(input_ids=ids)  # once

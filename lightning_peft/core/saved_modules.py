@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from typing import Any
 
 from torch import Tensor, nn
@@ -43,6 +44,7 @@ class SavedModule(PEFTLayer):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.row_adapters is None:
+            self._warn_of_unused_copies()
             return self.current()(*args, **kwargs)
         batch = next(value for value in (*args, *kwargs.values()) if isinstance(value, Tensor))
         groups = self.row_groups(batch)
@@ -61,6 +63,16 @@ class SavedModule(PEFTLayer):
             return copy_(*map(take, args), **{k: take(v) for k, v in kwargs.items()})
 
         return self.with_resting(replace_rows(self.base_layer(*args, **kwargs), groups, rows_of))
+
+    def _warn_of_unused_copies(self) -> None:
+        """Say once that several active adapters have a copy here, of which only the last computes (and trains)."""
+        copies = [name for name in self.active_adapters if name in self.adapters]
+        if len(copies) > 1 and not self.__dict__.get("_warned_of_copies"):
+            self.__dict__["_warned_of_copies"] = True
+            warnings.warn(f"the active adapters {', '.join(copies)} each have a copy of this "
+                          f"{type(self.base_layer).__name__} (modules_to_save), of which only the last, "
+                          f"'{copies[-1]}', computes: the others' copies get no gradient. Name the module in one "
+                          "adapter's modules_to_save, or route rows with per_row_adapters", stacklevel=3)
 
     def _check_rows_can_split(self, args: tuple, kwargs: dict[str, Any]) -> None:
         """Refuse what calling the original and each copy on their rows would get wrong: a cache or adapted layers."""
