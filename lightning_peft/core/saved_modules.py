@@ -66,8 +66,10 @@ class SavedModule(PEFTLayer):
 
     def _warn_of_unused_copies(self) -> None:
         """Say once that several active adapters have a copy here, of which only the last computes (and trains)."""
+        if self.__dict__.get("_warned_of_copies"):
+            return
         copies = [name for name in self.active_adapters if name in self.adapters]
-        if len(copies) > 1 and not self.__dict__.get("_warned_of_copies"):
+        if len(copies) > 1:
             self.__dict__["_warned_of_copies"] = True
             warnings.warn(f"the active adapters {', '.join(copies)} each have a copy of this "
                           f"{type(self.base_layer).__name__} (modules_to_save), of which only the last, "

@@ -115,8 +115,7 @@ class CausalLM(TransformersTask):
         """The model's mean next-token loss without full logits, or None where that would not be exact."""
         head = self.model.get_output_embeddings()
         device = batch["input_ids"].device
-        packed = any(part.packs_rows() for part in self.model.modules() if isinstance(part, PEFTModule))
-        if not plain_linear_head(head) or "labels" not in batch or fp16_autocast(device) or packed:
+        if not plain_linear_head(head) or "labels" not in batch or fp16_autocast(device) or _packs_rows(self.model):
             return None  # packed rows: their logits are gathered back per row, the model's own loss
         rng = rng_state(device)
         with capturing_head_input(head) as captured:
@@ -187,6 +186,11 @@ class CausalLM(TransformersTask):
         if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ends:
             ends.append(self.tokenizer.eos_token_id)
         return ends or None
+
+
+def _packs_rows(model: nn.Module) -> bool:
+    """Whether a part of ``model`` moves rows' tokens under `per_row_adapters` (soft prompts of several lengths)."""
+    return any(part.packs_rows() for part in model.modules() if isinstance(part, PEFTModule))
 
 
 def _sum_in_float32(*metrics: Metric) -> None:
